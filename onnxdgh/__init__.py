@@ -1,0 +1,15 @@
+"""onnxdgh: fully quantized, hardware-friendly ONNX models from float ONNX models, without real data.
+
+Pipeline: load -> convert -> generate (DGH) -> quantize (HPTQ) -> validate.
+Public API: :func:`load_model`, :func:`inspect_model`, :func:`generate`, :func:`quantize`,
+:func:`validate`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import OnnxDghError  # noqa: E402
+from .load import LoadedModel, load_model, load_model_proto  # noqa: E402
+
+__all__ = ["__version__", "OnnxDghError", "LoadedModel", "load_model", "load_model_proto"]

@@ -1,0 +1,98 @@
+"""The ``onnxdgh`` command line: a thin click layer over the Python API.
+
+Contract: every subcommand shares ``--verbose/--quiet`` (on the group) and exit codes
+0 = success, 1 = the model or result fails a check, 2 = bad input or usage. An
+:class:`~onnxdgh.errors.OnnxDghError` becomes ``error: ...`` plus ``hint: ...`` on
+stderr and its exit code; any other exception is a bug and shows its traceback.
+Only this layer (and the ``commands`` modules it registers) prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .errors import OnnxDghError
+
+__all__ = ["main", "run_command", "echo_err"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def echo_err(text: str) -> None:
+    """Print a line on stderr."""
+    click.echo(text, err=True)
+
+
+def run_command(func: F) -> F:
+    """Decorate a click command body: turn :class:`OnnxDghError` into a clean exit.
+
+    The body returns an exit code (or None for 0).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            code = func(*args, **kwargs)
+        except OnnxDghError as exc:
+            echo_err(f"error: {exc.message}")
+            if exc.hint:
+                echo_err(f"hint: {exc.hint}")
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            echo_err("error: interrupted")
+            sys.exit(130)
+        sys.exit(int(code or 0))
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxdgh")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """onnxdgh: fully quantized, hardware-friendly ONNX models without real data.
+
+    \b
+    Exit codes: 0 success, 1 the model or result fails a check, 2 bad input or usage.
+    """
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet exclude each other")
+    level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("onnxdgh").setLevel(logging.INFO if verbose else level)
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet
+    ctx.obj["verbose"] = verbose
+
+
+def _register() -> None:
+    from .commands.inspect import inspect_command
+
+    main.add_command(inspect_command)
+    for module_name, attr in (
+        ("generate", "generate_command"),
+        ("quantize", "quantize_command"),
+        ("validate", "validate_command"),
+    ):
+        try:
+            module = __import__(f"onnxdgh.commands.{module_name}", fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"onnxdgh.commands.{module_name}":
+                raise
+            continue
+        main.add_command(getattr(module, attr))
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover - exercised through python -m onnxdgh
+    main()

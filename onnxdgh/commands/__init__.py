@@ -1,0 +1,1 @@
+"""Click subcommands, one module each; they parse options, call the API and print."""

@@ -1,0 +1,148 @@
+"""ONNX protobuf editing primitives: the one place that mutates ``onnx.ModelProto`` graphs.
+
+Contract: small, pure-ish helpers over a ``GraphProto`` (name maps, producer/consumer
+lookups, renaming a tensor's uses, removing nodes, adding initializers). Stages
+(canonicalisation, BN folding, Q/DQ emission) describe *what* to change in names and
+plans and call these helpers to do it; no other module pokes at repeated protobuf fields.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = [
+    "initializer_map",
+    "producer_map",
+    "consumer_map",
+    "graph_input_names",
+    "graph_output_names",
+    "node_attributes",
+    "opset_version",
+    "replace_input_uses",
+    "remove_nodes",
+    "add_initializer",
+    "unique_name",
+    "topological_sort",
+    "to_array",
+]
+
+
+def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers by name."""
+    return {init.name: init for init in graph.initializer}
+
+
+def to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value as a numpy array (external data must already be loaded)."""
+    return numpy_helper.to_array(tensor)
+
+
+def producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """The node producing each tensor name."""
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def consumer_map(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes reading each tensor name (a node reading a name twice appears once)."""
+    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            if name:
+                users[name].append(node)
+    return users
+
+
+def graph_input_names(graph: onnx.GraphProto) -> list[str]:
+    """Graph inputs that are real inputs (not initializers listed as inputs)."""
+    inits = {init.name for init in graph.initializer}
+    return [value.name for value in graph.input if value.name not in inits]
+
+
+def graph_output_names(graph: onnx.GraphProto) -> list[str]:
+    """Graph output names in order."""
+    return [value.name for value in graph.output]
+
+
+def node_attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes as plain Python values."""
+    return {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
+    """The imported opset version of ``domain`` ('' is the default ONNX domain)."""
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(entry.version)
+    return None
+
+
+def replace_input_uses(graph: onnx.GraphProto, old: str, new: str) -> int:
+    """Make every node input (also in subgraphs' outer scope) reading ``old`` read ``new``.
+
+    Returns the number of inputs rewritten. Graph outputs are not touched.
+    """
+    count = 0
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+                count += 1
+    return count
+
+
+def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> None:
+    """Remove the given nodes (matched by identity) keeping the others' order."""
+    doomed_ids = {id(node) for node in doomed}
+    keep = [node for node in graph.node if id(node) not in doomed_ids]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def add_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> onnx.TensorProto:
+    """Append ``value`` as an initializer named ``name`` and return it."""
+    tensor = numpy_helper.from_array(np.asarray(value), name=name)
+    graph.initializer.append(tensor)
+    return tensor
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    """``base`` if unused, else ``base_1``, ``base_2``...; the result is added to ``taken``."""
+    name = base
+    index = 0
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    taken.add(name)
+    return name
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs.
+
+    Raises:
+        ValueError: the graph has a cycle or reads a tensor nobody provides.
+    """
+    available = {init.name for init in graph.initializer} | {value.name for value in graph.input} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        rest: list[onnx.NodeProto] = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            missing = sorted({n for node in rest for n in node.input if n not in available})
+            raise ValueError(f"graph cannot be ordered; unresolved tensors: {', '.join(missing[:5])}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)

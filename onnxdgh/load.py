@@ -1,0 +1,546 @@
+"""Safe loading and canonicalisation of an ONNX image model: stage 1 of the pipeline.
+
+Contract:
+* :func:`load_model` reads a file without ever modifying it and refuses, with an
+  :class:`~onnxdgh.errors.OnnxDghError` naming the problem and the fix, anything onnxdgh
+  cannot work on: a missing/empty/truncated/non-ONNX file, a model failing the full
+  ``onnx.checker``, external data that is missing or resolves outside the model's folder,
+  an opset outside :data:`SUPPORTED_OPSETS`, more or fewer than one image input, or an
+  input that is not a float 4-D NCHW tensor.
+* :func:`canonicalise` returns a graph computing the same function with Constant nodes
+  turned into initializers, Identity nodes removed and dead nodes/initializers dropped,
+  so that every BatchNormalization's scale/bias/mean/var are initializers.
+* :class:`LoadedModel` carries the canonical model and what later stages need: the
+  input's name and C x H x W shape, whether the batch dimension is fixed, and every BN
+  node's statistics (:class:`BatchNormInfo`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from . import graph as g
+from .errors import ModelLoadError, UnsupportedModelError
+
+__all__ = [
+    "SUPPORTED_OPSETS",
+    "BatchNormInfo",
+    "LoadedModel",
+    "load_model",
+    "load_model_proto",
+    "canonicalise",
+    "make_batch_dynamic",
+    "REEXPORT_RECIPE",
+]
+
+_LOG = logging.getLogger(__name__)
+
+SUPPORTED_OPSETS = (11, 21)
+"""Inclusive range of default-domain opsets accepted."""
+
+REEXPORT_RECIPE = (
+    "torch.onnx.export(model.eval(), example, 'model.onnx', dynamo=False, "
+    "training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False, opset_version=17)"
+)
+"""The export call that keeps BatchNormalization nodes (the default export folds them)."""
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64"}
+
+
+@dataclass(frozen=True)
+class BatchNormInfo:
+    """One BatchNormalization node and the statistics of its *input* (DGH's targets).
+
+    ``mean`` and ``var`` are the node's ``input_mean`` / ``input_var`` initializers; the
+    target standard deviation is ``sqrt(var)``. ``usable`` is False (with ``problem``
+    saying why) when the statistics cannot serve as targets.
+    """
+
+    node_name: str
+    input_name: str
+    output_name: str
+    scale: np.ndarray = field(repr=False)
+    bias: np.ndarray = field(repr=False)
+    mean: np.ndarray = field(repr=False)
+    var: np.ndarray = field(repr=False)
+    epsilon: float
+    usable: bool
+    problem: str | None = None
+
+    @property
+    def channels(self) -> int:
+        """Number of channels the node normalises."""
+        return int(self.mean.shape[0])
+
+    @property
+    def std(self) -> np.ndarray:
+        """Target standard deviation sqrt(var) (no epsilon, as the BN input's statistic)."""
+        return np.sqrt(np.maximum(self.var, 0.0))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated, canonicalised model and the facts later stages rely on."""
+
+    model: onnx.ModelProto = field(repr=False)
+    source: str
+    input_name: str
+    input_shape: tuple[int, int, int]
+    input_dtype: str
+    batch_dim: int | str | None
+    output_names: tuple[str, ...]
+    opset: int
+    bn_nodes: tuple[BatchNormInfo, ...]
+    metadata: dict[str, str]
+    canonicalisation: dict[str, int]
+
+    @property
+    def batch_fixed(self) -> bool:
+        """True when the exported graph fixes the batch dimension (often to 1)."""
+        return isinstance(self.batch_dim, int)
+
+    @property
+    def usable_bn_nodes(self) -> tuple[BatchNormInfo, ...]:
+        """BN nodes whose statistics can serve as DGH targets."""
+        return tuple(bn for bn in self.bn_nodes if bn.usable)
+
+    def input_normalization(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-channel (mean, std) from ``metadata_props`` (``input_mean``/``input_std``), if present.
+
+        Values map pixels in [0, 1] to the model's input: ``x = (pixel - mean) / std``.
+        """
+        mean = _json_floats(self.metadata.get("input_mean"))
+        std = _json_floats(self.metadata.get("input_std"))
+        if mean is None or std is None:
+            return None
+        channels = self.input_shape[0]
+        try:
+            mean_arr = np.broadcast_to(np.asarray(mean, np.float32), (channels,)).copy()
+            std_arr = np.broadcast_to(np.asarray(std, np.float32), (channels,)).copy()
+        except ValueError:
+            return None
+        if np.any(std_arr <= 0):
+            return None
+        return mean_arr, std_arr
+
+
+def _json_floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return [float(v) for v in value]
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read, check and canonicalise the ONNX model at ``path`` (never modified).
+
+    Raises:
+        ModelLoadError: the file cannot be read as a valid ONNX model.
+        UnsupportedModelError: a valid model onnxdgh cannot work on.
+    """
+    src = Path(path)
+    if not src.exists():
+        raise ModelLoadError(f"model file {src} does not exist", "check the path")
+    if src.is_dir():
+        raise ModelLoadError(f"model path {src} is a folder, not an .onnx file", "give the path of the .onnx file")
+    try:
+        data = src.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"model file {src} cannot be read: {exc.strerror}", "check its permissions") from exc
+    if not data:
+        raise ModelLoadError(f"model file {src} is empty", "re-export or re-download the model")
+    model = _parse(data, src)
+    _resolve_external_data(model, src.parent.resolve(), src)
+    return _finish(model, str(src), check_path=src)
+
+
+def load_model_proto(model: onnx.ModelProto, source: str = "<memory>") -> LoadedModel:
+    """Check and canonicalise an in-memory model (a copy; ``model`` is not modified)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in _all_tensors(copy.graph):
+        if uses_external_data(tensor):
+            raise ModelLoadError(
+                f"tensor {tensor.name} of {source} keeps its data in an external file",
+                "load the model from its file with onnxdgh.load_model(path)",
+            )
+    return _finish(copy, source, check_path=None)
+
+
+def _parse(data: bytes, src: Path) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError (a generic Exception subclass)
+        raise ModelLoadError(
+            f"{src} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)",
+            "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
+        ) from exc
+    if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelLoadError(
+            f"{src} is not an ONNX model (no IR version or no graph nodes)",
+            "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
+        )
+    return model
+
+
+def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    return tensors
+
+
+def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> None:
+    for tensor in _all_tensors(model.graph):
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        location = Path(info.location)
+        target = (base / location).resolve()
+        if location.is_absolute() or not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"tensor {tensor.name} of {src} points to external data {info.location!r} outside the model's folder",
+                "keep external data files beside the .onnx file; onnxdgh refuses paths that leave its folder",
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"external data file {info.location!r} for tensor {tensor.name} of {src} is missing",
+                f"copy {info.location} next to {src.name}",
+            )
+        size = target.stat().st_size
+        end = (info.offset or 0) + (info.length or 0)
+        if info.length is not None and end > size:
+            raise ModelLoadError(
+                f"external data file {info.location!r} is shorter than tensor {tensor.name} needs",
+                "the external data file is truncated; copy it again",
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"external data of {src} cannot be read: {exc}", "check the data files beside the model") from exc
+
+
+def _finish(model: onnx.ModelProto, source: str, check_path: Path | None) -> LoadedModel:
+    opset = g.opset_version(model)
+    if opset is None:
+        raise ModelLoadError(f"{source} imports no default ONNX opset", "re-export the model with opset_version=17")
+    low, high = SUPPORTED_OPSETS
+    if not low <= opset <= high:
+        raise UnsupportedModelError(
+            f"{source} uses opset {opset}; onnxdgh supports opsets {low} to {high}",
+            f"convert it: onnx.version_converter.convert_version(model, 17), or re-export with opset_version=17",
+        )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{source} fails the ONNX checker: {first}",
+            "re-export the model; `python -c \"import onnx; onnx.checker.check_model('model.onnx', full_check=True)\"` shows the details",
+        ) from exc
+
+    inputs = [value for value in model.graph.input if value.name in set(g.graph_input_names(model.graph))]
+    if len(inputs) != 1:
+        names = ", ".join(value.name for value in inputs) or "none"
+        raise UnsupportedModelError(
+            f"{source} has {len(inputs)} graph inputs ({names}); onnxdgh needs exactly one image input",
+            "export the model with a single N x C x H x W image input",
+        )
+    image = inputs[0]
+    tensor_type = image.type.tensor_type
+    if not image.type.HasField("tensor_type") or tensor_type.elem_type not in _FLOAT_TYPES:
+        raise UnsupportedModelError(
+            f"input {image.name!r} of {source} is not a float tensor",
+            "onnxdgh needs a float32 N x C x H x W image input; export without integer preprocessing",
+        )
+    dims = list(tensor_type.shape.dim) if tensor_type.HasField("shape") else []
+    if len(dims) != 4:
+        raise UnsupportedModelError(
+            f"input {image.name!r} of {source} has rank {len(dims)}; onnxdgh needs a 4-D N x C x H x W image",
+            "export the model with an NCHW image input",
+        )
+    chw: list[int] = []
+    for axis, dim in zip("CHW", dims[1:]):
+        if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            raise UnsupportedModelError(
+                f"input {image.name!r} of {source} has a symbolic {axis} dimension",
+                "export with fixed channel, height and width (only the batch may be dynamic)",
+            )
+        chw.append(int(dim.dim_value))
+    if chw[0] > 16 and chw[2] <= 16:
+        raise UnsupportedModelError(
+            f"input {image.name!r} of {source} looks channels-last ({'x'.join(map(str, chw))}); onnxdgh needs NCHW",
+            "export the model with a channels-first N x C x H x W input",
+        )
+    batch = dims[0]
+    batch_dim: int | str | None
+    if batch.HasField("dim_value") and batch.dim_value > 0:
+        batch_dim = int(batch.dim_value)
+    elif batch.HasField("dim_param") and batch.dim_param:
+        batch_dim = batch.dim_param
+    else:
+        batch_dim = None
+
+    canon, counts = canonicalise(model)
+    try:
+        canon = onnx.shape_inference.infer_shapes(canon, check_type=True, strict_mode=False, data_prop=True)
+    except Exception as exc:  # shape inference failure on a checked model is unusual
+        _LOG.warning("shape inference failed after canonicalisation: %s", exc)
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    loaded = LoadedModel(
+        model=canon,
+        source=source,
+        input_name=image.name,
+        input_shape=(chw[0], chw[1], chw[2]),
+        input_dtype=_FLOAT_TYPES[tensor_type.elem_type],
+        batch_dim=batch_dim,
+        output_names=tuple(g.graph_output_names(canon.graph)),
+        opset=opset,
+        bn_nodes=tuple(_batch_norms(canon)),
+        metadata=metadata,
+        canonicalisation=counts,
+    )
+    _LOG.info(
+        "loaded %s: input %s %s, opset %d, %d BN nodes (%d usable)",
+        source,
+        image.name,
+        "x".join(map(str, chw)),
+        opset,
+        len(loaded.bn_nodes),
+        len(loaded.usable_bn_nodes),
+    )
+    return loaded
+
+
+# --------------------------------------------------------------------- canonicalise
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes inside subgraphs (If/Loop/Scan bodies)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                for inner in sub.node:
+                    names.update(inner.input)
+                names.update(_subgraph_reads(sub))
+    return names
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    attrs = {attr.name: attr for attr in node.attribute}
+    if "value" in attrs:
+        return numpy_helper.to_array(attrs["value"].t)
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"].f, dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(list(attrs["value_floats"].floats), dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"].i, dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(list(attrs["value_ints"].ints), dtype=np.int64)
+    return None  # sparse or string constants stay as nodes
+
+
+def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Return an equivalent model with Constants as initializers, no Identity, no dead nodes.
+
+    The input model is not modified. Returns ``(model, counts)`` where ``counts`` says how
+    many constants were lifted, identities removed and dead nodes/initializers dropped.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    counts = {"constants_lifted": 0, "identities_removed": 0, "dead_nodes_removed": 0, "unused_initializers_removed": 0}
+    outputs = set(g.graph_output_names(graph))
+
+    # Constant -> initializer (a Constant that is itself a graph output stays a node).
+    lifted = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            value = _constant_value(node)
+            if value is not None:
+                g.add_initializer(graph, node.output[0], value)
+                lifted.append(node)
+    g.remove_nodes(graph, lifted)
+    counts["constants_lifted"] = len(lifted)
+
+    # Identity elimination: consumers read the Identity's input directly.
+    graph_inputs = {value.name for value in graph.input}
+    producers = g.producer_map(graph)
+    removed = []
+    for node in list(graph.node):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            continue
+        src, dst = node.input[0], node.output[0]
+        if dst in outputs:
+            # Keep the graph output's name: rename the producer's output instead, when the
+            # source is a plain node output that nothing else must see under its old name.
+            producer = producers.get(src)
+            if producer is None or src in outputs or src in graph_inputs:
+                continue
+            for index, name in enumerate(producer.output):
+                if name == src:
+                    producer.output[index] = dst
+            g.replace_input_uses(graph, src, dst)
+            producers[dst] = producer
+        else:
+            g.replace_input_uses(graph, dst, src)
+        removed.append(node)
+    g.remove_nodes(graph, removed)
+    counts["identities_removed"] = len(removed)
+
+    # Dead nodes: nothing on a path to a graph output needs them.
+    needed = set(outputs) | _subgraph_reads(graph)
+    live = []
+    for node in reversed(list(graph.node)):
+        if any(name in needed for name in node.output):
+            live.append(node)
+            needed.update(name for name in node.input if name)
+    live_ids = {id(node) for node in live}
+    dead = [node for node in graph.node if id(node) not in live_ids]
+    g.remove_nodes(graph, dead)
+    counts["dead_nodes_removed"] = len(dead)
+
+    used = {name for node in graph.node for name in node.input} | outputs | _subgraph_reads(graph)
+    keep_inits = [init for init in graph.initializer if init.name in used]
+    counts["unused_initializers_removed"] = len(graph.initializer) - len(keep_inits)
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+    kept_inits = {init.name for init in keep_inits}
+    all_inits = {init.name for init in model.graph.initializer} | {node.output[0] for node in lifted}
+    keep_inputs = [value for value in graph.input if value.name not in all_inits or value.name in kept_inits]
+    del graph.input[:]
+    graph.input.extend(keep_inputs)
+    names_alive = used | {name for node in graph.node for name in node.output}
+    keep_vi = [vi for vi in graph.value_info if vi.name in names_alive]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+    g.topological_sort(graph)
+    return out, counts
+
+
+# ---------------------------------------------------------------------- BN targets
+
+
+def _batch_norms(model: onnx.ModelProto) -> list[BatchNormInfo]:
+    inits = g.initializer_map(model.graph)
+    found: list[BatchNormInfo] = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "BatchNormalization":
+            continue
+        name = node.name or f"BatchNormalization_{index}"
+        attrs = g.node_attributes(node)
+        epsilon = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
+        missing = [role for role, tensor in zip(("scale", "bias", "mean", "var"), node.input[1:5]) if tensor not in inits]
+        if missing:
+            empty = np.zeros(0, np.float32)
+            found.append(
+                BatchNormInfo(name, node.input[0], node.output[0], empty, empty, empty, empty, epsilon, False,
+                              f"{', '.join(missing)} not constant (computed in the graph)")
+            )
+            continue
+        scale, bias, mean, var = (g.to_array(inits[t]).astype(np.float32).reshape(-1) for t in node.input[1:5])
+        problem = None
+        if int(attrs.get("training_mode", 0) or 0) != 0 or len([o for o in node.output if o]) > 1:  # type: ignore[arg-type]
+            problem = "node is in training mode"
+        elif not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+            problem = "statistics contain NaN or infinity"
+        elif np.any(var < 0):
+            problem = "negative running variance"
+        elif np.allclose(mean, 0.0) and np.allclose(var, 1.0):
+            problem = "statistics are the initial values (mean 0, var 1): the BN was never trained"
+        found.append(
+            BatchNormInfo(name, node.input[0], node.output[0], scale, bias, mean, var, epsilon, problem is None, problem)
+        )
+    return found
+
+
+# -------------------------------------------------------------------- batch handling
+
+
+def make_batch_dynamic(loaded: LoadedModel) -> onnx.ModelProto | None:
+    """A copy of the model that accepts any batch size, or None if it cannot be made safely.
+
+    Many exports fix the batch dimension to 1. This sets the input's and outputs' batch
+    dimension to the symbol ``batch``, drops stale intermediate shapes, and rewrites
+    constant Reshape targets whose leading entry equals the fixed batch size to 0
+    ("copy this dimension from the input"). The rewrite is accepted only if onnxruntime
+    gives the same results for a batch of 3 as for the 3 images one at a time.
+    """
+    if not loaded.batch_fixed:
+        return loaded.model
+    fixed = int(loaded.batch_dim)  # type: ignore[arg-type]
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    graph = model.graph
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "batch"
+    del graph.value_info[:]
+    inits = g.initializer_map(graph)
+    for node in graph.node:
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits:
+            shape = g.to_array(inits[node.input[1]])
+            if shape.ndim == 1 and shape.size > 0 and int(shape[0]) == fixed:
+                new = shape.copy()
+                new[0] = 0
+                new_name = f"{node.input[1]}__batch_dynamic"
+                if new_name not in inits:
+                    inits[new_name] = g.add_initializer(graph, new_name, new.astype(np.int64))
+                node.input[1] = new_name
+    try:
+        import onnxruntime as ort
+
+        rng = np.random.default_rng(0)
+        batch = rng.standard_normal((3, *loaded.input_shape)).astype(np.float32)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        dynamic = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        single = ort.InferenceSession(loaded.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        together = dynamic.run(None, {loaded.input_name: batch})
+        alone = [single.run(None, {loaded.input_name: batch[i : i + 1]}) for i in range(3)]
+        for index, result in enumerate(together):
+            expected = np.concatenate([run[index] for run in alone], axis=0)
+            if result.shape != expected.shape or not np.allclose(result, expected, rtol=1e-4, atol=1e-4):
+                return None
+    except Exception as exc:  # any failure means the rewrite is not safe; callers fall back
+        _LOG.info("batch dimension could not be made dynamic: %s", exc)
+        return None
+    return model
+
+
+def attribute_summary(node: onnx.NodeProto) -> str:
+    """A short ``key=value`` rendering of a node's attributes (for messages)."""
+    parts = []
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        parts.append(f"{attr.name}={value}")
+    return ", ".join(parts)

@@ -1,0 +1,101 @@
+"""Op classification shared by the quantizer and the validator.
+
+Contract: pure data, no logic beyond lookups. The quantizer marks tensors by these
+classes and the validator checks the graph by the same classes, so the two cannot drift.
+
+* ``VALUE_PRESERVING``: the op only moves, selects or replicates values (or pads with
+  zeros, which a zero-point-0 grid represents exactly), so its output sits on its input's
+  quantization grid and keeps that scale.
+* ``WEIGHTED``: ops whose second input is a weight tensor quantized per channel and whose
+  optional third input is an int32 bias.
+* ``ACTIVATIONS``: ops that may fuse behind a weighted op into one hardware op.
+* ``NON_NEGATIVE_OUTPUT``: ops whose output is never negative, so an unsigned grid fits.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "VALUE_PRESERVING",
+    "WEIGHTED",
+    "ACTIVATIONS",
+    "NON_NEGATIVE_OUTPUT",
+    "QDQ_OPS",
+    "SHAPE_INPUT_INDICES",
+    "is_value_preserving",
+]
+
+VALUE_PRESERVING: frozenset[str] = frozenset(
+    {
+        "Reshape",
+        "Flatten",
+        "MaxPool",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Split",
+        "Pad",
+        "Identity",
+        "Gather",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Expand",
+        "Tile",
+    }
+)
+
+WEIGHTED: frozenset[str] = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+ACTIVATIONS: frozenset[str] = frozenset(
+    {
+        "Relu",
+        "Clip",
+        "LeakyRelu",
+        "PRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Elu",
+        "Selu",
+        "Softplus",
+    }
+)
+
+NON_NEGATIVE_OUTPUT: frozenset[str] = frozenset(
+    {"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Softplus", "Abs"}
+)
+
+QDQ_OPS: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+# Inputs that carry shapes, indices or axes rather than data: never quantized.
+SHAPE_INPUT_INDICES: dict[str, frozenset[int]] = {
+    "Reshape": frozenset({1}),
+    "Slice": frozenset({1, 2, 3, 4}),
+    "Split": frozenset({1}),
+    "Pad": frozenset({1, 2, 3}),
+    "Squeeze": frozenset({1}),
+    "Unsqueeze": frozenset({1}),
+    "Resize": frozenset({1, 2, 3}),
+    "Gather": frozenset({1}),
+    "Expand": frozenset({1}),
+    "Tile": frozenset({1}),
+    "ReduceMean": frozenset({1}),
+    "Clip": frozenset({1, 2}),
+}
+
+
+def is_value_preserving(op_type: str, attributes: dict[str, object] | None = None) -> bool:
+    """True when ``op_type`` keeps its input's quantization grid.
+
+    ``Pad`` is value-preserving only in constant mode (zeros are on every zero-point-0
+    grid); ``Resize`` only in nearest mode.
+    """
+    attributes = attributes or {}
+    if op_type == "Pad":
+        mode = attributes.get("mode", b"constant")
+        return mode in (b"constant", "constant")
+    if op_type == "Resize":
+        mode = attributes.get("mode", b"nearest")
+        return mode in (b"nearest", "nearest")
+    return op_type in VALUE_PRESERVING

@@ -1,0 +1,71 @@
+"""onnxruntime helpers shared by conversion checks, calibration and validation.
+
+Contract: build CPU inference sessions from in-memory models (optionally exposing
+intermediate tensors as outputs), and run image sets through them in batches, falling
+back to one image at a time when the graph fixes its batch dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+__all__ = ["make_session", "run_batched", "with_extra_outputs"]
+
+
+def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (types left for ORT to infer)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {value.name for value in out.graph.output}
+    for name in names:
+        if name not in present:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return out
+
+
+def make_session(
+    model: onnx.ModelProto, *, optimize: bool = True, threads: int | None = None
+) -> ort.InferenceSession:
+    """A CPU ``InferenceSession`` for ``model``; ``optimize=False`` disables graph optimisations."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_batched(
+    session: ort.InferenceSession,
+    images: np.ndarray,
+    *,
+    batch_size: int = 32,
+    outputs: Sequence[str] | None = None,
+    fixed_batch: int | None = None,
+) -> list[np.ndarray]:
+    """Run ``images`` (N x C x H x W) through ``session``; return each output concatenated over N.
+
+    ``fixed_batch`` is the graph's fixed batch size, if any: batches are then cut to it.
+    """
+    input_name = session.get_inputs()[0].name
+    step = fixed_batch if fixed_batch else max(1, batch_size)
+    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, images.shape[0], step):
+        batch = np.ascontiguousarray(images[start : start + step], dtype=np.float32)
+        if fixed_batch and batch.shape[0] != fixed_batch:
+            # A short last batch on a fixed-batch graph: run the images one by one.
+            results = [session.run(names, {input_name: batch[i : i + 1]}) for i in range(batch.shape[0])]
+            for index in range(len(names)):
+                chunks[index].append(np.concatenate([r[index] for r in results], axis=0))
+            continue
+        for index, value in enumerate(session.run(names, {input_name: batch})):
+            chunks[index].append(value)
+    return [np.concatenate(parts, axis=0) if parts else np.zeros(0, np.float32) for parts in chunks]
