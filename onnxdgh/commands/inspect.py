@@ -1,0 +1,81 @@
+"""``onnxdgh inspect``: is this model ready for zero-shot quantization?"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..cli import run_command
+from ..errors import EXIT_CHECK_FAILED, EXIT_OK
+from ..inspection import InspectionReport, inspect_model
+from ..load import load_model
+
+__all__ = ["inspect_command"]
+
+
+def _fmt_shape(shape: list[object]) -> str:
+    return "x".join("?" if d is None else str(d) for d in shape)
+
+
+def render(report: InspectionReport) -> str:
+    """The report as terminal text."""
+    lines = [f"model     {report.source}", f"opset     {report.opset}"]
+    for item in report.inputs:
+        lines.append(f"input     {item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}")
+    for item in report.outputs:
+        lines.append(f"output    {item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}")
+    lines.append(f"batch     {'fixed' if report.batch_fixed else 'dynamic'}")
+    canon = report.canonicalisation
+    if any(canon.values()):
+        lines.append(
+            "canonical "
+            f"{canon['constants_lifted']} constants lifted, {canon['identities_removed']} identities removed, "
+            f"{canon['dead_nodes_removed']} dead nodes removed"
+        )
+    ops = ", ".join(f"{op} {count}" for op, count in report.op_histogram.items())
+    lines.append(f"ops       {ops}")
+    usable = sum(1 for bn in report.batch_norms if bn["usable"])
+    lines.append(f"BN nodes  {len(report.batch_norms)} ({usable} with usable statistics)")
+    for bn in report.batch_norms:
+        if not bn["usable"]:
+            lines.append(f"          {bn['node']}: {bn['problem']}")
+    if report.bn_folded:
+        lines.append("          BN looks folded away (Conv with bias, no BatchNormalization)")
+    if report.unconvertible_ops:
+        for item in report.unconvertible_ops:
+            lines.append(f"torch     cannot convert {item['op_type']} (opset {item['version']}): {', '.join(item['nodes'][:3])}")
+    lines.append("")
+    if report.ready:
+        lines.append("verdict   READY for zero-shot quantization")
+    else:
+        lines.append("verdict   NOT READY")
+        for reason in report.reasons:
+            lines.append(f"  - {reason}")
+        for tip in report.advice:
+            lines.append(f"  fix: {tip}")
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write the report as JSON to this file ('-' for stdout).")
+@run_command
+def inspect_command(model: str, json_out: str | None) -> int:
+    """Say whether MODEL is ready for zero-shot quantization, and why.
+
+    Exit codes: 0 ready, 1 not ready, 2 invalid input.
+    """
+    from ..fileio import atomic_write_text, check_output_path
+
+    if json_out and json_out != "-":
+        check_output_path(json_out, inputs=[model])
+    report = inspect_model(load_model(model))
+    if json_out == "-":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(render(report))
+        if json_out:
+            atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    return EXIT_OK if report.ready else EXIT_CHECK_FAILED
