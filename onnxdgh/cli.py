@@ -20,7 +20,7 @@ import click
 from . import __version__
 from .errors import OnnxDghError
 
-__all__ = ["main", "run_command", "echo_err"]
+__all__ = ["main", "run_command", "echo_err", "input_shape_option"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,6 +51,29 @@ def run_command(func: F) -> F:
         sys.exit(int(code or 0))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(v <= 0 for v in shape):
+        raise click.BadParameter(f"{value!r} is not C x H x W, e.g. 3x48x192", ctx=ctx, param=param)
+    return shape  # type: ignore[return-value]
+
+
+input_shape_option = click.option(
+    "--input-shape",
+    callback=_parse_shape,
+    default=None,
+    metavar="CxHxW",
+    help="Pin symbolic input dimensions, e.g. 3x48x192 (for exports with open height/width).",
+)
+"""Shared ``--input-shape`` option: every command that loads a model offers it."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -150,8 +150,11 @@ def _json_floats(text: str | None) -> list[float] | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], *, input_shape: tuple[int, int, int] | None = None) -> LoadedModel:
     """Read, check and canonicalise the ONNX model at ``path`` (never modified).
+
+    ``input_shape`` (C, H, W) pins symbolic input dimensions (many OCR and detection
+    exports leave height and width open); it must agree with any fixed dimension.
 
     Raises:
         ModelLoadError: the file cannot be read as a valid ONNX model.
@@ -170,10 +173,12 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise ModelLoadError(f"model file {src} is empty", "re-export or re-download the model")
     model = _parse(data, src)
     _resolve_external_data(model, src.parent.resolve(), src)
-    return _finish(model, str(src), check_path=src)
+    return _finish(model, str(src), input_shape)
 
 
-def load_model_proto(model: onnx.ModelProto, source: str = "<memory>") -> LoadedModel:
+def load_model_proto(
+    model: onnx.ModelProto, source: str = "<memory>", *, input_shape: tuple[int, int, int] | None = None
+) -> LoadedModel:
     """Check and canonicalise an in-memory model (a copy; ``model`` is not modified)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -183,7 +188,7 @@ def load_model_proto(model: onnx.ModelProto, source: str = "<memory>") -> Loaded
                 f"tensor {tensor.name} of {source} keeps its data in an external file",
                 "load the model from its file with onnxdgh.load_model(path)",
             )
-    return _finish(copy, source, check_path=None)
+    return _finish(copy, source, input_shape)
 
 
 def _parse(data: bytes, src: Path) -> onnx.ModelProto:
@@ -242,7 +247,26 @@ def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> Non
         raise ModelLoadError(f"external data of {src} cannot be read: {exc}", "check the data files beside the model") from exc
 
 
-def _finish(model: onnx.ModelProto, source: str, check_path: Path | None) -> LoadedModel:
+def _pin_input_shape(image: onnx.ValueInfoProto, shape: tuple[int, int, int], source: str) -> None:
+    """Write ``shape`` into the symbolic C/H/W dims of ``image``; refuse a conflict."""
+    if len(shape) != 3 or any(int(v) <= 0 for v in shape):
+        raise UnsupportedModelError(
+            f"input shape {shape} is not C x H x W with positive sizes", "give it as e.g. --input-shape 3x48x192"
+        )
+    dims = image.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return  # the rank check that follows reports it
+    for axis, dim, value in zip("CHW", list(dims)[1:], shape):
+        if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != value:
+            raise UnsupportedModelError(
+                f"input {image.name!r} of {source} has {axis} = {dim.dim_value}, not {value} as requested",
+                "leave out --input-shape or give the model's own size",
+            )
+        dim.Clear()
+        dim.dim_value = int(value)
+
+
+def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, int] | None) -> LoadedModel:
     opset = g.opset_version(model)
     if opset is None:
         raise ModelLoadError(f"{source} imports no default ONNX opset", "re-export the model with opset_version=17")
@@ -270,6 +294,13 @@ def _finish(model: onnx.ModelProto, source: str, check_path: Path | None) -> Loa
         )
     image = inputs[0]
     tensor_type = image.type.tensor_type
+    dims0 = list(tensor_type.shape.dim) if tensor_type.HasField("shape") else []
+    if dims0 and not (dims0[0].HasField("dim_value") and dims0[0].dim_value > 0):
+        # Some exporters write -1 or 0 for a dynamic batch; make it a proper symbol.
+        dims0[0].Clear()
+        dims0[0].dim_param = "batch"
+    if input_shape is not None:
+        _pin_input_shape(image, input_shape, source)
     if not image.type.HasField("tensor_type") or tensor_type.elem_type not in _FLOAT_TYPES:
         raise UnsupportedModelError(
             f"input {image.name!r} of {source} is not a float tensor",
@@ -286,7 +317,7 @@ def _finish(model: onnx.ModelProto, source: str, check_path: Path | None) -> Loa
         if not dim.HasField("dim_value") or dim.dim_value <= 0:
             raise UnsupportedModelError(
                 f"input {image.name!r} of {source} has a symbolic {axis} dimension",
-                "export with fixed channel, height and width (only the batch may be dynamic)",
+                "pin it with --input-shape CxHxW (e.g. 3x48x192), or export with a fixed size",
             )
         chw.append(int(dim.dim_value))
     if chw[0] > 16 and chw[2] <= 16:

@@ -253,3 +253,29 @@ def test_metadata_normalization(tmp_path: Path) -> None:
     assert norm is not None
     np.testing.assert_allclose(norm[0], [0.5, 0.25])
     np.testing.assert_allclose(norm[1], [0.5, 0.5])
+
+
+def test_input_shape_pins_symbolic_dims(tmp_path: Path) -> None:
+    model = _conv_bn_graph(constants=False, input_shape=(1, 2, 6, 6))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].Clear()
+    dims[2].dim_param = "h"
+    dims[3].Clear()
+    dims[3].dim_param = "w"
+    model.graph.output[0].type.tensor_type.shape.Clear()
+    for d in (1, 4, "h", "w"):
+        dim = model.graph.output[0].type.tensor_type.shape.dim.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
+    path = _save(model, tmp_path / "open.onnx")
+    code, out = _inspect(path)
+    assert code == 2 and "--input-shape" in out
+    result = CliRunner().invoke(main, ["inspect", str(path), "--input-shape", "2x6x8"])
+    assert result.exit_code == 0, result.output
+    assert load_model(path, input_shape=(2, 6, 8)).input_shape == (2, 6, 8)
+    clash = CliRunner().invoke(main, ["inspect", str(path), "--input-shape", "3x6x8"])
+    assert clash.exit_code == 2 and "has C = 2, not 3" in clash.output
+    bad = CliRunner().invoke(main, ["inspect", str(path), "--input-shape", "6x8"])
+    assert bad.exit_code == 2 and "is not C x H x W" in bad.output

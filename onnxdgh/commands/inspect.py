@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import run_command
+from ..cli import input_shape_option, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK
 from ..inspection import InspectionReport, inspect_model
 from ..load import load_model
@@ -61,8 +61,9 @@ def render(report: InspectionReport) -> str:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the report as JSON to this file ('-' for stdout).")
+@input_shape_option
 @run_command
-def inspect_command(model: str, json_out: str | None) -> int:
+def inspect_command(model: str, json_out: str | None, input_shape: tuple[int, int, int] | None) -> int:
     """Say whether MODEL is ready for zero-shot quantization, and why.
 
     Exit codes: 0 ready, 1 not ready, 2 invalid input.
@@ -71,7 +72,7 @@ def inspect_command(model: str, json_out: str | None) -> int:
 
     if json_out and json_out != "-":
         check_output_path(json_out, inputs=[model])
-    report = inspect_model(load_model(model))
+    report = inspect_model(load_model(model, input_shape=input_shape))
     if json_out == "-":
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
