@@ -1,0 +1,11 @@
+"""Stage 5: validation of a quantized QDQ model against a constraint profile and its float reference.
+
+``checks`` holds the structural rules, ``report`` the numerical comparison, ``api`` the
+:func:`validate` entry point that combines both into a :class:`ValidationReport`.
+"""
+
+from __future__ import annotations
+
+from .checks import RULES, Violation, check_model
+
+__all__ = ["RULES", "Violation", "check_model"]

@@ -1,0 +1,855 @@
+"""Structural checks of a quantized ONNX QDQ model against a constraint profile.
+
+Contract:
+* :func:`analyse` reads a QDQ graph into a :class:`QuantGraph`: every QuantizeLinear /
+  DequantizeLinear with its constant scale, zero point, integer type and role
+  (activation, weight, bias), traced by structure (DQ <- Q <- source tensor), not by
+  tensor names.
+* :func:`check_model` returns one :class:`Violation` per broken rule instance, each
+  naming the rule id (stable strings, see :data:`RULES` and ``docs/VALIDATE.md``), the
+  node, the tensor and what is wrong. It never raises for a rule the model breaks; an
+  empty list means the graph is what the profile's hardware accepts.
+* Nothing here mutates the model.
+
+The rules mirror how the quantizer builds the graph (HPTQ, ALGORITHMS.md section 2):
+model inputs go through Q->DQ first, every compute op reads dequantized values except
+the second op of a fused pattern (one hardware op) and the quantizer's range-restricting
+``Clip`` right before a QuantizeLinear, scales are powers of two with zero point 0,
+int32 biases carry ``input_scale * weight_scale``, value-preserving ops keep their
+input's scale and shared-scale ops (Concat) have one scale on all inputs and the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .. import graph as g
+from ..ops import SHAPE_INPUT_INDICES, WEIGHTED, is_value_preserving
+from ..profile import Profile
+
+__all__ = [
+    "RULES",
+    "Violation",
+    "QParams",
+    "QuantGraph",
+    "analyse",
+    "check_model",
+    "integer_type_info",
+]
+
+_LOG = logging.getLogger(__name__)
+
+RULES: dict[str, str] = {
+    "opset-range": "the model's default-domain opset lies within the profile's opset_min..opset_max",
+    "graph-input-not-quantized": "every graph input is read only by QuantizeLinear (or a range Clip feeding one)",
+    "graph-output-not-dequantized": "every graph output is produced by DequantizeLinear",
+    "float-input-not-dequantized": (
+        "every float data input of every compute op comes from DequantizeLinear (except the second "
+        "op of a fused pattern, and a range Clip that feeds only QuantizeLinear)"
+    ),
+    "qdq-pair-mismatch": "a DequantizeLinear reading a QuantizeLinear uses the same scale, zero point and type",
+    "scale-not-power-of-two": "every Q/DQ scale is a constant, positive, exact power of two",
+    "zero-point-not-zero": "every Q/DQ zero point is a constant 0 (or absent)",
+    "activation-bits": "activation quantizers use an integer type and a bit width the profile allows",
+    "activation-signedness": "activation quantizers are signed/unsigned as the profile allows",
+    "per-channel-activations": "activation quantizers are per tensor (one scale)",
+    "weight-bits": "stored weight integers fit the profile's widest weight width; sub-byte types are allowed widths",
+    "weight-signedness": "weights are stored signed/unsigned as the profile allows",
+    "per-channel-weights": "weights have one scale per tensor unless the profile allows per-channel weights",
+    "bias-bits": "biases of weighted ops are stored as int32 values within bias_bits",
+    "bias-scale": "a bias scale equals input scale x weight scale (per channel)",
+    "batchnorm-left": "no BatchNormalization remains (it must be folded before quantization)",
+    "op-not-allowed": "every op type is in the profile's allowed_ops (Q/DQ always are)",
+    "fused-pattern-branch": "the inner tensor of a fused pattern feeds only the next op of the pattern",
+    "shared-scale": (
+        "ops in shared_scale_ops use one scale for all data inputs and the output; ops in "
+        "shared_input_scale_ops use one scale for all data inputs"
+    ),
+    "value-preserving-scale": "a value-preserving op's output quantizer has its input's scale",
+}
+"""Rule id -> one-line statement of what the rule requires."""
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops that read only a tensor's shape, never its values: nothing to quantize.
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+_TP = onnx.TensorProto
+# elem type -> (type name, bits, signed) for the integer types a Q/DQ can carry.
+_INT_TYPES: dict[int, tuple[str, int, bool]] = {
+    _TP.INT8: ("int8", 8, True),
+    _TP.UINT8: ("uint8", 8, False),
+    _TP.INT16: ("int16", 16, True),
+    _TP.UINT16: ("uint16", 16, False),
+    _TP.INT32: ("int32", 32, True),
+    _TP.INT4: ("int4", 4, True),
+    _TP.UINT4: ("uint4", 4, False),
+}
+for _name, _bits, _signed in (("INT2", 2, True), ("UINT2", 2, False)):
+    if hasattr(_TP, _name):
+        _INT_TYPES[getattr(_TP, _name)] = (_name.lower(), _bits, _signed)
+
+
+def integer_type_info(elem_type: int) -> tuple[str, int, bool] | None:
+    """``(name, bits, signed)`` for an integer ONNX elem type a Q/DQ can carry, else None."""
+    return _INT_TYPES.get(elem_type)
+
+
+def _type_name(elem_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
+    except (KeyError, ValueError):
+        return f"type {elem_type}"
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: ``rule`` id, the ``node`` and ``tensor`` concerned, and what is wrong."""
+
+    rule: str
+    node: str | None
+    tensor: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        """JSON-ready form."""
+        return {"rule": self.rule, "node": self.node, "tensor": self.tensor, "message": self.message}
+
+
+@dataclass(frozen=True)
+class QParams:
+    """A QuantizeLinear or DequantizeLinear node's quantization parameters.
+
+    ``scale``/``zero_point`` are None when not a constant. ``role`` is ``activation``
+    (quantizes a computed tensor), ``weight`` (dequantizes a constant), ``bias`` (a
+    constant feeding input 2 of a Conv/ConvTranspose/Gemm) or ``other``. ``source`` is the
+    float tensor this quantizer stands for (through a range Clip), ``bits`` the effective
+    width (container width, or the narrower grid a range Clip restricts it to).
+    """
+
+    node: str
+    op_type: str
+    input: str
+    output: str
+    role: str
+    scale: np.ndarray | None = field(repr=False)
+    zero_point: np.ndarray | None = field(repr=False)
+    elem_type: int | None
+    bits: int | None
+    signed: bool | None
+    source: str | None = None
+    clip_node: str | None = None
+
+    @property
+    def per_tensor(self) -> bool:
+        """True when the scale is one value."""
+        return self.scale is None or self.scale.size == 1
+
+    @property
+    def type_name(self) -> str:
+        """The integer type's name, e.g. ``int8``."""
+        if self.elem_type is None:
+            return "unknown type"
+        info = integer_type_info(self.elem_type)
+        return info[0] if info else _type_name(self.elem_type)
+
+
+class QuantGraph:
+    """A QDQ graph read for checking: maps, quantizers and the names to report.
+
+    Attributes are plain lookups over the model; see :func:`analyse`.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.model = model
+        self.graph = graph
+        self.opset = g.opset_version(model)
+        self.inits = g.initializer_map(graph)
+        self.producers = g.producer_map(graph)
+        self.consumers = g.consumer_map(graph)
+        self.inputs = g.graph_input_names(graph)
+        self.outputs = g.graph_output_names(graph)
+        self.node_names = {id(node): node.name or f"{node.op_type}#{index}" for index, node in enumerate(graph.node)}
+        self.elem_types = _elem_types(model)
+        self.quantizers: dict[int, QParams] = {}
+        # Q/DQ first pass: types of Q outputs are needed to type DQ inputs.
+        for node in graph.node:
+            if node.op_type == "QuantizeLinear" and node.domain in _DEFAULT_DOMAINS:
+                self.quantizers[id(node)] = self._read_q(node)
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.domain in _DEFAULT_DOMAINS:
+                self.quantizers[id(node)] = self._read_dq(node)
+
+    # ------------------------------------------------------------ lookups
+
+    def name(self, node: onnx.NodeProto) -> str:
+        """The node's name, or ``OpType#index`` when unnamed."""
+        return self.node_names[id(node)]
+
+    def const(self, tensor: str) -> np.ndarray | None:
+        """The value of an initializer, or None when the tensor is computed."""
+        init = self.inits.get(tensor)
+        return None if init is None else g.to_array(init)
+
+    def producer_op(self, tensor: str) -> str | None:
+        """The op type producing ``tensor`` (None for inputs and initializers)."""
+        node = self.producers.get(tensor)
+        return None if node is None else node.op_type
+
+    def dq_for(self, tensor: str) -> QParams | None:
+        """The DequantizeLinear producing ``tensor``, if one does."""
+        node = self.producers.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        return self.quantizers.get(id(node))
+
+    def q_consumers(self, tensor: str) -> list[QParams]:
+        """QuantizeLinear nodes reading ``tensor``."""
+        return [
+            self.quantizers[id(node)]
+            for node in self.consumers.get(tensor, [])
+            if node.op_type == "QuantizeLinear" and id(node) in self.quantizers
+        ]
+
+    def is_range_clip(self, node: onnx.NodeProto) -> bool:
+        """The quantizer's sub-8-bit range restriction: a ``Clip`` that feeds only QuantizeLinear
+        nodes and whose bounds span exactly 2^b steps of their scale.
+
+        A Clip that merely happens to precede a quantizer (Relu6 = Clip(0, 6)) is a compute op.
+        """
+        if node.op_type != "Clip" or node.output[0] in self.outputs:
+            return False
+        users = self.consumers.get(node.output[0], [])
+        if not users or any(user.op_type != "QuantizeLinear" for user in users):
+            return False
+        for user in users:
+            scale = self.const(user.input[1]) if len(user.input) > 1 else None
+            if scale is None or scale.size != 1 or self._clip_bits(node, float(scale.reshape(-1)[0])) is None:
+                return False
+        return True
+
+    def activation_dequantizers(self) -> list[QParams]:
+        """DequantizeLinear nodes of computed tensors (their Q's input is not a constant), in graph order."""
+        return [
+            params
+            for node in self.graph.node
+            if (params := self.quantizers.get(id(node))) is not None
+            and params.op_type == "DequantizeLinear"
+            and params.role == "activation"
+        ]
+
+    def weight_bits_summary(self) -> dict[str, int]:
+        """How many weight tensors store values needing each bit width (``{"8": 5, "4": 1}``)."""
+        counts: dict[str, int] = {}
+        for params in self.quantizers.values():
+            if params.op_type == "DequantizeLinear" and params.role == "weight":
+                values = self.const(params.input)
+                if values is None or params.signed is None:
+                    continue
+                bits = _value_bits(values, params.signed)
+                counts[str(bits)] = counts.get(str(bits), 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: int(item[0])))
+
+    def activation_bits_summary(self) -> dict[str, int]:
+        """How many activation quantizers use each effective bit width."""
+        counts: dict[str, int] = {}
+        for params in self.quantizers.values():
+            if params.op_type == "QuantizeLinear" and params.role == "activation" and params.bits is not None:
+                counts[str(params.bits)] = counts.get(str(params.bits), 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: int(item[0])))
+
+    # ------------------------------------------------------------ reading Q/DQ
+
+    def _const_input(self, node: onnx.NodeProto, index: int) -> tuple[bool, np.ndarray | None]:
+        """(present, constant value) of an optional input."""
+        if len(node.input) <= index or not node.input[index]:
+            return False, None
+        return True, self.const(node.input[index])
+
+    def _read_q(self, node: onnx.NodeProto) -> QParams:
+        _, scale = self._const_input(node, 1)
+        has_zp, zero_point = self._const_input(node, 2)
+        attrs = g.node_attributes(node)
+        if has_zp:
+            init = self.inits.get(node.input[2])
+            elem_type: int | None = init.data_type if init is not None else self.elem_types.get(node.input[2])
+        else:
+            # Without a zero point the output type is output_dtype (opset 21) or uint8.
+            elem_type = int(attrs.get("output_dtype", 0) or 0) or _TP.UINT8  # type: ignore[call-overload]
+        source = node.input[0]
+        role = "weight" if source in self.inits else "activation"
+        info = integer_type_info(elem_type) if elem_type is not None else None
+        bits = info[1] if info else None
+        signed = info[2] if info else None
+        clip_name = None
+        producer = self.producers.get(source)
+        if producer is not None and self.is_range_clip(producer) and scale is not None and scale.size == 1:
+            narrowed = self._clip_bits(producer, float(scale.reshape(-1)[0]))
+            if narrowed is not None and bits is not None and narrowed < bits:
+                bits = narrowed
+            source = producer.input[0]
+            clip_name = self.name(producer)
+        return QParams(self.name(node), node.op_type, node.input[0], node.output[0], role, scale, zero_point,
+                       elem_type, bits, signed, source, clip_name)
+
+    def _clip_bits(self, clip: onnx.NodeProto, scale: float) -> int | None:
+        """The grid width a Clip before a Q restricts to: log2((hi - lo)/scale + 1), when exact."""
+        attrs = g.node_attributes(clip)
+        lo_value: object = attrs.get("min")
+        hi_value: object = attrs.get("max")
+        if len(clip.input) > 1 and clip.input[1]:
+            lo_value = self.const(clip.input[1])
+        if len(clip.input) > 2 and clip.input[2]:
+            hi_value = self.const(clip.input[2])
+        if lo_value is None or hi_value is None or scale <= 0:
+            return None
+        lo, hi = float(np.asarray(lo_value).reshape(-1)[0]), float(np.asarray(hi_value).reshape(-1)[0])
+        levels = (hi - lo) / scale + 1.0
+        if levels < 2:
+            return None
+        bits = math.log2(levels)
+        # Only a Clip exactly on a 2^b-level grid is a bit-width restriction; a Relu6-style
+        # Clip(0, 6) before an 8-bit quantizer is an activation, and its range says nothing.
+        if abs(bits - round(bits)) > 1e-6 or abs(levels - round(levels)) > 1e-3:
+            return None
+        return int(round(bits))
+
+    def _read_dq(self, node: onnx.NodeProto) -> QParams:
+        _, scale = self._const_input(node, 1)
+        has_zp, zero_point = self._const_input(node, 2)
+        source_tensor = node.input[0]
+        init = self.inits.get(source_tensor)
+        producer = self.producers.get(source_tensor)
+        q_params = self.quantizers.get(id(producer)) if producer is not None else None
+        elem_type: int | None
+        if init is not None:
+            elem_type = init.data_type
+        elif q_params is not None:
+            elem_type = q_params.elem_type
+        elif has_zp and node.input[2] in self.inits:
+            elem_type = self.inits[node.input[2]].data_type
+        else:
+            elem_type = self.elem_types.get(source_tensor)
+        if init is not None:
+            role = "bias" if self._feeds_bias(node.output[0]) else "weight"
+            source: str | None = source_tensor
+        elif q_params is not None:
+            role = q_params.role
+            source = q_params.source
+        else:
+            role, source = "other", None
+        info = integer_type_info(elem_type) if elem_type is not None else None
+        bits = q_params.bits if q_params is not None else (info[1] if info else None)
+        signed = info[2] if info else None
+        return QParams(self.name(node), node.op_type, source_tensor, node.output[0], role, scale, zero_point,
+                       elem_type, bits, signed, source, q_params.clip_node if q_params else None)
+
+    def _feeds_bias(self, tensor: str) -> bool:
+        users = self.consumers.get(tensor, [])
+        return bool(users) and all(
+            user.op_type in ("Conv", "ConvTranspose", "Gemm")
+            and len(user.input) > 2
+            and user.input[2] == tensor
+            and tensor not in user.input[:2]
+            for user in users
+        )
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of every tensor ONNX shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # untypeable tensors are then treated as float (the strict choice)
+        _LOG.info("shape inference failed during validation: %s", exc)
+        inferred = model
+    graph = inferred.graph
+    types: dict[str, int] = {}
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def analyse(model: onnx.ModelProto) -> QuantGraph:
+    """Read ``model``'s Q/DQ structure (the model is not changed)."""
+    return QuantGraph(model)
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _is_power_of_two(values: np.ndarray) -> bool:
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    if flat.size == 0 or not np.all(np.isfinite(flat)) or np.any(flat <= 0):
+        return False
+    mantissa, _ = np.frexp(flat)
+    return bool(np.all(mantissa == 0.5))
+
+
+def _value_bits(values: np.ndarray, signed: bool) -> int:
+    """The narrowest two's-complement (signed) or plain (unsigned) width holding ``values``."""
+    flat = np.asarray(values).astype(np.int64).reshape(-1)
+    if flat.size == 0:
+        return 1
+    low, high = int(flat.min()), int(flat.max())
+    if not signed:
+        return max(1, int(high).bit_length())
+    needed = 1
+    if high > 0:
+        needed = max(needed, int(high).bit_length() + 1)
+    if low < 0:
+        needed = max(needed, int(-low - 1).bit_length() + 1)
+    return needed
+
+
+def _fmt(values: np.ndarray | None) -> str:
+    if values is None:
+        return "a computed value"
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 1:
+        return f"{float(flat[0]):.9g}"
+    return f"[{', '.join(f'{float(v):.6g}' for v in flat[:4])}{', ...' if flat.size > 4 else ''}] ({flat.size} values)"
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    a64, b64 = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    if a64.size != b64.size and min(a64.size, b64.size) != 1:
+        return False
+    return bool(np.allclose(a64, b64, rtol=1e-6, atol=0.0))
+
+
+def _data_inputs(node: onnx.NodeProto) -> Iterable[tuple[int, str]]:
+    skip = SHAPE_INPUT_INDICES.get(node.op_type, frozenset())
+    for index, name in enumerate(node.input):
+        if name and index not in skip:
+            yield index, name
+
+
+# ---------------------------------------------------------------------- checks
+
+
+def check_model(model: onnx.ModelProto, profile: Profile, *, qgraph: QuantGraph | None = None) -> list[Violation]:
+    """Every rule instance ``model`` breaks under ``profile`` (empty: the graph conforms).
+
+    ``qgraph`` may pass an already analysed graph of the same model.
+    """
+    q = qgraph or analyse(model)
+    found: list[Violation] = []
+    for check in (
+        _check_opset,
+        _check_graph_inputs,
+        _check_graph_outputs,
+        _check_ops,
+        _check_float_inputs,
+        _check_qdq_params,
+        _check_biases,
+        _check_shared_scales,
+        _check_value_preserving,
+    ):
+        found.extend(check(q, profile))
+    _LOG.info("structural check against %s: %d violation(s)", profile.name, len(found))
+    return found
+
+
+def _check_opset(q: QuantGraph, profile: Profile) -> list[Violation]:
+    if q.opset is None or profile.opset_min <= q.opset <= profile.opset_max:
+        return []
+    return [
+        Violation(
+            "opset-range",
+            None,
+            None,
+            f"the model uses opset {q.opset}; profile {profile.name} accepts opsets "
+            f"{profile.opset_min} to {profile.opset_max}",
+        )
+    ]
+
+
+def _check_graph_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found = []
+    for name in q.inputs:
+        for user in q.consumers.get(name, []):
+            if user.op_type == "QuantizeLinear" or user.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(user):
+                continue
+            found.append(
+                Violation(
+                    "graph-input-not-quantized",
+                    q.name(user),
+                    name,
+                    f"graph input {name!r} is read by {user.op_type} {q.name(user)!r} instead of QuantizeLinear",
+                )
+            )
+    return found
+
+
+def _check_graph_outputs(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found = []
+    for name in q.outputs:
+        producer = q.producers.get(name)
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            continue
+        what = f"{producer.op_type} {q.name(producer)!r}" if producer is not None else "no node (an input or constant)"
+        found.append(
+            Violation(
+                "graph-output-not-dequantized",
+                q.name(producer) if producer is not None else None,
+                name,
+                f"graph output {name!r} is produced by {what}, not by DequantizeLinear",
+            )
+        )
+    return found
+
+
+def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found = []
+    for node in q.graph.node:
+        if node.op_type == "BatchNormalization":
+            found.append(
+                Violation(
+                    "batchnorm-left",
+                    q.name(node),
+                    node.output[0],
+                    f"BatchNormalization {q.name(node)!r} is still in the graph; fold it into the preceding Conv/Gemm",
+                )
+            )
+            continue
+        if node.domain not in _DEFAULT_DOMAINS:
+            found.append(
+                Violation(
+                    "op-not-allowed",
+                    q.name(node),
+                    node.output[0] if node.output else None,
+                    f"{node.domain}.{node.op_type} {q.name(node)!r} is a custom-domain op; profile {profile.name} "
+                    "accepts standard ONNX ops only",
+                )
+            )
+            continue
+        # The range Clip before a QuantizeLinear is part of the quantizer (a narrower grid),
+        # not a compute op the target must run.
+        if profile.allows_op(node.op_type) or q.is_range_clip(node):
+            continue
+        found.append(
+            Violation(
+                "op-not-allowed",
+                q.name(node),
+                node.output[0] if node.output else None,
+                f"{node.op_type} {q.name(node)!r} is not in the allowed ops of profile {profile.name}",
+            )
+        )
+    return found
+
+
+def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found = []
+    for node in q.graph.node:
+        # A range Clip feeding only QuantizeLinear is part of the quantizer (a narrower grid).
+        if node.op_type in _QDQ or node.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(node):
+            continue
+        for _index, name in _data_inputs(node):
+            elem_type = q.elem_types.get(name)
+            producer = q.producers.get(name)
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                continue
+            if producer is not None and producer.op_type == "QuantizeLinear":
+                found.append(
+                    Violation(
+                        "float-input-not-dequantized",
+                        q.name(node),
+                        name,
+                        f"{node.op_type} {q.name(node)!r} reads the integers {name!r} of QuantizeLinear "
+                        f"{q.name(producer)!r} directly; a QDQ graph feeds compute ops through DequantizeLinear",
+                    )
+                )
+                continue
+            if elem_type is not None and elem_type not in (_TP.FLOAT, _TP.FLOAT16, _TP.DOUBLE, _TP.BFLOAT16):
+                continue  # integer indices, booleans: not quantized values
+            if producer is None:
+                what = "graph input" if name in q.inputs else "float constant"
+                found.append(
+                    Violation(
+                        "float-input-not-dequantized",
+                        q.name(node),
+                        name,
+                        f"{node.op_type} {q.name(node)!r} reads {what} {name!r} in float, not through DequantizeLinear",
+                    )
+                )
+                continue
+            if profile.is_fused(producer.op_type, node.op_type):
+                found.extend(_fused_branch(q, producer, node, name))
+                continue
+            found.append(
+                Violation(
+                    "float-input-not-dequantized",
+                    q.name(node),
+                    name,
+                    f"{node.op_type} {q.name(node)!r} reads {name!r} from {producer.op_type} {q.name(producer)!r} "
+                    f"without Q/DQ, and {producer.op_type}->{node.op_type} is no fused pattern of {profile.name}",
+                )
+            )
+    return found
+
+
+def _fused_branch(q: QuantGraph, producer: onnx.NodeProto, node: onnx.NodeProto, tensor: str) -> list[Violation]:
+    others = [user for user in q.consumers.get(tensor, []) if user is not node]
+    if not others and tensor not in q.outputs:
+        return []
+    readers = ", ".join(f"{user.op_type} {q.name(user)!r}" for user in others)
+    if tensor in q.outputs:
+        readers = ", ".join(filter(None, [readers, "the graph output"]))
+    return [
+        Violation(
+            "fused-pattern-branch",
+            q.name(producer),
+            tensor,
+            f"{tensor!r} is inside the fused {producer.op_type}->{node.op_type} ({q.name(producer)!r} -> "
+            f"{q.name(node)!r}) but is also read by {readers}; fused hardware never exposes it",
+        )
+    ]
+
+
+def _check_qdq_params(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found: list[Violation] = []
+    for node in q.graph.node:
+        params = q.quantizers.get(id(node))
+        if params is None:
+            continue
+        name, tensor = params.node, params.input
+        # Scale and zero point: every Q and DQ.
+        if params.scale is None:
+            found.append(
+                Violation(
+                    "scale-not-power-of-two",
+                    name,
+                    tensor,
+                    f"{params.op_type} {name!r} takes its scale from a computed tensor; the target needs a constant",
+                )
+            )
+        elif profile.power_of_two_scales and not _is_power_of_two(params.scale):
+            found.append(
+                Violation(
+                    "scale-not-power-of-two",
+                    name,
+                    tensor,
+                    f"{params.op_type} {name!r} on {tensor!r} has scale {_fmt(params.scale)}, not an exact power of two",
+                )
+            )
+        has_zp = len(node.input) > 2 and bool(node.input[2])
+        if profile.zero_point_zero and has_zp:
+            if params.zero_point is None:
+                found.append(
+                    Violation("zero-point-not-zero", name, tensor,
+                              f"{params.op_type} {name!r} takes its zero point from a computed tensor; it must be 0")
+                )
+            elif np.any(np.asarray(params.zero_point).astype(np.int64) != 0):
+                found.append(
+                    Violation("zero-point-not-zero", name, tensor,
+                              f"{params.op_type} {name!r} on {tensor!r} has zero point {_fmt(params.zero_point)}, not 0")
+                )
+        if params.op_type == "DequantizeLinear":
+            found.extend(_check_pair(q, node, params))
+            if params.role == "weight":
+                found.extend(_check_weight(q, params, profile))
+        elif params.role == "activation":
+            found.extend(_check_activation(params, profile))
+    return found
+
+
+def _check_pair(q: QuantGraph, node: onnx.NodeProto, params: QParams) -> list[Violation]:
+    producer = q.producers.get(node.input[0])
+    if producer is None or producer.op_type != "QuantizeLinear" or id(producer) not in q.quantizers:
+        return []
+    qp = q.quantizers[id(producer)]
+    problems = []
+    if not _same(qp.scale, params.scale):
+        problems.append(f"scale {_fmt(params.scale)} vs {_fmt(qp.scale)}")
+    zp_q = qp.zero_point if qp.zero_point is not None else np.zeros(1)
+    zp_dq = params.zero_point if params.zero_point is not None else np.zeros(1)
+    if not _same(zp_q, zp_dq):
+        problems.append(f"zero point {_fmt(zp_dq)} vs {_fmt(zp_q)}")
+    if not problems:
+        return []
+    return [
+        Violation(
+            "qdq-pair-mismatch",
+            params.node,
+            node.input[0],
+            f"DequantizeLinear {params.node!r} does not undo QuantizeLinear {qp.node!r}: {'; '.join(problems)}",
+        )
+    ]
+
+
+def _check_activation(params: QParams, profile: Profile) -> list[Violation]:
+    found = []
+    info = integer_type_info(params.elem_type) if params.elem_type is not None else None
+    if info is None or params.bits is None:
+        found.append(
+            Violation("activation-bits", params.node, params.input,
+                      f"QuantizeLinear {params.node!r} on {params.input!r} produces {params.type_name}, "
+                      "not an integer type")
+        )
+        return found
+    if params.bits not in profile.activation_bits:
+        how = f" (a range Clip {params.clip_node!r} narrows {info[0]})" if params.clip_node and params.bits < info[1] else ""
+        found.append(
+            Violation("activation-bits", params.node, params.input,
+                      f"QuantizeLinear {params.node!r} on {params.input!r} uses {params.bits} bits{how}; "
+                      f"profile {profile.name} allows {', '.join(map(str, profile.activation_bits))}")
+        )
+    signedness = "signed" if info[2] else "unsigned"
+    if signedness not in profile.activation_signedness:
+        found.append(
+            Violation("activation-signedness", params.node, params.input,
+                      f"QuantizeLinear {params.node!r} on {params.input!r} is {signedness} ({info[0]}); "
+                      f"profile {profile.name} allows {', '.join(profile.activation_signedness)} activations")
+        )
+    if not params.per_tensor:
+        found.append(
+            Violation("per-channel-activations", params.node, params.input,
+                      f"QuantizeLinear {params.node!r} on {params.input!r} has {params.scale.size} scales "  # type: ignore[union-attr]
+                      "(per channel); activations are quantized per tensor")
+        )
+    return found
+
+
+def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> list[Violation]:
+    found = []
+    info = integer_type_info(params.elem_type) if params.elem_type is not None else None
+    if info is None:
+        return [
+            Violation("weight-bits", params.node, params.input,
+                      f"weight {params.input!r} is stored as {params.type_name}, not an integer type")
+        ]
+    type_name, container_bits, signed = info
+    values = q.const(params.input)
+    widest = profile.max_weight_bits
+    if container_bits < 8 and container_bits not in profile.weight_bits:
+        found.append(
+            Violation("weight-bits", params.node, params.input,
+                      f"weight {params.input!r} is stored as {type_name}; profile {profile.name} allows "
+                      f"{', '.join(map(str, profile.weight_bits))}-bit weights")
+        )
+    elif values is not None:
+        needed = _value_bits(values, signed)
+        if needed > widest:
+            flat = np.asarray(values).astype(np.int64)
+            found.append(
+                Violation("weight-bits", params.node, params.input,
+                          f"weight {params.input!r} stores values {int(flat.min())}..{int(flat.max())} "
+                          f"({needed} bits); profile {profile.name} allows at most {widest}-bit weights")
+            )
+    signedness = "signed" if signed else "unsigned"
+    if signedness not in profile.weight_signedness:
+        found.append(
+            Violation("weight-signedness", params.node, params.input,
+                      f"weight {params.input!r} is stored {signedness} ({type_name}); profile {profile.name} "
+                      f"allows {', '.join(profile.weight_signedness)} weights")
+        )
+    if not params.per_tensor and not profile.per_channel_weights:
+        found.append(
+            Violation("per-channel-weights", params.node, params.input,
+                      f"weight {params.input!r} has {params.scale.size} scales (per channel); "  # type: ignore[union-attr]
+                      f"profile {profile.name} allows per-tensor weight scales only")
+        )
+    return found
+
+
+def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found: list[Violation] = []
+    for node in q.graph.node:
+        if node.op_type not in WEIGHTED or len(node.input) < 3 or not node.input[2]:
+            continue
+        bias = q.dq_for(node.input[2])
+        if bias is None or bias.role != "bias":
+            continue  # a float bias is reported by float-input-not-dequantized
+        info = integer_type_info(bias.elem_type) if bias.elem_type is not None else None
+        values = q.const(bias.input)
+        if info is None or info[0] != "int32":
+            found.append(
+                Violation("bias-bits", bias.node, bias.input,
+                          f"bias {bias.input!r} of {node.op_type} {q.name(node)!r} is stored as {bias.type_name}; "
+                          "QDQ biases are int32")
+            )
+        elif values is not None and _value_bits(values, True) > profile.bias_bits:
+            flat = np.asarray(values).astype(np.int64)
+            found.append(
+                Violation("bias-bits", bias.node, bias.input,
+                          f"bias {bias.input!r} of {q.name(node)!r} stores values {int(flat.min())}..{int(flat.max())}, "
+                          f"beyond {profile.bias_bits} bits")
+            )
+        x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[1])
+        if x_dq is None or w_dq is None or x_dq.scale is None or w_dq.scale is None or bias.scale is None:
+            continue
+        expected = np.asarray(x_dq.scale, np.float64).reshape(-1) * np.asarray(w_dq.scale, np.float64).reshape(-1)
+        actual = np.asarray(bias.scale, np.float64).reshape(-1)
+        if actual.size == 1 and expected.size > 1:
+            actual = np.broadcast_to(actual, expected.shape)
+        if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-6, atol=0.0):
+            found.append(
+                Violation("bias-scale", bias.node, bias.input,
+                          f"bias {bias.input!r} of {node.op_type} {q.name(node)!r} has scale {_fmt(bias.scale)}; "
+                          f"input scale x weight scale is {_fmt(expected)}")
+            )
+    return found
+
+
+def _input_scales(q: QuantGraph, node: onnx.NodeProto) -> list[tuple[str, np.ndarray]]:
+    scales = []
+    for _index, name in _data_inputs(node):
+        dq = q.dq_for(name)
+        if dq is not None and dq.scale is not None:
+            scales.append((name, dq.scale))
+    return scales
+
+
+def _check_shared_scales(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found = []
+    for node in q.graph.node:
+        with_output = node.op_type in profile.shared_scale_ops
+        if not with_output and node.op_type not in profile.shared_input_scale_ops:
+            continue
+        members = [(f"input {name!r}", scale) for name, scale in _input_scales(q, node)]
+        if with_output:
+            members += [(f"output quantizer {qp.node!r}", qp.scale) for qp in q.q_consumers(node.output[0])
+                        if qp.scale is not None]
+        if len(members) < 2:
+            continue
+        first_label, first = members[0]
+        for label, scale in members[1:]:
+            if not _same(first, scale):
+                scope = "all inputs and the output" if with_output else "all inputs"
+                found.append(
+                    Violation("shared-scale", q.name(node), node.output[0],
+                              f"{node.op_type} {q.name(node)!r}: {label} has scale {_fmt(scale)} but {first_label} "
+                              f"has {_fmt(first)}; profile {profile.name} requires one scale for {scope}")
+                )
+                break
+    return found
+
+
+def _check_value_preserving(q: QuantGraph, profile: Profile) -> list[Violation]:
+    found = []
+    for node in q.graph.node:
+        if not is_value_preserving(node.op_type, g.node_attributes(node)) or not node.input:
+            continue
+        source = q.dq_for(node.input[0])
+        if source is None or source.scale is None:
+            continue
+        for qp in q.q_consumers(node.output[0]):
+            if qp.scale is not None and not _same(qp.scale, source.scale):
+                found.append(
+                    Violation("value-preserving-scale", qp.node, node.output[0],
+                              f"{node.op_type} {q.name(node)!r} only moves values, but its output quantizer "
+                              f"{qp.node!r} has scale {_fmt(qp.scale)} while its input has {_fmt(source.scale)}")
+                )
+    return found
