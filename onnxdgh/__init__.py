@@ -11,5 +11,14 @@ __version__ = "0.1.0"
 
 from .errors import OnnxDghError  # noqa: E402
 from .load import LoadedModel, load_model, load_model_proto  # noqa: E402
+from .validate import ValidationReport, validate  # noqa: E402  (rebinds the name to the function)
 
-__all__ = ["__version__", "OnnxDghError", "LoadedModel", "load_model", "load_model_proto"]
+__all__ = [
+    "__version__",
+    "OnnxDghError",
+    "LoadedModel",
+    "load_model",
+    "load_model_proto",
+    "ValidationReport",
+    "validate",
+]

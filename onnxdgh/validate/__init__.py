@@ -6,6 +6,19 @@
 
 from __future__ import annotations
 
+from .api import REPORT_SCHEMA, DataInfo, GateResult, ValidationReport, validate
 from .checks import RULES, Violation, check_model
+from .report import LayerMetrics, OutputMetrics
 
-__all__ = ["RULES", "Violation", "check_model"]
+__all__ = [
+    "REPORT_SCHEMA",
+    "RULES",
+    "DataInfo",
+    "GateResult",
+    "LayerMetrics",
+    "OutputMetrics",
+    "ValidationReport",
+    "Violation",
+    "check_model",
+    "validate",
+]

@@ -1,0 +1,233 @@
+"""``onnxdgh validate``: does a quantized model fit the target, and does it still answer like the float one?
+
+Exit codes: 0 pass, 1 constraint violations or a gate not reached, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..cli import input_shape_option, run_command
+from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
+from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
+from ..validate import ValidationReport, validate
+
+__all__ = ["validate_command", "render", "render_profiles", "load_labels"]
+
+
+def load_labels(path: str) -> np.ndarray:
+    """Class indices from a ``.npy`` array or the ``labels`` array of an ``.npz`` (never unpickled)."""
+    src = Path(path)
+    if not src.is_file():
+        raise InvalidInputError(f"labels file {src} does not exist", "give a .npy file of class indices")
+    try:
+        loaded = np.load(src, allow_pickle=False)
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"labels file {src} holds pickled objects, which onnxdgh never loads", "save with numpy.save(path, labels)"
+        ) from exc
+    except (OSError, EOFError) as exc:
+        raise InvalidInputError(f"labels file {src} is not a readable .npy/.npz file", "save with numpy.save(path, labels)") from exc
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        if "labels" not in loaded.files:
+            raise InvalidInputError(
+                f"labels file {src} has no 'labels' array (it has: {', '.join(loaded.files) or 'nothing'})",
+                "store them as numpy.savez(path, labels=array) or numpy.save(path, array)",
+            )
+        return loaded["labels"]
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == math.inf:
+        return "exact"
+    if value == -math.inf:
+        return "-inf"
+    return f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
+    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for row in rows:
+        lines.append(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return lines
+
+
+def render(report: ValidationReport, *, top: int = 10) -> str:
+    """The report as terminal text: verdict, violations, outputs, worst layers, gates."""
+    lines = [f"model       {report.model}"]
+    if report.reference:
+        lines.append(f"reference   {report.reference}")
+    lines.append(f"profile     {report.profile.name}: {report.profile.summary()}")
+    stats = report.quantization
+    weights = ", ".join(f"{count} x {bits}-bit" for bits, count in stats["weights_by_bits"].items()) or "none"
+    acts = ", ".join(f"{count} x {bits}-bit" for bits, count in stats["activations_by_bits"].items()) or "none"
+    lines.append(f"quantizers  {stats['quantize_nodes']} Q / {stats['dequantize_nodes']} DQ; weights {weights}; activations {acts}")
+    if report.data:
+        lines.append(f"data        {report.data.description}{', labelled' if report.data.labelled else ''}")
+    lines.append("")
+    if report.violations:
+        counts = ", ".join(f"{rule} {n}" for rule, n in sorted(report.violation_counts.items()))
+        lines.append(f"Structure: {len(report.violations)} violation(s) ({counts})")
+        rows = [[v.rule, v.node or "-", v.tensor or "-"] for v in report.violations]
+        table = _table(["RULE", "NODE", "TENSOR"], rows)
+        lines.append(table[0])
+        for row_line, violation in zip(table[1:], report.violations):
+            lines.append(row_line)
+            lines.append(f"      {violation.message}")
+    else:
+        lines.append(f"Structure: no violations of {report.profile.name}")
+    if report.outputs:
+        lines.append("")
+        lines.append("Outputs")
+        rows = [
+            [o.name, _db(o.sqnr_db), f"{o.cosine:.5f}", _pct(o.top1_agreement), _pct(o.float_accuracy),
+             _pct(o.quantized_accuracy), _db(o.runtime_sqnr_db)]
+            for o in report.outputs
+        ]
+        lines += _table(["OUTPUT", "SQNR dB", "COSINE", "TOP-1 AGREE", "FLOAT ACC", "QUANT ACC", "ORT-OPT SQNR"], rows)
+    if report.layers:
+        shown = report.layers[: max(0, top)]
+        lines.append("")
+        lines.append(f"Worst layers ({len(shown)} of {len(report.layers)}, lowest SQNR first)")
+        rows = [[_db(l.sqnr_db), f"{l.cosine:.5f}", str(l.bits or "-"), l.tensor, f"{l.node} ({l.op_type})"] for l in shown]
+        lines += _table(["SQNR dB", "COSINE", "BITS", "TENSOR", "NODE (OP)"], rows)
+    if report.unmatched_layers:
+        lines.append(f"  not compared (no float counterpart): {', '.join(report.unmatched_layers[:5])}"
+                     f"{' ...' if len(report.unmatched_layers) > 5 else ''}")
+    if report.gates:
+        lines.append("")
+        lines.append("Gates")
+        for gate in report.gates:
+            if gate.gate == "min-sqnr":
+                text = f"SQNR of {gate.output}: {_db(gate.value)} dB (needs >= {gate.threshold:g} dB)"
+            else:
+                text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
+            lines.append(f"  {'pass' if gate.passed else 'FAIL'}  {text}")
+    lines.append("")
+    if report.passed:
+        lines.append("verdict     PASS")
+    else:
+        reasons = []
+        if report.violations:
+            reasons.append(f"{len(report.violations)} violation(s)")
+        if report.failed_gates:
+            reasons.append(f"{len(report.failed_gates)} gate(s) failed")
+        lines.append(f"verdict     FAIL ({', '.join(reasons)})")
+    return "\n".join(lines)
+
+
+def render_profiles() -> str:
+    """The built-in profiles, one line each."""
+    profiles = builtin_profiles()
+    width = max(len(name) for name in profiles)
+    lines = []
+    for name, profile in profiles.items():
+        marker = " (default)" if name == DEFAULT_PROFILE else ""
+        lines.append(f"{name.ljust(width)}  {profile.summary()}{marker}")
+        lines.append(f"{''.ljust(width)}  {profile.description}")
+    return "\n".join(lines)
+
+
+@click.command("validate")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=str))
+@click.option("-r", "--reference", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="The float model MODEL was made from; enables the numerical report.")
+@click.option("-p", "--profile", "profile_name", default=DEFAULT_PROFILE, show_default=True, metavar="NAME|PATH",
+              help="Built-in profile name or a profile .json file.")
+@click.option("--data", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="Images (.npz with 'images', or .npy; float N x C x H x W, preprocessed). Default: random images.")
+@click.option("--labels", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="Class indices for --data (.npy, or .npz with 'labels'): adds accuracy.")
+@click.option("--min-sqnr", type=float, default=None, metavar="DB", help="Fail when an output's SQNR is below DB.")
+@click.option("--min-agreement", type=float, default=None, metavar="FRAC",
+              help="Fail when a classifier output's top-1 agreement is below FRAC (0..1).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write the report as JSON to this file ('-' for stdout, instead of the table).")
+@click.option("--random-images", type=click.IntRange(min=1), default=64, show_default=True,
+              help="How many seeded random images to use when --data is not given.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per onnxruntime run.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Worst layers shown in the table.")
+@click.option("--list-profiles", is_flag=True, help="List the built-in profiles and exit.")
+@input_shape_option
+@click.pass_context
+@run_command
+def validate_command(
+    ctx: click.Context,
+    model: str | None,
+    reference: str | None,
+    profile_name: str,
+    data: str | None,
+    labels: str | None,
+    min_sqnr: float | None,
+    min_agreement: float | None,
+    json_out: str | None,
+    random_images: int,
+    seed: int,
+    batch_size: int,
+    top: int,
+    list_profiles: bool,
+    input_shape: tuple[int, int, int] | None,
+) -> int:
+    """Check quantized MODEL against a constraint profile and compare it with its float --reference.
+
+    \b
+    Exit codes: 0 pass, 1 constraint violations or a gate not reached, 2 invalid input.
+    """
+    from ..fileio import atomic_write_text, check_output_path, load_images_npz
+
+    if list_profiles:
+        click.echo(render_profiles())
+        return EXIT_OK
+    if model is None:
+        raise click.UsageError("give the quantized MODEL to validate (or --list-profiles)")
+    inputs = [p for p in (model, reference, data, labels) if p]
+    if json_out and json_out != "-":
+        check_output_path(json_out, inputs=inputs)
+    profile = load_profile(profile_name)
+    images = None
+    if data is not None:
+        try:
+            images, _meta = load_images_npz(data)
+        except CalibrationDataError as exc:
+            raise CalibrationDataError(exc.message.replace("calibration", "validation"),
+                                       "give --data an .npz with an 'images' array (float32, N x C x H x W)") from None
+    label_array = load_labels(labels) if labels is not None else None
+    quiet = bool((ctx.obj or {}).get("quiet"))
+    report = validate(
+        model,
+        reference,
+        profile=profile,
+        data=images,
+        labels=label_array,
+        min_sqnr=min_sqnr,
+        min_agreement=min_agreement,
+        random_images=random_images,
+        seed=seed,
+        batch_size=batch_size,
+        input_shape=input_shape,
+        progress=not quiet,
+    )
+    text = json.dumps(report.to_dict(), indent=2)
+    if json_out == "-":
+        click.echo(text)
+    else:
+        if not quiet or not report.passed:
+            click.echo(render(report, top=top))
+        if json_out:
+            atomic_write_text(json_out, text + "\n")
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED

@@ -1,0 +1,287 @@
+"""Numerical comparison of a quantized QDQ model with its float reference, in onnxruntime.
+
+Contract:
+* :func:`compare` runs both models on the same images, batch by batch, and returns
+  per-output metrics (SQNR, cosine similarity, top-1 agreement and accuracies for
+  classifier-like outputs, and the SQNR between onnxruntime's optimised and unoptimised
+  runs of the quantized graph) and per-layer SQNR between matching float and quantized
+  intermediate tensors, sorted worst first.
+* Memory is bounded by one batch: only running sums (and arg-max indices of
+  classifier outputs) are kept across batches.
+* Matching is structural: a quantized activation's DequantizeLinear output is compared
+  with the float tensor its QuantizeLinear stands for (``checks.QParams.source``), found
+  in the reference by name. When that float tensor only feeds a BatchNormalization
+  that the quantized graph no longer has, the BN's output is compared instead: after BN
+  folding, the Conv output carries the BN output's values.
+
+Definitions (x float, y quantized, sums over all elements of all images):
+  SQNR = 10 log10( sum x^2 / sum (x - y)^2 ) dB (infinite when y == x exactly);
+  cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|);
+  top-1 agreement = share of images whose arg-max class is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .. import graph as g
+from ..runtime import make_session, with_extra_outputs
+from .checks import QuantGraph
+
+__all__ = ["OutputMetrics", "LayerMetrics", "NumericReport", "compare", "match_layers", "sqnr_db"]
+
+_LOG = logging.getLogger(__name__)
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): +inf for zero noise, -inf for zero signal with noise."""
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _json_db(value: float) -> float | None:
+    # JSON has no infinity: an exact match is written as null with "exact": true.
+    return round(value, 3) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """How one graph output of the quantized model compares with the float model's."""
+
+    name: str
+    sqnr_db: float
+    cosine: float
+    max_abs_error: float
+    top1_agreement: float | None
+    float_accuracy: float | None
+    quantized_accuracy: float | None
+    runtime_sqnr_db: float
+    """Optimised (what ships) vs unoptimised (exact QDQ simulation) onnxruntime results."""
+
+    @property
+    def classifier(self) -> bool:
+        """True for an N x K (K > 1) output, where top-1 agreement is meaningful."""
+        return self.top1_agreement is not None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (infinite SQNR is null with ``exact`` true)."""
+        return {
+            "name": self.name,
+            "sqnr_db": _json_db(self.sqnr_db),
+            "exact": self.sqnr_db == math.inf,
+            "cosine": round(self.cosine, 6),
+            "max_abs_error": float(self.max_abs_error),
+            "top1_agreement": self.top1_agreement,
+            "float_accuracy": self.float_accuracy,
+            "quantized_accuracy": self.quantized_accuracy,
+            "runtime_sqnr_db": _json_db(self.runtime_sqnr_db),
+            "runtime_exact": self.runtime_sqnr_db == math.inf,
+        }
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """How one quantized intermediate tensor compares with its float counterpart."""
+
+    tensor: str
+    quantized_tensor: str
+    node: str
+    op_type: str
+    bits: int | None
+    sqnr_db: float
+    cosine: float
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (infinite SQNR is null with ``exact`` true)."""
+        return {
+            "tensor": self.tensor,
+            "quantized_tensor": self.quantized_tensor,
+            "node": self.node,
+            "op_type": self.op_type,
+            "bits": self.bits,
+            "sqnr_db": _json_db(self.sqnr_db),
+            "exact": self.sqnr_db == math.inf,
+            "cosine": round(self.cosine, 6),
+        }
+
+
+@dataclass(frozen=True)
+class NumericReport:
+    """Per-output and per-layer (worst first) metrics over ``images`` images."""
+
+    images: int
+    outputs: tuple[OutputMetrics, ...]
+    layers: tuple[LayerMetrics, ...]
+    unmatched: tuple[str, ...]
+    """Quantized activation tensors with no float counterpart (not in ``layers``)."""
+
+
+@dataclass(frozen=True)
+class _Pair:
+    float_tensor: str
+    quant_tensor: str
+    node: str
+    op_type: str
+    bits: int | None
+
+
+def match_layers(float_model: onnx.ModelProto, qgraph: QuantGraph) -> tuple[list[_Pair], list[str]]:
+    """Pairs (float tensor, quantized DQ output) for every quantized activation, and the unmatched."""
+    fgraph = float_model.graph
+    producers = g.producer_map(fgraph)
+    consumers = g.consumer_map(fgraph)
+    float_names = set(producers) | set(g.graph_input_names(fgraph))
+    quant_has_bn = any(node.op_type == "BatchNormalization" for node in qgraph.graph.node)
+    graph_outputs = set(g.graph_output_names(qgraph.graph))
+    pairs: list[_Pair] = []
+    unmatched: list[str] = []
+    for dq in qgraph.activation_dequantizers():
+        if dq.output in graph_outputs:
+            continue  # graph outputs are reported as outputs
+        candidates = [name for name in (dq.source, dq.output) if name]
+        if dq.source and dq.source.endswith("_prequant"):
+            candidates.append(dq.source[: -len("_prequant")])
+        found = next((name for name in candidates if name in float_names), None)
+        if found is None:
+            unmatched.append(dq.output)
+            continue
+        users = consumers.get(found, [])
+        if not quant_has_bn and len(users) == 1 and users[0].op_type == "BatchNormalization":
+            found = users[0].output[0]
+        producer = producers.get(found)
+        node_name = (producer.name or found) if producer is not None else "(graph input)"
+        op_type = producer.op_type if producer is not None else "Input"
+        pairs.append(_Pair(found, dq.output, node_name, op_type, dq.bits))
+    return pairs, unmatched
+
+
+class _Accumulator:
+    """Running sums for SQNR, cosine and max error of one tensor pair."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.cosine_sum = 0.0
+        self.count = 0
+        self.max_abs = 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x64 = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+        y64 = np.asarray(y, np.float64).reshape(y.shape[0], -1)
+        diff = x64 - y64
+        self.signal += float(np.sum(x64 * x64))
+        self.noise += float(np.sum(diff * diff))
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+        norms = np.linalg.norm(x64, axis=1) * np.linalg.norm(y64, axis=1)
+        dots = np.sum(x64 * y64, axis=1)
+        # Two all-zero vectors agree perfectly; one zero vector against a non-zero one does not.
+        both_zero = (np.linalg.norm(x64, axis=1) == 0) & (np.linalg.norm(y64, axis=1) == 0)
+        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+        self.cosine_sum += float(np.sum(cos))
+        self.count += x64.shape[0]
+
+    @property
+    def sqnr(self) -> float:
+        return sqnr_db(self.signal, self.noise)
+
+    @property
+    def cosine(self) -> float:
+        return self.cosine_sum / self.count if self.count else float("nan")
+
+
+def compare(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    images: np.ndarray,
+    *,
+    output_pairs: Sequence[tuple[str, str]],
+    qgraph: QuantGraph,
+    labels: np.ndarray | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> NumericReport:
+    """Run both models on ``images`` and measure how far the quantized one strays.
+
+    ``output_pairs`` maps float output names to quantized output names. ``batch_size``
+    must already respect a fixed batch dimension of either graph.
+    """
+    pairs, unmatched = match_layers(float_model, qgraph)
+    float_outputs = [f for f, _ in output_pairs]
+    quant_outputs = [q for _, q in output_pairs]
+    float_layer_names = list(dict.fromkeys(p.float_tensor for p in pairs))
+    quant_layer_names = [p.quant_tensor for p in pairs]
+
+    float_session = make_session(with_extra_outputs(float_model, float_layer_names), optimize=False)
+    sim_session = make_session(with_extra_outputs(quant_model, quant_layer_names), optimize=False)
+    ship_session = make_session(quant_model, optimize=True)
+    f_fetch = float_outputs + [n for n in float_layer_names if n not in float_outputs]
+    q_fetch = quant_outputs + [n for n in quant_layer_names if n not in quant_outputs]
+    f_input = float_session.get_inputs()[0].name
+    q_input = sim_session.get_inputs()[0].name
+
+    out_acc = [_Accumulator() for _ in output_pairs]
+    runtime_acc = [_Accumulator() for _ in output_pairs]
+    layer_acc = [_Accumulator() for _ in pairs]
+    skipped: set[int] = set()
+    argmax_f: list[list[np.ndarray]] = [[] for _ in output_pairs]
+    argmax_q: list[list[np.ndarray]] = [[] for _ in output_pairs]
+    classifier = [True for _ in output_pairs]
+
+    steps = range(0, images.shape[0], batch_size)
+    for start in tqdm(steps, desc="validate", unit="batch", disable=not progress, leave=False):
+        batch = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
+        f_values = dict(zip(f_fetch, float_session.run(f_fetch, {f_input: batch})))
+        q_values = dict(zip(q_fetch, sim_session.run(q_fetch, {q_input: batch})))
+        shipped = ship_session.run(quant_outputs, {q_input: batch})
+        for index, (f_name, q_name) in enumerate(output_pairs):
+            x, y_sim, y = f_values[f_name], q_values[q_name], shipped[index]
+            out_acc[index].add(x, y)
+            runtime_acc[index].add(y_sim, y)
+            if x.ndim == 2 and x.shape[1] > 1:
+                argmax_f[index].append(np.argmax(x, axis=1))
+                argmax_q[index].append(np.argmax(y, axis=1))
+            else:
+                classifier[index] = False
+        for index, pair in enumerate(pairs):
+            x, y = f_values[pair.float_tensor], q_values[pair.quant_tensor]
+            if x.shape != y.shape:
+                if index not in skipped:
+                    _LOG.info("layer %s: float shape %s vs quantized %s; not compared", pair.float_tensor, x.shape, y.shape)
+                skipped.add(index)
+                continue
+            layer_acc[index].add(x, y)
+
+    outputs = []
+    for index, (f_name, q_name) in enumerate(output_pairs):
+        agreement = f_acc = q_acc = None
+        if classifier[index] and argmax_f[index]:
+            top_f = np.concatenate(argmax_f[index])
+            top_q = np.concatenate(argmax_q[index])
+            agreement = float(np.mean(top_f == top_q))
+            if labels is not None:
+                f_acc = float(np.mean(top_f == labels))
+                q_acc = float(np.mean(top_q == labels))
+        outputs.append(
+            OutputMetrics(q_name, out_acc[index].sqnr, out_acc[index].cosine, out_acc[index].max_abs, agreement,
+                          f_acc, q_acc, runtime_acc[index].sqnr)
+        )
+    layers = [
+        LayerMetrics(pair.float_tensor, pair.quant_tensor, pair.node, pair.op_type, pair.bits,
+                     layer_acc[index].sqnr, layer_acc[index].cosine)
+        for index, pair in enumerate(pairs)
+        if index not in skipped
+    ]
+    layers.sort(key=lambda item: item.sqnr_db)
+    unmatched_all = tuple(unmatched) + tuple(pairs[index].quant_tensor for index in sorted(skipped))
+    return NumericReport(int(images.shape[0]), tuple(outputs), tuple(layers), unmatched_all)

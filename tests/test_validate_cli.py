@@ -1,0 +1,145 @@
+"""``onnxdgh validate``: exit codes 0/1/2, the table, JSON to a file and to stdout, --list-profiles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxdgh.cli import main
+
+from .helpers_validate import float_model, images, quantized_model, set_init
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("validate_cli")
+    reference = float_model()
+    good = quantized_model(reference)
+    bad = quantized_model(reference)
+    set_init(bad, "logits_scale", np.array(0.1, np.float32))
+    paths = {
+        "float": folder / "model.onnx",
+        "good": folder / "model_q.onnx",
+        "bad": folder / "bad_q.onnx",
+        "data": folder / "images.npz",
+        "labels": folder / "labels.npy",
+        "short_labels": folder / "short.npy",
+        "pickled": folder / "pickled.npy",
+    }
+    onnx.save(reference, paths["float"])
+    onnx.save(good, paths["good"])
+    onnx.save(bad, paths["bad"])
+    np.savez(paths["data"], images=images(20, seed=2))
+    np.save(paths["labels"], np.arange(20) % 4)
+    np.save(paths["short_labels"], np.arange(5))
+    np.save(paths["pickled"], np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return paths
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_pass_writes_table_and_json(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    code, stdout, _ = run("validate", files["good"], "--reference", files["float"], "--data", files["data"],
+                          "--labels", files["labels"], "--min-sqnr", 15, "--min-agreement", 0.5, "--json", out)
+    assert code == 0
+    assert "verdict     PASS" in stdout and "Worst layers" in stdout and "no violations" in stdout
+    report = json.loads(out.read_text())
+    assert report["passed"] is True and report["violations"] == []
+    assert report["data"] == {"source": "given", "count": 20, "labelled": True, "description": "20 given images"}
+    assert isinstance(report["outputs"][0]["sqnr_db"], float) and report["outputs"][0]["float_accuracy"] is not None
+    assert [g["gate"] for g in report["gates"]] == ["min-sqnr", "min-agreement"]
+    # The table shows the same worst layer as the JSON.
+    assert report["layers"][0]["tensor"] in stdout.split("Worst layers")[1].splitlines()[2]
+
+
+def test_violations_exit_1_and_json_to_stdout(files: dict[str, Path]) -> None:
+    code, stdout, _ = run("validate", files["bad"], "--json", "-")
+    assert code == 1
+    report = json.loads(stdout)
+    assert report["passed"] is False
+    assert report["violation_counts"] == {"scale-not-power-of-two": 2}
+    assert {v["node"] for v in report["violations"]} == {"logits_QuantizeLinear", "logits_DequantizeLinear"}
+
+
+def test_violations_table(files: dict[str, Path]) -> None:
+    code, stdout, _ = run("validate", files["bad"])
+    assert code == 1
+    assert "scale-not-power-of-two" in stdout and "logits_QuantizeLinear" in stdout and "FAIL" in stdout
+
+
+def test_gate_below_threshold_exits_1(files: dict[str, Path]) -> None:
+    code, stdout, _ = run("validate", files["good"], "-r", files["float"], "--random-images", 8, "--min-sqnr", 200)
+    assert code == 1
+    assert "FAIL  SQNR of logits" in stdout and "1 gate(s) failed" in stdout
+
+
+def test_strict_profile_rejects_per_channel_weights(files: dict[str, Path]) -> None:
+    code, stdout, _ = run("validate", files["good"], "--profile", "strict-pot-int8")
+    assert code == 1 and "per-channel-weights" in stdout
+
+
+def test_profile_from_file(files: dict[str, Path], tmp_path: Path) -> None:
+    from onnxdgh.profile import load_profile
+
+    data = load_profile("generic-pot-int8").to_dict()
+    data["name"] = "no-flatten"
+    data["allowed_ops"].remove("Flatten")
+    path = tmp_path / "target.json"
+    path.write_text(json.dumps(data))
+    code, stdout, _ = run("validate", files["good"], "--profile", path)
+    assert code == 1 and "op-not-allowed" in stdout and "no-flatten" in stdout
+
+
+def test_list_profiles() -> None:
+    code, stdout, _ = run("validate", "--list-profiles")
+    assert code == 0
+    for name in ("generic-pot-int8", "strict-pot-int8", "pot-w4a8", "pot-lowbit"):
+        assert name in stdout
+    assert "(default)" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["{tmp}/missing.onnx"], "does not exist"),
+        (["{good}", "--profile", "nope"], "unknown profile"),
+        (["{good}", "--profile", "{tmp}/absent.json"], "does not exist"),
+        (["{good}", "-r", "{float}", "--data", "{tmp}/none.npz"], "does not exist"),
+        (["{good}", "-r", "{float}", "--data", "{labels}"], "shape"),
+        (["{good}", "-r", "{float}", "--data", "{data}", "--labels", "{short_labels}"], "one label per image"),
+        (["{good}", "-r", "{float}", "--data", "{data}", "--labels", "{pickled}"], "pickled"),
+        (["{good}", "-r", "{float}", "--min-agreement", "2"], "between 0 and 1"),
+        (["{good}", "--min-sqnr", "20"], "reference"),
+        (["{good}", "--json", "{tmp}/no/such/folder/r.json"], "does not exist"),
+        (["{good}", "--json", "{good}"], "never overwrites"),
+    ],
+)
+def test_bad_input_exits_2(files: dict[str, Path], tmp_path: Path, args: list[str], pattern: str) -> None:
+    names = {key: str(value) for key, value in files.items()}
+    filled = [a.format(tmp=tmp_path, **names) for a in args]
+    before = files["good"].read_bytes()
+    code, stdout, stderr = run("validate", *filled)
+    assert code == 2, stdout + stderr
+    assert "error:" in stderr and pattern in stderr and "hint:" in stderr
+    assert "Traceback" not in stderr + stdout
+    assert files["good"].read_bytes() == before
+
+
+def test_no_model_is_a_usage_error() -> None:
+    code, _, stderr = run("validate")
+    assert code == 2 and "MODEL" in stderr
+
+
+def test_quiet_pass_prints_nothing(files: dict[str, Path]) -> None:
+    code, stdout, _ = run("-q", "validate", files["good"])
+    assert code == 0 and stdout == ""
