@@ -29,6 +29,12 @@ __all__ = [
     "unique_name",
     "topological_sort",
     "to_array",
+    "add_node",
+    "add_typed_initializer",
+    "rename_output",
+    "remove_initializers",
+    "clear_value_info",
+    "set_opset_version",
 ]
 
 
@@ -146,3 +152,70 @@ def topological_sort(graph: onnx.GraphProto) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+# Additions for the quantizer (Q/DQ emission, BN folding); same contract as above.
+
+
+def add_node(
+    graph: onnx.GraphProto,
+    op_type: str,
+    inputs: list[str],
+    outputs: list[str],
+    *,
+    name: str,
+    **attributes: object,
+) -> onnx.NodeProto:
+    """Append a default-domain node and return it (callers re-sort the graph when done)."""
+    node = helper.make_node(op_type, inputs, outputs, name=name, **attributes)
+    graph.node.append(node)
+    return node
+
+
+def add_typed_initializer(
+    graph: onnx.GraphProto, name: str, value: np.ndarray, elem_type: int
+) -> onnx.TensorProto:
+    """Append ``value`` as an initializer of ONNX type ``elem_type`` (e.g. INT4, packed by onnx)."""
+    array = np.asarray(value)
+    tensor = helper.make_tensor(name, elem_type, list(array.shape), array.reshape(-1).tolist())
+    graph.initializer.append(tensor)
+    return tensor
+
+
+def rename_output(graph: onnx.GraphProto, old: str, new: str) -> onnx.NodeProto:
+    """Make the node producing ``old`` write ``new`` instead (readers are not touched).
+
+    Raises:
+        KeyError: no node produces ``old``.
+    """
+    for node in graph.node:
+        for index, name in enumerate(node.output):
+            if name == old:
+                node.output[index] = new
+                return node
+    raise KeyError(old)
+
+
+def remove_initializers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
+    """Drop the named initializers (and their graph-input entries, as old IR versions list them)."""
+    doomed = set(names)
+    keep = [init for init in graph.initializer if init.name not in doomed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    keep_inputs = [value for value in graph.input if value.name not in doomed]
+    del graph.input[:]
+    graph.input.extend(keep_inputs)
+
+
+def clear_value_info(graph: onnx.GraphProto) -> None:
+    """Forget intermediate shapes/types (stale after a rewrite; shape inference refills them)."""
+    del graph.value_info[:]
+
+
+def set_opset_version(model: onnx.ModelProto, version: int, domain: str = "") -> None:
+    """Set the imported version of ``domain`` ('' is the default ONNX domain), adding it if absent."""
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            entry.version = version
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))

@@ -1,0 +1,152 @@
+"""``onnxdgh quantize``: write a fully quantized power-of-two QDQ model (HPTQ).
+
+Every option and the output paths are checked before any long work (generation,
+calibration); the model is written atomically and never over its input.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..cli import input_shape_option, run_command
+from ..errors import InvalidInputError
+
+__all__ = ["quantize_command"]
+
+
+def render(report: dict[str, Any], output: str) -> str:
+    """A short human summary of a quantization report."""
+    config = report["config"]
+    counts = report["counts"]
+    timings = report["timings"]
+    lines = [
+        f"wrote     {output}",
+        f"target    W{config['weight_bits']}A{config['act_bits']}, threshold {config['threshold']}, "
+        f"profile {report['profile']}, opset {report['opset']}",
+        f"data      {report['calibration']['images']} images ({report['calibration']['source']})",
+        f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
+        f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
+        f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
+        f"time      quantize {timings['quantize_s']:.2f} s"
+        + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
+        + f", total {timings['total_s']:.1f} s",
+    ]
+    if counts["bias_values_clipped"]:
+        lines.append(f"warning   {counts['bias_values_clipped']} bias value(s) clipped to int32 (see the log)")
+    return "\n".join(lines)
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=True, path_type=str),
+              help="Where to write the quantized .onnx model (never the input file).")
+@click.option("--calib-data", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="Calibration images (.npz with an 'images' array, e.g. from `onnxdgh generate`); "
+                   "without it DGH images are generated.")
+@click.option("--weight-bits", type=int, default=8, show_default=True,
+              help="Weight bit width: 8, 4 or 2 (signed, symmetric, per output channel).")
+@click.option("--act-bits", type=int, default=8, show_default=True,
+              help="Activation bit width: 8 or 4 (every activation, the model input included).")
+@click.option("--threshold", default="mse", show_default=True, metavar="mse|noclip",
+              help="Power-of-two threshold rule: HPTQ's MSE search, or the no-clipping min/max.")
+@click.option("--per-tensor-weights", is_flag=True, help="One weight scale per tensor instead of per channel.")
+@click.option("--profile", default=None, metavar="NAME|PATH",
+              help="Target constraint profile (built-in name or .json); default by bits: "
+                   "generic-pot-int8 (W8A8), pot-w4a8 (W4A8), pot-lowbit (other).")
+@click.option("--int4-types", is_flag=True,
+              help="Carry <=4-bit values in INT4/UINT4 Q/DQ types (upgrades the model to opset 21).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation.")
+@click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
+@click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")
+@click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
+@click.option("--method", default=None, metavar="dgh|bns|noise",
+              help="Generation method: dgh (default), bns (per-batch BN matching) or noise (Gaussian).")
+@input_shape_option
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write the quantization report as JSON to this file ('-' for stdout).")
+@click.pass_context
+@run_command
+def quantize_command(
+    ctx: click.Context,
+    model: str,
+    output: str,
+    calib_data: str | None,
+    weight_bits: int,
+    act_bits: int,
+    threshold: str,
+    per_tensor_weights: bool,
+    profile: str | None,
+    int4_types: bool,
+    seed: int,
+    images: int | None,
+    iterations: int | None,
+    batch_size: int | None,
+    method: str | None,
+    input_shape: tuple[int, int, int] | None,
+    json_out: str | None,
+) -> int:
+    """Quantize MODEL fully to power-of-two QDQ and write it to OUTPUT.
+
+    Every tensor is quantized (uniform, symmetric, zero point 0, power-of-two scales),
+    BatchNormalization is folded, calibration uses DGH synthetic images unless
+    --calib-data is given.
+
+    Exit codes: 0 written, 2 invalid input or options (nothing written).
+    """
+    from ..fileio import atomic_write_bytes, atomic_write_json, check_output_path, load_images_npz
+    from ..load import load_model
+    from ..quantize import QuantizeConfig, quantize
+
+    inputs = [model] + ([calib_data] if calib_data else [])
+    check_output_path(output, inputs=inputs)
+    if json_out and json_out != "-":
+        check_output_path(json_out, inputs=inputs + [output])
+    config = QuantizeConfig(
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        threshold=threshold,  # type: ignore[arg-type]
+        per_channel=not per_tensor_weights,
+        profile=profile,
+        int4_types=int4_types,
+        seed=seed,
+    )
+    generation = {"images": images, "iterations": iterations, "batch_size": batch_size, "method": method}
+    given = {key: value for key, value in generation.items() if value is not None}
+    generate_config = None
+    if calib_data and given:
+        options = ", ".join("--" + key.replace("_", "-") for key in given)
+        raise InvalidInputError(
+            f"{options} apply only when images are generated, but --calib-data was given",
+            "drop the generation options, or drop --calib-data to generate images",
+        )
+    if not calib_data:
+        from ..generate import GenerateConfig
+
+        generate_config = GenerateConfig(seed=seed, **given)
+    quiet = bool(ctx.obj and ctx.obj.get("quiet"))
+    loaded = load_model(model, input_shape=input_shape)
+    calibration = None
+    source = None
+    if calib_data:
+        calibration, _meta = load_images_npz(calib_data)
+        source = f"file:{calib_data}"
+    result = quantize(
+        loaded,
+        calibration,
+        config,
+        generate_config=generate_config,
+        progress=not quiet,
+        calibration_source=source,
+    )
+    atomic_write_bytes(output, result.model.SerializeToString())
+    if json_out == "-":
+        click.echo(json.dumps(result.report, indent=2, default=float))
+    else:
+        if json_out:
+            atomic_write_json(json_out, json.loads(json.dumps(result.report, default=float)))
+        if not quiet:
+            click.echo(render(result.report, output))
+    return 0

@@ -1,0 +1,368 @@
+"""``onnxdgh.quantize``: float ONNX classifier -> fully quantized power-of-two QDQ model (HPTQ).
+
+Contract: :func:`quantize` takes a model (path or :class:`~onnxdgh.load.LoadedModel`),
+calibration images (or ``None``: DGH images are generated with ``generate_config``) and
+a :class:`QuantizeConfig`, and returns a :class:`QuantizeResult` whose ``model`` is a
+QDQ ModelProto in which every tensor is quantized (uniform, symmetric, zero point 0,
+power-of-two scales) and whose ``report`` lists every threshold, bit width and timing.
+Every check that can fail on user input (options, profile, ops, calibration shape)
+runs before the long work (generation, calibration). The input model is never modified.
+
+Stages: ``fold.prepare`` -> ``plan.mark`` -> images -> ``calibrate.collect_statistics``
+-> ``plan.resolve`` -> ``emit.emit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from .. import graph as g
+from ..errors import CalibrationDataError, InvalidInputError, ProfileError, QuantizationError, UnsupportedModelError
+from ..load import LoadedModel, load_model, make_batch_dynamic
+from ..profile import Profile, load_profile
+from .calibrate import DEFAULT_BINS, collect_statistics
+from .emit import emit
+from .fold import prepare
+from .plan import mark, resolve
+
+if TYPE_CHECKING:  # the generator is imported lazily: it pulls in torch
+    from ..generate import GenerateConfig
+
+__all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "default_profile_name", "THRESHOLD_METHODS"]
+
+_LOG = logging.getLogger(__name__)
+
+THRESHOLD_METHODS = ("mse", "noclip")
+WEIGHT_BITS = (8, 4, 2)
+ACT_BITS = (8, 4)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Quantization settings; one CLI option per field, validated on construction.
+
+    Attributes:
+        weight_bits: 8, 4 or 2 (``--weight-bits``); weights are signed, symmetric.
+        act_bits: 8 or 4 (``--act-bits``); every activation, the model input included.
+        threshold: ``"mse"`` (HPTQ's error-minimising power-of-two search) or
+            ``"noclip"`` (smallest power of two covering the observed range).
+        per_channel: weights per output channel (``--per-tensor-weights`` sets False);
+            a profile without per-channel weights forces per tensor.
+        profile: built-in profile name or path (``--profile``); None picks by bits:
+            W8A8 generic-pot-int8, W4A8 pot-w4a8, anything lower pot-lowbit.
+        int4_types: carry <= 4-bit values in INT4/UINT4 Q/DQ types (opset 21) instead of
+            range-restricted int8/uint8 containers (``--int4-types``).
+        seed: seeds the DGH generation when no calibration images are given.
+        calibration_batch_size: images per onnxruntime run while collecting statistics.
+        histogram_bins: bins of each activation histogram (a power of two).
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    threshold: Literal["mse", "noclip"] = "mse"
+    per_channel: bool = True
+    profile: str | None = None
+    int4_types: bool = False
+    seed: int = 0
+    calibration_batch_size: int = 32
+    histogram_bins: int = DEFAULT_BINS
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in WEIGHT_BITS or isinstance(self.weight_bits, bool):
+            raise InvalidInputError(
+                f"--weight-bits {self.weight_bits!r} is not supported", "use --weight-bits 8, 4 or 2"
+            )
+        if self.act_bits not in ACT_BITS or isinstance(self.act_bits, bool):
+            raise InvalidInputError(f"--act-bits {self.act_bits!r} is not supported", "use --act-bits 8 or 4")
+        if self.threshold not in THRESHOLD_METHODS:
+            raise InvalidInputError(
+                f"--threshold {self.threshold!r} is not one of {', '.join(THRESHOLD_METHODS)}",
+                "use --threshold mse (error-minimising) or --threshold noclip (min/max)",
+            )
+        for name in ("per_channel", "int4_types"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}", "pass a bool")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise InvalidInputError(f"--seed {self.seed!r} is not an integer in [0, 2^63)", "give e.g. --seed 0")
+        if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size < 1:
+            raise InvalidInputError(
+                f"calibration batch size {self.calibration_batch_size!r} is not a positive integer", "give e.g. 32"
+            )
+        bins = self.histogram_bins
+        if not isinstance(bins, int) or bins < 64 or bins & (bins - 1):
+            raise InvalidInputError(f"histogram_bins {bins!r} is not a power of two >= 64", "give e.g. 2048")
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile.strip()):
+            raise InvalidInputError(f"--profile {self.profile!r} is empty", "give a built-in name or a .json path")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The quantized model and what was done to make it."""
+
+    model: onnx.ModelProto = field(repr=False)
+    report: dict[str, Any]
+
+
+def default_profile_name(weight_bits: int, act_bits: int) -> str:
+    """The built-in profile that fits the bit widths (the ``--profile`` default)."""
+    if weight_bits == 8 and act_bits == 8:
+        return "generic-pot-int8"
+    if weight_bits == 4 and act_bits == 8:
+        return "pot-w4a8"
+    return "pot-lowbit"
+
+
+def _profile(config: QuantizeConfig) -> Profile:
+    profile = load_profile(config.profile or default_profile_name(config.weight_bits, config.act_bits))
+    if config.weight_bits not in profile.weight_bits:
+        raise ProfileError(
+            f"profile {profile.name!r} allows weight bits {list(profile.weight_bits)}, not {config.weight_bits}",
+            f"use --weight-bits {profile.max_weight_bits}, or a profile that allows {config.weight_bits}-bit weights",
+        )
+    if config.act_bits not in profile.activation_bits:
+        raise ProfileError(
+            f"profile {profile.name!r} allows activation bits {list(profile.activation_bits)}, not {config.act_bits}",
+            f"use --act-bits {profile.max_activation_bits}, or a profile that allows {config.act_bits}-bit activations",
+        )
+    if config.int4_types and profile.opset_max < 21:
+        raise ProfileError(
+            f"--int4-types needs opset 21 but profile {profile.name!r} accepts opsets up to {profile.opset_max}",
+            "drop --int4-types (4-bit values then travel in int8 containers) or choose another profile",
+        )
+    return profile
+
+
+def _check_images(images: object, loaded: LoadedModel) -> np.ndarray:
+    if not isinstance(images, np.ndarray):
+        raise CalibrationDataError(
+            f"calibration images must be a numpy array, got {type(images).__name__}",
+            "pass a float32 N x C x H x W array",
+        )
+    expected = tuple(loaded.input_shape)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise CalibrationDataError(
+            f"calibration images have shape {tuple(images.shape)}; model input {loaded.input_name!r} "
+            f"needs N x {' x '.join(map(str, expected))}",
+            "give images of the model's input size, normalized as the model expects",
+        )
+    if images.shape[0] == 0:
+        raise CalibrationDataError("the calibration set holds no images", "give at least one image")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise CalibrationDataError(
+            f"calibration images have dtype {images.dtype}; float images are needed",
+            "convert them to float32 and normalize them as the model expects",
+        )
+    if not np.all(np.isfinite(images)):
+        raise CalibrationDataError("calibration images contain NaN or infinity", "clean or regenerate them")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def _convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.ModelProto:
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as exc:  # the converter raises bare RuntimeErrors on unsupported adapters
+        raise UnsupportedModelError(
+            f"the model cannot be converted to opset {version} ({reason}): {str(exc).splitlines()[0] if str(exc) else exc}",
+            f"re-export the model at opset {version}",
+        ) from exc
+    converted.ir_version = max(converted.ir_version, 10 if version >= 21 else 7)
+    return converted
+
+
+def quantize(
+    model: LoadedModel | str,
+    calibration: np.ndarray | None = None,
+    config: QuantizeConfig = QuantizeConfig(),
+    *,
+    generate_config: GenerateConfig | None = None,
+    progress: bool = True,
+    calibration_source: str | None = None,
+) -> QuantizeResult:
+    """Quantize ``model`` fully to power-of-two QDQ (HPTQ), calibrated on ``calibration``.
+
+    Args:
+        model: an ``.onnx`` path or a :class:`LoadedModel`.
+        calibration: float images N x C x H x W in the model's input space; ``None``
+            generates DGH images with ``generate_config`` (seeded with ``config.seed``
+            unless ``generate_config`` is given).
+        config: bit widths, threshold rule, granularity, profile.
+        generate_config: settings of the DGH generation (only when ``calibration`` is None).
+        progress: show progress bars (stderr).
+        calibration_source: how to describe the images in the metadata (e.g. a file name).
+
+    Raises:
+        InvalidInputError / ProfileError / CalibrationDataError / QuantizationError /
+        UnsupportedModelError: see the messages; nothing is half-done.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    timings["load_s"] = time.perf_counter() - started
+    if loaded.input_dtype != "float32":
+        raise UnsupportedModelError(
+            f"input {loaded.input_name!r} of {loaded.source} is {loaded.input_dtype}; the quantizer needs a float32 model",
+            "convert the model to float32 first (onnxconverter_common.float16.convert_float16_to_float32)",
+        )
+    profile = _profile(config)
+    if calibration is not None:
+        calibration = _check_images(calibration, loaded)
+    if calibration is not None and generate_config is not None:
+        raise InvalidInputError(
+            "calibration images were given together with generation settings",
+            "give either --calib-data or generation options, not both",
+        )
+
+    # Cheap structural work first: every error about the graph comes before generation.
+    step = time.perf_counter()
+    float_model = loaded.model
+    if config.int4_types and loaded.opset < 21:
+        float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
+    elif loaded.opset < 13:
+        float_model = _convert_opset(float_model, 13, "per-axis DequantizeLinear")
+    folded, fold_report = prepare(float_model)
+    opset = g.opset_version(folded) or loaded.opset
+    if not profile.opset_min <= opset <= profile.opset_max:
+        raise ProfileError(
+            f"the model's opset {opset} is outside profile {profile.name!r}'s range {profile.opset_min}..{profile.opset_max}",
+            f"re-export the model at an opset between {profile.opset_min} and {profile.opset_max}",
+        )
+    plan = mark(
+        folded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits, per_channel=config.per_channel
+    )
+    timings["fold_s"] = time.perf_counter() - step
+
+    generation_report: dict[str, Any] | None = None
+    if calibration is None:
+        from ..generate import GenerateConfig as _GenerateConfig
+        from ..generate import generate
+
+        gen_config = generate_config if generate_config is not None else _GenerateConfig(seed=config.seed)
+        step = time.perf_counter()
+        result = generate(loaded, gen_config, progress=progress)
+        timings["generate_s"] = time.perf_counter() - step
+        calibration = _check_images(result.images, loaded)
+        generation_report = result.report
+        source = calibration_source or f"dgh:{gen_config.method}"
+        data_settings: dict[str, Any] = {"generation": gen_config.to_dict()}
+    else:
+        source = calibration_source or "array"
+        data_settings = {}
+
+    step = time.perf_counter()
+    calib_model = folded
+    fixed_batch: int | None = None
+    if loaded.batch_fixed:
+        dynamic = make_batch_dynamic(replace(loaded, model=folded))
+        if dynamic is not None:
+            calib_model = dynamic
+        else:
+            fixed_batch = int(loaded.batch_dim)  # type: ignore[arg-type]
+    try:
+        stats = collect_statistics(
+            calib_model,
+            calibration,
+            plan.stat_tensors(),
+            input_name=loaded.input_name,
+            batch_size=config.calibration_batch_size,
+            fixed_batch=fixed_batch,
+            bins=config.histogram_bins,
+            progress=progress,
+        )
+    except ValueError as exc:
+        raise CalibrationDataError(
+            f"tensor {exc} becomes NaN or infinite on the calibration images",
+            "check the images are normalized as the model expects",
+        ) from exc
+    timings["calibrate_s"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    resolved = resolve(plan, stats, folded, method=config.threshold, int4_types=config.int4_types)
+    timings["thresholds_s"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    quantized = emit(folded, resolved)
+    _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings)
+    try:
+        onnx.checker.check_model(quantized)
+    except onnx.checker.ValidationError as exc:  # a bug, but say which model part
+        raise QuantizationError(
+            f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}",
+            "report this model to the onnxdgh developers",
+        ) from exc
+    timings["emit_s"] = time.perf_counter() - step
+    timings["quantize_s"] = sum(timings[k] for k in ("fold_s", "calibrate_s", "thresholds_s", "emit_s"))
+    timings["total_s"] = time.perf_counter() - started
+
+    summary = resolved.summary()
+    report: dict[str, Any] = {
+        "model": loaded.source,
+        "tool_version": __version__,
+        "config": config.to_dict(),
+        "profile": profile.name,
+        "calibration": {"source": source, "images": int(calibration.shape[0]), **data_settings},
+        "opset": g.opset_version(quantized),
+        "fold": fold_report.to_dict(),
+        "counts": {
+            "activations": len(summary["activations"]),
+            "weights": sum(1 for p in summary["params"] if p["role"] == "weight"),
+            "biases": sum(1 for p in summary["params"] if p["role"] == "bias"),
+            "constants": sum(1 for p in summary["params"] if p["role"] == "constant"),
+            "fused_pairs": len(summary["fused"]),
+            "bias_values_clipped": sum(p["clipped"] for p in summary["params"] if p["role"] == "bias"),
+        },
+        "tensors": summary,
+        "statistics": {name: item.to_dict() for name, item in stats.items()},
+        "timings": {key: round(value, 4) for key, value in timings.items()},
+    }
+    if generation_report is not None:
+        report["generation"] = generation_report
+    _LOG.info(
+        "quantized %s: %d activations, %d weights, %d biases, %d constants in %.2f s",
+        loaded.source, report["counts"]["activations"], report["counts"]["weights"],
+        report["counts"]["biases"], report["counts"]["constants"], timings["quantize_s"],
+    )
+    return QuantizeResult(model=quantized, report=report)
+
+
+def _write_metadata(
+    model: onnx.ModelProto,
+    loaded: LoadedModel,
+    config: QuantizeConfig,
+    profile: Profile,
+    source: str,
+    images: int,
+    data_settings: dict[str, Any],
+) -> None:
+    import json
+
+    entries = dict(loaded.metadata)  # the input model's own metadata (input_mean, class names...)
+    entries.update(
+        {
+            "onnxdgh.version": __version__,
+            "onnxdgh.quantizer": "hptq-pot-qdq",
+            "onnxdgh.weight_bits": str(config.weight_bits),
+            "onnxdgh.act_bits": str(config.act_bits),
+            "onnxdgh.threshold": config.threshold,
+            "onnxdgh.per_channel": str(config.per_channel and profile.per_channel_weights).lower(),
+            "onnxdgh.int4_types": str(config.int4_types).lower(),
+            "onnxdgh.profile": profile.name,
+            "onnxdgh.seed": str(config.seed),
+            "onnxdgh.calibration_source": source,
+            "onnxdgh.calibration_images": str(images),
+            "onnxdgh.source_model": loaded.source,
+        }
+    )
+    if data_settings:
+        entries["onnxdgh.generation"] = json.dumps(data_settings["generation"], sort_keys=True)
+    onnx.helper.set_model_props(model, entries)

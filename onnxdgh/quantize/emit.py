@@ -1,0 +1,168 @@
+"""The one place that inserts QuantizeLinear / DequantizeLinear nodes.
+
+Contract: :func:`emit` takes the BN-folded float model and a
+:class:`~onnxdgh.quantize.plan.ResolvedPlan` and returns a new model in QDQ form; every
+edit goes through :mod:`onnxdgh.graph`. Names follow one convention, which the
+validator relies on:
+
+* internal activation ``T``: its producer keeps writing ``T``;
+  ``QuantizeLinear(T, T_scale, T_zero_point) -> T_q``,
+  ``DequantizeLinear(T_q, T_scale, T_zero_point) -> T_dq``; consumers read ``T_dq``;
+* graph input ``X``: ``X -> Q -> X_q -> DQ -> X_dq``; consumers read ``X_dq``;
+* graph output ``Y``: the producer writes ``Y_prequant``, ``Q -> Y_q``, and the final
+  ``DequantizeLinear`` writes ``Y`` (the graph keeps its output names and float type);
+* an activation narrower than its integer container (4-bit values in int8/uint8) passes
+  ``Clip(T, T_clip_min, T_clip_max) -> T_clip`` right before its QuantizeLinear; the
+  bounds are the grid's extremes ``scale * qmin`` and ``scale * qmax``, so the Clip is
+  what tells a reader the activation's true width;
+* weight / constant ``W``: integer initializer ``W_quantized``, ``W_scale`` (float32, one
+  per output channel or one), ``W_zero_point`` (zeros of the integer type) ->
+  ``DequantizeLinear(axis = output-channel axis) -> W_dq``; bias ``B``: int32
+  ``B_quantized`` with ``B_scale`` = input scale x weight scale -> ``B_dq``.
+
+Value-preserving ops get their own Q/DQ pair with their input's scale: the values are
+already on that grid, and the graph stays in the canonical DQ -> op -> Q form that
+onnxruntime and accelerator toolchains fuse. All zero points are exactly 0 and all
+scales exact powers of two (the plan guarantees it; :func:`emit` writes them as given).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from .. import graph as g
+from .plan import ActivationQuant, ParamQuant, ResolvedPlan
+
+__all__ = ["emit"]
+
+_LOG = logging.getLogger(__name__)
+
+_NUMPY_TYPES = {
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT32: np.int32,
+}
+
+
+def _add_integer(graph: onnx.GraphProto, name: str, values: np.ndarray, elem_type: int) -> None:
+    if elem_type in _NUMPY_TYPES:
+        g.add_initializer(graph, name, np.asarray(values).astype(_NUMPY_TYPES[elem_type]))
+    else:  # INT4 / UINT4: onnx packs two values per byte
+        g.add_typed_initializer(graph, name, np.asarray(values).astype(np.int64), elem_type)
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {init.name for init in graph.initializer}
+    names |= {value.name for value in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        if node.name:
+            names.add(node.name)
+    return names
+
+
+def _emit_param(
+    graph: onnx.GraphProto, item: ParamQuant, taken: set[str], uses: dict[str, int]
+) -> str:
+    """Write the integer initializer, scale, zero point and DQ node of one constant; return the DQ output."""
+    # A constant shared by nodes that need different quantization gets a suffixed copy.
+    base = item.tensor if uses.get(item.tensor, 0) == 0 else g.unique_name(taken, f"{item.tensor}_{uses[item.tensor]}")
+    uses[item.tensor] = uses.get(item.tensor, 0) + 1
+    q_name = g.unique_name(taken, f"{base}_quantized")
+    s_name = g.unique_name(taken, f"{base}_scale")
+    z_name = g.unique_name(taken, f"{base}_zero_point")
+    dq_name = g.unique_name(taken, f"{base}_dq")
+    scale = np.asarray(item.scale, np.float32)
+    per_axis = scale.size > 1
+    if not per_axis:
+        scale = scale.reshape(())
+    _add_integer(graph, q_name, item.values, item.elem_type)
+    g.add_initializer(graph, s_name, scale)
+    _add_integer(graph, z_name, np.zeros(scale.shape, np.int64), item.elem_type)
+    attributes = {"axis": int(item.axis)} if per_axis and item.axis is not None else {}
+    g.add_node(
+        graph, "DequantizeLinear", [q_name, s_name, z_name], [dq_name],
+        name=g.unique_name(taken, f"{base}_DequantizeLinear"), **attributes,
+    )
+    return dq_name
+
+
+def _emit_activation(
+    graph: onnx.GraphProto, item: ActivationQuant, role: str, taken: set[str]
+) -> None:
+    tensor = item.tensor
+    if role == "output":
+        source = g.unique_name(taken, f"{tensor}_prequant")
+        g.rename_output(graph, tensor, source)
+        q_name = g.unique_name(taken, f"{tensor}_q")
+        dq_name = tensor  # graph output keeps its name; internal readers of it read the DQ
+    else:
+        source = tensor
+        q_name = g.unique_name(taken, f"{tensor}_q")
+        dq_name = g.unique_name(taken, f"{tensor}_dq")
+        g.replace_input_uses(graph, tensor, dq_name)
+    s_name = g.unique_name(taken, f"{tensor}_scale")
+    z_name = g.unique_name(taken, f"{tensor}_zero_point")
+    g.add_initializer(graph, s_name, np.array(item.scale, np.float32))
+    _add_integer(graph, z_name, np.zeros((), np.int64), item.elem_type)
+    clip = item.clip_range
+    if clip is not None:
+        lo_name = g.unique_name(taken, f"{tensor}_clip_min")
+        hi_name = g.unique_name(taken, f"{tensor}_clip_max")
+        g.add_initializer(graph, lo_name, np.array(clip[0], np.float32))
+        g.add_initializer(graph, hi_name, np.array(clip[1], np.float32))
+        clipped = g.unique_name(taken, f"{tensor}_clip")
+        g.add_node(graph, "Clip", [source, lo_name, hi_name], [clipped], name=g.unique_name(taken, f"{tensor}_Clip"))
+        source = clipped
+    g.add_node(
+        graph, "QuantizeLinear", [source, s_name, z_name], [q_name],
+        name=g.unique_name(taken, f"{tensor}_QuantizeLinear"),
+    )
+    g.add_node(
+        graph, "DequantizeLinear", [q_name, s_name, z_name], [dq_name],
+        name=g.unique_name(taken, f"{tensor}_DequantizeLinear"),
+    )
+
+
+def emit(model: onnx.ModelProto, resolved: ResolvedPlan) -> onnx.ModelProto:
+    """A copy of ``model`` with every quantizer of ``resolved`` written as Q/DQ nodes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken = _all_names(graph)
+    labels = {(node.name or f"{node.op_type}_{index}"): node for index, node in enumerate(graph.node)}
+
+    replaced: set[str] = set()
+    uses: dict[str, int] = {}
+    cache: dict[tuple[object, ...], str] = {}
+    for item in resolved.params:
+        node = labels[item.node]
+        key = (item.tensor, item.role, item.axis, item.elem_type, item.scale.tobytes(), item.values.tobytes())
+        if key not in cache:
+            cache[key] = _emit_param(graph, item, taken, uses)
+        node.input[item.input_index] = cache[key]
+        replaced.add(item.tensor)
+    still_read = {name for node in graph.node for name in node.input}
+    g.remove_initializers(graph, [name for name in replaced if name not in still_read])
+
+    outputs = set(resolved.graph_outputs)
+    for tensor, item in resolved.activations.items():
+        if tensor == resolved.graph_input:
+            role = "input"
+        elif tensor in outputs:
+            role = "output"
+        else:
+            role = "internal"
+        _emit_activation(graph, item, role, taken)
+
+    g.topological_sort(graph)
+    g.clear_value_info(graph)
+    try:
+        out = onnx.shape_inference.infer_shapes(out, strict_mode=False)
+    except Exception as exc:  # shapes are a convenience for readers; the graph is complete without them
+        _LOG.info("shape inference on the quantized model failed: %s", exc)
+    return out

@@ -1,0 +1,371 @@
+r"""Graph preparation before quantization: BatchNormalization folding and op normalisation.
+
+Contract: :func:`prepare` returns a new float model computing the same function (up to
+float rounding) in which
+
+* every BatchNormalization whose input is produced by a Conv, ConvTranspose or Gemm with
+  constant weights, read by nothing else, is folded into that producer;
+* every other BatchNormalization (nothing to fold into) becomes the equivalent
+  per-channel affine op that quantizes like any other op: a depthwise 1x1 Conv (input
+  rank >= 3) or Mul + Add (rank 2);
+* Gemm ``alpha`` / ``beta`` are folded into constant B / C;
+* ``Div(x, c)`` by a constant becomes ``Mul(x, 1/c)`` (the hardware multiplies; profiles
+  list Mul, not Div);
+* inference-mode Dropout is removed.
+
+The input model is not modified. :class:`FoldReport` counts what changed.
+
+The math. In inference, BN computes per channel ``c``
+
+.. math::
+    y_c = \gamma_c \frac{x_c - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} + \beta_c
+        = s_c x_c + (\beta_c - s_c \mu_c), \qquad s_c = \gamma_c / \sqrt{\sigma^2_c + \epsilon}.
+
+A Conv producing ``x_c = \sum W_{c,\dots} * u + b_c`` therefore folds to
+``W'_{c,\dots} = s_c W_{c,\dots}`` and ``b'_c = s_c (b_c - \mu_c) + \beta_c``: the output
+channel is axis 0 of a Conv weight. A ConvTranspose weight is ``(C_in, C_out / g, k...)``;
+output channel ``o = j + (C_out/g) i_g`` of group ``i_g`` is column ``j`` of that group's
+rows, so the weight is viewed as ``(g, C_in/g, C_out/g, k...)`` and scaled by ``s``
+viewed as ``(g, 1, C_out/g, 1...)``. A Gemm ``Y = A B' + C`` (after ``alpha = beta = 1``,
+``B' = B^T`` when ``transB``) has output channel ``n`` in column ``n`` of ``B'``, i.e. row
+``n`` of ``B`` when ``transB = 1`` and column ``n`` otherwise; ``C' = s (C - \mu) + \beta``.
+A BN with nothing to fold into is ``y = s x + (\beta - s\mu)``: a depthwise Conv with
+weight ``s`` (shape ``(C, 1, 1...)``, ``group = C``) and bias ``\beta - s\mu``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .. import graph as g
+from ..errors import QuantizationError
+
+__all__ = ["FoldReport", "prepare", "fold_batch_norms"]
+
+_LOG = logging.getLogger(__name__)
+
+_FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
+
+
+@dataclass
+class FoldReport:
+    """What :func:`prepare` changed."""
+
+    folded: list[str] = field(default_factory=list)
+    """BN nodes folded into their producer."""
+    converted: list[str] = field(default_factory=list)
+    """BN nodes with nothing to fold into, rewritten as a depthwise Conv or Mul + Add."""
+    gemm_normalised: int = 0
+    div_to_mul: int = 0
+    dropout_removed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {
+            "bn_folded": len(self.folded),
+            "bn_converted": self.converted,
+            "gemm_normalised": self.gemm_normalised,
+            "div_to_mul": self.div_to_mul,
+            "dropout_removed": self.dropout_removed,
+        }
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}({node.output[0]})"
+
+
+def _replace_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+    g.remove_initializers(graph, [name])
+    g.add_initializer(graph, name, value)
+
+
+def _writable_initializer(
+    graph: onnx.GraphProto, node: onnx.NodeProto, position: int, taken: set[str], readers: dict[str, int]
+) -> str:
+    """Name under which ``node``'s constant input may be rewritten without touching other readers."""
+    name = node.input[position]
+    if readers.get(name, 0) <= 1:
+        return name
+    fresh = g.unique_name(taken, f"{name}_{node.name or node.output[0]}")
+    node.input[position] = fresh
+    readers[name] -= 1
+    readers[fresh] = 1
+    return fresh
+
+
+def _bn_terms(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(s, mu, beta)`` of an inference-mode BN with constant parameters, else None."""
+    if len(node.input) < 5 or any(name not in inits for name in node.input[1:5]):
+        return None
+    if len([name for name in node.output if name]) != 1:
+        return None
+    attrs = g.node_attributes(node)
+    if int(attrs.get("training_mode", 0) or 0):  # type: ignore[arg-type]
+        return None
+    epsilon = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
+    gamma, beta, mean, var = (g.to_array(inits[name]).astype(np.float64).reshape(-1) for name in node.input[1:5])
+    s = gamma / np.sqrt(var + epsilon)
+    return s, mean, beta
+
+
+def _fold_into(
+    graph: onnx.GraphProto,
+    producer: onnx.NodeProto,
+    s: np.ndarray,
+    mean: np.ndarray,
+    beta: np.ndarray,
+    taken: set[str],
+    readers: dict[str, int],
+) -> bool:
+    inits = g.initializer_map(graph)
+    if len(producer.input) < 2 or producer.input[1] not in inits:
+        return False
+    if len(producer.input) > 2 and producer.input[2] and producer.input[2] not in inits:
+        return False
+    weight = g.to_array(inits[producer.input[1]]).astype(np.float64)
+    attrs = g.node_attributes(producer)
+    op = producer.op_type
+    channels = s.shape[0]
+    if op == "Conv":
+        if weight.shape[0] != channels:
+            return False
+        scaled = weight * s.reshape((-1,) + (1,) * (weight.ndim - 1))
+    elif op == "ConvTranspose":
+        group = int(attrs.get("group", 1))  # type: ignore[arg-type]
+        if weight.shape[1] * group != channels:
+            return False
+        view = weight.reshape((group, weight.shape[0] // group, weight.shape[1]) + weight.shape[2:])
+        factor = s.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+        scaled = (view * factor).reshape(weight.shape)
+    else:  # Gemm, normalised to alpha = beta = 1 by _normalise_gemm first
+        if weight.ndim != 2 or float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:  # type: ignore[arg-type]
+            return False
+        trans_b = int(attrs.get("transB", 0))  # type: ignore[arg-type]
+        axis = 0 if trans_b else 1
+        if weight.shape[axis] != channels:
+            return False
+        scaled = weight * (s.reshape(-1, 1) if trans_b else s.reshape(1, -1))
+    if len(producer.input) > 2 and producer.input[2]:
+        bias = g.to_array(inits[producer.input[2]]).astype(np.float64)
+        if op == "Gemm" and bias.size not in (1, channels) and bias.shape[-1] != channels:
+            return False
+        new_bias = s * (np.broadcast_to(bias, bias.shape) - mean) + beta if op == "Gemm" else s * (bias.reshape(-1) - mean) + beta
+    else:
+        new_bias = s * (-mean) + beta
+    weight_name = _writable_initializer(graph, producer, 1, taken, readers)
+    _replace_initializer(graph, weight_name, scaled.astype(np.float32))
+    if len(producer.input) > 2 and producer.input[2]:
+        bias_name = _writable_initializer(graph, producer, 2, taken, readers)
+    else:
+        bias_name = g.unique_name(taken, f"{producer.name or producer.output[0]}_bias")
+        while len(producer.input) < 3:
+            producer.input.append("")
+        producer.input[2] = bias_name
+        readers[bias_name] = 1
+    _replace_initializer(graph, bias_name, np.asarray(new_bias, np.float32))
+    return True
+
+
+def _rank(graph: onnx.GraphProto, name: str) -> int | None:
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    return None
+
+
+def _convert_bn(
+    graph: onnx.GraphProto, node: onnx.NodeProto, s: np.ndarray, mean: np.ndarray, beta: np.ndarray, taken: set[str]
+) -> None:
+    """Replace an unfoldable BN by a depthwise 1x1 Conv (rank >= 3) or Mul + Add (rank 2)."""
+    rank = _rank(graph, node.input[0])
+    label = _label(node)
+    if rank is None:
+        raise QuantizationError(
+            f"BatchNormalization {label} has nothing to fold into and the rank of its input is unknown",
+            "export the model with static shapes so the BN can be rewritten as a per-channel op",
+        )
+    channels = s.shape[0]
+    shift = (beta - s * mean).astype(np.float32)
+    base = node.name or node.output[0]
+    if rank >= 3:
+        weight_name = g.unique_name(taken, f"{base}_weight")
+        bias_name = g.unique_name(taken, f"{base}_bias")
+        g.add_initializer(graph, weight_name, s.astype(np.float32).reshape((channels, 1) + (1,) * (rank - 2)))
+        g.add_initializer(graph, bias_name, shift)
+        g.add_node(
+            graph, "Conv", [node.input[0], weight_name, bias_name], [node.output[0]],
+            name=node.name or g.unique_name(taken, f"{base}_conv"),
+            group=channels, kernel_shape=[1] * (rank - 2),
+        )
+    elif rank == 2:
+        scale_name = g.unique_name(taken, f"{base}_scale")
+        shift_name = g.unique_name(taken, f"{base}_shift")
+        scaled = g.unique_name(taken, f"{base}_scaled")
+        g.add_initializer(graph, scale_name, s.astype(np.float32))
+        g.add_initializer(graph, shift_name, shift)
+        g.add_node(graph, "Mul", [node.input[0], scale_name], [scaled], name=g.unique_name(taken, f"{base}_mul"))
+        g.add_node(graph, "Add", [scaled, shift_name], [node.output[0]], name=g.unique_name(taken, f"{base}_add"))
+    else:
+        raise QuantizationError(
+            f"BatchNormalization {label} normalises a rank-{rank} tensor; onnxdgh expects rank >= 2",
+            "re-export the model; BN over a rank-1 tensor is unusual",
+        )
+
+
+def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -> onnx.ModelProto:
+    """Fold (or rewrite) every BatchNormalization of ``model``; see the module docstring."""
+    report = report if report is not None else FoldReport()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    try:
+        out = onnx.shape_inference.infer_shapes(out, strict_mode=False)
+    except Exception as exc:  # ranks are only needed for BNs that cannot fold
+        _LOG.info("shape inference before BN folding failed: %s", exc)
+    graph = out.graph
+    taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in list(node.input) + list(node.output)}
+    taken |= {node.name for node in graph.node if node.name}
+    outputs = set(g.graph_output_names(graph))
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers[name] = readers.get(name, 0) + 1
+    doomed: list[onnx.NodeProto] = []
+    for node in list(graph.node):
+        if node.op_type != "BatchNormalization":
+            continue
+        inits = g.initializer_map(graph)
+        terms = _bn_terms(node, inits)
+        label = _label(node)
+        if terms is None:
+            raise QuantizationError(
+                f"BatchNormalization {label} is in training mode or has computed parameters",
+                "export the model in eval mode: model.eval() before torch.onnx.export",
+            )
+        s, mean, beta = terms
+        producers = g.producer_map(graph)
+        consumers = g.consumer_map(graph)
+        source = node.input[0]
+        producer = producers.get(source)
+        foldable = (
+            producer is not None
+            and producer.op_type in _FOLD_TARGETS
+            and source not in outputs
+            and len(consumers.get(source, [])) == 1
+        )
+        if foldable and producer is not None and _fold_into(graph, producer, s, mean, beta, taken, readers):
+            for index, name in enumerate(producer.output):
+                if name == source:
+                    producer.output[index] = node.output[0]
+            report.folded.append(label)
+        else:
+            _convert_bn(graph, node, s, mean, beta, taken)
+            report.converted.append(label)
+        doomed.append(node)
+    g.remove_nodes(graph, doomed)
+    _drop_unused_initializers(graph)
+    g.topological_sort(graph)
+    g.clear_value_info(graph)
+    return out
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    read = {name for node in graph.node for name in node.input}
+    g.remove_initializers(graph, [init.name for init in graph.initializer if init.name not in read])
+
+
+def _normalise_gemm(graph: onnx.GraphProto, taken: set[str], readers: dict[str, int]) -> int:
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Gemm":
+            continue
+        inits = g.initializer_map(graph)
+        attrs = g.node_attributes(node)
+        alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
+        beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
+        changed = False
+        if alpha != 1.0 and len(node.input) > 1 and node.input[1] in inits:
+            name = _writable_initializer(graph, node, 1, taken, readers)
+            _replace_initializer(graph, name, (g.to_array(inits[node.input[1]]) * alpha).astype(np.float32))
+            _set_attribute(node, "alpha", 1.0)
+            changed = True
+        has_c = len(node.input) > 2 and bool(node.input[2])
+        if beta != 1.0 and (not has_c or node.input[2] in inits):
+            if has_c:
+                name = _writable_initializer(graph, node, 2, taken, readers)
+                _replace_initializer(graph, name, (g.to_array(g.initializer_map(graph)[name]) * beta).astype(np.float32))
+            _set_attribute(node, "beta", 1.0)
+            changed = True
+        count += int(changed)
+    return count
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.f = value
+            return
+
+
+def _div_to_mul(graph: onnx.GraphProto, taken: set[str], readers: dict[str, int]) -> int:
+    count = 0
+    inits = g.initializer_map(graph)
+    for node in graph.node:
+        if node.op_type != "Div" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        value = g.to_array(inits[node.input[1]])
+        if not np.issubdtype(value.dtype, np.floating) or np.any(value == 0):
+            continue
+        name = g.unique_name(taken, f"{node.input[1]}_reciprocal")
+        g.add_initializer(graph, name, (1.0 / value.astype(np.float64)).astype(value.dtype))
+        readers[node.input[1]] = readers.get(node.input[1], 1) - 1
+        node.input[1] = name
+        node.op_type = "Mul"
+        count += 1
+    return count
+
+
+def _drop_dropout(graph: onnx.GraphProto) -> int:
+    outputs = set(g.graph_output_names(graph))
+    inits = g.initializer_map(graph)
+    doomed = []
+    for node in graph.node:
+        if node.op_type != "Dropout":
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            mode = g.to_array(inits[node.input[2]]) if node.input[2] in inits else None
+            if mode is None or bool(mode):
+                continue
+        if len([name for name in node.output[1:] if name]) or node.output[0] in outputs:
+            continue
+        g.replace_input_uses(graph, node.output[0], node.input[0])
+        doomed.append(node)
+    g.remove_nodes(graph, doomed)
+    return len(doomed)
+
+
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
+    """Normalise Gemm/Div/Dropout, then fold every BatchNormalization (see module docstring)."""
+    report = FoldReport()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in list(node.input) + list(node.output)}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers[name] = readers.get(name, 0) + 1
+    report.dropout_removed = _drop_dropout(graph)
+    report.gemm_normalised = _normalise_gemm(graph, taken, readers)
+    report.div_to_mul = _div_to_mul(graph, taken, readers)
+    out = fold_batch_norms(out, report)
+    _LOG.info(
+        "prepared graph: %d BN folded, %d BN rewritten, %d Div->Mul",
+        len(report.folded), len(report.converted), report.div_to_mul,
+    )
+    return out, report

@@ -1,0 +1,214 @@
+"""Power-of-two thresholds and the uniform symmetric grids they define (HPTQ).
+
+Contract: pure numpy functions, no ONNX. Given values (weights) or calibration
+statistics (activations) they return thresholds ``t`` that are exact powers of two, so
+that every scale ``t / 2^(b-1)`` (signed) or ``t / 2^b`` (unsigned) is a power of two as
+well and exactly representable in float32. Zero points are always 0.
+
+Grids (ALGORITHMS.md §2; HPTQ, Habi et al. 2021, cited as [16] in the DGH paper):
+
+* signed, ``b`` bits: integers ``[-2^(b-1), 2^(b-1) - 1]``, step ``t / 2^(b-1)``;
+* unsigned, ``b`` bits: integers ``[0, 2^b - 1]``, step ``t / 2^b``.
+
+Two threshold rules:
+
+* **no clipping**: ``t = 2^ceil(log2 M)``. The largest positive grid value is one step
+  short of ``t`` (``t (2^(b-1) - 1) / 2^(b-1)`` signed, ``t (2^b - 1) / 2^b`` unsigned),
+  so, as MCT does for signed tensors, the positive maximum is stretched by
+  ``2^(b-1) / (2^(b-1) - 1)`` (unsigned: ``2^b / (2^b - 1)``) before taking the power of
+  two: ``M = max(-min, max * stretch)``. Nothing observed is then clipped.
+* **MSE search** (HPTQ's error-minimising threshold): candidates ``t0 / 2^i`` for
+  ``i = 0..K`` with ``t0 = 2 * t_noclip``; keep the candidate with the lowest mean
+  squared quantization error. Weights: per output channel over the exact values,
+  ``K = 10``. Activations: over a calibration histogram, ``K = 20``. On equal error the
+  larger threshold wins (less clipping of values the calibration set did not show).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "WEIGHT_SEARCH_STEPS",
+    "ACTIVATION_SEARCH_STEPS",
+    "MIN_THRESHOLD",
+    "MAX_THRESHOLD",
+    "ZERO_RANGE_THRESHOLD",
+    "grid",
+    "scale_for",
+    "pow2_ceil",
+    "positive_stretch",
+    "noclip_threshold",
+    "fake_quantize",
+    "quantize_to_int",
+    "search_candidates",
+    "weight_thresholds",
+    "histogram_mse_threshold",
+    "is_power_of_two",
+]
+
+WEIGHT_SEARCH_STEPS = 10
+ACTIVATION_SEARCH_STEPS = 20
+
+# Thresholds are kept inside a range where every scale derived from them (down to
+# t / 2^8 and bias scales that multiply two of them) stays a normal float32.
+MIN_THRESHOLD = 2.0**-40
+MAX_THRESHOLD = 2.0**40
+
+ZERO_RANGE_THRESHOLD = 1.0
+"""Threshold for a tensor that was exactly zero on all calibration data: any power of two
+represents it; 1 keeps later bias scales (input scale x weight scale) far from underflow."""
+
+
+def grid(bits: int, signed: bool) -> tuple[int, int, int]:
+    """``(qmin, qmax, levels_per_threshold)`` of the grid; step = threshold / levels."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, 2 ** (bits - 1)
+    return 0, 2**bits - 1, 2**bits
+
+
+def scale_for(threshold: float | np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """The quantization step (scale) of ``threshold`` on the given grid, float32 and exact."""
+    return (np.asarray(threshold, dtype=np.float64) / grid(bits, signed)[2]).astype(np.float32)
+
+
+def pow2_ceil(value: float | np.ndarray) -> np.ndarray:
+    """Smallest power of two >= ``value`` (elementwise), clamped to the threshold range.
+
+    ``value <= 0`` maps to :data:`ZERO_RANGE_THRESHOLD`.
+    """
+    arr = np.asarray(value, dtype=np.float64)
+    safe = np.where(arr > 0, arr, 1.0)
+    exponent = np.ceil(np.log2(safe))
+    # log2 of a float near a power of two can land one ulp off: fix up exactly.
+    candidate = np.exp2(exponent)
+    candidate = np.where(candidate < safe, candidate * 2.0, candidate)
+    candidate = np.where(candidate / 2.0 >= safe, candidate / 2.0, candidate)
+    out = np.clip(candidate, MIN_THRESHOLD, MAX_THRESHOLD)
+    return np.where(arr > 0, out, ZERO_RANGE_THRESHOLD)
+
+
+def positive_stretch(bits: int, signed: bool) -> float:
+    """Factor by which the positive maximum grows so it is not clipped by the last step."""
+    _, qmax, levels = grid(bits, signed)
+    return levels / qmax
+
+
+def noclip_threshold(
+    minimum: float | np.ndarray, maximum: float | np.ndarray, bits: int, signed: bool
+) -> np.ndarray:
+    """No-clipping power-of-two threshold covering ``[minimum, maximum]`` (elementwise).
+
+    For an unsigned grid the minimum is ignored (it must be >= 0; the caller decides).
+    """
+    low = np.asarray(minimum, dtype=np.float64)
+    high = np.asarray(maximum, dtype=np.float64)
+    stretched = np.maximum(high, 0.0) * positive_stretch(bits, signed)
+    needed = np.maximum(-np.minimum(low, 0.0), stretched) if signed else stretched
+    return pow2_ceil(needed)
+
+
+def quantize_to_int(values: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool) -> np.ndarray:
+    """Integers ``clip(round_half_even(values / scale), qmin, qmax)`` as int64.
+
+    This is QuantizeLinear's rounding (round half to even), so the quantizer and
+    onnxruntime agree bit for bit.
+    """
+    qmin, qmax, _ = grid(bits, signed)
+    return np.clip(np.rint(np.asarray(values, np.float64) / np.asarray(scale, np.float64)), qmin, qmax).astype(np.int64)
+
+
+def fake_quantize(values: np.ndarray, threshold: np.ndarray | float, bits: int, signed: bool) -> np.ndarray:
+    """Quantize-dequantize ``values`` with ``threshold`` (broadcast), in float64."""
+    qmin, qmax, levels = grid(bits, signed)
+    scale = np.asarray(threshold, dtype=np.float64) / levels
+    return np.clip(np.rint(np.asarray(values, np.float64) / scale), qmin, qmax) * scale
+
+
+def search_candidates(noclip: np.ndarray | float, steps: int) -> np.ndarray:
+    """Candidates ``t0 / 2^i``, ``i = 0..steps``, ``t0 = 2 * noclip``; shape ``(steps + 1, *noclip.shape)``."""
+    base = np.asarray(noclip, dtype=np.float64) * 2.0
+    factors = np.exp2(-np.arange(steps + 1, dtype=np.float64)).reshape((-1,) + (1,) * base.ndim)
+    return np.clip(base[None, ...] * factors, MIN_THRESHOLD, MAX_THRESHOLD)
+
+
+def weight_thresholds(
+    weights: np.ndarray,
+    axis: int | None,
+    bits: int,
+    method: str,
+    *,
+    steps: int = WEIGHT_SEARCH_STEPS,
+) -> np.ndarray:
+    """Signed power-of-two thresholds for ``weights``: one per slice along ``axis``, or one.
+
+    ``method`` is ``"noclip"`` or ``"mse"``. An all-zero channel is represented exactly by
+    any scale; it gets the largest threshold of its layer so that the bias scale derived
+    from it stays as large as the layer allows (this never costs weight precision).
+
+    Returns:
+        float64 array of shape ``(C,)`` (``axis`` given) or ``()`` (per tensor).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if axis is None:
+        rows = w.reshape(1, -1)
+    else:
+        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    low = rows.min(axis=1)
+    high = rows.max(axis=1)
+    thresholds = noclip_threshold(low, high, bits, signed=True)
+    if method == "mse":
+        candidates = search_candidates(thresholds, steps)  # (K+1, C)
+        errors = np.empty(candidates.shape, dtype=np.float64)
+        for index in range(candidates.shape[0]):
+            deq = fake_quantize(rows, candidates[index][:, None], bits, signed=True)
+            errors[index] = np.mean((rows - deq) ** 2, axis=1)
+        # argmin takes the first minimum, i.e. the largest threshold on ties.
+        thresholds = candidates[np.argmin(errors, axis=0), np.arange(rows.shape[0])]
+    elif method != "noclip":
+        raise ValueError(f"unknown threshold method {method!r}")
+    zero = np.all(rows == 0, axis=1)
+    if zero.any():
+        fill = thresholds[~zero].max() if (~zero).any() else ZERO_RANGE_THRESHOLD
+        thresholds = np.where(zero, fill, thresholds)
+    return thresholds.reshape(()) if axis is None else thresholds
+
+
+def histogram_mse_threshold(
+    counts: np.ndarray,
+    sums: np.ndarray,
+    minimum: float,
+    maximum: float,
+    bits: int,
+    signed: bool,
+    *,
+    steps: int = ACTIVATION_SEARCH_STEPS,
+) -> float:
+    """HPTQ's MSE threshold search for an activation, from a calibration histogram.
+
+    Each non-empty bin stands for its values by their mean (``sums / counts``) with weight
+    ``counts``; the error of a candidate is the count-weighted squared difference between
+    those means and their quantize-dequantize image. Within-bin spread adds the same
+    amount to every candidate whose step is wider than a bin, so the ranking holds.
+    """
+    noclip = float(noclip_threshold(minimum, maximum, bits, signed))
+    if maximum == 0.0 and minimum == 0.0:
+        return noclip
+    nonempty = counts > 0
+    weights = counts[nonempty].astype(np.float64)
+    centres = sums[nonempty] / weights
+    candidates = search_candidates(noclip, steps)
+    errors = np.array(
+        [np.dot(weights, (centres - fake_quantize(centres, t, bits, signed)) ** 2) for t in candidates]
+    )
+    return float(candidates[int(np.argmin(errors))])
+
+
+def is_power_of_two(value: float) -> bool:
+    """True when ``value`` is a positive exact power of two."""
+    if not value > 0 or not math.isfinite(value):
+        return False
+    mantissa, _ = math.frexp(value)
+    return mantissa == 0.5

@@ -1,0 +1,281 @@
+"""Every op family on a tiny graph: fully quantized structure, ORT on/off agreement, float closeness."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnxdgh.load import load_model_proto
+from onnxdgh.profile import load_profile
+from onnxdgh.quantize import QuantizeConfig, quantize
+from onnxdgh.validate.checks import check_model
+
+from .helpers_quantize import (
+    bias_scale_problems,
+    conv_weight,
+    images,
+    make_model,
+    op_counts,
+    output_scale,
+    rng,
+    run,
+    structure_problems,
+)
+
+N = helper.make_node
+GENERIC = load_profile("generic-pot-int8")
+FUSED = {(chain[i], chain[i + 1]) for chain in GENERIC.fused_patterns for i in range(len(chain) - 1)}
+
+
+def _conv(name: str, x: str, y: str, out_ch: int = 4, in_ch: int = 3, group: int = 1, seed: int = 0, **attrs) -> tuple[list, dict]:
+    w = conv_weight(out_ch, in_ch // group, 3, seed)
+    b = rng(seed + 7).standard_normal(out_ch).astype(np.float32) * 0.1
+    node = N("Conv", [x, f"{name}_w", f"{name}_b"], [y], name=name, group=group, pads=[1, 1, 1, 1], **attrs)
+    return [node], {f"{name}_w": w, f"{name}_b": b}
+
+
+def _with_conv(tail: Callable[[str], tuple[list, dict]], out_ch: int = 4) -> onnx.ModelProto:
+    nodes, inits = _conv("c0", "x", "h", out_ch=out_ch)
+    more, more_inits = tail("h")
+    return make_model(nodes + more, {**inits, **more_inits})
+
+
+def m_conv_grouped() -> onnx.ModelProto:
+    nodes, inits = _conv("c0", "x", "h", out_ch=6)
+    n2, i2 = _conv("c1", "h", "y", out_ch=6, in_ch=6, group=3, seed=3)
+    return make_model(nodes + n2, {**inits, **i2})
+
+
+def m_depthwise() -> onnx.ModelProto:
+    nodes, inits = _conv("c0", "x", "h", out_ch=4)
+    n2, i2 = _conv("dw", "h", "r", out_ch=4, in_ch=4, group=4, seed=5)
+    return make_model(nodes + n2 + [N("Relu", ["r"], ["y"], name="relu")], {**inits, **i2})
+
+
+def m_conv_transpose() -> onnx.ModelProto:
+    w = rng(2).standard_normal((3, 2, 2, 2)).astype(np.float32) * 0.5  # (Cin, Cout/g, k, k)
+    w2 = rng(3).standard_normal((4, 2, 3, 3)).astype(np.float32) * 0.3  # grouped: g=2, Cout=4
+    b2 = rng(4).standard_normal(4).astype(np.float32) * 0.1
+    nodes = [
+        N("ConvTranspose", ["x", "wt"], ["h"], name="ct", strides=[2, 2]),
+        N("Relu", ["h"], ["r"], name="relu"),
+        N("Conv", ["r", "pw", "pb"], ["p"], name="pw"),
+        N("ConvTranspose", ["p", "wt2", "bt2"], ["y"], name="ct_grouped", group=2, pads=[1, 1, 1, 1]),
+    ]
+    pw = conv_weight(4, 2, 1, 9)
+    return make_model(nodes, {"wt": w, "wt2": w2, "bt2": b2, "pw": pw, "pb": np.zeros(4, np.float32)})
+
+
+def m_gemm() -> onnx.ModelProto:
+    w_t = rng(5).standard_normal((10, 4 * 16)).astype(np.float32) * 0.2
+    w = rng(6).standard_normal((10, 5)).astype(np.float32) * 0.3
+    nodes, inits = _conv("c0", "x", "h", out_ch=4, strides=[2, 2])
+    nodes += [
+        N("Flatten", ["h"], ["f"], name="flat"),
+        N("Gemm", ["f", "w_t", "b_t"], ["g"], name="gemm_tb", transB=1, alpha=0.5),
+        N("Relu", ["g"], ["r"], name="relu"),
+        N("Gemm", ["r", "w", "b"], ["y"], name="gemm_nt", beta=2.0),
+    ]
+    return make_model(nodes, {**inits, "w_t": w_t, "b_t": np.full(10, 0.1, np.float32), "w": w, "b": np.full(5, -0.2, np.float32)})
+
+
+def m_matmul() -> onnx.ModelProto:
+    w = rng(7).standard_normal((8, 5)).astype(np.float32) * 0.4
+    return _with_conv(lambda h: ([N("MatMul", [h, "mw"], ["y"], name="mm")], {"mw": w}))
+
+
+def m_arith_constants() -> onnx.ModelProto:
+    def tail(h: str) -> tuple[list, dict]:
+        return (
+            [
+                N("Add", [h, "c_add"], ["a"], name="add"),
+                N("Mul", ["a", "c_mul"], ["m"], name="mul"),
+                N("Sub", ["m", "c_sub"], ["s"], name="sub"),
+                N("Div", ["s", "c_div"], ["y"], name="div"),
+            ],
+            {
+                "c_add": np.array(0.75, np.float32),
+                "c_mul": rng(8).uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32),
+                "c_sub": np.array([0.1], np.float32),
+                "c_div": np.array(3.0, np.float32),
+            },
+        )
+
+    return _with_conv(tail)
+
+
+def m_residual_add() -> onnx.ModelProto:
+    nodes, inits = _conv("c0", "x", "h", out_ch=4)
+    n2, i2 = _conv("c1", "h", "h2", out_ch=4, in_ch=4, seed=2)
+    nodes += n2 + [N("Add", ["h", "h2"], ["s"], name="add"), N("Relu", ["s"], ["y"], name="relu")]
+    return make_model(nodes, {**inits, **i2})
+
+
+def m_concat() -> onnx.ModelProto:
+    nodes, inits = _conv("c0", "x", "a", out_ch=4)
+    n2, i2 = _conv("c1", "x", "b", out_ch=2, seed=4)
+    # c1's output is 10x larger: the shared scale must cover it.
+    i2["c1_w"] = i2["c1_w"] * 10
+    nodes += n2 + [N("Concat", ["a", "b"], ["y"], name="cat", axis=1)]
+    return make_model(nodes, {**inits, **i2})
+
+
+def _activation(op: str, **attrs) -> Callable[[], onnx.ModelProto]:
+    def build() -> onnx.ModelProto:
+        inputs = ["h"]
+        extra: dict = {}
+        if op == "Clip":
+            inputs = ["h", "lo", "hi"]
+            extra = {"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+        if op == "PRelu":
+            inputs = ["h", "slope"]
+            extra = {"slope": rng(9).uniform(0.05, 0.3, (4, 1, 1)).astype(np.float32)}
+        # A Conv output read twice (by the activation and an Add) cannot fuse: the op stands alone.
+        return _with_conv(
+            lambda h: (
+                [N(op, inputs, ["act"], name=op.lower(), **attrs), N("Add", ["act", "h"], ["y"], name="add")],
+                extra,
+            )
+        )
+
+    return build
+
+
+def m_silu() -> onnx.ModelProto:
+    return _with_conv(lambda h: ([N("Sigmoid", [h], ["sg"], name="sig"), N("Mul", [h, "sg"], ["y"], name="silu")], {}))
+
+
+def m_pools() -> onnx.ModelProto:
+    return _with_conv(
+        lambda h: (
+            [
+                N("MaxPool", [h], ["mp"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+                N("AveragePool", ["mp"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[1, 1]),
+                N("ReduceMean", ["ap"], ["rm"], name="rmean", axes=[3], keepdims=1),
+                N("GlobalAveragePool", ["rm"], ["y"], name="gap"),
+            ],
+            {},
+        )
+    )
+
+
+def m_shape_ops() -> onnx.ModelProto:
+    def tail(h: str) -> tuple[list, dict]:
+        return (
+            [
+                N("Transpose", [h], ["t"], name="transpose", perm=[0, 2, 3, 1]),
+                N("Reshape", ["t", "shape"], ["r"], name="reshape"),
+                N("Unsqueeze", ["r", "ax1"], ["u"], name="unsqueeze"),
+                N("Squeeze", ["u", "ax1"], ["s"], name="squeeze"),
+                N("Slice", ["s", "starts", "ends", "axes"], ["sl"], name="slice"),
+                N("Split", ["sl", "split"], ["p0", "p1"], name="split", axis=1),
+                N("Pad", ["p0", "pads"], ["pd"], name="pad"),
+                N("Flatten", ["pd"], ["f0"], name="flatten"),
+                N("Flatten", ["p1"], ["f1"], name="flatten1"),
+                N("Concat", ["f0", "f1"], ["y"], name="cat", axis=1),
+            ],
+            {
+                "shape": np.array([0, 64, 4], np.int64),
+                "ax1": np.array([1], np.int64),
+                "starts": np.array([8], np.int64),
+                "ends": np.array([40], np.int64),
+                "axes": np.array([1], np.int64),
+                "split": np.array([16, 16], np.int64),
+                "pads": np.array([0, 1, 0, 0, 1, 0], np.int64),
+            },
+        )
+
+    return _with_conv(tail)
+
+
+def m_resize() -> onnx.ModelProto:
+    scales = np.array([1, 1, 2, 2], np.float32)
+    return _with_conv(
+        lambda h: (
+            [
+                N("Resize", [h, "", "scales"], ["near"], name="resize_nearest", mode="nearest"),
+                N("Resize", ["near", "", "scales"], ["y"], name="resize_linear", mode="linear"),
+            ],
+            {"scales": scales},
+        )
+    )
+
+
+def m_softmax() -> onnx.ModelProto:
+    w = rng(10).standard_normal((4 * 64, 6)).astype(np.float32) * 0.1
+    return _with_conv(
+        lambda h: (
+            [
+                N("Flatten", [h], ["f"], name="flat"),
+                N("MatMul", ["f", "w"], ["logits"], name="mm"),
+                N("Softmax", ["logits"], ["y"], name="softmax", axis=1),
+            ],
+            {"w": w},
+        )
+    )
+
+
+FAMILIES: dict[str, Callable[[], onnx.ModelProto]] = {
+    "conv_grouped": m_conv_grouped,
+    "depthwise": m_depthwise,
+    "conv_transpose": m_conv_transpose,
+    "gemm": m_gemm,
+    "matmul": m_matmul,
+    "arith_constants": m_arith_constants,
+    "residual_add": m_residual_add,
+    "concat": m_concat,
+    "relu": _activation("Relu"),
+    "relu6": _activation("Clip"),
+    "leaky_relu": _activation("LeakyRelu", alpha=0.1),
+    "prelu": _activation("PRelu"),
+    "sigmoid": _activation("Sigmoid"),
+    "hard_sigmoid": _activation("HardSigmoid"),
+    "hard_swish": _activation("HardSwish"),
+    "tanh": _activation("Tanh"),
+    "silu": m_silu,
+    "pools": m_pools,
+    "shape_ops": m_shape_ops,
+    "resize": m_resize,
+    "softmax": m_softmax,
+}
+
+
+@pytest.mark.parametrize("threshold", ["mse", "noclip"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_fully_quantized_and_close(family: str, threshold: str) -> None:
+    float_model = FAMILIES[family]()
+    x = images(32)
+    result = quantize(load_model_proto(float_model), x, QuantizeConfig(threshold=threshold), progress=False)
+    q = result.model
+
+    assert structure_problems(q, FUSED) == []
+    assert bias_scale_problems(q) == []
+    violations = [v.to_dict() for v in check_model(q, GENERIC)]
+    if family == "conv_transpose":
+        # Known validator gap: a grouped ConvTranspose's per-channel weight scales (C_out/g of
+        # them) repeat g times across its C_out bias entries; the validator compares them
+        # untiled. bias_scale_problems above checks the tiled product exactly.
+        violations = [v for v in violations if not (v["rule"] == "bias-scale" and v["tensor"] == "bt2_quantized")]
+    assert violations == []
+    assert "Div" not in op_counts(q) and "BatchNormalization" not in op_counts(q)
+
+    test = images(8, seed=5)
+    expected = run(float_model, test)[0]
+    plain = run(q, test, optimize=False)[0]
+    optimised = run(q, test, optimize=True)[0]
+    step = output_scale(q)
+    # Fused integer kernels round once where the reference rounds twice: one step apart at most.
+    assert np.max(np.abs(plain - optimised)) <= 1.01 * step
+    span = float(np.max(np.abs(expected)))
+    if threshold == "noclip":
+        # Test images from the calibration distribution: nothing clips, every error is rounding.
+        error = float(np.max(np.abs(plain - expected)))
+        assert error <= 0.06 * span + 2 * step, f"{family}: max error {error:.4g} vs output range {span:.4g}"
+    else:
+        # MSE thresholds clip rare tails on purpose: the typical (RMS) error is what they keep small.
+        rms = float(np.sqrt(np.mean((plain - expected) ** 2)))
+        assert rms <= 0.03 * span + step, f"{family}: RMS error {rms:.4g} vs output range {span:.4g}"
