@@ -356,3 +356,13 @@ def test_model_is_not_modified(tmp_path: Path) -> None:
     before = model.SerializeToString()
     check_model(model, STRICT)
     assert model.SerializeToString() == before
+
+
+def test_docs_list_every_rule_and_builtin_profile() -> None:
+    from onnxdgh.profile import builtin_profile_names
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "VALIDATE.md").read_text()
+    documented = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `") and line.count("|") == 3}
+    assert set(RULES) <= documented
+    for name in builtin_profile_names():
+        assert f"`{name}`" in text

@@ -213,3 +213,16 @@ def test_mismatched_reference_is_refused() -> None:
     other.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 8
     with pytest.raises(InvalidInputError, match="reference takes"):
         validate(QUANT8, other, data=DATA)
+
+
+def test_profile_defaults_to_the_one_recorded_by_quantize() -> None:
+    model = copy(QUANT8)
+    model.metadata_props.append(onnx.StringStringEntryProto(key="onnxdgh.profile", value="strict-pot-int8"))
+    recorded = validate(model)
+    assert recorded.profile.name == "strict-pot-int8"
+    assert "per-channel-weights" in recorded.violation_counts
+    assert validate(model, profile="generic-pot-int8").passed
+    unknown = copy(QUANT8)
+    unknown.metadata_props.append(onnx.StringStringEntryProto(key="onnxdgh.profile", value="my-npu"))
+    assert validate(unknown).profile.name == "generic-pot-int8"
+    assert validate(QUANT8).profile.name == "generic-pot-int8"

@@ -103,7 +103,7 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
         shown = report.layers[: max(0, top)]
         lines.append("")
         lines.append(f"Worst layers ({len(shown)} of {len(report.layers)}, lowest SQNR first)")
-        rows = [[_db(l.sqnr_db), f"{l.cosine:.5f}", str(l.bits or "-"), l.tensor, f"{l.node} ({l.op_type})"] for l in shown]
+        rows = [[_db(m.sqnr_db), f"{m.cosine:.5f}", str(m.bits or "-"), m.tensor, f"{m.node} ({m.op_type})"] for m in shown]
         lines += _table(["SQNR dB", "COSINE", "BITS", "TENSOR", "NODE (OP)"], rows)
     if report.unmatched_layers:
         lines.append(f"  not compared (no float counterpart): {', '.join(report.unmatched_layers[:5])}"
@@ -146,8 +146,9 @@ def render_profiles() -> str:
 @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=str))
 @click.option("-r", "--reference", type=click.Path(dir_okay=True, path_type=str), default=None,
               help="The float model MODEL was made from; enables the numerical report.")
-@click.option("-p", "--profile", "profile_name", default=DEFAULT_PROFILE, show_default=True, metavar="NAME|PATH",
-              help="Built-in profile name or a profile .json file.")
+@click.option("-p", "--profile", "profile_name", default=None, metavar="NAME|PATH",
+              help="Built-in profile name or a profile .json file. Default: the profile recorded in MODEL by "
+                   f"`onnxdgh quantize`, else {DEFAULT_PROFILE}.")
 @click.option("--data", type=click.Path(dir_okay=True, path_type=str), default=None,
               help="Images (.npz with 'images', or .npy; float N x C x H x W, preprocessed). Default: random images.")
 @click.option("--labels", type=click.Path(dir_okay=True, path_type=str), default=None,
@@ -170,7 +171,7 @@ def validate_command(
     ctx: click.Context,
     model: str | None,
     reference: str | None,
-    profile_name: str,
+    profile_name: str | None,
     data: str | None,
     labels: str | None,
     min_sqnr: float | None,
@@ -198,7 +199,7 @@ def validate_command(
     inputs = [p for p in (model, reference, data, labels) if p]
     if json_out and json_out != "-":
         check_output_path(json_out, inputs=inputs)
-    profile = load_profile(profile_name)
+    profile = load_profile(profile_name) if profile_name is not None else None
     images = None
     if data is not None:
         try:

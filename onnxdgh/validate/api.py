@@ -27,13 +27,16 @@ import onnx
 
 from ..errors import CalibrationDataError, InvalidInputError
 from ..load import LoadedModel, load_model, load_model_proto
-from ..profile import DEFAULT_PROFILE, Profile, load_profile
+from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
 from .checks import Violation, analyse, check_model
 from .report import LayerMetrics, NumericReport, OutputMetrics, compare
 
-__all__ = ["GateResult", "DataInfo", "ValidationReport", "validate", "REPORT_SCHEMA"]
+__all__ = ["GateResult", "DataInfo", "ValidationReport", "validate", "REPORT_SCHEMA", "PROFILE_METADATA_KEY"]
 
 _LOG = logging.getLogger(__name__)
+
+PROFILE_METADATA_KEY = "onnxdgh.profile"
+"""``metadata_props`` key where ``onnxdgh quantize`` records the profile it built for."""
 
 REPORT_SCHEMA = "onnxdgh-validation-report/1"
 """Identifier of the JSON report layout (bumped when fields change meaning)."""
@@ -213,6 +216,20 @@ def _batch_size(reference: LoadedModel, quantized: LoadedModel, wanted: int) -> 
     return fixed.pop() if fixed else max(1, int(wanted))
 
 
+def _profile_from_metadata(loaded: LoadedModel) -> str:
+    recorded = loaded.metadata.get(PROFILE_METADATA_KEY)
+    if recorded is None:
+        return DEFAULT_PROFILE
+    if recorded in builtin_profile_names():
+        _LOG.info("checking against profile %s, recorded in the model's metadata", recorded)
+        return recorded
+    _LOG.warning(
+        "the model was quantized for profile %r, which is not built in; checking against %s "
+        "(pass the profile file with --profile)", recorded, DEFAULT_PROFILE,
+    )
+    return DEFAULT_PROFILE
+
+
 # ------------------------------------------------------------------------- API
 
 
@@ -220,7 +237,7 @@ def validate(
     quantized: onnx.ModelProto | LoadedModel | str | os.PathLike[str],
     reference: LoadedModel | onnx.ModelProto | str | os.PathLike[str] | None = None,
     *,
-    profile: Profile | str | os.PathLike[str] = DEFAULT_PROFILE,
+    profile: Profile | str | os.PathLike[str] | None = None,
     data: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     min_sqnr: float | None = None,
@@ -236,7 +253,9 @@ def validate(
     Args:
         quantized: the QDQ model (path, ``ModelProto`` or ``LoadedModel``).
         reference: the float model it was made from; None skips the numerical report.
-        profile: a :class:`~onnxdgh.profile.Profile`, a built-in name or a profile JSON path.
+        profile: a :class:`~onnxdgh.profile.Profile`, a built-in name or a profile JSON path;
+            None uses the built-in named in the model's ``onnxdgh.profile`` metadata (what
+            ``onnxdgh quantize`` built it for), else ``generic-pot-int8``.
         data: N x C x H x W float images preprocessed for the model (calibration or real);
             None uses ``random_images`` seeded random images.
         labels: N class indices for ``data``; adds float and quantized accuracy.
@@ -251,7 +270,7 @@ def validate(
         OnnxDghError: unreadable models or profile, images or labels that do not fit,
             or a gate without a reference to measure it.
     """
-    chosen = load_profile(profile)
+    chosen = load_profile(profile) if profile is not None else None
     min_sqnr = _check_gate("--min-sqnr", min_sqnr, -1000.0, 1000.0)
     min_agreement = _check_gate("--min-agreement", min_agreement, 0.0, 1.0)
     if reference is None and (min_sqnr is not None or min_agreement is not None or data is not None or labels is not None):
@@ -262,6 +281,8 @@ def validate(
     if labels is not None and data is None:
         raise InvalidInputError("labels were given without the images they label", "give the images with --data")
     loaded_q = _load(quantized, "quantized", input_shape)
+    if chosen is None:
+        chosen = load_profile(_profile_from_metadata(loaded_q))
     qgraph = analyse(loaded_q.model)
     violations = tuple(check_model(loaded_q.model, chosen, qgraph=qgraph))
     stats = {
