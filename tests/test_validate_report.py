@@ -226,3 +226,19 @@ def test_profile_defaults_to_the_one_recorded_by_quantize() -> None:
     unknown.metadata_props.append(onnx.StringStringEntryProto(key="onnxdgh.profile", value="my-npu"))
     assert validate(unknown).profile.name == "generic-pot-int8"
     assert validate(QUANT8).profile.name == "generic-pot-int8"
+
+
+def test_quantized_model_onnxruntime_cannot_run_is_a_failed_check() -> None:
+    from onnxdgh.errors import CheckFailedError
+
+    model = copy(QUANT8)
+    flatten = node(model, "flatten")
+    flatten.op_type = "Reshape"
+    del flatten.attribute[:]
+    set_init(model, "bad_shape", np.array([2, -1], np.int64))  # fails only at run time: Gemm then sees K != 6
+    flatten.input.append("bad_shape")
+    with pytest.raises(CheckFailedError, match="onnxruntime cannot run the quantized model") as info:
+        validate(model, FLOAT, data=DATA)
+    assert info.value.exit_code == 1 and info.value.hint
+    with pytest.raises(InvalidInputError, match="onnxruntime cannot run the reference model"):
+        validate(FLOAT, model, data=DATA)

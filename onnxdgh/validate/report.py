@@ -18,20 +18,26 @@ Definitions (x float, y quantized, sums over all elements of all images):
   SQNR = 10 log10( sum x^2 / sum (x - y)^2 ) dB (infinite when y == x exactly);
   cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|);
   top-1 agreement = share of images whose arg-max class is the same.
+
+When onnxruntime cannot load or run the quantized model, that is the model failing a
+check (:class:`~onnxdgh.errors.CheckFailedError`, exit 1); for the reference it is bad
+input (:class:`~onnxdgh.errors.InvalidInputError`, exit 2).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
 from .. import graph as g
+from ..errors import CheckFailedError, InvalidInputError
 from ..runtime import make_session, with_extra_outputs
 from .checks import QuantGraph
 
@@ -165,6 +171,26 @@ def match_layers(float_model: onnx.ModelProto, qgraph: QuantGraph) -> tuple[list
     return pairs, unmatched
 
 
+_T = TypeVar("_T")
+
+
+def _guard(action: Callable[[], _T], reference: bool) -> _T:
+    """Run an onnxruntime call; its failure is bad input for the reference, a failed check for the quantized model."""
+    try:
+        return action()
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        if reference:
+            raise InvalidInputError(
+                f"onnxruntime cannot run the reference model: {first}",
+                "give a float model that onnxruntime runs (onnxdgh inspect shows what is wrong)",
+            ) from exc
+        raise CheckFailedError(
+            f"onnxruntime cannot run the quantized model: {first}",
+            "the QDQ graph is not runnable; re-quantize it, or run onnxdgh validate without --reference for the structural checks",
+        ) from exc
+
+
 class _Accumulator:
     """Running sums for SQNR, cosine and max error of one tensor pair."""
 
@@ -222,9 +248,9 @@ def compare(
     float_layer_names = list(dict.fromkeys(p.float_tensor for p in pairs))
     quant_layer_names = [p.quant_tensor for p in pairs]
 
-    float_session = make_session(with_extra_outputs(float_model, float_layer_names), optimize=False)
-    sim_session = make_session(with_extra_outputs(quant_model, quant_layer_names), optimize=False)
-    ship_session = make_session(quant_model, optimize=True)
+    float_session = _guard(lambda: make_session(with_extra_outputs(float_model, float_layer_names), optimize=False), True)
+    sim_session = _guard(lambda: make_session(with_extra_outputs(quant_model, quant_layer_names), optimize=False), False)
+    ship_session = _guard(lambda: make_session(quant_model, optimize=True), False)
     f_fetch = float_outputs + [n for n in float_layer_names if n not in float_outputs]
     q_fetch = quant_outputs + [n for n in quant_layer_names if n not in quant_outputs]
     f_input = float_session.get_inputs()[0].name
@@ -241,9 +267,9 @@ def compare(
     steps = range(0, images.shape[0], batch_size)
     for start in tqdm(steps, desc="validate", unit="batch", disable=not progress, leave=False):
         batch = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
-        f_values = dict(zip(f_fetch, float_session.run(f_fetch, {f_input: batch})))
-        q_values = dict(zip(q_fetch, sim_session.run(q_fetch, {q_input: batch})))
-        shipped = ship_session.run(quant_outputs, {q_input: batch})
+        f_values = dict(zip(f_fetch, _guard(lambda: float_session.run(f_fetch, {f_input: batch}), True)))
+        q_values = dict(zip(q_fetch, _guard(lambda: sim_session.run(q_fetch, {q_input: batch}), False)))
+        shipped = _guard(lambda: ship_session.run(quant_outputs, {q_input: batch}), False)
         for index, (f_name, q_name) in enumerate(output_pairs):
             x, y_sim, y = f_values[f_name], q_values[q_name], shipped[index]
             out_acc[index].add(x, y)
