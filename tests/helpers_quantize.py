@@ -131,6 +131,8 @@ def structure_problems(model: onnx.ModelProto, fused: Iterable[tuple[str, str]] 
                 if inits[name].data_type == TensorProto.FLOAT:
                     problems.append(f"{node.name}: reads float initializer {name} directly")
                 continue
+            if node.op_type == "Clip" and all(c.op_type == "QuantizeLinear" for c in consumers.get(node.output[0], [])):
+                continue  # the quantizer's own range Clip
             producer = producers.get(name)
             if producer is None:
                 problems.append(f"{node.name}: reads graph input {name} without Q/DQ")
@@ -139,8 +141,6 @@ def structure_problems(model: onnx.ModelProto, fused: Iterable[tuple[str, str]] 
                 continue
             if producer.op_type in ("Shape", "Size") or name not in _float_names(model):
                 continue
-            if node.op_type == "Clip" and all(c.op_type == "QuantizeLinear" for c in consumers.get(node.output[0], [])):
-                continue  # the quantizer's own range Clip
             if (producer.op_type, node.op_type) in fused_pairs:
                 continue
             problems.append(f"{node.name} ({node.op_type}): input {name} from {producer.op_type} is not dequantized")

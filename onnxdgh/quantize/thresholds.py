@@ -20,7 +20,8 @@ Two threshold rules:
 * **MSE search** (HPTQ's error-minimising threshold): candidates ``t0 / 2^i`` for
   ``i = 0..K`` with ``t0 = 2 * t_noclip``; keep the candidate with the lowest mean
   squared quantization error. Weights: per output channel over the exact values,
-  ``K = 10``. Activations: over a calibration histogram, ``K = 20``. On equal error the
+  ``K = 10``; on equal error the smaller threshold (finer grid) wins, as a weight has no
+  unseen values. Activations: over a calibration histogram, ``K = 20``; on equal error the
   larger threshold wins (less clipping of values the calibration set did not show).
 """
 
@@ -165,8 +166,11 @@ def weight_thresholds(
         for index in range(candidates.shape[0]):
             deq = fake_quantize(rows, candidates[index][:, None], bits, signed=True)
             errors[index] = np.mean((rows - deq) ** 2, axis=1)
-        # argmin takes the first minimum, i.e. the largest threshold on ties.
-        thresholds = candidates[np.argmin(errors, axis=0), np.arange(rows.shape[0])]
+        # Candidates run from large to small; argmin over the reversed list takes the
+        # smallest threshold among equal errors.
+        last = candidates.shape[0] - 1
+        best = last - np.argmin(errors[::-1], axis=0)
+        thresholds = candidates[best, np.arange(rows.shape[0])]
     elif method != "noclip":
         raise ValueError(f"unknown threshold method {method!r}")
     zero = np.all(rows == 0, axis=1)

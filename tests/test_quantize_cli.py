@@ -1,0 +1,140 @@
+"""`onnxdgh quantize` end to end on a tiny model, and every error path (exit code, message, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from onnxdgh.cli import main
+from onnxdgh.fileio import save_images_npz
+
+from .helpers_quantize import conv_weight, make_model, run, structure_problems
+
+
+@pytest.fixture
+def calib(tmp_path: Path) -> Path:
+    images = (np.random.default_rng(0).standard_normal((24, 3, 12, 12)) * 1.5).astype(np.float32)
+    return save_images_npz(tmp_path / "calib.npz", images, {"source": "test"})
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_quantize_end_to_end(tiny_model_path: Path, calib: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    report_path = tmp_path / "report.json"
+    result = _invoke("quantize", str(tiny_model_path), "-o", str(out), "--calib-data", str(calib),
+                     "--json", str(report_path))
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "W8A8" in result.output
+    model = onnx.load(str(out))
+    assert structure_problems(model, {("Conv", "Relu")}) == []
+    report = json.loads(report_path.read_text())
+    assert report["calibration"] == {"source": f"file:{calib}", "images": 24}
+    assert report["counts"]["weights"] == 3 and report["counts"]["biases"] == 3
+    assert all(entry["bits"] == 8 for entry in report["tensors"]["activations"])
+    meta = {prop.key: prop.value for prop in model.metadata_props}
+    assert meta["onnxdgh.calibration_source"] == f"file:{calib}"
+    x = np.random.default_rng(1).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert run(model, x)[0].shape == (2, 4)
+
+
+def test_quantize_options_and_json_stdout(tiny_model_path: Path, calib: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q4.onnx"
+    result = _invoke("-q", "quantize", str(tiny_model_path), "-o", str(out), "--calib-data", str(calib),
+                     "--weight-bits", "4", "--act-bits", "4", "--threshold", "noclip", "--per-tensor-weights",
+                     "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["weight_bits"] == 4 and report["config"]["threshold"] == "noclip"
+    assert report["profile"] == "pot-lowbit" and report["config"]["per_channel"] is False
+    assert any(node.op_type == "Clip" for node in onnx.load(str(out)).graph.node)
+
+
+def test_quantize_generates_when_no_calibration_file(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = _invoke("-q", "quantize", str(tiny_model_path), "-o", str(out), "--images", "8", "--iterations", "2",
+                     "--batch-size", "8", "--seed", "5", "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calibration"]["source"] == "dgh:dgh" and report["calibration"]["images"] == 8
+    assert report["calibration"]["generation"]["seed"] == 5
+
+
+def _assert_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--weight-bits", "3"], ["--weight-bits 3", "hint:"]),
+        (["--act-bits", "16"], ["--act-bits 16"]),
+        (["--threshold", "kl"], ["--threshold 'kl'"]),
+        (["--profile", "nope"], ["unknown profile 'nope'"]),
+        (["--weight-bits", "4", "--profile", "generic-pot-int8"], ["allows weight bits [8]"]),
+        (["--images", "4"], ["--images apply only when images are generated"]),
+    ],
+)
+def test_bad_options_exit_2_and_write_nothing(
+    tiny_model_path: Path, calib: Path, tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    out = tmp_path / "q.onnx"
+    result = _invoke("quantize", str(tiny_model_path), "-o", str(out), "--calib-data", str(calib), *args)
+    _assert_error(result, 2, *fragments)
+    assert not out.exists()
+
+
+def test_output_equal_to_input_is_refused(tiny_model_path: Path, calib: Path) -> None:
+    before = tiny_model_path.read_bytes()
+    result = _invoke("quantize", str(tiny_model_path), "-o", str(tiny_model_path), "--calib-data", str(calib))
+    _assert_error(result, 2, "never overwrites its input")
+    assert tiny_model_path.read_bytes() == before
+
+
+def test_unwritable_output(tiny_model_path: Path, calib: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "q.onnx"
+    _assert_error(_invoke("quantize", str(tiny_model_path), "-o", str(missing), "--calib-data", str(calib)),
+                  2, "does not exist")
+    if os.geteuid() != 0:  # root writes anywhere: the read-only case only means something for users
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            _assert_error(_invoke("quantize", str(tiny_model_path), "-o", str(locked / "q.onnx"),
+                                  "--calib-data", str(calib)), 2, "not writable")
+        finally:
+            locked.chmod(0o700)
+
+
+def test_unsupported_op_exit_2(tmp_path: Path, calib: Path) -> None:
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Erf", ["c"], ["y"], name="erf_node")]
+    model = make_model(nodes, {"w": conv_weight(2, 3, 1)}, input_shape=("batch", 3, 12, 12))
+    path = tmp_path / "erf.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "q.onnx"
+    result = _invoke("quantize", str(path), "-o", str(out), "--calib-data", str(calib))
+    _assert_error(result, 2, "Erf", "erf_node")
+    assert not out.exists()
+
+
+def test_calibration_file_of_the_wrong_size(tiny_model_path: Path, tmp_path: Path) -> None:
+    wrong = save_images_npz(tmp_path / "wrong.npz", np.zeros((4, 1, 28, 28), np.float32))
+    out = tmp_path / "q.onnx"
+    _assert_error(_invoke("quantize", str(tiny_model_path), "-o", str(out), "--calib-data", str(wrong)),
+                  2, "N x 3 x 12 x 12")
+    assert not out.exists()
