@@ -1,0 +1,504 @@
+"""Conversion of the canonical ONNX graph to a frozen torch module: stage 2 of the pipeline.
+
+Contract:
+* :func:`to_torch` converts a :class:`~onnxdgh.load.LoadedModel` with onnx2torch into a
+  :class:`TorchModel`: the module is in ``eval()`` mode and no parameter requires a
+  gradient (image generation differentiates with respect to the *input* only).
+* The converted module is checked against onnxruntime on random input; a disagreement
+  beyond a tolerance relative to the output's scale, or an op onnx2torch cannot convert,
+  raises :class:`~onnxdgh.errors.ConversionError` naming the ONNX node and its op.
+* Every usable BatchNormalization node of the ONNX graph is mapped to the tensor that
+  feeds it in the torch graph, whether onnx2torch built an ``nn.BatchNorm*d`` or an
+  ``OnnxBatchNorm``. The number of mapped tensors must equal the number of usable BN nodes.
+* :meth:`TorchModel.forward` returns ``(outputs, bn_inputs)`` for a batch;
+  :meth:`TorchModel.probe` also returns the tensors the output-stretching loss acts on
+  (the logits when the graph ends in Softmax/Sigmoid/LogSoftmax).
+
+Fixed-batch graphs (often batch 1) are first rewritten with
+:func:`~onnxdgh.load.make_batch_dynamic` so that torch runs whole batches. When that
+rewrite is not safe the module is kept as exported and :meth:`TorchModel.probe` runs the
+images of a batch one at a time and concatenates the results (slower, same values), as
+long as the fixed batch size is 1; any other fixed size is refused.
+
+Capturing BN inputs and logits is done by rewriting a *copy* of the torch.fx graph so it
+returns those tensors as extra outputs, instead of forward hooks: there is no hidden
+mutable capture state, and the copy shares every submodule (and so every weight) with
+``module``, which stays exactly what onnx2torch built.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import fx
+
+from . import graph as g
+from .errors import ConversionError, UnsupportedModelError
+from .load import REEXPORT_RECIPE, BatchNormInfo, LoadedModel, make_batch_dynamic
+from .runtime import make_session, run_batched, with_extra_outputs
+
+__all__ = ["BNLayer", "ProbeResult", "TorchModel", "to_torch", "STRETCH_THROUGH_OPS", "CHECK_RTOL"]
+
+_LOG = logging.getLogger(__name__)
+
+STRETCH_THROUGH_OPS: frozenset[str] = frozenset({"Softmax", "Sigmoid", "LogSoftmax"})
+"""Final ops whose *input* (the logits) the output-stretching loss acts on.
+
+A Softmax output lies in [0, 1]: stretching its range stretches nothing useful, while
+the logits feeding it carry the dynamic range the quantizer has to cover."""
+
+CHECK_RTOL = 1e-3
+"""Allowed torch-vs-onnxruntime difference, relative to the largest output magnitude."""
+
+_CHECK_ATOL = 1e-5
+_CHECK_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class BNLayer:
+    """One usable BN node mapped into the torch graph, with its targets as tensors.
+
+    ``mean``/``std`` are the per-channel statistics of the BN *input* (``input_mean`` and
+    ``sqrt(input_var)``) on the module's device. ``spatial`` is False for a BN on a 2-D
+    (N x C) tensor, where a single image has no spatial extent to take statistics over.
+    ``depth`` is the number of nodes on the longest path from the graph input to the BN
+    node: the deepest BN is the "last BN layer" of the DGH paper's Eq. 6, also when a
+    shortcut branch's BN comes later in the node list.
+    """
+
+    node_name: str
+    input_name: str
+    channels: int
+    mean: torch.Tensor = field(repr=False)
+    std: torch.Tensor = field(repr=False)
+    spatial: bool = True
+    depth: int = 0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one forward pass exposes: graph outputs, BN input tensors, stretch tensors."""
+
+    outputs: list[torch.Tensor]
+    bn_inputs: list[torch.Tensor]
+    stretch: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TorchModel:
+    """A frozen torch version of a loaded ONNX model.
+
+    ``module`` is the onnx2torch ``GraphModule`` (``eval()``, no parameter requires a
+    gradient); it takes a float32 N x C x H x W tensor and returns the graph output(s) as
+    onnx2torch arranges them. Use :meth:`forward` / :meth:`probe` for the normalised view.
+    """
+
+    module: fx.GraphModule = field(repr=False)
+    loaded: LoadedModel = field(repr=False)
+    bn_layers: tuple[BNLayer, ...]
+    output_names: tuple[str, ...]
+    stretch_names: tuple[str, ...]
+    batch_dynamic: bool
+    device: str
+    max_abs_error: float
+    _probe: fx.GraphModule = field(repr=False)
+
+    def probe(self, images: torch.Tensor) -> ProbeResult:
+        """Run a batch; return outputs, BN input tensors (``bn_layers`` order) and stretch tensors."""
+        if self.batch_dynamic or images.shape[0] == 1:
+            return _split(self._probe(images), len(self.output_names), len(self.bn_layers))
+        # Fixed batch of 1 that could not be made dynamic: one image at a time. Statistics
+        # over the batch are unchanged because every tensor is concatenated along N.
+        parts = [_split(self._probe(images[i : i + 1]), len(self.output_names), len(self.bn_layers))
+                 for i in range(images.shape[0])]
+        return ProbeResult(
+            outputs=[torch.cat([p.outputs[j] for p in parts]) for j in range(len(self.output_names))],
+            bn_inputs=[torch.cat([p.bn_inputs[j] for p in parts]) for j in range(len(self.bn_layers))],
+            stretch=[torch.cat([p.stretch[j] for p in parts]) for j in range(len(self.stretch_names))],
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run a batch; return ``(outputs, bn_inputs)`` in graph-output and ``bn_layers`` order."""
+        result = self.probe(images)
+        return result.outputs, result.bn_inputs
+
+    __call__ = forward
+
+
+def _split(values: Any, n_out: int, n_bn: int) -> ProbeResult:
+    values = list(values)
+    return ProbeResult(values[:n_out], values[n_out : n_out + n_bn], values[n_out + n_bn :])
+
+
+# ------------------------------------------------------------------------ conversion
+
+
+def to_torch(loaded: LoadedModel, *, device: str = "cpu", check: bool = True) -> TorchModel:
+    """Convert ``loaded`` to a frozen :class:`TorchModel` on ``device``.
+
+    Raises:
+        ConversionError: an op onnx2torch cannot convert, a BN node that cannot be
+            mapped, or torch disagreeing with onnxruntime (the first disagreeing node is named).
+        UnsupportedModelError: a non-float32 input, or a fixed batch larger than 1 that
+            cannot be made dynamic.
+    """
+    if loaded.input_dtype != "float32":
+        raise UnsupportedModelError(
+            f"input {loaded.input_name!r} of {loaded.source} is {loaded.input_dtype}; conversion needs float32",
+            "export the model in float32 (cast float16/float64 models to float32 before onnxdgh)",
+        )
+    model = loaded.model
+    batch_dynamic = True
+    if loaded.batch_fixed:
+        dynamic = make_batch_dynamic(loaded)
+        if dynamic is None:
+            if loaded.batch_dim != 1:
+                raise UnsupportedModelError(
+                    f"{loaded.source} fixes the batch dimension to {loaded.batch_dim} and cannot be rewritten to any batch",
+                    "re-export with a dynamic batch: torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})",
+                )
+            _LOG.warning(
+                "%s fixes the batch to 1 and its graph cannot safely take batches; images are run one at a time (slower)",
+                loaded.source,
+            )
+            batch_dynamic = False
+        else:
+            model = dynamic
+    _check_converters(model)
+    module = _convert(model)
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+
+    error = 0.0
+    if check:
+        error = _check_against_onnxruntime(module, model, loaded, batch_dynamic)
+    module = module.to(device)
+
+    probe, bn_layers, stretch_names = _build_probe(module, model, loaded, device)
+    _LOG.info(
+        "converted %s to torch: %d BN inputs captured, stretch loss on %s, max |torch - onnxruntime| %.2e",
+        loaded.source, len(bn_layers), ", ".join(stretch_names), error,
+    )
+    return TorchModel(
+        module=module,
+        loaded=loaded,
+        bn_layers=bn_layers,
+        output_names=tuple(loaded.output_names),
+        stretch_names=stretch_names,
+        batch_dynamic=batch_dynamic,
+        device=device,
+        max_abs_error=error,
+        _probe=probe,
+    )
+
+
+def _opset_for(model: onnx.ModelProto, domain: str) -> int | None:
+    return g.opset_version(model, domain)
+
+
+def _check_converters(model: onnx.ModelProto) -> None:
+    """Refuse, naming the first such node, any op onnx2torch has no converter for."""
+    from onnx2torch.node_converters import get_converter
+
+    for index, node in enumerate(model.graph.node):
+        version = _opset_for(model, node.domain)
+        name = node.name or f"{node.op_type}_{index}"
+        if version is None:
+            raise ConversionError(
+                f"node {name!r} ({node.op_type}) uses domain {node.domain!r}, which the model does not import",
+                "re-export the model; its opset imports are inconsistent",
+            )
+        try:
+            get_converter(domain=node.domain, operation_type=node.op_type, version=version)
+        except NotImplementedError as exc:
+            raise ConversionError(
+                f"node {name!r}: op {node.op_type} (opset {version}{', domain ' + node.domain if node.domain else ''}) "
+                "cannot be converted to torch by onnx2torch",
+                f"re-export the model without {node.op_type} (replace it by supported ops) or use opset 17",
+            ) from exc
+
+
+def _convert(model: onnx.ModelProto) -> fx.GraphModule:
+    from onnx2torch import convert
+
+    try:
+        return convert(model, attach_onnx_mapping=True)
+    except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ValueError...
+        culprit = _find_failing_node(model)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if culprit is not None:
+            node, reason = culprit
+            raise ConversionError(
+                f"node {node.name!r} ({node.op_type}) cannot be converted to torch: {reason}",
+                f"re-export the model so that {node.op_type} uses supported attributes ({_attrs(node)})",
+            ) from exc
+        raise ConversionError(
+            f"onnx2torch cannot convert the model: {detail}",
+            "re-export the model with opset 17 and standard ops",
+        ) from exc
+
+
+def _attrs(node: onnx.NodeProto) -> str:
+    from .load import attribute_summary
+
+    return attribute_summary(node) or "no attributes"
+
+
+def _find_failing_node(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str] | None:
+    """Run each node's onnx2torch converter alone to find the one that fails, if any."""
+    from onnx2torch.node_converters import get_converter
+    from onnx2torch.onnx_graph import OnnxGraph
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        graph = OnnxGraph(inferred.graph)
+    except Exception:  # diagnosis only; the caller reports the original error
+        return None
+    for (_, node), proto in zip(graph.nodes.items(), inferred.graph.node):
+        try:
+            converter = get_converter(
+                domain=node.domain, operation_type=node.operation_type, version=_opset_for(inferred, node.domain) or 0
+            )
+            converter(node, graph)
+        except Exception as exc:  # any converter failure names this node
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return proto, text
+    return None
+
+
+# ---------------------------------------------------------------------- fx plumbing
+
+
+def _output_index(module: fx.GraphModule) -> dict[str, tuple[fx.Node, int | None]]:
+    """Map every ONNX tensor produced by a converted node to (fx node, tuple index or None)."""
+    index: dict[str, tuple[fx.Node, int | None]] = {}
+    for node in module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mapping = getattr(module.get_submodule(node.target), "onnx_mapping", None)
+        if mapping is None:
+            continue
+        outputs = [name for name in mapping.outputs]
+        for position, name in enumerate(outputs):
+            if name:
+                index[name] = (node, position if len(outputs) > 1 else None)
+    return index
+
+
+def _module_node_for(module: fx.GraphModule, onnx_output: str, index: dict[str, tuple[fx.Node, int | None]]) -> fx.Node | None:
+    entry = index.get(onnx_output)
+    return entry[0] if entry else None
+
+
+def _value_for(
+    new_graph: fx.Graph, val_map: dict[fx.Node, fx.Node], module: fx.GraphModule, name: str,
+    index: dict[str, tuple[fx.Node, int | None]], placeholder_for: dict[str, fx.Node],
+) -> fx.Node:
+    if name in placeholder_for:
+        return val_map[placeholder_for[name]]
+    node, position = index[name]
+    mapped = val_map[node]
+    if position is None:
+        return mapped
+    return new_graph.call_function(operator.getitem, (mapped, position))
+
+
+def _build_probe(
+    module: fx.GraphModule, model: onnx.ModelProto, loaded: LoadedModel, device: str
+) -> tuple[fx.GraphModule, tuple[BNLayer, ...], tuple[str, ...]]:
+    index = _output_index(module)
+    placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
+    placeholder_for = {loaded.input_name: placeholders[0]} if placeholders else {}
+    producers = g.producer_map(model.graph)
+
+    usable = [bn for bn in loaded.bn_nodes if bn.usable]
+    depths = _node_depths(model)
+    bn_sources: list[fx.Node] = []
+    layers: list[BNLayer] = []
+    for bn in usable:
+        bn_module_node = _module_node_for(module, bn.output_name, index)
+        if bn_module_node is None or not bn_module_node.args or not isinstance(bn_module_node.args[0], fx.Node):
+            raise ConversionError(
+                f"BatchNormalization node {bn.node_name!r} has no counterpart in the torch module",
+                "report this model; as a workaround re-export it with " + REEXPORT_RECIPE,
+            )
+        bn_module = module.get_submodule(bn_module_node.target)
+        kind = type(bn_module).__name__
+        if not _is_batch_norm(bn_module):
+            raise ConversionError(
+                f"BatchNormalization node {bn.node_name!r} became a torch {kind}, not a batch norm",
+                "report this model; as a workaround re-export it with " + REEXPORT_RECIPE,
+            )
+        bn_sources.append(bn_module_node.args[0])
+        layers.append(_bn_layer(bn, model, device, depths))
+    bn_modules_in_torch = sum(
+        1 for node in module.graph.nodes
+        if node.op == "call_module" and _is_batch_norm(module.get_submodule(node.target))
+    )
+    bn_nodes_in_onnx = sum(1 for node in model.graph.node if node.op_type == "BatchNormalization")
+    if bn_modules_in_torch != bn_nodes_in_onnx or len(bn_sources) != len(usable):
+        raise ConversionError(
+            f"{loaded.source}: {bn_nodes_in_onnx} BatchNormalization nodes in ONNX but {bn_modules_in_torch} batch norms "
+            f"in torch ({len(bn_sources)} of {len(usable)} usable BN inputs captured)",
+            "report this model; as a workaround re-export it with " + REEXPORT_RECIPE,
+        )
+
+    stretch_names: list[str] = []
+    for name in loaded.output_names:
+        producer = producers.get(name)
+        if producer is not None and producer.op_type in STRETCH_THROUGH_OPS and producer.input and producer.input[0]:
+            stretch_names.append(producer.input[0])
+        else:
+            stretch_names.append(name)
+
+    new_graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    new_graph.graph_copy(module.graph, val_map)
+    outputs = [_value_for(new_graph, val_map, module, n, index, placeholder_for) for n in loaded.output_names]
+    bn_values = [val_map[src] for src in bn_sources]
+    stretch = [_value_for(new_graph, val_map, module, n, index, placeholder_for) for n in stretch_names]
+    new_graph.output(tuple(outputs + bn_values + stretch))
+    new_graph.lint()
+    probe = fx.GraphModule(module, new_graph)
+    probe.eval()
+    return probe, tuple(layers), tuple(stretch_names)
+
+
+def _is_batch_norm(module: torch.nn.Module) -> bool:
+    from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
+
+    return isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, OnnxBatchNorm))
+
+
+def _node_depths(model: onnx.ModelProto) -> dict[str, int]:
+    """Longest path (in nodes) from a graph input to each node's outputs, by output name."""
+    depth: dict[str, int] = {}
+    for node in model.graph.node:  # topologically sorted by canonicalisation
+        level = 1 + max((depth.get(name, 0) for name in node.input if name), default=0)
+        for name in node.output:
+            depth[name] = level
+    return depth
+
+
+def _bn_layer(bn: BatchNormInfo, model: onnx.ModelProto, device: str, depths: dict[str, int]) -> BNLayer:
+    rank = _tensor_rank(model, bn.input_name)
+    return BNLayer(
+        node_name=bn.node_name,
+        input_name=bn.input_name,
+        channels=bn.channels,
+        mean=torch.as_tensor(bn.mean, dtype=torch.float32, device=device),
+        std=torch.as_tensor(bn.std, dtype=torch.float32, device=device),
+        spatial=rank is None or rank > 2,
+        depth=depths.get(bn.output_name, 0),
+    )
+
+
+def _tensor_rank(model: onnx.ModelProto, name: str) -> int | None:
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return None
+    for value in inferred.graph.value_info:
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    return None
+
+
+# ------------------------------------------------------------- onnxruntime agreement
+
+
+def _check_against_onnxruntime(
+    module: fx.GraphModule, model: onnx.ModelProto, loaded: LoadedModel, batch_dynamic: bool
+) -> float:
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((_CHECK_IMAGES, *loaded.input_shape)).astype(np.float32)
+    session = make_session(model, optimize=False)
+    expected = run_batched(session, images, batch_size=_CHECK_IMAGES, fixed_batch=None if batch_dynamic else 1)
+    got = _run_plain(module, images, batch_dynamic, len(expected))
+    worst = 0.0
+    for name, ref, out in zip(loaded.output_names, expected, got):
+        if ref.shape != out.shape:
+            raise ConversionError(
+                f"torch output {name!r} has shape {tuple(out.shape)} but onnxruntime gives {tuple(ref.shape)}",
+                "report this model; the conversion changed a shape",
+            )
+        error, tolerance = _error(ref, out)
+        worst = max(worst, error)
+        if error > tolerance:
+            where = _localise_mismatch(module, model, images, batch_dynamic)
+            raise ConversionError(
+                f"torch and onnxruntime disagree on output {name!r} (max difference {error:.3g}, "
+                f"allowed {tolerance:.3g}){where}",
+                "the op is converted with different semantics; re-export the model with opset 17 or report it",
+            )
+    return worst
+
+
+def _error(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    finite = np.isfinite(ref)
+    if not np.array_equal(finite, np.isfinite(out)):
+        return float("inf"), 0.0
+    if not finite.any():
+        return 0.0, _CHECK_ATOL
+    diff = float(np.max(np.abs(ref[finite].astype(np.float64) - out[finite])))
+    scale = float(np.max(np.abs(ref[finite])))
+    return diff, _CHECK_ATOL + CHECK_RTOL * scale
+
+
+def _run_plain(module: fx.GraphModule, images: np.ndarray, batch_dynamic: bool, n_outputs: int) -> list[np.ndarray]:
+    def once(batch: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            result = module(torch.from_numpy(batch))
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        return [np.asarray(v.detach().cpu().numpy()) for v in values]
+
+    if batch_dynamic:
+        return once(images)
+    parts = [once(images[i : i + 1]) for i in range(images.shape[0])]
+    return [np.concatenate([p[j] for p in parts]) for j in range(n_outputs)]
+
+
+def _localise_mismatch(module: fx.GraphModule, model: onnx.ModelProto, images: np.ndarray, batch_dynamic: bool) -> str:
+    """Name the first ONNX node (in graph order) whose torch output disagrees with onnxruntime."""
+    try:
+        index = _output_index(module)
+        names = [name for node in model.graph.node for name in node.output[:1] if name in index]
+        session = make_session(with_extra_outputs(model, names), optimize=False)
+        expected = dict(zip(names, run_batched(session, images, outputs=names, fixed_batch=None if batch_dynamic else 1)))
+        new_graph = fx.Graph()
+        val_map: dict[fx.Node, fx.Node] = {}
+        new_graph.graph_copy(module.graph, val_map)
+        values = [_value_for(new_graph, val_map, module, n, index, {}) for n in names]
+        new_graph.output(tuple(values))
+        probe = fx.GraphModule(module, new_graph)
+        got = _run_plain(probe, images, batch_dynamic, len(names))
+        by_output = {name: node for node in model.graph.node for name in node.output}
+        for name, out in zip(names, got):
+            ref = expected[name]
+            if ref.shape != out.shape:
+                node = by_output[name]
+                return f"; first difference at node {node.name!r} ({node.op_type}): shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+            if not np.issubdtype(ref.dtype, np.floating):
+                if not np.array_equal(ref, out):
+                    node = by_output[name]
+                    return f"; first difference at node {node.name!r} ({node.op_type})"
+                continue
+            error, tolerance = _error(ref, out)
+            if error > tolerance:
+                node = by_output[name]
+                return f"; first difference at node {node.name!r} ({node.op_type}): max difference {error:.3g}"
+    except Exception as exc:  # localisation is best effort; the mismatch itself is already known
+        _LOG.debug("could not localise the mismatch: %s", exc)
+    return ""
+
+

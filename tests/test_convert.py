@@ -1,0 +1,167 @@
+"""Stage 2: onnx2torch conversion, BN-input capture, checks against onnxruntime, errors naming the node."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from onnxdgh.convert import to_torch
+from onnxdgh.errors import ConversionError
+from onnxdgh.load import load_model, load_model_proto
+from onnxdgh.runtime import make_session, with_extra_outputs
+
+from .conftest import TinyConvBnRelu, export_onnx, settle_bn
+
+
+class SoftmaxHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TinyConvBnRelu(channels=1, classes=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.body(x), dim=1)
+
+
+def test_outputs_and_bn_inputs_match_onnxruntime(tiny_model_path: Path) -> None:
+    loaded = load_model(tiny_model_path)
+    model = to_torch(loaded)
+    assert len(model.bn_layers) == len(loaded.bn_nodes) == 2
+    assert not model.module.training
+    assert all(not p.requires_grad for p in model.module.parameters())
+
+    images = np.random.default_rng(1).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    bn_names = [bn.input_name for bn in loaded.bn_nodes]
+    session = make_session(with_extra_outputs(loaded.model, bn_names), optimize=False)
+    expected = session.run(list(loaded.output_names) + bn_names, {loaded.input_name: images})
+    with torch.no_grad():
+        outputs, bn_inputs = model.forward(torch.from_numpy(images))
+    np.testing.assert_allclose(outputs[0].numpy(), expected[0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(bn_inputs, expected[1:]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+    for layer, bn in zip(model.bn_layers, loaded.bn_nodes):
+        np.testing.assert_allclose(layer.mean.numpy(), bn.mean)
+        np.testing.assert_allclose(layer.std.numpy(), np.sqrt(bn.var), rtol=1e-6)
+    assert model.bn_layers[1].depth > model.bn_layers[0].depth
+
+
+def test_gradient_reaches_the_input_only(tiny_model_path: Path) -> None:
+    model = to_torch(load_model(tiny_model_path))
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    outputs, bn_inputs = model.forward(x)
+    (outputs[0].sum() + bn_inputs[1].pow(2).mean()).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model.module.parameters())
+
+
+def test_fixed_batch_graph_runs_batches(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = settle_bn(TinyConvBnRelu(), (3, 12, 12))
+    path = export_onnx(module, (3, 12, 12), tmp_path / "fixed.onnx", dynamic_batch=False)
+    loaded = load_model(path)
+    assert loaded.batch_fixed
+    model = to_torch(loaded)
+    assert model.batch_dynamic
+    images = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        together = model.probe(images)
+        # The one-image-at-a-time path (used when the batch cannot be made dynamic) agrees.
+        single = dataclasses.replace(model, batch_dynamic=False).probe(images)
+    torch.testing.assert_close(together.outputs[0], single.outputs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(together.bn_inputs, single.bn_inputs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_output_stretches_the_logits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = settle_bn(SoftmaxHead(), (1, 10, 10))
+    loaded = load_model(export_onnx(module, (1, 10, 10), tmp_path / "softmax.onnx"))
+    model = to_torch(loaded)
+    producer = {out: node for node in loaded.model.graph.node for out in node.output}
+    assert producer[loaded.output_names[0]].op_type == "Softmax"
+    assert model.stretch_names[0] == producer[loaded.output_names[0]].input[0]
+    with torch.no_grad():
+        result = model.probe(torch.randn(2, 1, 10, 10))
+    torch.testing.assert_close(torch.softmax(result.stretch[0], dim=1), result.outputs[0])
+
+
+def _model(nodes: str, inits: list[onnx.TensorProto] | None = None) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        net (float[N, 1, 4, 4] input) => (float[N, 1, 4, 4] out) {{
+            {nodes}
+        }}
+        """
+    )
+    if inits:
+        model.graph.initializer.extend(inits)
+    return model
+
+
+def test_unconvertible_op_names_the_node() -> None:
+    model = _model("mid = Relu(input)\nout = Shrink <lambd = 0.5> (mid)")
+    model.graph.node[1].name = "my_shrink"
+    with pytest.raises(ConversionError, match=r"node 'my_shrink'.*Shrink.*onnx2torch"):
+        to_torch(load_model_proto(model))
+
+
+def test_converter_failure_names_the_node() -> None:
+    shape = numpy_helper.from_array(np.array([0, 1, 4, 4], np.int64), "shape")
+    model = _model("mid = Relu(input)\nout = Reshape <allowzero = 1> (mid, shape)", [shape])
+    model.graph.node[1].name = "reshape_allowzero"
+    with pytest.raises(ConversionError, match=r"node 'reshape_allowzero' \(Reshape\)"):
+        to_torch(load_model_proto(model))
+
+
+def test_mismatch_with_onnxruntime_names_the_first_bad_node(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnx2torch.node_converters import registry
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    def wrong_relu(node, graph):  # a converter with the wrong semantics: Relu -> Tanh
+        return OperationConverterResult(torch_module=nn.Tanh(), onnx_mapping=onnx_mapping_from_node(node))
+
+    for description in [d for d in registry._CONVERTER_REGISTRY if d.operation_type == "Relu"]:
+        monkeypatch.setitem(registry._CONVERTER_REGISTRY, description, wrong_relu)
+    loaded = load_model(tiny_model_path)
+    first_relu = next(node.name for node in loaded.model.graph.node if node.op_type == "Relu")
+    with pytest.raises(ConversionError, match=rf"disagree.*first difference at node '{first_relu}' \(Relu\)"):
+        to_torch(loaded)
+
+
+def test_bn_count_disagreement_is_refused(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnx2torch.node_converters import registry
+    from onnx2torch.utils.common import OperationConverterResult, OnnxMapping
+
+    original = registry.get_converter(operation_type="BatchNormalization", version=15)
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    def hidden_bn(node, graph):
+        result = original(node, graph)
+        return OperationConverterResult(Wrapped(result.torch_module), OnnxMapping(result.onnx_mapping.inputs, result.onnx_mapping.outputs))
+
+    for description in [d for d in registry._CONVERTER_REGISTRY if d.operation_type == "BatchNormalization"]:
+        monkeypatch.setitem(registry._CONVERTER_REGISTRY, description, hidden_bn)
+    with pytest.raises(ConversionError, match="BatchNormalization node .* became a torch Wrapped"):
+        to_torch(load_model(tiny_model_path))
+
+
+def test_opset_helper_model_is_valid() -> None:
+    # Guard for the hand-written graphs above: they must pass the loader on their own.
+    model = _model("out = Relu(input)")
+    loaded = load_model_proto(model)
+    assert to_torch(loaded).output_names == ("out",)
+    assert helper.printable_graph(model.graph)
