@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .errors import OnnxDghError  # noqa: E402
 from .load import LoadedModel, load_model, load_model_proto  # noqa: E402
 from .validate import ValidationReport, validate  # noqa: E402  (rebinds the name to the function)
+from .generate import GenerateConfig, GenerationResult, generate  # noqa: E402  (rebinds the name to the function)
 
 __all__ = [
     "__version__",
@@ -21,4 +22,7 @@ __all__ = [
     "load_model_proto",
     "ValidationReport",
     "validate",
+    "GenerateConfig",
+    "GenerationResult",
+    "generate",
 ]

@@ -1,0 +1,144 @@
+"""``onnxdgh generate``: DGH synthetic calibration images for an ONNX model.
+
+Writes float32 N x C x H x W images in the model's input space plus the settings, seed
+and final losses (key ``meta`` of the ``.npz``); ``--preview`` adds a PNG contact sheet and
+``--json`` the full report. Every output path is checked before any work starts.
+Exit codes: 0 success, 2 bad input (options, model, paths).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..cli import input_shape_option, run_command
+from ..errors import InvalidInputError
+
+__all__ = ["generate_command"]
+
+
+def _floats(option: str, text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        values = ()
+    if not values:
+        raise InvalidInputError(f"{option} {text!r} is not a comma-separated list of numbers", f"give e.g. {option} 0.5 or 0.485,0.456,0.406")
+    return values
+
+
+def summary(report: dict[str, Any], output: str) -> list[str]:
+    """Terminal lines summarising a generation report."""
+    final = report.get("final", {})
+    settings = report["settings"]
+    lines = [
+        f"wrote {final.get('images', settings['images'])} images "
+        f"({'x'.join(str(d) for d in report['input_shape'])}, method {report['method']}, seed {report['seed']}) to {output}"
+    ]
+    if "bns_loss" in final:
+        start = final.get("bns_loss_initial")
+        start_text = f"{start:.4g} -> " if isinstance(start, (int, float)) else ""
+        lines.append(f"BN statistics loss {start_text}{final['bns_loss']:.4g} (whole set, final images)")
+    if "output_range" in final:
+        spread = final["output_range"]
+        lines.append(
+            f"output range per image {spread['mean']:.3g} (min {spread['min']:.3g}, max {spread['max']:.3g}); "
+            f"values {final['output_min']:.3g} .. {final['output_max']:.3g}"
+        )
+    norm = report.get("normalization", {})
+    if not norm.get("clamped"):
+        lines.append("note: " + norm.get("note", "images were not clamped"))
+    timings = report.get("timings", {})
+    if timings.get("image_iterations_per_s"):
+        lines.append(f"time {timings['total_s']:.1f} s ({timings['image_iterations_per_s']:.0f} image-iterations/s)")
+    return lines
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=True, path_type=str), help="Images file to write (.npz).")
+@click.option("--images", type=int, default=None, help="Number of images (default 256).")
+@click.option("--iterations", type=int, default=None, help="Optimisation passes over all batches (default 300).")
+@click.option("--batch-size", type=int, default=None, help="Images optimised together (default 64).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for identical images on rerun.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--method", default="dgh", show_default=True, help="dgh, bns (BN matching per batch) or noise (Gaussian).")
+@click.option("--sas/--no-sas", default=None, help="Statistics aggregation over the whole set (default: on for dgh).")
+@click.option("--prep/--no-prep", default=None, help="Smoothing + flip + crop every step (default: on for dgh).")
+@click.option("--odsl/--no-odsl", default=None, help="Output distribution stretching loss (default: on for dgh).")
+@click.option("--odsl-lambda", type=float, default=None, help="Weight of the stretching loss (Eq. 8).")
+@click.option("--odsl-delta", type=float, default=None, help="Allowed squared deviation at the last BN (Eq. 7).")
+@click.option("--lr", type=float, default=None, help="Initial learning rate (paper: 16).")
+@click.option("--optimizer", default=None, help="radam (default) or adam.")
+@click.option("--scheduler", default=None, help="plateau (default) or none.")
+@click.option("--patience", type=int, default=None, help="Plateau patience in iterations (default iterations/50).")
+@click.option("--factor", type=float, default=None, help="Plateau reduction factor (default 0.5).")
+@click.option("--min-lr", type=float, default=None, help="Plateau floor (default 1e-4).")
+@click.option("--crop-margin", type=int, default=None, help="Extra canvas pixels for random crops (default ~side/7).")
+@click.option("--smoothing-sigma", type=float, default=None, help="Sigma of the 3x3 smoothing prior (default 1.25).")
+@click.option("--mean", "mean_text", default=None, help="Input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406.")
+@click.option("--std", "std_text", default=None, help="Input std per channel, e.g. 0.229,0.224,0.225.")
+@click.option("--stats-refresh", default=None, help="reuse (default) or rerun: how a batch's stored statistics are refreshed.")
+@click.option("--allow-no-bn", is_flag=True, help="Run DGH on a model without BN statistics (prep + ODSL only).")
+@click.option("--checkpoint", type=click.Path(dir_okay=True, path_type=str), default=None, help="Checkpoint file for long runs.")
+@click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints (default 25).")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
+@click.option("--preview", type=click.Path(dir_okay=True, path_type=str), default=None, help="Write a PNG contact sheet.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=True, allow_dash=True, path_type=str), default=None,
+              help="Write the report as JSON to this file ('-' for stdout).")
+@input_shape_option
+@click.pass_context
+@run_command
+def generate_command(ctx: click.Context, model: str, output: str, mean_text: str | None, std_text: str | None,
+                     preview: str | None, json_out: str | None, input_shape: tuple[int, int, int] | None,
+                     **options: Any) -> int:
+    """Generate synthetic calibration images for MODEL from its BatchNorm statistics (DGH).
+
+    \b
+    Exit codes: 0 success, 2 bad input.
+    """
+    from ..fileio import atomic_write_bytes, atomic_write_json, check_output_path, save_images_npz
+    from ..generate import GenerateConfig, generate
+    from ..generate.preview import contact_sheet_png
+    from ..load import load_model
+
+    outputs = [("-o/--output", output), ("--preview", preview), ("--checkpoint", options.get("checkpoint"))]
+    if json_out and json_out != "-":
+        outputs.append(("--json", json_out))
+    seen: dict[str, str] = {}
+    for option, path in outputs:
+        if not path:
+            continue
+        check_output_path(path, inputs=[model])
+        if path in seen:
+            raise InvalidInputError(f"{option} and {seen[path]} name the same file {path}", "give each output its own file")
+        seen[path] = option
+
+    given = {key: value for key, value in options.items() if value is not None}
+    if not given.get("allow_no_bn"):
+        given.pop("allow_no_bn", None)
+    if not given.get("resume"):
+        given.pop("resume", None)
+    config = GenerateConfig(mean=_floats("--mean", mean_text), std=_floats("--std", std_text), **given)
+    loaded = load_model(model, input_shape=input_shape)
+    quiet = bool(ctx.obj and ctx.obj.get("quiet"))
+    result = generate(loaded, config, progress=not quiet)
+
+    save_images_npz(output, result.images, meta=result.report)
+    if preview:
+        norm = result.report["normalization"]
+        mean = norm.get("mean") if norm.get("clamped") else None
+        std = norm.get("std") if norm.get("clamped") else None
+        atomic_write_bytes(preview, contact_sheet_png(result.images, mean, std))  # type: ignore[arg-type]
+    if json_out == "-":
+        click.echo(json.dumps(result.report, indent=2))
+    elif json_out:
+        atomic_write_json(json_out, result.report)
+    if json_out != "-" and not quiet:
+        for line in summary(result.report, output):
+            click.echo(line)
+    return 0

@@ -1,0 +1,195 @@
+"""Settings of synthetic image generation, validated on construction.
+
+Contract: :class:`GenerateConfig` is frozen; every field is one CLI option of
+``onnxdgh generate``; an invalid value raises :class:`~onnxdgh.errors.InvalidInputError`
+naming the option. ``sas``/``prep``/``odsl`` left as ``None`` take the method's default
+(all on for ``dgh``, all off for ``bns``); setting them explicitly gives the ablations of
+the DGH paper's Table 4.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import InvalidInputError
+
+__all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH"]
+
+METHODS = ("dgh", "bns", "noise")
+OPTIMIZERS = ("radam", "adam")
+SCHEDULERS = ("plateau", "none")
+STATS_REFRESH = ("reuse", "rerun")
+
+# CPU-practical defaults, chosen by measurement on samples/fmnist_resnet8.onnx (see the
+# report and generate/core.py): 256 images x 300 iterations at batch 64. The paper's
+# 1024 x 1000 is available with --images 1024 --iterations 1000 (hours on 2 CPU cores).
+_DEFAULT_IMAGES = 256
+_DEFAULT_ITERATIONS = 300
+_DEFAULT_BATCH = 64
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How many images to make and how (DGH paper Section 5, Algorithm 1, Appendix A.1).
+
+    Attributes:
+        images: number of images |D|.
+        iterations: optimisation passes T over all batches.
+        batch_size: images optimised together (memory grows with this, never with |D|).
+        seed: seeds every random draw (initial noise, flips, crops).
+        device: ``"cpu"`` or ``"cuda"``.
+        method: ``"dgh"`` (default), ``"bns"`` (BN matching per batch, no prep, no ODSL:
+            the ZeroQ/DeepInversion family) or ``"noise"`` (Gaussian N(0, 1) images).
+        sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
+        prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
+        odsl: output distribution stretching loss (Eq. 7-8); None = method default.
+        odsl_lambda: lambda of Eq. 8.
+        odsl_delta: delta of Eq. 7 (allowed squared deviation at the last BN layer).
+        lr: initial learning rate (paper: 16).
+        optimizer: ``"radam"`` (paper) or ``"adam"``.
+        scheduler: ``"plateau"`` (reduce-on-plateau, paper) or ``"none"``.
+        patience: plateau patience in iterations; None = max(1, iterations // 50).
+        factor: plateau reduction factor.
+        min_lr: plateau floor.
+        crop_margin: extra pixels of the optimised canvas per side pair (paper: 32 for
+            224-px inputs); None = max(2, round(min(H, W) / 7)).
+        smoothing_sigma: sigma of the 3x3 Gaussian smoothing prior.
+        mean, std: per-channel input normalization (pixels in [0, 1] -> model input
+            ``(pixel - mean) / std``); override the model's metadata. Give both or neither.
+        stats_refresh: after a batch's step, ``"reuse"`` its pre-step statistics (MCT) or
+            ``"rerun"`` the model to refresh them (Algorithm 1, lines 14-15).
+        allow_no_bn: run DGH on a model without usable BN statistics (prep + ODSL only).
+        checkpoint: file for periodic atomic checkpoints (None = no checkpoints).
+        checkpoint_every: iterations between checkpoints.
+        resume: continue from ``checkpoint`` when it exists.
+    """
+
+    images: int = _DEFAULT_IMAGES
+    iterations: int = _DEFAULT_ITERATIONS
+    batch_size: int = _DEFAULT_BATCH
+    seed: int = 0
+    device: str = "cpu"
+    method: str = "dgh"
+    sas: bool | None = None
+    prep: bool | None = None
+    odsl: bool | None = None
+    odsl_lambda: float = 0.002
+    odsl_delta: float = 1.0
+    lr: float = 16.0
+    optimizer: str = "radam"
+    scheduler: str = "plateau"
+    patience: int | None = None
+    factor: float = 0.5
+    min_lr: float = 1e-4
+    crop_margin: int | None = None
+    smoothing_sigma: float = 1.25
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    stats_refresh: str = "reuse"
+    allow_no_bn: bool = False
+    checkpoint: str | None = None
+    checkpoint_every: int = 25
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int("--images", self.images)
+        _positive_int("--iterations", self.iterations)
+        _positive_int("--batch-size", self.batch_size)
+        _positive_int("--checkpoint-every", self.checkpoint_every)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise InvalidInputError(f"--seed {self.seed!r} is not an integer in [0, 2^63)", "give e.g. --seed 0")
+        _choice("--method", self.method, METHODS)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _choice("--scheduler", self.scheduler, SCHEDULERS)
+        _choice("--stats-refresh", self.stats_refresh, STATS_REFRESH)
+        _choice("--device", self.device, ("cpu", "cuda"))
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InvalidInputError(
+                    "--device cuda was requested but torch sees no CUDA device",
+                    "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU",
+                )
+        _finite("--odsl-lambda", self.odsl_lambda, minimum=0.0)
+        _finite("--odsl-delta", self.odsl_delta, minimum=0.0)
+        _finite("--lr", self.lr, minimum=0.0, strict=True)
+        _finite("--min-lr", self.min_lr, minimum=0.0)
+        _finite("--smoothing-sigma", self.smoothing_sigma, minimum=0.0, strict=True)
+        if not 0.0 < float(self.factor) < 1.0:
+            raise InvalidInputError(f"--factor {self.factor} must lie strictly between 0 and 1", "the paper uses 0.5")
+        if self.patience is not None:
+            _positive_int("--patience", self.patience)
+        if self.crop_margin is not None:
+            if not isinstance(self.crop_margin, int) or isinstance(self.crop_margin, bool) or self.crop_margin < 0:
+                raise InvalidInputError(f"--crop-margin {self.crop_margin!r} is not a non-negative integer", "give e.g. --crop-margin 4")
+        if (self.mean is None) != (self.std is None):
+            raise InvalidInputError("--mean and --std must be given together", "give both, e.g. --mean 0.286 --std 0.353")
+        if self.mean is not None and self.std is not None:
+            object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+            object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+            if not self.mean or not all(math.isfinite(v) for v in self.mean):
+                raise InvalidInputError(f"--mean {self.mean} must be finite numbers", "give e.g. --mean 0.485,0.456,0.406")
+            if not self.std or not all(math.isfinite(v) and v > 0 for v in self.std):
+                raise InvalidInputError(f"--std {self.std} must be positive numbers", "give e.g. --std 0.229,0.224,0.225")
+        if self.resume and not self.checkpoint:
+            raise InvalidInputError("--resume needs --checkpoint PATH", "give the checkpoint file of the interrupted run")
+
+        for name in ("sas", "prep", "odsl"):
+            if self.method == "noise" and getattr(self, name):
+                raise InvalidInputError(
+                    f"--{name} has no effect with --method noise (no optimisation runs)",
+                    "drop the option, or use --method dgh / bns",
+                )
+
+    @property
+    def use_sas(self) -> bool:
+        """Statistics aggregation over the whole set (explicit value, else on for ``dgh`` only)."""
+        return self.method == "dgh" if self.sas is None else bool(self.sas)
+
+    @property
+    def use_prep(self) -> bool:
+        """phi_prep every step (explicit value, else on for ``dgh`` only)."""
+        return self.method == "dgh" if self.prep is None else bool(self.prep)
+
+    @property
+    def use_odsl(self) -> bool:
+        """Output distribution stretching loss (explicit value, else on for ``dgh`` only)."""
+        return self.method == "dgh" if self.odsl is None else bool(self.odsl)
+
+    @property
+    def effective_patience(self) -> int:
+        """Plateau patience in iterations (paper setting ~ iterations / 50)."""
+        return self.patience if self.patience is not None else max(1, self.iterations // 50)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict."""
+        data = asdict(self)
+        data["patience"] = self.effective_patience
+        data["sas"], data["prep"], data["odsl"] = self.use_sas, self.use_prep, self.use_odsl
+        for key in ("mean", "std"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+
+def _positive_int(option: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidInputError(f"{option} {value!r} is not a positive integer", f"give e.g. {option} 1 or more")
+
+
+def _choice(option: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidInputError(f"{option} {value!r} is not one of {', '.join(choices)}", f"use one of: {', '.join(choices)}")
+
+
+def _finite(option: str, value: object, *, minimum: float, strict: bool = False) -> None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise InvalidInputError(f"{option} {value!r} must be a finite number {bound}", f"give e.g. {option} 1")

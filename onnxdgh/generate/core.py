@@ -1,0 +1,596 @@
+"""DGH image generation: stage 3 of the pipeline (paper Section 5, Algorithm 1, Appendix A.1).
+
+Contract: :func:`generate` takes a model (path or :class:`~onnxdgh.load.LoadedModel`) and
+a :class:`~onnxdgh.generate.config.GenerateConfig` and returns float32 N x C x H x W
+images in the model's (normalized) input space plus a JSON-serialisable report. With a
+fixed seed the images are identical on rerun on the same machine, and a run resumed from
+a checkpoint ends with exactly the images of an uninterrupted run.
+
+Algorithm (``method="dgh"``): the images start as N(0, 1) noise on a canvas larger than
+the input (phi_prep's crop margin) and are split into batches, each with its own
+optimiser and plateau scheduler. Before the loop every batch is run once to store its BN
+input statistics (Algorithm 1, lines 2-5). Then, for every iteration and every batch:
+phi_prep -> forward -> the batch's per-channel moments at every BN input -> whole-set
+moments by SAS (Eq. 5, the other batches' stored moments as constants) -> L_BNS (Eq. 4)
++ lambda * L_ODSL (Eq. 7-8) -> backward into this batch's pixels only -> optimiser and
+scheduler step -> refresh this batch's stored moments. Weights never get gradients.
+
+L_ODSL over the set is (1/|D|) sum_k l(x_k); the other batches' terms are constants, so a
+batch contributes sum_{k in B_n} l(x_k) / |D|. Dividing by |D| rather than by the batch
+size keeps lambda's meaning independent of how many batches the set is cut into: the
+BNS gradient on one image also scales with 1/|D| under SAS. Without SAS (per-batch
+scope) the scope is the batch and the divisor is its size.
+
+Refreshing the stored moments after a step (``stats_refresh``): the paper re-runs the
+model on a fresh phi_prep view (Algorithm 1, lines 14-15); MCT stores the pre-step
+moments, which costs nothing. Both are available; the default is "reuse" until the
+comparison on samples/fmnist_resnet8.onnx is recorded here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..convert import TorchModel, to_torch
+from ..errors import ConversionError, InvalidInputError, UnsupportedModelError
+from ..fileio import check_output_path
+from ..load import REEXPORT_RECIPE, LoadedModel, load_model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import GenerateConfig
+from .losses import StatsStore, batch_moments, bns_loss, odsl_per_image
+from .prep import Preprocessor, auto_margin
+
+__all__ = ["GenerationResult", "StepInfo", "generate", "evaluate_images", "resolve_normalization"]
+
+_LOG = logging.getLogger(__name__)
+
+# Settings that do not change the images: a checkpoint stays valid when they change.
+_NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Generated images (float32 N x C x H x W, model input space) and the run's report."""
+
+    images: np.ndarray = field(repr=False)
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Passed to a ``callback`` after every optimisation step of one batch."""
+
+    iteration: int
+    batch: int
+    loss: float
+    bns_loss: float
+    output_range: float
+    lr: float
+
+
+# ------------------------------------------------------------------ normalization
+
+
+def resolve_normalization(
+    loaded: LoadedModel, config: GenerateConfig
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Per-channel (mean, std, source) from the options, else the model metadata, else None.
+
+    Raises:
+        InvalidInputError: --mean/--std do not have 1 or C values.
+    """
+    channels = loaded.input_shape[0]
+    if config.mean is not None and config.std is not None:
+        values = []
+        for option, given in (("--mean", config.mean), ("--std", config.std)):
+            if len(given) not in (1, channels):
+                raise InvalidInputError(
+                    f"{option} has {len(given)} values but the model input has {channels} channels",
+                    f"give 1 or {channels} comma-separated values",
+                )
+            values.append(np.broadcast_to(np.asarray(given, np.float32), (channels,)).copy())
+        return values[0], values[1], "options"
+    found = loaded.input_normalization()
+    if found is not None:
+        return found[0], found[1], "metadata"
+    return None
+
+
+# ----------------------------------------------------------------------- generate
+
+
+def generate(
+    model: LoadedModel | str | os.PathLike[str],
+    config: GenerateConfig = GenerateConfig(),
+    *,
+    progress: bool = True,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> GenerationResult:
+    """Generate synthetic calibration images for ``model`` (DGH, or a baseline by ``config.method``).
+
+    ``callback`` is called after every batch step (a ``KeyboardInterrupt`` raised there,
+    or a Ctrl-C, stops the run after writing a checkpoint when one is configured).
+
+    Raises:
+        UnsupportedModelError: no usable BN statistics (unless ``method="noise"`` or
+            ``allow_no_bn``).
+        ConversionError: the model cannot be converted to torch.
+        InvalidInputError: bad normalization values, or a checkpoint that does not match.
+        OutputPathError: the checkpoint path cannot be written.
+    """
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    load_s = time.perf_counter() - started
+    if config.checkpoint:
+        check_output_path(config.checkpoint, inputs=[loaded.source])
+    norm = resolve_normalization(loaded, config)
+    channels, height, width = loaded.input_shape
+    if norm is None:
+        _LOG.warning(
+            "input normalization of %s is unknown (no --mean/--std, no input_mean/input_std metadata): "
+            "images are not clamped to a valid pixel range", loaded.source,
+        )
+        low = high = None
+    else:
+        mean, std, _ = norm
+        low = torch.from_numpy((0.0 - mean) / std)
+        high = torch.from_numpy((1.0 - mean) / std)
+
+    report: dict[str, Any] = {
+        "model": loaded.source,
+        "method": config.method,
+        "seed": config.seed,
+        "settings": config.to_dict(),
+        "input_name": loaded.input_name,
+        "input_shape": [channels, height, width],
+        "normalization": _normalization_report(norm, low, high),
+    }
+    if config.method == "noise":
+        return _noise(loaded, config, low, high, report, started, load_s)
+
+    usable = loaded.usable_bn_nodes
+    for bn in loaded.bn_nodes:
+        if not bn.usable:
+            _LOG.warning("BN node %s is not used as a target: %s", bn.node_name, bn.problem)
+    if not usable and not config.allow_no_bn:
+        problem = "has no BatchNormalization nodes" if not loaded.bn_nodes else "has no BatchNormalization node with usable statistics"
+        raise UnsupportedModelError(
+            f"{loaded.source} {problem}; DGH needs them as targets (the export probably folded BN into Conv)",
+            f"re-export keeping BN: {REEXPORT_RECIPE}; or use --method noise, or --allow-no-bn for DGH without BN terms",
+        )
+    if not usable and config.method == "bns":
+        raise InvalidInputError(
+            f"--method bns has nothing to match: {loaded.source} has no usable BN statistics",
+            "use --method noise, or --method dgh --allow-no-bn",
+        )
+    if not usable and not config.use_odsl:
+        raise InvalidInputError(
+            f"nothing to optimise: {loaded.source} has no usable BN statistics and ODSL is off",
+            "drop --no-odsl, or use --method noise",
+        )
+
+    convert_started = time.perf_counter()
+    torch_model = to_torch(loaded, device=config.device)
+    convert_s = time.perf_counter() - convert_started
+    run = _Run(torch_model, config, low, high)
+    images, run_report = run.execute(progress=progress, callback=callback, model_sha256=_model_sha256(loaded))
+    evaluate_started = time.perf_counter()
+    evaluation = evaluate_images(torch_model, images, batch_size=config.batch_size)
+    evaluate_s = time.perf_counter() - evaluate_started
+    report.update(run_report)
+    report["final"] = {**evaluation, **run_report.pop("final", {})}
+    report["normalization"]["clamped_fraction"] = run_report.pop("clamped_fraction", 0.0)
+    report.pop("clamped_fraction", None)
+    report["timings"] = {
+        "load_s": round(load_s, 3),
+        "convert_s": round(convert_s, 3),
+        **report.get("timings", {}),
+        "evaluate_s": round(evaluate_s, 3),
+        "total_s": round(time.perf_counter() - started, 3),
+    }
+    return GenerationResult(images=images, report=report)
+
+
+def _normalization_report(norm: tuple[np.ndarray, np.ndarray, str] | None, low: torch.Tensor | None,
+                          high: torch.Tensor | None) -> dict[str, Any]:
+    if norm is None:
+        return {
+            "source": None,
+            "clamped": False,
+            "note": "input normalization unknown (no --mean/--std, no input_mean/input_std metadata): clamping skipped",
+        }
+    mean, std, source = norm
+    return {
+        "source": source,
+        "clamped": True,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "low": [float(v) for v in low.tolist()] if low is not None else None,
+        "high": [float(v) for v in high.tolist()] if high is not None else None,
+    }
+
+
+def _model_sha256(loaded: LoadedModel) -> str:
+    return hashlib.sha256(loaded.model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _noise(loaded: LoadedModel, config: GenerateConfig, low: torch.Tensor | None, high: torch.Tensor | None,
+           report: dict[str, Any], started: float, load_s: float) -> GenerationResult:
+    generator = torch.Generator().manual_seed(config.seed)
+    images = torch.randn((config.images, *loaded.input_shape), generator=generator)
+    clamped = 0.0
+    if low is not None and high is not None:
+        lo, hi = low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)
+        clamped = float(((images < lo) | (images > hi)).float().mean())
+        images = torch.maximum(torch.minimum(images, hi), lo)
+    array = images.numpy().astype(np.float32)
+    report["normalization"]["clamped_fraction"] = clamped
+    final: dict[str, Any] = {}
+    if loaded.usable_bn_nodes:
+        try:
+            final = evaluate_images(to_torch(loaded, device=config.device), array, batch_size=config.batch_size)
+        except ConversionError as exc:
+            final = {"note": f"not evaluated: {exc.message}"}
+    report["final"] = final
+    report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
+    return GenerationResult(images=array, report=report)
+
+
+# ---------------------------------------------------------------------- the run
+
+
+class _Run:
+    """One generation run: state (images, optimisers, stored moments, RNG) and the loop."""
+
+    def __init__(self, model: TorchModel, config: GenerateConfig, low: torch.Tensor | None, high: torch.Tensor | None):
+        self.model = model
+        self.config = config
+        self.device = torch.device(config.device)
+        channels, height, width = model.loaded.input_shape
+        margin = config.crop_margin if config.crop_margin is not None else auto_margin(height, width)
+        self.prep = Preprocessor(
+            channels, height, width, margin=margin, sigma=config.smoothing_sigma, enabled=config.use_prep,
+            low=low, high=high, device=self.device,
+        )
+        self.sizes = [min(config.batch_size, config.images - start) for start in range(0, config.images, config.batch_size)]
+        self.layers = model.bn_layers
+        self.targets = [(layer.mean, layer.std) for layer in self.layers]
+        # Eq. 6 constrains per-image statistics at the last BN layer: the deepest one (a
+        # shortcut's BN may come later in the node list but sees shallower features). A BN
+        # on an N x C tensor has no per-image spread, so spatial BNs are preferred.
+        ranked = sorted(range(len(self.layers)), key=lambda i: (self.layers[i].spatial, self.layers[i].depth, i))
+        self.last_bn: int | None = ranked[-1] if ranked else None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.canvases = [
+            torch.randn((size, *self.prep.canvas_shape), generator=self.generator).to(self.device).requires_grad_(True)
+            for size in self.sizes
+        ]
+        self._project()
+        self.optimizers = [self._optimizer(canvas) for canvas in self.canvases]
+        self.schedulers = [self._scheduler(opt) for opt in self.optimizers]
+        self.store = StatsStore(self.sizes, [layer.channels for layer in self.layers], self.device)
+        self.history: list[float] = []
+        self.initial_bns: float | None = None
+        self.position = (0, 0)  # next (iteration, batch) to run
+        self.elapsed = 0.0
+        self.last_step: dict[str, float] = {}
+
+    def _project(self, index: int | None = None) -> None:
+        """Keep canvas pixels in the valid range (projected gradient descent).
+
+        The paper clamps only the final images. Measured on samples/fmnist_resnet8.onnx
+        (64 images, 100 iterations, ODSL off): optimising unconstrained left 18% of the
+        pixels outside [0, 1], and clamping them at the end raised the whole-set BN loss
+        of the exported images from 1.6 (as optimised) to 5.0; projecting after every
+        step gave 0.34 with nothing left to clamp. Smoothing is a convex combination with
+        zero padding (the mean pixel), so final images stay in range.
+        """
+        if self.prep.low is None:
+            return
+        with torch.no_grad():
+            for canvas in self.canvases if index is None else [self.canvases[index]]:
+                canvas.copy_(self.prep.clamp(canvas))
+
+    def _optimizer(self, canvas: torch.Tensor) -> torch.optim.Optimizer:
+        if self.config.optimizer == "radam":
+            return torch.optim.RAdam([canvas], lr=self.config.lr)
+        return torch.optim.Adam([canvas], lr=self.config.lr)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+        if self.config.scheduler == "none":
+            return None
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.config.factor, patience=self.config.effective_patience,
+            min_lr=self.config.min_lr,
+        )
+
+    # -- state ----------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        settings = self.config.to_dict()
+        for key in _NON_SEMANTIC:
+            settings.pop(key, None)
+        return settings
+
+    def _state(self, model_sha256: str) -> dict[str, Any]:
+        return {
+            "model_sha256": model_sha256,
+            "settings": json.dumps(self._settings(), sort_keys=True),
+            "iteration": self.position[0],
+            "batch": self.position[1],
+            "canvases": [canvas.detach().cpu() for canvas in self.canvases],
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [s.state_dict() if s is not None else {} for s in self.schedulers],
+            "stats": self.store.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": list(self.history),
+            "initial_bns": self.initial_bns if self.initial_bns is not None else float("nan"),
+            "elapsed_s": self.elapsed,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for canvas, saved in zip(self.canvases, state["canvases"]):
+                if canvas.shape != saved.shape:
+                    raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
+                canvas.copy_(saved.to(self.device))
+        for opt, saved in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(saved)
+        for sched, saved in zip(self.schedulers, state["schedulers"]):
+            if sched is not None:
+                sched.load_state_dict(saved)
+        self.store.load_state_dict(state["stats"])
+        self.generator.set_state(state["generator"])
+        self.history = [float(v) for v in state["history"]]
+        initial = float(state["initial_bns"])
+        self.initial_bns = None if np.isnan(initial) else initial
+        self.position = (int(state["iteration"]), int(state["batch"]))
+        self.elapsed = float(state["elapsed_s"])
+
+    # -- loop -----------------------------------------------------------------
+
+    def _moments(self, view: torch.Tensor) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        probe = self.model.probe(view)
+        return probe, [batch_moments(x) for x in probe.bn_inputs]
+
+    def _set_bns(self) -> float:
+        if not self.layers:
+            return 0.0
+        with torch.no_grad():
+            return float(bns_loss(self.store.all_moments(), self.targets))
+
+    def _initial_pass(self) -> None:
+        with torch.no_grad():
+            for index, canvas in enumerate(self.canvases):
+                _, moments = self._moments(self.prep.train_view(canvas, self.generator))
+                self.store.store(index, moments)
+        self.initial_bns = self._set_bns()
+
+    def _step(self, index: int) -> StepInfo:
+        config = self.config
+        canvas = self.canvases[index]
+        optimizer = self.optimizers[index]
+        probe, moments = self._moments(self.prep.train_view(canvas, self.generator))
+        scoped = self.store.global_moments(index, moments) if config.use_sas else moments
+        loss = bns_loss(scoped, self.targets) if self.layers else torch.zeros((), device=self.device)
+        bns_value = float(loss.detach())
+        flat = torch.cat([t.detach().reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
+        spread = float((flat.max(dim=1).values - flat.min(dim=1).values).mean())
+        if config.use_odsl and config.odsl_lambda > 0:
+            last_input = probe.bn_inputs[self.last_bn] if self.last_bn is not None else None
+            last_target = self.targets[self.last_bn] if self.last_bn is not None else None
+            per_image = odsl_per_image(probe.stretch, last_input, last_target, config.odsl_delta)
+            scope = config.images if config.use_sas else canvas.shape[0]
+            loss = loss + config.odsl_lambda * per_image.sum() / scope
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self._project(index)
+        value = float(loss.detach())
+        scheduler = self.schedulers[index]
+        if scheduler is not None:
+            scheduler.step(value)
+        if config.stats_refresh == "rerun":
+            with torch.no_grad():
+                _, fresh = self._moments(self.prep.train_view(canvas, self.generator))
+            self.store.store(index, fresh)
+        else:
+            self.store.store(index, moments)
+        return StepInfo(
+            iteration=self.position[0], batch=index, loss=value, bns_loss=bns_value, output_range=spread,
+            lr=float(optimizer.param_groups[0]["lr"]),
+        )
+
+    def execute(
+        self, *, progress: bool, callback: Callable[[StepInfo], None] | None, model_sha256: str
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        config = self.config
+        resumed_from: list[int] | None = None
+        if config.resume and config.checkpoint and Path(config.checkpoint).exists():
+            self._restore(load_checkpoint(config.checkpoint, model_sha256=model_sha256, settings=self._settings()))
+            resumed_from = list(self.position)
+            _LOG.info("resuming %s at iteration %d, batch %d", config.checkpoint, *self.position)
+        else:
+            if config.resume:
+                _LOG.warning("checkpoint %s does not exist yet: starting from the beginning", config.checkpoint)
+            self._initial_pass()
+
+        n_batches = len(self.canvases)
+        total = config.iterations * n_batches
+        done_before = self.position[0] * n_batches + self.position[1]
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=done_before, disable=not progress, file=sys.stderr, unit="step",
+                   desc="generate", dynamic_ncols=True, leave=False)
+        run_started = time.perf_counter()
+        steps_run = 0
+        try:
+            with _deferred_interrupt() as interrupted:
+                for iteration in range(self.position[0], config.iterations):
+                    first = self.position[1] if iteration == self.position[0] else 0
+                    for index in range(first, n_batches):
+                        self.position = (iteration, index)
+                        info = self._step(index)
+                        steps_run += 1
+                        self.position = (iteration, index + 1) if index + 1 < n_batches else (iteration + 1, 0)
+                        self.last_step = {"loss": info.loss, "bns_loss_scope": info.bns_loss,
+                                          "output_range": info.output_range, "lr": info.lr}
+                        if index + 1 == n_batches:
+                            self.history.append(self._set_bns())
+                        bar.set_postfix(bns=f"{self.history[-1] if self.history else info.bns_loss:.4g}",
+                                        range=f"{info.output_range:.3g}", lr=f"{info.lr:.3g}", refresh=False)
+                        bar.update(1)
+                        if callback is not None:
+                            callback(info)
+                        if interrupted():
+                            raise KeyboardInterrupt
+                    if config.checkpoint and (
+                        (iteration + 1) % config.checkpoint_every == 0 or iteration + 1 == config.iterations
+                    ):
+                        self.elapsed += time.perf_counter() - run_started
+                        run_started = time.perf_counter()
+                        save_checkpoint(config.checkpoint, self._state(model_sha256))
+        except KeyboardInterrupt:
+            if config.checkpoint:
+                self.elapsed += time.perf_counter() - run_started
+                save_checkpoint(config.checkpoint, self._state(model_sha256))
+                _LOG.warning(
+                    "interrupted at iteration %d, batch %d; checkpoint written to %s (continue with --resume)",
+                    self.position[0], self.position[1], config.checkpoint,
+                )
+            raise
+        finally:
+            bar.close()
+        optimise_s = time.perf_counter() - run_started
+        self.elapsed += optimise_s
+
+        unclamped = [self.prep.final_unclamped(canvas.detach()) for canvas in self.canvases]
+        finals = [self.prep.clamp(image) for image in unclamped]
+        images = torch.cat(finals).cpu().numpy().astype(np.float32)
+        clamped = float(sum(int((f != u).sum()) for f, u in zip(finals, unclamped)) / max(1, images.size))
+        image_steps = sum(self.sizes[i % n_batches] for i in range(done_before, done_before + steps_run))
+        report = {
+            "bn_layers": len(self.layers),
+            "stretch_tensors": list(self.model.stretch_names),
+            "last_bn_layer": self.layers[self.last_bn].node_name if self.last_bn is not None else None,
+            "crop_margin": self.prep.margin,
+            "batches": n_batches,
+            "resumed_from": resumed_from,
+            "clamped_fraction": clamped,
+            "final": {
+                "bns_loss_initial": self.initial_bns,
+                "bns_loss_last_iteration": self.history[-1] if self.history else None,
+                "bns_loss_history": _thin(self.history, 20),
+                "last_step": self.last_step,
+            },
+            "timings": {
+                "optimise_s": round(optimise_s, 3),
+                "optimise_total_s": round(self.elapsed, 3),
+                "image_iterations": image_steps,
+                "image_iterations_per_s": round(image_steps / optimise_s, 2) if optimise_s > 0 else None,
+            },
+        }
+        return images, report
+
+
+def _thin(values: list[float], count: int) -> list[list[float]]:
+    """Up to ``count`` (iteration, value) pairs, evenly spread, last included."""
+    if not values:
+        return []
+    step = max(1, len(values) // count)
+    picked = list(range(step - 1, len(values), step))
+    if picked[-1] != len(values) - 1:
+        picked.append(len(values) - 1)
+    return [[index + 1, float(values[index])] for index in picked]
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag checked between batch steps (a second one stops at once).
+
+    A KeyboardInterrupt in the middle of an optimiser step could leave a batch half
+    updated, and a checkpoint of that state would not resume to the same images.
+    """
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["set"]:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -------------------------------------------------------------------- evaluation
+
+
+def evaluate_images(model: TorchModel | LoadedModel, images: np.ndarray, *, batch_size: int = 64) -> dict[str, Any]:
+    """Measure a set of images against the model: whole-set BN loss and output ranges.
+
+    Returns a dict with ``bns_loss`` (Eq. 4 over all images at once, no augmentation),
+    ``bns_loss_per_layer``, ``output_range`` (per-image max - min of the stretch tensors:
+    mean, min, max over images), ``output_min``/``output_max`` of those tensors, and the
+    same for the graph outputs when they differ (``graph_output_min``/``max``).
+    """
+    torch_model = model if isinstance(model, TorchModel) else to_torch(model)
+    device = torch_model.device
+    count = images.shape[0]
+    store = StatsStore([min(batch_size, count - s) for s in range(0, count, batch_size)],
+                       [layer.channels for layer in torch_model.bn_layers], device)
+    spreads: list[torch.Tensor] = []
+    lows: list[float] = []
+    highs: list[float] = []
+    out_lows: list[float] = []
+    out_highs: list[float] = []
+    with torch.no_grad():
+        for index, start in enumerate(range(0, count, batch_size)):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)).to(device)
+            probe = torch_model.probe(batch)
+            store.store(index, [batch_moments(x) for x in probe.bn_inputs])
+            flat = torch.cat([t.reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
+            spreads.append(flat.max(dim=1).values - flat.min(dim=1).values)
+            lows.append(float(flat.min()))
+            highs.append(float(flat.max()))
+            outs = torch.cat([t.reshape(t.shape[0], -1) for t in probe.outputs], dim=1)
+            out_lows.append(float(outs.min()))
+            out_highs.append(float(outs.max()))
+        targets = [(layer.mean, layer.std) for layer in torch_model.bn_layers]
+        moments = store.all_moments()
+        per_layer = [float(bns_loss([m], [t])) for m, t in zip(moments, targets)]
+    spread = torch.cat(spreads)
+    result: dict[str, Any] = {
+        "images": int(count),
+        "bns_loss": float(sum(per_layer)),
+        "bns_loss_per_layer": {layer.node_name: value for layer, value in zip(torch_model.bn_layers, per_layer)},
+        "output_range": {"mean": float(spread.mean()), "min": float(spread.min()), "max": float(spread.max())},
+        "output_min": min(lows),
+        "output_max": max(highs),
+    }
+    if tuple(torch_model.stretch_names) != tuple(torch_model.output_names):
+        result["graph_output_min"] = min(out_lows)
+        result["graph_output_max"] = max(out_highs)
+    return result

@@ -1,0 +1,105 @@
+"""phi_prep: the per-step image preprocessing of DGH (paper Section 5.2, Appendix A.1).
+
+Contract: images are optimised on a canvas ``margin`` pixels larger than the model input
+in height and width. Every optimisation step sees
+    3x3 Gaussian smoothing (depthwise, zero padding) -> random horizontal flip (p = 0.5,
+    per image) -> random crop (per image) to the model input size;
+the final images are smoothing -> centre crop -> clamp to the valid pixel range (when the
+model's normalization is known). Smoothing is differentiable; flips and crop offsets are
+drawn from the caller's ``torch.Generator`` on the CPU, so a seed gives the same draws on
+any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["auto_margin", "gaussian_kernel", "Preprocessor"]
+
+
+def auto_margin(height: int, width: int) -> int:
+    """Canvas margin: 32 px for 224-px inputs as in the paper, i.e. ~1/7 of the side, at least 2."""
+    return max(2, int(round(min(height, width) / 7)))
+
+
+def gaussian_kernel(sigma: float, size: int = 3) -> torch.Tensor:
+    """A normalised ``size`` x ``size`` Gaussian kernel."""
+    half = (size - 1) / 2.0
+    coords = torch.arange(size, dtype=torch.float32) - half
+    one_d = torch.exp(-(coords**2) / (2.0 * sigma * sigma))
+    kernel = torch.outer(one_d, one_d)
+    return kernel / kernel.sum()
+
+
+class Preprocessor:
+    """phi_prep for images of ``channels`` x ``height`` x ``width`` on a canvas larger by ``margin``.
+
+    With ``enabled=False`` the canvas is the input size and the images pass unchanged (the
+    "no IP" ablation): no smoothing, flip or crop.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        height: int,
+        width: int,
+        *,
+        margin: int,
+        sigma: float,
+        enabled: bool,
+        low: torch.Tensor | None,
+        high: torch.Tensor | None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.channels, self.height, self.width = channels, height, width
+        self.enabled = enabled
+        self.margin = margin if enabled else 0
+        self.kernel = gaussian_kernel(sigma).to(device).expand(channels, 1, 3, 3).contiguous()
+        self.low = None if low is None else low.to(device).view(1, channels, 1, 1)
+        self.high = None if high is None else high.to(device).view(1, channels, 1, 1)
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of the optimised canvas."""
+        return (self.channels, self.height + self.margin, self.width + self.margin)
+
+    def smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """Depthwise 3x3 Gaussian smoothing with zero padding."""
+        return F.conv2d(x, self.kernel, padding=1, groups=self.channels)
+
+    def train_view(self, canvas: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """What the model sees at one optimisation step (differentiable w.r.t. ``canvas``)."""
+        if not self.enabled:
+            return canvas
+        x = self.smooth(canvas)
+        count = x.shape[0]
+        flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+        tops = torch.randint(0, self.margin + 1, (count,), generator=generator).tolist()
+        lefts = torch.randint(0, self.margin + 1, (count,), generator=generator).tolist()
+        crops = []
+        for index in range(count):
+            image = x[index, :, tops[index] : tops[index] + self.height, lefts[index] : lefts[index] + self.width]
+            crops.append(image.flip(-1) if flips[index] else image)
+        return torch.stack(crops)
+
+    def final_unclamped(self, canvas: torch.Tensor) -> torch.Tensor:
+        """Smoothing -> centre crop (no gradient); :meth:`final` also clamps."""
+        with torch.no_grad():
+            x = canvas
+            if self.enabled:
+                x = self.smooth(x)
+                top = self.margin // 2
+                left = self.margin // 2
+                x = x[:, :, top : top + self.height, left : left + self.width]
+            return x
+
+    def final(self, canvas: torch.Tensor) -> torch.Tensor:
+        """The exported images: smoothing -> centre crop -> clamp to the valid range."""
+        return self.clamp(self.final_unclamped(canvas))
+
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """Clamp to the valid input range when it is known."""
+        if self.low is None or self.high is None:
+            return x
+        return torch.maximum(torch.minimum(x, self.high), self.low)
