@@ -40,6 +40,8 @@ __all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "default_profile_name
 _LOG = logging.getLogger(__name__)
 
 THRESHOLD_METHODS = ("mse", "noclip")
+CALIBRATION_MEMORY_BYTES = 512 * 2**20
+"""Budget for the activations one calibration run holds (every quantized tensor is exposed)."""
 WEIGHT_BITS = (8, 4, 2)
 ACT_BITS = (8, 4)
 
@@ -60,7 +62,9 @@ class QuantizeConfig:
         int4_types: carry <= 4-bit values in INT4/UINT4 Q/DQ types (opset 21) instead of
             range-restricted int8/uint8 containers (``--int4-types``).
         seed: seeds the DGH generation when no calibration images are given.
-        calibration_batch_size: images per onnxruntime run while collecting statistics.
+        calibration_batch_size: images per onnxruntime run while collecting statistics
+            (lowered automatically so one run's exposed activations stay within
+            :data:`CALIBRATION_MEMORY_BYTES`).
         histogram_bins: bins of each activation histogram (a power of two).
     """
 
@@ -71,7 +75,7 @@ class QuantizeConfig:
     profile: str | None = None
     int4_types: bool = False
     seed: int = 0
-    calibration_batch_size: int = 32
+    calibration_batch_size: int = 64
     histogram_bins: int = DEFAULT_BINS
 
     def __post_init__(self) -> None:
@@ -180,6 +184,25 @@ def _convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.Mo
     return converted
 
 
+def _calibration_chunk(model: onnx.ModelProto, tensors: list[str], requested: int) -> int:
+    """Images per calibration run so that the exposed activations fit the memory budget."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shapes only size the chunk; without them keep the requested size
+        return requested
+    wanted = set(tensors)
+    per_image = 0
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if value.name not in wanted:
+            continue
+        dims = value.type.tensor_type.shape.dim[1:]
+        if all(dim.HasField("dim_value") for dim in dims):
+            per_image += 4 * int(np.prod([dim.dim_value for dim in dims], dtype=np.int64))
+    if per_image == 0:
+        return requested
+    return int(max(1, min(requested, CALIBRATION_MEMORY_BYTES // per_image)))
+
+
 def quantize(
     model: LoadedModel | str,
     calibration: np.ndarray | None = None,
@@ -268,13 +291,14 @@ def quantize(
             calib_model = dynamic
         else:
             fixed_batch = int(loaded.batch_dim)  # type: ignore[arg-type]
+    batch_size = _calibration_chunk(folded, plan.stat_tensors(), config.calibration_batch_size)
     try:
         stats = collect_statistics(
             calib_model,
             calibration,
             plan.stat_tensors(),
             input_name=loaded.input_name,
-            batch_size=config.calibration_batch_size,
+            batch_size=batch_size,
             fixed_batch=fixed_batch,
             bins=config.histogram_bins,
             progress=progress,
