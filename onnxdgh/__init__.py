@@ -13,6 +13,7 @@ from .errors import OnnxDghError  # noqa: E402
 from .load import LoadedModel, load_model, load_model_proto  # noqa: E402
 from .validate import ValidationReport, validate  # noqa: E402  (rebinds the name to the function)
 from .generate import GenerateConfig, GenerationResult, generate  # noqa: E402  (rebinds the name to the function)
+from .quantize import QuantizeConfig, QuantizeResult, quantize  # noqa: E402  (rebinds the name to the function)
 
 __all__ = [
     "__version__",
@@ -25,4 +26,7 @@ __all__ = [
     "GenerateConfig",
     "GenerationResult",
     "generate",
+    "QuantizeConfig",
+    "QuantizeResult",
+    "quantize",
 ]
