@@ -66,6 +66,16 @@ def test_sas_aggregation_equals_statistics_over_all_images() -> None:
     torch.testing.assert_close(fresh.grad, reference.grad[5:10], rtol=1e-3, atol=1e-6)
 
 
+def test_shifted_moments_equal_var_mean() -> None:
+    x = torch.randn(6, 4, 5, 5) * 0.1 + 10.0  # large mean, small spread: no cancellation allowed
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    got_mean, got_var = batch_moments(x, torch.full((4,), 9.5))
+    torch.testing.assert_close(got_mean, mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_var, var, rtol=1e-4, atol=1e-7)
+    flat = torch.randn(7, 3)
+    torch.testing.assert_close(batch_moments(flat, torch.zeros(3))[1], flat.var(dim=0, correction=0))
+
+
 def test_bns_loss_is_eq4() -> None:
     mean, var = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 9.0])
     target = (torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0]))

@@ -75,6 +75,18 @@ class GenerateConfig:
     sas: bool | None = None
     prep: bool | None = None
     odsl: bool | None = None
+    # lambda of Eq. 8, measured on samples/fmnist_resnet8.onnx (128 images x 100
+    # iterations, batch 64, seed 0) against 1024 real test images (per-image logit range
+    # mean 13.1, min 5.8, max 23.2; logits -7.3 .. 16.5; BN loss 0.057):
+    #   lambda   BN loss   range mean (min..max)   logits          W8A8 / W4A8 agreement
+    #   0        0.32      7.2 (2.9..16.6)         -6.4 .. 11.9    99.4 / 96.3
+    #   0.001    0.34      8.9 (2.3..29.5)         -11.1 .. 18.4   99.6 / 96.0
+    #   0.002    0.39      11.1 (3.6..27.3)        -10.0 .. 19.5   99.6 / 95.9
+    #   0.005    0.88      16.2 (3.8..46.6)        -15.2 .. 31.6   99.6 / 95.9
+    #   0.01     3.86      23.8 (4.9..54.1)        -17.6 .. 36.5   99.0 / 95.0
+    #   (real data as calibration set: 99.7 / 95.9)
+    # 0.002 brings the output range closest to real data's while the BN loss barely
+    # moves; from 0.01 the range overshoots and the BN match (and the agreement) suffer.
     odsl_lambda: float = 0.002
     odsl_delta: float = 1.0
     lr: float = 16.0

@@ -23,8 +23,13 @@ scope) the scope is the batch and the divisor is its size.
 
 Refreshing the stored moments after a step (``stats_refresh``): the paper re-runs the
 model on a fresh phi_prep view (Algorithm 1, lines 14-15); MCT stores the pre-step
-moments, which costs nothing. Both are available; the default is "reuse" until the
-comparison on samples/fmnist_resnet8.onnx is recorded here.
+moments, which costs nothing. Measured on samples/fmnist_resnet8.onnx (128 images,
+batch 64, seed 0; whole-set BN loss of the exported images; real Fashion-MNIST test
+images score 0.057): rerun, 100 iterations -> 0.379; reuse, 100 iterations -> 0.388;
+reuse, 133 iterations (the same compute as rerun's 100: one extra no-grad forward per
+step) -> 0.366. W8A8/W4A8 agreement with the float model after quantizing with each set
+was the same within 0.1 point. Rerunning buys nothing for its cost, so "reuse" is the
+default and "rerun" (the paper's algorithm) an option.
 """
 
 from __future__ import annotations
@@ -192,14 +197,15 @@ def generate(
     evaluate_started = time.perf_counter()
     evaluation = evaluate_images(torch_model, images, batch_size=config.batch_size)
     evaluate_s = time.perf_counter() - evaluate_started
+    run_final = run_report.pop("final")
+    run_timings = run_report.pop("timings")
+    report["normalization"]["clamped_fraction"] = run_report.pop("clamped_fraction")
     report.update(run_report)
-    report["final"] = {**evaluation, **run_report.pop("final", {})}
-    report["normalization"]["clamped_fraction"] = run_report.pop("clamped_fraction", 0.0)
-    report.pop("clamped_fraction", None)
+    report["final"] = {**evaluation, **run_final}
     report["timings"] = {
         "load_s": round(load_s, 3),
         "convert_s": round(convert_s, 3),
-        **report.get("timings", {}),
+        **run_timings,
         "evaluate_s": round(evaluate_s, 3),
         "total_s": round(time.perf_counter() - started, 3),
     }
@@ -366,7 +372,7 @@ class _Run:
 
     def _moments(self, view: torch.Tensor) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
         probe = self.model.probe(view)
-        return probe, [batch_moments(x) for x in probe.bn_inputs]
+        return probe, [batch_moments(x, target[0]) for x, target in zip(probe.bn_inputs, self.targets)]
 
     def _set_bns(self) -> float:
         if not self.layers:
@@ -570,7 +576,7 @@ def evaluate_images(model: TorchModel | LoadedModel, images: np.ndarray, *, batc
         for index, start in enumerate(range(0, count, batch_size)):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)).to(device)
             probe = torch_model.probe(batch)
-            store.store(index, [batch_moments(x) for x in probe.bn_inputs])
+            store.store(index, [batch_moments(x, layer.mean) for x, layer in zip(probe.bn_inputs, torch_model.bn_layers)])
             flat = torch.cat([t.reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
             spreads.append(flat.max(dim=1).values - flat.min(dim=1).values)
             lows.append(float(flat.min()))
