@@ -28,8 +28,10 @@ mutable capture state, and the copy shares every submodule (and so every weight)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +113,10 @@ class TorchModel:
 
     def probe(self, images: torch.Tensor) -> ProbeResult:
         """Run a batch; return outputs, BN input tensors (``bn_layers`` order) and stretch tensors."""
+        with _quiet_onnx2torch():
+            return self._probe_batch(images)
+
+    def _probe_batch(self, images: torch.Tensor) -> ProbeResult:
         if self.batch_dynamic or images.shape[0] == 1:
             return _split(self._probe(images), len(self.output_names), len(self.bn_layers))
         # Fixed batch of 1 that could not be made dynamic: one image at a time. Statistics
@@ -129,6 +135,15 @@ class TorchModel:
         return result.outputs, result.bn_inputs
 
     __call__ = forward
+
+
+@contextlib.contextmanager
+def _quiet_onnx2torch() -> Any:
+    """Silence onnx2torch's Slice deprecation warning (list indexing); the result is
+    checked against onnxruntime at conversion, so the warning tells the user nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+        yield
 
 
 def _split(values: Any, n_out: int, n_bn: int) -> ProbeResult:
@@ -457,7 +472,7 @@ def _error(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
 
 def _run_plain(module: fx.GraphModule, images: np.ndarray, batch_dynamic: bool, n_outputs: int) -> list[np.ndarray]:
     def once(batch: np.ndarray) -> list[np.ndarray]:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_onnx2torch():
             result = module(torch.from_numpy(batch))
         values = list(result) if isinstance(result, (tuple, list)) else [result]
         return [np.asarray(v.detach().cpu().numpy()) for v in values]

@@ -128,6 +128,15 @@ def test_odsl_widens_the_output_range(tmp_path: Path) -> None:
     assert with_odsl["output_range"]["mean"] > 1.3 * without["output_range"]["mean"]
 
 
+def test_odsl_default_delta_scales_with_the_last_bn(tiny_model_path: Path) -> None:
+    loaded = load_model(tiny_model_path)
+    last = loaded.bn_nodes[-1]  # the deeper of the two BNs
+    report = generate(loaded, GenerateConfig(**QUICK), progress=False).report
+    assert report["last_bn_layer"] == last.node_name
+    assert report["odsl_delta"] == pytest.approx(0.5 * float(np.sum(last.var)), rel=1e-5)
+    assert generate(loaded, GenerateConfig(**QUICK, odsl_delta=0.25), progress=False).report["odsl_delta"] == 0.25
+
+
 def test_same_seed_same_images_other_seed_other_images(tiny_model_path: Path) -> None:
     loaded = load_model(tiny_model_path)
     first = generate(loaded, GenerateConfig(**QUICK, seed=3), progress=False).images

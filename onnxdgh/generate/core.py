@@ -64,6 +64,9 @@ __all__ = ["GenerationResult", "StepInfo", "generate", "evaluate_images", "resol
 
 _LOG = logging.getLogger(__name__)
 
+AUTO_DELTA_RATIO = 0.5
+"""Default ODSL delta as a fraction of ||sigma_L||^2 (evidence in config.py)."""
+
 # Settings that do not change the images: a checkpoint stays valid when they change.
 _NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device")
 
@@ -281,6 +284,12 @@ class _Run:
         # on an N x C tensor has no per-image spread, so spatial BNs are preferred.
         ranked = sorted(range(len(self.layers)), key=lambda i: (self.layers[i].spatial, self.layers[i].depth, i))
         self.last_bn: int | None = ranked[-1] if ranked else None
+        if config.odsl_delta is not None:
+            self.delta = float(config.odsl_delta)
+        elif self.last_bn is not None:
+            self.delta = AUTO_DELTA_RATIO * float((self.layers[self.last_bn].std ** 2).sum())
+        else:
+            self.delta = 0.0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.canvases = [
             torch.randn((size, *self.prep.canvas_shape), generator=self.generator).to(self.device).requires_grad_(True)
@@ -400,7 +409,7 @@ class _Run:
         if config.use_odsl and config.odsl_lambda > 0:
             last_input = probe.bn_inputs[self.last_bn] if self.last_bn is not None else None
             last_target = self.targets[self.last_bn] if self.last_bn is not None else None
-            per_image = odsl_per_image(probe.stretch, last_input, last_target, config.odsl_delta)
+            per_image = odsl_per_image(probe.stretch, last_input, last_target, self.delta)
             scope = config.images if config.use_sas else canvas.shape[0]
             loss = loss + config.odsl_lambda * per_image.sum() / scope
         optimizer.zero_grad(set_to_none=True)
@@ -494,6 +503,7 @@ class _Run:
             "bn_layers": len(self.layers),
             "stretch_tensors": list(self.model.stretch_names),
             "last_bn_layer": self.layers[self.last_bn].node_name if self.last_bn is not None else None,
+            "odsl_delta": self.delta,
             "crop_margin": self.prep.margin,
             "batches": n_batches,
             "resumed_from": resumed_from,
