@@ -100,6 +100,32 @@ def matmul_model(seed: int = 0) -> onnx.ModelProto:
     return _model(nodes, inits, [1, 4, 4])
 
 
+def residual_model(seed: int = 0, branch_op: str = "Relu") -> onnx.ModelProto:
+    """A residual block first (Conv -> branch_op -> Conv, plus the input, Add, Relu), then Conv -> GAP -> Gemm."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.normal(size=s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    b = lambda n: (rng.normal(size=n) * 0.1).astype(np.float32)  # noqa: E731
+    inits = [
+        _init("a_w", w(4, 4, 3, 3)), _init("a_b", b(4)),
+        _init("b_w", w(4, 4, 3, 3)), _init("b_b", b(4)),
+        _init("c_w", w(6, 4, 3, 3)), _init("c_b", b(6)),
+        _init("fc_w", w(3, 6)), _init("fc_b", b(3)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "a_w", "a_b"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node(branch_op, ["a"], ["a_act"], name="branch_act"),
+        helper.make_node("Conv", ["a_act", "b_w", "b_b"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "input"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["block_out"], name="relu_out"),
+        helper.make_node("Conv", ["block_out", "c_w", "c_b"], ["c"], name="conv_c", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["c_act"], name="relu_c"),
+        helper.make_node("GlobalAveragePool", ["c_act"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    return _model(nodes, inits, [4, 8, 8])
+
+
 def run(model: onnx.ModelProto, images: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
     """Run ``model`` (optionally exposing intermediate tensors ``names``) on ``images``."""
     copy = onnx.ModelProto()

@@ -11,7 +11,17 @@ from onnx import helper, numpy_helper
 from onnxdgh.errors import CalibrationDataError, InvalidInputError, QuantizationError
 from onnxdgh.quantize.rounding import RoundingConfig, bias_correction, optimize_rounding, weighted_layers
 
-from .helpers_rounding import _init, _model, conv_model, convtranspose_model, matmul_model, quantize_for_test, run
+from .conftest import TinyConvBnRelu, export_onnx, settle_bn
+from .helpers_rounding import (
+    _init,
+    _model,
+    conv_model,
+    convtranspose_model,
+    matmul_model,
+    quantize_for_test,
+    residual_model,
+    run,
+)
 
 torch.set_num_threads(1)
 
@@ -51,10 +61,10 @@ def test_learned_rounding_beats_nearest(kind: str) -> None:
     optimized, report = optimize_rounding(qdq, float_model, images, FAST, progress=False)
 
     weighted = [n.name for n in qdq.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
-    assert [row["node"] for row in report["layers"]] == weighted
+    assert [name for row in report["units"] for name in row["nodes"]] == weighted
     assert report["skipped"] == []
-    learned = [row for row in report["layers"] if row["kept"] == "learned"]
-    assert learned, report["layers"]
+    learned = [row for row in report["units"] if row["kept"] == "learned"]
+    assert learned, report["units"]
     for row in learned:
         assert row["mse_optimized"] < row["mse_nearest"]
         assert 0 < row["changed"] < 1
@@ -70,7 +80,7 @@ def test_first_layer_reconstruction_error_drops_in_onnxruntime() -> None:
     optimized, report = optimize_rounding(
         qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=400), progress=False
     )
-    assert report["layers"][0]["kept"] == "learned" and report["layers"][0]["target"] == "activation"
+    assert report["units"][0]["kept"] == "learned" and report["units"][0]["target"] == "activation"
     (reference,) = run(float_model, images, ["silu"])
     (before,) = run(qdq, images, ["silu"])
     (after,) = run(optimized, images, ["silu"])
@@ -161,7 +171,7 @@ def test_bias_correction_skips_matmul_without_bias_and_runs_inside_rounding() ->
     optimized, report = optimize_rounding(
         qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=100, bias_correction=True), progress=False
     )
-    assert [row["bias_correction"] for row in report["layers"]] == [outcomes["matmul"], "corrected"]
+    assert [row["bias_correction"] for row in report["units"]] == [[outcomes["matmul"]], ["corrected"]]
     gemm_bias = "g_b_quantized"
     assert not np.array_equal(_inits(optimized)[gemm_bias], _inits(qdq)[gemm_bias])
 
@@ -190,7 +200,7 @@ def test_torch_reimplementation_agrees_with_onnxruntime(attributes: dict, weight
     images = _images((3, 6, 6), n=16)
     qdq = quantize_for_test(float_model, images, weight_bits=3)
     _, report = optimize_rounding(qdq, float_model, images, RoundingConfig(weight_bits=3, iterations=5), progress=False)
-    assert report["skipped"] == [] and len(report["layers"]) == 1
+    assert report["skipped"] == [] and len(report["units"]) == 1
 
 
 def test_shared_weight_is_skipped_with_reason() -> None:
@@ -238,3 +248,80 @@ def test_weight_bits_narrower_than_stored_integers_is_rejected() -> None:
     float_model, qdq, images = _setup("matmul", weight_bits=4)
     with pytest.raises(QuantizationError, match="2-bit range"):
         optimize_rounding(qdq, float_model, images, FAST, progress=False)
+
+
+def test_block_mode_reconstructs_the_residual_block_jointly() -> None:
+    float_model = residual_model()
+    images = _images((4, 8, 8))
+    qdq = quantize_for_test(float_model, images, weight_bits=2)
+    optimized, report = optimize_rounding(
+        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=300, mode="block"), progress=False
+    )
+    assert report["block_fallbacks"] == [] and report["skipped"] == []
+    assert [(row["unit"], row["nodes"]) for row in report["units"]] == [
+        ("block", ["conv_a", "conv_b"]), ("block", ["conv_c"]), ("block", ["fc"])
+    ]
+    first = report["units"][0]
+    assert first["kept"] == "learned" and first["mse_optimized"] < first["mse_nearest"]
+    # Independently, in onnxruntime: the block output (Add, before its quantizer) is
+    # closer to the float model's; both models see the same block input.
+    (reference,) = run(float_model, images, ["sum"])
+    (before,) = run(qdq, images, ["sum"])
+    (after,) = run(optimized, images, ["sum"])
+    assert _mse(after, reference) < _mse(before, reference)
+    # ... and the report's figures are those same errors (the torch interpreter of the
+    # block agrees with onnxruntime).
+    assert first["mse_nearest"] == pytest.approx(_mse(before, reference), rel=1e-3)
+    assert first["mse_optimized"] == pytest.approx(_mse(after, reference), rel=1e-3)
+    final = run(float_model, images)[0]
+    assert _mse(run(optimized, images)[0], final) < _mse(run(qdq, images)[0], final)
+
+
+def test_block_with_an_unknown_op_falls_back_to_layers() -> None:
+    float_model = residual_model(branch_op="Erf")
+    images = _images((4, 8, 8))
+    qdq = quantize_for_test(float_model, images, weight_bits=2)
+    _, report = optimize_rounding(
+        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=50, mode="block"), progress=False
+    )
+    assert len(report["block_fallbacks"]) == 1
+    fallback = report["block_fallbacks"][0]
+    assert fallback["nodes"] == ["conv_a", "conv_b"] and "Erf" in fallback["reason"]
+    assert [(row["unit"], row["nodes"]) for row in report["units"]][:2] == [("layer", ["conv_a"]), ("layer", ["conv_b"])]
+
+
+def test_block_mode_with_bias_correction_corrects_every_layer() -> None:
+    float_model = residual_model()
+    images = _images((4, 8, 8))
+    qdq = quantize_for_test(float_model, images, weight_bits=2)
+    optimized, report = optimize_rounding(
+        qdq, float_model, images,
+        RoundingConfig(weight_bits=2, iterations=30, mode="block", bias_correction=True), progress=False,
+    )
+    assert [row["bias_correction"] for row in report["units"]] == [["corrected", "corrected"], ["corrected"], ["corrected"]]
+    onnx.checker.check_model(optimized)
+
+
+def test_real_quantizer_output_keeps_its_profile(tmp_path) -> None:
+    """End to end with onnxdgh.quantize: the optimised model still passes the validator's profile."""
+    from onnxdgh.load import load_model
+    from onnxdgh.quantize import QuantizeConfig, quantize
+    from onnxdgh.quantize.fold import prepare
+    from onnxdgh.validate import validate
+
+    torch.manual_seed(0)
+    path = export_onnx(settle_bn(TinyConvBnRelu(), (3, 12, 12)), (3, 12, 12), tmp_path / "tiny.onnx")
+    loaded = load_model(path)
+    images = _images((3, 12, 12), n=48)
+    result = quantize(loaded, images, QuantizeConfig(weight_bits=4, act_bits=4), progress=False)
+    folded, _ = prepare(loaded.model)
+    for mode in ("layer", "block"):
+        config = RoundingConfig(weight_bits=4, iterations=100, mode=mode, bias_correction=True)
+        optimized, report = optimize_rounding(result.model, folded, images, config, progress=False)
+        assert report["skipped"] == [] and report["block_fallbacks"] == []
+        assert sum(len(row["nodes"]) for row in report["units"]) == 3
+        assert any(row["changed"] > 0 and row["kept"] == "learned" for row in report["units"])
+        checked = validate(optimized, loaded, data=images)
+        assert checked.violations == (), checked.violations
+        reference = run(loaded.model, images)[0]
+        assert _mse(run(optimized, images)[0], reference) < _mse(run(result.model, images)[0], reference)

@@ -75,7 +75,7 @@ _ORT_AGREEMENT_RTOL = 1e-3
 # (rounding ties, float noise) before the float model is judged not to match.
 _MAX_NEAREST_MISMATCH = 0.01
 
-Target = Literal["activation", "output"]
+Target = Literal["activation", "output", "quantized"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,14 @@ class RoundingConfig:
             (high beta = only variables far from 0/1 pay; low beta = all pay).
         warmup: fraction of the iterations run with reconstruction loss only.
         target: ``"activation"`` reconstructs the fused activation's output when the node
-            has one (hardware op output), ``"output"`` always the node's own output.
+            has one (hardware op output), ``"output"`` always the node's own output,
+            ``"quantized"`` the activation's output after its output quantizer (round with
+            a straight-through gradient), compared with the float activation.
+        mode: ``"layer"`` optimises each weighted node on its own output (AdaRound);
+            ``"block"`` optimises the nodes of each block (the graph between two quantized
+            tensors that every path crosses, e.g. a residual block) jointly on the block's
+            output with the inner activation quantizers active (BRECQ). Blocks the
+            interpreter cannot run fall back to layers.
         bias_correction: after each layer's rounding, shift its int32 bias so its
             per-channel mean output matches the float model (creates a bias for
             Conv/ConvTranspose/Gemm nodes without one).
@@ -109,6 +116,7 @@ class RoundingConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     target: Target = "activation"
+    mode: Literal["layer", "block"] = "layer"
     bias_correction: bool = False
     seed: int = 0
 
@@ -130,8 +138,10 @@ class RoundingConfig:
             raise bad("beta_start", "need beta_start >= beta_end > 0")
         if not 0.0 <= self.warmup < 1.0:
             raise bad("warmup", "must be in [0, 1)")
-        if self.target not in ("activation", "output"):
-            raise bad("target", "must be 'activation' or 'output'")
+        if self.mode not in ("layer", "block"):
+            raise bad("mode", "must be 'layer' or 'block'")
+        if self.target not in ("activation", "output", "quantized"):
+            raise bad("target", "must be 'activation', 'output' or 'quantized'")
 
     @property
     def qmin(self) -> int:
@@ -158,6 +168,7 @@ class _Layer:
     bias_scale: np.ndarray | None  # float32, shape (channels,) or scalar
     bias_zero_point: np.ndarray | None
     activation: tuple[onnx.NodeProto, ...]  # fused activation nodes (no Q/DQ between), maybe empty
+    output_quant: onnx.NodeProto | None  # the QuantizeLinear of the (activation) output, if any
     float_output: str  # the node's output name in the float model
     float_weight: np.ndarray  # the folded float weight
 
@@ -191,18 +202,34 @@ def _broadcast_scale(scale: np.ndarray, weight_shape: tuple[int, ...], axis: int
 
 def _fused_activation(
     node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]
-) -> tuple[onnx.NodeProto, ...]:
-    """The activation nodes fused behind ``node`` (read its output directly, no Q/DQ between)."""
-    users = consumers.get(node.output[0], [])
-    if len(users) == 1 and users[0].op_type in ACTIVATIONS:
-        return (users[0],)
-    # SiLU exported as Mul(x, Sigmoid(x)).
-    if len(users) == 2:
-        by_type = {user.op_type: user for user in users}
-        sigmoid, mul = by_type.get("Sigmoid"), by_type.get("Mul")
-        if sigmoid is not None and mul is not None and set(mul.input) == {node.output[0], sigmoid.output[0]}:
-            return (sigmoid, mul)
-    return ()
+) -> tuple[tuple[onnx.NodeProto, ...], onnx.NodeProto | None]:
+    """The activation chain fused behind ``node`` and the QuantizeLinear that ends it.
+
+    The chain is every op read directly (no Q/DQ between) as the only reader: an
+    activation (Relu, Clip, ...), SiLU as Mul(x, Sigmoid(x)), and the Clip the emitter
+    puts before the QuantizeLinear of a narrow activation, which is a Clip like any
+    other. Returns ``((steps...), quantize_node_or_None)``; each step is one node or a
+    (Sigmoid, Mul) pair flattened in order.
+    """
+    chain: list[onnx.NodeProto] = []
+    tensor = node.output[0]
+    for _ in range(4):
+        users = consumers.get(tensor, [])
+        if len(users) == 1 and users[0].op_type in ACTIVATIONS:
+            chain.append(users[0])
+            tensor = users[0].output[0]
+            continue
+        if len(users) == 2:
+            by_type = {user.op_type: user for user in users}
+            sigmoid, mul = by_type.get("Sigmoid"), by_type.get("Mul")
+            if sigmoid is not None and mul is not None and set(mul.input) == {tensor, sigmoid.output[0]}:
+                chain += [sigmoid, mul]
+                tensor = mul.output[0]
+                continue
+        break
+    users = consumers.get(tensor, [])
+    quant = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
+    return tuple(chain), quant
 
 
 def weighted_layers(
@@ -317,6 +344,7 @@ def weighted_layers(
             if bias_scale is None or readers.get(bias_int, 0) != 1:
                 skip(f"bias {bias_int!r} has no constant scale or is shared")
                 continue
+        chain, quant = _fused_activation(node, consumers)
         layers.append(
             _Layer(
                 node=node,
@@ -325,7 +353,8 @@ def weighted_layers(
                 bias_int=bias_int,
                 bias_scale=None if bias_scale is None else np.asarray(bias_scale, np.float32),
                 bias_zero_point=bias_zero,
-                activation=_fused_activation(node, consumers),
+                activation=chain,
+                output_quant=quant,
                 float_output=f_node.output[0],
                 float_weight=f_weight,
             )
@@ -461,12 +490,29 @@ def _layer_fn(layer: _Layer) -> Callable[..., torch.Tensor]:
 def _activation_fn(
     nodes: Sequence[onnx.NodeProto], inits: dict[str, onnx.TensorProto]
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The fused activation as a torch function, or None when it is not one we emulate."""
-    if not nodes:
-        return lambda y: y
-    if len(nodes) == 2:  # Sigmoid + Mul = SiLU
-        return F.silu
-    node = nodes[0]
+    """The fused activation chain as one torch function, or None when a step is not emulated."""
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    index = 0
+    while index < len(nodes):
+        if nodes[index].op_type == "Sigmoid" and index + 1 < len(nodes) and nodes[index + 1].op_type == "Mul":
+            steps.append(F.silu)
+            index += 2
+            continue
+        step = _activation_step(nodes[index], inits)
+        if step is None:
+            return None
+        steps.append(step)
+        index += 1
+
+    def apply(y: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            y = step(y)
+        return y
+
+    return apply
+
+
+def _activation_step(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     attrs = g.node_attributes(node)
     op = node.op_type
     if op == "Relu":
@@ -488,6 +534,15 @@ def _activation_fn(
         return lambda y: F.elu(y, a)
     if op == "Softplus":
         return F.softplus
+    if op == "Selu":
+        a, gamma = float(attrs.get("alpha", 1.67326319217681884765625)), float(attrs.get("gamma", 1.05070102214813232421875))
+        return lambda y: gamma * torch.where(y > 0, y, a * (torch.exp(y) - 1))
+    if op == "PRelu":
+        value = _initializer_value(inits, node.input[1]) if len(node.input) > 1 else None
+        if value is None:
+            return None
+        slope = torch.from_numpy(np.asarray(value, np.float32))
+        return lambda y: torch.where(y >= 0, y, y * slope)
     if op == "Clip":
         low = high = None
         if "min" in attrs or "max" in attrs:  # opset < 11
@@ -652,24 +707,321 @@ def _add_bias(model: onnx.ModelProto, layer: _Layer, channels: int) -> tuple[str
 
 
 def _correct_bias(
-    model: onnx.ModelProto, layer: _Layer, bias_int: str | None, bias_scale: np.ndarray | None, delta: np.ndarray
-) -> str:
-    """Add ``delta`` (float, per channel) to the layer's int32 bias; returns what happened."""
-    if bias_int is None:
+    model: onnx.ModelProto, layer: _Layer, delta: np.ndarray
+) -> tuple[str, np.ndarray | None]:
+    """Add ``delta`` (float, per channel) to the layer's int32 bias in ``model``.
+
+    Returns what happened and the new dequantized bias (None when nothing changed).
+    """
+    inits = g.initializer_map(model.graph)
+    node = next(n for n in model.graph.node if n.output[0] == layer.node.output[0])
+    producers = g.producer_map(model.graph)
+    b_dq = producers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if b_dq is None:
         created = _add_bias(model, layer, delta.shape[0])
         if created is None:
-            return "skipped: node has no bias and cannot take one"
+            return "skipped: node has no bias and cannot take one", None
         bias_int, bias_scale = created
-    assert bias_scale is not None
-    inits = g.initializer_map(model.graph)
+        inits = g.initializer_map(model.graph)
+    else:
+        bias_int = b_dq.input[0]
+        bias_scale = np.asarray(g.to_array(inits[b_dq.input[1]]), np.float64)
     current = np.asarray(g.to_array(inits[bias_int])).astype(np.int64)
-    scale = np.broadcast_to(np.asarray(bias_scale, np.float64).reshape(-1), current.shape)
     if current.shape != delta.shape:
-        return f"skipped: bias shape {current.shape} is not per output channel"
+        return f"skipped: bias shape {current.shape} is not per output channel", None
+    scale = np.broadcast_to(np.asarray(bias_scale, np.float64).reshape(-1), current.shape)
     info = np.iinfo(np.int32)
     new = np.clip(current + np.round(delta / scale), info.min, info.max).astype(np.int32)
     _set_initializer(model.graph, bias_int, new)
-    return "corrected"
+    return "corrected", (new * scale).astype(np.float32)
+
+
+def _identity(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+def _round_ste(y: torch.Tensor) -> torch.Tensor:
+    """round(y) forward, identity gradient (the straight-through estimator)."""
+    return y + (torch.round(y) - y).detach()
+
+
+def _fake_quant_fn(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The per-tensor QuantizeLinear ``node`` followed by its DequantizeLinear, in torch."""
+    scale = _initializer_value(inits, node.input[1]) if len(node.input) > 1 else None
+    zero = _initializer_value(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+    if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+        return None
+    bounds = _integer_bounds(zero.dtype)
+    if bounds is None:
+        return None
+    s, z = float(scale.reshape(-1)[0]), float(np.asarray(zero).astype(np.int64).reshape(-1)[0])
+    low, high = bounds
+
+    def fake_quant(y: torch.Tensor) -> torch.Tensor:
+        return (torch.clamp(_round_ste(y / s) + z, low, high) - z) * s
+
+    return fake_quant
+
+
+def _integer_bounds(dtype: np.dtype) -> tuple[int, int] | None:
+    """The range of a zero point's integer type (int8, uint8, ml_dtypes int4/uint4, ...)."""
+    bounds = {"int4": (-8, 7), "uint4": (0, 15)}.get(str(dtype))
+    if bounds is None and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        bounds = (int(info.min), int(info.max))
+    return bounds
+
+
+def _targets(
+    layer: _Layer, inits: dict[str, onnx.TensorProto], target: Target
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], str]:
+    """(float-side function, quantized-side function, what is reconstructed) for ``layer``.
+
+    The float target always passes through the same activation as the quantized side;
+    with ``target="quantized"`` the quantized side also passes the output quantizer.
+    """
+    label = layer.node.name or layer.node.output[0]
+    if target == "output" or not layer.activation and target == "activation":
+        return _identity, _identity, "output"
+    act = _activation_fn(layer.activation, inits) if layer.activation else _identity
+    if act is None:
+        _LOG.info("rounding: %r: fused %s not emulated, reconstructing the node output", label, layer.activation[0].op_type)
+        return _identity, _identity, "output"
+    if target == "activation":
+        return act, act, "activation"
+    fake = _fake_quant_fn(layer.output_quant, inits) if layer.output_quant is not None else None
+    if fake is None:
+        return act, act, "activation" if layer.activation else "output"
+    return act, (lambda y: fake(act(y))), "quantized"
+
+
+# ------------------------------------------------------------- block reconstruction
+
+# A block with more weighted nodes than this is optimised layer by layer instead: the
+# joint optimisation's cost grows with it and BRECQ's gains come from short blocks.
+_MAX_BLOCK_LAYERS = 8
+
+
+class _Unsupported(Exception):
+    """A node the block interpreter does not emulate; the block then falls back to layers."""
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A run of the QDQ graph between two quantized tensors that every path crosses.
+
+    ``input`` and ``output`` are activation DequantizeLinear outputs such that nothing
+    else computed before ``output`` is read after it: in a ResNet that is a residual
+    block (from one Add's quantized output to the next); in a plain chain, one layer.
+    """
+
+    input: str
+    output: str
+    nodes: tuple[onnx.NodeProto, ...]  # data nodes in order; the last is output's DequantizeLinear
+    layers: tuple[_Layer, ...]
+
+
+def _constant_names(graph: onnx.GraphProto) -> set[str]:
+    """Initializers and the outputs of nodes reading only constants (weight DequantizeLinears)."""
+    constant = {init.name for init in graph.initializer}
+    for node in graph.node:
+        if all(not name or name in constant for name in node.input):
+            constant.update(node.output)
+    return constant
+
+
+def _units(model: onnx.ModelProto, layers: list[_Layer], mode: str) -> list[_Layer | _Block]:
+    """The optimisation units in graph order: blocks (``mode="block"``) and single layers."""
+    if mode == "layer":
+        return list(layers)
+    graph = model.graph
+    constant = _constant_names(graph)
+    data_nodes = [node for node in graph.node if not all(not n or n in constant for n in node.input)]
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(data_nodes):
+        for name in node.input:
+            if name and name not in constant:
+                last_use[name] = index
+    for name in g.graph_output_names(graph):
+        last_use[name] = len(data_nodes)
+    live = set(g.graph_input_names(graph))
+    cuts: list[tuple[int, str]] = []
+    for index, node in enumerate(data_nodes):
+        live.update(node.output)
+        live = {name for name in live if last_use.get(name, -1) > index}
+        if node.op_type == "DequantizeLinear" and live == {node.output[0]}:
+            cuts.append((index, node.output[0]))
+    by_output = {layer.node.output[0]: layer for layer in layers}
+    position = {node.output[0]: index for index, node in enumerate(data_nodes)}
+    units: list[tuple[int, _Layer | _Block]] = []
+    in_blocks: set[str] = set()
+    for (start, first), (end, last) in zip(cuts, cuts[1:]):
+        segment = tuple(data_nodes[start + 1 : end + 1])
+        members = tuple(by_output[n.output[0]] for n in segment if n.output[0] in by_output)
+        if members and len(members) <= _MAX_BLOCK_LAYERS:
+            units.append((start, _Block(first, last, segment, members)))
+            in_blocks.update(layer.node.output[0] for layer in members)
+    for layer in layers:
+        if layer.node.output[0] not in in_blocks:
+            units.append((position.get(layer.node.output[0], 0), layer))
+    units.sort(key=lambda item: item[0])
+    return [unit for _, unit in units]
+
+
+def _dequantize_constant(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> np.ndarray:
+    q = values[node.input[0]].astype(np.float64)
+    scale = values[node.input[1]].astype(np.float64)
+    zero = values[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else np.zeros(())
+    if scale.size > 1:
+        axis = int(g.node_attributes(node).get("axis", 1)) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.size > 1 else zero
+    return ((q - zero) * scale).astype(np.float32)
+
+
+class _BlockProgram:
+    """The nodes of a :class:`_Block` as a differentiable torch function.
+
+    Activation QuantizeLinear/DequantizeLinear pairs inside the block become fake
+    quantizers (round with a straight-through gradient, clamp to the integer range), so
+    the block sees the quantization of its inner activations while its rounding is
+    learned (BRECQ, Li et al. 2021). Raises :class:`_Unsupported` for ops it does not know.
+    """
+
+    def __init__(self, block: _Block, graph: onnx.GraphProto) -> None:
+        inits = g.initializer_map(graph)
+        values = {name: np.asarray(g.to_array(tensor)) for name, tensor in inits.items()}
+        constant = _constant_names(graph)
+        for node in graph.node:  # constant nodes, e.g. bias DequantizeLinear
+            if node.output and node.output[0] in constant and node.output[0] not in values:
+                if node.op_type != "DequantizeLinear":
+                    raise _Unsupported(f"constant {node.op_type} node {node.name!r}")
+                values[node.output[0]] = _dequantize_constant(node, values)
+        self._values = values
+        self._inits = inits
+        self._layers = {layer.node.output[0]: layer for layer in block.layers}
+        self._steps = [self._compile(node) for node in block.nodes]
+        self.block = block
+
+    def _const(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self._values[name], dtype=np.float32))
+
+    def _compile(self, node: onnx.NodeProto) -> Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]:
+        op = node.op_type
+        attrs = g.node_attributes(node)
+        out = node.output[0]
+
+        def read(env: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+            value = env.get(name)
+            return value if value is not None else self._const(name)
+
+        layer = self._layers.get(out)
+        if layer is not None:
+            fn = _layer_fn(layer)
+            bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+
+            def weighted(env: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+                bias = weights.get(f"bias:{out}")
+                if bias is None and bias_name is not None:
+                    bias = read(env, bias_name)
+                env[out] = fn(env[node.input[0]], weights[out], bias)
+
+            return weighted
+        if op in ("QuantizeLinear", "DequantizeLinear"):
+            scale = self._values.get(node.input[1])
+            zero = self._values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+            if scale is None or zero is None or scale.size != 1:
+                raise _Unsupported(f"{op} {node.name!r} without a constant per-tensor scale")
+            s, z = float(scale.reshape(-1)[0]), float(np.asarray(zero).astype(np.int64).reshape(-1)[0])
+            if op == "QuantizeLinear":
+                bounds = _integer_bounds(zero.dtype)
+                if bounds is None:
+                    raise _Unsupported(f"{op} {node.name!r} with zero point type {zero.dtype}")
+                low, high = bounds
+
+                def quantize(env: dict[str, torch.Tensor], _: dict[str, torch.Tensor]) -> None:
+                    env[out] = torch.clamp(_round_ste(env[node.input[0]] / s) + z, low, high)
+
+                return quantize
+
+            def dequantize(env: dict[str, torch.Tensor], _: dict[str, torch.Tensor]) -> None:
+                env[out] = (env[node.input[0]] - z) * s
+
+            return dequantize
+        if op in ACTIVATIONS:
+            step = _activation_step(node, self._inits)
+            if step is None:
+                raise _Unsupported(f"{op} {node.name!r}")
+            return lambda env, _: env.__setitem__(out, step(env[node.input[0]]))
+        binary = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}.get(op)
+        if binary is not None:
+            return lambda env, _: env.__setitem__(out, binary(read(env, node.input[0]), read(env, node.input[1])))
+        if op == "Concat":
+            axis = int(attrs.get("axis", 1))
+            return lambda env, _: env.__setitem__(out, torch.cat([read(env, n) for n in node.input], dim=axis))
+        unary = self._shape_op(node, attrs)
+        if unary is None:
+            raise _Unsupported(f"{op} {node.name!r}")
+        return lambda env, _: env.__setitem__(out, unary(env[node.input[0]]))
+
+    def _shape_op(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        op = node.op_type
+        if op == "Identity":
+            return lambda x: x
+        if op == "GlobalAveragePool":
+            return lambda x: x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+        if op == "Flatten":
+            axis = int(attrs.get("axis", 1))
+            return lambda x: x.reshape(int(np.prod(x.shape[:axis])), -1)
+        if op == "Reshape":
+            shape = [int(v) for v in self._values[node.input[1]].reshape(-1)]
+            return lambda x: x.reshape([x.shape[i] if v == 0 else v for i, v in enumerate(shape)])
+        if op == "Transpose":
+            perm = attrs.get("perm")
+            return lambda x: x.permute(*(perm if perm else reversed(range(x.ndim))))
+        if op == "Softmax":
+            axis = int(attrs.get("axis", -1))
+            return lambda x: torch.softmax(x, dim=axis)
+        if op in ("MaxPool", "AveragePool"):
+            kernel = _ints(attrs, "kernel_shape", [])
+            n = len(kernel)
+            pads = _ints(attrs, "pads", [0] * (2 * n))
+            if n != 2 or pads[:n] != pads[n:] or _auto_pad(attrs) != "NOTSET":
+                return None
+            strides = _ints(attrs, "strides", [1] * n)
+            ceil = bool(attrs.get("ceil_mode", 0))
+            if op == "MaxPool":
+                dilations = _ints(attrs, "dilations", [1] * n)
+                return lambda x: F.max_pool2d(x, kernel, strides, pads[:n], dilations, ceil)
+            include = bool(attrs.get("count_include_pad", 0))
+            return lambda x: F.avg_pool2d(x, kernel, strides, pads[:n], ceil, include)
+        if op in ("ReduceMean", "Squeeze", "Unsqueeze"):
+            axes = attrs.get("axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = [int(v) for v in self._values[node.input[1]].reshape(-1)]
+            if op == "ReduceMean":
+                keep = bool(attrs.get("keepdims", 1))
+                return lambda x: x.mean(dim=tuple(axes) if axes else tuple(range(x.ndim)), keepdim=keep)
+            if op == "Squeeze":
+                return lambda x: x.squeeze(tuple(axes)) if axes else x.squeeze()
+            if axes is None:
+                return None
+
+            def unsqueeze(x: torch.Tensor) -> torch.Tensor:
+                for axis in sorted(a % (x.ndim + len(axes)) for a in axes):
+                    x = x.unsqueeze(axis)
+                return x
+
+            return unsqueeze
+        return None
+
+    def __call__(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the block on ``x``; ``weights`` maps each layer's output name to its weight."""
+        env: dict[str, torch.Tensor] = {self.block.input: x}
+        for step in self._steps:
+            step(env, weights)
+        return env
 
 
 # ---------------------------------------------------------------------- running ONNX
@@ -723,31 +1075,28 @@ def _run(model: onnx.ModelProto, images: np.ndarray, names: Sequence[str]) -> li
 
 
 class _FloatTargets:
-    """The float model's outputs of the layers, computed a few layers at a time.
+    """Float-model tensors on all images, computed a few at a time in the order needed.
 
-    One onnxruntime pass serves as many upcoming layers as fit in ``budget_bytes``
+    One onnxruntime pass serves as many upcoming names as fit in ``budget_bytes``
     (sized from a one-image probe), instead of one full pass per layer.
     """
 
     def __init__(self, float_model: onnx.ModelProto, names: Sequence[str], images: np.ndarray,
                  budget_bytes: int = 512 * 2**20) -> None:
         self._model = float_model
-        self._names = list(names)
+        self._names = list(dict.fromkeys(names))
         self._images = images
         self._cache: dict[str, np.ndarray] = {}
         probe = _run(float_model, images[:1], self._names) if self._names else []
         self._bytes = {name: value.nbytes * images.shape[0] for name, value in zip(self._names, probe)}
         self._budget = budget_bytes
 
-    def get(self, index: int) -> np.ndarray:
-        """The float output of layer ``index`` on all images (drops the earlier ones)."""
-        name = self._names[index]
+    def get(self, name: str) -> np.ndarray:
+        """The float tensor ``name`` on all images (forgets the ones fetched before)."""
         if name not in self._cache:
-            self._cache.clear()
+            start = self._names.index(name)
             batch, total = [name], self._bytes[name]
-            for later in self._names[index + 1 :]:
-                if later in batch:
-                    continue
+            for later in self._names[start + 1 :]:
                 if total + self._bytes[later] > self._budget:
                     break
                 batch.append(later)
@@ -786,155 +1135,342 @@ def optimize_rounding(
         float_model: the BN-folded float model it was made from (not modified).
         images: calibration images, N x C x H x W float32 in the model's input space.
         config: the optimisation settings (``weight_bits`` must be the quantizer's).
-        progress: show a progress bar per layer on stderr.
+        progress: show a progress bar over the units (blocks or layers) on stderr.
 
     Returns:
-        The optimised model and a report: per layer the reconstruction MSE with nearest
-        and with learned rounding (on ``images``), the fraction of integers changed, which
-        rounding was kept, the bias correction outcome and the seconds spent; plus
-        skipped layers and the total time.
+        The optimised model and a report: per unit (block or layer) its nodes, the
+        reconstruction MSE with nearest and with learned rounding (on ``images``), the
+        fraction of integers changed, which rounding was kept, the bias correction
+        outcome and the seconds spent; plus skipped layers, blocks that fell back to
+        layers (with the reason) and the total time.
 
     Raises:
         CalibrationDataError: ``images`` is empty or not finite.
-        QuantizationError: the float model does not match the quantized one.
+        QuantizationError: the float model does not match the quantized one, or the
+            stored integers exceed ``config.weight_bits``.
     """
     images = _check_images(images)
     model = onnx.ModelProto()
     model.CopyFrom(qdq_model)
     g.topological_sort(model.graph)
     layers, skipped = weighted_layers(model, float_model)
-    targets = _FloatTargets(float_model, [layer.float_output for layer in layers], images)
+    units = _units(model, layers, config.mode)
+    float_names = set(_tensor_names(float_model))
+    plans: list[tuple[_Layer | _Block, str | None]] = []
+    for unit in units:
+        plans.append((unit, _block_float_target(model, unit, float_names) if isinstance(unit, _Block) else None))
+    wanted: list[str] = []
+    for unit, target_name in plans:
+        if target_name is not None:
+            wanted.append(target_name)
+        wanted += [layer.float_output for layer in (unit.layers if isinstance(unit, _Block) else (unit,))]
+    targets = _FloatTargets(float_model, wanted, images)
     rows: list[dict[str, Any]] = []
+    fallbacks: list[dict[str, Any]] = []
     started = time.perf_counter()
-    bar = tqdm(layers, desc="rounding", unit="layer", disable=not progress, leave=False)
-    for index, layer in enumerate(bar):
-        label = layer.node.name or layer.node.output[0]
-        bar.set_postfix_str(label[-30:])
+    bar = tqdm(total=len(layers), desc="rounding", unit="layer", disable=not progress, leave=False)
+    index = 0
+    queue = list(plans)
+    while queue:
+        unit, target_name = queue.pop(0)
+        index += 1
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"node": label, "op": layer.node.op_type, "weights": int(layer.float_weight.size)}
-        inits = g.initializer_map(model.graph)
-        x_np, y_q_np = _run(model, images, [layer.node.input[0], layer.node.output[0]])
-        y_fp_np = targets.get(index)
-        act = _activation_fn(layer.activation, inits) if config.target == "activation" else (lambda y: y)
-        if act is None:
-            _LOG.info("rounding: %r: fused %s not emulated, reconstructing the node output", label, layer.activation[0].op_type)
-            act = lambda y: y  # noqa: E731
-        row["target"] = "activation" if layer.activation and config.target == "activation" else "output"
-        outcome = _optimise_layer(model, layer, inits, x_np, y_q_np, y_fp_np, act, config, index, row)
-        if outcome is not None:
-            skipped.append({"node": label, "op": layer.node.op_type, "reason": outcome})
-            continue
+        if isinstance(unit, _Block):
+            names = [layer.node.name or layer.node.output[0] for layer in unit.layers]
+            bar.set_postfix_str(f"block {names[0][-24:]}")
+            try:
+                if target_name is None:
+                    raise _Unsupported("no float counterpart of the block output")
+                row = _optimise_block(model, unit, images, targets, target_name, config, index)
+            except _Unsupported as exc:
+                _LOG.info("rounding: block %s -> %s optimised layer by layer: %s", unit.input, unit.output, exc)
+                fallbacks.append({"nodes": names, "reason": str(exc)})
+                queue[:0] = [(layer, None) for layer in unit.layers]
+                continue
+        else:
+            bar.set_postfix_str((unit.node.name or unit.node.output[0])[-30:])
+            row = _optimise_layer(model, unit, images, targets, config, index)
+            if "reason" in row:
+                skipped.append({"node": row["nodes"][0], "op": unit.node.op_type, "reason": row["reason"]})
+                bar.update(1)
+                continue
         row["seconds"] = round(time.perf_counter() - t0, 3)
         _LOG.info(
-            "rounding: %s %r: mse %.4g -> %.4g (%s kept, %.1f%% changed) in %.1fs",
-            layer.node.op_type, label, row["mse_nearest"], row["mse_optimized"], row["kept"],
+            "rounding: %s %s: mse %.4g -> %.4g (%s kept, %.1f%% changed) in %.1fs",
+            row["unit"], ",".join(row["nodes"]), row["mse_nearest"], row["mse_optimized"], row["kept"],
             100 * row["changed"], row["seconds"],
         )
         rows.append(row)
+        bar.update(len(row["nodes"]))
     bar.close()
     report = {
         "config": asdict(config),
         "images": int(images.shape[0]),
-        "layers": rows,
+        "units": rows,
         "skipped": skipped,
+        "block_fallbacks": fallbacks,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return model, report
 
 
-def _optimise_layer(
-    model: onnx.ModelProto,
-    layer: _Layer,
-    inits: dict[str, onnx.TensorProto],
-    x_np: np.ndarray,
-    y_q_np: np.ndarray,
-    y_fp_np: np.ndarray,
-    act: Callable[[torch.Tensor], torch.Tensor],
-    config: RoundingConfig,
-    index: int,
-    row: dict[str, Any],
-) -> str | None:
-    """AdaRound one layer in place in ``model``; fills ``row``. Returns a skip reason or None."""
-    fn = _layer_fn(layer)
-    x = torch.from_numpy(np.ascontiguousarray(x_np, np.float32))
-    y_fp = torch.from_numpy(np.ascontiguousarray(y_fp_np, np.float32))
-    scale = torch.from_numpy(np.ascontiguousarray(layer.weight_scale))
-    stored = np.asarray(g.to_array(inits[layer.weight_int])).astype(np.int64)
-    bias: torch.Tensor | None = None
-    if layer.bias_int is not None:
-        b_int = np.asarray(g.to_array(inits[layer.bias_int])).astype(np.float64)
-        b_zero = 0.0 if layer.bias_zero_point is None else np.asarray(layer.bias_zero_point, np.float64)
-        bias = torch.from_numpy(((b_int - b_zero) * np.asarray(layer.bias_scale, np.float64)).astype(np.float32))
+def _tensor_names(model: onnx.ModelProto) -> list[str]:
+    return [name for node in model.graph.node for name in node.output] + g.graph_input_names(model.graph)
 
-    # The torch re-implementation must reproduce onnxruntime on the stored integers
-    # before its gradients can be trusted.
-    w_stored = scale * torch.from_numpy(stored.astype(np.float32))
-    with torch.no_grad():
-        probe = fn(x[:8], w_stored, bias).numpy()
-    reference = y_q_np[:8]
-    if probe.shape != reference.shape or np.max(np.abs(probe - reference)) > _ORT_AGREEMENT_RTOL * (
-        1.0 + float(np.max(np.abs(reference)))
-    ):
-        return "torch re-implementation disagrees with onnxruntime (unsupported attributes)"
 
-    qmin, qmax = config.qmin, config.qmax
-    if stored.min() < qmin or stored.max() > qmax:
-        raise QuantizationError(
-            f"weight {layer.weight_int!r} of node {row['node']!r} holds integers outside the "
-            f"{config.weight_bits}-bit range [{qmin}, {qmax}]",
-            "pass the quantizer's weight bit width as RoundingConfig.weight_bits",
-        )
-    ratio = layer.float_weight / layer.weight_scale
-    floor = np.floor(ratio)
-    w_floor = torch.from_numpy(floor.astype(np.float32))
-    v = torch.nn.Parameter(_init_v(ratio - floor))
-    target = act(y_fp)
+def _block_float_target(model: onnx.ModelProto, block: _Block, float_names: set[str]) -> str | None:
+    """The float model's tensor that the block's output quantizes.
 
-    def forward_with(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda xs: act(fn(xs, w, bias))
+    The block ends ``P -> [Clip] -> QuantizeLinear -> DequantizeLinear -> output``; by
+    the emitter's naming, the float model computes the same value under ``P``'s name,
+    the Clip's input name, or (graph output Y, written as ``Y_prequant``) ``Y``.
+    """
+    if block.output in g.graph_output_names(model.graph) and block.output in float_names:
+        return block.output
+    producers = g.producer_map(model.graph)
+    quant = producers.get(block.nodes[-1].input[0])
+    if quant is None or quant.op_type != "QuantizeLinear":
+        return None
+    name = quant.input[0]
+    for _ in range(4):
+        for candidate in (name, name[: -len("_prequant")] if name.endswith("_prequant") else None):
+            if candidate and candidate in float_names:
+                return candidate
+        node = producers.get(name)
+        if node is None or node.op_type != "Clip":
+            return None
+        name = node.input[0]
+    return None
 
-    mse_nearest = _batched_mse(forward_with(w_stored), x, target)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-    adam = _Adam(v, config.lr)
+
+class _Rounding:
+    """The AdaRound variables of one layer (Nagel et al. 2020, Sec. 4).
+
+    W_soft = s * clip(floor(W / s) + h(V), qmin, qmax), V initialised so that h(V) is
+    the fractional part of W / s; hard rounding takes the floor where V < 0, else the ceil.
+    """
+
+    def __init__(self, layer: _Layer, stored: np.ndarray, config: RoundingConfig, label: str) -> None:
+        if stored.min() < config.qmin or stored.max() > config.qmax:
+            raise QuantizationError(
+                f"weight {layer.weight_int!r} of node {label!r} holds integers outside the "
+                f"{config.weight_bits}-bit range [{config.qmin}, {config.qmax}]",
+                "pass the quantizer's weight bit width as RoundingConfig.weight_bits",
+            )
+        self.layer = layer
+        self.stored = stored
+        self.qmin, self.qmax = config.qmin, config.qmax
+        ratio = layer.float_weight / layer.weight_scale
+        self.floor = np.floor(ratio)
+        self.scale = torch.from_numpy(np.ascontiguousarray(layer.weight_scale))
+        self.w_floor = torch.from_numpy(self.floor.astype(np.float32))
+        self.v = torch.nn.Parameter(_init_v(ratio - self.floor))
+        self.adam = _Adam(self.v, config.lr)
+
+    def weight(self, ints: np.ndarray) -> torch.Tensor:
+        return self.scale * torch.from_numpy(ints.astype(np.float32))
+
+    def soft(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_soft, h(V))."""
+        h = _h(self.v)
+        return self.scale * torch.clamp(self.w_floor + h, self.qmin, self.qmax), h
+
+    def learned(self) -> np.ndarray:
+        with torch.no_grad():
+            return np.clip(self.floor + (self.v.detach().numpy() >= 0), self.qmin, self.qmax).astype(np.int64)
+
+
+def _regulariser(h: torch.Tensor, step: int, config: RoundingConfig) -> torch.Tensor | None:
+    """lambda * sum(1 - |2h - 1|^beta), beta annealed linearly after the warm-up; None during it."""
     warm = int(config.warmup * config.iterations)
+    if step < warm or config.reg_weight == 0:
+        return None
+    progress = (step - warm) / max(1, config.iterations - warm)
+    beta = config.beta_end + (config.beta_start - config.beta_end) * (1.0 - progress)
+    return config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+
+
+def _fit(
+    roundings: Sequence[_Rounding],
+    forward: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor],
+    x: torch.Tensor,
+    target: torch.Tensor,
+    config: RoundingConfig,
+    seed: int,
+) -> None:
+    """The AdaRound loop: reconstruction of ``target`` plus the annealed regulariser."""
+    generator = torch.Generator().manual_seed(seed)
     count = x.shape[0]
     for step in range(config.iterations):
         batch = torch.randint(0, count, (min(config.batch_size, count),), generator=generator)
-        h = _h(v)
-        w_soft = scale * torch.clamp(w_floor + h, qmin, qmax)
-        loss = _reconstruction(act(fn(x[batch], w_soft, bias)), target[batch])
-        if step >= warm and config.reg_weight > 0:
-            # Linear anneal of beta from beta_start to beta_end over the post-warm-up steps.
-            progress = (step - warm) / max(1, config.iterations - warm)
-            beta = config.beta_end + (config.beta_start - config.beta_end) * (1.0 - progress)
-            loss = loss + config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
-        v.grad = None
+        softs = [rounding.soft() for rounding in roundings]
+        loss = _reconstruction(forward(x[batch], [w for w, _ in softs]), target[batch])
+        for _, h in softs:
+            reg = _regulariser(h, step, config)
+            if reg is not None:
+                loss = loss + reg
+        for rounding in roundings:
+            rounding.v.grad = None
         loss.backward()
-        adam.step()
+        for rounding in roundings:
+            rounding.adam.step()
 
+
+def _agrees(probe: np.ndarray, reference: np.ndarray, rtol: float) -> bool:
+    if probe.shape != reference.shape:
+        return False
+    err = float(np.sqrt(np.mean((probe.astype(np.float64) - reference) ** 2)))
+    return err <= rtol * (1e-6 + float(np.sqrt(np.mean(reference.astype(np.float64) ** 2))))
+
+
+def _layer_bias(layer: _Layer, inits: dict[str, onnx.TensorProto]) -> torch.Tensor | None:
+    if layer.bias_int is None:
+        return None
+    b_int = np.asarray(g.to_array(inits[layer.bias_int])).astype(np.float64)
+    b_zero = 0.0 if layer.bias_zero_point is None else np.asarray(layer.bias_zero_point, np.float64)
+    return torch.from_numpy(((b_int - b_zero) * np.asarray(layer.bias_scale, np.float64)).astype(np.float32))
+
+
+def _channel_axis(layer: _Layer) -> int:
+    return 1 if layer.node.op_type in ("Conv", "ConvTranspose") else -1
+
+
+def _optimise_layer(
+    model: onnx.ModelProto,
+    layer: _Layer,
+    images: np.ndarray,
+    targets: _FloatTargets,
+    config: RoundingConfig,
+    index: int,
+) -> dict[str, Any]:
+    """AdaRound one layer in place in ``model``; returns its report row (with ``reason`` if skipped)."""
+    label = layer.node.name or layer.node.output[0]
+    row: dict[str, Any] = {"unit": "layer", "nodes": [label], "ops": [layer.node.op_type], "weights": int(layer.float_weight.size)}
+    inits = g.initializer_map(model.graph)
+    x_np, y_q_np = _run(model, images, [layer.node.input[0], layer.node.output[0]])
+    act, quant_act, row["target"] = _targets(layer, inits, config.target)
+    fn = _layer_fn(layer)
+    x = torch.from_numpy(np.ascontiguousarray(x_np, np.float32))
+    y_fp = torch.from_numpy(np.ascontiguousarray(targets.get(layer.float_output), np.float32))
+    bias = _layer_bias(layer, inits)
+    stored = np.asarray(g.to_array(inits[layer.weight_int])).astype(np.int64)
+    rounding = _Rounding(layer, stored, config, label)
+
+    # The torch re-implementation must reproduce onnxruntime on the stored integers
+    # before its gradients can be trusted.
     with torch.no_grad():
-        learned = np.clip(floor + (v.detach().numpy() >= 0), qmin, qmax).astype(np.int64)
-    w_learned = scale * torch.from_numpy(learned.astype(np.float32))
-    mse_learned = _batched_mse(forward_with(w_learned), x, target)
+        probe = fn(x[:8], rounding.weight(stored), bias).numpy()
+    if not _agrees(probe, y_q_np[:8], _ORT_AGREEMENT_RTOL):
+        row["reason"] = "torch re-implementation disagrees with onnxruntime (unsupported attributes)"
+        return row
+
+    target = act(y_fp)
+    mse_nearest = _batched_mse(lambda xs: quant_act(fn(xs, rounding.weight(stored), bias)), x, target)
+    _fit([rounding], lambda xs, ws: quant_act(fn(xs, ws[0], bias)), x, target, config, config.seed * 1_000_003 + index)
+    learned = rounding.learned()
+    mse_learned = _batched_mse(lambda xs: quant_act(fn(xs, rounding.weight(learned), bias)), x, target)
     # Too few iterations can leave the learned rounding worse than nearest on the very
     # images it was fitted to; then nearest is the honest choice.
-    keep_learned = config.iterations > 0 and mse_learned <= mse_nearest
-    final = learned if keep_learned else stored
-    if keep_learned:
+    keep = config.iterations > 0 and mse_learned <= mse_nearest
+    final = learned if keep else stored
+    if keep:
         _set_initializer(model.graph, layer.weight_int, final)
     row.update(
         iterations=config.iterations,
         mse_nearest=mse_nearest,
         mse_optimized=mse_learned if config.iterations > 0 else mse_nearest,
-        kept="learned" if keep_learned else "nearest",
+        kept="learned" if keep else "nearest",
         changed=float(np.mean(learned != stored)) if config.iterations > 0 else 0.0,
     )
     if config.bias_correction:
-        w_final = scale * torch.from_numpy(final.astype(np.float32))
-        axis = 1 if layer.node.op_type in ("Conv", "ConvTranspose") else -1
-        delta = _channel_mean_delta(lambda xs: fn(xs, w_final, bias), x, y_fp, axis)
-        row["bias_correction"] = _correct_bias(model, layer, layer.bias_int, layer.bias_scale, delta)
-    return None
+        w_final = rounding.weight(final)
+        delta = _channel_mean_delta(lambda xs: fn(xs, w_final, bias), x, y_fp, _channel_axis(layer))
+        row["bias_correction"] = [_correct_bias(model, layer, delta)[0]]
+    return row
+
+
+def _optimise_block(
+    model: onnx.ModelProto,
+    block: _Block,
+    images: np.ndarray,
+    targets: _FloatTargets,
+    target_name: str,
+    config: RoundingConfig,
+    index: int,
+) -> dict[str, Any]:
+    """Learn the rounding of all layers of ``block`` jointly on the block's output (BRECQ).
+
+    Raises:
+        _Unsupported: the block holds an op the interpreter does not emulate, or the
+            interpreter disagrees with onnxruntime; the caller falls back to layers.
+    """
+    program = _BlockProgram(block, model.graph)
+    labels = [layer.node.name or layer.node.output[0] for layer in block.layers]
+    quant = g.producer_map(model.graph).get(block.nodes[-1].input[0])
+    assert quant is not None
+    pre_quant = quant.input[0]
+    compare = block.output if config.target == "quantized" else pre_quant
+    x_np, ref_np = _run(model, images, [block.input, pre_quant])
+    x = torch.from_numpy(np.ascontiguousarray(x_np, np.float32))
+    target = torch.from_numpy(np.ascontiguousarray(targets.get(target_name), np.float32))
+    inits = g.initializer_map(model.graph)
+    roundings = []
+    for layer, label in zip(block.layers, labels):
+        stored = np.asarray(g.to_array(inits[layer.weight_int])).astype(np.int64)
+        roundings.append(_Rounding(layer, stored, config, label))
+    outs = [layer.node.output[0] for layer in block.layers]
+
+    def run_with(weights: Sequence[torch.Tensor], name: str = compare) -> Callable[[torch.Tensor], torch.Tensor]:
+        mapping = dict(zip(outs, weights))
+        return lambda xs: program(xs, mapping)[name]
+
+    nearest = [r.weight(r.stored) for r in roundings]
+    with torch.no_grad():
+        probe = run_with(nearest, pre_quant)(x[:8]).numpy()
+    # Activation rounding inside the block may flip a rare value by one step between
+    # torch and onnxruntime, hence a looser bound than for a single layer.
+    if not _agrees(probe, ref_np[:8], 1e-2):
+        raise _Unsupported("the block interpreter disagrees with onnxruntime")
+    if target.shape[1:] != x_np.shape[1:] and target.shape[1:] != ref_np.shape[1:]:
+        raise _Unsupported(f"float tensor {target_name!r} has shape {tuple(target.shape)}")
+
+    mse_nearest = _batched_mse(run_with(nearest), x, target)
+    _fit(roundings, lambda xs, ws: run_with(ws)(xs), x, target, config, config.seed * 1_000_003 + index)
+    learned = [r.learned() for r in roundings]
+    mse_learned = _batched_mse(run_with([r.weight(q) for r, q in zip(roundings, learned)]), x, target)
+    keep = config.iterations > 0 and mse_learned <= mse_nearest
+    finals = learned if keep else [r.stored for r in roundings]
+    if keep:
+        for layer, ints in zip(block.layers, finals):
+            _set_initializer(model.graph, layer.weight_int, ints)
+    changed = sum(int(np.sum(q != r.stored)) for q, r in zip(learned, roundings))
+    total = sum(r.stored.size for r in roundings)
+    row: dict[str, Any] = {
+        "unit": "block",
+        "nodes": labels,
+        "ops": [layer.node.op_type for layer in block.layers],
+        "weights": int(total),
+        "target": "quantized" if compare == block.output else "block output",
+        "iterations": config.iterations,
+        "mse_nearest": mse_nearest,
+        "mse_optimized": mse_learned if config.iterations > 0 else mse_nearest,
+        "kept": "learned" if keep else "nearest",
+        "changed": changed / max(total, 1) if config.iterations > 0 else 0.0,
+    }
+    if config.bias_correction:
+        # Layer by layer inside the block, each seeing the biases corrected before it.
+        weights = {out: r.weight(q) for out, r, q in zip(outs, roundings, finals)}
+        outcomes = []
+        for layer in block.layers:
+            out = layer.node.output[0]
+            y_fp = torch.from_numpy(np.ascontiguousarray(targets.get(layer.float_output), np.float32))
+            delta = _channel_mean_delta(lambda xs: program(xs, weights)[out], x, y_fp, _channel_axis(layer))
+            outcome, new_bias = _correct_bias(model, layer, delta)
+            if new_bias is not None:
+                weights[f"bias:{out}"] = torch.from_numpy(new_bias)
+            outcomes.append(outcome)
+        row["bias_correction"] = outcomes
+    return row
 
 
 def bias_correction(
@@ -949,9 +1485,10 @@ def bias_correction(
     For node l in topological order: delta_c = mean over images and positions of
     (y_float - y_quant)_c, where y_quant is the node's (pre-activation) output in the
     model whose earlier layers are already corrected; the bias becomes
-    round((b_c + delta_c) / bias_scale_c) in int32 with its scale unchanged. A node
-    without bias gets one (Conv/ConvTranspose/Gemm whose input comes from a per-tensor
-    DequantizeLinear); MatMul nodes without one are skipped and reported.
+    round((b_c + delta_c) / bias_scale_c) in int32 with its scale unchanged (HPTQ/MCT's
+    bias correction, here measured on the calibration images rather than derived from
+    BN statistics). A node without bias gets one (Conv/ConvTranspose/Gemm whose input
+    comes from a per-tensor DequantizeLinear); MatMul nodes without one are skipped.
 
     Returns the corrected copy and a report (per layer: the mean |delta| and the outcome).
     """
@@ -963,14 +1500,14 @@ def bias_correction(
     targets = _FloatTargets(float_model, [layer.float_output for layer in layers], images)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for index, layer in enumerate(tqdm(layers, desc="bias correction", unit="layer", disable=not progress, leave=False)):
+    for layer in tqdm(layers, desc="bias correction", unit="layer", disable=not progress, leave=False):
         label = layer.node.name or layer.node.output[0]
         (y_q,) = _run(model, images, [layer.node.output[0]])
-        y_fp = targets.get(index)
-        axis = 1 if layer.node.op_type in ("Conv", "ConvTranspose") else y_q.ndim - 1
+        y_fp = targets.get(layer.float_output)
+        axis = _channel_axis(layer) % y_q.ndim
         diff = np.moveaxis(y_fp.astype(np.float64) - y_q, axis, -1).reshape(-1, y_q.shape[axis])
         delta = diff.mean(0)
-        outcome = _correct_bias(model, layer, layer.bias_int, layer.bias_scale, delta)
+        outcome, _ = _correct_bias(model, layer, delta)
         rows.append({"node": label, "op": layer.node.op_type, "mean_abs_shift": float(np.mean(np.abs(delta))), "outcome": outcome})
         _LOG.info("bias correction: %r: mean |shift| %.4g (%s)", label, rows[-1]["mean_abs_shift"], outcome)
     return model, {"layers": rows, "skipped": skipped, "seconds": round(time.perf_counter() - started, 3)}
