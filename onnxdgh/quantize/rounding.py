@@ -1,4 +1,4 @@
-"""Rounding optimisation (AdaRound) and bias correction for a power-of-two QDQ model.
+"""Rounding optimisation (AdaRound / BRECQ-style) and bias correction for a power-of-two QDQ model.
 
 Contract:
 
@@ -14,27 +14,42 @@ Contract:
   Only integer initializers (and, with bias correction, int32 biases) change: scales,
   zero points, node structure and names stay as they were, so every power-of-two and
   range constraint the quantizer established still holds. The integers stay in
-  ``[-2^(b-1), 2^(b-1) - 1]`` for ``b = RoundingConfig.weight_bits``.
+  ``[-2^(b-1), 2^(b-1) - 1]`` for ``b = RoundingConfig.weight_bits`` and each is the
+  floor or the ceiling of ``W / W_scale`` (clipped to that range).
 * :func:`bias_correction` returns a copy whose int32 biases are shifted so that each
   weighted node's per-channel mean output on the calibration images matches the float
   model's (HPTQ/MCT-style), in topological order so each layer sees the corrected ones.
-* Both also return/log what they did; a layer the module cannot handle (shared weight,
-  weight not a quantized constant, float model without the matching node, a torch
-  re-implementation that disagrees with onnxruntime) is skipped with a log line and a
-  reason in the report -- never silently changed.
+* Both also return what they did (a JSON-ready report) and log it; a layer the module
+  cannot handle (shared weight, weight not a quantized constant, float model without
+  the matching node, a torch re-implementation that disagrees with onnxruntime) is
+  skipped with a reason in the report -- never silently changed. A learned rounding that
+  reconstructs worse than nearest rounding on the calibration images is discarded.
 
-Why layer by layer with the *current* quantized model: the input of layer l is taken
-from the QDQ model in which layers < l already carry their optimised integers and every
-activation quantizer is active (AdaRound's "asymmetric reconstruction", Nagel et al.
-2020, Sec. 4, Eq. 25: minimise ||f_a(W x) - f_a(W_soft x_q)||^2), so each layer learns
-to compensate the quantization error accumulated upstream. The target is the float
-model's output of the same node on the same images, passed through the fused
-activation when the node has one (Conv -> Relu with no Q/DQ between), because the
-hardware op's output is the activation's output.
+Units. ``RoundingConfig.mode="layer"`` optimises each weighted node on its own output
+(AdaRound); ``"block"`` cuts the graph at quantized tensors that every path crosses (in a
+ResNet: the residual-stream tensors, so a unit is one residual block; in a plain chain:
+one layer) and learns the rounding of all nodes of a block jointly on the block's
+output, with the block's inner activation quantizers active as straight-through fake
+quantizers (BRECQ, Li et al. 2021, without its Fisher weighting). A block holding an op
+the small torch interpreter below does not know falls back to its layers.
 
-The DGH paper (dgh-paper.txt) uses AdaRound [41] and BRECQ [30] as the quantization
-algorithms that its synthetic images drive (Tables 1, 3-5); this module is the AdaRound
-part, run on whatever calibration images the caller passes.
+Why the *current* quantized model: the input of unit u is taken from the QDQ model in
+which units < u already carry their optimised integers and every activation quantizer
+is active (AdaRound's "asymmetric reconstruction", Nagel et al. 2020, Sec. 4:
+minimise ||f_a(W x) - f_a(W_soft x_q)||^2), so each unit learns to compensate the
+quantization error accumulated upstream. The target is the float model's tensor on the
+same images: a layer's output passed through its fused activation when it has one
+(Conv -> Relu with no Q/DQ between: the hardware op's output is the activation's), or a
+block's output.
+
+AdaRound (Nagel et al. 2020, Sec. 4): W_soft = s * clip(floor(W/s) + h(V), qmin, qmax),
+h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1,
+loss = ||F(X_q, W_soft) - Y_fp||^2 + lambda * sum(1 - |2 h(V) - 1|^beta), beta annealed
+from 20 to 2 after a warm-up; finally W_int = floor(W/s) + [V >= 0].
+
+The DGH paper (dgh-paper.txt) evaluates its synthetic images with AdaRound [41] and
+BRECQ [30] (Tables 1, 3-5; hardware-friendly setting in Sec. 6.1: every layer quantized);
+this module is that step, run on whatever calibration images the caller passes.
 """
 
 from __future__ import annotations
@@ -68,7 +83,7 @@ _ZETA = 1.1
 _GAMMA = -0.1
 
 # How much the torch re-implementation of a node may differ from onnxruntime's output
-# (relative to the output's magnitude) before the layer is skipped as not understood.
+# (RMS error relative to the output's RMS) before the layer is skipped as not understood.
 _ORT_AGREEMENT_RTOL = 1e-3
 
 # Fraction of weights whose nearest rounding of W/s may disagree with the stored integer
@@ -294,9 +309,6 @@ def weighted_layers(
         if node.op_type == "MatMul" and q_weight.ndim != 2:
             skip("MatMul weight is not 2-D")
             continue
-        if node.op_type == "Gemm" and g.node_attributes(node).get("transA", 0) not in (0,):
-            # transA transposes the data input, which the torch side handles; kept simple.
-            pass
         axis = _weight_axis(node, q_weight.ndim)
         dq_axis = g.node_attributes(dq).get("axis", 1)
         full_scale = _broadcast_scale(scale, q_weight.shape, axis)
