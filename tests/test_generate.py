@@ -161,13 +161,13 @@ def _stop_at(step: int, error: type[BaseException]):
     return callback
 
 
-@pytest.mark.parametrize("stop_step, error", [(8, KeyboardInterrupt), (14, _Stop)])
+@pytest.mark.parametrize("stop_step, error, refresh", [(8, KeyboardInterrupt, "rerun"), (14, _Stop, "reuse")])
 def test_resume_ends_with_the_images_of_an_uninterrupted_run(
-    tiny_model_path: Path, tmp_path: Path, stop_step: int, error: type[BaseException]
+    tiny_model_path: Path, tmp_path: Path, stop_step: int, error: type[BaseException], refresh: str
 ) -> None:
     """Ctrl-C mid-iteration (checkpoint written on the way out) and a crash (last periodic checkpoint)."""
     loaded = load_model(tiny_model_path)
-    settings = dict(QUICK, iterations=7, stats_refresh="rerun")
+    settings = dict(QUICK, iterations=7, stats_refresh=refresh)
     reference = generate(loaded, GenerateConfig(**settings), progress=False)
 
     checkpoint = tmp_path / "run.ckpt"
@@ -275,6 +275,14 @@ def test_cli_writes_images_preview_and_report(tiny_model_path: Path, tmp_path: P
 
     with Image.open(preview) as sheet:
         assert sheet.size[0] > 12 * 3
+
+
+def test_cli_json_to_stdout(tiny_model_path: Path, tmp_path: Path) -> None:
+    result = _cli("generate", str(tiny_model_path), "-o", str(tmp_path / "imgs.npz"), "--images", "4",
+                  "--iterations", "2", "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["images"] == 4 and report["normalization"]["clamped"] is False
 
 
 def test_cli_refuses_model_without_bn_with_recipe(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--sas/--no-sas", default=None, help="Statistics aggregation over the whole set (default: on for dgh).")
 @click.option("--prep/--no-prep", default=None, help="Smoothing + flip + crop every step (default: on for dgh).")
 @click.option("--odsl/--no-odsl", default=None, help="Output distribution stretching loss (default: on for dgh).")
-@click.option("--odsl-lambda", type=float, default=None, help="Weight of the stretching loss (Eq. 8).")
+@click.option("--odsl-lambda", type=float, default=None, help="Weight of the stretching loss (Eq. 8; default 0.002).")
 @click.option("--odsl-delta", type=float, default=None, help="Allowed squared deviation at the last BN (Eq. 7; default 0.5 x ||sigma_L||^2).")
 @click.option("--lr", type=float, default=None, help="Initial learning rate (paper: 16).")
 @click.option("--optimizer", default=None, help="radam (default) or adam.")

@@ -86,8 +86,16 @@ class GenerateConfig:
     #   0.005    0.88      16.2 (3.8..46.6)        -15.2 .. 31.6   99.6 / 95.9
     #   0.01     3.86      23.8 (4.9..54.1)        -17.6 .. 36.5   99.0 / 95.0
     #   (real data as calibration set: 99.7 / 95.9)
-    # 0.002 brings the output range closest to real data's while the BN loss barely
-    # moves; from 0.01 the range overshoots and the BN match (and the agreement) suffer.
+    # samples/fmnist_mobilenetv2.onnx, same settings (real: range mean 12.7, 4.9..20.0;
+    # logits -6.8 .. 15.5; BN loss 0.43; real calibration 99.4 / 96.1; noise 98.1 / 95.3):
+    #   0        2.83      7.9 (2.7..14.2)         -5.7 .. 10.6    99.3 / 96.0
+    #   0.002    2.87      8.4 (2.4..14.8)         -5.9 .. 9.9     99.5 / 96.1
+    #   0.005    2.88      9.0 (3.3..16.3)         -6.1 .. 12.7    99.4 / 96.2
+    # 0.002 brings resnet8's output range closest to real data's while the BN loss barely
+    # moves; from 0.005 resnet8's range overshoots and its BN match suffers, from 0.01
+    # its agreement too. On mobilenetv2 the stretch is weaker at these lambdas and the
+    # agreement is the same within noise (2000 test images: +-0.4 point): the
+    # conservative value is the default.
     odsl_lambda: float = 0.002
     # delta of Eq. 7. An absolute default cannot fit every model: the squared deviation
     # of real images from the last BN's targets scales with its width and activations.
