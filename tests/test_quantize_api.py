@@ -144,7 +144,8 @@ def test_ort_optimiser_keeps_qdq_and_outputs_match(tiny: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(("weight_bits", "act_bits"), [(4, 8), (4, 4), (2, 8)])
 def test_sub8bit_ranges(tiny: Path, weight_bits: int, act_bits: int) -> None:
-    result = quantize(str(tiny), _calib(), QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits), progress=False)
+    config = QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits, optimize_rounding=False)
+    result = quantize(str(tiny), _calib(), config, progress=False)
     q = result.model
     assert structure_problems(q, CONV_RELU) == []
     low, high = -(2 ** (weight_bits - 1)), 2 ** (weight_bits - 1) - 1
@@ -175,17 +176,38 @@ def test_sub8bit_ranges(tiny: Path, weight_bits: int, act_bits: int) -> None:
 
 
 def test_int4_types_match_int8_containers(tiny: Path) -> None:
-    config = QuantizeConfig(weight_bits=4, act_bits=4)
+    config = QuantizeConfig(weight_bits=4, act_bits=4, optimize_rounding=False, bias_correction=False)
     narrow = quantize(str(tiny), _calib(), config, progress=False).model
-    typed = quantize(
-        str(tiny), _calib(), QuantizeConfig(weight_bits=4, act_bits=4, int4_types=True), progress=False
-    ).model
+    typed_config = QuantizeConfig(weight_bits=4, act_bits=4, int4_types=True, optimize_rounding=False, bias_correction=False)
+    typed = quantize(str(tiny), _calib(), typed_config, progress=False).model
     assert typed.opset_import[0].version == 21 and "Clip" not in op_counts(typed)
     types = {init.data_type for init in typed.graph.initializer if init.name.endswith("_zero_point")}
     assert {TensorProto.INT4, TensorProto.UINT4} <= types
     x = _calib(8, seed=6)
     np.testing.assert_array_equal(run(typed, x)[0], run(narrow, x)[0])
     np.testing.assert_array_equal(run(typed, x, optimize=True)[0], run(typed, x)[0])
+
+
+def test_rounding_runs_below_8_bits_and_keeps_the_contract(tiny: Path) -> None:
+    nearest = quantize(str(tiny), _calib(), QuantizeConfig(weight_bits=4, optimize_rounding=False), progress=False)
+    assert "rounding" not in nearest.report and nearest.report["config"]["bias_correction"] is False
+    result = quantize(str(tiny), _calib(), QuantizeConfig(weight_bits=4, rounding_iterations=10), progress=False)
+    q = result.model
+    assert result.report["config"]["optimize_rounding"] is True and result.report["config"]["bias_correction"] is True
+    assert "rounding" in result.report and result.report["timings"]["rounding_s"] > 0
+    assert structure_problems(q, CONV_RELU) == [] and bias_scale_problems(q) == []
+    meta = {prop.key: prop.value for prop in q.metadata_props}
+    assert meta["onnxdgh.optimize_rounding"] == "true" and meta["onnxdgh.bias_correction"] == "true"
+    # Only stored integers change: same nodes, same scales.
+    assert [n.op_type for n in q.graph.node] == [n.op_type for n in nearest.model.graph.node]
+    scales = lambda m: {i.name: i.raw_data for i in m.graph.initializer if i.name.endswith("_scale")}  # noqa: E731
+    assert scales(q) == scales(nearest.model)
+    for node in _nodes(q, "DequantizeLinear"):
+        if node.input[0].endswith("weight_quantized"):
+            values = _init(q, node.input[0])
+            assert values.min() >= -8 and values.max() <= 7
+    w8 = quantize(str(tiny), _calib(), QuantizeConfig(), progress=False)
+    assert "rounding" not in w8.report  # W8A8: nearest rounding, no extra time
 
 
 def test_per_tensor_weights_and_strict_profile(tiny: Path) -> None:
@@ -280,6 +302,8 @@ def test_bias_that_overflows_int32_is_clipped_with_a_warning(caplog: pytest.LogC
         ({"seed": -1}, "--seed -1"),
         ({"per_channel": "yes"}, "per_channel"),
         ({"histogram_bins": 1000}, "histogram_bins"),
+        ({"rounding_iterations": 0}, "--rounding-iterations 0"),
+        ({"optimize_rounding": "auto"}, "optimize_rounding"),
     ],
 )
 def test_bad_config_values(kwargs: dict, text: str) -> None:

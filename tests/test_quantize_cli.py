@@ -51,11 +51,13 @@ def test_quantize_options_and_json_stdout(tiny_model_path: Path, calib: Path, tm
     out = tmp_path / "q4.onnx"
     result = _invoke("-q", "quantize", str(tiny_model_path), "-o", str(out), "--calib-data", str(calib),
                      "--weight-bits", "4", "--act-bits", "4", "--threshold", "noclip", "--per-tensor-weights",
-                     "--json", "-")
+                     "--no-optimize-rounding", "--bias-correction", "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["config"]["weight_bits"] == 4 and report["config"]["threshold"] == "noclip"
     assert report["profile"] == "pot-lowbit" and report["config"]["per_channel"] is False
+    assert report["config"]["optimize_rounding"] is False and report["config"]["bias_correction"] is True
+    assert "rounding" in report
     assert any(node.op_type == "Clip" for node in onnx.load(str(out)).graph.node)
 
 
@@ -84,6 +86,7 @@ def _assert_error(result, code: int, *fragments: str) -> None:
         (["--weight-bits", "3"], ["--weight-bits 3", "hint:"]),
         (["--act-bits", "16"], ["--act-bits 16"]),
         (["--threshold", "kl"], ["--threshold 'kl'"]),
+        (["--rounding-iterations", "0"], ["--rounding-iterations 0"]),
         (["--profile", "nope"], ["unknown profile 'nope'"]),
         (["--weight-bits", "4", "--profile", "generic-pot-int8"], ["allows weight bits [8]"]),
         (["--images", "4"], ["--images apply only when images are generated"]),

@@ -30,6 +30,8 @@ def render(report: dict[str, Any], output: str) -> str:
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
+        f"rounding  {'AdaRound' if config['optimize_rounding'] else 'nearest'}"
+        f"{', bias correction' if config['bias_correction'] else ''}",
         f"time      quantize {timings['quantize_s']:.2f} s"
         + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
         + f", total {timings['total_s']:.1f} s",
@@ -58,7 +60,13 @@ def render(report: dict[str, Any], output: str) -> str:
                    "generic-pot-int8 (W8A8), pot-w4a8 (W4A8), pot-lowbit (other).")
 @click.option("--int4-types", is_flag=True,
               help="Carry <=4-bit values in INT4/UINT4 Q/DQ types (upgrades the model to opset 21).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation.")
+@click.option("--optimize-rounding/--no-optimize-rounding", "optimize_rounding", default=None,
+              help="Choose weight integers by AdaRound (default: on below 8 bits, off for W8A8).")
+@click.option("--bias-correction/--no-bias-correction", "bias_correction", default=None,
+              help="Correct int32 biases to the float model's mean outputs (default: with --optimize-rounding).")
+@click.option("--rounding-iterations", type=int, default=300, show_default=True,
+              help="AdaRound optimisation steps per layer.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
 @click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
 @click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")
 @click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
@@ -80,6 +88,9 @@ def quantize_command(
     per_tensor_weights: bool,
     profile: str | None,
     int4_types: bool,
+    optimize_rounding: bool | None,
+    bias_correction: bool | None,
+    rounding_iterations: int,
     seed: int,
     images: int | None,
     iterations: int | None,
@@ -112,6 +123,9 @@ def quantize_command(
         profile=profile,
         int4_types=int4_types,
         seed=seed,
+        optimize_rounding=optimize_rounding,
+        bias_correction=bias_correction,
+        rounding_iterations=rounding_iterations,
     )
     generation = {"images": images, "iterations": iterations, "batch_size": batch_size, "method": method}
     given = {key: value for key, value in generation.items() if value is not None}

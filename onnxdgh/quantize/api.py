@@ -9,7 +9,8 @@ Every check that can fail on user input (options, profile, ops, calibration shap
 runs before the long work (generation, calibration). The input model is never modified.
 
 Stages: ``fold.prepare`` -> ``plan.mark`` -> images -> ``calibrate.collect_statistics``
--> ``plan.resolve`` -> ``emit.emit``.
+-> ``plan.resolve`` -> ``emit.emit`` -> (below 8 bits) ``rounding.optimize_rounding``
+with bias correction, which only changes stored integers, never scales or structure.
 """
 
 from __future__ import annotations
@@ -61,7 +62,19 @@ class QuantizeConfig:
             W8A8 generic-pot-int8, W4A8 pot-w4a8, anything lower pot-lowbit.
         int4_types: carry <= 4-bit values in INT4/UINT4 Q/DQ types (opset 21) instead of
             range-restricted int8/uint8 containers (``--int4-types``).
-        seed: seeds the DGH generation when no calibration images are given.
+        seed: seeds the DGH generation when no calibration images are given, and the
+            batch sampling of the rounding optimisation.
+        optimize_rounding: choose the stored weight integers by AdaRound, layer by layer
+            on the quantized model (``rounding.optimize_rounding``) instead of nearest
+            rounding (``--optimize-rounding/--no-optimize-rounding``). None: on whenever
+            weights or activations are below 8 bits (measured on fmnist_resnet8, real
+            data: W4A4 48.9 -> 88.4 %, W8A4 62.5 -> 83.6 %, W2A8 13.3 -> 74.0 %, W4A8
+            90.1 -> 91.3 %; W8A8 91.81 -> 91.82 % for 60 s more, so off there).
+        bias_correction: shift int32 biases so each layer's per-channel mean output
+            matches the float model (``--bias-correction/--no-bias-correction``). None:
+            with the rounding optimisation when it runs (W4A4 +0.7 points), else off.
+        rounding_iterations: AdaRound steps per layer (1000 gained 0.1 point over 300 at
+            W4A4 for 2x the time).
         calibration_batch_size: images per onnxruntime run while collecting statistics
             (lowered automatically so one run's exposed activations stay within
             :data:`CALIBRATION_MEMORY_BYTES`).
@@ -77,6 +90,9 @@ class QuantizeConfig:
     seed: int = 0
     calibration_batch_size: int = 64
     histogram_bins: int = DEFAULT_BINS
+    optimize_rounding: bool | None = None
+    bias_correction: bool | None = None
+    rounding_iterations: int = 300
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS or isinstance(self.weight_bits, bool):
@@ -93,6 +109,15 @@ class QuantizeConfig:
         for name in ("per_channel", "int4_types"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}", "pass a bool")
+        for name in ("optimize_rounding", "bias_correction"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(
+                    f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}", "pass a bool or None"
+                )
+        if not isinstance(self.rounding_iterations, int) or isinstance(self.rounding_iterations, bool) or self.rounding_iterations < 1:
+            raise InvalidInputError(
+                f"--rounding-iterations {self.rounding_iterations!r} is not a positive integer", "give e.g. --rounding-iterations 300"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"--seed {self.seed!r} is not an integer in [0, 2^63)", "give e.g. --seed 0")
         if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size < 1:
@@ -105,9 +130,24 @@ class QuantizeConfig:
         if self.profile is not None and (not isinstance(self.profile, str) or not self.profile.strip()):
             raise InvalidInputError(f"--profile {self.profile!r} is empty", "give a built-in name or a .json path")
 
+    @property
+    def rounding_enabled(self) -> bool:
+        """Whether AdaRound runs (explicit setting, else on below 8 bits)."""
+        if self.optimize_rounding is not None:
+            return self.optimize_rounding
+        return self.weight_bits < 8 or self.act_bits < 8
+
+    @property
+    def bias_correction_enabled(self) -> bool:
+        """Whether biases are corrected (explicit setting, else with the rounding optimisation)."""
+        return self.rounding_enabled if self.bias_correction is None else self.bias_correction
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings."""
-        return asdict(self)
+        """JSON-ready settings (the automatic choices resolved)."""
+        data = asdict(self)
+        data["optimize_rounding"] = self.rounding_enabled
+        data["bias_correction"] = self.bias_correction_enabled
+        return data
 
 
 @dataclass(frozen=True)
@@ -316,6 +356,26 @@ def quantize(
 
     step = time.perf_counter()
     quantized = emit(folded, resolved)
+    timings["emit_s"] = time.perf_counter() - step
+
+    rounding_report: dict[str, Any] | None = None
+    if config.rounding_enabled or config.bias_correction_enabled:
+        from .rounding import RoundingConfig, bias_correction, optimize_rounding  # torch: imported when used
+
+        step = time.perf_counter()
+        if config.rounding_enabled:
+            settings = RoundingConfig(
+                weight_bits=config.weight_bits,
+                iterations=config.rounding_iterations,
+                bias_correction=config.bias_correction_enabled,
+                seed=config.seed,
+            )
+            quantized, rounding_report = optimize_rounding(quantized, folded, calibration, settings, progress=progress)
+        else:
+            quantized, rounding_report = bias_correction(quantized, folded, calibration, progress=progress)
+        timings["rounding_s"] = time.perf_counter() - step
+
+    step = time.perf_counter()
     _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings)
     try:
         onnx.checker.check_model(quantized)
@@ -324,8 +384,10 @@ def quantize(
             f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}",
             "report this model to the onnxdgh developers",
         ) from exc
-    timings["emit_s"] = time.perf_counter() - step
-    timings["quantize_s"] = sum(timings[k] for k in ("fold_s", "calibrate_s", "thresholds_s", "emit_s"))
+    timings["emit_s"] += time.perf_counter() - step
+    timings["quantize_s"] = sum(
+        timings.get(k, 0.0) for k in ("fold_s", "calibrate_s", "thresholds_s", "emit_s", "rounding_s")
+    )
     timings["total_s"] = time.perf_counter() - started
 
     summary = resolved.summary()
@@ -351,6 +413,8 @@ def quantize(
     }
     if generation_report is not None:
         report["generation"] = generation_report
+    if rounding_report is not None:
+        report["rounding"] = rounding_report
     _LOG.info(
         "quantized %s: %d activations, %d weights, %d biases, %d constants in %.2f s",
         loaded.source, report["counts"]["activations"], report["counts"]["weights"],
@@ -380,6 +444,8 @@ def _write_metadata(
             "onnxdgh.threshold": config.threshold,
             "onnxdgh.per_channel": str(config.per_channel and profile.per_channel_weights).lower(),
             "onnxdgh.int4_types": str(config.int4_types).lower(),
+            "onnxdgh.optimize_rounding": str(config.rounding_enabled).lower(),
+            "onnxdgh.bias_correction": str(config.bias_correction_enabled).lower(),
             "onnxdgh.profile": profile.name,
             "onnxdgh.seed": str(config.seed),
             "onnxdgh.calibration_source": source,
