@@ -165,6 +165,9 @@ def test_sub8bit_ranges(tiny: Path, weight_bits: int, act_bits: int) -> None:
         lo, hi = float(_init(q, clip.input[1])), float(_init(q, clip.input[2]))
         assert (lo, hi) == ((0.0, 15 * scale) if unsigned else (-8 * scale, 7 * scale))
     assert result.report["profile"] == ("pot-w4a8" if (weight_bits, act_bits) == (4, 8) else "pot-lowbit")
+    x = _calib(8, seed=4)
+    step = float(qdq_scale(q, next(n for n in q.graph.node if n.output[0] == "logits")))
+    assert np.max(np.abs(run(q, x, optimize=True)[0] - run(q, x)[0])) <= 1.01 * step
     # At run time, every quantized activation stays on its narrow grid.
     from onnxdgh.runtime import with_extra_outputs
 

@@ -16,6 +16,7 @@ with bias correction, which only changes stored integers, never scales or struct
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -244,7 +245,7 @@ def _calibration_chunk(model: onnx.ModelProto, tensors: list[str], requested: in
 
 
 def quantize(
-    model: LoadedModel | str,
+    model: LoadedModel | str | os.PathLike[str],
     calibration: np.ndarray | None = None,
     config: QuantizeConfig = QuantizeConfig(),
     *,
