@@ -153,7 +153,8 @@ def run(argv: list[str] | None = None) -> int:
         for source in args.sources:
             images = _images(source, model, work, args, args.smoke)
             for weight_bits, act_bits in bits:
-                result = quantize(loaded, images, QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits, seed=args.seed),
+                result = quantize(loaded, images, QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits, seed=args.seed,
+                                                                   optimize_rounding=False, bias_correction=False),
                                   progress=False, calibration_source=source)
                 nearest = bl.top1(result.model.SerializeToString(), test_x, test_y)
                 label = f"W{weight_bits}A{act_bits}"
