@@ -438,6 +438,7 @@ def export_sample(
             },
         )
         onnx.save(proto, str(tmp_path))
+        tmp_path.chmod(0o644)  # mkstemp creates 0600; the sample is for everyone
         os.replace(tmp_path, output)
     finally:
         tmp_path.unlink(missing_ok=True)
