@@ -76,6 +76,13 @@ def test_shifted_moments_equal_var_mean() -> None:
     torch.testing.assert_close(batch_moments(flat, torch.zeros(3))[1], flat.var(dim=0, correction=0))
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (5, 3)])
+def test_shifted_moments_gradient(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    shift = torch.rand(shape[1], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: batch_moments(t, shift), (x,))
+
+
 def test_bns_loss_is_eq4() -> None:
     mean, var = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 9.0])
     target = (torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0]))
