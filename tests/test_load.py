@@ -279,3 +279,16 @@ def test_input_shape_pins_symbolic_dims(tmp_path: Path) -> None:
     assert clash.exit_code == 2 and "has C = 2, not 3" in clash.output
     bad = CliRunner().invoke(main, ["inspect", str(path), "--input-shape", "6x8"])
     assert bad.exit_code == 2 and "is not C x H x W" in bad.output
+
+
+def test_atomic_write_uses_normal_file_mode(tmp_path: Path) -> None:
+    import os
+
+    from onnxdgh.fileio import atomic_write_bytes
+
+    out = atomic_write_bytes(tmp_path / "x.bin", b"abc")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert out.read_bytes() == b"abc"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"], "temporary file left behind"
