@@ -49,6 +49,8 @@ def test_outputs_and_bn_inputs_match_onnxruntime(tiny_model_path: Path) -> None:
         np.testing.assert_allclose(layer.mean.numpy(), bn.mean)
         np.testing.assert_allclose(layer.std.numpy(), np.sqrt(bn.var), rtol=1e-6)
     assert model.bn_layers[1].depth > model.bn_layers[0].depth
+    # The probe runs BN as a frozen affine map; the shared module keeps onnx2torch's BatchNorm2d.
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.module.modules()) == 2
 
 
 def test_gradient_reaches_the_input_only(tiny_model_path: Path) -> None:
