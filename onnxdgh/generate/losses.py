@@ -47,7 +47,7 @@ class _ShiftedMoments(torch.autograd.Function):
 
     Autograd's own graph for ``(y * y).sum()`` and ``y.sum()`` costs two multiplications
     and two accumulations over the whole activation in backward; the gradient is simply
-    dE[y]/dx = 1/n and dE[y^2]/dx = 2y/n, one ``addcmul``. Measured: 11-13% faster whole
+    dE[y]/dx = 1/n and dE[y^2]/dx = 2y/n: one multiply-add. Measured: 11-13% faster whole
     optimisation steps on the Fashion-MNIST resnet8 and mobilenetv2 samples.
     """
 
@@ -67,7 +67,8 @@ class _ShiftedMoments(torch.autograd.Function):
     def backward(ctx: Any, grad_first: torch.Tensor, grad_second: torch.Tensor) -> tuple[torch.Tensor, None]:
         (y,) = ctx.saved_tensors
         shape = (1, -1) + (1,) * (y.dim() - 2)
-        grad = torch.addcmul((grad_first / ctx.count).view(shape), y, (grad_second * (2.0 / ctx.count)).view(shape))
+        # multiply then add in place: measured faster than one broadcasting addcmul on CPU
+        grad = (y * (grad_second * (2.0 / ctx.count)).view(shape)).add_((grad_first / ctx.count).view(shape))
         return grad, None
 
 
