@@ -188,6 +188,26 @@ def test_resume_ends_with_the_images_of_an_uninterrupted_run(
     np.testing.assert_array_equal(resumed.images, reference.images)
 
 
+def test_ctrl_c_stops_at_a_batch_boundary_with_a_checkpoint(tiny_model_path: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    loaded = load_model(tiny_model_path)
+    reference = generate(loaded, GenerateConfig(**QUICK), progress=False)
+    checkpoint = tmp_path / "run.ckpt"
+    config = GenerateConfig(**QUICK, checkpoint=str(checkpoint), checkpoint_every=100)
+
+    def press_ctrl_c(info: StepInfo) -> None:
+        if info.iteration == 2 and info.batch == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # deferred by generate() to the end of this step
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(loaded, config, progress=False, callback=press_ctrl_c)
+    assert torch.load(checkpoint, weights_only=True)["batch"] == 2
+    resumed = generate(loaded, GenerateConfig(**QUICK, checkpoint=str(checkpoint), resume=True), progress=False)
+    np.testing.assert_array_equal(resumed.images, reference.images)
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_path: Path, tmp_path: Path) -> None:
     checkpoint = tmp_path / "run.ckpt"
     generate(tiny_model_path, GenerateConfig(**QUICK, checkpoint=str(checkpoint)), progress=False)
