@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repetitions (0 skips timing)")
     parser.add_argument("--batch", type=int, default=64, help="calibration batch for both quantizers")
     parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--no-rounding", action="store_true", help="nearest rounding only (no AdaRound / bias correction)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -145,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         for label in args.bits.split(","):
             weight_bits, act_bits = BITS[label]
             for method in args.thresholds.split(","):
-                config = QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits, threshold=method)  # type: ignore[arg-type]
+                rounding = {"optimize_rounding": False, "bias_correction": False} if args.no_rounding else {}
+                config = QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits, threshold=method, **rounding)  # type: ignore[arg-type]
                 result = quantize(loaded, images, config, progress=False)
                 accuracy = top1(result.model, test, test_y)
                 row = {"source": source, "bits": label, "threshold": method, "top1": accuracy,
-                       "delta_vs_float": accuracy - float_acc, "quantize_s": result.report["timings"]["quantize_s"]}
+                       "delta_vs_float": accuracy - float_acc, "quantize_s": result.report["timings"]["quantize_s"],
+                       "optimize_rounding": config.rounding_enabled, "bias_correction": config.bias_correction_enabled}
                 results.append(row)
                 print(f"{source:>12} {label} {method:>6}  top-1 {accuracy:.4f}  ({accuracy - float_acc:+.4f})", flush=True)
 
