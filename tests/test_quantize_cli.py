@@ -123,6 +123,13 @@ def test_unwritable_output(tiny_model_path: Path, calib: Path, tmp_path: Path) -
             locked.chmod(0o700)
 
 
+def test_report_path_equal_to_model_path_is_refused(tiny_model_path: Path, calib: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = _invoke("quantize", str(tiny_model_path), "-o", str(out), "--calib-data", str(calib), "--json", str(out))
+    _assert_error(result, 2, "--json")
+    assert not out.exists()
+
+
 def test_unsupported_op_exit_2(tmp_path: Path, calib: Path) -> None:
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Erf", ["c"], ["y"], name="erf_node")]

@@ -7,14 +7,22 @@ calibration); the model is written atomically and never over its input.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
 from ..cli import input_shape_option, run_command
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, OutputPathError
 
 __all__ = ["quantize_command"]
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays in the report become plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def render(report: dict[str, Any], output: str) -> str:
@@ -115,6 +123,10 @@ def quantize_command(
     check_output_path(output, inputs=inputs)
     if json_out and json_out != "-":
         check_output_path(json_out, inputs=inputs + [output])
+        if Path(json_out).resolve() == Path(output).resolve():
+            raise OutputPathError(
+                f"--json {json_out} is the model output path", "give the report its own file, e.g. --json report.json"
+            )
     config = QuantizeConfig(
         weight_bits=weight_bits,
         act_bits=act_bits,
@@ -157,10 +169,10 @@ def quantize_command(
     )
     atomic_write_bytes(output, result.model.SerializeToString())
     if json_out == "-":
-        click.echo(json.dumps(result.report, indent=2, default=float))
+        click.echo(json.dumps(result.report, indent=2, default=_json_default))
     else:
         if json_out:
-            atomic_write_json(json_out, json.loads(json.dumps(result.report, default=float)))
+            atomic_write_json(json_out, json.loads(json.dumps(result.report, default=_json_default)))
         if not quiet:
             click.echo(render(result.report, output))
     return 0
