@@ -10,8 +10,8 @@ generation included) runs in a child process per sample model; the table gives i
 time and its peak resident memory (``ru_maxrss`` of that child process tree, measured by a tiny intermediate interpreter so the benchmark's own memory does not leak into it), plus the
 quantized model's top-1 on the Fashion-MNIST test split.
 
-Part 2, the quantize step alone, given the same calibration images (one ``onnxdgh
-generate`` set per model, default settings, cached): ``onnxdgh quantize --calib-data``
+Part 2, the quantize step alone, given the same calibration images (512 training images
+drawn with the seed; any images serve for timing): ``onnxdgh quantize --calib-data``
 against onnxruntime's ``quantize_static`` (QDQ format, per-channel weights, MinMax
 calibration, int8 activations and weights, the images fed through a
 ``CalibrationDataReader``). Each runs in its own child process; the table gives the
@@ -60,11 +60,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _child(tool: str, model: str, calib: str, out: str) -> int:
-    """Run one quantize step in this (child) process; print {"seconds": ...} as JSON on stdout."""
-    from onnxdgh.fileio import load_images_npz
+    """Run one quantize step in this (child) process; print {"seconds": ...} as JSON on stdout.
 
-    images, _ = load_images_npz(calib)
+    The onnxruntime child never imports onnxdgh (whose package imports torch), so its peak
+    memory is onnxruntime's own.
+    """
     if tool == "ort":
+        with np.load(calib, allow_pickle=False) as stored:
+            images = stored["images"].astype(np.float32)
         import onnxruntime.quantization as oq
 
         class Reader(oq.CalibrationDataReader):
@@ -90,12 +93,16 @@ def _child(tool: str, model: str, calib: str, out: str) -> int:
 
         from onnxdgh.cli import main
 
+        report = Path(out).with_suffix(".json")
         started = time.perf_counter()
-        result = CliRunner().invoke(main, ["-q", "quantize", model, "-o", out, "--calib-data", calib])
+        result = CliRunner().invoke(main, ["-q", "quantize", model, "-o", out, "--calib-data", calib, "--json", str(report)])
         seconds = time.perf_counter() - started
         if result.exit_code != 0:
             print(result.output, file=sys.stderr)
             return result.exit_code or 1
+        timings = json.loads(report.read_text()).get("timings", {})
+        print(json.dumps({"seconds": seconds, "timings": timings}))
+        return 0
     else:
         print(f"unknown tool {tool}", file=sys.stderr)
         return 2
@@ -112,8 +119,9 @@ def _run_child(tool: str, model: Path, calib: Path, out: Path) -> dict[str, Any]
     if result.returncode != 0:
         tail = " | ".join(result.stderr.strip().splitlines()[-4:])
         raise bl.BenchError(f"{tool} quantize step on {model.name} failed (exit {result.returncode}): {tail}")
-    seconds = json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
-    return {"seconds": seconds, "wall_s": result.wall_s, "rss": result.max_rss_bytes}
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"seconds": reply["seconds"], "timings": reply.get("timings", {}), "wall_s": result.wall_s,
+            "rss": result.max_rss_bytes}
 
 
 def _dataset(model: Path, smoke: bool, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -134,6 +142,33 @@ def _dataset(model: Path, smoke: bool, seed: int) -> tuple[np.ndarray, np.ndarra
     except fm.FashionMnistError as exc:
         raise bl.BenchError(str(exc)) from exc
     return fm.normalize(images, mean, std), labels, "Fashion-MNIST test split (10,000)"
+
+
+def _calibration_set(model: Path, out: Path, smoke: bool, seed: int) -> str:
+    """The images both quantizers get: 512 training images (smoke: 32 random ones); returns a description.
+
+    Timing the quantize step needs the same images for both tools, not DGH images in
+    particular, so no generation is spent on it.
+    """
+    from onnxdgh.fileio import save_images_npz
+    from onnxdgh.load import load_model
+
+    rng = np.random.default_rng(seed)
+    if smoke:
+        shape = load_model(model).input_shape
+        save_images_npz(out, rng.normal(size=(32, *shape)).astype(np.float32))
+        return "32 random images"
+    import fashion_mnist as fm
+
+    norm = load_model(model).input_normalization()
+    mean, std = (fm.MEAN, fm.STD) if norm is None else (tuple(map(float, norm[0])), tuple(map(float, norm[1])))
+    try:
+        images, _ = fm.load_split("train")
+    except fm.FashionMnistError as exc:
+        raise bl.BenchError(str(exc)) from exc
+    index = np.sort(rng.choice(images.shape[0], size=512, replace=False))
+    save_images_npz(out, fm.normalize(images[index], mean, std))
+    return "512 Fashion-MNIST training images"
 
 
 def _mib(value: int) -> str:
@@ -160,6 +195,8 @@ def run(argv: list[str] | None = None) -> int:
         repeats = max(1, args.repeats)
 
     main_rows, step_rows = [], []
+    calib_name = ""
+    step_notes: list[str] = []
     data_name = ""
     for model in models:
         name = model.stem
@@ -177,11 +214,8 @@ def run(argv: list[str] | None = None) -> int:
             main_rows.append([name, f"{result.wall_s:.1f} s", _mib(result.max_rss_bytes),
                               f"{100 * float_top1:.2f}", f"{100 * acc:.2f}"])
 
-        calib = work / "calib_dgh.npz"
-        if not calib.exists():
-            bl.log(f"{name}: onnxdgh generate (default settings) for the shared calibration set")
-            bl.run_onnxdgh(["generate", str(model), "-o", str(calib), "--seed", str(ctx.seed), *gen_args],
-                           what=f"generate on {name}", quiet=True, in_process=ctx.smoke)
+        calib = work / "calib.npz"
+        calib_name = _calibration_set(model, calib, args.smoke, ctx.seed)
         from onnxdgh.fileio import load_images_npz
 
         n_calib = load_images_npz(calib)[0].shape[0]
@@ -202,6 +236,12 @@ def run(argv: list[str] | None = None) -> int:
             f"{med['ort']['wall_s']:.1f} s / {_mib(med['ort']['rss'])}",
             f"{100 * float_top1:.2f}", f"{100 * acc_ours:.2f}", f"{100 * acc_ort:.2f}",
         ])
+        breakdown = med["onnxdgh"]["timings"]
+        if breakdown:
+            step_notes.append(f"- {name}: onnxdgh in-call {med['onnxdgh']['seconds']:.2f} s = "
+                              + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in breakdown.items() if k.endswith("_s")
+                                          and k not in ("total_s", "quantize_s"))
+                              + " (from its --json report; the rest is validation and writing)")
     load_after = bl.load_average()
     body = []
     if main_rows:
@@ -210,7 +250,7 @@ def run(argv: list[str] | None = None) -> int:
                  "quantization and validation in one child process.", "",
                  bl.md_table(["model", "wall time", "peak RSS", "float top-1", "quantized top-1 (W8A8 default)"], main_rows),
                  ""]
-    body += [f"**The quantize step alone, same calibration images** (the `onnxdgh generate` defaults set; median of "
+    body += [f"**The quantize step alone, same calibration images** ({calib_name}; median of "
              f"{repeats} runs each, alternating). 'in-call' is the time inside the quantize call, imports excluded; "
              "'child' is the whole child process (interpreter start and imports included) and its peak RSS. "
              "onnxruntime: `quantize_static(QDQ, per_channel=True, MinMax, QInt8/QInt8)`, which keeps the output in "
@@ -218,7 +258,7 @@ def run(argv: list[str] | None = None) -> int:
              bl.md_table(["model", "calib images", "onnxdgh in-call", "onnxruntime in-call", "ORT time / onnxdgh time",
                           "onnxdgh child (wall / RSS)", "onnxruntime child (wall / RSS)", "float top-1",
                           "onnxdgh top-1", "onnxruntime top-1"], step_rows),
-             "", f"Top-1 on: {data_name}."]
+             "", *step_notes, "", f"Top-1 on: {data_name}."]
     if busy and not args.smoke:
         body += ["", "**Taken under load** — other busy processes at the start: " + "; ".join(busy)]
     bl.write_section(KEY, TITLE, "\n".join(body), info=info, command=bl.command_string(), load_before=load_before,

@@ -93,7 +93,7 @@ def _mct_run(module: Any, loaded: Any, images: int, iterations: int, batch: int,
     return {"wall_s": wall, "work_s": wall, "image_iterations": images * iterations}
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+def _plot(rows: list[dict[str, Any]], path: Path, load: float) -> Path | None:
     try:
         import matplotlib
 
@@ -114,7 +114,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
             ax.text(i, max(ours[i], theirs[i]) * 1.02, f"{r['onnxdgh_rate'] / r['mct_rate']:.2f}x", ha="center", fontsize=9)
     ax.set_xticks(x, names)
     ax.set_ylabel("image-iterations / s (higher is better)")
-    ax.set_title("DGH generation throughput on CPU, same torch module and settings")
+    ax.set_title(f"DGH generation throughput on CPU, same torch module and settings\n(load average {load:.1f} "
+                 f"at the start{'; taken under load' if load > 1.5 else ''})", fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_ylim(0, max(ours + theirs) * 1.18 if max(ours + theirs) > 0 else 1)
     fig.tight_layout()
@@ -211,7 +212,7 @@ def run(argv: list[str] | None = None) -> int:
          "MCT % of GEMM rate"],
         table_rows,
     )
-    figure = _plot(rows, ctx.figures / "bench_generation_speed.png")
+    figure = _plot(rows, ctx.figures / "bench_generation_speed.png", load_before)
     body = [
         f"Settings: {images} images, batch {batch}, {iterations} iterations, crop margin {rows[0]['margin']} px "
         f"(onnxdgh's default for the input size, given to MCT as `extra_pixels`), seed {ctx.seed}, best of {repeats} "
