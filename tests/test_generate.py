@@ -357,3 +357,31 @@ def test_cli_unwritable_outputs_exit_2_before_work(tiny_model_path: Path, tmp_pa
     result = _cli("generate", str(tiny_model_path), "-o", str(tmp_path / "a.npz"), "--preview", str(tmp_path / "a.npz"))
     assert result.exit_code == 2 and "same file" in result.output
     assert not (tmp_path / "a.npz").exists()
+
+
+def test_train_view_gather_matches_per_image_slice_flip_crop() -> None:
+    """The gathered crop equals the plain per-image slice + flip (values and gradients)."""
+    from onnxdgh.generate.prep import Preprocessor
+
+    prep = Preprocessor(3, 10, 12, margin=4, sigma=1.25, enabled=True, low=None, high=None)
+    canvas = torch.randn(16, 3, 14, 16, requires_grad=True)
+    weights = torch.randn(16, 3, 10, 12)
+    view = prep.train_view(canvas, torch.Generator().manual_seed(5))
+    (view * weights).sum().backward()
+    got_grad = canvas.grad.clone()
+    canvas.grad = None
+
+    generator = torch.Generator().manual_seed(5)
+    smoothed = prep.smooth(canvas)
+    flips = (torch.rand(16, generator=generator) < 0.5).tolist()
+    tops = torch.randint(0, 5, (16,), generator=generator).tolist()
+    lefts = torch.randint(0, 5, (16,), generator=generator).tolist()
+    assert any(flips) and not all(flips)
+    crops = []
+    for i in range(16):
+        image = smoothed[i, :, tops[i] : tops[i] + 10, lefts[i] : lefts[i] + 12]
+        crops.append(image.flip(-1) if flips[i] else image)
+    expected = torch.stack(crops)
+    (expected * weights).sum().backward()
+    assert torch.equal(view, expected)
+    assert torch.equal(got_grad, canvas.grad)
