@@ -385,3 +385,32 @@ def test_train_view_gather_matches_per_image_slice_flip_crop() -> None:
     (expected * weights).sum().backward()
     assert torch.equal(view, expected)
     assert torch.equal(got_grad, canvas.grad)
+
+
+def test_channels_last_is_the_same_computation(tiny_model_path: Path, tmp_path: Path) -> None:
+    """NHWC vs NCHW: same images up to float rounding; the caller's module keeps its layout."""
+    from onnxdgh.convert import to_torch
+    from onnxdgh.generate.core import _Run
+
+    loaded = load_model(tiny_model_path)
+    nhwc = generate(loaded, GenerateConfig(**QUICK, seed=3, channels_last=True), progress=False)
+    nchw = generate(loaded, GenerateConfig(**QUICK, seed=3, channels_last=False), progress=False)
+    np.testing.assert_allclose(nhwc.images, nchw.images, rtol=0, atol=1e-3)
+    assert nhwc.report["settings"]["channels_last"] is True and nchw.report["settings"]["channels_last"] is False
+
+    torch_model = to_torch(loaded)
+    weights = [p for p in torch_model._probe.parameters() if p.dim() == 4]
+    assert weights
+    run = _Run(torch_model, GenerateConfig(**QUICK, channels_last=True), None, None)
+    assert all(p.is_contiguous() for p in weights)
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in run.model._probe.parameters() if p.dim() == 4)
+
+    # a checkpoint does not depend on the layout: resuming with the other one is accepted
+    ckpt = tmp_path / "ckpt.pt"
+    generate(loaded, GenerateConfig(**QUICK, checkpoint=str(ckpt), channels_last=False), progress=False)
+    generate(loaded, GenerateConfig(**QUICK, checkpoint=str(ckpt), resume=True, channels_last=True), progress=False)
+    result = _cli("generate", str(tiny_model_path), "-o", str(tmp_path / "i.npz"), "--images", "4",
+                  "--iterations", "2", "--no-channels-last", "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["channels_last"] is False

@@ -84,6 +84,8 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--std", "std_text", default=None, help="Input std per channel, e.g. 0.229,0.224,0.225.")
 @click.option("--stats-refresh", default=None, help="reuse (default) or rerun: how a batch's stored statistics are refreshed.")
 @click.option("--allow-no-bn", is_flag=True, help="Run DGH on a model without BN statistics (prep + ODSL only).")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+              help="Run the model on NHWC tensors (default on: faster oneDNN convolutions on CPU).")
 @click.option("--checkpoint", type=click.Path(dir_okay=True, path_type=str), default=None, help="Checkpoint file for long runs.")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints (default 25).")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint.")

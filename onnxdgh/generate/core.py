@@ -34,6 +34,7 @@ default and "rerun" (the paper's algorithm) an option.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -44,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ AUTO_DELTA_RATIO = 0.5
 """Default ODSL delta as a fraction of ||sigma_L||^2 (evidence in config.py)."""
 
 # Settings that do not change the images: a checkpoint stays valid when they change.
-_NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device")
+_NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,12 @@ class _Run:
     """One generation run: state (images, optimisers, stored moments, RNG) and the loop."""
 
     def __init__(self, model: TorchModel, config: GenerateConfig, low: torch.Tensor | None, high: torch.Tensor | None):
+        self.channels_last = config.channels_last and len(model.loaded.input_shape) == 3
+        if self.channels_last:
+            # a private copy: the caller's module keeps its layout
+            model = replace(
+                model, _probe=copy.deepcopy(model._probe).to(memory_format=torch.channels_last)
+            )
         self.model = model
         self.config = config
         self.device = torch.device(config.device)
@@ -380,6 +387,8 @@ class _Run:
     # -- loop -----------------------------------------------------------------
 
     def _moments(self, view: torch.Tensor) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        if self.channels_last:
+            view = view.contiguous(memory_format=torch.channels_last)
         probe = self.model.probe(view)
         return probe, [batch_moments(x, target[0]) for x, target in zip(probe.bn_inputs, self.targets)]
 
