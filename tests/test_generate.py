@@ -414,3 +414,15 @@ def test_channels_last_is_the_same_computation(tiny_model_path: Path, tmp_path: 
                   "--iterations", "2", "--no-channels-last", "--json", "-")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["settings"]["channels_last"] is False
+
+
+def test_flat_batch_moments_equal_per_layer_moments() -> None:
+    from onnxdgh.generate.losses import flat_batch_moments
+
+    generator = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 3, 5, 5, generator=generator) + 2.0, torch.randn(4, 6, generator=generator)]
+    shifts = [torch.full((3,), 2.0), torch.zeros(6)]
+    mean, var = flat_batch_moments(xs, torch.cat(shifts))
+    expected = [batch_moments(x, s) for x, s in zip(xs, shifts)]
+    torch.testing.assert_close(mean, torch.cat([m for m, _ in expected]), rtol=0, atol=0)
+    torch.testing.assert_close(var, torch.cat([v for _, v in expected]), rtol=0, atol=0)

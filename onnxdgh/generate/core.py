@@ -58,7 +58,7 @@ from ..fileio import check_output_path
 from ..load import REEXPORT_RECIPE, LoadedModel, load_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GenerateConfig
-from .losses import StatsStore, batch_moments, bns_loss, odsl_per_image
+from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
 from .prep import Preprocessor, auto_margin
 
 __all__ = ["GenerationResult", "StepInfo", "generate", "evaluate_images", "resolve_normalization"]
@@ -305,7 +305,14 @@ class _Run:
         self._project()
         self.optimizers = [self._optimizer(canvas) for canvas in self.canvases]
         self.schedulers = [self._scheduler(opt) for opt in self.optimizers]
-        self.store = StatsStore(self.sizes, [layer.channels for layer in self.layers], self.device)
+        # All BN layers' channels as one vector (Eq. 4-5 are sums/maps over channels, so
+        # concatenating layers changes nothing): the per-layer SAS and loss arithmetic on
+        # small vectors ran ~20 tiny ops per layer per step, forward and backward.
+        self.channels = [layer.channels for layer in self.layers]
+        self.flat_targets = (
+            [(torch.cat([t[0] for t in self.targets]), torch.cat([t[1] for t in self.targets]))] if self.layers else []
+        )
+        self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
         self.history: list[float] = []
         self.initial_bns: float | None = None
         self.position = (0, 0)  # next (iteration, batch) to run
@@ -358,7 +365,7 @@ class _Run:
             "canvases": [canvas.detach().cpu() for canvas in self.canvases],
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "schedulers": [s.state_dict() if s is not None else {} for s in self.schedulers],
-            "stats": self.store.state_dict(),
+            "stats": self._layer_stats(),
             "generator": self.generator.get_state(),
             "history": list(self.history),
             "initial_bns": self.initial_bns if self.initial_bns is not None else float("nan"),
@@ -376,7 +383,12 @@ class _Run:
         for sched, saved in zip(self.schedulers, state["schedulers"]):
             if sched is not None:
                 sched.load_state_dict(saved)
-        self.store.load_state_dict(state["stats"])
+        stats = state["stats"]
+        if self.layers:
+            if len(stats["means"]) != len(self.layers):
+                raise InvalidInputError("checkpoint statistics do not match the model's BN layers", "delete the checkpoint")
+            stats = {key: [torch.cat(list(stats[key]), dim=1)] for key in ("means", "vars")}
+        self.store.load_state_dict(stats)
         self.generator.set_state(state["generator"])
         self.history = [float(v) for v in state["history"]]
         initial = float(state["initial_bns"])
@@ -390,13 +402,22 @@ class _Run:
         if self.channels_last:
             view = view.contiguous(memory_format=torch.channels_last)
         probe = self.model.probe(view)
-        return probe, [batch_moments(x, target[0]) for x, target in zip(probe.bn_inputs, self.targets)]
+        if not self.layers:
+            return probe, []
+        return probe, [flat_batch_moments(probe.bn_inputs, self.flat_targets[0][0])]
+
+    def _layer_stats(self) -> dict[str, list[torch.Tensor]]:
+        """The stored statistics split per BN layer (the checkpoint format)."""
+        flat = self.store.state_dict()
+        if not self.layers:
+            return flat
+        return {key: [part.clone() for part in flat[key][0].split(self.channels, dim=1)] for key in ("means", "vars")}
 
     def _set_bns(self) -> float:
         if not self.layers:
             return 0.0
         with torch.no_grad():
-            return float(bns_loss(self.store.all_moments(), self.targets))
+            return float(bns_loss(self.store.all_moments(), self.flat_targets))
 
     def _initial_pass(self) -> None:
         with torch.no_grad():
@@ -411,7 +432,7 @@ class _Run:
         optimizer = self.optimizers[index]
         probe, moments = self._moments(self.prep.train_view(canvas, self.generator))
         scoped = self.store.global_moments(index, moments) if config.use_sas else moments
-        loss = bns_loss(scoped, self.targets) if self.layers else torch.zeros((), device=self.device)
+        loss = bns_loss(scoped, self.flat_targets) if self.layers else torch.zeros((), device=self.device)
         bns_value = float(loss.detach())
         flat = torch.cat([t.detach().reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
         spread = float((flat.max(dim=1).values - flat.min(dim=1).values).mean())
