@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from ..cli import input_shape_option, run_command
-from ..errors import InvalidInputError, OutputPathError
+from ..cli import echo_err, input_shape_option, run_command
+from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError, OutputPathError
 
 __all__ = ["quantize_command"]
 
@@ -83,6 +83,13 @@ def render(report: dict[str, Any], output: str) -> str:
 @input_shape_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the quantization report as JSON to this file ('-' for stdout).")
+@click.option("--validate/--no-validate", "run_validation", default=True, show_default=True,
+              help="Check the result against the profile and the float model (on the calibration images).")
+@click.option("--validation-report", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Where to write the validation report (default: OUTPUT with .validation.json).")
+@click.option("--min-sqnr", type=float, default=None, help="Validation gate: least output SQNR in dB.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Validation gate: least top-1 agreement with the float model (0..1).")
 @click.pass_context
 @run_command
 def quantize_command(
@@ -106,6 +113,10 @@ def quantize_command(
     method: str | None,
     input_shape: tuple[int, int, int] | None,
     json_out: str | None,
+    run_validation: bool,
+    validation_report: str | None,
+    min_sqnr: float | None,
+    min_agreement: float | None,
 ) -> int:
     """Quantize MODEL fully to power-of-two QDQ and write it to OUTPUT.
 
@@ -113,11 +124,16 @@ def quantize_command(
     BatchNormalization is folded, calibration uses DGH synthetic images unless
     --calib-data is given.
 
-    Exit codes: 0 written, 2 invalid input or options (nothing written).
+    The result is then validated (profile rules, float-vs-quantized figures on the
+    calibration images) and the report written next to the model.
+
+    Exit codes: 0 written and valid, 1 written but validation failed, 2 invalid input or
+    options (nothing written).
     """
     from ..fileio import atomic_write_bytes, atomic_write_json, check_output_path, load_images_npz
     from ..load import load_model
     from ..quantize import QuantizeConfig, quantize
+    from ..quantize.api import default_profile_name
 
     inputs = [model] + ([calib_data] if calib_data else [])
     check_output_path(output, inputs=inputs)
@@ -127,6 +143,20 @@ def quantize_command(
             raise OutputPathError(
                 f"--json {json_out} is the model output path", "give the report its own file, e.g. --json report.json"
             )
+    report_path: Path | None = None
+    if run_validation:
+        report_path = Path(validation_report) if validation_report else Path(output).with_suffix(".validation.json")
+        check_output_path(report_path, inputs=inputs + [output])
+        if report_path.resolve() == Path(output).resolve():
+            raise OutputPathError(
+                f"validation report path {report_path} is the model output path",
+                "give the report its own file with --validation-report",
+            )
+    elif validation_report or min_sqnr is not None or min_agreement is not None:
+        raise InvalidInputError(
+            "--validation-report, --min-sqnr and --min-agreement need validation, but --no-validate was given",
+            "drop --no-validate, or drop the validation options",
+        )
     config = QuantizeConfig(
         weight_bits=weight_bits,
         act_bits=act_bits,
@@ -175,4 +205,37 @@ def quantize_command(
             atomic_write_json(json_out, json.loads(json.dumps(result.report, default=_json_default)))
         if not quiet:
             click.echo(render(result.report, output))
-    return 0
+    if report_path is None:
+        return EXIT_OK
+    from ..validate import validate
+
+    validation = validate(
+        result.model,
+        loaded,
+        profile=profile or default_profile_name(weight_bits, act_bits),
+        data=result.calibration,
+        min_sqnr=min_sqnr,
+        min_agreement=min_agreement,
+        progress=False,
+    )
+    atomic_write_json(report_path, validation.to_dict())
+    if validation.passed:
+        if not quiet:
+            click.echo(f"validated {report_path}: passes {validation.profile.name}" + _figures(validation))
+        return EXIT_OK
+    failed = len(validation.violations) + len(validation.failed_gates)
+    echo_err(
+        f"error: {output} was written but fails validation ({failed} problem(s)); details in {report_path}"
+    )
+    echo_err(f"hint: onnxdgh validate {output} --reference {model} shows the violations and the worst layers")
+    return EXIT_CHECK_FAILED
+
+
+def _figures(validation: Any) -> str:
+    """', <output> SQNR x dB, agreement y %' for each output, on the calibration images."""
+    parts = []
+    for output in validation.outputs:
+        parts.append(f"{output.name} SQNR {output.sqnr_db:.1f} dB")
+        if output.top1_agreement is not None:
+            parts.append(f"top-1 agreement {100 * output.top1_agreement:.2f} %")
+    return (" (" + ", ".join(parts) + ", on the calibration images)") if parts else ""

@@ -157,6 +157,8 @@ class QuantizeResult:
 
     model: onnx.ModelProto = field(repr=False)
     report: dict[str, Any]
+    calibration: np.ndarray | None = field(default=None, repr=False)
+    """The images the thresholds were chosen on (given or generated), for validation."""
 
 
 def default_profile_name(weight_bits: int, act_bits: int) -> str:
@@ -421,7 +423,7 @@ def quantize(
         loaded.source, report["counts"]["activations"], report["counts"]["weights"],
         report["counts"]["biases"], report["counts"]["constants"], timings["quantize_s"],
     )
-    return QuantizeResult(model=quantized, report=report)
+    return QuantizeResult(model=quantized, report=report, calibration=calibration)
 
 
 def _write_metadata(
