@@ -255,11 +255,6 @@ def test_family_fully_quantized_and_close(family: str, threshold: str) -> None:
     assert structure_problems(q, FUSED) == []
     assert bias_scale_problems(q) == []
     violations = [v.to_dict() for v in check_model(q, GENERIC)]
-    if family == "conv_transpose":
-        # Known validator gap: a grouped ConvTranspose's per-channel weight scales (C_out/g of
-        # them) repeat g times across its C_out bias entries; the validator compares them
-        # untiled. bias_scale_problems above checks the tiled product exactly.
-        violations = [v for v in violations if not (v["rule"] == "bias-scale" and v["tensor"] == "bt2_quantized")]
     assert violations == []
     assert "Div" not in op_counts(q) and "BatchNormalization" not in op_counts(q)
 

@@ -790,8 +790,13 @@ def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
         x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[1])
         if x_dq is None or w_dq is None or x_dq.scale is None or w_dq.scale is None or bias.scale is None:
             continue
-        expected = np.asarray(x_dq.scale, np.float64).reshape(-1) * np.asarray(w_dq.scale, np.float64).reshape(-1)
+        w_scale = np.asarray(w_dq.scale, np.float64).reshape(-1)
         actual = np.asarray(bias.scale, np.float64).reshape(-1)
+        if node.op_type == "ConvTranspose" and 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0:
+            # ConvTranspose weights are (C_in, C_out/group, ...): per-channel scales along
+            # axis 1 cover C_out/group channels and repeat for each group in the output.
+            w_scale = np.tile(w_scale, actual.size // w_scale.size)
+        expected = np.asarray(x_dq.scale, np.float64).reshape(-1) * w_scale
         if actual.size == 1 and expected.size > 1:
             actual = np.broadcast_to(actual, expected.shape)
         if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-6, atol=0.0):
