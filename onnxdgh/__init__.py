@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .errors import OnnxDghError  # noqa: E402
 from .load import LoadedModel, load_model, load_model_proto  # noqa: E402
+from .inspection import InspectionReport, inspect_model  # noqa: E402
 from .validate import ValidationReport, validate  # noqa: E402  (rebinds the name to the function)
 from .generate import GenerateConfig, GenerationResult, generate  # noqa: E402  (rebinds the name to the function)
 from .quantize import QuantizeConfig, QuantizeResult, quantize  # noqa: E402  (rebinds the name to the function)
@@ -21,6 +22,8 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "load_model_proto",
+    "InspectionReport",
+    "inspect_model",
     "ValidationReport",
     "validate",
     "GenerateConfig",
