@@ -167,3 +167,21 @@ def test_opset_helper_model_is_valid() -> None:
     loaded = load_model_proto(model)
     assert to_torch(loaded).output_names == ("out",)
     assert helper.printable_graph(model.graph)
+
+
+@pytest.mark.parametrize("stride, groups, size", [(1, 1, 9), (2, 1, 9), (2, 1, 8), (2, 4, 11), (1, 4, 7)])
+def test_transposed_input_grad_conv_matches_autograd(stride: int, groups: int, size: int) -> None:
+    """The transposed-convolution backward equals autograd's input gradient, odd sizes included."""
+    from onnxdgh.convert import _InputGradConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, stride=stride, padding=1, groups=groups, bias=True).requires_grad_(False)
+    x = torch.randn(3, 4, size, size, requires_grad=True)
+    wrapped = _InputGradConv2d(conv)
+    y = wrapped(x)
+    torch.testing.assert_close(y, conv(x), rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, grad)
+    (expected,) = torch.autograd.grad(conv(x), x, grad)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
