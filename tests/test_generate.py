@@ -426,3 +426,16 @@ def test_flat_batch_moments_equal_per_layer_moments() -> None:
     expected = [batch_moments(x, s) for x, s in zip(xs, shifts)]
     torch.testing.assert_close(mean, torch.cat([m for m, _ in expected]), rtol=0, atol=0)
     torch.testing.assert_close(var, torch.cat([v for _, v in expected]), rtol=0, atol=0)
+
+
+def test_per_image_moments_equal_var_mean() -> None:
+    from onnxdgh.generate.losses import STD_EPS, per_image_moments
+
+    x = (torch.randn(5, 3, 4, 6) * 0.2 + 7.0).requires_grad_(True)
+    mean, std = per_image_moments(x)
+    var_ref, mean_ref = torch.var_mean(x, dim=(2, 3), correction=0)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(std, torch.sqrt(var_ref + STD_EPS), rtol=1e-5, atol=1e-6)
+    (got,) = torch.autograd.grad((mean.sum() + std.sum()), x)
+    (expected,) = torch.autograd.grad((mean_ref.sum() + torch.sqrt(var_ref + STD_EPS).sum()), x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
