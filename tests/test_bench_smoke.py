@@ -115,23 +115,17 @@ def test_text_lines_found_on_a_synthetic_page() -> None:
 
 
 def test_generation_speed_smoke(tmp_path: Path) -> None:
+    """Runs in the benchmark venv when it exists, so the MCT baseline is exercised too; else onnxdgh alone."""
     if not _has_generator():
         pytest.skip("onnxdgh.generate.core is not in this checkout")
-    text = _section(_smoke("bench_generation_speed.py", tmp_path), "generation-speed")
-    assert "image-it/s" in text and "| tiny |" in text
-
-
-def test_generation_speed_smoke_against_mct(tmp_path: Path) -> None:
-    if not VENV_PYTHON.exists():
-        pytest.skip("benchmark venv bench-work/venv (with MCT) is not installed; see docs/BENCHMARKS.md")
-    check = subprocess.run([str(VENV_PYTHON), "-c", "import model_compression_toolkit"], capture_output=True)
-    if check.returncode != 0:
-        pytest.skip("model-compression-toolkit is not importable in bench-work/venv")
-    if not _has_generator():
-        pytest.skip("onnxdgh.generate.core is not in this checkout")
-    text = _section(_smoke("bench_generation_speed.py", tmp_path, python=str(VENV_PYTHON)), "generation-speed")
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    text = _section(_smoke("bench_generation_speed.py", tmp_path, python=python), "generation-speed")
     row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
-    assert "x**" in row, "the MCT ratio must be filled in when MCT is installed"
+    assert "image-it/s" in text
+    if "MCT: not installed" in text or "not importable" in text:
+        assert "| — |" in row or "—" in row
+    else:
+        assert "x**" in row, "the MCT ratio must be filled in when MCT is installed"
 
 
 def test_accuracy_smoke(tmp_path: Path) -> None:
