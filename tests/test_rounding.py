@@ -51,7 +51,7 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-FAST = RoundingConfig(weight_bits=2, iterations=300, batch_size=32)
+FAST = RoundingConfig(weight_bits=2, iterations=300, batch_size=32, mode="layer", learn_bias=False)
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -78,7 +78,7 @@ def test_first_layer_reconstruction_error_drops_in_onnxruntime() -> None:
     """The first layer sees the same input in both models: its fused output (Conv+SiLU) error must drop."""
     float_model, qdq, images = _setup("convtranspose")
     optimized, report = optimize_rounding(
-        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=400), progress=False
+        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=400, mode="layer", learn_bias=False), progress=False
     )
     assert report["units"][0]["kept"] == "learned" and report["units"][0]["target"] == "activation"
     (reference,) = run(float_model, images, ["silu"])
@@ -118,9 +118,12 @@ def test_integers_in_range_scales_and_structure_unchanged() -> None:
 def test_same_seed_same_integers() -> None:
     float_model, qdq, images = _setup("matmul")
     config = RoundingConfig(weight_bits=2, iterations=150, seed=3)
-    first, _ = optimize_rounding(qdq, float_model, images, config, progress=False)
+    first, report = optimize_rounding(qdq, float_model, images, config, progress=False)
     second, _ = optimize_rounding(qdq, float_model, images, config, progress=False)
     assert first.SerializeToString() == second.SerializeToString()
+    # The defaults: blocks, biases learned with the rounding.
+    assert {row["unit"] for row in report["units"]} == {"block"}
+    assert any(row.get("bias_learned") for row in report["units"])
 
 
 def test_inputs_are_not_modified() -> None:
@@ -169,7 +172,7 @@ def test_bias_correction_skips_matmul_without_bias_and_runs_inside_rounding() ->
     outcomes = {row["node"]: row["outcome"] for row in report["layers"]}
     assert outcomes["matmul"].startswith("skipped") and outcomes["gemm"] == "corrected"
     optimized, report = optimize_rounding(
-        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=100, bias_correction=True), progress=False
+        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=100, bias_correction=True, mode="layer", learn_bias=False), progress=False
     )
     assert [row["bias_correction"] for row in report["units"]] == [[outcomes["matmul"]], ["corrected"]]
     gemm_bias = "g_b_quantized"
@@ -199,7 +202,7 @@ def test_torch_reimplementation_agrees_with_onnxruntime(attributes: dict, weight
     float_model = _model(nodes, inits, [3, 6, 6])
     images = _images((3, 6, 6), n=16)
     qdq = quantize_for_test(float_model, images, weight_bits=3)
-    _, report = optimize_rounding(qdq, float_model, images, RoundingConfig(weight_bits=3, iterations=5), progress=False)
+    _, report = optimize_rounding(qdq, float_model, images, RoundingConfig(weight_bits=3, iterations=5, mode="layer"), progress=False)
     assert report["skipped"] == [] and len(report["units"]) == 1
 
 
@@ -220,7 +223,7 @@ def test_shared_weight_is_skipped_with_reason() -> None:
 @pytest.mark.parametrize(
     "field, value",
     [("weight_bits", 1), ("weight_bits", 9), ("iterations", -1), ("batch_size", 0), ("lr", 0.0),
-     ("lr", float("nan")), ("reg_weight", -1.0), ("warmup", 1.0), ("beta_start", 1.0), ("target", "block")],
+     ("lr", float("nan")), ("bias_lr", 0.0), ("mode", "net"), ("reg_weight", -1.0), ("warmup", 1.0), ("beta_start", 1.0), ("target", "block")],
 )
 def test_bad_config_is_rejected(field: str, value: object) -> None:
     with pytest.raises(InvalidInputError, match=field):
@@ -255,7 +258,7 @@ def test_block_mode_reconstructs_the_residual_block_jointly() -> None:
     images = _images((4, 8, 8))
     qdq = quantize_for_test(float_model, images, weight_bits=2)
     optimized, report = optimize_rounding(
-        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=300, mode="block"), progress=False
+        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=300, mode="block", learn_bias=False), progress=False
     )
     assert report["block_fallbacks"] == [] and report["skipped"] == []
     assert [(row["unit"], row["nodes"]) for row in report["units"]] == [
@@ -282,7 +285,7 @@ def test_block_with_an_unknown_op_falls_back_to_layers() -> None:
     images = _images((4, 8, 8))
     qdq = quantize_for_test(float_model, images, weight_bits=2)
     _, report = optimize_rounding(
-        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=50, mode="block"), progress=False
+        qdq, float_model, images, RoundingConfig(weight_bits=2, iterations=50, mode="block", learn_bias=False), progress=False
     )
     assert len(report["block_fallbacks"]) == 1
     fallback = report["block_fallbacks"][0]
@@ -296,7 +299,7 @@ def test_block_mode_with_bias_correction_corrects_every_layer() -> None:
     qdq = quantize_for_test(float_model, images, weight_bits=2)
     optimized, report = optimize_rounding(
         qdq, float_model, images,
-        RoundingConfig(weight_bits=2, iterations=30, mode="block", bias_correction=True), progress=False,
+        RoundingConfig(weight_bits=2, iterations=30, mode="block", bias_correction=True, learn_bias=False), progress=False,
     )
     assert [row["bias_correction"] for row in report["units"]] == [["corrected", "corrected"], ["corrected"], ["corrected"]]
     onnx.checker.check_model(optimized)
@@ -313,7 +316,8 @@ def test_real_quantizer_output_keeps_its_profile(tmp_path) -> None:
     path = export_onnx(settle_bn(TinyConvBnRelu(), (3, 12, 12)), (3, 12, 12), tmp_path / "tiny.onnx")
     loaded = load_model(path)
     images = _images((3, 12, 12), n=48)
-    result = quantize(loaded, images, QuantizeConfig(weight_bits=4, act_bits=4), progress=False)
+    nearest = QuantizeConfig(weight_bits=4, act_bits=4, optimize_rounding=False, bias_correction=False)
+    result = quantize(loaded, images, nearest, progress=False)
     folded, _ = prepare(loaded.model)
     for mode in ("layer", "block"):
         config = RoundingConfig(weight_bits=4, iterations=100, mode=mode, bias_correction=True)
@@ -325,3 +329,32 @@ def test_real_quantizer_output_keeps_its_profile(tmp_path) -> None:
         assert checked.violations == (), checked.violations
         reference = run(loaded.model, images)[0]
         assert _mse(run(optimized, images)[0], reference) < _mse(run(result.model, images)[0], reference)
+
+
+@pytest.mark.parametrize("mode", ["layer", "block"])
+def test_learned_biases_join_the_reconstruction(mode: str) -> None:
+    float_model, qdq, images = _setup("conv")
+    config = RoundingConfig(weight_bits=2, iterations=200, mode=mode, learn_bias=True)
+    optimized, report = optimize_rounding(qdq, float_model, images, config, progress=False)
+    learned = [row for row in report["units"] if row.get("bias_learned")]
+    assert learned and all(row["kept"] == "learned" for row in learned)
+    before, after = _inits(qdq), _inits(optimized)
+    assert any(not np.array_equal(before[n], after[n]) for n in ("c1_b_quantized", "c2_b_quantized", "fc_b_quantized"))
+    for name in ("c1_b_scale", "c2_b_scale", "fc_b_scale"):
+        np.testing.assert_array_equal(before[name], after[name])
+    if any("dwconv" in row["nodes"] for row in learned):
+        # The depthwise Conv had no bias: it now reads an int32 one in the emitter's convention.
+        dw = next(n for n in optimized.graph.node if n.name == "dwconv")
+        dq = next(n for n in optimized.graph.node if n.output[0] == dw.input[2])
+        assert after[dq.input[0]].dtype == np.int32
+        np.testing.assert_array_equal(after[dq.input[1]], (float(after["r2_scale"]) * after["c3_w_scale"]).astype(np.float32))
+    onnx.checker.check_model(optimized)
+    # The first unit (conv1 + Relu) sees the same input in both models: in onnxruntime its
+    # output error is the report's and lower than with nearest rounding and the old bias.
+    first = report["units"][0]
+    assert first["nodes"] == ["conv1"] and first.get("bias_learned")
+    (reference,) = run(float_model, images, ["r1"])
+    (before_r1,) = run(qdq, images, ["r1"])
+    (after_r1,) = run(optimized, images, ["r1"])
+    assert _mse(after_r1, reference) == pytest.approx(first["mse_optimized"], rel=1e-3)
+    assert _mse(after_r1, reference) < _mse(before_r1, reference)
