@@ -14,7 +14,8 @@ by the *same* calibration images, one column per variant:
 
 - ``layer``: AdaRound layer by layer (each weighted node on its own fused output);
 - ``block``: the nodes of each block (e.g. residual block) learned jointly on its output;
-- ``+bc``: bias correction after each unit's rounding.
+- ``+bc``: bias correction after each unit's rounding;
+- ``+lb``: biases learned jointly with the rounding (the library default is ``block+lb``).
 
 Sources: ``DGH`` (``onnxdgh.generate`` defaults), ``real 512`` (512 training images drawn
 with the seed), ``noise`` (``generate`` method noise), ``BNS`` (method bns). Generated
@@ -54,8 +55,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["fmnist_resnet8", "fmnist_resnet8_silu"])
     parser.add_argument("--bits", nargs="+", default=["W4A4", "W2A4"], help="e.g. W4A4 W2A4 W4A8")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
-    parser.add_argument("--variants", nargs="+", default=["layer"],
-                        help="layer, block, layer+bc, block+bc (one column each)")
+    parser.add_argument("--variants", nargs="+", default=["layer", "block", "block+lb"],
+                        help="layer or block, optionally +bc and/or +lb (one column each)")
     parser.add_argument("--iterations", type=int, default=None, help="per unit (default: RoundingConfig's)")
     parser.add_argument("--target", default="activation", choices=("activation", "output", "quantized"))
     parser.add_argument("--fresh", action="store_true", help="regenerate cached image sets")
@@ -70,11 +71,12 @@ def _bits(text: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def _variant(text: str) -> tuple[str, bool]:
-    mode, _, extra = text.partition("+")
-    if mode not in ("layer", "block") or extra not in ("", "bc"):
-        raise bl.BenchError(f"--variants {text!r}: use layer, block, layer+bc or block+bc")
-    return mode, extra == "bc"
+def _variant(text: str) -> dict[str, Any]:
+    """``mode[+bc][+lb]`` -> RoundingConfig fields (every field explicit, so defaults cannot drift)."""
+    mode, *extras = text.split("+")
+    if mode not in ("layer", "block") or not set(extras) <= {"bc", "lb"} or len(set(extras)) != len(extras):
+        raise bl.BenchError(f"--variants {text!r}: use layer or block, optionally +bc (bias correction) and +lb (learned bias)")
+    return {"mode": mode, "bias_correction": "bc" in extras, "learn_bias": "lb" in extras}
 
 
 def _images(source: str, model: Path, work: Path, args: argparse.Namespace, smoke: bool) -> np.ndarray:
@@ -135,7 +137,7 @@ def run(argv: list[str] | None = None) -> int:
     info = bl.machine_info()
     load_before = bl.load_average()
     bits = [_bits(b) for b in args.bits]
-    variants = [(v, *_variant(v)) for v in args.variants]
+    variants = [(v, _variant(v)) for v in args.variants]
     iterations = 20 if args.smoke and args.iterations is None else args.iterations
     models = [bl.tiny_classifier(ctx.work / "tiny.onnx", channels=1, size=(12, 12))] if args.smoke else bl.sample_models(args.models)
 
@@ -162,9 +164,8 @@ def run(argv: list[str] | None = None) -> int:
                 row = [model.stem, label, source, str(images.shape[0]), f"{100 * float_top1:.2f}", f"{100 * nearest:.2f}"]
                 record: dict[str, Any] = {"model": model.stem, "bits": label, "source": source, "images": int(images.shape[0]),
                                           "float_top1": float_top1, "nearest_top1": nearest, "variants": {}}
-                for name, mode, bc in variants:
-                    fields: dict[str, Any] = {"weight_bits": weight_bits, "mode": mode, "bias_correction": bc,
-                                              "seed": args.seed, "target": args.target}
+                for name, chosen in variants:
+                    fields: dict[str, Any] = {"weight_bits": weight_bits, "seed": args.seed, "target": args.target, **chosen}
                     if iterations is not None:
                         fields["iterations"] = iterations
                     config = RoundingConfig(**fields)
@@ -179,10 +180,12 @@ def run(argv: list[str] | None = None) -> int:
                                                 "block_fallbacks": report["block_fallbacks"]}
                 rows.append(row)
                 records.append(record)
+                # Written after every cell, so a long run interrupted keeps what it measured.
+                (ctx.work / "rounding.json").write_text(json.dumps(records, indent=1, default=float))
     load_after = bl.load_average()
     (ctx.work / "rounding.json").write_text(json.dumps(records, indent=1, default=float))
     headers = ["model", "bits", "calibration", "images", "float top-1", "nearest top-1"]
-    for name, _, _ in variants:
+    for name, _ in variants:
         headers += [f"{name} top-1", f"{name} time"]
     shown = iterations if iterations is not None else RoundingConfig().iterations
     body = [
