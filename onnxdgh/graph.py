@@ -29,6 +29,7 @@ __all__ = [
     "unique_name",
     "topological_sort",
     "to_array",
+    "tensor_elem_types",
     "add_node",
     "add_typed_initializer",
     "rename_output",
@@ -219,3 +220,14 @@ def set_opset_version(model: onnx.ModelProto, version: int, domain: str = "") ->
             entry.version = version
             return
     model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def tensor_elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """The ONNX element type of every typed tensor: inputs, outputs, value_info, initializers."""
+    types: dict[str, int] = {}
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    return types

@@ -204,12 +204,7 @@ def float_tensors(model: onnx.ModelProto) -> set[str]:
     """
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     graph = inferred.graph
-    types: dict[str, int] = {}
-    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
-    for init in graph.initializer:
-        types[init.name] = init.data_type
+    types = g.tensor_elem_types(graph)
     missing = [name for node in graph.node for name in node.output if name and name not in types]
     if missing:
         from ..runtime import make_session, with_extra_outputs

@@ -370,12 +370,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         _LOG.info("shape inference failed during validation: %s", exc)
         inferred = model
     graph = inferred.graph
-    types: dict[str, int] = {}
-    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
-    for init in graph.initializer:
-        types[init.name] = init.data_type
+    types = g.tensor_elem_types(graph)
     return types
 
 
