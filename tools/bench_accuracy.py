@@ -101,6 +101,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="generation iterations of the ablation runs (default: as --iterations)")
     parser.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--fresh", action="store_true", help="regenerate cached calibration sets")
+    parser.add_argument("--reuse-sets", action="store_true",
+                        help="use cached generated sets even when onnxdgh's generator source changed since "
+                             "(to add columns to a table measured on exactly those sets)")
     return parser.parse_args(argv)
 
 
@@ -138,13 +141,13 @@ def _generator_fingerprint() -> str:
 
 
 def _generate(ctx: bl.Context, model: Path, out: Path, *, method: str, images: int | None, iterations: int | None,
-              extra: list[str], fresh: bool) -> dict[str, Any]:
+              extra: list[str], fresh: bool, reuse: bool = False) -> dict[str, Any]:
     """``onnxdgh generate`` into ``out`` (cached per generator version); return its JSON report (with wall time)."""
     report_path = out.with_suffix(".json")
     fingerprint = _generator_fingerprint()
     if out.exists() and report_path.exists() and not fresh:
         cached = json.loads(report_path.read_text())
-        if cached.get("bench_fingerprint") == fingerprint:
+        if cached.get("bench_fingerprint") == fingerprint or reuse:
             return cached
         bl.log(f"  {out.name} was made by another version of onnxdgh's generator: regenerating")
     args = ["generate", str(model), "-o", str(out), "--method", method, "--seed", str(ctx.seed), "--json", str(report_path)]
@@ -393,7 +396,7 @@ def run(argv: list[str] | None = None) -> int:
             else:
                 method = {"DGH": "dgh", "noise": "noise", "BNS": "bns"}[source]
                 report = _generate(ctx, model, out, method=method, images=images, iterations=iterations, extra=[],
-                                   fresh=args.fresh)
+                                   fresh=args.fresh, reuse=args.reuse_sets)
                 settings = report.get("settings", {})
                 final = report.get("final", {})
                 loss = ""
