@@ -293,8 +293,14 @@ def _plot(results: dict[str, dict[str, Any]], bit_labels: list[str], path: Path)
             if source not in res["acc"]:
                 continue
             ys = [res["acc"][source].get(label) for label in bit_labels]
-            ax.plot([i for i, y in zip(x, ys) if y is not None], [100 * y for y in ys if y is not None],
-                    marker=markers[source], label=source)
+            # Lines join the nearest-rounding settings only; '+round' points stand alone
+            # (a line through them would suggest a trend across different methods).
+            plain = [(i, y) for i, y, label in zip(x, ys, bit_labels) if y is not None and "+round" not in label]
+            line = ax.plot([i for i, _ in plain], [100 * y for _, y in plain], marker=markers[source], label=source)[0]
+            rounded = [(i, y) for i, y, label in zip(x, ys, bit_labels) if y is not None and "+round" in label]
+            if rounded:
+                ax.plot([i for i, _ in rounded], [100 * y for _, y in rounded], linestyle="none", marker=markers[source],
+                        markersize=9, markerfacecolor="none", color=line.get_color())
         ax.axhline(100 * res["float"], color="black", linestyle="--", linewidth=1, label="float")
         ax.set_xticks(x, bit_labels, fontsize=8)
         ax.set_title(name, fontsize=10)
