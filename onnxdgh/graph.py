@@ -36,6 +36,9 @@ __all__ = [
     "remove_initializers",
     "clear_value_info",
     "set_opset_version",
+    "set_initializer_value",
+    "set_node_input",
+    "pruned_copy",
 ]
 
 
@@ -231,3 +234,56 @@ def tensor_elem_types(graph: onnx.GraphProto) -> dict[str, int]:
     for init in graph.initializer:
         types[init.name] = init.data_type
     return types
+
+
+# Additions for rounding optimisation (rewriting stored integers, adding a bias input).
+
+
+def set_initializer_value(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+    """Overwrite initializer ``name`` with ``value``, keeping its ONNX element type (INT4 included).
+
+    Raises:
+        KeyError: no initializer is called ``name``.
+    """
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            old = numpy_helper.to_array(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(old.dtype), name=name))
+            return
+    raise KeyError(name)
+
+
+def set_node_input(node: onnx.NodeProto, index: int, name: str) -> None:
+    """Make input ``index`` of ``node`` read ``name``, padding skipped optional inputs with ''."""
+    while len(node.input) <= index:
+        node.input.append("")
+    node.input[index] = name
+
+
+def pruned_copy(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are ``outputs`` and that keeps only the nodes they need.
+
+    Output types are left for the runtime to infer; unused initializers are dropped.
+    """
+    producers = producer_map(model.graph)
+    needed: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(name for name in node.input if name)
+    keep = [node for node in model.graph.node if id(node) in needed]
+    used = {name for node in keep for name in node.input}
+    inits = {init.name for init in model.graph.initializer}
+    graph = helper.make_graph(
+        keep,
+        model.graph.name,
+        [value for value in model.graph.input if value.name not in inits or value.name in used],
+        [onnx.ValueInfoProto(name=name) for name in outputs],
+        initializer=[init for init in model.graph.initializer if init.name in used],
+    )
+    out = helper.make_model(graph, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out

@@ -358,3 +358,21 @@ def test_learned_biases_join_the_reconstruction(mode: str) -> None:
     (after_r1,) = run(optimized, images, ["r1"])
     assert _mse(after_r1, reference) == pytest.approx(first["mse_optimized"], rel=1e-3)
     assert _mse(after_r1, reference) < _mse(before_r1, reference)
+
+
+def test_graph_helpers_used_by_rounding() -> None:
+    """set_initializer_value keeps INT4 packing; pruned_copy keeps only what the outputs need."""
+    from onnxdgh import graph as g
+
+    graph = helper.make_graph([], "g", [], [], initializer=[helper.make_tensor("w", onnx.TensorProto.INT4, [3], [-8, 7, 1])])
+    g.set_initializer_value(graph, "w", np.array([1, -2, 3]))
+    assert graph.initializer[0].data_type == onnx.TensorProto.INT4
+    assert numpy_helper.to_array(graph.initializer[0]).astype(int).tolist() == [1, -2, 3]
+    with pytest.raises(KeyError):
+        g.set_initializer_value(graph, "missing", np.zeros(1))
+
+    float_model = matmul_model()
+    pruned = g.pruned_copy(float_model, ["flat"])
+    assert [n.op_type for n in pruned.graph.node] == ["Flatten"] and not pruned.graph.initializer
+    images = _images((1, 4, 4), n=4)
+    np.testing.assert_array_equal(run(pruned, images)[0], images.reshape(4, -1))

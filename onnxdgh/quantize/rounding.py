@@ -65,7 +65,6 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
 from .. import graph as g
@@ -664,16 +663,6 @@ def _channel_mean_delta(
 # ------------------------------------------------------------------------- ONNX edits
 
 
-def _set_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
-    """Overwrite initializer ``name`` with ``value`` keeping its ONNX element type."""
-    for tensor in graph.initializer:
-        if tensor.name == name:
-            old = numpy_helper.to_array(tensor)
-            tensor.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(old.dtype), name=name))
-            return
-    raise KeyError(name)
-
-
 def _input_scale(graph: onnx.GraphProto, tensor: str) -> float | None:
     """The per-tensor scale of the DequantizeLinear that ``tensor`` comes from (through value-preserving ops)."""
     producers = g.producer_map(graph)
@@ -741,14 +730,11 @@ def _add_bias(model: onnx.ModelProto, layer: _Layer, channels: int) -> tuple[str
     g.add_initializer(model.graph, q_name, np.zeros(channels, np.int32))
     g.add_initializer(model.graph, s_name, b_scale)
     g.add_initializer(model.graph, z_name, np.zeros(channels, np.int32))
-    model.graph.node.append(
-        helper.make_node(
-            "DequantizeLinear", [q_name, s_name, z_name], [dq_out], name=g.unique_name(taken, f"{base}_DequantizeLinear"), axis=0
-        )
+    g.add_node(
+        model.graph, "DequantizeLinear", [q_name, s_name, z_name], [dq_out],
+        name=g.unique_name(taken, f"{base}_DequantizeLinear"), axis=0,
     )
-    while len(node.input) < 3:
-        node.input.append("")
-    node.input[2] = dq_out
+    g.set_node_input(node, 2, dq_out)
     g.topological_sort(model.graph)
     return q_name, b_scale
 
@@ -779,7 +765,7 @@ def _correct_bias(
     scale = np.broadcast_to(np.asarray(bias_scale, np.float64).reshape(-1), current.shape)
     info = np.iinfo(np.int32)
     new = np.clip(current + np.round(delta / scale), info.min, info.max).astype(np.int32)
-    _set_initializer(model.graph, bias_int, new)
+    g.set_initializer_value(model.graph, bias_int, new)
     return "corrected", (new * scale).astype(np.float32)
 
 
@@ -1084,40 +1070,13 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def _pruned(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` computing only ``outputs`` (onnxruntime runs every node of a graph)."""
-    producers = g.producer_map(model.graph)
-    needed: set[str] = set()
-    stack = list(outputs)
-    while stack:
-        name = stack.pop()
-        node = producers.get(name)
-        if node is None or id(node) in needed:
-            continue
-        needed.add(id(node))  # type: ignore[arg-type]
-        stack.extend(n for n in node.input if n)
-    keep = [node for node in model.graph.node if id(node) in needed]
-    used = {n for node in keep for n in node.input}
-    inits = {t.name for t in model.graph.initializer}
-    graph = helper.make_graph(
-        keep,
-        model.graph.name,
-        [value for value in model.graph.input if value.name not in inits or value.name in used],
-        [onnx.ValueInfoProto(name=name) for name in outputs],
-        initializer=[t for t in model.graph.initializer if t.name in used],
-    )
-    out = helper.make_model(graph, opset_imports=list(model.opset_import))
-    out.ir_version = model.ir_version
-    return out
-
-
 def _run(model: onnx.ModelProto, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     """Compute tensors ``names`` of ``model`` on ``images``.
 
     Graph optimisations are off: the QDQ graph is then evaluated as written (float ops on
     dequantized values), which is exactly what the torch side re-implements.
     """
-    session = make_session(_pruned(model, names), optimize=False)
+    session = make_session(g.pruned_copy(model, list(names)), optimize=False)
     return run_batched(session, images, batch_size=64, outputs=list(names), fixed_batch=_fixed_batch(model))
 
 
@@ -1367,7 +1326,7 @@ class _LearnedBias:
             created = _add_bias(model, self.layer, self.initial.shape[0])
             assert created is not None  # usable implies the emitter's bias scale exists
             name = created[0]
-        _set_initializer(model.graph, name, self.ints())
+        g.set_initializer_value(model.graph, name, self.ints())
 
 
 def _regulariser(h: torch.Tensor, step: int, config: RoundingConfig) -> torch.Tensor | None:
@@ -1478,7 +1437,7 @@ def _optimise_layer(
     keep = config.iterations > 0 and mse_learned <= mse_nearest
     final = learned if keep else stored
     if keep:
-        _set_initializer(model.graph, layer.weight_int, final)
+        g.set_initializer_value(model.graph, layer.weight_int, final)
         if learned_bias is not None:
             learned_bias.commit(model)
             bias = final_bias
@@ -1567,7 +1526,7 @@ def _optimise_block(
     finals = learned if keep else [r.stored for r in roundings]
     if keep:
         for layer, ints in zip(block.layers, finals):
-            _set_initializer(model.graph, layer.weight_int, ints)
+            g.set_initializer_value(model.graph, layer.weight_int, ints)
         for bias in biases:
             bias.commit(model)
     changed = sum(int(np.sum(q != r.stored)) for q, r in zip(learned, roundings))
