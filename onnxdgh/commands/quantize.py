@@ -71,7 +71,7 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--optimize-rounding/--no-optimize-rounding", "optimize_rounding", default=None,
               help="Choose weight integers by AdaRound (default: on below 8 bits, off for W8A8).")
 @click.option("--bias-correction/--no-bias-correction", "bias_correction", default=None,
-              help="Correct int32 biases to the float model's mean outputs (default: with --optimize-rounding).")
+              help="Correct int32 biases to the float model's mean outputs (default: off; the rounding optimisation learns biases itself).")
 @click.option("--rounding-iterations", type=int, default=300, show_default=True,
               help="AdaRound optimisation steps per layer.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
