@@ -40,7 +40,15 @@ import onnx
 
 from .. import graph as g
 from ..errors import QuantizationError
-from ..ops import NON_NEGATIVE_OUTPUT, QDQ_OPS, SHAPE_INPUT_INDICES, VALUE_PRESERVING, WEIGHTED, is_value_preserving
+from ..ops import (
+    ACTIVATIONS,
+    NON_NEGATIVE_OUTPUT,
+    QDQ_OPS,
+    SHAPE_INPUT_INDICES,
+    VALUE_PRESERVING,
+    WEIGHTED,
+    is_value_preserving,
+)
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
@@ -60,38 +68,27 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-COMPUTE_OPS: frozenset[str] = frozenset(
-    {
-        "Conv",
-        "ConvTranspose",
-        "Gemm",
-        "MatMul",
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Relu",
-        "Clip",
-        "LeakyRelu",
-        "PRelu",
-        "Sigmoid",
-        "HardSigmoid",
-        "HardSwish",
-        "Tanh",
-        "Elu",
-        "Selu",
-        "Softplus",
-        "Abs",
-        "Neg",
-        "AveragePool",
-        "GlobalAveragePool",
-        "GlobalMaxPool",
-        "ReduceMean",
-        "ReduceMax",
-        "Softmax",
-        "Resize",
-        "Concat",
-    }
+COMPUTE_OPS: frozenset[str] = (
+    WEIGHTED
+    | ACTIVATIONS
+    | frozenset(
+        {
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Abs",
+            "Neg",
+            "AveragePool",
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+            "ReduceMean",
+            "ReduceMax",
+            "Softmax",
+            "Resize",
+            "Concat",
+        }
+    )
 )
 """Ops whose output gets its own quantizer (threshold from calibration statistics).
 
