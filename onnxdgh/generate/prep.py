@@ -12,6 +12,8 @@ any device.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,35 @@ def gaussian_kernel(sigma: float, size: int = 3) -> torch.Tensor:
     one_d = torch.exp(-(coords**2) / (2.0 * sigma * sigma))
     kernel = torch.outer(one_d, one_d)
     return kernel / kernel.sum()
+
+
+def _depthwise_smooth(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    channels = x.shape[1]
+    if channels > 1:
+        # oneDNN's depthwise convolution on NCHW was measured 27x slower than on NHWC for
+        # 16 x 3 x 256 x 256 canvases (45 vs 1.7 ms); with one channel the layouts coincide
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, kernel, padding=1, groups=channels).contiguous()
+
+
+class _SelfAdjointSmooth(torch.autograd.Function):
+    """Smoothing whose backward is the same smoothing of the output gradient.
+
+    A zero-padded cross-correlation's adjoint is the correlation with the flipped kernel,
+    and a Gaussian kernel is its own flip. Autograd's depthwise convolution backward was
+    measured at 4.2 ms for 64 x 1 x 32 x 32 canvases (the forward: 0.25 ms), 14% of a
+    whole optimisation step on the Fashion-MNIST resnet8 sample.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(kernel)
+        return _depthwise_smooth(x, kernel)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (kernel,) = ctx.saved_tensors
+        return _depthwise_smooth(grad, kernel), None
 
 
 class Preprocessor:
@@ -66,7 +97,9 @@ class Preprocessor:
 
     def smooth(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise 3x3 Gaussian smoothing with zero padding."""
-        return F.conv2d(x, self.kernel, padding=1, groups=self.channels)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SelfAdjointSmooth.apply(x, self.kernel)
+        return _depthwise_smooth(x, self.kernel)
 
     def train_view(self, canvas: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """What the model sees at one optimisation step (differentiable w.r.t. ``canvas``)."""
