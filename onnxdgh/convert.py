@@ -29,10 +29,11 @@ mutable capture state, and the copy shares every submodule (and so every weight)
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from .errors import ConversionError, UnsupportedModelError
 from .load import REEXPORT_RECIPE, BatchNormInfo, LoadedModel, make_batch_dynamic
 from .runtime import make_session, run_batched, with_extra_outputs
 
-__all__ = ["BNLayer", "ProbeResult", "TorchModel", "to_torch", "STRETCH_THROUGH_OPS", "CHECK_RTOL"]
+__all__ = ["BNLayer", "ProbeResult", "TorchModel", "to_torch", "fold_bn_taps", "STRETCH_THROUGH_OPS", "CHECK_RTOL"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ class TorchModel:
     device: str
     max_abs_error: float
     _probe: fx.GraphModule = field(repr=False)
+    bn_taps: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] = field(default=(), repr=False)
+    """Empty, or per BN layer ``(scale, shift)`` when :func:`fold_bn_taps` made :meth:`probe`
+    return ``scale * bn_input + shift`` (the BN's output) for that layer instead of its input."""
 
     def probe(self, images: torch.Tensor) -> ProbeResult:
         """Run a batch; return outputs, BN input tensors (``bn_layers`` order) and stretch tensors."""
@@ -494,6 +498,75 @@ def _transposed_input_grad_convs(probe: fx.GraphModule) -> None:
                 and not isinstance(target.padding, str) and not target.weight.requires_grad \
                 and (target.bias is None or not target.bias.requires_grad):
             setattr(probe, node.target, _InputGradConv2d(target))
+
+
+def fold_bn_taps(model: TorchModel) -> TorchModel:
+    """A copy of ``model`` whose probe folds each frozen BN into the convolution before it.
+
+    Generation needs every BN's *input* statistics, but the network needs the BN's
+    output; computing one from the other is a full pass over the activation forward and
+    another backward (measured: 13-16% of a DGH optimisation step on the Fashion-MNIST
+    samples). When a BN's input comes from a zero-padded Conv2d used by that BN alone,
+    the copy computes the BN output directly with the folded convolution
+    (W' = a W, b' = a b + c per output channel for the BN's y = a x + c) and returns it
+    in the BN input's place; ``bn_taps[i] = (a, c)`` says so, and the statistics map back
+    exactly: mean_in = (mean_out - c) / a, var_in = var_out / a^2 (per image as well).
+    A BN with a zero (or denormal) scale in any channel is left unfolded: its input cannot
+    be recovered from its output. ``model`` itself is not changed.
+    """
+    probe = copy.deepcopy(model._probe)
+    output_node = next(node for node in probe.graph.nodes if node.op == "output")
+    values = list(output_node.args[0])
+    first_bn = len(model.output_names)
+    taps: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.bn_layers)
+    for layer in range(len(model.bn_layers)):
+        source = values[first_bn + layer]
+        folded = _fold_into_conv(probe, source)
+        if folded is not None:
+            bn_node, scale, shift = folded
+            values[first_bn + layer] = source  # the conv node now computes the BN's output
+            taps[layer] = (scale, shift)
+            bn_node.replace_all_uses_with(source)
+            probe.graph.erase_node(bn_node)
+            values = [source if value is bn_node else value for value in values]
+    output_node.args = (tuple(values),)
+    probe.graph.lint()
+    probe.recompile()
+    if not any(tap is not None for tap in taps):
+        return model
+    return replace(model, _probe=probe, bn_taps=tuple(taps))
+
+
+def _fold_into_conv(probe: fx.GraphModule, source: Any) -> tuple[fx.Node, torch.Tensor, torch.Tensor] | None:
+    """Fold the BN reading ``source`` into ``source``'s convolution; (BN node, a, c), or None."""
+    if not isinstance(source, fx.Node) or source.op != "call_module":
+        return None
+    conv_module = probe.get_submodule(source.target)
+    conv = conv_module.conv if isinstance(conv_module, _InputGradConv2d) else conv_module
+    if type(conv) is not torch.nn.Conv2d or conv.padding_mode != "zeros":
+        return None
+    users = [user for user in source.users if user.op != "output"]
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args[0] is not source or len(users[0].args) != 1:
+        return None
+    bn_node = users[0]
+    bn = probe.get_submodule(bn_node.target)
+    if not isinstance(bn, _FrozenAffine):
+        return None
+    scale, shift = bn.scale.detach().clone(), bn.shift.detach().clone()
+    if not bool(torch.isfinite(scale).all()) or float(scale.abs().min()) < 1e-12:
+        return None
+    with torch.no_grad():
+        fused = torch.nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=True,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        fused.bias.copy_(bias * scale + shift)
+    fused.requires_grad_(False)
+    fused.eval()
+    probe.add_submodule(source.target, _InputGradConv2d(fused))
+    return bn_node, scale, shift
 
 
 def _is_batch_norm(module: torch.nn.Module) -> bool:

@@ -12,7 +12,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from onnxdgh.convert import to_torch
+from onnxdgh.convert import TorchModel, to_torch
 from onnxdgh.errors import ConversionError
 from onnxdgh.load import load_model, load_model_proto
 from onnxdgh.runtime import make_session, with_extra_outputs
@@ -60,6 +60,70 @@ def test_gradient_reaches_the_input_only(tiny_model_path: Path) -> None:
     (outputs[0].sum() + bn_inputs[1].pow(2).mean()).backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     assert all(p.grad is None for p in model.module.parameters())
+
+
+class SharedConvOutput(nn.Module):
+    """conv1's output feeds its BN and, directly, a residual add: it must not be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn0(self.conv0(x)))
+        z = self.conv1(y)
+        return self.head((torch.relu(self.bn1(z)) + z).mean(dim=(2, 3)))
+
+
+def _tap_moments(model: TorchModel, images: torch.Tensor) -> list[torch.Tensor]:
+    """The output, then per BN layer: batch mean and variance, per-image mean and std of its input."""
+    from onnxdgh.generate.losses import batch_moments, per_image_moments
+
+    probe = model.probe(images)
+    taps = model.bn_taps or (None,) * len(model.bn_layers)
+    result = [probe.outputs[0]]
+    for x, tap in zip(probe.bn_inputs, taps):
+        mean, var = batch_moments(x)
+        if tap is not None:
+            mean, var = (mean - tap[1]) / tap[0], var / tap[0].square()
+        result += [mean, var, *per_image_moments(x, tap)]
+    return result
+
+
+def test_folded_bn_taps_give_the_bn_input_statistics(tiny_model_path: Path, tmp_path: Path) -> None:
+    from onnxdgh.convert import fold_bn_taps
+
+    model = to_torch(load_model(tiny_model_path))
+    folded = fold_bn_taps(model)
+    assert [tap is not None for tap in folded.bn_taps] == [True, True]  # conv with and without bias
+    assert not model.bn_taps  # the original is untouched
+    images = torch.randn(5, 3, 12, 12) * 2 + 0.5
+    for want, got in zip(_tap_moments(model, images), _tap_moments(folded, images), strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+    # Input gradients of a loss on the mapped statistics agree too.
+    grads = []
+    for m in (model, folded):
+        x = images.clone().requires_grad_(True)
+        outputs, *moments = _tap_moments(m, x)
+        loss = outputs.square().sum() + sum((value - 0.3).square().sum() for value in moments)
+        loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+    # Not folded: a conv output read by something besides its BN; a BN with a zero scale.
+    torch.manual_seed(0)
+    shared = to_torch(load_model(export_onnx(settle_bn(SharedConvOutput(), (3, 8, 8)), (3, 8, 8), tmp_path / "s.onnx")))
+    assert [tap is not None for tap in fold_bn_taps(shared).bn_taps] == [True, False]
+    torch.manual_seed(0)
+    dead = settle_bn(TinyConvBnRelu(), (3, 12, 12))
+    with torch.no_grad():
+        dead.features[1].weight[2] = 0.0
+    dead_model = to_torch(load_model(export_onnx(dead, (3, 12, 12), tmp_path / "dead.onnx")))
+    assert [tap is not None for tap in fold_bn_taps(dead_model).bn_taps] == [False, True]
 
 
 def test_fixed_batch_graph_runs_batches(tmp_path: Path) -> None:

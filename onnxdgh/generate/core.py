@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..convert import TorchModel, to_torch
+from ..convert import TorchModel, fold_bn_taps, to_torch
 from ..errors import ConversionError, InvalidInputError, UnsupportedModelError
 from ..fileio import check_output_path
 from ..load import REEXPORT_RECIPE, LoadedModel, load_model
@@ -269,6 +269,7 @@ class _Run:
 
     def __init__(self, model: TorchModel, config: GenerateConfig, low: torch.Tensor | None, high: torch.Tensor | None):
         self.channels_last = config.channels_last and len(model.loaded.input_shape) == 3
+        model = fold_bn_taps(model)  # a private copy when anything folds
         if self.channels_last:
             # a private copy: the caller's module keeps its layout
             model = replace(
@@ -312,6 +313,16 @@ class _Run:
         self.flat_targets = (
             [(torch.cat([t[0] for t in self.targets]), torch.cat([t[1] for t in self.targets]))] if self.layers else []
         )
+        # Folded BN layers (fold_bn_taps) expose their output y = a x + c; map the moments back.
+        taps = model.bn_taps or (None,) * len(self.layers)
+        self.taps = taps
+        if any(tap is not None for tap in taps):
+            self.tap_scale = torch.cat([tap[0] if tap is not None else torch.ones(layer.channels, device=self.device)
+                                        for tap, layer in zip(taps, self.layers)])
+            self.tap_shift = torch.cat([tap[1] if tap is not None else torch.zeros(layer.channels, device=self.device)
+                                        for tap, layer in zip(taps, self.layers)])
+        else:
+            self.tap_scale = self.tap_shift = None
         self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
         self.history: list[float] = []
         self.initial_bns: float | None = None
@@ -404,7 +415,11 @@ class _Run:
         probe = self.model.probe(view)
         if not self.layers:
             return probe, []
-        return probe, [flat_batch_moments(probe.bn_inputs, self.flat_targets[0][0])]
+        mean, var = flat_batch_moments(probe.bn_inputs)
+        if self.tap_scale is not None:
+            mean = (mean - self.tap_shift) / self.tap_scale
+            var = var / self.tap_scale.square()
+        return probe, [(mean, var)]
 
     def _layer_stats(self) -> dict[str, list[torch.Tensor]]:
         """The stored statistics split per BN layer (the checkpoint format)."""
@@ -439,7 +454,8 @@ class _Run:
         if config.use_odsl and config.odsl_lambda > 0:
             last_input = probe.bn_inputs[self.last_bn] if self.last_bn is not None else None
             last_target = self.targets[self.last_bn] if self.last_bn is not None else None
-            per_image = odsl_per_image(probe.stretch, last_input, last_target, self.delta)
+            last_tap = self.taps[self.last_bn] if self.last_bn is not None else None
+            per_image = odsl_per_image(probe.stretch, last_input, last_target, self.delta, tap=last_tap)
             scope = config.images if config.use_sas else canvas.shape[0]
             loss = loss + config.odsl_lambda * per_image.sum() / scope
         optimizer.zero_grad(set_to_none=True)
@@ -616,7 +632,7 @@ def evaluate_images(model: TorchModel | LoadedModel, images: np.ndarray, *, batc
         for index, start in enumerate(range(0, count, batch_size)):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)).to(device)
             probe = torch_model.probe(batch)
-            store.store(index, [batch_moments(x, layer.mean) for x, layer in zip(probe.bn_inputs, torch_model.bn_layers)])
+            store.store(index, [batch_moments(x) for x in probe.bn_inputs])
             flat = torch.cat([t.reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
             spreads.append(flat.max(dim=1).values - flat.min(dim=1).values)
             lows.append(float(flat.min()))
