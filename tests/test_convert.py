@@ -17,7 +17,7 @@ from onnxdgh.errors import ConversionError
 from onnxdgh.load import load_model, load_model_proto
 from onnxdgh.runtime import make_session, with_extra_outputs
 
-from .conftest import TinyConvBnRelu, export_onnx, settle_bn
+from .conftest import TinyConvBnRelu, export_onnx, ort_run, settle_bn
 
 
 class SoftmaxHead(nn.Module):
@@ -249,3 +249,34 @@ def test_transposed_input_grad_conv_matches_autograd(stride: int, groups: int, s
     (expected,) = torch.autograd.grad(conv(x), x, grad)
     assert got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+class TinySiLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.silu(self.bn(self.conv(x)))
+        # a Sigmoid read by something else than its Mul: not a SiLU, kept as is
+        gate = torch.sigmoid(y)
+        return self.head((y * gate + gate).mean(dim=(2, 3)))
+
+
+def test_probe_fuses_exported_silu(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    loaded = load_model(export_onnx(settle_bn(TinySiLU(), (1, 8, 8)), (1, 8, 8), tmp_path / "silu.onnx"))
+    assert sum(node.op_type == "Sigmoid" for node in loaded.model.graph.node) == 2
+    model = to_torch(loaded)
+    targets = [node.target for node in model._probe.graph.nodes]
+    assert targets.count(torch.nn.functional.silu) == 1
+    x = torch.randn(3, 1, 8, 8, requires_grad=True)
+    probe = model.probe(x)
+    expected = ort_run(loaded.model, x.detach().numpy())[0]
+    np.testing.assert_allclose(probe.outputs[0].detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    probe.outputs[0].sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    model.module(reference).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-6)
