@@ -136,7 +136,7 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
     main = _section(text, "accuracy-tiny")
     assert "| DGH |" in main and "| real 512 |" in main and "W8A8" in main
     assert "W8A8 mse | W8A8 noclip" in main, "the threshold table is part of the model's section"
-    ablation = _section(text, "accuracy-ablation")
+    ablation = _section(text, "accuracy-ablation-tiny")
     assert ablation.count("\n|") >= 4  # header, rule, all-off and all-on rows
 
 

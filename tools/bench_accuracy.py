@@ -96,7 +96,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--real-images", type=int, default=512, help="training images for the 'real' source (default 512)")
     parser.add_argument("--images", type=int, default=None, help="generated images (default: onnxdgh's default)")
     parser.add_argument("--iterations", type=int, default=None, help="generation iterations (default: onnxdgh's default)")
-    parser.add_argument("--ablation-model", default="fmnist_resnet8", help="model of the ablation (default fmnist_resnet8)")
+    parser.add_argument("--ablation-model", nargs="+", default=["fmnist_resnet8"],
+                        help="model(s) of the ablation (default fmnist_resnet8); one section each")
+    parser.add_argument("--ablation-bits", nargs="+", default=["W4A8 nearest", "W4A4 nearest"], metavar="LABEL",
+                        help="bit settings of the ablation columns (default: 'W4A8 nearest' 'W4A4 nearest'; "
+                             "'W4A4 +round' runs the rounding optimisation on every row)")
     parser.add_argument("--ablation-iterations", type=int, default=None,
                         help="generation iterations of the ablation runs (default: as --iterations)")
     parser.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
@@ -105,6 +109,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="use cached generated sets even when onnxdgh's generator source changed since "
                              "(to add columns to a table measured on exactly those sets)")
     return parser.parse_args(argv)
+
+
+def _all_bits(rounding_flags: tuple[str, str] | None) -> list[Bits]:
+    """Every bit setting a table can have with this quantizer."""
+    if not rounding_flags:
+        return [Bits(8, 8), Bits(4, 8), Bits(4, 4)]
+    # Rounding optimisation is what makes sub-8-bit weights usable (issue 7): show both.
+    return [Bits(8, 8), Bits(4, 8, False), Bits(4, 8, True), Bits(4, 4, False), Bits(4, 4, True),
+            Bits(2, 4, False), Bits(2, 4, True)]
 
 
 # ------------------------------------------------------------------------ onnxdgh CLI
@@ -147,7 +160,10 @@ def _generate(ctx: bl.Context, model: Path, out: Path, *, method: str, images: i
     fingerprint = _generator_fingerprint()
     if out.exists() and report_path.exists() and not fresh:
         cached = json.loads(report_path.read_text())
-        if cached.get("bench_fingerprint") == fingerprint or reuse:
+        settings = cached.get("settings", {})
+        same = (images is None or settings.get("images") == images) and \
+            (iterations is None or method == "noise" or settings.get("iterations") == iterations)
+        if same and (cached.get("bench_fingerprint") == fingerprint or reuse):
             return cached
         bl.log(f"  {out.name} was made by another version of onnxdgh's generator: regenerating")
     args = ["generate", str(model), "-o", str(out), "--method", method, "--seed", str(ctx.seed), "--json", str(report_path)]
@@ -340,11 +356,7 @@ def run(argv: list[str] | None = None) -> int:
         images, iterations, real_count = args.images, args.iterations, args.real_images
         ablation_iterations = args.ablation_iterations or iterations
 
-    bit_settings = [Bits(8, 8), Bits(4, 8), Bits(4, 4)]
-    if rounding_flags:
-        # Rounding optimisation is what makes sub-8-bit weights usable (issue 7): show both.
-        bit_settings = [Bits(8, 8), Bits(4, 8, False), Bits(4, 8, True), Bits(4, 4, False), Bits(4, 4, True),
-                        Bits(2, 4, False), Bits(2, 4, True)]
+    bit_settings = _all_bits(rounding_flags)
     all_labels = [b.label for b in bit_settings]
     if args.bits:
         unknown = [label for label in args.bits if label not in all_labels]
@@ -360,13 +372,19 @@ def run(argv: list[str] | None = None) -> int:
         bit_settings = [b for b in bit_settings if b.label in ("W8A8", "W4A4", "W4A4 nearest", "W4A4 +round")]
         threshold_bits, threshold_sources = [Bits(8, 8)], ("DGH",)
 
+    ablation_names = {Path(m).stem for m in args.ablation_model}
+    ablation_bits = [b for b in _all_bits(rounding_flags) if b.label in args.ablation_bits]
+    unknown = set(args.ablation_bits) - {b.label for b in ablation_bits}
+    if unknown:
+        raise bl.BenchError(f"--ablation-bits {', '.join(sorted(unknown))}: choose from "
+                            f"{', '.join(b.label for b in _all_bits(rounding_flags))}")
     command = bl.command_string()
     rounding_text = ("`" + " / ".join(f for f in rounding_flags if f) + "`") if rounding_flags else "not available in this quantizer"
     written = 0
     for model in models:
         name = model.stem
         ablation_only = "sources" not in args.parts and "thresholds" not in args.parts
-        if ablation_only and not args.smoke and name != Path(args.ablation_model).stem:
+        if ablation_only and not args.smoke and name not in ablation_names:
             continue
         bl.log(f"== {name}")
         load_before = bl.load_average()
@@ -467,11 +485,14 @@ def run(argv: list[str] | None = None) -> int:
                              load_after=bl.load_average(), doc=ctx.doc)
             written += 1
 
-        ablation_name = Path(args.ablation_model).stem
-        if "ablation" in args.parts and (args.smoke or name == ablation_name):
+        if "ablation" in args.parts and (args.smoke or name in ablation_names):
             load_before = bl.load_average()
-            lines = _ablation(ctx, model, work, data, float_top1, images, ablation_iterations, rounding_flags, args.fresh)
-            bl.write_section("accuracy-ablation", "DGH ablation (paper Table 4): SAS, prep, ODSL", "\n".join(lines),
+            bits_list = ablation_bits
+            if args.smoke:
+                bits_list = [Bits(4, 4, False if rounding_flags else None)]
+            lines = _ablation(ctx, model, work, data, float_top1, images, ablation_iterations, bits_list, args.fresh)
+            bl.write_section(f"accuracy-ablation-{name.replace('_', '-').lower()}",
+                             f"DGH ablation (paper Table 4): SAS, prep, ODSL on {name}", "\n".join(lines),
                              info=info, command=command, load_before=load_before, load_after=bl.load_average(), doc=ctx.doc)
             written += 1
 
@@ -530,11 +551,9 @@ def _targets(name: str, res: dict[str, Any], float_top1: float) -> list[str]:
 
 
 def _ablation(ctx: bl.Context, model: Path, work: Path, data: Dataset, float_top1: float, images: int | None,
-              iterations: int | None, rounding_flags: tuple[str, str] | None, fresh: bool) -> list[str]:
+              iterations: int | None, bits_list: list[Bits], fresh: bool) -> list[str]:
     """The paper's Table 4 on one model: 8 on/off combinations of SAS, prep and ODSL."""
-    # Nearest rounding: the ablation isolates the calibration images (rounding optimisation on
-    # every row would multiply the run time; the sources table has the +round columns).
-    bits_list = [Bits(4, 8, False if rounding_flags else None), Bits(4, 4, False if rounding_flags else None)]
+    rounding_flags = _rounding_flags(_quantize_help())
     rows = []
     combos = list(itertools.product((False, True), repeat=3))
     if ctx.smoke:
