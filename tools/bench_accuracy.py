@@ -555,6 +555,7 @@ def _ablation(ctx: bl.Context, model: Path, work: Path, data: Dataset, float_top
     """The paper's Table 4 on one model: 8 on/off combinations of SAS, prep and ODSL."""
     rounding_flags = _rounding_flags(_quantize_help())
     rows = []
+    curves: list[tuple[str, list[list[float]]]] = []
     combos = list(itertools.product((False, True), repeat=3))
     if ctx.smoke:
         combos = [combos[0], combos[-1]]
@@ -567,6 +568,8 @@ def _ablation(ctx: bl.Context, model: Path, work: Path, data: Dataset, float_top
         row = ["✓" if sas else "", "✓" if prep else "", "✓" if odsl else ""]
         bns = final.get("bns_loss_last_iteration")
         row.append("—" if bns is None else f"{bns:.4g}")
+        on = [name for name, flag in (("SAS", sas), ("prep", prep), ("ODSL", odsl)) if flag]
+        curves.append(("+".join(on) or "all off", final.get("bns_loss_history") or []))
         for bits in bits_list:
             q = work / f"ablation_{tag}_{bits.label.replace(' ', '_').replace('+', '')}.onnx"
             _quantize(ctx, model, out, q, bits, threshold=None, rounding_flags=rounding_flags)
@@ -575,10 +578,38 @@ def _ablation(ctx: bl.Context, model: Path, work: Path, data: Dataset, float_top
             bl.log(f"  ablation sas={sas} prep={prep} odsl={odsl} {bits.label}: {100 * acc:.2f}%")
         rows.append(row)
     settings = f"{images or 'default'} images x {iterations or 'default'} iterations"
+    plot = _plot_losses(curves, ctx.doc.parent / f"bench_ablation_loss_{model.stem}.png", model.stem)
+    figure = [f"", f"![BN-statistics loss per iteration]({plot.name})"] if plot else []
     return [f"Model {model.stem} (float top-1 {100 * float_top1:.2f}%), {settings}, seed {ctx.seed}. "
             "The first row (all off) is per-batch BN matching without prep or ODSL; the last (all on) is DGH. "
             "'BNS loss' is the whole-set BN-statistics loss at the last iteration as onnxdgh reports it.", "",
-            bl.md_table(["SAS", "prep", "ODSL", "BNS loss"] + [b.label for b in bits_list], rows)]
+            bl.md_table(["SAS", "prep", "ODSL", "BNS loss"] + [b.label for b in bits_list], rows), *figure]
+
+
+def _plot_losses(curves: list[tuple[str, list[list[float]]]], path: Path, name: str) -> Path | None:
+    """Whole-set BN-statistics loss against iteration, one line per ablation row (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        bl.log("matplotlib not installed: no loss plot")
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for label, points in curves:
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("whole-set BNS loss (Eq. 4)")
+    ax.set_title(f"DGH ablation on {name}: BN-statistics loss during generation", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
