@@ -582,7 +582,9 @@ def _ablation(ctx: bl.Context, model: Path, work: Path, data: Dataset, float_top
     figure = [f"", f"![BN-statistics loss per iteration]({plot.name})"] if plot else []
     return [f"Model {model.stem} (float top-1 {100 * float_top1:.2f}%), {settings}, seed {ctx.seed}. "
             "The first row (all off) is per-batch BN matching without prep or ODSL; the last (all on) is DGH. "
-            "'BNS loss' is the whole-set BN-statistics loss at the last iteration as onnxdgh reports it.", "",
+            "'BNS loss' is the whole-set BN-statistics loss at the last iteration as onnxdgh reports it. "
+            "With nearest rounding the images reach the quantized model only through the power-of-two "
+            "thresholds they select, so equal 'nearest' cells are usually bit-identical models.", "",
             bl.md_table(["SAS", "prep", "ODSL", "BNS loss"] + [b.label for b in bits_list], rows), *figure]
 
 
