@@ -7,8 +7,12 @@ Usage (from the repository root)::
 
 Part 1, the main command: ``onnxdgh quantize MODEL -o OUT`` with default settings (DGH
 generation included) runs in a child process per sample model; the table gives its wall
-time and its peak resident memory (``ru_maxrss`` of that child process tree, measured by a tiny intermediate interpreter so the benchmark's own memory does not leak into it), plus the
-quantized model's top-1 on the Fashion-MNIST test split.
+time and its peak resident memory (``ru_maxrss`` of that child process tree, measured by a
+tiny intermediate interpreter so the benchmark's own memory does not leak into it), plus
+the quantized model's top-1 on the Fashion-MNIST test split.
+
+Environment: OpenMP's default wait policy, as a user's shell has it (the script sets no
+OMP_WAIT_POLICY); run it on a quiet machine, every section records the load.
 
 Part 2, the quantize step alone, given the same calibration images (512 training images
 drawn with the seed; any images serve for timing): ``onnxdgh quantize --calib-data``
@@ -24,10 +28,6 @@ Writes the section ``end-to-end`` of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
