@@ -274,3 +274,28 @@ def test_family_fully_quantized_and_close(family: str, threshold: str) -> None:
         # MSE thresholds clip rare tails on purpose: the typical (RMS) error is what they keep small.
         rms = float(np.sqrt(np.mean((plain - expected) ** 2)))
         assert rms <= 0.03 * span + step, f"{family}: RMS error {rms:.4g} vs output range {span:.4g}"
+
+
+def test_value_preserving_op_on_a_constant_shares_the_constant_scale() -> None:
+    # PaddleOCR's SE blocks: the conv bias arrives as Reshape(offset, [1, C, 1, 1]) + Add. The
+    # Reshape output used to get its own threshold from calibration statistics (1.0 by the
+    # histogram MSE search on these two values) while the constant got its own (0.5): two
+    # scales across an op that only moves values (the value-preserving-scale rule).
+    offset = np.array([-0.00783745, -0.3192839], np.float32)
+    nodes = [
+        N("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        N("Reshape", ["offset", "shape"], ["offset4"], name="reshape_offset"),
+        N("Add", ["h", "offset4"], ["y"], name="add"),
+    ]
+    model = make_model(nodes, {"w": conv_weight(2, 3), "offset": offset, "shape": np.array([1, 2, 1, 1], np.int64)})
+    result = quantize(load_model_proto(model), images(32), QuantizeConfig(threshold="mse"), progress=False)
+    q = result.model
+    assert [v.to_dict() for v in check_model(q, GENERIC)] == []
+    inits = {init.name: onnx.numpy_helper.to_array(init) for init in q.graph.initializer}
+    (reshape,) = [node for node in q.graph.node if node.op_type == "Reshape"]
+    (constant_dq,) = [node for node in q.graph.node if node.output[0] == reshape.input[0]]
+    (output_q,) = [node for node in q.graph.node if node.op_type == "QuantizeLinear" and node.input[0] == reshape.output[0]]
+    assert float(inits[constant_dq.input[1]]) == float(inits[output_q.input[1]]) == 2.0**-8  # covers 0.319, 8 bits signed
+    # The constant is stored exactly on that grid, and nothing about it needs calibration.
+    np.testing.assert_allclose(inits[constant_dq.input[0]] * 2.0**-8, offset, atol=2.0**-9)
+    assert "offset4" not in result.report["statistics"]

@@ -9,7 +9,9 @@ one place that writes Q/DQ nodes):
      tensor inside a fused pattern (``profile.is_fused(producer, consumer)``, e.g.
      Conv->Relu: the pair is one hardware op; only the Relu output is quantized);
    * value-preserving ops (:func:`onnxdgh.ops.is_value_preserving`) *inherit* their
-     input's quantizer: their output gets its own Q/DQ pair with the same scale;
+     input's quantizer: their output gets its own Q/DQ pair with the same scale; when
+     that input is a constant, the constant takes its outputs' scale (``scale_from``),
+     chosen to cover the constant;
    * shared-scale groups: the data inputs and output of ``profile.shared_scale_ops``
      (Concat) share one scale, as do the data inputs of ``profile.shared_input_scale_ops``;
    * constant inputs: the weight of Conv/ConvTranspose/Gemm/MatMul (signed, per output
@@ -414,13 +416,21 @@ def mark(
         inherits = bool(data_inputs) and data_inputs[0] in marks and (
             _preserves_values(node, inits) or (op == "Concat" and op in profile.shared_scale_ops)
         )
+        # A value-preserving op that only moves a constant (an exporter's Reshape of a bias
+        # to 1 x C x 1 x 1): its outputs are the constant's values, so constant and outputs
+        # share one scale, found from the constant itself (no statistics needed).
+        moves_constant = not data_inputs and bool(constant_inputs) and _preserves_values(node, inits)
+        if moves_constant:
+            shared_constants.extend((label, position, float_outs[0]) for position, _name in constant_inputs)
         unsigned = _non_negative(node, inits)
         for out in float_outs:
-            marks[out] = ActivationMark(out, "inherited" if inherits else "own", label, op, unsigned)
+            marks[out] = ActivationMark(out, "inherited" if inherits or moves_constant else "own", label, op, unsigned)
             order.append(out)
             union.add(out)
             if inherits:
                 union.union(data_inputs[0], out)
+            if moves_constant:
+                union.union(float_outs[0], out)
         if op in profile.shared_scale_ops or op in profile.shared_input_scale_ops:
             quantized_inputs = [name for name in data_inputs if name in marks]
             for name in quantized_inputs[1:]:
