@@ -8,8 +8,17 @@ Contract:
   an opset outside :data:`SUPPORTED_OPSETS`, more or fewer than one image input, or an
   input that is not a float 4-D NCHW tensor.
 * :func:`canonicalise` returns a graph computing the same function with Constant nodes
-  turned into initializers, Identity nodes removed and dead nodes/initializers dropped,
-  so that every BatchNormalization's scale/bias/mean/var are initializers.
+  turned into initializers, Identity nodes removed, shape-only computations folded into
+  initializers (see below) and dead nodes/initializers dropped, so that every
+  BatchNormalization's scale/bias/mean/var are initializers.
+* Shape folding: a tensor computed only from constants and the ``Shape``/``Size`` of
+  tensors whose shapes are known (the input pinned by ``--input-shape`` or static) is a
+  constant; exports compute Reshape targets this way (``Shape -> Gather -> Unsqueeze ->
+  Concat -> Reshape``) and those ops are not in any accelerator profile. The symbolic
+  batch dimension is the one unknown allowed: a value that depends on it is folded only
+  where it is a Reshape target, the batch entry becoming ``0`` (copy the data's batch
+  dimension) or ``-1`` (the one inferred entry), so a dynamic-batch model stays dynamic.
+  A value depending on any other unknown dimension is left as it is.
 * :class:`LoadedModel` carries the canonical model and what later stages need: the
   input's name and C x H x W shape, whether the batch dimension is fixed, and every BN
   node's statistics (:class:`BatchNormInfo`).
@@ -40,6 +49,7 @@ __all__ = [
     "canonicalise",
     "make_batch_dynamic",
     "REEXPORT_RECIPE",
+    "SHAPE_ARITHMETIC_OPS",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -399,13 +409,16 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
 def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Return an equivalent model with Constants as initializers, no Identity, no dead nodes.
 
-    The input model is not modified. Returns ``(model, counts)`` where ``counts`` says how
-    many constants were lifted, identities removed and dead nodes/initializers dropped.
+    Shape-only computations are folded into initializers where the shapes they read are
+    known (module docstring). The input model is not modified. Returns ``(model, counts)``
+    where ``counts`` says how many constants were lifted, identities removed, shape values
+    folded and dead nodes/initializers dropped.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    counts = {"constants_lifted": 0, "identities_removed": 0, "dead_nodes_removed": 0, "unused_initializers_removed": 0}
+    counts = {"constants_lifted": 0, "identities_removed": 0, "shape_values_folded": 0, "dead_nodes_removed": 0,
+              "unused_initializers_removed": 0}
     outputs = set(g.graph_output_names(graph))
 
     # Constant -> initializer (a Constant that is itself a graph output stays a node).
@@ -444,6 +457,10 @@ def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int
     g.remove_nodes(graph, removed)
     counts["identities_removed"] = len(removed)
 
+    # Shape-only subgraphs -> initializers; the nodes they leave unread die just below.
+    g.topological_sort(graph)
+    counts["shape_values_folded"] = _fold_shape_values(out)
+
     # Dead nodes: nothing on a path to a graph output needs them.
     needed = set(outputs) | _subgraph_reads(graph)
     live = []
@@ -472,6 +489,246 @@ def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int
     graph.value_info.extend(keep_vi)
     g.topological_sort(graph)
     return out, counts
+
+
+# -------------------------------------------------------------------- shape folding
+
+SHAPE_ARITHMETIC_OPS: frozenset[str] = frozenset(
+    {
+        "Abs", "Add", "Cast", "Ceil", "Concat", "ConstantOfShape", "Div", "Equal", "Expand", "Flatten", "Floor",
+        "Gather", "Greater", "Identity", "Less", "Max", "Min", "Mod", "Mul", "Neg", "Not", "Range", "ReduceMax",
+        "ReduceMin", "ReduceProd", "ReduceSum", "Reshape", "Slice", "Sqrt", "Squeeze", "Sub", "Tile", "Transpose",
+        "Unsqueeze", "Where",
+    }
+)
+"""Ops that may sit between ``Shape``/``Size`` and the value's consumer in a folded subgraph
+(deterministic, no subgraphs, evaluated exactly by ``onnx.reference``)."""
+
+_SHAPE_OPS = ("Shape", "Size")
+_PROBE_BATCHES = (1, 2, 5)
+"""Batch sizes the shape values are evaluated at: an entry equal to the batch in each is the batch."""
+_MAX_FOLDED_ELEMENTS = 4096
+"""Larger results (e.g. a ConstantOfShape of an activation's size) stay computed: shapes are small."""
+_MAX_FOLD_ROUNDS = 4
+"""A folded Reshape target lets shape inference see through that Reshape; later rounds fold what follows."""
+
+Dims = tuple[int | str | None, ...]
+
+
+def _known_shapes(graph: onnx.GraphProto) -> dict[str, Dims]:
+    """Each tensor's dims from an inferred graph: an int, a symbol (``dim_param``) or None."""
+    shapes: dict[str, Dims] = {init.name: tuple(int(d) for d in init.dims) for init in graph.initializer}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+            continue
+        dims: list[int | str | None] = []
+        for dim in tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                dims.append(int(dim.dim_value))
+            elif dim.HasField("dim_param") and dim.dim_param:
+                dims.append(dim.dim_param)
+            else:
+                dims.append(None)
+        shapes.setdefault(value.name, tuple(dims))
+    return shapes
+
+
+def _batch_symbol(graph: onnx.GraphProto) -> str | None:
+    """The symbolic batch dimension of the one graph input, if it has one."""
+    names = g.graph_input_names(graph)
+    if len(names) != 1:
+        return None
+    for value in graph.input:
+        if value.name == names[0]:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_param") and dims[0].dim_param:
+                return str(dims[0].dim_param)
+    return None
+
+
+def _shape_value(node: onnx.NodeProto, dims: Dims, batch: str | None, batch_value: int) -> np.ndarray:
+    """What a Shape/Size node outputs when the batch symbol takes ``batch_value``."""
+    concrete = [batch_value if (batch is not None and dim == batch) else int(dim) for dim in dims]  # type: ignore[arg-type]
+    if node.op_type == "Size":
+        return np.array(int(np.prod(concrete, dtype=np.int64)), np.int64)
+    attrs = g.node_attributes(node)
+    start = int(attrs.get("start", 0))  # type: ignore[arg-type]
+    end = attrs.get("end")
+    # Python slicing clamps and wraps negative bounds exactly as Shape-15's start/end do.
+    return np.array(concrete[start : None if end is None else int(end)], np.int64)  # type: ignore[arg-type]
+
+
+def _evaluate_shape_values(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets: list[str], shapes: dict[str, Dims],
+    batch: str | None, batch_value: int,
+) -> list[np.ndarray] | None:
+    """``targets``' values with the batch symbol set to ``batch_value``; None if evaluation fails."""
+    from onnx.reference import ReferenceEvaluator
+
+    inits = g.initializer_map(model.graph)
+    feeds: list[onnx.TensorProto] = []
+    compute: list[onnx.NodeProto] = []
+    for node in nodes:
+        if node.op_type in _SHAPE_OPS:
+            value = _shape_value(node, shapes[node.input[0]], batch, batch_value)
+            feeds.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            compute.append(node)
+    read = {name for node in compute for name in node.input if name}
+    feeds.extend(inits[name] for name in sorted(read) if name in inits)
+    sub = helper.make_graph(compute, "shape_values", [], [onnx.ValueInfoProto(name=name) for name in targets],
+                            initializer=feeds)
+    sub_model = helper.make_model(sub, opset_imports=list(model.opset_import))
+    try:
+        return [np.asarray(value) for value in ReferenceEvaluator(sub_model).run(None, {})]
+    except Exception as exc:  # an op the reference runtime rejects: leave the graph computing it
+        _LOG.info("shape values could not be evaluated (%s); they stay computed", exc)
+        return None
+
+
+def _batch_free_reshape_target(
+    values: list[np.ndarray], data_dims: Dims | None, batch: str, allowzero: bool
+) -> np.ndarray | None:
+    """A constant Reshape target equal to ``values`` at every batch size, or None.
+
+    ``values`` are the target evaluated at the probe batches (:data:`_PROBE_BATCHES`). An
+    entry that changes with the batch becomes 0 (copy the data input's dimension) where it
+    is the batch and the data's dimension at that position is the batch; at most one other
+    changing entry becomes -1 (inferred from the element count, which the graph makes
+    consistent).
+    """
+    first = values[0]
+    if first.ndim != 1 or any(v.shape != first.shape for v in values) or not np.issubdtype(first.dtype, np.integer):
+        return None
+    stacked = np.stack(values)
+    target = first.astype(np.int64)
+    inferred: list[int] = []
+    for index in np.flatnonzero(np.any(stacked != first, axis=0)):
+        is_batch = all(int(v) == probe for v, probe in zip(stacked[:, index], _PROBE_BATCHES))
+        copies_batch = data_dims is not None and index < len(data_dims) and data_dims[index] == batch
+        if is_batch and copies_batch and not allowzero:
+            target[index] = 0
+        else:
+            inferred.append(int(index))
+    if len(inferred) > 1 or (inferred and np.any(np.delete(target, inferred) == -1)):
+        return None
+    if inferred:
+        target[inferred[0]] = -1
+    return target
+
+
+def _fold_shape_values(model: onnx.ModelProto) -> int:
+    """Fold shape-only computations of a topologically sorted ``model`` in place; return the count.
+
+    Readers outside the folded subgraph are rewired to new initializers; the subgraph's
+    nodes are left for dead-node removal.
+    """
+    total = 0
+    for _ in range(_MAX_FOLD_ROUNDS):
+        folded = _fold_shape_round(model)
+        total += folded
+        if not folded:
+            break
+    return total
+
+
+def _fold_shape_round(model: onnx.ModelProto) -> int:
+    graph = model.graph
+    if not any(node.op_type in _SHAPE_OPS for node in graph.node):
+        return 0
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # without shapes nothing can be folded safely
+        _LOG.info("shape inference failed; shape computations stay in the graph: %s", exc)
+        return 0
+    shapes = _known_shapes(inferred.graph)
+    batch = _batch_symbol(graph)
+
+    # The subgraph: Shape/Size of a known shape (the batch symbol allowed), then shape
+    # arithmetic whose inputs are all constant or shape-derived.
+    static = set(g.initializer_map(graph))
+    derived: set[str] = set()
+    subgraph: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        inputs = [name for name in node.input if name]
+        if node.op_type in _SHAPE_OPS:
+            dims = shapes.get(node.input[0])
+            if dims is None or not all(isinstance(d, int) or (batch is not None and d == batch) for d in dims):
+                continue
+        elif node.op_type not in SHAPE_ARITHMETIC_OPS or not all(name in static for name in inputs):
+            continue
+        subgraph.append(node)
+        static.update(node.output)
+        if node.op_type in _SHAPE_OPS or any(name in derived for name in inputs):
+            derived.update(node.output)
+
+    inside = {id(node) for node in subgraph}
+    consumers = g.consumer_map(graph)
+    outputs = set(g.graph_output_names(graph))
+    targets = [
+        name for node in subgraph for name in node.output
+        if name in derived and name not in outputs and any(id(user) not in inside for user in consumers.get(name, []))
+    ]
+    if not targets:
+        return 0
+    producers = g.producer_map(graph)
+    needed: set[int] = set()
+    stack = list(targets)
+    while stack:
+        producer = producers.get(stack.pop())
+        if producer is None or id(producer) in needed or id(producer) not in inside:
+            continue
+        needed.add(id(producer))
+        if producer.op_type not in _SHAPE_OPS:
+            stack.extend(name for name in producer.input if name)
+    nodes = [node for node in subgraph if id(node) in needed]
+    uses_batch = batch is not None and any(
+        batch in shapes[node.input[0]] for node in nodes if node.op_type in _SHAPE_OPS
+    )
+    probes = _PROBE_BATCHES if uses_batch else _PROBE_BATCHES[:1]
+    runs = [_evaluate_shape_values(model, nodes, targets, shapes, batch, probe) for probe in probes]
+    if any(run is None for run in runs):
+        return 0
+
+    taken = {init.name for init in graph.initializer}
+    taken |= {name for node in graph.node for name in list(node.input) + list(node.output)}
+    folded = 0
+    for position, name in enumerate(targets):
+        values = [run[position] for run in runs]  # type: ignore[index]
+        readers = [user for user in consumers[name] if id(user) not in inside]
+        if values[0].size > _MAX_FOLDED_ELEMENTS:
+            continue
+        replacements: dict[int, np.ndarray] = {}
+        if all(np.array_equal(values[0], value) for value in values[1:]):
+            replacements = {id(user): values[0] for user in readers}
+        else:  # depends on the batch: only a Reshape target can say "the batch" as a constant
+            for user in readers:
+                is_target = user.op_type == "Reshape" and [i for i, n in enumerate(user.input) if n == name] == [1]
+                target = None
+                if is_target and batch is not None:
+                    allowzero = bool(g.node_attributes(user).get("allowzero", 0))
+                    target = _batch_free_reshape_target(values, shapes.get(user.input[0]), batch, allowzero)
+                if target is None:
+                    break
+                replacements[id(user)] = target
+            if len(replacements) != len(readers):
+                _LOG.info("shape value %s depends on the batch size where no constant can say so; left computed", name)
+                continue
+        made: dict[bytes, str] = {}
+        for user in readers:
+            value = replacements[id(user)]
+            key = value.dtype.str.encode() + repr(value.shape).encode() + value.tobytes()
+            if key not in made:
+                made[key] = g.unique_name(taken, f"{name}_folded")
+                g.add_initializer(graph, made[key], value)
+            for index, input_name in enumerate(user.input):
+                if input_name == name:
+                    g.set_node_input(user, index, made[key])
+        folded += 1
+    return folded
 
 
 # ---------------------------------------------------------------------- BN targets

@@ -281,6 +281,97 @@ def test_input_shape_pins_symbolic_dims(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "is not C x H x W" in bad.output
 
 
+# --------------------------------------------------------------------- shape folding
+
+_SHAPE_OPS = {"Shape", "Size", "Cast", "Gather", "Unsqueeze", "Concat"}
+
+
+def _reshape_by_shape(batch: str = "N", height: str = "4", target: str = "n64, rest", out: str = "N, 8") -> str:
+    """Conv, pool, then a Reshape whose target an exporter computed from Shape (PaddleOCR style)."""
+    return f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    reshape_by_shape (float[{batch}, 2, {height}, 4] x) => (float[{out}] y)
+    <float[8, 2, 1, 1] w = {{1, -2, 3, 4, -5, 6, 7, 8, 9, 10, -11, 12, 13, 14, 15, -16}},
+     int64[1] axes = {{0}}, int64 zero = {{0}}, int64 two = {{2}}, int64[1] rest = {{-1}}, int64[1] eight = {{8}}>
+    {{
+      c = Conv(x, w)
+      p = GlobalAveragePool(c)
+      s = Shape(x)
+      s32 = Cast<to = 6>(s)
+      n = Gather<axis = 0>(s32, zero)
+      n1 = Unsqueeze(n, axes)
+      n64 = Cast<to = 7>(n1)
+      h = Gather<axis = 0>(s, two)
+      h1 = Unsqueeze(h, axes)
+      t = Concat<axis = 0>({target})
+      y = Reshape(p, t)
+    }}
+    """
+
+
+def _reshape_target(model: onnx.ModelProto) -> np.ndarray:
+    inits = {init.name: init for init in model.graph.initializer}
+    (reshape,) = [node for node in model.graph.node if node.op_type == "Reshape"]
+    assert reshape.input[1] in inits, "the Reshape target is still computed"
+    return numpy_helper.to_array(inits[reshape.input[1]])
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("n64, rest", [0, -1]), ("n64, eight", [0, 8])],
+)
+def test_shape_computed_reshape_target_folds_keeping_batch_dynamic(target: str, expected: list[int]) -> None:
+    model = onnx.parser.parse_model(_reshape_by_shape(target=target))
+    canonical, counts = canonicalise(model)
+    assert counts["shape_values_folded"] == 1
+    assert not _SHAPE_OPS & {node.op_type for node in canonical.graph.node}
+    np.testing.assert_array_equal(_reshape_target(canonical), expected)  # batch entry: 0 (copy), never a fixed 1
+    for batch in (1, 3):
+        _assert_same_function(model, canonical, (batch, 2, 4, 4))
+
+
+def test_shape_value_that_is_not_the_batch_becomes_minus_one() -> None:
+    # Reshape to N*8 elements: the one entry changing with the batch is not the batch itself.
+    text = _reshape_by_shape(out="N").replace("s = Shape(x)", "s = Shape(p)")
+    text = text.replace("y = Reshape(p, t)", "size = Size(p)\n      total = Unsqueeze(size, axes)\n      y = Reshape(p, total)")
+    model = onnx.parser.parse_model(text)
+    canonical, counts = canonicalise(model)
+    assert counts["shape_values_folded"] == 1
+    np.testing.assert_array_equal(_reshape_target(canonical), [-1])
+    for batch in (1, 3):
+        _assert_same_function(model, canonical, (batch, 2, 4, 4))
+
+
+def test_fixed_batch_shape_folds_and_can_still_be_made_dynamic() -> None:
+    model = onnx.parser.parse_model(_reshape_by_shape(batch="1", out="1, 8"))
+    loaded = load_model_proto(model)
+    assert loaded.batch_fixed
+    np.testing.assert_array_equal(_reshape_target(loaded.model), [1, -1])
+    _assert_same_function(model, loaded.model, (1, 2, 4, 4))
+    dynamic = make_batch_dynamic(loaded)  # the promise: a fixed-batch export still runs any batch
+    assert dynamic is not None
+    x = RNG.standard_normal((3, 2, 4, 4)).astype(np.float32)
+    alone = np.concatenate([ort_run(model, x[i : i + 1])[0] for i in range(3)])
+    np.testing.assert_allclose(ort_run(dynamic, x)[0], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_shape_of_an_unpinned_symbolic_dim_is_not_folded() -> None:
+    # The target reads H, which nothing pins: it must stay computed.
+    text = _reshape_by_shape(height="H", target="n64, h1, rest", out="N, H, 8")
+    text = text.replace("c = Conv(x, w)", "c = Conv(x, w)\n      q = Transpose<perm = [0, 2, 1, 3]>(c)")
+    text = text.replace("p = GlobalAveragePool(c)", "p = ReduceMean<axes = [3], keepdims = 1>(q)")
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    canonical, counts = canonicalise(model)
+    assert counts["shape_values_folded"] == 0
+    assert {"Shape", "Gather", "Concat"} <= {node.op_type for node in canonical.graph.node}
+    for height in (4, 6):
+        _assert_same_function(model, canonical, (2, 2, height, 4))
+    pinned = load_model_proto(model, input_shape=(2, 6, 4))  # once pinned, the same value is a constant
+    np.testing.assert_array_equal(_reshape_target(pinned.model), [0, 6, -1])
+    _assert_same_function(model, pinned.model, (3, 2, 6, 4))
+
+
 def test_atomic_write_uses_normal_file_mode(tmp_path: Path) -> None:
     import os
 

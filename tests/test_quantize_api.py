@@ -263,6 +263,59 @@ def test_fixed_batch_model_keeps_its_interface(tmp_path: Path) -> None:
     assert run(q, x)[0].shape == (1, 4)
 
 
+_PADDLE_STYLE_HEAD = """
+<ir_version: 7, opset_import: ["" : 11]>
+paddle_head (float[N, 3, 12, 12] x) => (float[N, 2] y)
+<float[4, 3, 3, 3] w = {%s}, float[4, 2] fc = {0.5, -0.25, 0.75, 0.125, -0.5, 0.25, 0.375, -0.625},
+ int64[1] first = {0}, int64[1] one = {1}, int32[1] four = {4}>
+{
+  c = Conv<pads = [1, 1, 1, 1]>(x, w)
+  r = Relu(c)
+  p = GlobalAveragePool(r)
+  s = Shape(p)
+  s32 = Cast<to = 6>(s)
+  n = Slice(s32, first, one, first)
+  n64 = Cast<to = 7>(n)
+  k64 = Cast<to = 7>(four)
+  t = Concat<axis = -1>(n64, k64)
+  f = Reshape(p, t)
+  logits = MatMul(f, fc)
+  y = Softmax<axis = 1>(logits)
+}
+"""
+
+
+def test_shape_computed_reshape_and_opset11_softmax_pass_validation() -> None:
+    # The RapidOCR classifier's head: Shape -> Cast -> Slice -> Cast -> Concat -> Reshape, and an
+    # opset-11 Softmax that the conversion to opset 13 rewrites around a Shape when it cannot see
+    # the rank. Both used to leave Shape/Cast nodes (op-not-allowed) in the quantized model.
+    from onnxdgh.profile import load_profile
+    from onnxdgh.validate.checks import check_model
+
+    weights = ", ".join(f"{v:.4f}" for v in conv_weight(4, 3, 3, seed=3).reshape(-1))
+    model = onnx.parser.parse_model(_PADDLE_STYLE_HEAD % weights)
+    q = quantize(load_model_proto(model), _calib(16), QuantizeConfig(), progress=False).model
+    assert [v.to_dict() for v in check_model(q, load_profile("generic-pot-int8"))] == []
+    assert not {"Shape", "Cast", "Slice", "Concat"} & set(op_counts(q))
+    x = _calib(3, seed=2)
+    together = run(q, x)[0]  # the batch stays dynamic
+    alone = np.concatenate([run(q, x[i : i + 1])[0] for i in range(3)])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(together, run(model, x)[0], atol=0.05)
+
+
+def test_opset_conversion_folds_the_shape_ops_it_adds() -> None:
+    from onnxdgh.quantize.api import _convert_opset
+
+    model = onnx.parser.parse_model(_PADDLE_STYLE_HEAD % ", ".join(["0.1"] * 108))
+    raw = onnx.version_converter.convert_version(model, 13)
+    assert sum(node.op_type == "Shape" for node in raw.graph.node) == 2  # the converter's own Shape + the export's
+    converted = _convert_opset(model, 13, "test")
+    assert not {"Shape", "Cast", "Slice", "Concat"} & {node.op_type for node in converted.graph.node}
+    x = _calib(3, seed=4)
+    np.testing.assert_allclose(run(converted, x)[0], run(model, x)[0], atol=1e-6)
+
+
 def test_reproducible(tiny: Path) -> None:
     first = quantize(str(tiny), _calib(), QuantizeConfig(), progress=False).model
     second = quantize(str(tiny), _calib(), QuantizeConfig(), progress=False).model

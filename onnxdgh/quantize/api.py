@@ -27,7 +27,7 @@ import onnx
 from .. import __version__
 from .. import graph as g
 from ..errors import CalibrationDataError, InvalidInputError, ProfileError, QuantizationError, UnsupportedModelError
-from ..load import LoadedModel, load_model, make_batch_dynamic
+from ..load import LoadedModel, canonicalise, load_model, make_batch_dynamic
 from ..profile import Profile, load_profile
 from .calibrate import DEFAULT_BINS, collect_statistics
 from .emit import emit
@@ -219,6 +219,12 @@ def _check_images(images: object, loaded: LoadedModel) -> np.ndarray:
 
 
 def _convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.ModelProto:
+    """``model`` at opset ``version``, canonical again.
+
+    The converter's adapters may add shape computations (Softmax before opset 13 becomes
+    ``Shape``, ``Flatten``, ``Softmax``, ``Reshape``); canonicalising folds them as the
+    loader did for the exported ones.
+    """
     try:
         converted = onnx.version_converter.convert_version(model, version)
     except Exception as exc:  # the converter raises bare RuntimeErrors on unsupported adapters
@@ -227,7 +233,7 @@ def _convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.Mo
             f"re-export the model at opset {version}",
         ) from exc
     converted.ir_version = max(converted.ir_version, 10 if version >= 21 else 7)
-    return converted
+    return canonicalise(converted)[0]
 
 
 def _calibration_chunk(model: onnx.ModelProto, tensors: list[str], requested: int) -> int:
