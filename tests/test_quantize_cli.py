@@ -71,6 +71,43 @@ def test_quantize_generates_when_no_calibration_file(tiny_model_path: Path, tmp_
     assert report["calibration"]["generation"]["seed"] == 5
 
 
+def test_quantize_passes_normalisation_to_the_generation(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = _invoke("-q", "quantize", str(tiny_model_path), "-o", str(out), "--images", "8", "--iterations", "2",
+                     "--batch-size", "8", "--mean", "0.5", "--std", "0.25", "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    settings = report["calibration"]["generation"]
+    assert settings["mean"] == [0.5] and settings["std"] == [0.25]
+    norm = report["generation"]["normalization"]
+    assert norm["source"] == "options" and norm["clamped"] is True
+    # Pixels in [0, 1] map to [(0 - 0.5) / 0.25, (1 - 0.5) / 0.25] = [-2, 2]: the images stay inside.
+    stats = report["statistics"]["input"]
+    assert -2.0 - 1e-5 <= stats["min"] and stats["max"] <= 2.0 + 1e-5
+    meta = {prop.key: prop.value for prop in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["onnxdgh.generation"])["mean"] == [0.5]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--mean", "0.5,x", "--std", "0.5"], ["--mean '0.5,x' is not a comma-separated list of numbers", "hint:"]),
+        (["--mean", "0.5", "--std", "0"], ["--std", "must be positive numbers"]),
+        (["--mean", "0.5", "--std", "-1,1,1"], ["must be positive numbers"]),
+        (["--mean", "nan", "--std", "0.5"], ["must be finite numbers"]),
+        (["--mean", "0.5"], ["--mean and --std must be given together"]),
+        (["--mean", "0.1,0.2", "--std", "0.5"], ["--mean has 2 values but the model input has 3 channels"]),
+    ],
+)
+def test_bad_normalisation_exits_2_and_writes_nothing(
+    tiny_model_path: Path, tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    out = tmp_path / "q.onnx"
+    result = _invoke("quantize", str(tiny_model_path), "-o", str(out), "--images", "8", "--iterations", "2", *args)
+    _assert_error(result, 2, *fragments)
+    assert not out.exists()
+
+
 def _assert_error(result, code: int, *fragments: str) -> None:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
@@ -90,6 +127,7 @@ def _assert_error(result, code: int, *fragments: str) -> None:
         (["--profile", "nope"], ["unknown profile 'nope'"]),
         (["--weight-bits", "4", "--profile", "generic-pot-int8"], ["allows weight bits [8]"]),
         (["--images", "4"], ["--images apply only when images are generated"]),
+        (["--mean", "0.5", "--std", "0.5"], ["--mean, --std apply only when images are generated"]),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(

@@ -14,6 +14,7 @@ import click
 
 from ..cli import echo_err, input_shape_option, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError, OutputPathError
+from .generate import _floats
 
 __all__ = ["quantize_command"]
 
@@ -80,6 +81,10 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
 @click.option("--method", default=None, metavar="dgh|bns|noise",
               help="Generation method: dgh (default), bns (per-batch BN matching) or noise (Gaussian).")
+@click.option("--mean", "mean_text", default=None,
+              help="Generation: input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406 "
+                   "(default: the model's metadata; images are clamped to the valid pixel range).")
+@click.option("--std", "std_text", default=None, help="Generation: input std per channel, e.g. 0.229,0.224,0.225.")
 @input_shape_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the quantization report as JSON to this file ('-' for stdout).")
@@ -111,6 +116,8 @@ def quantize_command(
     iterations: int | None,
     batch_size: int | None,
     method: str | None,
+    mean_text: str | None,
+    std_text: str | None,
     input_shape: tuple[int, int, int] | None,
     json_out: str | None,
     run_validation: bool,
@@ -169,7 +176,14 @@ def quantize_command(
         bias_correction=bias_correction,
         rounding_iterations=rounding_iterations,
     )
-    generation = {"images": images, "iterations": iterations, "batch_size": batch_size, "method": method}
+    generation = {
+        "images": images,
+        "iterations": iterations,
+        "batch_size": batch_size,
+        "method": method,
+        "mean": _floats("--mean", mean_text),
+        "std": _floats("--std", std_text),
+    }
     given = {key: value for key, value in generation.items() if value is not None}
     generate_config = None
     if calib_data and given:
