@@ -402,6 +402,7 @@ def run(argv: list[str] | None = None) -> int:
         if command not in res["commands"]:
             res["commands"].append(command)
 
+        filled: set[tuple[str, str, str]] = set()  # the cells this run measured
         calib: dict[str, Path] = {}
         need = set(sources) if ("sources" in args.parts) else set()
         if "thresholds" in args.parts:
@@ -445,6 +446,7 @@ def run(argv: list[str] | None = None) -> int:
                     seconds = _quantize(ctx, model, calib[source], q, bits, threshold=None, rounding_flags=rounding_flags)
                     acc = bl.top1(q, data.test_x, data.test_y)
                     res["acc"].setdefault(source, {})[bits.label] = acc
+                    filled.add(("acc", source, bits.label))
                     bl.log(f"  {source:9s} {bits.label:14s} top-1 {100 * acc:6.2f}%  (quantize {seconds:.1f} s)")
         shown = [label for label in all_labels if any(label in cells for cells in res["acc"].values())]
         if shown:
@@ -462,6 +464,7 @@ def run(argv: list[str] | None = None) -> int:
                         _quantize(ctx, model, calib[source], q, bits, threshold=threshold, rounding_flags=rounding_flags)
                         acc = bl.top1(q, data.test_x, data.test_y)
                         res["thresholds"].setdefault(source, {})[f"{bits.label} {threshold}"] = acc
+                        filled.add(("thresholds", source, f"{bits.label} {threshold}"))
                         bl.log(f"  threshold {threshold:6s} {source:9s} {bits.label}: {100 * acc:.2f}%")
         columns = [c for c in (f"{label} {t}" for label in all_labels for t in ("mse", "noclip"))
                    if any(c in cells for cells in res["thresholds"].values())]
@@ -475,6 +478,10 @@ def run(argv: list[str] | None = None) -> int:
             body += ["Generation of the calibration sets (wall time on this machine, under the load recorded above; "
                      "cached sets keep the time of the run that made them):", "",
                      *[f"- {res['gen_notes'][s]}" for s in SOURCES if s in res["gen_notes"]], ""]
+        every_cell = {("acc", src, label) for src, cells in res["acc"].items() for label in cells} | \
+            {("thresholds", src, label) for src, cells in res["thresholds"].items() for label in cells}
+        if every_cell <= filled:
+            res["commands"] = [command]  # this run measured every cell shown: earlier commands no longer apply
         if len(res["commands"]) > 1:
             body += ["The cells of this section were filled by these commands (cached calibration sets shared):", "",
                      "```bash", *res["commands"], "```"]
