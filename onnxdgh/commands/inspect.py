@@ -31,6 +31,7 @@ def render(report: InspectionReport) -> str:
         lines.append(
             "canonical "
             f"{canon['constants_lifted']} constants lifted, {canon['identities_removed']} identities removed, "
+            f"{canon.get('shape_values_folded', 0)} shape computations folded, "
             f"{canon['dead_nodes_removed']} dead nodes removed"
         )
     ops = ", ".join(f"{op} {count}" for op, count in report.op_histogram.items())
