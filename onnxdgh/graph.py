@@ -39,6 +39,8 @@ __all__ = [
     "set_initializer_value",
     "set_node_input",
     "pruned_copy",
+    "names_in_use",
+    "set_node_attribute",
 ]
 
 
@@ -287,3 +289,27 @@ def pruned_copy(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     out = helper.make_model(graph, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
     return out
+
+
+# Additions for the shift negative correction (new Add/Pad nodes, a Conv's padding moved out).
+
+
+def names_in_use(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor, initializer, value-info and node name of ``graph`` (for :func:`unique_name`)."""
+    names = {init.name for init in graph.initializer}
+    names |= {value.name for value in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        if node.name:
+            names.add(node.name)
+    names.discard("")
+    return names
+
+
+def set_node_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
+    """Set attribute ``name`` of ``node`` to ``value`` (replacing any existing one)."""
+    keep = [attr for attr in node.attribute if attr.name != name]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    node.attribute.append(helper.make_attribute(name, value))

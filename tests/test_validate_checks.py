@@ -224,6 +224,18 @@ def value_preserving_scale() -> onnx.ModelProto:
     return model
 
 
+def pad_model(steps: float) -> onnx.ModelProto:
+    """MaxPool replaced by a constant Pad whose fill is ``steps`` of its (uint8) input's scale."""
+    model = good()
+    pad = node(model, "pool")
+    pad.op_type = "Pad"
+    del pad.attribute[:]
+    set_init(model, "pad_pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
+    set_init(model, "pad_fill", np.array(steps * float(get_init(model, "relu_out_scale")), np.float32))
+    pad.input.extend(["pad_pads", "pad_fill"])
+    return model
+
+
 # (rule, model factory, profile): each breaks exactly the rule named (others may follow from it).
 VIOLATING: list[tuple[str, Callable[[], onnx.ModelProto], Profile]] = [
     ("opset-range", bad_opset, STRICT),
@@ -255,6 +267,8 @@ VIOLATING: list[tuple[str, Callable[[], onnx.ModelProto], Profile]] = [
     ("shared-scale", concat_output_scale_differs, GENERIC),
     ("shared-scale", lambda: add_model(same=False), custom(shared_input_scale_ops=("Add",))),
     ("value-preserving-scale", value_preserving_scale, GENERIC),
+    ("pad-value-off-grid", lambda: pad_model(2.5), GENERIC),
+    ("pad-value-off-grid", lambda: pad_model(256), GENERIC),
 ]
 
 # (rule, model factory, profile): conforming graphs that exercise the rule's allowance.
@@ -281,6 +295,7 @@ PASSING: list[tuple[str, Callable[[], onnx.ModelProto], Profile]] = [
     ("shared-scale", good, GENERIC),
     ("shared-scale", lambda: add_model(same=True), custom(shared_input_scale_ops=("Add",))),
     ("value-preserving-scale", good, GENERIC),
+    ("pad-value-off-grid", lambda: pad_model(3), GENERIC),
 ]
 
 

@@ -45,6 +45,10 @@ def render(report: dict[str, Any], output: str) -> str:
         + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
         + f", total {timings['total_s']:.1f} s",
     ]
+    shifted = report.get("shift_negative", {}).get("shifted", [])
+    if shifted:
+        lines.insert(-1, f"shift     {len(shifted)} activation(s) moved onto the unsigned grid "
+                         f"(shift negative correction)")
     if counts["bias_values_clipped"]:
         lines.append(f"warning   {counts['bias_values_clipped']} bias value(s) clipped to int32 (see the log)")
     return "\n".join(lines)
@@ -75,6 +79,10 @@ def render(report: dict[str, Any], output: str) -> str:
               help="Correct int32 biases to the float model's mean outputs (default: off; the rounding optimisation learns biases itself).")
 @click.option("--rounding-iterations", type=int, default=300, show_default=True,
               help="AdaRound optimisation steps per layer.")
+@click.option("--shift-negative/--no-shift-negative", "shift_negative", default=None,
+              help="Shift negative correction: SiLU/HardSwish-like outputs read only by Conv/Gemm move onto the "
+                   "unsigned grid, the consumers' biases and padding compensate (default: on below 8-bit "
+                   "activations when the profile fuses the activation with Add, as pot-lowbit does).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
 @click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
 @click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")
@@ -111,6 +119,7 @@ def quantize_command(
     optimize_rounding: bool | None,
     bias_correction: bool | None,
     rounding_iterations: int,
+    shift_negative: bool | None,
     seed: int,
     images: int | None,
     iterations: int | None,
@@ -175,6 +184,7 @@ def quantize_command(
         optimize_rounding=optimize_rounding,
         bias_correction=bias_correction,
         rounding_iterations=rounding_iterations,
+        shift_negative=shift_negative,
     )
     generation = {
         "images": images,

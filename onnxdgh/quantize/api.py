@@ -9,8 +9,10 @@ Every check that can fail on user input (options, profile, ops, calibration shap
 runs before the long work (generation, calibration). The input model is never modified.
 
 Stages: ``fold.prepare`` -> ``plan.mark`` -> images -> ``calibrate.collect_statistics``
--> ``plan.resolve`` -> ``emit.emit`` -> (below 8 bits) ``rounding.optimize_rounding``
-with bias correction, which only changes stored integers, never scales or structure.
+-> (below 8-bit activations) ``shift.choose_shifts`` / ``shift.apply_shifts`` and
+``plan.mark`` again on the shifted float model -> ``plan.resolve`` (+ ``shift.compensate``)
+-> ``emit.emit`` -> (below 8 bits) ``rounding.optimize_rounding`` with bias correction,
+which only changes stored integers, never scales or structure.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .calibrate import DEFAULT_BINS, collect_statistics
 from .emit import emit
 from .fold import prepare
 from .plan import mark, resolve
+from .shift import Shift, apply_shifts, choose_shifts, compensate, shifted_statistics, supports_shift
 
 if TYPE_CHECKING:  # the generator is imported lazily: it pulls in torch
     from ..generate import GenerateConfig
@@ -79,6 +82,13 @@ class QuantizeConfig:
             89.1 -> 88.8 % (docs/ROUNDING.md).
         rounding_iterations: AdaRound steps per layer (1000 gained 0.1 point over 300 at
             W4A4 for 2x the time).
+        shift_negative: HPTQ's shift negative correction
+            (``--shift-negative/--no-shift-negative``, :mod:`onnxdgh.quantize.shift`): an
+            activation with a small negative tail (SiLU, HardSwish, ...) read only by
+            Conv/Gemm gets ``+ c`` and the unsigned grid, its consumers' biases and
+            padding absorb ``c``. Needs a profile that fuses the activation with ``Add``
+            (pot-lowbit does). None: on below 8-bit activations where the profile allows
+            it (measurements in docs/QUANTIZE.md, "Shift negative correction").
         calibration_batch_size: images per onnxruntime run while collecting statistics
             (lowered automatically so one run's exposed activations stay within
             :data:`CALIBRATION_MEMORY_BYTES`).
@@ -97,6 +107,7 @@ class QuantizeConfig:
     optimize_rounding: bool | None = None
     bias_correction: bool | None = None
     rounding_iterations: int = 300
+    shift_negative: bool | None = None
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS or isinstance(self.weight_bits, bool):
@@ -113,7 +124,7 @@ class QuantizeConfig:
         for name in ("per_channel", "int4_types"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}", "pass a bool")
-        for name in ("optimize_rounding", "bias_correction"):
+        for name in ("optimize_rounding", "bias_correction", "shift_negative"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(
                     f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}", "pass a bool or None"
@@ -146,8 +157,16 @@ class QuantizeConfig:
         """Whether biases are corrected: only when asked (it hurts after the rounding optimisation)."""
         return bool(self.bias_correction)
 
+    def shift_enabled(self, profile: Profile) -> bool:
+        """Whether the shift negative correction runs under ``profile`` (explicit setting,
+        else on below 8-bit activations when the profile can run it)."""
+        if self.shift_negative is not None:
+            return self.shift_negative
+        return self.act_bits < 8 and supports_shift(profile)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings (the automatic choices resolved)."""
+        """JSON-ready settings (the automatic choices resolved, except ``shift_negative``,
+        which depends on the profile: see :meth:`shift_enabled`)."""
         data = asdict(self)
         data["optimize_rounding"] = self.rounding_enabled
         data["bias_correction"] = self.bias_correction_enabled
@@ -184,6 +203,12 @@ def _profile(config: QuantizeConfig) -> Profile:
         raise ProfileError(
             f"profile {profile.name!r} allows activation bits {list(profile.activation_bits)}, not {config.act_bits}",
             f"use --act-bits {profile.max_activation_bits}, or a profile that allows {config.act_bits}-bit activations",
+        )
+    if config.shift_negative and not supports_shift(profile):
+        raise ProfileError(
+            f"--shift-negative needs a profile with unsigned activations that fuses an activation "
+            f"(Mul, HardSwish, LeakyRelu, PRelu, Elu, Selu) with Add; {profile.name!r} does not",
+            "drop --shift-negative, or use --profile pot-lowbit (or a profile listing e.g. [\"Mul\", \"Add\"])",
         )
     if config.int4_types and profile.opset_max < 21:
         raise ProfileError(
@@ -363,7 +388,23 @@ def quantize(
     timings["calibrate_s"] = time.perf_counter() - step
 
     step = time.perf_counter()
+    shift_report: dict[str, Any] | None = None
+    shifts: list[Shift] = []
+    if config.shift_enabled(profile):
+        shifts, unshifted = choose_shifts(folded, plan, stats, profile, method=config.threshold)
+        if shifts:
+            # The shifted float model computes the same function; from here on it is
+            # *the* float model (rounding's targets included), so names and values agree.
+            folded, grid_pads = apply_shifts(folded, shifts)
+            plan = mark(
+                folded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                per_channel=config.per_channel, grid_pads=grid_pads,
+            )
+            stats = shifted_statistics(stats, shifts)
+        shift_report = {"shifted": [item.to_dict() for item in shifts], "left": unshifted}
     resolved = resolve(plan, stats, folded, method=config.threshold, int4_types=config.int4_types)
+    if shifts:
+        resolved = compensate(resolved, folded, shifts)
     timings["thresholds_s"] = time.perf_counter() - step
 
     step = time.perf_counter()
@@ -388,7 +429,7 @@ def quantize(
         timings["rounding_s"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings)
+    _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings, len(shifts))
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as exc:  # a bug, but say which model part
@@ -406,7 +447,7 @@ def quantize(
     report: dict[str, Any] = {
         "model": loaded.source,
         "tool_version": __version__,
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "shift_negative": config.shift_enabled(profile)},
         "profile": profile.name,
         "calibration": {"source": source, "images": int(calibration.shape[0]), **data_settings},
         "opset": g.opset_version(quantized),
@@ -427,6 +468,8 @@ def quantize(
         report["generation"] = generation_report
     if rounding_report is not None:
         report["rounding"] = rounding_report
+    if shift_report is not None:
+        report["shift_negative"] = shift_report
     _LOG.info(
         "quantized %s: %d activations, %d weights, %d biases, %d constants in %.2f s",
         loaded.source, report["counts"]["activations"], report["counts"]["weights"],
@@ -443,6 +486,7 @@ def _write_metadata(
     source: str,
     images: int,
     data_settings: dict[str, Any],
+    shifted: int,
 ) -> None:
     import json
 
@@ -458,6 +502,7 @@ def _write_metadata(
             "onnxdgh.int4_types": str(config.int4_types).lower(),
             "onnxdgh.optimize_rounding": str(config.rounding_enabled).lower(),
             "onnxdgh.bias_correction": str(config.bias_correction_enabled).lower(),
+            "onnxdgh.shift_negative": str(shifted),
             "onnxdgh.profile": profile.name,
             "onnxdgh.seed": str(config.seed),
             "onnxdgh.calibration_source": source,

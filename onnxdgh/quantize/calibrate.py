@@ -152,6 +152,22 @@ class TensorStats:
         self.maximum = max(self.maximum, high)
         self.histogram.add(values if sample is None else _sample(values, sample))
 
+    def shifted(self, offset: float, name: str | None = None) -> TensorStats:
+        """The statistics of the same values plus ``offset`` (named ``name``, default this name).
+
+        Count, minimum, maximum and each bin's sum move exactly; each value stays in the
+        bin of its unshifted value, which is all the MSE search reads (bin means and counts).
+        """
+        histogram = PowerOfTwoHistogram(
+            self.histogram.bins,
+            self.histogram.radius,
+            self.histogram.counts.copy(),
+            self.histogram.sums + offset * self.histogram.counts,
+        )
+        return TensorStats(
+            name or self.name, self.count, self.minimum + offset, self.maximum + offset, histogram
+        )
+
     @property
     def abs_max(self) -> float:
         """Largest magnitude seen."""

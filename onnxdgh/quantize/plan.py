@@ -280,8 +280,13 @@ def mark(
     weight_bits: int,
     act_bits: int,
     per_channel: bool,
+    grid_pads: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """Mark every tensor of the BN-folded float ``model`` that needs a quantizer.
+
+    ``grid_pads``: labels of constant-mode Pad nodes whose fill value is known to lie on
+    their input's grid (the shift negative correction's); they inherit their input's
+    quantizer like a zero-padding Pad, where any other non-zero fill gets its own.
 
     Raises:
         QuantizationError: an op the quantizer cannot handle, an op ``profile`` does not
@@ -414,7 +419,9 @@ def mark(
                 fused.append((label, reader_label, out))
                 continue
         inherits = bool(data_inputs) and data_inputs[0] in marks and (
-            _preserves_values(node, inits) or (op == "Concat" and op in profile.shared_scale_ops)
+            _preserves_values(node, inits)
+            or (op == "Pad" and label in grid_pads)
+            or (op == "Concat" and op in profile.shared_scale_ops)
         )
         # A value-preserving op that only moves a constant (an exporter's Reshape of a bias
         # to 1 x C x 1 x 1): its outputs are the constant's values, so constant and outputs

@@ -1016,6 +1016,17 @@ class _BlockProgram:
         if op == "Softmax":
             axis = int(attrs.get("axis", -1))
             return lambda x: torch.softmax(x, dim=axis)
+        if op == "Pad":  # constant mode, e.g. the shift negative correction's Pad with value c
+            constant = attrs.get("mode", b"constant") in (b"constant", "constant")
+            known = all(not name or name in self._values for name in node.input[1:3])
+            if not constant or not known or len(node.input) > 3 and node.input[3]:  # no axes input
+                return None
+            pads = [int(v) for v in self._values[node.input[1]].reshape(-1)]
+            fill = float(self._values[node.input[2]].reshape(-1)[0]) if len(node.input) > 2 and node.input[2] else 0.0
+            half = len(pads) // 2
+            # torch lists (begin, end) pairs from the last axis backwards.
+            order = [p for axis in reversed(range(half)) for p in (pads[axis], pads[axis + half])]
+            return lambda x: F.pad(x, order, mode="constant", value=fill)
         if op in ("MaxPool", "AveragePool"):
             kernel = _ints(attrs, "kernel_shape", [])
             n = len(kernel)

@@ -47,6 +47,7 @@ __all__ = [
     "search_candidates",
     "weight_thresholds",
     "histogram_mse_threshold",
+    "histogram_error",
     "is_power_of_two",
 ]
 
@@ -208,6 +209,18 @@ def histogram_mse_threshold(
         [np.dot(weights, (centres - fake_quantize(centres, t, bits, signed)) ** 2) for t in candidates]
     )
     return float(candidates[int(np.argmin(errors))])
+
+
+def histogram_error(counts: np.ndarray, sums: np.ndarray, threshold: float, bits: int, signed: bool) -> float:
+    """Count-weighted squared quantization error of a histogram's bin means at ``threshold``.
+
+    The quantity :func:`histogram_mse_threshold` minimises, for comparing two grids
+    (e.g. signed against shifted unsigned) on the same calibration values.
+    """
+    nonempty = counts > 0
+    weights = counts[nonempty].astype(np.float64)
+    centres = sums[nonempty] / weights
+    return float(np.dot(weights, (centres - fake_quantize(centres, threshold, bits, signed)) ** 2))
 
 
 def is_power_of_two(value: float) -> bool:

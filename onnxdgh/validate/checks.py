@@ -72,6 +72,10 @@ RULES: dict[str, str] = {
         "shared_input_scale_ops use one scale for all data inputs"
     ),
     "value-preserving-scale": "a value-preserving op's output quantizer has its input's scale",
+    "pad-value-off-grid": (
+        "a constant-mode Pad that reads a quantized tensor fills with a value on that tensor's grid "
+        "(a whole number of its steps within its integer range)"
+    ),
 }
 """Rule id -> one-line statement of what the rule requires."""
 
@@ -451,6 +455,7 @@ def check_model(model: onnx.ModelProto, profile: Profile, *, qgraph: QuantGraph 
         _check_biases,
         _check_shared_scales,
         _check_value_preserving,
+        _check_pad_values,
     ):
         found.extend(check(q, profile))
     _LOG.info("structural check against %s: %d violation(s)", profile.name, len(found))
@@ -852,4 +857,38 @@ def _check_value_preserving(q: QuantGraph, profile: Profile) -> list[Violation]:
                               f"{node.op_type} {q.name(node)!r} only moves values, but its output quantizer "
                               f"{qp.node!r} has scale {_fmt(qp.scale)} while its input has {_fmt(source.scale)}")
                 )
+    return found
+
+
+def _check_pad_values(q: QuantGraph, profile: Profile) -> list[Violation]:
+    """A Pad's fill must be a grid value of its input, or the padded tensor is not on the
+    grid its (value-preserving) quantizer claims; zero always is, the shift negative
+    correction's fill ``c`` is by construction."""
+    found = []
+    for node in q.graph.node:
+        if node.op_type != "Pad" or not is_value_preserving("Pad", g.node_attributes(node)):
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            continue  # zero fill
+        source = q.dq_for(node.input[0])
+        if source is None or source.scale is None or source.scale.size != 1 or source.bits is None:
+            continue  # a float input is reported by float-input-not-dequantized
+        fill = q.const(node.input[2])
+        if fill is None:
+            found.append(
+                Violation("pad-value-off-grid", q.name(node), node.input[2],
+                          f"Pad {q.name(node)!r} takes its fill value from a computed tensor; the target needs a "
+                          "constant on its input's grid")
+            )
+            continue
+        scale = float(source.scale.reshape(-1)[0])
+        steps = float(np.asarray(fill, np.float64).reshape(-1)[0]) / scale
+        signed = bool(source.signed)
+        low, high = (-(2 ** (source.bits - 1)), 2 ** (source.bits - 1) - 1) if signed else (0, 2**source.bits - 1)
+        if steps != round(steps) or not low <= steps <= high:
+            found.append(
+                Violation("pad-value-off-grid", q.name(node), node.input[2],
+                          f"Pad {q.name(node)!r} fills with {_fmt(fill)}, which is not a whole number of its input's "
+                          f"steps ({_fmt(source.scale)}) within {low}..{high}")
+            )
     return found

@@ -1,0 +1,435 @@
+"""Shift negative correction: activations with a small negative tail on the unsigned grid.
+
+Contract: three steps around threshold selection, each a pure function of its inputs.
+
+1. :func:`choose_shifts` reads the BN-folded float model, its :class:`~.plan.QuantPlan`
+   and the calibration statistics, and returns one :class:`Shift` per activation that
+   gains from the correction, plus a reason for every candidate left alone;
+2. :func:`apply_shifts` returns a float model in which each chosen activation ``T`` is
+   followed by ``Add(T, c)`` and its consumers are compensated; it computes the same
+   function as its input (``tests/test_shift_negative.py`` checks it numerically);
+3. :func:`compensate` makes each compensated int32 bias exact for the *quantized*
+   weights, after :func:`~.plan.resolve`.
+
+Why (HPTQ, Habi et al. 2021; MCT's "shift negative activation correction"): SiLU
+(``x * sigmoid(x) >= -0.2785``), HardSwish (``>= -0.375``), LeakyRelu/PRelu with small
+slopes are mostly positive with a thin negative tail. A signed symmetric grid spends
+half of its ``2^b`` levels below zero on that tail. Adding a constant ``c >= -min``
+makes the tensor non-negative, and the unsigned grid with the same power-of-two
+threshold ``t`` has step ``t / 2^b`` instead of ``t / 2^(b-1)``: twice the resolution,
+zero point still 0.
+
+Compensation. For a Conv with weight ``W`` (any group count) reading ``x + c`` where
+every input position, the padded border included, carries the extra ``c``:
+
+    Conv(x + c)[o] = sum_{i,k} W[o,i,k] (x + c)[...] + b[o] = Conv(x)[o] + c * sum_{i,k} W[o,i,k]
+
+so the bias becomes ``b'[o] = b[o] - c * sum(W[o])``, and the Conv's zero padding
+becomes an explicit ``Pad`` with value ``c`` in front of it (the Conv then pads
+nothing). For ``Gemm(A, B, C) = alpha * A B + beta * C`` the same holds with the sum
+over B's reduction axis: ``C' = C - alpha * c * sum_k B[k, :] / beta``. ConvTranspose
+(the border receives fewer taps, so the correction is not per channel) and MatMul (no
+bias input) are not supported consumers; neither is any other op.
+
+Grid. ``c`` is a whole number of the shifted tensor's steps, ``c = ceil(-min / s) * s``
+with ``s`` the step of the threshold chosen on the *shifted* statistics (iterated until
+the two agree), so ``c`` and the Pad value are exactly on the grid and the shifted
+minimum is >= 0.
+
+Criterion. An activation is shifted when (a) its producer is HardSwish, LeakyRelu,
+PRelu, Elu, Selu or a gated ``Mul(x, Sigmoid(x))`` / ``Mul(x, HardSigmoid(x))`` and the
+profile fuses that op with a following ``Add`` (the hardware adds ``c`` in its
+activation unit, before the output quantizer; MCT fuses the added node likewise) and
+allows unsigned activations; (b) its observed minimum is negative; (c) every consumer
+is a Conv or Gemm with constant weights reading it as data input; and (d) the shifted
+unsigned grid quantizes the calibration histogram with a lower squared error than the
+signed grid, each with its own HPTQ threshold. (d) is the "small against the maximum"
+test in the units that matter: a large negative part makes the shift cost range.
+
+Exactness after quantization. :func:`apply_shifts` corrects the bias with the float
+weights; the quantized layer computes with the dequantized weights ``W_q``, so
+:func:`compensate` rewrites the int32 bias as ``round((b - c * sum(W_q[o])) / s_b)``:
+the shifted layer then equals the unshifted one on the same input integers, up to the
+bias's own rounding. The rounding optimisation runs on the emitted graph (Add, Pad and
+corrected bias in place) against the shifted float model, so whatever integers it
+learns are fitted to the shifted input, and its learned biases absorb any change of
+``c * sum(W_q)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .. import graph as g
+from ..errors import QuantizationError
+from ..profile import Profile
+from . import thresholds as th
+from .calibrate import TensorStats
+from .plan import ParamQuant, QuantPlan, ResolvedPlan
+
+__all__ = [
+    "SHIFTABLE_OPS",
+    "Shift",
+    "supports_shift",
+    "choose_shifts",
+    "apply_shifts",
+    "shifted_statistics",
+    "compensate",
+]
+
+_LOG = logging.getLogger(__name__)
+
+SHIFTABLE_OPS: frozenset[str] = frozenset({"HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu"})
+"""Activation ops whose output may carry a small negative tail (besides gated Mul)."""
+
+_GATES = frozenset({"Sigmoid", "HardSigmoid"})
+_CONSUMERS = ("Conv", "Gemm")
+_MAX_ROUNDS = 8
+
+
+@dataclass(frozen=True)
+class Shift:
+    """One activation moved onto the unsigned grid by ``Add(tensor, shift)``.
+
+    ``consumers`` are the node labels whose bias (and padding) absorb the shift;
+    ``threshold``/``scale`` the unsigned grid chosen on the shifted statistics;
+    ``error_signed``/``error_shifted`` the histogram errors that decided it.
+    """
+
+    tensor: str
+    node: str
+    activation: str
+    shift: float
+    threshold: float
+    scale: float
+    minimum: float
+    maximum: float
+    error_signed: float
+    error_shifted: float
+    consumers: tuple[str, ...]
+    shifted_tensor: str
+    """The Add's output: the tensor quantized on the unsigned grid."""
+    add_node: str
+    """The name of the Add node that applies the shift."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary for the report."""
+        return {
+            "tensor": self.tensor,
+            "node": self.node,
+            "activation": self.activation,
+            "shift": self.shift,
+            "threshold": self.threshold,
+            "scale": self.scale,
+            "min": self.minimum,
+            "max": self.maximum,
+            "error_signed": self.error_signed,
+            "error_shifted": self.error_shifted,
+            "consumers": list(self.consumers),
+            "shifted_tensor": self.shifted_tensor,
+        }
+
+
+def _label(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"  # the plan's node labels
+
+
+def _activation_kind(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -> str | None:
+    """``node``'s activation name when its output may have a small negative tail, else None."""
+    if node.op_type in SHIFTABLE_OPS:
+        return node.op_type
+    if node.op_type == "Mul" and len(node.input) == 2:
+        first, second = node.input
+        for data, gate in ((first, second), (second, first)):
+            producer = producers.get(gate)
+            if producer is not None and producer.op_type in _GATES and producer.input[0] == data:
+                return "SiLU" if producer.op_type == "Sigmoid" else "x*HardSigmoid(x)"
+    return None
+
+
+def supports_shift(profile: Profile) -> bool:
+    """Whether ``profile`` can run a shifted activation: unsigned activations and an
+    activation op (HardSwish, LeakyRelu, ..., or Mul for gated ones) fused with ``Add``."""
+    if "unsigned" not in profile.activation_signedness:
+        return False
+    return any(profile.is_fused(op, "Add") for op in SHIFTABLE_OPS | {"Mul"})
+
+
+def _threshold(stats: TensorStats, bits: int, signed: bool, method: str) -> float:
+    # The same rule as plan.resolve, so resolve reproduces the threshold chosen here.
+    if method == "mse":
+        return th.histogram_mse_threshold(
+            stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum, bits, signed
+        )
+    return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
+
+
+def _shift_for(stats: TensorStats, bits: int, method: str) -> tuple[float, float] | None:
+    """``(c, threshold)`` with ``c`` a whole number of the shifted grid's steps, or None."""
+    need = -stats.minimum
+    offset = need
+    for _ in range(_MAX_ROUNDS):
+        threshold = _threshold(stats.shifted(offset), bits, False, method)
+        scale = float(th.scale_for(threshold, bits, False))
+        steps = math.ceil(need / scale)
+        if steps >= 2**bits - 1:
+            return None  # the shift would eat the grid
+        candidate = steps * scale
+        if candidate == offset:
+            return offset, threshold
+        offset = candidate
+    return None
+
+
+def _consumer_problem(node: onnx.NodeProto, tensor: str, inits: Mapping[str, onnx.TensorProto]) -> str | None:
+    """Why ``node`` cannot absorb a shift of its input ``tensor`` (None: it can)."""
+    if node.op_type not in _CONSUMERS:
+        return f"{node.op_type} reads it (only Conv and Gemm absorb a shift in their bias)"
+    if node.input[0] != tensor or list(node.input).count(tensor) != 1:
+        return f"{node.op_type} reads it as more than its data input"
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return f"the weight of {node.op_type} is not a constant"
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
+        return f"the bias of {node.op_type} is computed"
+    attrs = g.node_attributes(node)
+    if node.op_type == "Conv":
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        if auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            return "Conv with auto_pad SAME_* (its padding depends on the input size)"
+    elif float(attrs.get("beta", 1.0)) == 0.0:  # type: ignore[arg-type]
+        return "Gemm with beta = 0 (its bias is ignored)"
+    return None
+
+
+def choose_shifts(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    stats: Mapping[str, TensorStats],
+    profile: Profile,
+    *,
+    method: str,
+) -> tuple[list[Shift], list[dict[str, str]]]:
+    """The activations of ``model`` to shift (see the module criterion) and why others are not.
+
+    Returns the shifts in graph order and ``{"tensor", "node", "reason"}`` for every
+    activation of a shiftable kind that is left as it is.
+    """
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    producers = g.producer_map(graph)
+    consumers = g.consumer_map(graph)
+    outputs = set(g.graph_output_names(graph))
+    bits = plan.act_bits
+    index_of = {id(node): index for index, node in enumerate(graph.node)}
+    taken = g.names_in_use(graph)
+    shifts: list[Shift] = []
+    skipped: list[dict[str, str]] = []
+    for index, node in enumerate(graph.node):
+        kind = _activation_kind(node, producers)
+        if kind is None:
+            continue
+        label = _label(node, index)
+        tensor = node.output[0]
+
+        def skip(reason: str, tensor: str = tensor, label: str = label) -> None:
+            _LOG.info("shift negative: %s (%s) left as it is: %s", tensor, label, reason)
+            skipped.append({"tensor": tensor, "node": label, "reason": reason})
+
+        mark = plan.activations.get(tensor)
+        if mark is None or mark.source != "own":
+            skip("it is not quantized on its own (fused into its consumer)")
+            continue
+        if not plan.allow_unsigned or not profile.is_fused(node.op_type, "Add"):
+            skip(f"profile {profile.name!r} does not fuse {node.op_type} with the shift's Add")
+            continue
+        if tensor in outputs:
+            skip("it is a graph output")
+            continue
+        readers = consumers.get(tensor, [])
+        problems = [p for p in (_consumer_problem(r, tensor, inits) for r in readers) if p]
+        if problems or not readers:
+            skip(problems[0] if problems else "nothing reads it")
+            continue
+        item = stats.get(tensor)
+        if item is None or item.count == 0:
+            skip("no calibration statistics")
+            continue
+        if item.minimum >= 0.0:
+            skip("its observed minimum is not negative (already unsigned)")
+            continue
+        chosen = _shift_for(item, bits, method)
+        if chosen is None:
+            skip(f"no shift on the {bits}-bit unsigned grid covers its minimum {item.minimum:.4g}")
+            continue
+        offset, threshold = chosen
+        steps = round(offset / float(th.scale_for(threshold, bits, False)))
+        if steps >> ((steps & -steps).bit_length() - 1) > 2 ** (plan.const_bits - 1) - 1:
+            # The Add's constant is stored like any constant (signed, const_bits): c must
+            # be exact there too, which needs its odd factor within the integer range.
+            skip(f"the shift {offset:.6g} is not exact as a {plan.const_bits}-bit constant")
+            continue
+        signed_threshold = _threshold(item, bits, True, method)
+        counts, sums = item.histogram.counts, item.histogram.sums
+        error_signed = th.histogram_error(counts, sums, signed_threshold, bits, True)
+        error_shifted = th.histogram_error(counts, sums + offset * counts, threshold, bits, False)
+        if not error_shifted < error_signed:
+            skip(f"the shifted grid does not lower its quantization error ({error_shifted:.4g} >= {error_signed:.4g})")
+            continue
+        shifts.append(
+            Shift(
+                tensor=tensor,
+                node=label,
+                activation=kind,
+                shift=float(offset),
+                threshold=float(threshold),
+                scale=float(th.scale_for(threshold, bits, False)),
+                minimum=float(item.minimum),
+                maximum=float(item.maximum),
+                error_signed=error_signed,
+                error_shifted=error_shifted,
+                consumers=tuple(_label(r, index_of[id(r)]) for r in readers),
+                shifted_tensor=g.unique_name(taken, f"{tensor}_shifted"),
+                add_node=g.unique_name(taken, f"{label}_shift"),
+            )
+        )
+        _LOG.info(
+            "shift negative: %s (%s, min %.4g, max %.4g) + %.6g, unsigned threshold %g (signed %g)",
+            tensor, kind, item.minimum, item.maximum, offset, threshold, signed_threshold,
+        )
+    return shifts, skipped
+
+
+def _reduction(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+    """What one unit of input shift adds to each output channel: ``sum(W[o])`` (Gemm: times alpha/beta)."""
+    if node.op_type == "Conv":
+        return weight.reshape(weight.shape[0], -1).sum(axis=1)
+    attrs = g.node_attributes(node)
+    trans_b = int(attrs.get("transB", 0))  # type: ignore[call-overload]
+    alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
+    beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
+    return weight.sum(axis=1 if trans_b else 0) * (alpha / beta)
+
+
+def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.ModelProto, frozenset[str]]:
+    """A copy of ``model`` with every shift inserted and compensated (same function).
+
+    Each ``T`` gets ``Add(T, T_shift) -> T_shifted``; each consumer reads ``T_shifted``
+    (a Conv with padding through ``Pad(T_shifted, pads, T_shift)`` and no padding of its
+    own) and gets a new bias ``b - c * sum(W)``. Touched nodes keep their plan labels as
+    names. Returns the model and the names of the Pad nodes (their fill is on the grid).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken = g.names_in_use(graph) | {name for item in shifts for name in (item.shifted_tensor, item.add_node)}
+    inits = g.initializer_map(graph)
+    by_label = {_label(node, index): node for index, node in enumerate(graph.node)}
+    pads: set[str] = set()
+    replaced: list[str] = []
+    for item in shifts:
+        producer = by_label[item.node]
+        if not producer.name:
+            producer.name = item.node
+        value_name = g.unique_name(taken, f"{item.tensor}_shift")
+        shifted = item.shifted_tensor
+        g.add_initializer(graph, value_name, np.array(item.shift, np.float32))
+        g.add_node(graph, "Add", [item.tensor, value_name], [shifted], name=item.add_node)
+        for label in item.consumers:
+            node = by_label[label]
+            if not node.name:
+                node.name = label
+            source = shifted
+            if node.op_type == "Conv":
+                attrs = g.node_attributes(node)
+                conv_pads = [int(v) for v in attrs.get("pads", [])]  # type: ignore[attr-defined]
+                if any(conv_pads):
+                    half = len(conv_pads) // 2
+                    full = [0, 0, *conv_pads[:half], 0, 0, *conv_pads[half:]]
+                    pads_name = g.unique_name(taken, f"{label}_shift_pads")
+                    g.add_initializer(graph, pads_name, np.array(full, np.int64))
+                    source = g.unique_name(taken, f"{shifted}_padded")
+                    pad_node = g.unique_name(taken, f"{label}_shift_pad")
+                    g.add_node(graph, "Pad", [shifted, pads_name, value_name], [source], name=pad_node, mode="constant")
+                    g.set_node_attribute(node, "pads", [0] * len(conv_pads))
+                    pads.add(pad_node)
+            weight = g.to_array(inits[node.input[1]]).astype(np.float64)
+            delta = item.shift * _reduction(node, weight)
+            has_bias = len(node.input) > 2 and bool(node.input[2])
+            old = g.to_array(inits[node.input[2]]).astype(np.float64) if has_bias else np.zeros(())
+            if has_bias:
+                replaced.append(node.input[2])
+            bias_name = g.unique_name(taken, f"{label}_shift_bias")
+            # delta runs along the last axis (Conv: the only one; Gemm: N), so a scalar or
+            # row bias broadcasts to one value per output channel.
+            g.add_initializer(graph, bias_name, (old - delta).astype(np.float32))
+            g.set_node_input(node, 0, source)
+            g.set_node_input(node, 2, bias_name)
+    still_read = {name for node in graph.node for name in node.input}
+    g.remove_initializers(graph, [name for name in replaced if name not in still_read])
+    g.topological_sort(graph)
+    g.clear_value_info(graph)
+    return out, frozenset(pads)
+
+
+def shifted_statistics(stats: Mapping[str, TensorStats], shifts: Sequence[Shift]) -> dict[str, TensorStats]:
+    """``stats`` plus each shifted tensor's statistics (its activation's, moved by ``c``)."""
+    merged = dict(stats)
+    for item in shifts:
+        merged[item.shifted_tensor] = stats[item.tensor].shifted(item.shift, item.shifted_tensor)
+    return merged
+
+
+def _dequantized(item: ParamQuant) -> np.ndarray:
+    values = np.asarray(item.values, np.float64)
+    scale = np.asarray(item.scale, np.float64)
+    if item.axis is None or scale.size == 1:
+        return values * scale.reshape(-1)[0]
+    shape = [1] * values.ndim
+    shape[item.axis] = -1
+    return values * scale.reshape(shape)
+
+
+def compensate(resolved: ResolvedPlan, model: onnx.ModelProto, shifts: Sequence[Shift]) -> ResolvedPlan:
+    """``resolved`` with each shifted consumer's int32 bias exact for its quantized weights.
+
+    ``model`` is :func:`apply_shifts`' output (its biases carry ``b - c * sum(W)``); the
+    bias becomes ``round((b - c * sum(W_q)) / s_b)`` with ``W_q`` the dequantized weight.
+    A Gemm whose bias was quantized as a plain constant (not per output) keeps it.
+    """
+    inits = g.initializer_map(model.graph)
+    by_label = {_label(node, index): node for index, node in enumerate(model.graph.node)}
+    shift_of = {label: item.shift for item in shifts for label in item.consumers}
+    adds = {item.add_node: item.shift for item in shifts}
+    for item in resolved.params:
+        if item.node in adds and item.role == "constant":
+            stored = float(_dequantized(item).reshape(-1)[0])
+            if stored != adds[item.node]:
+                raise QuantizationError(
+                    f"the shift constant of node {item.node} quantizes to {stored!r}, not {adds[item.node]!r}",
+                    "report this model to the onnxdgh developers (or pass --no-shift-negative)",
+                )
+    weights = {p.node: p for p in resolved.params if p.role == "weight" and p.input_index == 1}
+    params = []
+    for item in resolved.params:
+        node = by_label.get(item.node)
+        if item.role != "bias" or item.node not in shift_of or item.node not in weights or node is None:
+            params.append(item)
+            continue
+        shift = shift_of[item.node]
+        float_weight = g.to_array(inits[node.input[1]]).astype(np.float64)
+        adjust = shift * (_reduction(node, float_weight) - _reduction(node, _dequantized(weights[item.node])))
+        target = g.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1) + adjust
+        scale = np.broadcast_to(np.asarray(item.scale, np.float64).reshape(-1), target.shape)
+        limit = 2 ** (item.bits - 1)
+        ints = np.rint(target / scale)
+        clipped = int(np.sum((ints < -limit) | (ints > limit - 1)))
+        ints = np.clip(ints, -limit, limit - 1).astype(np.int32).reshape(np.shape(item.values))
+        params.append(replace(item, values=ints, clipped=clipped))
+    return replace(resolved, params=tuple(params))
