@@ -54,17 +54,6 @@ def _add_integer(graph: onnx.GraphProto, name: str, values: np.ndarray, elem_typ
         g.add_typed_initializer(graph, name, np.asarray(values).astype(np.int64), elem_type)
 
 
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {init.name for init in graph.initializer}
-    names |= {value.name for value in list(graph.input) + list(graph.output) + list(graph.value_info)}
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        if node.name:
-            names.add(node.name)
-    return names
-
-
 def _emit_param(
     graph: onnx.GraphProto, item: ParamQuant, taken: set[str], uses: dict[str, int]
 ) -> str:
@@ -133,7 +122,7 @@ def emit(model: onnx.ModelProto, resolved: ResolvedPlan) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    taken = _all_names(graph)
+    taken = g.names_in_use(graph)
     labels = {(node.name or f"{node.op_type}_{index}"): node for index, node in enumerate(graph.node)}
 
     replaced: set[str] = set()
