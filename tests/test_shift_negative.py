@@ -21,6 +21,7 @@ from onnxdgh.load import load_model_proto
 from onnxdgh.profile import load_profile
 from onnxdgh.quantize import QuantizeConfig, quantize
 from onnxdgh.quantize.calibrate import TensorStats
+from onnxdgh.quantize.rounding import RoundingConfig, optimize_rounding
 from onnxdgh.quantize.shift import Shift, apply_shifts
 from onnxdgh.runtime import make_session, with_extra_outputs
 from onnxdgh.validate.checks import check_model
@@ -201,6 +202,42 @@ def test_rounding_optimisation_keeps_the_shift() -> None:
     x = images(16, seed=5)
     float_y, quant_y = run(model, x)[0], run(q, x)[0]
     assert np.corrcoef(float_y.reshape(-1), quant_y.reshape(-1))[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("mode", ["layer", "block"])
+@pytest.mark.parametrize("learn_bias", [False, True])
+def test_rounding_rederives_the_correction_for_its_integers(mode: str, learn_bias: bool) -> None:
+    """The stored bias of a shifted consumer is ``b - c * sum(W)`` for the *learned* integers:
+    onnxruntime on the result reproduces the error the optimiser measured."""
+    model = _silu_conv()
+    base = _quantize(model, weight_bits=4)
+    (item,) = base.report["shift_negative"]["shifted"]
+    shift = item["shift"]
+    shifted_float, _ = apply_shifts(model, [_shift("t", "silu", shift, ("conv2",))])
+    calib = images(48, seed=2) * 1.5
+    config = RoundingConfig(weight_bits=4, iterations=100, mode=mode, learn_bias=learn_bias)  # type: ignore[arg-type]
+    rounded, report = optimize_rounding(base.model, shifted_float, calib, config, progress=False,
+                                        input_shifts={"conv2": shift})
+    unit = next(u for u in report["units"] if "conv2" in u["nodes"])
+    assert unit["kept"] == "learned" and unit["changed"] > 0 and report["block_fallbacks"] == []
+    # conv2's output passes the 4-bit range Clip before its quantizer; the layer target is
+    # the float output through the same Clip, the block target the float block output.
+    (y_q,) = _tensor(rounded, ["y_clip"], calib)
+    y_f = run(model, calib)[0]
+    if mode == "layer":
+        y_f = np.clip(y_f, _init(rounded, "y_clip_min"), _init(rounded, "y_clip_max"))
+    assert float(np.mean((y_q.astype(np.float64) - y_f) ** 2)) == pytest.approx(unit["mse_optimized"], rel=1e-3)
+
+    def unshifted_bias(q: onnx.ModelProto) -> np.ndarray:
+        producers = {out: node for node in q.graph.node for out in node.output}
+        conv2 = next(node for node in q.graph.node if node.name == "conv2")
+        w_dq, b_dq = producers[conv2.input[1]], producers[conv2.input[2]]
+        weight = _init(q, w_dq.input[0]).astype(np.float64) * _init(q, w_dq.input[1]).reshape(-1, 1, 1, 1)
+        return _init(q, b_dq.input[0]) * _init(q, b_dq.input[1]).astype(np.float64) + shift * weight.reshape(8, -1).sum(1)
+
+    if not learn_bias:  # the bias of the unshifted input is kept; only the correction moved
+        scale = float(np.max(_init(rounded, "conv2_shift_bias_scale")))
+        assert np.abs(unshifted_bias(rounded) - unshifted_bias(base.model)).max() <= scale / 2 + 1e-9
 
 
 @pytest.mark.parametrize(

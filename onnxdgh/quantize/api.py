@@ -423,7 +423,10 @@ def quantize(
                 bias_correction=config.bias_correction_enabled,
                 seed=config.seed,
             )
-            quantized, rounding_report = optimize_rounding(quantized, folded, calibration, settings, progress=progress)
+            quantized, rounding_report = optimize_rounding(
+                quantized, folded, calibration, settings, progress=progress,
+                input_shifts={label: item.shift for item in shifts for label in item.consumers},
+            )
         else:
             quantized, rounding_report = bias_correction(quantized, folded, calibration, progress=progress)
         timings["rounding_s"] = time.perf_counter() - step

@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -200,6 +200,7 @@ class _Layer:
     output_quant: onnx.NodeProto | None  # the QuantizeLinear of the (activation) output, if any
     float_output: str  # the node's output name in the float model
     float_weight: np.ndarray  # the folded float weight
+    input_shift: float = 0.0  # c of the shift negative correction on the input (its bias holds -c*sum(W))
 
 
 def _initializer_value(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
@@ -262,10 +263,15 @@ def _fused_activation(
 
 
 def weighted_layers(
-    qdq_model: onnx.ModelProto, float_model: onnx.ModelProto
+    qdq_model: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    input_shifts: Mapping[str, float] | None = None,
 ) -> tuple[list[_Layer], list[dict[str, str]]]:
     """The weighted nodes of ``qdq_model`` that rounding can work on, in topological order.
 
+    ``input_shifts``: node name -> the shift ``c`` its input carries (shift negative
+    correction: the input is ``x + c``, padded with ``c``, and the stored bias is
+    ``b - c * sum(W)``).
     Returns the layers and, for every weighted node left out, ``{"node", "op", "reason"}``.
     The structure is traced (weight input <- DequantizeLinear <- integer initializer)
     rather than trusted from names; the float counterpart is found by node name, then by
@@ -383,6 +389,7 @@ def weighted_layers(
                 output_quant=quant,
                 float_output=f_node.output[0],
                 float_weight=f_weight,
+                input_shift=float((input_shifts or {}).get(node.name, 0.0)),
             )
         )
     return layers, skipped
@@ -502,15 +509,53 @@ def _matmul_fn(node: onnx.NodeProto) -> Callable[..., torch.Tensor]:
 
 
 def _layer_fn(layer: _Layer) -> Callable[..., torch.Tensor]:
+    """``forward(x, w, b)`` of the layer; a shifted input is taken back to ``x`` (the Pad's
+    border ``c`` becomes the zero padding), so ``b`` is the bias of the unshifted input."""
     op = layer.node.op_type
     shape = layer.float_weight.shape
     if op == "Conv":
-        return _conv_fn(layer.node, shape)
-    if op == "ConvTranspose":
-        return _conv_transpose_fn(layer.node, shape)
-    if op == "Gemm":
-        return _gemm_fn(layer.node)
-    return _matmul_fn(layer.node)
+        fn = _conv_fn(layer.node, shape)
+    elif op == "ConvTranspose":
+        fn = _conv_transpose_fn(layer.node, shape)
+    elif op == "Gemm":
+        fn = _gemm_fn(layer.node)
+    else:
+        fn = _matmul_fn(layer.node)
+    if not layer.input_shift:
+        return fn
+    shift = layer.input_shift
+    return lambda x, w, b: fn(x - shift, w, b)
+
+
+def _shift_offset(layer: _Layer, ints: np.ndarray) -> np.ndarray | None:
+    """``c * sum(W[o])`` per output channel (Gemm: times alpha / beta) for integers ``ints``:
+    stored bias + offset = the bias of the unshifted input. None when the input is not shifted.
+
+    The rounding of a shifted layer is learned on the unshifted input and its stored bias
+    is derived from the *final* integers, so a changed rounding never leaves the
+    correction ``c * sum(W)`` of the nearest integers behind (and the DC term ``c``
+    adds to every input does not couple the rounding variables).
+    """
+    if not layer.input_shift:
+        return None
+    weight = ints.astype(np.float64) * layer.weight_scale.astype(np.float64)
+    if layer.node.op_type == "Gemm":
+        attrs = g.node_attributes(layer.node)
+        scale = float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
+        sums = weight.sum(axis=1 if int(attrs.get("transB", 0)) else 0) * scale  # type: ignore[call-overload]
+    else:  # Conv (the shift's only other consumer)
+        sums = weight.reshape(weight.shape[0], -1).sum(axis=1)
+    return layer.input_shift * sums
+
+
+def _store_bias(model: onnx.ModelProto, layer: _Layer, value: np.ndarray) -> None:
+    """Write float bias ``value`` (stored convention) as the layer's int32 bias."""
+    assert layer.bias_int is not None and layer.bias_scale is not None
+    scale = np.broadcast_to(np.asarray(layer.bias_scale, np.float64).reshape(-1), value.shape)
+    info = np.iinfo(np.int32)
+    ints = np.clip(np.round(value / scale), info.min, info.max).astype(np.int32)
+    stored = g.to_array(g.initializer_map(model.graph)[layer.bias_int])
+    g.set_initializer_value(model.graph, layer.bias_int, ints.reshape(stored.shape))
 
 
 def _activation_fn(
@@ -1144,6 +1189,7 @@ def optimize_rounding(
     config: RoundingConfig,
     *,
     progress: bool = True,
+    input_shifts: Mapping[str, float] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Choose every weighted node's stored integers by AdaRound; see the module contract.
 
@@ -1153,6 +1199,10 @@ def optimize_rounding(
         images: calibration images, N x C x H x W float32 in the model's input space.
         config: the optimisation settings (``weight_bits`` must be the quantizer's).
         progress: show a progress bar over the units (blocks or layers) on stderr.
+        input_shifts: node name -> shift ``c`` of its input (the quantizer's shift
+            negative correction, :mod:`onnxdgh.quantize.shift`): such a node is optimised
+            on its unshifted input and its stored bias ``b - c * sum(W)`` is rederived from
+            the final integers.
 
     Returns:
         The optimised model and a report: per unit (block or layer) its nodes, the
@@ -1170,7 +1220,7 @@ def optimize_rounding(
     model = onnx.ModelProto()
     model.CopyFrom(qdq_model)
     g.topological_sort(model.graph)
-    layers, skipped = weighted_layers(model, float_model)
+    layers, skipped = weighted_layers(model, float_model, input_shifts)
     units = _units(model, layers, config.mode)
     float_names = set(_tensor_names(float_model))
     plans: list[tuple[_Layer | _Block, str | None]] = []
@@ -1322,22 +1372,28 @@ class _LearnedBias:
         self.param = torch.nn.Parameter(current.clone())
         self.adam = _Adam(self.param, lr)
 
-    def ints(self) -> np.ndarray:
+    def ints(self, offset: np.ndarray | None = None) -> np.ndarray:
+        """The stored int32 bias; ``offset`` (:func:`_shift_offset` of the final integers)
+        turns the learned bias of the unshifted input into the stored one."""
         info = np.iinfo(np.int32)
         value = self.param.detach().numpy().astype(np.float64)
+        if offset is not None:
+            value = value - offset
         return np.clip(np.round(value / self.scale), info.min, info.max).astype(np.int32)
 
-    def quantized(self) -> torch.Tensor:
-        return torch.from_numpy((self.ints() * self.scale).astype(np.float32))
+    def quantized(self, offset: np.ndarray | None = None) -> torch.Tensor:
+        """The bias the layer computes with once stored (in the learned convention)."""
+        value = self.ints(offset) * self.scale
+        return torch.from_numpy((value if offset is None else value + offset).astype(np.float32))
 
-    def commit(self, model: onnx.ModelProto) -> None:
+    def commit(self, model: onnx.ModelProto, offset: np.ndarray | None = None) -> None:
         """Write the learned int32 bias into ``model`` (adding the bias input if the node had none)."""
         name = self.layer.bias_int
         if name is None:
             created = _add_bias(model, self.layer, self.initial.shape[0])
             assert created is not None  # usable implies the emitter's bias scale exists
             name = created[0]
-        g.set_initializer_value(model.graph, name, self.ints())
+        g.set_initializer_value(model.graph, name, self.ints(offset))
 
 
 def _regulariser(h: torch.Tensor, step: int, config: RoundingConfig) -> torch.Tensor | None:
@@ -1392,11 +1448,17 @@ def _agrees(probe: np.ndarray, reference: np.ndarray, rtol: float) -> bool:
 
 
 def _layer_bias(layer: _Layer, inits: dict[str, onnx.TensorProto]) -> torch.Tensor | None:
+    """The layer's dequantized bias in :func:`_layer_fn`'s convention (for a shifted input:
+    the stored bias plus ``c * sum(W)`` of the stored integers)."""
     if layer.bias_int is None:
         return None
     b_int = np.asarray(g.to_array(inits[layer.bias_int])).astype(np.float64)
     b_zero = 0.0 if layer.bias_zero_point is None else np.asarray(layer.bias_zero_point, np.float64)
-    return torch.from_numpy(((b_int - b_zero) * np.asarray(layer.bias_scale, np.float64)).astype(np.float32))
+    bias = (b_int - b_zero) * np.asarray(layer.bias_scale, np.float64)
+    offset = _shift_offset(layer, np.asarray(g.to_array(inits[layer.weight_int])))
+    if offset is not None:
+        bias = bias + offset.reshape(bias.shape)
+    return torch.from_numpy(bias.astype(np.float32))
 
 
 def _channel_axis(layer: _Layer) -> int:
@@ -1441,7 +1503,7 @@ def _optimise_layer(
     _fit([rounding], lambda xs, ws: quant_act(fn(xs, ws[0], fit_bias)), x, target, config,
          config.seed * 1_000_003 + index, [learned_bias] if learned_bias is not None else [])
     learned = rounding.learned()
-    final_bias = learned_bias.quantized() if learned_bias is not None else bias
+    final_bias = learned_bias.quantized(_shift_offset(layer, learned)) if learned_bias is not None else bias
     mse_learned = _batched_mse(lambda xs: quant_act(fn(xs, rounding.weight(learned), final_bias)), x, target)
     # Too few iterations can leave the learned rounding worse than nearest on the very
     # images it was fitted to; then nearest is the honest choice.
@@ -1449,10 +1511,13 @@ def _optimise_layer(
     final = learned if keep else stored
     if keep:
         g.set_initializer_value(model.graph, layer.weight_int, final)
+        offset = _shift_offset(layer, final)
         if learned_bias is not None:
-            learned_bias.commit(model)
+            learned_bias.commit(model, offset)
             bias = final_bias
             row["bias_learned"] = True
+        elif offset is not None and bias is not None:  # the shift's correction follows the new integers
+            _store_bias(model, layer, bias.numpy().astype(np.float64) - offset)
     row.update(
         iterations=config.iterations,
         mse_nearest=mse_nearest,
@@ -1497,9 +1562,16 @@ def _optimise_block(
         stored = np.asarray(g.to_array(inits[layer.weight_int])).astype(np.int64)
         roundings.append(_Rounding(layer, stored, config, label))
     outs = [layer.node.output[0] for layer in block.layers]
+    # A shifted layer computes on its unshifted input (_layer_fn), so it needs its bias in
+    # that convention even when the bias is not learned; a learned one overrides it.
+    fixed: dict[str, torch.Tensor] = {}
+    for layer in block.layers:
+        unshifted = _layer_bias(layer, inits) if layer.input_shift else None
+        if unshifted is not None:
+            fixed[f"bias:{layer.node.output[0]}"] = unshifted
 
     def run_with(weights: Sequence[torch.Tensor], name: str = compare) -> Callable[[torch.Tensor], torch.Tensor]:
-        mapping = dict(zip(outs, weights))
+        mapping = {**fixed, **dict(zip(outs, weights))}
         return lambda xs: program(xs, mapping)[name]
 
     nearest = [r.weight(r.stored) for r in roundings]
@@ -1523,23 +1595,32 @@ def _optimise_block(
         outs_b = outs + [f"bias:{bias.layer.node.output[0]}" for bias in biases]
 
         def run_with(weights: Sequence[torch.Tensor], name: str = compare) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: F811
-            mapping = dict(zip(outs_b, weights))
+            mapping = {**fixed, **dict(zip(outs_b, weights))}
             return lambda xs: program(xs, mapping)[name]
 
 
     _fit(roundings, lambda xs, ws: run_with(with_biases(ws, [b.param for b in biases]))(xs), x, target, config,
          config.seed * 1_000_003 + index, biases)
     learned = [r.learned() for r in roundings]
+    learned_of = {layer.node.output[0]: ints for layer, ints in zip(block.layers, learned)}
+    learned_biases = [b.quantized(_shift_offset(b.layer, learned_of[b.layer.node.output[0]])) for b in biases]
     mse_learned = _batched_mse(
-        run_with(with_biases([r.weight(q) for r, q in zip(roundings, learned)], [b.quantized() for b in biases])), x, target
+        run_with(with_biases([r.weight(q) for r, q in zip(roundings, learned)], learned_biases)), x, target
     )
     keep = config.iterations > 0 and mse_learned <= mse_nearest
     finals = learned if keep else [r.stored for r in roundings]
+    final_of = {layer.node.output[0]: ints for layer, ints in zip(block.layers, finals)}
     if keep:
         for layer, ints in zip(block.layers, finals):
             g.set_initializer_value(model.graph, layer.weight_int, ints)
         for bias in biases:
-            bias.commit(model)
+            bias.commit(model, _shift_offset(bias.layer, final_of[bias.layer.node.output[0]]))
+        learned_outs = {bias.layer.node.output[0] for bias in biases}
+        for layer in block.layers:  # the shift's correction follows the new integers
+            out = layer.node.output[0]
+            offset = _shift_offset(layer, final_of[out])
+            if offset is not None and out not in learned_outs and f"bias:{out}" in fixed:
+                _store_bias(model, layer, fixed[f"bias:{out}"].numpy().astype(np.float64) - offset)
     changed = sum(int(np.sum(q != r.stored)) for q, r in zip(learned, roundings))
     total = sum(r.stored.size for r in roundings)
     row: dict[str, Any] = {
@@ -1558,9 +1639,9 @@ def _optimise_block(
         row["bias_learned"] = True
     if config.bias_correction:
         # Layer by layer inside the block, each seeing the biases corrected before it.
-        weights = {out: r.weight(q) for out, r, q in zip(outs, roundings, finals)}
+        weights = {**fixed, **{out: r.weight(q) for out, r, q in zip(outs, roundings, finals)}}
         if keep:
-            weights.update({f"bias:{b.layer.node.output[0]}": b.quantized() for b in biases})
+            weights.update({f"bias:{b.layer.node.output[0]}": q for b, q in zip(biases, learned_biases)})
         outcomes = []
         for layer in block.layers:
             out = layer.node.output[0]
@@ -1568,7 +1649,10 @@ def _optimise_block(
             delta = _channel_mean_delta(lambda xs: program(xs, weights)[out], x, y_fp, _channel_axis(layer))
             outcome, new_bias = _correct_bias(model, layer, delta)
             if new_bias is not None:
-                weights[f"bias:{out}"] = torch.from_numpy(new_bias)
+                offset = _shift_offset(layer, final_of[out])
+                weights[f"bias:{out}"] = torch.from_numpy(
+                    new_bias if offset is None else (new_bias + offset.reshape(new_bias.shape)).astype(np.float32)
+                )
             outcomes.append(outcome)
         row["bias_correction"] = outcomes
     return row
