@@ -204,6 +204,17 @@ def test_rounding_optimisation_keeps_the_shift() -> None:
     assert np.corrcoef(float_y.reshape(-1), quant_y.reshape(-1))[0, 1] > 0.9
 
 
+def test_hardswish_fused_behind_its_conv_is_shifted() -> None:
+    """Conv -> HardSwish -> Add(c): one fused chain, only the Add's output is quantized."""
+    result = _quantize(_silu_conv(act="HardSwish"), weight_bits=4, optimize_rounding=True, rounding_iterations=20)
+    (item,) = result.report["shift_negative"]["shifted"]
+    assert item["activation"] == "HardSwish" and item["min"] >= -0.375 and item["shift"] >= 0.375
+    fused = {(f["producer"], f["consumer"]) for f in result.report["tensors"]["fused"]}
+    assert {("conv1", "act"), ("act", "act_shift")} <= fused
+    assert check_model(result.model, LOWBIT) == []
+    assert result.report["rounding"]["block_fallbacks"] == [] and result.report["rounding"]["skipped"] == []
+
+
 @pytest.mark.parametrize("mode", ["layer", "block"])
 @pytest.mark.parametrize("learn_bias", [False, True])
 def test_rounding_rederives_the_correction_for_its_integers(mode: str, learn_bias: bool) -> None:
