@@ -564,13 +564,23 @@ class ResolvedPlan:
         }
 
 
+def round_bias(ratio: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    """Bias values over their scale rounded to the nearest ``bits``-bit integer (int32 array)
+    and how many had to be clipped into range."""
+    low, high, _ = th.grid(bits, True)
+    ints = np.rint(ratio)
+    clipped = int(np.sum((ints < low) | (ints > high)))
+    return np.clip(ints, low, high).astype(np.int32), clipped
+
+
 def _act_elem_type(bits: int, signed: bool, int4_types: bool) -> int:
     if int4_types and bits <= 4:
         return onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
     return onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
 
 
-def _member_threshold(stats: TensorStats, bits: int, signed: bool, method: str) -> float:
+def activation_threshold(stats: TensorStats, bits: int, signed: bool, method: str) -> float:
+    """The power-of-two threshold ``method`` ("mse" or "noclip") gives one activation's statistics."""
     if method == "mse":
         return th.histogram_mse_threshold(
             stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum, bits, signed
@@ -614,7 +624,7 @@ def resolve(
         ) and all(float(np.min(value)) >= 0.0 for value in constants)
         signed = not (plan.allow_unsigned and non_negative)
         bits = plan.act_bits
-        candidates = [_member_threshold(stats[name], bits, signed, method) for name in measured]
+        candidates = [activation_threshold(stats[name], bits, signed, method) for name in measured]
         candidates += [float(th.noclip_threshold(value.min(), value.max(), bits, signed)) for value in constants]
         threshold = max(candidates) if candidates else th.ZERO_RANGE_THRESHOLD
         scale = float(th.scale_for(threshold, bits, signed))
@@ -658,7 +668,6 @@ def resolve(
                        scale, ints.astype(np.int8), elem_type)
         )
 
-    limit = 2 ** (plan.bias_bits - 1)
     for item in [p for p in plan.params if p.role == "bias"]:
         value = g.to_array(inits[item.tensor]).astype(np.float64)
         input_scale = np.float64(activations[item.data_input].scale)  # type: ignore[index]
@@ -679,8 +688,7 @@ def resolve(
         else:
             scale = scale.reshape(())
             ratio = value / np.float64(scale)
-        ints = np.rint(ratio)
-        clipped = int(np.sum((ints < -limit) | (ints > limit - 1)))
+        ints, clipped = round_bias(ratio, plan.bias_bits)
         if clipped:
             worst = float(np.max(np.abs(value)))
             _LOG.warning(
@@ -688,7 +696,6 @@ def resolve(
                 "(largest |bias| %.4g); clipped, the weight scale is kept power-of-two",
                 item.tensor, item.node, clipped, plan.bias_bits, worst,
             )
-        ints = np.clip(ints, -limit, limit - 1).astype(np.int32)
         resolved.append(
             ParamQuant(item.tensor, item.node, item.input_index, "bias", plan.bias_bits, axis,
                        scale, ints, onnx.TensorProto.INT32, clipped)

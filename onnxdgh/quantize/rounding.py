@@ -71,6 +71,8 @@ from .. import graph as g
 from ..errors import CalibrationDataError, InvalidInputError, QuantizationError
 from ..ops import ACTIVATIONS, WEIGHTED, is_value_preserving
 from ..runtime import make_session, run_batched
+from .plan import round_bias
+from .shift import channel_sums
 
 __all__ = ["RoundingConfig", "optimize_rounding", "bias_correction", "weighted_layers"]
 
@@ -539,21 +541,14 @@ def _shift_offset(layer: _Layer, ints: np.ndarray) -> np.ndarray | None:
     if not layer.input_shift:
         return None
     weight = ints.astype(np.float64) * layer.weight_scale.astype(np.float64)
-    if layer.node.op_type == "Gemm":
-        attrs = g.node_attributes(layer.node)
-        scale = float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
-        sums = weight.sum(axis=1 if int(attrs.get("transB", 0)) else 0) * scale  # type: ignore[call-overload]
-    else:  # Conv (the shift's only other consumer)
-        sums = weight.reshape(weight.shape[0], -1).sum(axis=1)
-    return layer.input_shift * sums
+    return layer.input_shift * channel_sums(layer.node, weight)
 
 
 def _store_bias(model: onnx.ModelProto, layer: _Layer, value: np.ndarray) -> None:
     """Write float bias ``value`` (stored convention) as the layer's int32 bias."""
     assert layer.bias_int is not None and layer.bias_scale is not None
     scale = np.broadcast_to(np.asarray(layer.bias_scale, np.float64).reshape(-1), value.shape)
-    info = np.iinfo(np.int32)
-    ints = np.clip(np.round(value / scale), info.min, info.max).astype(np.int32)
+    ints, _ = round_bias(value / scale, 32)
     stored = g.to_array(g.initializer_map(model.graph)[layer.bias_int])
     g.set_initializer_value(model.graph, layer.bias_int, ints.reshape(stored.shape))
 
@@ -1375,11 +1370,10 @@ class _LearnedBias:
     def ints(self, offset: np.ndarray | None = None) -> np.ndarray:
         """The stored int32 bias; ``offset`` (:func:`_shift_offset` of the final integers)
         turns the learned bias of the unshifted input into the stored one."""
-        info = np.iinfo(np.int32)
         value = self.param.detach().numpy().astype(np.float64)
         if offset is not None:
             value = value - offset
-        return np.clip(np.round(value / self.scale), info.min, info.max).astype(np.int32)
+        return round_bias(value / self.scale, 32)[0]
 
     def quantized(self, offset: np.ndarray | None = None) -> torch.Tensor:
         """The bias the layer computes with once stored (in the learned convention)."""

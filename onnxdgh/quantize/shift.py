@@ -72,7 +72,7 @@ from ..errors import QuantizationError
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
-from .plan import ParamQuant, QuantPlan, ResolvedPlan
+from .plan import ParamQuant, QuantPlan, ResolvedPlan, activation_threshold, round_bias
 
 __all__ = [
     "SHIFTABLE_OPS",
@@ -162,21 +162,12 @@ def supports_shift(profile: Profile) -> bool:
     return any(profile.is_fused(op, "Add") for op in SHIFTABLE_OPS | {"Mul"})
 
 
-def _threshold(stats: TensorStats, bits: int, signed: bool, method: str) -> float:
-    # The same rule as plan.resolve, so resolve reproduces the threshold chosen here.
-    if method == "mse":
-        return th.histogram_mse_threshold(
-            stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum, bits, signed
-        )
-    return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
-
-
 def _shift_for(stats: TensorStats, bits: int, method: str) -> tuple[float, float] | None:
     """``(c, threshold)`` with ``c`` a whole number of the shifted grid's steps, or None."""
     need = -stats.minimum
     offset = need
     for _ in range(_MAX_ROUNDS):
-        threshold = _threshold(stats.shifted(offset), bits, False, method)
+        threshold = activation_threshold(stats.shifted(offset), bits, False, method)
         scale = float(th.scale_for(threshold, bits, False))
         steps = math.ceil(need / scale)
         if steps >= 2**bits - 1:
@@ -275,7 +266,7 @@ def choose_shifts(
             # be exact there too, which needs its odd factor within the integer range.
             skip(f"the shift {offset:.6g} is not exact as a {plan.const_bits}-bit constant")
             continue
-        signed_threshold = _threshold(item, bits, True, method)
+        signed_threshold = activation_threshold(item, bits, True, method)
         counts, sums = item.histogram.counts, item.histogram.sums
         error_signed = th.histogram_error(counts, sums, signed_threshold, bits, True)
         error_shifted = th.histogram_error(counts, sums + offset * counts, threshold, bits, False)
@@ -306,7 +297,7 @@ def choose_shifts(
     return shifts, skipped
 
 
-def _reduction(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+def channel_sums(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
     """What one unit of input shift adds to each output channel: ``sum(W[o])`` (Gemm: times alpha/beta)."""
     if node.op_type == "Conv":
         return weight.reshape(weight.shape[0], -1).sum(axis=1)
@@ -360,7 +351,7 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
                     g.set_node_attribute(node, "pads", [0] * len(conv_pads))
                     pads.add(pad_node)
             weight = g.to_array(inits[node.input[1]]).astype(np.float64)
-            delta = item.shift * _reduction(node, weight)
+            delta = item.shift * channel_sums(node, weight)
             has_bias = len(node.input) > 2 and bool(node.input[2])
             old = g.to_array(inits[node.input[2]]).astype(np.float64) if has_bias else np.zeros(())
             if has_bias:
@@ -424,12 +415,9 @@ def compensate(resolved: ResolvedPlan, model: onnx.ModelProto, shifts: Sequence[
             continue
         shift = shift_of[item.node]
         float_weight = g.to_array(inits[node.input[1]]).astype(np.float64)
-        adjust = shift * (_reduction(node, float_weight) - _reduction(node, _dequantized(weights[item.node])))
+        adjust = shift * (channel_sums(node, float_weight) - channel_sums(node, _dequantized(weights[item.node])))
         target = g.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1) + adjust
         scale = np.broadcast_to(np.asarray(item.scale, np.float64).reshape(-1), target.shape)
-        limit = 2 ** (item.bits - 1)
-        ints = np.rint(target / scale)
-        clipped = int(np.sum((ints < -limit) | (ints > limit - 1)))
-        ints = np.clip(ints, -limit, limit - 1).astype(np.int32).reshape(np.shape(item.values))
-        params.append(replace(item, values=ints, clipped=clipped))
+        ints, clipped = round_bias(target / scale, item.bits)
+        params.append(replace(item, values=ints.reshape(np.shape(item.values)), clipped=clipped))
     return replace(resolved, params=tuple(params))

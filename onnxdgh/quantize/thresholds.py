@@ -201,13 +201,9 @@ def histogram_mse_threshold(
     noclip = float(noclip_threshold(minimum, maximum, bits, signed))
     if maximum == 0.0 and minimum == 0.0:
         return noclip
-    nonempty = counts > 0
-    weights = counts[nonempty].astype(np.float64)
-    centres = sums[nonempty] / weights
+    weights, centres = _bin_means(counts, sums)
     candidates = search_candidates(noclip, steps)
-    errors = np.array(
-        [np.dot(weights, (centres - fake_quantize(centres, t, bits, signed)) ** 2) for t in candidates]
-    )
+    errors = np.array([_weighted_error(weights, centres, t, bits, signed) for t in candidates])
     return float(candidates[int(np.argmin(errors))])
 
 
@@ -217,9 +213,17 @@ def histogram_error(counts: np.ndarray, sums: np.ndarray, threshold: float, bits
     The quantity :func:`histogram_mse_threshold` minimises, for comparing two grids
     (e.g. signed against shifted unsigned) on the same calibration values.
     """
+    return _weighted_error(*_bin_means(counts, sums), threshold, bits, signed)
+
+
+def _bin_means(counts: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(count, mean) of every non-empty histogram bin."""
     nonempty = counts > 0
     weights = counts[nonempty].astype(np.float64)
-    centres = sums[nonempty] / weights
+    return weights, sums[nonempty] / weights
+
+
+def _weighted_error(weights: np.ndarray, centres: np.ndarray, threshold: float, bits: int, signed: bool) -> float:
     return float(np.dot(weights, (centres - fake_quantize(centres, threshold, bits, signed)) ** 2))
 
 

@@ -374,8 +374,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         _LOG.info("shape inference failed during validation: %s", exc)
         inferred = model
     graph = inferred.graph
-    types = g.tensor_elem_types(graph)
-    return types
+    return g.tensor_elem_types(graph)
 
 
 def analyse(model: onnx.ModelProto) -> QuantGraph:
