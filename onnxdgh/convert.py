@@ -548,20 +548,18 @@ def fold_bn_taps(model: TorchModel) -> TorchModel:
     """
     probe = copy.deepcopy(model._probe)
     output_node = next(node for node in probe.graph.nodes if node.op == "output")
-    values = list(output_node.args[0])
     first_bn = len(model.output_names)
     taps: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.bn_layers)
     for layer in range(len(model.bn_layers)):
-        source = values[first_bn + layer]
+        source = output_node.args[0][first_bn + layer]
         folded = _fold_into_conv(probe, source)
         if folded is not None:
+            # the conv node now computes the BN's output: every reader of the BN (the
+            # graph output tuple included) reads the conv instead
             bn_node, scale, shift = folded
-            values[first_bn + layer] = source  # the conv node now computes the BN's output
             taps[layer] = (scale, shift)
             bn_node.replace_all_uses_with(source)
             probe.graph.erase_node(bn_node)
-            values = [source if value is bn_node else value for value in values]
-    output_node.args = (tuple(values),)
     probe.graph.lint()
     probe.recompile()
     if not any(tap is not None for tap in taps):

@@ -693,8 +693,7 @@ def _fold_shape_round(model: onnx.ModelProto) -> int:
     if any(run is None for run in runs):
         return 0
 
-    taken = {init.name for init in graph.initializer}
-    taken |= {name for node in graph.node for name in list(node.input) + list(node.output)}
+    taken = g.names_in_use(graph)
     folded = 0
     for position, name in enumerate(targets):
         values = [run[position] for run in runs]  # type: ignore[index]
