@@ -1,7 +1,8 @@
 """Op classification shared by the quantizer and the validator.
 
-Contract: pure data, no logic beyond lookups. The quantizer marks tensors by these
-classes and the validator checks the graph by the same classes, so the two cannot drift.
+Contract: pure data and lookups, plus one structural rule (:func:`gated_activation`).
+The quantizer marks tensors by these classes and the validator checks the graph by the
+same classes and rule, so the two cannot drift.
 
 * ``VALUE_PRESERVING``: the op only moves, selects or replicates values (or pads with
   zeros, which a zero-point-0 grid represents exactly), so its output sits on its input's
@@ -10,9 +11,14 @@ classes and the validator checks the graph by the same classes, so the two canno
   optional third input is an int32 bias.
 * ``ACTIVATIONS``: ops that may fuse behind a weighted op into one hardware op.
 * ``NON_NEGATIVE_OUTPUT``: ops whose output is never negative, so an unsigned grid fits.
+* ``GATES``: the gate ``G`` of a gated activation ``Mul(x, G(x))`` (SiLU/Swish is
+  ``Mul(x, Sigmoid(x))``, the form every exporter writes before opset 24's ``Swish``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "VALUE_PRESERVING",
@@ -21,7 +27,9 @@ __all__ = [
     "NON_NEGATIVE_OUTPUT",
     "QDQ_OPS",
     "SHAPE_INPUT_INDICES",
+    "GATES",
     "is_value_preserving",
+    "gated_activation",
 ]
 
 VALUE_PRESERVING: frozenset[str] = frozenset(
@@ -68,6 +76,8 @@ NON_NEGATIVE_OUTPUT: frozenset[str] = frozenset(
 
 QDQ_OPS: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
+GATES: frozenset[str] = frozenset({"Sigmoid", "HardSigmoid"})
+
 # Inputs that carry shapes, indices or axes rather than data: never quantized.
 SHAPE_INPUT_INDICES: dict[str, frozenset[int]] = {
     "Reshape": frozenset({1}),
@@ -99,3 +109,28 @@ def is_value_preserving(op_type: str, attributes: dict[str, object] | None = Non
         mode = attributes.get("mode", b"nearest")
         return mode in (b"nearest", "nearest")
     return op_type in VALUE_PRESERVING
+
+
+def gated_activation(tensor: str, readers: Sequence[Any]) -> tuple[Any, Any] | None:
+    """``(gate, mul)`` when ``tensor``'s readers are exactly one gated activation.
+
+    That is ``gate = G(tensor)`` with ``G`` in :data:`GATES` and ``mul = Mul(tensor,
+    gate_output)`` (either order), and nothing else reads ``tensor``: the pair is one
+    activation (SiLU for Sigmoid), so a fused pattern ``[P, G, "Mul"]`` lets ``tensor``
+    skip its quantizer like the input of any fused activation. ``readers`` are
+    ``onnx.NodeProto``; None when the readers are anything else.
+    """
+    if len(readers) != 2:
+        return None
+    for gate, mul in ((readers[0], readers[1]), (readers[1], readers[0])):
+        if (
+            gate.op_type in GATES
+            and mul.op_type == "Mul"
+            and len(gate.input) >= 1
+            and gate.input[0] == tensor
+            and len(mul.input) == 2
+            and sorted(mul.input) == sorted([tensor, gate.output[0]])
+            and gate is not mul
+        ):
+            return gate, mul
+    return None

@@ -143,6 +143,8 @@ def structure_problems(model: onnx.ModelProto, fused: Iterable[tuple[str, str]] 
                 continue
             if (producer.op_type, node.op_type) in fused_pairs:
                 continue
+            if node.op_type == "Mul" and _is_fused_gate_mul(node, name, producer, producers, fused_pairs):
+                continue
             problems.append(f"{node.name} ({node.op_type}): input {name} from {producer.op_type} is not dequantized")
     graph_input = graph.input[0].name
     for reader in consumers.get(graph_input, []):
@@ -153,6 +155,19 @@ def structure_problems(model: onnx.ModelProto, fused: Iterable[tuple[str, str]] 
         if producer is None or producer.op_type != "DequantizeLinear":
             problems.append(f"graph output {out.name} is not produced by DequantizeLinear")
     return problems
+
+
+def _is_fused_gate_mul(mul: onnx.NodeProto, name: str, producer: onnx.NodeProto,
+                       producers: Mapping[str, onnx.NodeProto], fused_pairs: set[tuple[str, str]]) -> bool:
+    """``mul`` is ``Mul(name, G(name))`` with producer -> G -> Mul fused: SiLU read whole."""
+    other = [x for x in mul.input if x != name]
+    gate = producers.get(other[0]) if len(other) == 1 else None
+    return (
+        gate is not None
+        and list(gate.input[:1]) == [name]
+        and (producer.op_type, gate.op_type) in fused_pairs
+        and (gate.op_type, "Mul") in fused_pairs
+    )
 
 
 _FLOAT_CACHE: dict[int, set[str]] = {}

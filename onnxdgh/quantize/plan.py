@@ -7,7 +7,9 @@ one place that writes Q/DQ nodes):
 
    * the graph input and every float op output get an activation quantizer, except a
      tensor inside a fused pattern (``profile.is_fused(producer, consumer)``, e.g.
-     Conv->Relu: the pair is one hardware op; only the Relu output is quantized);
+     Conv->Relu: the pair is one hardware op; only the Relu output is quantized; a
+     tensor read by both halves of a gated activation ``Mul(x, Sigmoid(x))`` is inside
+     the pattern ``[producer, "Sigmoid", "Mul"]``);
    * value-preserving ops (:func:`onnxdgh.ops.is_value_preserving`) *inherit* their
      input's quantizer: their output gets its own Q/DQ pair with the same scale; when
      that input is a constant, the constant takes its outputs' scale (``scale_from``),
@@ -49,6 +51,7 @@ from ..ops import (
     SHAPE_INPUT_INDICES,
     VALUE_PRESERVING,
     WEIGHTED,
+    gated_activation,
     is_value_preserving,
 )
 from ..profile import Profile
@@ -417,6 +420,18 @@ def mark(
                 fused_tensors.add(out)
                 reader_label = labels[id(readers[0])]
                 fused.append((label, reader_label, out))
+                continue
+            pair = gated_activation(out, readers)
+            if (
+                out not in output_set
+                and pair is not None
+                and profile.is_fused(op, pair[0].op_type)
+                and profile.is_fused(pair[0].op_type, "Mul")
+            ):
+                # Conv -> SiLU as Sigmoid + Mul(x, Sigmoid(x)): x feeds both halves of one
+                # activation, which the profile fuses behind the producer.
+                fused_tensors.add(out)
+                fused.append((label, labels[id(pair[0])], out))
                 continue
         inherits = bool(data_inputs) and data_inputs[0] in marks and (
             _preserves_values(node, inits)

@@ -13,8 +13,9 @@ Contract:
 
 The rules mirror how the quantizer builds the graph (HPTQ, ALGORITHMS.md section 2):
 model inputs go through Q->DQ first, every compute op reads dequantized values except
-the second op of a fused pattern (one hardware op) and the quantizer's range-restricting
-``Clip`` right before a QuantizeLinear, scales are powers of two with zero point 0,
+the second op of a fused pattern (one hardware op; for a fused gated activation
+``[P, "Sigmoid", "Mul"]`` both the gate and its Mul read P's output) and the quantizer's
+range-restricting ``Clip`` right before a QuantizeLinear, scales are powers of two with zero point 0,
 int32 biases carry ``input_scale * weight_scale``, value-preserving ops keep their
 input's scale and shared-scale ops (Concat) have one scale on all inputs and the output.
 """
@@ -30,7 +31,7 @@ import numpy as np
 import onnx
 
 from .. import graph as g
-from ..ops import SHAPE_INPUT_INDICES, WEIGHTED, is_value_preserving
+from ..ops import SHAPE_INPUT_INDICES, WEIGHTED, gated_activation, is_value_preserving
 from ..profile import Profile
 
 __all__ = [
@@ -51,7 +52,8 @@ RULES: dict[str, str] = {
     "graph-output-not-dequantized": "every graph output is produced by DequantizeLinear",
     "float-input-not-dequantized": (
         "every float data input of every compute op comes from DequantizeLinear (except the second "
-        "op of a fused pattern, and a range Clip that feeds only QuantizeLinear)"
+        "op of a fused pattern, the Mul of a fused gated activation, and a range Clip that feeds only "
+        "QuantizeLinear)"
     ),
     "qdq-pair-mismatch": "a DequantizeLinear reading a QuantizeLinear uses the same scale, zero point and type",
     "scale-not-power-of-two": "every Q/DQ scale is a constant, positive, exact power of two",
@@ -66,7 +68,10 @@ RULES: dict[str, str] = {
     "bias-scale": "a bias scale equals input scale x weight scale (per channel)",
     "batchnorm-left": "no BatchNormalization remains (it must be folded before quantization)",
     "op-not-allowed": "every op type is in the profile's allowed_ops (Q/DQ always are)",
-    "fused-pattern-branch": "the inner tensor of a fused pattern feeds only the next op of the pattern",
+    "fused-pattern-branch": (
+        "the inner tensor of a fused pattern feeds only the next op of the pattern (and, for a gated "
+        "activation, the gate's Mul)"
+    ),
     "shared-scale": (
         "ops in shared_scale_ops use one scale for all data inputs and the output; ops in "
         "shared_input_scale_ops use one scale for all data inputs"
@@ -585,7 +590,9 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
                 )
                 continue
             if profile.is_fused(producer.op_type, node.op_type):
-                found.extend(_fused_branch(q, producer, node, name))
+                found.extend(_fused_branch(q, producer, node, name, profile))
+                continue
+            if _gated_mul_input(q, producer, node, name, profile):
                 continue
             found.append(
                 Violation(
@@ -599,8 +606,29 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
     return found
 
 
-def _fused_branch(q: QuantGraph, producer: onnx.NodeProto, node: onnx.NodeProto, tensor: str) -> list[Violation]:
-    others = [user for user in q.consumers.get(tensor, []) if user is not node]
+def _gated_pair(q: QuantGraph, tensor: str, profile: Profile) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """The (gate, Mul) of a gated activation on ``tensor`` that ``profile`` fuses, else None."""
+    pair = gated_activation(tensor, q.consumers.get(tensor, []))
+    if pair is None or not profile.is_fused(pair[0].op_type, "Mul"):
+        return None
+    return pair
+
+
+def _gated_mul_input(
+    q: QuantGraph, producer: onnx.NodeProto, node: onnx.NodeProto, tensor: str, profile: Profile
+) -> bool:
+    """True when ``node`` is the Mul of a gated activation fused behind ``producer``: it
+    reads ``tensor`` (the gate's input) inside the pattern ``[producer, gate, "Mul"]``."""
+    pair = _gated_pair(q, tensor, profile)
+    return pair is not None and pair[1] is node and profile.is_fused(producer.op_type, pair[0].op_type)
+
+
+def _fused_branch(
+    q: QuantGraph, producer: onnx.NodeProto, node: onnx.NodeProto, tensor: str, profile: Profile
+) -> list[Violation]:
+    pair = _gated_pair(q, tensor, profile)
+    partner = pair[1] if pair is not None and pair[0] is node else None  # the gate's Mul
+    others = [user for user in q.consumers.get(tensor, []) if user is not node and user is not partner]
     if not others and tensor not in q.outputs:
         return []
     readers = ", ".join(f"{user.op_type} {q.name(user)!r}" for user in others)
