@@ -4,6 +4,7 @@ unsigned, exact and valid, and nothing changes where nothing is eligible."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from onnxdgh.cli import main
 from onnxdgh.errors import ProfileError
 from onnxdgh.fileio import save_images_npz
 from onnxdgh.load import load_model_proto
-from onnxdgh.profile import load_profile
+from onnxdgh.profile import load_profile, profile_from_dict
 from onnxdgh.quantize import QuantizeConfig, quantize
 from onnxdgh.quantize.calibrate import TensorStats
 from onnxdgh.quantize.rounding import RoundingConfig, optimize_rounding
@@ -29,6 +30,7 @@ from onnxdgh.validate.checks import check_model
 from .helpers_quantize import conv_weight, images, make_model, op_counts, run
 
 LOWBIT = load_profile("pot-lowbit")
+LOWBIT_PATH = Path(__file__).resolve().parents[1] / "onnxdgh" / "profiles" / "pot-lowbit.json"
 
 
 def _silu_conv(
@@ -256,8 +258,9 @@ def test_rounding_rederives_the_correction_for_its_integers(mode: str, learn_bia
     [
         (lambda: _silu_conv(extra_reader="Add"), "Add reads it"),
         (lambda: _silu_conv(act="LeakyRelu"), "does not lower its quantization error"),
+        (lambda: _silu_pool_gemm(pool_output=True), "passes it to a graph output"),
     ],
-    ids=["add-consumer", "symmetric-leakyrelu"],
+    ids=["add-consumer", "symmetric-leakyrelu", "pooled-output"],
 )
 def test_activations_left_alone(model, reason: str) -> None:
     report = _quantize(model()).report
@@ -313,3 +316,114 @@ def test_cli_option(tiny_model_path: Path, tmp_path: Path) -> None:
                                            flag, "--no-validate", "--json", "-"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["config"]["shift_negative"] is expected
+
+
+# ------------------------------------------------------------------ gated activation fusion
+
+
+def test_silu_is_one_activation_fused_behind_its_conv() -> None:
+    """Conv -> Sigmoid + Mul(x, Sigmoid(x)): the pattern [Conv, Sigmoid, Mul] leaves the
+    Conv output and the gate unquantized (one hardware op); a profile without it refuses."""
+    result = _quantize(_silu_conv(), shift_negative=False)
+    q = result.model
+    fused = {(f["producer"], f["consumer"], f["tensor"]) for f in result.report["tensors"]["fused"]}
+    assert {("conv1", "sig", "a"), ("sig", "silu", "s")} <= fused
+    quantized = {node.input[0] for node in q.graph.node if node.op_type == "QuantizeLinear"}
+    assert not {"a", "s", "a_clip", "s_clip"} & quantized
+    assert check_model(q, LOWBIT) == []
+    # The same graph under a profile that fuses Conv->Sigmoid but not the gate's Mul
+    # (patterns are pairwise, so every chain with Sigmoid->Mul goes).
+    data = json.loads(Path(LOWBIT_PATH).read_text())
+    data["fused_patterns"] = [p for p in data["fused_patterns"] if "Sigmoid" not in p] + [["Conv", "Sigmoid"]]
+    data["name"] = "no-gated-mul"
+    rules = {(v.rule, v.node) for v in check_model(q, profile_from_dict(data))}
+    assert ("float-input-not-dequantized", "silu") in rules
+    # A third reader of the fused tensor is a branch that fused hardware never exposes.
+    branched = onnx.ModelProto()
+    branched.CopyFrom(q)
+    branched.graph.node.append(helper.make_node("Relu", ["a"], ["leak"], name="leak"))
+    branched.graph.output.append(helper.make_tensor_value_info("leak", onnx.TensorProto.FLOAT, None))
+    rules = {v.rule for v in check_model(branched, LOWBIT)}
+    assert "fused-pattern-branch" in rules
+
+
+def test_a_gate_read_elsewhere_is_not_fused() -> None:
+    """x also read by a residual Add: the Conv output keeps its quantizer."""
+    result = _quantize(_silu_conv(extra_reader="Add"), shift_negative=False)
+    assert ("conv1", "sig", "a") not in {(f["producer"], f["consumer"], f["tensor"]) for f in result.report["tensors"]["fused"]}
+    assert "a" in {a["tensor"] for a in result.report["tensors"]["activations"]}
+    assert check_model(result.model, LOWBIT) == []
+
+
+# ------------------------------------------------------------------ shift through pooling and residual Adds
+
+
+def _silu_pool_gemm(*, pool_output: bool = False) -> onnx.ModelProto:
+    """x -> Conv -> SiLU -> GlobalAveragePool -> Flatten -> Gemm -> y (and the pooled tensor)."""
+    rng = np.random.default_rng(4)
+    inits = {"w1": conv_weight(8, 3, seed=4), "b1": rng.normal(0.3, 0.5, 8).astype(np.float32),
+             "w2": rng.normal(0, 0.5, (5, 8)).astype(np.float32), "b2": rng.normal(0, 0.2, 5).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+        helper.make_node("Mul", ["a", "s"], ["t"], name="silu"),
+        helper.make_node("GlobalAveragePool", ["t"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1),
+    ]
+    return make_model(nodes, inits, input_shape=("batch", 3, 8, 8), outputs=["y", "p"] if pool_output else ["y"])
+
+
+def _silu_residual() -> onnx.ModelProto:
+    """x -> Conv -> SiLU = t; y = Add(t, Conv2(t)): an identity shortcut around a padded conv."""
+    rng = np.random.default_rng(5)
+    inits = {"w1": conv_weight(8, 3, seed=5), "b1": rng.normal(0.3, 0.5, 8).astype(np.float32),
+             "w2": conv_weight(8, 8, seed=6), "b2": rng.normal(0, 0.2, 8).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+        helper.make_node("Mul", ["a", "s"], ["t"], name="silu"),
+        helper.make_node("Conv", ["t", "w2", "b2"], ["u"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["t", "u"], ["y"], name="residual"),
+    ]
+    return make_model(nodes, inits, input_shape=("batch", 3, 8, 8))
+
+
+def test_shift_through_pooling_and_residual_add_keeps_the_function() -> None:
+    x = images(8)
+    pooled = _silu_pool_gemm()
+    item = replace(_shift("t", "silu", 0.5, ("fc",)), passed=("p", "f"))
+    shifted, pads = apply_shifts(pooled, [item])
+    _close(run(shifted, x)[0], run(pooled, x)[0])
+    assert not pads and next(n for n in shifted.graph.node if n.name == "pool").input[0] == "t_shifted"
+    residual = _silu_residual()
+    item = replace(_shift("t", "silu", 0.375, ("conv2",)), counters=("conv2",), countered=("u",))
+    shifted, pads = apply_shifts(residual, [item])
+    _close(run(shifted, x)[0], run(residual, x)[0])
+    add = next(n for n in shifted.graph.node if n.name == "residual")
+    assert "t_shifted" in add.input and len(pads) == 1
+    conv2 = next(n for n in shifted.graph.node if n.name == "conv2")
+    w2 = _init(residual, "w2").astype(np.float64)
+    expected = _init(residual, "b2") - 0.375 * w2.reshape(8, -1).sum(1) - 0.375
+    np.testing.assert_allclose(_init(shifted, conv2.input[2]), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [_silu_pool_gemm, _silu_residual], ids=["pool-gemm", "residual-add"])
+def test_quantized_shift_through_pooling_and_residual_add(build) -> None:
+    result = _quantize(build())
+    (item,) = result.report["shift_negative"]["shifted"]
+    assert item["tensor"] == "t"
+    q = result.model
+    assert check_model(q, LOWBIT) == []
+    marks = {a["tensor"]: a for a in result.report["tensors"]["activations"]}
+    if build is _silu_pool_gemm:
+        assert item["passed_through"] == ["p", "f"] and item["consumers"] == ["fc"]
+        assert marks["p"]["signed"] is False  # the pooled mean carries +c too: unsigned
+    else:
+        assert item["residual_counters"] == ["conv2"] and item["consumers"] == ["conv2"]
+    # Same function in float, and at 4-bit activations the unsigned grid is closer to it.
+    x = images(16, seed=5)
+    float_y = run(build(), x)[0]
+    unshifted = _quantize(build(), shift_negative=False).model
+    error = float(np.mean((run(q, x)[0] - float_y) ** 2))
+    assert error < float(np.mean((run(unshifted, x)[0] - float_y) ** 2))

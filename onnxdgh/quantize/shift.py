@@ -29,7 +29,16 @@ becomes an explicit ``Pad`` with value ``c`` in front of it (the Conv then pads
 nothing). For ``Gemm(A, B, C) = alpha * A B + beta * C`` the same holds with the sum
 over B's reduction axis: ``C' = C - alpha * c * sum_k B[k, :] / beta``. ConvTranspose
 (the border receives fewer taps, so the correction is not per channel) and MatMul (no
-bias input) are not supported consumers; neither is any other op.
+bias input) are not supported consumers. Two more readers keep the function exact:
+
+* pass-through ops with ``f(x + c) = f(x) + c`` (GlobalAveragePool, Flatten, Reshape,
+  Squeeze, Unsqueeze) hand the shift on; their outputs carry ``+c`` (their statistics
+  move with it) and their readers must again absorb it, as unpadded Conv or Gemm;
+* a residual ``Add(T, z)`` where ``z`` is a Conv/Gemm output read only by that Add: the
+  producer's bias takes ``-c``, so ``Add(T + c, z - c)`` is the old sum. This is the
+  identity shortcut of a residual block (``SiLU(x) + body(SiLU(x))``).
+
+Any other reader leaves the activation as it is.
 
 Grid. ``c`` is a whole number of the shifted tensor's steps, ``c = ceil(-min / s) * s``
 with ``s`` the step of the threshold chosen on the *shifted* statistics (iterated until
@@ -40,8 +49,9 @@ Criterion. An activation is shifted when (a) its producer is HardSwish, LeakyRel
 PRelu, Elu, Selu or a gated ``Mul(x, Sigmoid(x))`` / ``Mul(x, HardSigmoid(x))`` and the
 profile fuses that op with a following ``Add`` (the hardware adds ``c`` in its
 activation unit, before the output quantizer; MCT fuses the added node likewise) and
-allows unsigned activations; (b) its observed minimum is negative; (c) every consumer
-is a Conv or Gemm with constant weights reading it as data input; and (d) the shifted
+allows unsigned activations; (b) its observed minimum is negative; (c) every reader
+absorbs the shift as above (Conv/Gemm with constant weights reading it as data input,
+pass-through ops leading to such, residual Adds with a Conv/Gemm partner); and (d) the shifted
 unsigned grid quantizes the calibration histogram with a lower squared error than the
 signed grid, each with its own HPTQ threshold. (d) is the "small against the maximum"
 test in the units that matter: a large negative part makes the shift cost range.
@@ -91,6 +101,8 @@ SHIFTABLE_OPS: frozenset[str] = frozenset({"HardSwish", "LeakyRelu", "PRelu", "E
 
 _GATES = frozenset({"Sigmoid", "HardSigmoid"})
 _CONSUMERS = ("Conv", "Gemm")
+_PASS_THROUGH = frozenset({"GlobalAveragePool", "Flatten", "Reshape", "Squeeze", "Unsqueeze"})
+"""Ops with ``f(x + c) = f(x) + c`` for a scalar ``c`` and no padding: a shift flows through them."""
 _MAX_ROUNDS = 8
 
 
@@ -118,6 +130,13 @@ class Shift:
     """The Add's output: the tensor quantized on the unsigned grid."""
     add_node: str
     """The name of the Add node that applies the shift."""
+    passed: tuple[str, ...] = ()
+    """Tensors downstream of pass-through ops (GlobalAveragePool, Flatten, ...) that carry ``+c`` too."""
+    counters: tuple[str, ...] = ()
+    """Labels of the Conv/Gemm nodes whose bias takes ``-c`` so that a residual ``Add`` of
+    the shifted tensor is unchanged."""
+    countered: tuple[str, ...] = ()
+    """The outputs of ``counters`` (they carry ``-c``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary for the report."""
@@ -133,6 +152,8 @@ class Shift:
             "error_signed": self.error_signed,
             "error_shifted": self.error_shifted,
             "consumers": list(self.consumers),
+            "passed_through": list(self.passed),
+            "residual_counters": list(self.counters),
             "shifted_tensor": self.shifted_tensor,
         }
 
@@ -179,8 +200,14 @@ def _shift_for(stats: TensorStats, bits: int, method: str) -> tuple[float, float
     return None
 
 
-def _consumer_problem(node: onnx.NodeProto, tensor: str, inits: Mapping[str, onnx.TensorProto]) -> str | None:
-    """Why ``node`` cannot absorb a shift of its input ``tensor`` (None: it can)."""
+def _consumer_problem(
+    node: onnx.NodeProto, tensor: str, inits: Mapping[str, onnx.TensorProto], *, through: bool = False
+) -> str | None:
+    """Why ``node`` cannot absorb a shift of its input ``tensor`` (None: it can).
+
+    ``through``: ``tensor`` is downstream of a pass-through op, whose own grid need not
+    hold ``c``, so a Conv there must not pad (the padding would need ``c`` on that grid).
+    """
     if node.op_type not in _CONSUMERS:
         return f"{node.op_type} reads it (only Conv and Gemm absorb a shift in their bias)"
     if node.input[0] != tensor or list(node.input).count(tensor) != 1:
@@ -194,9 +221,89 @@ def _consumer_problem(node: onnx.NodeProto, tensor: str, inits: Mapping[str, onn
         auto_pad = attrs.get("auto_pad", b"NOTSET")
         if auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
             return "Conv with auto_pad SAME_* (its padding depends on the input size)"
+        if through and any(int(v) for v in attrs.get("pads", [])):  # type: ignore[attr-defined]
+            return f"a padded Conv reads it through {tensor!r}"
     elif float(attrs.get("beta", 1.0)) == 0.0:  # type: ignore[arg-type]
         return "Gemm with beta = 0 (its bias is ignored)"
     return None
+
+
+@dataclass
+class _Absorbers:
+    """Where a shift of one tensor goes: see :func:`_absorbers`."""
+
+    consumers: list[onnx.NodeProto]
+    passed: list[str]
+    counters: list[onnx.NodeProto]
+    problem: str | None = None
+
+
+def _counter_problem(
+    add: onnx.NodeProto,
+    tensor: str,
+    producers: Mapping[str, onnx.NodeProto],
+    consumers: Mapping[str, list[onnx.NodeProto]],
+    inits: Mapping[str, onnx.TensorProto],
+    outputs: set[str],
+) -> tuple[onnx.NodeProto | None, str | None]:
+    """The Conv/Gemm whose bias can take ``-c`` for ``Add(tensor + c, other)``, or why not."""
+    if len(add.input) != 2 or list(add.input).count(tensor) != 1:
+        return None, "an Add reads it twice"
+    other = add.input[1] if add.input[0] == tensor else add.input[0]
+    producer = producers.get(other)
+    if other in inits or producer is None or producer.op_type not in _CONSUMERS:
+        return None, "an Add reads it beside a tensor no Conv or Gemm bias produces"
+    if other in outputs or [id(n) for n in consumers.get(other, [])] != [id(add)]:
+        return None, "an Add reads it beside a Conv/Gemm output that is read elsewhere too"
+    if len(producer.input) < 3 or not producer.input[2] or producer.input[2] not in inits:
+        return None, "an Add reads it beside a Conv/Gemm without a constant bias"
+    if producer.op_type == "Gemm" and float(g.node_attributes(producer).get("beta", 1.0)) == 0.0:  # type: ignore[arg-type]
+        return None, "an Add reads it beside a Gemm with beta = 0"
+    return producer, None
+
+
+def _absorbers(
+    tensor: str,
+    producers: Mapping[str, onnx.NodeProto],
+    consumers: Mapping[str, list[onnx.NodeProto]],
+    inits: Mapping[str, onnx.TensorProto],
+    outputs: set[str],
+) -> _Absorbers:
+    """The nodes that absorb ``+c`` on ``tensor``.
+
+    * a Conv/Gemm reader compensates in its bias (``b - c * sum(W)``);
+    * a pass-through reader (GlobalAveragePool, Flatten, ...) hands ``+c`` on to its
+      readers, which must be unpadded Conv/Gemm or pass-through ops again;
+    * a residual ``Add(tensor, z)`` stays exact when ``z`` is the output of a Conv/Gemm
+      read only by that Add: its bias takes ``-c``.
+    """
+    found = _Absorbers([], [], [])
+
+    def walk(name: str, through: bool) -> str | None:
+        readers = consumers.get(name, [])
+        if not readers:
+            return "nothing reads it"
+        for reader in readers:
+            if reader.op_type in _PASS_THROUGH and reader.input[0] == name and list(reader.input).count(name) == 1:
+                out = reader.output[0]
+                if out in outputs:
+                    return f"{reader.op_type} passes it to a graph output"
+                found.passed.append(out)
+                problem = walk(out, True)
+            elif reader.op_type == "Add" and not through:
+                producer, problem = _counter_problem(reader, name, producers, consumers, inits, outputs)
+                if producer is not None:
+                    found.counters.append(producer)
+            else:
+                problem = _consumer_problem(reader, name, inits, through=through)
+                if problem is None:
+                    found.consumers.append(reader)
+            if problem:
+                return problem
+        return None
+
+    found.problem = walk(tensor, False)
+    return found
 
 
 def choose_shifts(
@@ -243,10 +350,9 @@ def choose_shifts(
         if tensor in outputs:
             skip("it is a graph output")
             continue
-        readers = consumers.get(tensor, [])
-        problems = [p for p in (_consumer_problem(r, tensor, inits) for r in readers) if p]
-        if problems or not readers:
-            skip(problems[0] if problems else "nothing reads it")
+        absorbers = _absorbers(tensor, producers, consumers, inits, outputs)
+        if absorbers.problem:
+            skip(absorbers.problem)
             continue
         item = stats.get(tensor)
         if item is None or item.count == 0:
@@ -285,9 +391,12 @@ def choose_shifts(
                 maximum=float(item.maximum),
                 error_signed=error_signed,
                 error_shifted=error_shifted,
-                consumers=tuple(_label(r, index_of[id(r)]) for r in readers),
+                consumers=tuple(_label(r, index_of[id(r)]) for r in absorbers.consumers),
                 shifted_tensor=g.unique_name(taken, f"{tensor}_shifted"),
                 add_node=g.unique_name(taken, f"{label}_shift"),
+                passed=tuple(absorbers.passed),
+                counters=tuple(_label(r, index_of[id(r)]) for r in absorbers.counters),
+                countered=tuple(r.output[0] for r in absorbers.counters),
             )
         )
         _LOG.info(
@@ -311,10 +420,11 @@ def channel_sums(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
 def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.ModelProto, frozenset[str]]:
     """A copy of ``model`` with every shift inserted and compensated (same function).
 
-    Each ``T`` gets ``Add(T, T_shift) -> T_shifted``; each consumer reads ``T_shifted``
-    (a Conv with padding through ``Pad(T_shifted, pads, T_shift)`` and no padding of its
-    own) and gets a new bias ``b - c * sum(W)``. Touched nodes keep their plan labels as
-    names. Returns the model and the names of the Pad nodes (their fill is on the grid).
+    Each ``T`` gets ``Add(T, T_shift) -> T_shifted`` and every reader of ``T`` reads
+    ``T_shifted``; each consumer (a Conv with padding through ``Pad(T_shifted, pads,
+    T_shift)`` and no padding of its own) gets a new bias ``b - c * sum(W)``, each residual
+    counter ``b - c``. Touched nodes keep their plan labels as names. Returns the model
+    and the names of the Pad nodes (their fill is on the grid).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -331,12 +441,27 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
         value_name = g.unique_name(taken, f"{item.tensor}_shift")
         shifted = item.shifted_tensor
         g.add_initializer(graph, value_name, np.array(item.shift, np.float32))
+        readers = [node for node in graph.node if item.tensor in node.input]
         g.add_node(graph, "Add", [item.tensor, value_name], [shifted], name=item.add_node)
+        for node in readers:  # direct consumers, pass-through ops and residual Adds
+            for position, name in enumerate(node.input):
+                if name == item.tensor:
+                    g.set_node_input(node, position, shifted)
+        for label in item.counters:
+            node = by_label[label]
+            if not node.name:
+                node.name = label
+            replaced.append(node.input[2])
+            bias_name = g.unique_name(taken, f"{label}_shift_counter_bias")
+            old_bias = g.to_array(inits[node.input[2]]).astype(np.float64)
+            g.add_initializer(graph, bias_name, (old_bias - item.shift).astype(np.float32))
+            inits[bias_name] = graph.initializer[-1]  # a later shift may compensate this node too
+            g.set_node_input(node, 2, bias_name)
         for label in item.consumers:
             node = by_label[label]
             if not node.name:
                 node.name = label
-            source = shifted
+            source = node.input[0]  # shifted, or a pass-through op's output
             if node.op_type == "Conv":
                 attrs = g.node_attributes(node)
                 conv_pads = [int(v) for v in attrs.get("pads", [])]  # type: ignore[attr-defined]
@@ -345,9 +470,10 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
                     full = [0, 0, *conv_pads[:half], 0, 0, *conv_pads[half:]]
                     pads_name = g.unique_name(taken, f"{label}_shift_pads")
                     g.add_initializer(graph, pads_name, np.array(full, np.int64))
-                    source = g.unique_name(taken, f"{shifted}_padded")
+                    padded = g.unique_name(taken, f"{shifted}_padded")
                     pad_node = g.unique_name(taken, f"{label}_shift_pad")
-                    g.add_node(graph, "Pad", [shifted, pads_name, value_name], [source], name=pad_node, mode="constant")
+                    g.add_node(graph, "Pad", [source, pads_name, value_name], [padded], name=pad_node, mode="constant")
+                    source = padded
                     g.set_node_attribute(node, "pads", [0] * len(conv_pads))
                     pads.add(pad_node)
             weight = g.to_array(inits[node.input[1]]).astype(np.float64)
@@ -360,6 +486,7 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
             # delta runs along the last axis (Conv: the only one; Gemm: N), so a scalar or
             # row bias broadcasts to one value per output channel.
             g.add_initializer(graph, bias_name, (old - delta).astype(np.float32))
+            inits[bias_name] = graph.initializer[-1]
             g.set_node_input(node, 0, source)
             g.set_node_input(node, 2, bias_name)
     still_read = {name for node in graph.node for name in node.input}
@@ -370,10 +497,18 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
 
 
 def shifted_statistics(stats: Mapping[str, TensorStats], shifts: Sequence[Shift]) -> dict[str, TensorStats]:
-    """``stats`` plus each shifted tensor's statistics (its activation's, moved by ``c``)."""
+    """``stats`` plus each shifted tensor's statistics (its activation's, moved by ``c``),
+    with the tensors that carry the shift downstream moved by ``c`` and the residual
+    counters' outputs by ``-c``."""
     merged = dict(stats)
     for item in shifts:
         merged[item.shifted_tensor] = stats[item.tensor].shifted(item.shift, item.shifted_tensor)
+        for name in item.passed:
+            if name in merged:
+                merged[name] = merged[name].shifted(item.shift)
+        for name in item.countered:
+            if name in merged:
+                merged[name] = merged[name].shifted(-item.shift)
     return merged
 
 
