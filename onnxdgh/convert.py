@@ -43,6 +43,7 @@ from torch import fx
 
 from . import graph as g
 from .errors import ConversionError, UnsupportedModelError
+from .kernels import channel_affine
 from .load import REEXPORT_RECIPE, BatchNormInfo, LoadedModel, make_batch_dynamic
 from .runtime import make_session, run_batched, with_extra_outputs
 
@@ -401,7 +402,7 @@ class _AffineFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 zeros: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(scale)
-        return torch.nn.functional.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 0.0)
+        return channel_affine(x, scale, shift, zeros, ones)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
