@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_json",
     "save_images_npz",
     "load_images_npz",
+    "check_images",
 ]
 
 
@@ -154,14 +155,47 @@ def load_images_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str,
             f"calibration file {src} holds pickled objects, which onnxdgh never loads",
             "save plain arrays: numpy.savez(path, images=array)",
         ) from exc
-    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+    return check_images(images, what=f"calibration images in {src}"), meta
+
+
+def check_images(
+    images: object,
+    *,
+    what: str = "calibration images",
+    input_shape: Iterable[int] | None = None,
+    input_name: str | None = None,
+) -> np.ndarray:
+    """``images`` as contiguous float32 N x C x H x W, or a :class:`CalibrationDataError`.
+
+    The one check of an image batch (a loaded file, the quantizer's calibration set, the
+    rounding optimisation's, the validator's data): a numpy array, four dimensions (and
+    the model's C x H x W when ``input_shape`` is given), at least one image, a float
+    dtype, only finite values. ``what`` names the images in the message.
+    """
+    if not isinstance(images, np.ndarray):
         raise CalibrationDataError(
-            f"calibration images in {src} have shape {images.shape} and dtype {images.dtype}; "
-            "a float N x C x H x W array is needed",
-            "store images already normalized for the model, as float32 NCHW",
+            f"{what} must be a numpy array, got {type(images).__name__}", "pass a float32 N x C x H x W array"
+        )
+    expected = None if input_shape is None else tuple(int(v) for v in input_shape)
+    if images.ndim != 4 or (expected is not None and tuple(images.shape[1:]) != expected):
+        if expected is None:
+            needs = "a float N x C x H x W array is needed"
+        else:
+            model = f"model input {input_name!r}" if input_name else "the model"
+            needs = f"{model} takes N x {' x '.join(map(str, expected))}"
+        raise CalibrationDataError(
+            f"{what} have shape {tuple(images.shape)}; {needs}",
+            "give images of the model's input size, normalized as the model expects (float32 NCHW)",
         )
     if images.shape[0] == 0:
-        raise CalibrationDataError(f"calibration file {src} holds no images", "store at least one image")
+        raise CalibrationDataError(f"{what}: no images", "give at least one image")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise CalibrationDataError(
+            f"{what} have dtype {images.dtype}; float images are needed",
+            "convert them to float32 and normalize them as the model expects",
+        )
     if not np.all(np.isfinite(images)):
-        raise CalibrationDataError(f"calibration images in {src} contain NaN or infinity", "regenerate or clean the file")
-    return np.ascontiguousarray(images, dtype=np.float32), meta
+        raise CalibrationDataError(
+            f"{what} contain NaN or infinity; every value must be finite", "regenerate or clean them"
+        )
+    return np.ascontiguousarray(images, dtype=np.float32)

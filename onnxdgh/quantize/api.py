@@ -29,6 +29,7 @@ import onnx
 from .. import __version__
 from .. import graph as g
 from ..errors import CalibrationDataError, InvalidInputError, ProfileError, QuantizationError, UnsupportedModelError
+from ..fileio import check_images
 from ..load import LoadedModel, canonicalise, load_model, make_batch_dynamic
 from ..profile import Profile, load_profile
 from .calibrate import DEFAULT_BINS, collect_statistics
@@ -219,28 +220,7 @@ def _profile(config: QuantizeConfig) -> Profile:
 
 
 def _check_images(images: object, loaded: LoadedModel) -> np.ndarray:
-    if not isinstance(images, np.ndarray):
-        raise CalibrationDataError(
-            f"calibration images must be a numpy array, got {type(images).__name__}",
-            "pass a float32 N x C x H x W array",
-        )
-    expected = tuple(loaded.input_shape)
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise CalibrationDataError(
-            f"calibration images have shape {tuple(images.shape)}; model input {loaded.input_name!r} "
-            f"needs N x {' x '.join(map(str, expected))}",
-            "give images of the model's input size, normalized as the model expects",
-        )
-    if images.shape[0] == 0:
-        raise CalibrationDataError("the calibration set holds no images", "give at least one image")
-    if not np.issubdtype(images.dtype, np.floating):
-        raise CalibrationDataError(
-            f"calibration images have dtype {images.dtype}; float images are needed",
-            "convert them to float32 and normalize them as the model expects",
-        )
-    if not np.all(np.isfinite(images)):
-        raise CalibrationDataError("calibration images contain NaN or infinity", "clean or regenerate them")
-    return np.ascontiguousarray(images, dtype=np.float32)
+    return check_images(images, input_shape=loaded.input_shape, input_name=loaded.input_name)
 
 
 def _convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.ModelProto:

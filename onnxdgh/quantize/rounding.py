@@ -68,7 +68,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import graph as g
-from ..errors import CalibrationDataError, InvalidInputError, QuantizationError
+from ..errors import InvalidInputError, QuantizationError
+from ..fileio import check_images
 from ..ops import ACTIVATIONS, WEIGHTED, is_value_preserving
 from ..runtime import make_session, run_batched
 from .plan import round_bias
@@ -1162,18 +1163,6 @@ class _FloatTargets:
         return self._cache[name]
 
 
-def _check_images(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim < 2 or images.shape[0] == 0:
-        raise CalibrationDataError(
-            f"rounding optimisation needs a batch of calibration images, got an array of shape {images.shape}",
-            "pass the calibration images (N x C x H x W) used for quantization",
-        )
-    if not np.all(np.isfinite(images)):
-        raise CalibrationDataError("calibration images contain NaN or infinity", "regenerate or clean the images")
-    return np.ascontiguousarray(images, dtype=np.float32)
-
-
 # ------------------------------------------------------------------------ public API
 
 
@@ -1211,7 +1200,7 @@ def optimize_rounding(
         QuantizationError: the float model does not match the quantized one, or the
             stored integers exceed ``config.weight_bits``.
     """
-    images = _check_images(images)
+    images = check_images(images, what="rounding optimisation images")
     model = onnx.ModelProto()
     model.CopyFrom(qdq_model)
     g.topological_sort(model.graph)
@@ -1671,7 +1660,7 @@ def bias_correction(
 
     Returns the corrected copy and a report (per layer: the mean |delta| and the outcome).
     """
-    images = _check_images(images)
+    images = check_images(images, what="rounding optimisation images")
     model = onnx.ModelProto()
     model.CopyFrom(qdq_model)
     g.topological_sort(model.graph)

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import CalibrationDataError, InvalidInputError
+from ..fileio import check_images
+from ..errors import InvalidInputError
 from ..load import LoadedModel, load_model, load_model_proto
 from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
 from .checks import Violation, analyse, check_model
@@ -163,24 +164,6 @@ def _random_images(reference: LoadedModel, count: int, seed: int) -> tuple[np.nd
     return rng.standard_normal(shape).astype(np.float32), f"{count} random images (standard normal, seed {seed})"
 
 
-def _check_images(images: np.ndarray, reference: LoadedModel) -> np.ndarray:
-    array = np.asarray(images)
-    expected = reference.input_shape
-    if array.ndim != 4 or tuple(array.shape[1:]) != tuple(expected):
-        raise CalibrationDataError(
-            f"validation images have shape {array.shape}; the model takes N x {' x '.join(map(str, expected))}",
-            "give images preprocessed for this model (float32, N x C x H x W), e.g. from `onnxdgh generate`",
-        )
-    if array.shape[0] == 0:
-        raise CalibrationDataError("no validation images given", "give at least one image")
-    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
-        raise CalibrationDataError(
-            "validation images must be finite float values",
-            "store float32 images already normalized for the model",
-        )
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
 def _check_labels(labels: np.ndarray, count: int) -> np.ndarray:
     array = np.asarray(labels)
     if array.ndim != 1 or array.shape[0] != count:
@@ -313,7 +296,7 @@ def validate(
             images, description = _random_images(loaded_ref, random_images, seed)
             data_info = DataInfo("random", images.shape[0], False, description)
         else:
-            images = _check_images(data, loaded_ref)
+            images = check_images(data, what="validation images", input_shape=loaded_ref.input_shape)
             data_info = DataInfo("given", images.shape[0], labels is not None, f"{images.shape[0]} given images")
         checked_labels = _check_labels(labels, images.shape[0]) if labels is not None else None
         step = _batch_size(loaded_ref, loaded_q, batch_size)
