@@ -105,3 +105,13 @@ def test_cli_generate_on_cuda(tiny_model_path: Path, tmp_path: Path) -> None:
     images, _meta = load_images_npz(out)
     assert images.shape == (8, 3, 12, 12)
     assert json.loads(report.read_text())["settings"]["device"] == "cuda"
+
+
+def test_cli_quantize_generates_on_cuda(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["-q", "quantize", str(tiny_model_path), "-o", str(out), "--device", "cuda",
+                                       "--images", "8", "--batch-size", "4", "--iterations", "3", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    report = json.loads(result.stdout)
+    assert report["generation"]["settings"]["device"] == "cuda"

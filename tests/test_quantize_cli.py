@@ -108,6 +108,19 @@ def test_bad_normalisation_exits_2_and_writes_nothing(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("device", "fragment"), [("tpu", "--device"), ("cuda", "CUDA")])
+def test_generation_device_is_checked_before_work(tiny_model_path: Path, tmp_path: Path, device: str, fragment: str) -> None:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (tests/test_cuda.py covers the GPU)")
+    out = tmp_path / "q.onnx"
+    result = _invoke("quantize", str(tiny_model_path), "-o", str(out), "--images", "8", "--iterations", "2",
+                     "--device", device)
+    _assert_error(result, 2, fragment)
+    assert not out.exists()
+
+
 def _assert_error(result, code: int, *fragments: str) -> None:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
@@ -128,6 +141,7 @@ def _assert_error(result, code: int, *fragments: str) -> None:
         (["--weight-bits", "4", "--profile", "generic-pot-int8"], ["allows weight bits [8]"]),
         (["--images", "4"], ["--images apply only when images are generated"]),
         (["--mean", "0.5", "--std", "0.5"], ["--mean, --std apply only when images are generated"]),
+        (["--device", "cuda"], ["--device apply only when images are generated"]),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(

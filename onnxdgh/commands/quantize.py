@@ -87,6 +87,8 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
 @click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")
 @click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
+@click.option("--device", default=None, metavar="cpu|cuda",
+              help="Generation: where DGH runs (default cpu); the rest of the quantization runs on the CPU.")
 @click.option("--method", default=None, metavar="dgh|bns|noise",
               help="Generation method: dgh (default), bns (per-batch BN matching) or noise (Gaussian).")
 @click.option("--mean", "mean_text", default=None,
@@ -124,6 +126,7 @@ def quantize_command(
     images: int | None,
     iterations: int | None,
     batch_size: int | None,
+    device: str | None,
     method: str | None,
     mean_text: str | None,
     std_text: str | None,
@@ -190,6 +193,7 @@ def quantize_command(
         "images": images,
         "iterations": iterations,
         "batch_size": batch_size,
+        "device": device,
         "method": method,
         "mean": _floats("--mean", mean_text),
         "std": _floats("--std", std_text),
