@@ -408,6 +408,24 @@ def test_shift_through_pooling_and_residual_add_keeps_the_function() -> None:
     np.testing.assert_allclose(_init(shifted, conv2.input[2]), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_residual_counter_on_a_gemm_divides_by_beta() -> None:
+    """t = HardSwish(Gemm1(x)); y = t + Gemm2(t) with beta 2 and alpha 0.5: C takes -c / beta."""
+    rng = np.random.default_rng(6)
+    inits = {"w1": rng.normal(0, 0.5, (16, 12)).astype(np.float32), "b1": rng.normal(0.5, 0.5, 12).astype(np.float32),
+             "w2": rng.normal(0, 0.5, (12, 12)).astype(np.float32), "c2": rng.normal(0, 0.3, 12).astype(np.float32)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["a"], name="gemm1"),
+        helper.make_node("HardSwish", ["a"], ["t"], name="hswish"),
+        helper.make_node("Gemm", ["t", "w2", "c2"], ["u"], name="gemm2", alpha=0.5, beta=2.0),
+        helper.make_node("Add", ["t", "u"], ["y"], name="residual"),
+    ]
+    model = make_model(nodes, inits, input_shape=("batch", 16))
+    item = replace(_shift("t", "hswish", 0.5, ("gemm2",)), counters=("gemm2",), countered=("u",))
+    shifted, _pads = apply_shifts(model, [item])
+    x = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
+    _close(run(shifted, x)[0], run(model, x)[0])
+
+
 @pytest.mark.parametrize("build", [_silu_pool_gemm, _silu_residual], ids=["pool-gemm", "residual-add"])
 def test_quantized_shift_through_pooling_and_residual_add(build) -> None:
     result = _quantize(build())

@@ -454,7 +454,9 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
             replaced.append(node.input[2])
             bias_name = g.unique_name(taken, f"{label}_shift_counter_bias")
             old_bias = g.to_array(inits[node.input[2]]).astype(np.float64)
-            g.add_initializer(graph, bias_name, (old_bias - item.shift).astype(np.float32))
+            # Gemm adds beta * C: -c on every output is -c / beta on C (Conv: beta 1).
+            beta = float(g.node_attributes(node).get("beta", 1.0)) if node.op_type == "Gemm" else 1.0  # type: ignore[arg-type]
+            g.add_initializer(graph, bias_name, (old_bias - item.shift / beta).astype(np.float32))
             inits[bias_name] = graph.initializer[-1]  # a later shift may compensate this node too
             g.set_node_input(node, 2, bias_name)
         for label in item.consumers:
