@@ -30,6 +30,7 @@ __all__ = [
     "GATES",
     "is_value_preserving",
     "gated_activation",
+    "is_gate_partner",
 ]
 
 VALUE_PRESERVING: frozenset[str] = frozenset(
@@ -111,6 +112,22 @@ def is_value_preserving(op_type: str, attributes: dict[str, object] | None = Non
     return op_type in VALUE_PRESERVING
 
 
+def is_gate_partner(gate: Any, mul: Any) -> bool:
+    """True when ``mul`` is ``Mul(x, gate(x))`` for the gate node ``gate`` (a gated activation).
+
+    A fused pair ``G -> Mul`` means exactly this: the gate's output never leaves the
+    activation unit. A gate whose output scales some *other* tensor (a squeeze-excitation
+    ``Mul(features, HardSigmoid(fc))``) is a separate op with a quantized output.
+    """
+    return (
+        gate.op_type in GATES
+        and mul.op_type == "Mul"
+        and len(gate.input) >= 1
+        and len(mul.input) == 2
+        and sorted(mul.input) == sorted([gate.input[0], gate.output[0]])
+    )
+
+
 def gated_activation(tensor: str, readers: Sequence[Any]) -> tuple[Any, Any] | None:
     """``(gate, mul)`` when ``tensor``'s readers are exactly one gated activation.
 
@@ -123,14 +140,6 @@ def gated_activation(tensor: str, readers: Sequence[Any]) -> tuple[Any, Any] | N
     if len(readers) != 2:
         return None
     for gate, mul in ((readers[0], readers[1]), (readers[1], readers[0])):
-        if (
-            gate.op_type in GATES
-            and mul.op_type == "Mul"
-            and len(gate.input) >= 1
-            and gate.input[0] == tensor
-            and len(mul.input) == 2
-            and sorted(mul.input) == sorted([tensor, gate.output[0]])
-            and gate is not mul
-        ):
+        if is_gate_partner(gate, mul) and gate.input[0] == tensor:
             return gate, mul
     return None

@@ -347,6 +347,34 @@ def test_silu_is_one_activation_fused_behind_its_conv() -> None:
     assert "fused-pattern-branch" in rules
 
 
+def test_squeeze_excitation_gate_keeps_its_quantizer() -> None:
+    """Mul(t, HardSigmoid(fc(pool(t)))) scales *another* tensor: not a gated activation, so
+    the gate's output is quantized although the profile lists HardSigmoid -> Mul."""
+    rng = np.random.default_rng(7)
+    inits = {"w1": conv_weight(8, 3, seed=7), "b1": rng.normal(0.3, 0.5, 8).astype(np.float32),
+             "w2": conv_weight(8, 8, k=1, seed=8), "b2": rng.normal(0, 0.5, 8).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["t"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["t"], ["p"], name="pool"),
+        helper.make_node("Conv", ["p", "w2", "b2"], ["e"], name="fc"),
+        helper.make_node("HardSigmoid", ["e"], ["s"], name="gate"),
+        helper.make_node("Mul", ["t", "s"], ["y"], name="scale"),
+    ]
+    q = _quantize(make_model(nodes, inits, input_shape=("batch", 3, 8, 8))).model
+    assert {"s", "s_clip"} & {node.input[0] for node in q.graph.node if node.op_type == "QuantizeLinear"}
+    assert check_model(q, LOWBIT) == []
+    # Reading the gate directly is refused.
+    broken = onnx.ModelProto()
+    broken.CopyFrom(q)
+    scale = next(node for node in broken.graph.node if node.name == "scale")
+    for position, name in enumerate(scale.input):
+        if name.startswith("s_"):
+            scale.input[position] = "s"
+    messages = [v.message for v in check_model(broken, LOWBIT) if v.rule == "float-input-not-dequantized"]
+    assert any("gated activation" in m for m in messages)
+
+
 def test_a_gate_read_elsewhere_is_not_fused() -> None:
     """x also read by a residual Add: the Conv output keeps its quantizer."""
     result = _quantize(_silu_conv(extra_reader="Add"), shift_negative=False)

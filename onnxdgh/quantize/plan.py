@@ -51,7 +51,9 @@ from ..ops import (
     SHAPE_INPUT_INDICES,
     VALUE_PRESERVING,
     WEIGHTED,
+    GATES,
     gated_activation,
+    is_gate_partner,
     is_value_preserving,
 )
 from ..profile import Profile
@@ -416,6 +418,7 @@ def mark(
                 and len(readers) == 1
                 and list(readers[0].input).count(out) == 1
                 and profile.is_fused(op, readers[0].op_type)
+                and (op not in GATES or readers[0].op_type != "Mul" or is_gate_partner(node, readers[0]))
             ):
                 fused_tensors.add(out)
                 reader_label = labels[id(readers[0])]

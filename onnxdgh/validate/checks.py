@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from .. import graph as g
-from ..ops import SHAPE_INPUT_INDICES, WEIGHTED, gated_activation, is_value_preserving
+from ..ops import GATES, SHAPE_INPUT_INDICES, WEIGHTED, gated_activation, is_gate_partner, is_value_preserving
 from ..profile import Profile
 
 __all__ = [
@@ -590,6 +590,17 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
                 )
                 continue
             if profile.is_fused(producer.op_type, node.op_type):
+                if producer.op_type in GATES and node.op_type == "Mul" and not is_gate_partner(producer, node):
+                    found.append(
+                        Violation(
+                            "float-input-not-dequantized",
+                            q.name(node),
+                            name,
+                            f"Mul {q.name(node)!r} reads {producer.op_type} {q.name(producer)!r} without Q/DQ, but "
+                            f"{producer.op_type}->Mul is fused only as a gated activation Mul(x, {producer.op_type}(x))",
+                        )
+                    )
+                    continue
                 found.extend(_fused_branch(q, producer, node, name, profile))
                 continue
             if _gated_mul_input(q, producer, node, name, profile):
