@@ -1,6 +1,7 @@
 """Op classification shared by the quantizer and the validator.
 
-Contract: pure data and lookups, plus one structural rule (:func:`gated_activation`).
+Contract: pure data and lookups, plus one structural rule, the gated activation
+(:func:`is_gate_partner`, :func:`gated_activation`).
 The quantizer marks tensors by these classes and the validator checks the graph by the
 same classes and rule, so the two cannot drift.
 

@@ -376,3 +376,22 @@ def test_graph_helpers_used_by_rounding() -> None:
     assert [n.op_type for n in pruned.graph.node] == ["Flatten"] and not pruned.graph.initializer
     images = _images((1, 4, 4), n=4)
     np.testing.assert_array_equal(run(pruned, images)[0], images.reshape(4, -1))
+
+
+def test_gated_activations_are_emulated_whole() -> None:
+    """Conv -> Mul(x, G(x)) for both gates: one fused step, computed as onnxruntime does."""
+    from onnxdgh.quantize.rounding import _activation_fn, _fused_activation
+
+    y = torch.linspace(-6, 6, 97, dtype=torch.float32)
+    for gate, attrs, expected in (
+        ("Sigmoid", {}, y * torch.sigmoid(y)),
+        ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}, y * torch.clamp(y / 6 + 0.5, 0, 1)),
+    ):
+        conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
+        gate_node = helper.make_node(gate, ["c"], ["g"], name="gate", **attrs)
+        mul = helper.make_node("Mul", ["g", "c"], ["y"], name="mul")
+        chain, quant = _fused_activation(conv, {"c": [gate_node, mul]})
+        assert [n.op_type for n in chain] == [gate, "Mul"] and quant is None
+        fn = _activation_fn(chain, {})
+        assert fn is not None
+        torch.testing.assert_close(fn(y), expected)

@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 from .. import graph as g
 from ..errors import InvalidInputError, QuantizationError
 from ..fileio import check_images
-from ..ops import ACTIVATIONS, WEIGHTED, is_value_preserving
+from ..ops import ACTIVATIONS, GATES, WEIGHTED, gated_activation, is_value_preserving
 from ..runtime import make_session, run_batched
 from .plan import round_bias
 from .shift import channel_sums
@@ -239,10 +239,11 @@ def _fused_activation(
     """The activation chain fused behind ``node`` and the QuantizeLinear that ends it.
 
     The chain is every op read directly (no Q/DQ between) as the only reader: an
-    activation (Relu, Clip, ...), SiLU as Mul(x, Sigmoid(x)), and the Clip the emitter
-    puts before the QuantizeLinear of a narrow activation, which is a Clip like any
-    other. Returns ``((steps...), quantize_node_or_None)``; each step is one node or a
-    (Sigmoid, Mul) pair flattened in order.
+    activation (Relu, Clip, ...), a gated activation Mul(x, G(x)) (SiLU for Sigmoid,
+    :func:`onnxdgh.ops.gated_activation`), and the Clip the emitter puts before the
+    QuantizeLinear of a narrow activation, which is a Clip like any other. Returns
+    ``((steps...), quantize_node_or_None)``; each step is one node or a (gate, Mul) pair
+    flattened in order.
     """
     chain: list[onnx.NodeProto] = []
     tensor = node.output[0]
@@ -252,13 +253,11 @@ def _fused_activation(
             chain.append(users[0])
             tensor = users[0].output[0]
             continue
-        if len(users) == 2:
-            by_type = {user.op_type: user for user in users}
-            sigmoid, mul = by_type.get("Sigmoid"), by_type.get("Mul")
-            if sigmoid is not None and mul is not None and set(mul.input) == {tensor, sigmoid.output[0]}:
-                chain += [sigmoid, mul]
-                tensor = mul.output[0]
-                continue
+        pair = gated_activation(tensor, users)
+        if pair is not None:
+            chain += list(pair)
+            tensor = pair[1].output[0]
+            continue
         break
     users = consumers.get(tensor, [])
     quant = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
@@ -561,8 +560,11 @@ def _activation_fn(
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
     index = 0
     while index < len(nodes):
-        if nodes[index].op_type == "Sigmoid" and index + 1 < len(nodes) and nodes[index + 1].op_type == "Mul":
-            steps.append(F.silu)
+        if nodes[index].op_type in GATES and index + 1 < len(nodes) and nodes[index + 1].op_type == "Mul":
+            gate = _activation_step(nodes[index], inits)
+            if gate is None:
+                return None
+            steps.append(F.silu if nodes[index].op_type == "Sigmoid" else _gated(gate))
             index += 2
             continue
         step = _activation_step(nodes[index], inits)
@@ -577,6 +579,10 @@ def _activation_fn(
         return y
 
     return apply
+
+
+def _gated(gate: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda y: y * gate(y)
 
 
 def _activation_step(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -79,6 +79,7 @@ import onnx
 
 from .. import graph as g
 from ..errors import QuantizationError
+from ..ops import is_gate_partner
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
@@ -99,7 +100,6 @@ _LOG = logging.getLogger(__name__)
 SHIFTABLE_OPS: frozenset[str] = frozenset({"HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu"})
 """Activation ops whose output may carry a small negative tail (besides gated Mul)."""
 
-_GATES = frozenset({"Sigmoid", "HardSigmoid"})
 _CONSUMERS = ("Conv", "Gemm")
 _PASS_THROUGH = frozenset({"GlobalAveragePool", "Flatten", "Reshape", "Squeeze", "Unsqueeze"})
 """Ops with ``f(x + c) = f(x) + c`` for a scalar ``c`` and no padding: a shift flows through them."""
@@ -166,12 +166,11 @@ def _activation_kind(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProt
     """``node``'s activation name when its output may have a small negative tail, else None."""
     if node.op_type in SHIFTABLE_OPS:
         return node.op_type
-    if node.op_type == "Mul" and len(node.input) == 2:
-        first, second = node.input
-        for data, gate in ((first, second), (second, first)):
-            producer = producers.get(gate)
-            if producer is not None and producer.op_type in _GATES and producer.input[0] == data:
-                return "SiLU" if producer.op_type == "Sigmoid" else "x*HardSigmoid(x)"
+    if node.op_type == "Mul":
+        for name in node.input:
+            gate = producers.get(name)
+            if gate is not None and is_gate_partner(gate, node):
+                return "SiLU" if gate.op_type == "Sigmoid" else "x*HardSigmoid(x)"
     return None
 
 
