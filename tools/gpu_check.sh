@@ -19,6 +19,27 @@ for spec in "fmnist_resnet8 cuda" "fmnist_mobilenetv2 cuda" "fmnist_resnet8_silu
   timeout 120 python3 -m onnxdgh -q generate "samples/$1.onnx" -o "$images" --device "$2" --seed 0 --json "$out/$1_$2.json"
   echo "rc=$? $1 $2"
 done
+# ImageNet-size timing: torchvision ResNet-18 (random weights: the time does not depend
+# on them), exported with BN kept as the README says; GPU 20 iterations, CPU 2.
+python3 - "$out/resnet18.onnx" <<'PY'
+import sys, torch, torchvision
+model = torchvision.models.resnet18(weights=None)
+gen = torch.Generator().manual_seed(0)
+for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # non-trivial BN targets
+    bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 0.2)
+    bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+model.eval()
+torch.onnx.export(model, torch.randn(1, 3, 224, 224), sys.argv[1], dynamo=False,
+                  training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False, opset_version=17,
+                  input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+PY
+for spec in "cuda 20" "cpu 2"; do
+  set -- $spec
+  timeout 150 python3 -m onnxdgh -q generate "$out/resnet18.onnx" -o "$(mktemp --suffix .npz)" --device "$1" --seed 0 \
+      --images 64 --batch-size 32 --iterations "$2" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --json "$out/resnet18_$1.json"
+  echo "rc=$? resnet18 $1"
+done
+rm -f "$out/resnet18.onnx"
 OUT=$out python3 - <<'PY'
 import glob, json, os
 for path in sorted(glob.glob(os.path.join(os.environ["OUT"], "*.json"))):
