@@ -206,6 +206,24 @@ def test_rounding_optimisation_keeps_the_shift() -> None:
     assert np.corrcoef(float_y.reshape(-1), quant_y.reshape(-1))[0, 1] > 0.9
 
 
+def test_result_carries_the_float_reference_of_a_shifted_graph() -> None:
+    """A separate rounding run needs the shifted float model and the shifts (the rounding
+    benchmark does exactly this); with them it matches the quantizer's own run."""
+    model = _silu_conv()
+    result = _quantize(model, weight_bits=4)
+    (item,) = result.report["shift_negative"]["shifted"]
+    assert result.input_shifts == {"conv2": item["shift"]}
+    assert result.float_model is not None and "Add" in op_counts(result.float_model)
+    x = images(8)
+    _close(run(result.float_model, x)[0], run(model, x)[0])
+    config = RoundingConfig(weight_bits=4, iterations=20, seed=0, bias_correction=False)  # quantize's own settings
+    separate, report = optimize_rounding(result.model, result.float_model, images(48, seed=2) * 1.5, config,
+                                         progress=False, input_shifts=result.input_shifts)
+    inline = _quantize(model, weight_bits=4, optimize_rounding=True, rounding_iterations=20).model
+    assert report["skipped"] == [] and report["block_fallbacks"] == []
+    assert separate.graph.SerializeToString() == inline.graph.SerializeToString()
+
+
 def test_hardswish_fused_behind_its_conv_is_shifted() -> None:
     """Conv -> HardSwish -> Add(c): one fused chain, only the Add's output is quantized."""
     result = _quantize(_silu_conv(act="HardSwish"), weight_bits=4, optimize_rounding=True, rounding_iterations=20)

@@ -128,7 +128,6 @@ def run(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from onnxdgh.load import load_model
     from onnxdgh.quantize import QuantizeConfig, quantize
-    from onnxdgh.quantize.fold import prepare
     from onnxdgh.quantize.rounding import RoundingConfig, optimize_rounding
 
     busy = bl.busy_processes()
@@ -148,7 +147,6 @@ def run(argv: list[str] | None = None) -> int:
         work = ctx.work / model.stem
         work.mkdir(parents=True, exist_ok=True)
         loaded = load_model(model)
-        folded, _ = prepare(loaded.model)
         test_x, test_y, data_name = _test_set(model, args.smoke, args.seed)
         float_top1 = bl.top1(model, test_x, test_y)
         bl.log(f"{model.stem}: float top-1 {100 * float_top1:.2f}%")
@@ -170,7 +168,11 @@ def run(argv: list[str] | None = None) -> int:
                         fields["iterations"] = iterations
                     config = RoundingConfig(**fields)
                     started = time.perf_counter()
-                    optimized, report = optimize_rounding(result.model, folded, images, config, progress=not args.quiet)
+                    # The quantized graph's own float reference: with the shift negative
+                    # correction (A4 SiLU) it has the shift's Adds, and shifted layers learn
+                    # on their unshifted input.
+                    optimized, report = optimize_rounding(result.model, result.float_model, images, config,
+                                                          progress=not args.quiet, input_shifts=result.input_shifts)
                     seconds = time.perf_counter() - started
                     acc = bl.top1(optimized.SerializeToString(), test_x, test_y)
                     bl.log(f"  {name}: {100 * acc:.2f}% in {seconds:.0f} s")

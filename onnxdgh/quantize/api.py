@@ -182,6 +182,12 @@ class QuantizeResult:
     report: dict[str, Any]
     calibration: np.ndarray | None = field(default=None, repr=False)
     """The images the thresholds were chosen on (given or generated), for validation."""
+    float_model: onnx.ModelProto | None = field(default=None, repr=False)
+    """The BN-folded float model that ``model`` quantizes node for node (with the shift
+    negative correction's Adds when it ran): the reference for a separate
+    :func:`~onnxdgh.quantize.rounding.optimize_rounding` run."""
+    input_shifts: dict[str, float] = field(default_factory=dict)
+    """Node name -> the shift ``c`` its input carries (``optimize_rounding``'s ``input_shifts``)."""
 
 
 def default_profile_name(weight_bits: int, act_bits: int) -> str:
@@ -391,6 +397,7 @@ def quantize(
     quantized = emit(folded, resolved)
     timings["emit_s"] = time.perf_counter() - step
 
+    input_shifts = {label: item.shift for item in shifts for label in item.consumers}
     rounding_report: dict[str, Any] | None = None
     if config.rounding_enabled or config.bias_correction_enabled:
         from .rounding import RoundingConfig, bias_correction, optimize_rounding  # torch: imported when used
@@ -405,7 +412,7 @@ def quantize(
             )
             quantized, rounding_report = optimize_rounding(
                 quantized, folded, calibration, settings, progress=progress,
-                input_shifts={label: item.shift for item in shifts for label in item.consumers},
+                input_shifts=input_shifts,
             )
         else:
             quantized, rounding_report = bias_correction(quantized, folded, calibration, progress=progress)
@@ -458,7 +465,8 @@ def quantize(
         loaded.source, report["counts"]["activations"], report["counts"]["weights"],
         report["counts"]["biases"], report["counts"]["constants"], timings["quantize_s"],
     )
-    return QuantizeResult(model=quantized, report=report, calibration=calibration)
+    return QuantizeResult(model=quantized, report=report, calibration=calibration, float_model=folded,
+                          input_shifts=input_shifts)
 
 
 def _write_metadata(
