@@ -372,9 +372,9 @@ def choose_shifts(
             skip(f"the shift {offset:.6g} is not exact as a {plan.const_bits}-bit constant")
             continue
         signed_threshold = activation_threshold(item, bits, True, method)
-        counts, sums = item.histogram.counts, item.histogram.sums
-        error_signed = th.histogram_error(counts, sums, signed_threshold, bits, True)
-        error_shifted = th.histogram_error(counts, sums + offset * counts, threshold, bits, False)
+        moved = item.shifted(offset).histogram
+        error_signed = th.histogram_error(item.histogram.counts, item.histogram.sums, signed_threshold, bits, True)
+        error_shifted = th.histogram_error(moved.counts, moved.sums, threshold, bits, False)
         if not error_shifted < error_signed:
             skip(f"the shifted grid does not lower its quantization error ({error_shifted:.4g} >= {error_signed:.4g})")
             continue
@@ -433,10 +433,26 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
     by_label = {_label(node, index): node for index, node in enumerate(graph.node)}
     pads: set[str] = set()
     replaced: list[str] = []
+
+    def node_named(label: str) -> onnx.NodeProto:
+        node = by_label[label]
+        if not node.name:
+            node.name = label  # touched nodes keep their plan label
+        return node
+
+    def bias_of(node: onnx.NodeProto) -> np.ndarray:
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        return g.to_array(inits[node.input[2]]).astype(np.float64) if has_bias else np.zeros(())
+
+    def set_bias(node: onnx.NodeProto, name: str, value: np.ndarray) -> None:
+        if len(node.input) > 2 and node.input[2]:
+            replaced.append(node.input[2])
+        g.add_initializer(graph, name, value.astype(np.float32))
+        inits[name] = graph.initializer[-1]  # a later shift may compensate this node too
+        g.set_node_input(node, 2, name)
+
     for item in shifts:
-        producer = by_label[item.node]
-        if not producer.name:
-            producer.name = item.node
+        node_named(item.node)
         value_name = g.unique_name(taken, f"{item.tensor}_shift")
         shifted = item.shifted_tensor
         g.add_initializer(graph, value_name, np.array(item.shift, np.float32))
@@ -447,21 +463,12 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
                 if name == item.tensor:
                     g.set_node_input(node, position, shifted)
         for label in item.counters:
-            node = by_label[label]
-            if not node.name:
-                node.name = label
-            replaced.append(node.input[2])
-            bias_name = g.unique_name(taken, f"{label}_shift_counter_bias")
-            old_bias = g.to_array(inits[node.input[2]]).astype(np.float64)
+            node = node_named(label)
             # Gemm adds beta * C: -c on every output is -c / beta on C (Conv: beta 1).
             beta = float(g.node_attributes(node).get("beta", 1.0)) if node.op_type == "Gemm" else 1.0  # type: ignore[arg-type]
-            g.add_initializer(graph, bias_name, (old_bias - item.shift / beta).astype(np.float32))
-            inits[bias_name] = graph.initializer[-1]  # a later shift may compensate this node too
-            g.set_node_input(node, 2, bias_name)
+            set_bias(node, g.unique_name(taken, f"{label}_shift_counter_bias"), bias_of(node) - item.shift / beta)
         for label in item.consumers:
-            node = by_label[label]
-            if not node.name:
-                node.name = label
+            node = node_named(label)
             source = node.input[0]  # shifted, or a pass-through op's output
             if node.op_type == "Conv":
                 attrs = g.node_attributes(node)
@@ -479,17 +486,10 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
                     pads.add(pad_node)
             weight = g.to_array(inits[node.input[1]]).astype(np.float64)
             delta = item.shift * channel_sums(node, weight)
-            has_bias = len(node.input) > 2 and bool(node.input[2])
-            old = g.to_array(inits[node.input[2]]).astype(np.float64) if has_bias else np.zeros(())
-            if has_bias:
-                replaced.append(node.input[2])
-            bias_name = g.unique_name(taken, f"{label}_shift_bias")
             # delta runs along the last axis (Conv: the only one; Gemm: N), so a scalar or
             # row bias broadcasts to one value per output channel.
-            g.add_initializer(graph, bias_name, (old - delta).astype(np.float32))
-            inits[bias_name] = graph.initializer[-1]
             g.set_node_input(node, 0, source)
-            g.set_node_input(node, 2, bias_name)
+            set_bias(node, g.unique_name(taken, f"{label}_shift_bias"), bias_of(node) - delta)
     still_read = {name for node in graph.node for name in node.input}
     g.remove_initializers(graph, [name for name in replaced if name not in still_read])
     g.topological_sort(graph)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..fileio import check_images
 from ..errors import InvalidInputError
+from ..fileio import check_images
 from ..load import LoadedModel, load_model, load_model_proto
 from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
 from .checks import Violation, analyse, check_model
