@@ -19,8 +19,9 @@ import click
 
 from . import __version__
 from .errors import OnnxDghError
+from .progress import progress_default
 
-__all__ = ["main", "run_command", "echo_err", "input_shape_option"]
+__all__ = ["main", "run_command", "echo_err", "input_shape_option", "progress_enabled"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +54,11 @@ def run_command(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def progress_enabled(ctx: click.Context) -> bool:
+    """Whether this invocation shows progress bars (decided once by the group's options)."""
+    return bool((ctx.obj or {}).get("progress"))
+
+
 def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int, int] | None:
     if value is None:
         return None
@@ -80,8 +86,10 @@ input_shape_option = click.option(
 @click.version_option(__version__, prog_name="onnxdgh")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars on stderr (default: only when stderr is a terminal; never with -q).")
 @click.pass_context
-def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+def main(ctx: click.Context, verbose: bool, quiet: bool, progress: bool | None) -> None:
     """onnxdgh: fully quantized, hardware-friendly ONNX models without real data.
 
     \b
@@ -95,6 +103,7 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["quiet"] = quiet
     ctx.obj["verbose"] = verbose
+    ctx.obj["progress"] = progress_default(quiet, progress)
 
 
 def _register() -> None:

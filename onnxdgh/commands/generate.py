@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..cli import input_shape_option, run_command
+from ..cli import input_shape_option, progress_enabled, run_command
 from ..errors import InvalidInputError
 
 __all__ = ["generate_command"]
@@ -128,7 +128,7 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     config = GenerateConfig(mean=_floats("--mean", mean_text), std=_floats("--std", std_text), **given)
     loaded = load_model(model, input_shape=input_shape)
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
-    result = generate(loaded, config, progress=not quiet)
+    result = generate(loaded, config, progress=progress_enabled(ctx))
 
     save_images_npz(output, result.images, meta=result.report)
     if preview:

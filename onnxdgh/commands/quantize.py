@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..cli import echo_err, input_shape_option, run_command
+from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError, OutputPathError
 from .generate import _floats
 
@@ -222,7 +222,7 @@ def quantize_command(
         calibration,
         config,
         generate_config=generate_config,
-        progress=not quiet,
+        progress=progress_enabled(ctx),
         calibration_source=source,
     )
     atomic_write_bytes(output, result.model.SerializeToString())

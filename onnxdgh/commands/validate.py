@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import input_shape_option, run_command
+from ..cli import input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
 from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
 from ..validate import ValidationReport, validate
@@ -221,7 +221,7 @@ def validate_command(
         seed=seed,
         batch_size=batch_size,
         input_shape=input_shape,
-        progress=not quiet,
+        progress=progress_enabled(ctx),
     )
     text = json.dumps(report.to_dict(), indent=2)
     if json_out == "-":

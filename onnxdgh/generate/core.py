@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +55,7 @@ from ..convert import TorchModel, fold_bn_taps, to_torch
 from ..errors import ConversionError, InvalidInputError, UnsupportedModelError
 from ..fileio import check_output_path
 from ..load import REEXPORT_RECIPE, LoadedModel, load_model
+from ..progress import progress_bar
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GenerateConfig
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
@@ -494,10 +494,7 @@ class _Run:
         n_batches = len(self.canvases)
         total = config.iterations * n_batches
         done_before = self.position[0] * n_batches + self.position[1]
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=done_before, disable=not progress, file=sys.stderr, unit="step",
-                   desc="generate", dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=total, initial=done_before, enabled=progress, desc="generate", unit="step")
         run_started = time.perf_counter()
         steps_run = 0
         try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..runtime import make_session, run_batched, with_extra_outputs
 
@@ -203,7 +203,7 @@ def collect_statistics(
     if fixed_batch:
         chunk = max(fixed_batch, (batch_size // fixed_batch) * fixed_batch)
     starts = range(0, images.shape[0], chunk)
-    bar = tqdm(starts, desc="calibrating", unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(starts, enabled=progress, desc="calibrating", unit="batch")
     for start in bar:
         part = images[start : start + chunk]
         if input_name in stats:

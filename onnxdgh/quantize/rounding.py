@@ -65,7 +65,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .. import graph as g
 from ..errors import InvalidInputError, QuantizationError
@@ -1225,7 +1225,7 @@ def optimize_rounding(
     rows: list[dict[str, Any]] = []
     fallbacks: list[dict[str, Any]] = []
     started = time.perf_counter()
-    bar = tqdm(total=len(layers), desc="rounding", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(total=len(layers), enabled=progress, desc="rounding", unit="layer")
     index = 0
     queue = list(plans)
     while queue:
@@ -1674,7 +1674,7 @@ def bias_correction(
     targets = _FloatTargets(float_model, [layer.float_output for layer in layers], images)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for layer in tqdm(layers, desc="bias correction", unit="layer", disable=not progress, leave=False):
+    for layer in progress_bar(layers, enabled=progress, desc="bias correction", unit="layer"):
         label = layer.node.name or layer.node.output[0]
         (y_q,) = _run(model, images, [layer.node.output[0]])
         y_fp = targets.get(layer.float_output)

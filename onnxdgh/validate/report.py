@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .. import graph as g
 from ..errors import CheckFailedError, InvalidInputError
@@ -265,7 +265,7 @@ def compare(
     classifier = [True for _ in output_pairs]
 
     steps = range(0, images.shape[0], batch_size)
-    for start in tqdm(steps, desc="validate", unit="batch", disable=not progress, leave=False):
+    for start in progress_bar(steps, enabled=progress, desc="validate", unit="batch"):
         batch = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
         f_values = dict(zip(f_fetch, _guard(lambda: float_session.run(f_fetch, {f_input: batch}), True)))
         q_values = dict(zip(q_fetch, _guard(lambda: sim_session.run(q_fetch, {q_input: batch}), False)))
