@@ -200,7 +200,10 @@ def bias_fit_thresholds(
     s_w``, i.e. ``t >= |b| 2^(weight_bits - 1) / (s_in 2^(bias_bits - 1 - headroom))``.
     A channel whose weights are all tiny (a dead channel: BN running variance 0, its folded
     weights ~0) gets a tiny MSE threshold, and its bias (``beta - s mu``) then needs more
-    than int32; raising its threshold costs nothing, since its weights are ~0 on either grid.
+    than int32. Raising the threshold costs next to nothing on any channel: at the raised
+    scale ``|b| ~ 2^(bias_bits - 2) s_in s_w``, so a weight's rounding error (``<= s_w / 2``)
+    times an input integer (``<= 2^7`` steps of ``s_in`` at 8 bits) moves the output by at
+    most ``2^-24 |b|`` per tap, far below the step of any output grid that holds the bias.
 
     Args:
         bias: float bias per output channel, shape ``(C,)``.
