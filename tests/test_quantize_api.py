@@ -22,6 +22,7 @@ from .helpers_quantize import (
     is_pow2,
     make_model,
     op_counts,
+    output_scale,
     qdq_scale,
     rng,
     run,
@@ -333,18 +334,32 @@ def test_generates_dgh_data_when_no_images_given(tiny: Path) -> None:
     assert "generation" in result.report and "generate_s" in result.report["timings"]
 
 
-def test_bias_that_overflows_int32_is_clipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_bias_that_overflows_int32_raises_its_weight_scale() -> None:
     w = conv_weight(2, 3, 1, 3)
     w[1] = 1e-9  # a nearly dead channel: tiny weight scale, huge bias / scale ratio
     nodes = [N("Conv", ["x", "w", "b"], ["y"], name="conv")]
     model = make_model(nodes, {"w": w, "b": np.array([0.1, 500.0], np.float32)})
-    with caplog.at_level(logging.WARNING, logger="onnxdgh"):
-        result = quantize(load_model_proto(model), images(8), QuantizeConfig(), progress=False)
-    assert result.report["counts"]["bias_values_clipped"] == 1
-    assert any("bias b of node conv" in record.getMessage() for record in caplog.records)
+    result = quantize(load_model_proto(model), images(8), QuantizeConfig(), progress=False)
+    assert result.report["counts"]["bias_values_clipped"] == 0
+    assert result.report["counts"]["weight_scales_raised_for_bias"] == 1
     q = result.model
     assert bias_scale_problems(q) == []
     assert structure_problems(q) == []
+    got = run(q, images(4, seed=3))[0][:, 1]
+    np.testing.assert_allclose(got, 500.0, rtol=0, atol=output_scale(q))  # the channel is its bias
+
+
+def test_bias_beyond_the_largest_weight_scale_is_clipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Even the largest threshold (2^40) leaves 1e20 out of int32 range: the one case left to clip.
+    w = conv_weight(2, 3, 1, 3)
+    nodes = [N("Conv", ["x", "w", "b"], ["y"], name="conv")]
+    model = make_model(nodes, {"w": w, "b": np.array([0.1, 1e20], np.float32)})
+    with caplog.at_level(logging.WARNING, logger="onnxdgh"):
+        result = quantize(load_model_proto(model), images(8), QuantizeConfig(), progress=False)
+    assert result.report["counts"]["bias_values_clipped"] == 1
+    assert any("bias b of node conv" in r.getMessage() and "largest weight threshold" in r.getMessage()
+               for r in caplog.records)
+    assert bias_scale_problems(result.model) == []
 
 
 # ---------------------------------------------------------------------- errors

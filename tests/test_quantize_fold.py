@@ -93,13 +93,13 @@ def test_gemm_bn_folds_with_alpha_beta(trans_b: int) -> None:
 
 
 def test_bn_with_nothing_to_fold_into_becomes_depthwise_conv() -> None:
-    # BN after an Add (pre-activation style): no producer to fold into.
+    # BN after a residual Add (pre-activation style): no producer to fold into.
     nodes = [
         N("Conv", ["x", "w0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
-        N("Add", ["a", "x3"], ["s"], name="add"),
+        N("Add", ["a", "x"], ["s"], name="add"),
         _bn("bn", "s", "y"),
     ]
-    inits = {"w0": conv_weight(3, 3), "x3": np.full((3, 1, 1), 0.1, np.float32)} | _bn_params("bn", 3, 7)
+    inits = {"w0": conv_weight(3, 3)} | _bn_params("bn", 3, 7)
     model = make_model(nodes, inits)
     folded, report = prepare(model)
     assert report.converted == ["bn"] and report.folded == []
@@ -176,3 +176,171 @@ def test_input_model_is_not_modified() -> None:
     before = model.SerializeToString()
     prepare(model)
     assert model.SerializeToString() == before
+
+
+# ------------------------------------------------------------ affine constants
+
+
+def _conv_then(op: str, constant: np.ndarray, *, constant_first: bool = False, out_ch: int = 4) -> onnx.ModelProto:
+    """Conv (3 -> out_ch, 8x8 kept) -> op(constant) -> Relu."""
+    operands = ["k", "c"] if constant_first else ["c", "k"]
+    nodes = [
+        N("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        N(op, operands, ["a"], name="affine"),
+        N("Relu", ["a"], ["y"], name="relu"),
+    ]
+    inits = {"w": conv_weight(out_ch, 3), "b": np.linspace(-0.5, 0.5, out_ch).astype(np.float32), "k": constant}
+    return make_model(nodes, inits)
+
+
+_PER_CHANNEL = np.array([0.5, -1.5, 2.0, 0.25], np.float32)
+
+
+@pytest.mark.parametrize(
+    ("op", "constant", "constant_first"),
+    [
+        ("Add", _PER_CHANNEL.reshape(4, 1, 1), False),
+        ("Add", _PER_CHANNEL.reshape(1, 4, 1, 1), True),
+        ("Add", np.array(0.75, np.float32), False),
+        ("Add", np.array([0.75], np.float32), False),
+        ("Sub", _PER_CHANNEL.reshape(4, 1, 1), False),
+        ("Sub", _PER_CHANNEL.reshape(1, 4, 1, 1), True),  # k - x: the weights change sign
+        ("Mul", _PER_CHANNEL.reshape(4, 1, 1), False),  # a negative scale
+        ("Mul", np.array([0.0, 1.0, -2.0, 3.0], np.float32).reshape(1, 4, 1, 1), True),  # a zero channel
+        ("Div", _PER_CHANNEL.reshape(4, 1, 1), False),  # Mul by the reciprocal
+        ("Div", np.array(4.0, np.float32), False),
+    ],
+)
+def test_affine_constant_after_conv_folds(op: str, constant: np.ndarray, constant_first: bool) -> None:
+    model = _conv_then(op, constant, constant_first=constant_first)
+    folded, report = prepare(model)
+    assert report.affine_folded == ["affine"]
+    assert op_counts(folded) == {"Conv": 1, "Relu": 1}
+    assert folded.graph.node[1].input == ["a"]  # the Relu reads the layer directly
+    _same_function(model, folded)
+
+
+def test_affine_chain_folds_around_bn() -> None:
+    # Conv -> Mul -> BN -> Add -> Sub(k - x) -> Div -> Relu: every step folds into the Conv.
+    nodes = [
+        N("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        N("Mul", ["c", "m"], ["c1"], name="mul"),
+        _bn("bn", "c1", "h"),
+        N("Add", ["h", "a"], ["h1"], name="add"),
+        N("Sub", ["s", "h1"], ["h2"], name="sub"),
+        N("Div", ["h2", "d"], ["h3"], name="div"),
+        N("Relu", ["h3"], ["y"], name="relu"),
+    ]
+    inits = {
+        "w": conv_weight(4, 3),
+        "m": _PER_CHANNEL.reshape(4, 1, 1),
+        "a": np.array(0.3, np.float32),
+        "s": np.linspace(-1, 1, 4).astype(np.float32).reshape(1, 4, 1, 1),
+        "d": np.array([2.0, 4.0, 0.5, 8.0], np.float32).reshape(4, 1, 1),
+    } | _bn_params("bn", 4, 21)
+    model = make_model(nodes, inits)
+    folded, report = prepare(model)
+    assert report.folded == ["bn"] and report.affine_folded == ["mul", "add", "sub", "div"]
+    assert op_counts(folded) == {"Conv": 1, "Relu": 1}
+    _same_function(model, folded)
+
+
+def test_affine_constant_after_grouped_conv_transpose_and_gemm_folds() -> None:
+    w = rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32)  # C_in 4, group 2 -> C_out 6
+    fc = rng(4).standard_normal((5, 6 * 16 * 16)).astype(np.float32) * 0.01
+    nodes = [
+        N("Conv", ["x", "w0"], ["h0"], name="conv0"),
+        N("ConvTranspose", ["h0", "wt"], ["t"], name="deconv", group=2, strides=[2, 2], pads=[1, 1, 1, 1],
+          output_padding=[1, 1]),
+        N("Add", ["t", "kt"], ["t1"], name="add_t"),
+        N("Flatten", ["t1"], ["f"], name="flat"),
+        N("Gemm", ["f", "fc", "fb"], ["g"], name="fc", transB=1),
+        N("Mul", ["g", "kg"], ["g1"], name="mul_g"),
+        N("Sub", ["g1", "sg"], ["y"], name="sub_g"),
+    ]
+    inits = {
+        "w0": conv_weight(4, 3, 1),
+        "wt": w,
+        "kt": np.linspace(-1, 1, 6).astype(np.float32).reshape(1, 6, 1, 1),
+        "fc": fc,
+        "fb": np.linspace(0, 1, 5).astype(np.float32),
+        "kg": np.array([1.0, -2.0, 0.5, 3.0, 0.0], np.float32),
+        "sg": np.array([[0.1, 0.2, 0.3, 0.4, 0.5]], np.float32),
+    }
+    model = make_model(nodes, inits)
+    folded, report = prepare(model)
+    assert report.affine_folded == ["add_t", "mul_g", "sub_g"]
+    assert op_counts(folded) == {"Conv": 1, "ConvTranspose": 1, "Flatten": 1, "Gemm": 1}
+    _same_function(model, folded)
+
+
+@pytest.mark.parametrize(
+    ("constant", "why"),
+    [
+        (rng(5).standard_normal((8,)).astype(np.float32), "[C] aligns with W, not C"),
+        (rng(6).standard_normal((1, 8, 1, 8)).astype(np.float32), "varies over W"),
+        (rng(7).standard_normal((8, 8, 1)).astype(np.float32), "varies over H"),
+        (rng(8).standard_normal((2, 8, 1, 1)).astype(np.float32), "widens the batch"),
+        (rng(9).standard_normal((1, 1, 8, 1, 1)).astype(np.float32), "widens the rank"),
+    ],
+)
+def test_constant_that_is_not_per_channel_is_not_folded(constant: np.ndarray, why: str) -> None:
+    model = _conv_then("Add", constant, out_ch=8)
+    folded, report = prepare(model)
+    assert report.affine_folded == [], why
+    assert op_counts(folded) == {"Conv": 1, "Add": 1, "Relu": 1}
+
+
+def test_affine_constant_is_not_folded_when_the_layer_output_has_another_reader() -> None:
+    nodes = [
+        N("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        N("Add", ["c", "k"], ["a"], name="add"),
+        N("Mul", ["a", "c"], ["y"], name="mul"),  # c is read twice
+        N("Mul", ["c", "k"], ["z"], name="out_mul"),
+    ]
+    model = make_model(nodes, {"w": conv_weight(4, 3), "k": _PER_CHANNEL.reshape(4, 1, 1)}, outputs=("y", "z"))
+    folded, report = prepare(model)
+    assert report.affine_folded == []
+    assert op_counts(folded) == op_counts(model)
+    # A layer output that is a graph output stays as it is, too.
+    nodes = [N("Conv", ["x", "w"], ["c"], name="conv"), N("Add", ["c", "k"], ["y"], name="add")]
+    model = make_model(nodes, {"w": conv_weight(4, 3, 1), "k": _PER_CHANNEL.reshape(4, 1, 1)}, outputs=("c", "y"))
+    assert prepare(model)[1].affine_folded == []
+
+
+def test_affine_op_without_a_layer_or_constant_is_not_folded() -> None:
+    nodes = [
+        N("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        N("Div", ["k", "c"], ["a"], name="div_by_layer"),  # k / x is not affine
+        N("Relu", ["a"], ["r"], name="relu"),
+        N("Add", ["r", "k"], ["y"], name="add_after_relu"),  # its producer is no layer
+    ]
+    model = make_model(nodes, {"w": conv_weight(4, 3), "k": _PER_CHANNEL.reshape(4, 1, 1)})
+    folded, report = prepare(model)
+    assert report.affine_folded == [] and op_counts(folded) == op_counts(model)
+    _same_function(model, folded)
+
+
+@pytest.mark.parametrize("op", ["Add", "Mul"])
+def test_quantized_model_has_no_layer_constant_pattern_left(op: str) -> None:
+    # Conv -> Q/DQ -> Add(quantized constant) is what OpenVINO 2026.4 mis-executes; after
+    # folding the Conv is fused with its Relu and only the input and the Relu are quantized.
+    # Mul: a zero and a negative per-channel factor (a dead and a sign-flipped channel).
+    from onnxdgh.load import load_model_proto
+    from onnxdgh.profile import load_profile
+    from onnxdgh.quantize import QuantizeConfig, quantize
+    from onnxdgh.validate.checks import check_model
+
+    constant = np.array([0.5, -1.5, 0.0, 0.25], np.float32).reshape(4, 1, 1)
+    model = _conv_then(op, constant)
+    calib = images(16, seed=4)
+    result = quantize(load_model_proto(model), calib, QuantizeConfig(), progress=False)
+    q = result.model
+    assert result.report["fold"]["affine_folded"] == 1
+    assert op not in op_counts(q)
+    assert op_counts(q)["QuantizeLinear"] == 2  # x and y; the Conv output is inside Conv+Relu
+    assert [(p["producer"], p["consumer"]) for p in result.report["tensors"]["fused"]] == [("conv", "relu")]
+    assert [v.to_dict() for v in check_model(q, load_profile("generic-pot-int8"))] == []
+    x = images(4, seed=6)
+    step = float(result.report["tensors"]["activations"][-1]["scale"])
+    np.testing.assert_allclose(run(q, x)[0], run(model, x)[0], rtol=0, atol=4 * step)

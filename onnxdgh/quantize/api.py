@@ -449,6 +449,7 @@ def quantize(
             "constants": sum(1 for p in summary["params"] if p["role"] == "constant"),
             "fused_pairs": len(summary["fused"]),
             "bias_values_clipped": sum(p["clipped"] for p in summary["params"] if p["role"] == "bias"),
+            "weight_scales_raised_for_bias": sum(p["raised_for_bias"] for p in summary["params"] if p["role"] == "weight"),
         },
         "tensors": summary,
         "statistics": {name: item.to_dict() for name, item in stats.items()},

@@ -11,6 +11,10 @@ float rounding) in which
 * Gemm ``alpha`` / ``beta`` are folded into constant B / C;
 * ``Div(x, c)`` by a constant becomes ``Mul(x, 1/c)`` (the hardware multiplies; profiles
   list Mul, not Div);
+* every ``Add``/``Sub``/``Mul`` of a Conv, ConvTranspose or Gemm output (read by nothing
+  else) and a per-output-channel constant is folded into that layer's weight and bias,
+  also a chain of them and before or after a folded BN (what a compiler folds: no
+  ``Conv -> Add(constant)`` left for a runtime to mis-execute, one quantizer fewer);
 * inference-mode Dropout is removed.
 
 The input model is not modified. :class:`FoldReport` counts what changed.
@@ -31,6 +35,26 @@ viewed as ``(g, 1, C_out/g, 1...)``. A Gemm ``Y = A B' + C`` (after ``alpha = be
 ``n`` of ``B`` when ``transB = 1`` and column ``n`` otherwise; ``C' = s (C - \mu) + \beta``.
 A BN with nothing to fold into is ``y = s x + (\beta - s\mu)``: a depthwise Conv with
 weight ``s`` (shape ``(C, 1, 1...)``, ``group = C``) and bias ``\beta - s\mu``.
+
+Affine constants are the same fold with other ``(s, \mu, \beta)``. A layer output ``x``
+of rank ``r`` has its output channel on axis 1 (``N x C x ...`` for Conv and
+ConvTranspose, ``M x C`` for Gemm). A constant ``k`` broadcasts per output channel when,
+right-aligned to rank ``r`` (numpy broadcasting), every axis but axis 1 has size 1 and
+axis 1 has size 1 or ``C`` (a scalar, ``[C, 1, 1]``, ``[1, C, 1, 1]``, ``[C]`` for Gemm);
+it is then a vector ``k_c`` and, with ``\mu = 0``:
+
+.. math::
+    x + k = 1 \cdot x + k: \quad s = 1,\ \beta = k; \qquad
+    x - k: \quad s = 1,\ \beta = -k; \qquad
+    k - x: \quad s = -1,\ \beta = k; \qquad
+    x \cdot k: \quad s = k,\ \beta = 0,
+
+so ``W'_c = s_c W_c`` and ``b'_c = s_c b_c + \beta_c`` as above (``Div(x, k)`` already is
+``Mul(x, 1/k)``). A ``k_c`` of 0 or below 0 is exact too: the channel's weights become 0
+or change sign, and whatever activation follows now reads the layer directly (the
+profile's fused patterns then apply to the layer). A constant that varies over another
+axis (over H or W, or over the batch), would broadcast the output to a larger shape, or a
+layer output with a second reader or that is a graph output, is left alone.
 """
 
 from __future__ import annotations
@@ -44,11 +68,12 @@ import onnx
 from .. import graph as g
 from ..errors import QuantizationError
 
-__all__ = ["FoldReport", "prepare", "fold_batch_norms"]
+__all__ = ["FoldReport", "prepare", "fold_batch_norms", "fold_affine_constants"]
 
 _LOG = logging.getLogger(__name__)
 
 _FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
+_AFFINE_OPS = ("Add", "Sub", "Mul")
 
 
 @dataclass
@@ -59,6 +84,8 @@ class FoldReport:
     """BN nodes folded into their producer."""
     converted: list[str] = field(default_factory=list)
     """BN nodes with nothing to fold into, rewritten as a depthwise Conv or Mul + Add."""
+    affine_folded: list[str] = field(default_factory=list)
+    """Add/Sub/Mul (and Div turned Mul) nodes folded into the Conv/ConvTranspose/Gemm before them."""
     gemm_normalised: int = 0
     div_to_mul: int = 0
     dropout_removed: int = 0
@@ -68,6 +95,7 @@ class FoldReport:
         return {
             "bn_folded": len(self.folded),
             "bn_converted": self.converted,
+            "affine_folded": len(self.affine_folded),
             "gemm_normalised": self.gemm_normalised,
             "div_to_mul": self.div_to_mul,
             "dropout_removed": self.dropout_removed,
@@ -226,14 +254,8 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
     except Exception as exc:  # ranks are only needed for BNs that cannot fold
         _LOG.info("shape inference before BN folding failed: %s", exc)
     graph = out.graph
-    taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in list(node.input) + list(node.output)}
-    taken |= {node.name for node in graph.node if node.name}
+    taken, readers = _name_tables(graph)
     outputs = set(g.graph_output_names(graph))
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                readers[name] = readers.get(name, 0) + 1
     doomed: list[onnx.NodeProto] = []
     for node in list(graph.node):
         if node.op_type != "BatchNormalization":
@@ -270,6 +292,111 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
     _drop_unused_initializers(graph)
     g.topological_sort(graph)
     g.clear_value_info(graph)
+    return out
+
+
+def _name_tables(graph: onnx.GraphProto) -> tuple[set[str], dict[str, int]]:
+    """Every name in use (for fresh names) and how many node inputs read each tensor."""
+    taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in list(node.input) + list(node.output)}
+    taken |= {node.name for node in graph.node if node.name}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers[name] = readers.get(name, 0) + 1
+    return taken, readers
+
+
+def _layer_shape(producer: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
+    """``(rank, channels)`` of a Conv/ConvTranspose/Gemm output (channels on axis 1), if its weight is constant."""
+    if len(producer.input) < 2 or producer.input[1] not in inits:
+        return None
+    dims = tuple(inits[producer.input[1]].dims)
+    attrs = g.node_attributes(producer)
+    if producer.op_type == "Conv":
+        return len(dims), int(dims[0])
+    if producer.op_type == "ConvTranspose":
+        return len(dims), int(dims[1]) * int(attrs.get("group", 1))  # type: ignore[arg-type]
+    if len(dims) != 2:
+        return None
+    return 2, int(dims[0] if int(attrs.get("transB", 0)) else dims[1])  # type: ignore[arg-type]
+
+
+def _channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """``value`` as one number per output channel (axis 1 of a rank-``rank`` output), or None
+    when it broadcasts along any other axis or would widen the output."""
+    if value.ndim > rank:
+        return None
+    aligned = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    if any(size != 1 for axis, size in enumerate(aligned.shape) if axis != 1):
+        return None
+    if aligned.shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(aligned.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
+def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = None) -> onnx.ModelProto:
+    """Fold every Add/Sub/Mul by a per-channel constant into the layer before it; see the module docstring.
+
+    One pass in graph order suffices for a chain (``Conv -> Mul -> Add``): after a fold the
+    layer writes the folded node's output, which the next node of the chain reads.
+    """
+    report = report if report is not None else FoldReport()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken, readers = _name_tables(graph)
+    outputs = set(g.graph_output_names(graph))
+    producers = g.producer_map(graph)
+    consumers = g.consumer_map(graph)
+    doomed: list[onnx.NodeProto] = []
+    for node in list(graph.node):
+        if node.op_type not in _AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        inits = g.initializer_map(graph)
+        constant_first = node.input[0] in inits
+        source = node.input[1] if constant_first else node.input[0]
+        constant = node.input[0] if constant_first else node.input[1]
+        producer = producers.get(source)
+        if (
+            constant not in inits
+            or source in inits
+            or producer is None
+            or producer.op_type not in _FOLD_TARGETS
+            or source in outputs
+            or len(consumers.get(source, [])) != 1
+            or len([name for name in node.output if name]) != 1
+        ):
+            continue
+        value = g.to_array(inits[constant])
+        layer = _layer_shape(producer, inits)
+        if layer is None or not np.issubdtype(value.dtype, np.floating):
+            continue
+        vector = _channel_vector(value, *layer)
+        if vector is None:
+            continue
+        ones, zeros = np.ones_like(vector), np.zeros_like(vector)
+        if node.op_type == "Mul":
+            s, beta = vector, zeros
+        elif node.op_type == "Add":
+            s, beta = ones, vector
+        elif constant_first:  # Sub(k, x) = -x + k
+            s, beta = -ones, vector
+        else:  # Sub(x, k) = x - k
+            s, beta = ones, -vector
+        if not _fold_into(graph, producer, s, zeros, beta, taken, readers):
+            continue
+        for index, name in enumerate(producer.output):
+            if name == source:
+                producer.output[index] = node.output[0]
+        producers[node.output[0]] = producer
+        readers[constant] -= 1
+        report.affine_folded.append(_label(node))
+        doomed.append(node)
+    if doomed:
+        g.remove_nodes(graph, doomed)
+        _drop_unused_initializers(graph)
+        g.clear_value_info(graph)
     return out
 
 
@@ -349,23 +476,25 @@ def _drop_dropout(graph: onnx.GraphProto) -> int:
 
 
 def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
-    """Normalise Gemm/Div/Dropout, then fold every BatchNormalization (see module docstring)."""
+    """Normalise Gemm/Div/Dropout, then fold affine constants and BatchNormalization (see module docstring).
+
+    Affine constants are folded before the BNs (``Conv -> Mul(k) -> BN``: the BN then
+    folds too) and after them (``Conv -> BN -> Add(k)``, and behind a BN rewritten as a
+    depthwise Conv).
+    """
     report = FoldReport()
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in list(node.input) + list(node.output)}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                readers[name] = readers.get(name, 0) + 1
+    taken, readers = _name_tables(graph)
     report.dropout_removed = _drop_dropout(graph)
     report.gemm_normalised = _normalise_gemm(graph, taken, readers)
     report.div_to_mul = _div_to_mul(graph, taken, readers)
+    out = fold_affine_constants(out, report)
     out = fold_batch_norms(out, report)
+    out = fold_affine_constants(out, report)
     _LOG.info(
-        "prepared graph: %d BN folded, %d BN rewritten, %d Div->Mul",
-        len(report.folded), len(report.converted), report.div_to_mul,
+        "prepared graph: %d BN folded, %d BN rewritten, %d Div->Mul, %d Add/Sub/Mul folded",
+        len(report.folded), len(report.converted), report.div_to_mul, len(report.affine_folded),
     )
     return out, report

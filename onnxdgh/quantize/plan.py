@@ -28,8 +28,12 @@ one place that writes Q/DQ nodes):
    per group (unsigned when every member is non-negative by its op -- Relu, Relu6, Sigmoid,
    HardSigmoid, Softmax -- or by observation), a power-of-two threshold per member
    (``thresholds``), the largest threshold in each group, integer weights and int32
-   biases. A bias that does not fit int32 at ``input scale x weight scale`` is clipped
-   with a warning; the weight scale is never widened to make it fit.
+   biases. This is the one place where a weight scale is chosen (emit writes it, the
+   shift correction and the rounding optimisation read it): the HPTQ threshold per
+   output channel, raised (still a power of two) where the channel's bias would not fit
+   int32 at ``input scale x weight scale`` (:func:`~.thresholds.bias_fit_thresholds`),
+   so a bias is never clipped. Only a bias whose weight is an activation (one scale
+   the bias cannot move) can still be clipped, with a warning.
 """
 
 from __future__ import annotations
@@ -535,6 +539,8 @@ class ParamQuant:
     values: np.ndarray = field(repr=False)
     elem_type: int
     clipped: int = 0
+    raised: int = 0
+    """weight: how many of its scales were raised so the layer's int32 bias fits."""
 
 
 @dataclass(frozen=True)
@@ -572,6 +578,7 @@ class ResolvedPlan:
                 "scale_min": float(item.scale.min()),
                 "scale_max": float(item.scale.max()),
                 "clipped": item.clipped,
+                "raised_for_bias": item.raised,
             }
             for item in self.params
         ]
@@ -652,6 +659,7 @@ def resolve(
                 name, bits, signed, threshold, scale, elem_type, number, plan.activations[name].source
             )
 
+    bias_of = {(p.node, p.weight): p for p in plan.params if p.role == "bias"}
     weight_scales: dict[tuple[str, str], np.ndarray] = {}
     resolved: list[ParamQuant] = []
     for item in [p for p in plan.params if p.role != "bias"]:
@@ -667,6 +675,10 @@ def resolve(
             )
             continue
         thresholds = th.weight_thresholds(value, item.axis, item.bits, method)
+        raised = 0
+        bias = bias_of.get((item.node, item.tensor))
+        if bias is not None:
+            thresholds, raised = _fit_bias(thresholds, bias, g.to_array(inits[bias.tensor]), activations, item.bits)
         scale = th.scale_for(thresholds, item.bits, signed=True)
         if item.axis is None:
             ints = th.quantize_to_int(value, scale, item.bits, True)
@@ -683,7 +695,7 @@ def resolve(
         weight_scales[(item.node, item.tensor)] = scale
         resolved.append(
             ParamQuant(item.tensor, item.node, item.input_index, item.role, item.bits, item.axis,
-                       scale, ints.astype(np.int8), elem_type)
+                       scale, ints.astype(np.int8), elem_type, raised=raised)
         )
 
     for item in [p for p in plan.params if p.role == "bias"]:
@@ -709,10 +721,14 @@ def resolve(
         ints, clipped = round_bias(ratio, plan.bias_bits)
         if clipped:
             worst = float(np.max(np.abs(value)))
+            why = (
+                "even at the largest weight threshold" if (item.node, item.weight) in weight_scales
+                else "and the weight is an activation whose scale cannot grow for it"
+            )
             _LOG.warning(
                 "bias %s of node %s: %d value(s) exceed int%d at scale input x weight "
-                "(largest |bias| %.4g); clipped, the weight scale is kept power-of-two",
-                item.tensor, item.node, clipped, plan.bias_bits, worst,
+                "(largest |bias| %.4g) %s; clipped",
+                item.tensor, item.node, clipped, plan.bias_bits, worst, why,
             )
         resolved.append(
             ParamQuant(item.tensor, item.node, item.input_index, "bias", plan.bias_bits, axis,
@@ -722,6 +738,30 @@ def resolve(
     position = {(p.node, p.input_index): n for n, p in enumerate(plan.params)}
     resolved.sort(key=lambda p: position[(p.node, p.input_index)])
     return ResolvedPlan(activations, tuple(resolved), plan.graph_input, plan.graph_outputs, plan.fused)
+
+
+def _fit_bias(
+    thresholds: np.ndarray,
+    bias: ParamMark,
+    value: np.ndarray,
+    activations: Mapping[str, ActivationQuant],
+    weight_bits: int,
+) -> tuple[np.ndarray, int]:
+    """``thresholds`` of a weight raised where its layer's bias would not fit, and how many rose."""
+    channels = bias.channels or value.size
+    per_channel = np.broadcast_to(value.reshape(-1), (channels,)) if value.size == 1 else value.reshape(-1)
+    slots = thresholds.size
+    if per_channel.size != slots * (bias.repeat if slots > 1 else per_channel.size):
+        return thresholds, 0  # a bias the weight scales do not cover channel for channel
+    input_scale = activations[bias.data_input].scale  # type: ignore[index]
+    floor = th.bias_fit_thresholds(per_channel, input_scale, weight_bits, bias.bits, slots)
+    raised = int(np.sum(floor.reshape(thresholds.shape) > thresholds))
+    if raised:
+        _LOG.info(
+            "weight %s of node %s: %d scale(s) raised so the int%d bias fits (largest |bias| %.4g)",
+            bias.weight, bias.node, raised, bias.bits, float(np.max(np.abs(per_channel))),
+        )
+    return np.maximum(thresholds, floor.reshape(thresholds.shape)), raised
 
 
 def _numpy_container(elem_type: int) -> type:

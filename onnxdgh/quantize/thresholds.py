@@ -37,6 +37,7 @@ __all__ = [
     "MIN_THRESHOLD",
     "MAX_THRESHOLD",
     "ZERO_RANGE_THRESHOLD",
+    "BIAS_HEADROOM_BITS",
     "grid",
     "scale_for",
     "pow2_ceil",
@@ -46,6 +47,7 @@ __all__ = [
     "quantize_to_int",
     "search_candidates",
     "weight_thresholds",
+    "bias_fit_thresholds",
     "histogram_mse_threshold",
     "histogram_error",
     "is_power_of_two",
@@ -179,6 +181,45 @@ def weight_thresholds(
         fill = thresholds[~zero].max() if (~zero).any() else ZERO_RANGE_THRESHOLD
         thresholds = np.where(zero, fill, thresholds)
     return thresholds.reshape(()) if axis is None else thresholds
+
+
+BIAS_HEADROOM_BITS = 1
+"""Bits of the int32 bias range kept free when a weight scale is raised for its bias: the
+shift negative correction (``b - c * sum(W_q)``) and the rounding optimisation's learned
+biases move the stored bias a little after the scale is fixed."""
+
+
+def bias_fit_thresholds(
+    bias: np.ndarray, input_scale: float, weight_bits: int, bias_bits: int, slots: int
+) -> np.ndarray:
+    """Smallest power-of-two weight thresholds at which every bias fits its integer grid.
+
+    A bias is stored as ``round(b / (s_in * s_w))`` in ``bias_bits`` signed bits, with the
+    weight scale ``s_w = t / 2^(weight_bits - 1)``. It fits, with
+    :data:`BIAS_HEADROOM_BITS` to spare, when ``|b| <= 2^(bias_bits - 1 - headroom) s_in
+    s_w``, i.e. ``t >= |b| 2^(weight_bits - 1) / (s_in 2^(bias_bits - 1 - headroom))``.
+    A channel whose weights are all tiny (a dead channel: BN running variance 0, its folded
+    weights ~0) gets a tiny MSE threshold, and its bias (``beta - s mu``) then needs more
+    than int32. Raising the threshold costs next to nothing on any channel: at the raised
+    scale ``|b| ~ 2^(bias_bits - 2) s_in s_w``, so a weight's rounding error (``<= s_w / 2``)
+    times an input integer (``<= 2^7`` steps of ``s_in`` at 8 bits) moves the output by at
+    most ``2^-24 |b|`` per tap, far below the step of any output grid that holds the bias.
+
+    Args:
+        bias: float bias per output channel, shape ``(C,)``.
+        input_scale: the scale of the layer's data input.
+        slots: number of weight scales (1 per tensor, or ``C / r`` when the weight scales
+            repeat ``r`` times over the output channels, as in grouped ConvTranspose);
+            output channel ``o`` uses slot ``o % slots``.
+
+    Returns:
+        float64 thresholds of shape ``(slots,)``; 0 where any threshold will do (zero bias).
+    """
+    magnitude = np.abs(np.asarray(bias, np.float64)).reshape(-1)
+    limit = 2.0 ** (bias_bits - 1 - BIAS_HEADROOM_BITS)
+    needed = magnitude * grid(weight_bits, True)[2] / (np.float64(input_scale) * limit)
+    needed = needed.reshape(-1, slots).max(axis=0) if slots > 1 else needed.max(initial=0.0).reshape(1)
+    return np.where(needed > 0, pow2_ceil(needed), 0.0)
 
 
 def histogram_mse_threshold(
