@@ -1,15 +1,19 @@
 """The ``onnxdgh`` command line: a thin click layer over the Python API.
 
 Contract: every subcommand shares ``--verbose/--quiet`` (on the group) and exit codes
-0 = success, 1 = the model or result fails a check, 2 = bad input or usage. An
-:class:`~onnxdgh.errors.OnnxDghError` becomes ``error: ...`` plus ``hint: ...`` on
-stderr and its exit code; any other exception is a bug and shows its traceback.
-Only this layer (and the ``commands`` modules it registers) prints.
+0 = success, 1 = the model or result fails a check, 2 = bad input or usage,
+130 = interrupted. An :class:`~onnxdgh.errors.OnnxDghError` becomes ``error: ...`` plus
+``hint: ...`` on stderr and its exit code; a Ctrl-C at any moment -- while the command
+modules (and torch) import, while options are parsed, while a command runs -- becomes
+``error: interrupted`` and exit 130 (the command modules are imported on first use, inside
+the group's parsing and invocation, so that start-up is covered too); any other exception is a bug and
+shows its traceback. Only this layer (and the ``commands`` modules it registers) prints.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 from collections.abc import Callable
@@ -18,7 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .errors import OnnxDghError
+from .errors import EXIT_INTERRUPTED, OnnxDghError
 from .progress import progress_default
 
 __all__ = ["main", "run_command", "echo_err", "input_shape_option", "progress_enabled"]
@@ -29,6 +33,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 def echo_err(text: str) -> None:
     """Print a line on stderr."""
     click.echo(text, err=True)
+
+
+def exit_interrupted() -> None:
+    """End the process as interrupted: ``error: interrupted`` (no hint) and exit 130."""
+    echo_err("error: interrupted")
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def run_command(func: F) -> F:
@@ -47,8 +57,7 @@ def run_command(func: F) -> F:
                 echo_err(f"hint: {exc.hint}")
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            echo_err("error: interrupted")
-            sys.exit(130)
+            exit_interrupted()
         sys.exit(int(code or 0))
 
     return wrapper  # type: ignore[return-value]
@@ -82,7 +91,46 @@ input_shape_option = click.option(
 """Shared ``--input-shape`` option: every command that loads a model offers it."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_COMMANDS = {
+    "inspect": ("onnxdgh.commands.inspect", "inspect_command"),
+    "generate": ("onnxdgh.commands.generate", "generate_command"),
+    "quantize": ("onnxdgh.commands.quantize", "quantize_command"),
+    "validate": ("onnxdgh.commands.validate", "validate_command"),
+}
+"""Subcommand name -> (module, click command): imported on first use."""
+
+
+class _Cli(click.Group):
+    """The command group: subcommands imported lazily, Ctrl-C anywhere inside ``main`` exits 130."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module = importlib.import_module(target[0])
+        return getattr(module, target[1])  # type: ignore[no-any-return]
+
+    # click turns a KeyboardInterrupt into "Aborted!" and exit 1; this layer promises 130.
+    # make_context (parsing; --help imports the commands) and invoke (the command's own
+    # imports and its work) are where an interrupt can land once this module is loaded.
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            exit_interrupted()
+            raise  # unreachable (exit_interrupted exits); keeps the return type honest
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            exit_interrupted()
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxdgh")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
@@ -93,7 +141,8 @@ def main(ctx: click.Context, verbose: bool, quiet: bool, progress: bool | None) 
     """onnxdgh: fully quantized, hardware-friendly ONNX models without real data.
 
     \b
-    Exit codes: 0 success, 1 the model or result fails a check, 2 bad input or usage.
+    Exit codes: 0 success, 1 the model or result fails a check, 2 bad input or usage,
+    130 interrupted.
     """
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet exclude each other")
@@ -105,26 +154,6 @@ def main(ctx: click.Context, verbose: bool, quiet: bool, progress: bool | None) 
     ctx.obj["verbose"] = verbose
     ctx.obj["progress"] = progress_default(quiet, progress)
 
-
-def _register() -> None:
-    from .commands.inspect import inspect_command
-
-    main.add_command(inspect_command)
-    for module_name, attr in (
-        ("generate", "generate_command"),
-        ("quantize", "quantize_command"),
-        ("validate", "validate_command"),
-    ):
-        try:
-            module = __import__(f"onnxdgh.commands.{module_name}", fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"onnxdgh.commands.{module_name}":
-                raise
-            continue
-        main.add_command(getattr(module, attr))
-
-
-_register()
 
 if __name__ == "__main__":  # pragma: no cover - exercised through python -m onnxdgh
     main()

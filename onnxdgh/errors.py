@@ -8,7 +8,8 @@ and whose ``hint`` says what to do. The CLI prints ``error: <message>`` and
 * 2 -- bad input or usage (the file, the options, the data),
 * 1 -- the model or the result fails a check (not ready, constraint violations, gate).
 
-Any other exception escaping the library is a bug.
+The CLI adds 130: interrupted (Ctrl-C, at any moment including start-up), printed as
+``error: interrupted`` without a hint. Any other exception escaping the library is a bug.
 """
 
 from __future__ import annotations
@@ -23,15 +24,19 @@ __all__ = [
     "ProfileError",
     "OutputPathError",
     "QuantizationError",
+    "ResourceError",
     "CheckFailedError",
     "EXIT_OK",
     "EXIT_CHECK_FAILED",
     "EXIT_BAD_INPUT",
+    "EXIT_INTERRUPTED",
 ]
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+"""The shell's code for a process ended by SIGINT (128 + 2)."""
 
 
 class OnnxDghError(Exception):
@@ -83,6 +88,10 @@ class OutputPathError(InvalidInputError):
 
 class QuantizationError(InvalidInputError):
     """The model holds something the quantizer cannot quantize (an op, a pattern)."""
+
+
+class ResourceError(InvalidInputError):
+    """The run would need more memory than this machine has (the message gives the figure)."""
 
 
 class CheckFailedError(OnnxDghError):

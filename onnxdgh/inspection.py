@@ -3,7 +3,9 @@
 Contract: :func:`inspect_model` looks at a loaded, canonical model without running it
 and says whether DGH can work on it: inputs/outputs, opset, op histogram, every
 BatchNormalization node and whether its statistics are usable, whether BN looks folded
-away (and the re-export recipe), the ops onnx2torch cannot convert, and a verdict.
+away (and the re-export recipe), the ops onnx2torch cannot convert, the custom ops
+onnxruntime cannot run, whether generation with the default settings fits in memory, and a
+verdict.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import onnx
 
 from .load import REEXPORT_RECIPE, LoadedModel
+from .memory import estimate_run_memory, memory_advice
+from .runtime import describe_nodes, unknown_runtime_ops
 
 __all__ = ["InspectionReport", "inspect_model", "unconvertible_ops"]
 
@@ -116,10 +120,22 @@ def inspect_model(loaded: LoadedModel) -> InspectionReport:
     elif not loaded.usable_bn_nodes:
         reasons.append("no BatchNormalization node has usable statistics")
         advice.append(f"re-export a trained model in eval mode with BN kept: {REEXPORT_RECIPE}")
+    unrunnable = unknown_runtime_ops(loaded.model)
+    if unrunnable:
+        reasons.append(f"onnxruntime cannot run {describe_nodes(unrunnable)}: nothing can be calibrated or quantized")
+        advice.append("replace the custom ops with standard ONNX ops at export time")
     if missing:
         ops = ", ".join(f"{m['op_type']} (opset {m['version']}, e.g. node {m['nodes'][0]!r})" for m in missing)
         reasons.append(f"onnx2torch cannot convert: {ops}")
-        advice.append("replace these ops at export time, or calibrate with your own images: onnxdgh quantize --calib-data")
+        if not unrunnable:  # --calib-data skips the conversion, not onnxruntime
+            advice.append("replace these ops at export time, or calibrate with your own images: onnxdgh quantize --calib-data")
+    from .generate.config import GenerateConfig  # torch comes with it, as with unconvertible_ops
+
+    defaults = GenerateConfig()  # the verdict is for `onnxdgh generate`'s default images and batch size
+    memory = estimate_run_memory(loaded, images=defaults.images, batch_size=defaults.batch_size)
+    if not memory.fits:
+        reasons.append(f"generation with the default settings: {memory.describe()}")
+        advice.append(memory_advice(loaded, memory))
     if not has_conv and not any(n.op_type in ("Gemm", "MatMul") for n in graph.node):
         reasons.append("the graph has no Conv, Gemm or MatMul: nothing to quantize")
 

@@ -5,8 +5,9 @@ Contract:
   :class:`~onnxdgh.errors.OnnxDghError` naming the problem and the fix, anything onnxdgh
   cannot work on: a missing/empty/truncated/non-ONNX file, a model failing the full
   ``onnx.checker``, external data that is missing or resolves outside the model's folder,
-  an opset outside :data:`SUPPORTED_OPSETS`, more or fewer than one image input, or an
-  input that is not a float 4-D NCHW tensor.
+  an opset outside :data:`SUPPORTED_OPSETS`, more or fewer than one image input, an
+  input that is not a float 4-D NCHW tensor, NaN in a constant, an infinity in a weight or
+  BN statistic, or a BN variance below -epsilon (each tensor named).
 * :func:`canonicalise` returns a graph computing the same function with Constant nodes
   turned into initializers, Identity nodes removed, shape-only computations folded into
   initializers (see below) and dead nodes/initializers dropped, so that every
@@ -160,17 +161,20 @@ def _json_floats(text: str | None) -> list[float] | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | os.PathLike[str], *, input_shape: tuple[int, int, int] | None = None) -> LoadedModel:
+def load_model(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, input_shape: tuple[int, int, int] | None = None
+) -> LoadedModel:
     """Read, check and canonicalise the ONNX model at ``path`` (never modified).
 
     ``input_shape`` (C, H, W) pins symbolic input dimensions (many OCR and detection
     exports leave height and width open); it must agree with any fixed dimension.
 
     Raises:
-        ModelLoadError: the file cannot be read as a valid ONNX model.
+        ModelLoadError: ``path`` is not a path (``str``, ``bytes`` or ``os.PathLike``), or
+            the file cannot be read as a valid ONNX model (non-finite weights included).
         UnsupportedModelError: a valid model onnxdgh cannot work on.
     """
-    src = Path(path)
+    src = _model_path(path)
     if not src.exists():
         raise ModelLoadError(f"model file {src} does not exist", "check the path")
     if src.is_dir():
@@ -184,6 +188,24 @@ def load_model(path: str | os.PathLike[str], *, input_shape: tuple[int, int, int
     model = _parse(data, src)
     _resolve_external_data(model, src.parent.resolve(), src)
     return _finish(model, str(src), input_shape)
+
+
+def _model_path(path: object) -> Path:
+    """``path`` as a ``Path``: ``str``, ``bytes`` (file-system encoding) or ``os.PathLike``."""
+    if isinstance(path, onnx.ModelProto):
+        raise ModelLoadError(
+            "load_model takes the path of an .onnx file, not a ModelProto",
+            "use onnxdgh.load_model_proto(model) for a model in memory",
+        )
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ModelLoadError(
+            f"load_model takes a file path (str, bytes or os.PathLike), not {type(path).__name__}",
+            "pass the path of the .onnx file, e.g. load_model('model.onnx')",
+        )
+    try:
+        return Path(os.fsdecode(path))
+    except (TypeError, ValueError) as exc:  # a PathLike returning neither str nor bytes, or a NUL byte
+        raise ModelLoadError(f"{path!r} is not a usable file path ({exc})", "pass the path of the .onnx file") from exc
 
 
 def load_model_proto(
@@ -216,6 +238,12 @@ def _parse(data: bytes, src: Path) -> onnx.ModelProto:
             "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
         )
     return model
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (the checker spreads a node over several lines), cut at ``limit``."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
@@ -289,9 +317,8 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"{source} fails the ONNX checker: {first}",
+            f"{source} fails the ONNX checker: {_one_line(str(exc)) or type(exc).__name__}",
             "re-export the model; `python -c \"import onnx; onnx.checker.check_model('model.onnx', full_check=True)\"` shows the details",
         ) from exc
 
@@ -345,6 +372,7 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
         batch_dim = None
 
     canon, counts = canonicalise(model)
+    _check_weights(canon, source)
     try:
         canon = onnx.shape_inference.infer_shapes(canon, check_type=True, strict_mode=False, data_prop=True)
     except Exception as exc:  # shape inference failure on a checked model is unusual
@@ -730,6 +758,57 @@ def _fold_shape_round(model: onnx.ModelProto) -> int:
     return folded
 
 
+# ------------------------------------------------------------------- weight checks
+
+_WEIGHT_READERS = frozenset(
+    {
+        "BatchNormalization", "Conv", "ConvTranspose", "Gemm", "GroupNormalization", "InstanceNormalization",
+        "LayerNormalization", "MatMul", "PRelu",
+    }
+)
+"""Ops whose constant inputs are weights or statistics: an infinity there is never meant.
+(Elsewhere +-inf is legitimate: an open Clip bound, an attention mask.)"""
+
+
+def _check_weights(model: onnx.ModelProto, source: str) -> None:
+    """Refuse NaN in any float constant, +-inf in a weight or BN statistic, and a BN
+    variance below -epsilon (sqrt(var + epsilon) would be NaN): each makes every image
+    and every quantized value NaN, so no later stage can do anything useful with it."""
+    readers = g.consumer_map(model.graph)
+    for init in model.graph.initializer:
+        if init.data_type not in _FLOAT_TYPES:
+            continue
+        values = g.to_array(init)
+        if values.size == 0 or np.all(np.isfinite(values)):
+            continue
+        users = readers.get(init.name, [])
+        weight_users = [node for node in users if node.op_type in _WEIGHT_READERS]
+        nans = int(np.count_nonzero(np.isnan(values)))
+        if not nans and not weight_users:
+            continue
+        node = (weight_users or users or [None])[0]
+        where = f" read by {node.op_type} node {node.name!r}" if node is not None else ""
+        what = f"NaN at {nans}" if nans else f"infinity at {int(np.count_nonzero(np.isinf(values)))}"
+        raise ModelLoadError(
+            f"tensor {init.name!r}{where} of {source} holds {what} of {values.size} values",
+            "the weights are corrupt (or training diverged): re-export the model from a healthy checkpoint",
+        )
+    inits = g.initializer_map(model.graph)
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "BatchNormalization" or len(node.input) < 5 or node.input[4] not in inits:
+            continue
+        epsilon = float(g.node_attributes(node).get("epsilon", 1e-5))  # type: ignore[arg-type]
+        var = g.to_array(inits[node.input[4]]).astype(np.float64).reshape(-1)
+        if var.size and float(var.min()) + epsilon < 0:
+            name = node.name or f"BatchNormalization_{index}"
+            raise ModelLoadError(
+                f"tensor {node.input[4]!r} of BatchNormalization node {name!r} of {source} holds a negative variance "
+                f"({float(var.min()):.4g} at channel {int(var.argmin())}, below -epsilon = {-epsilon:g}): "
+                "the model computes NaN there",
+                "the BN statistics are corrupt: re-export the model from a healthy checkpoint",
+            )
+
+
 # ---------------------------------------------------------------------- BN targets
 
 
@@ -754,9 +833,7 @@ def _batch_norms(model: onnx.ModelProto) -> list[BatchNormInfo]:
         problem = None
         if int(attrs.get("training_mode", 0) or 0) != 0 or len([o for o in node.output if o]) > 1:  # type: ignore[arg-type]
             problem = "node is in training mode"
-        elif not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
-            problem = "statistics contain NaN or infinity"
-        elif np.any(var < 0):
+        elif np.any(var < 0):  # within -epsilon (load refuses less): the BN computes, the target is no std
             problem = "negative running variance"
         elif np.allclose(mean, 0.0) and np.allclose(var, 1.0):
             problem = "statistics are the initial values (mean 0, var 1): the BN was never trained"

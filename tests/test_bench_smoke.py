@@ -36,9 +36,11 @@ def _has_generator() -> bool:
 
 
 def _has_command(name: str) -> bool:
+    import click
+
     from onnxdgh.cli import main
 
-    return name in main.commands
+    return name in main.list_commands(click.Context(main))  # the commands are imported on first use
 
 
 def _bench_docs() -> dict[str, int]:

@@ -2,8 +2,9 @@
 
 Writes float32 N x C x H x W images in the model's input space plus the settings, seed
 and final losses (key ``meta`` of the ``.npz``); ``--preview`` adds a PNG contact sheet and
-``--json`` the full report. Every output path is checked before any work starts.
-Exit codes: 0 success, 2 bad input (options, model, paths).
+``--json`` the full report. Every output path is checked before any work starts, against
+the model and the other outputs (:func:`~onnxdgh.fileio.check_output_paths`).
+Exit codes: 0 success, 2 bad input (options, model, paths, memory), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -101,24 +102,18 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     """Generate synthetic calibration images for MODEL from its BatchNorm statistics (DGH).
 
     \b
-    Exit codes: 0 success, 2 bad input.
+    Exit codes: 0 success, 2 bad input, 130 interrupted.
     """
-    from ..fileio import atomic_write_bytes, atomic_write_json, check_output_path, save_images_npz
+    from ..fileio import atomic_write_bytes, atomic_write_json, check_output_paths, save_images_npz
     from ..generate import GenerateConfig, generate
     from ..generate.preview import contact_sheet_png
     from ..load import load_model
 
-    outputs = [("-o/--output", output), ("--preview", preview), ("--checkpoint", options.get("checkpoint"))]
-    if json_out and json_out != "-":
-        outputs.append(("--json", json_out))
-    seen: dict[str, str] = {}
-    for option, path in outputs:
-        if not path:
-            continue
-        check_output_path(path, inputs=[model])
-        if path in seen:
-            raise InvalidInputError(f"{option} and {seen[path]} name the same file {path}", "give each output its own file")
-        seen[path] = option
+    check_output_paths(
+        [("-o/--output", output), ("--preview", preview), ("--checkpoint", options.get("checkpoint")),
+         ("--json", json_out if json_out != "-" else None)],
+        inputs=[("MODEL", model)],
+    )
 
     given = {key: value for key, value in options.items() if value is not None}
     if not given.get("allow_no_bn"):

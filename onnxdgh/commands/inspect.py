@@ -69,10 +69,9 @@ def inspect_command(model: str, json_out: str | None, input_shape: tuple[int, in
 
     Exit codes: 0 ready, 1 not ready, 2 invalid input.
     """
-    from ..fileio import atomic_write_text, check_output_path
+    from ..fileio import atomic_write_text, check_output_paths
 
-    if json_out and json_out != "-":
-        check_output_path(json_out, inputs=[model])
+    check_output_paths([("--json", json_out if json_out != "-" else None)], inputs=[("MODEL", model)])
     report = inspect_model(load_model(model, input_shape=input_shape))
     if json_out == "-":
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ..cli import echo_err, input_shape_option, progress_enabled, run_command
-from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError, OutputPathError
+from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
 from .generate import _floats
 
 __all__ = ["quantize_command"]
@@ -149,29 +149,20 @@ def quantize_command(
     Exit codes: 0 written and valid, 1 written but validation failed, 2 invalid input or
     options (nothing written).
     """
-    from ..fileio import atomic_write_bytes, atomic_write_json, check_output_path, load_images_npz
+    from ..fileio import atomic_write_bytes, atomic_write_json, check_output_paths, load_images_npz
     from ..load import load_model
     from ..quantize import QuantizeConfig, quantize
     from ..quantize.api import default_profile_name
 
-    inputs = [model] + ([calib_data] if calib_data else [])
-    check_output_path(output, inputs=inputs)
-    if json_out and json_out != "-":
-        check_output_path(json_out, inputs=inputs + [output])
-        if Path(json_out).resolve() == Path(output).resolve():
-            raise OutputPathError(
-                f"--json {json_out} is the model output path", "give the report its own file, e.g. --json report.json"
-            )
     report_path: Path | None = None
     if run_validation:
         report_path = Path(validation_report) if validation_report else Path(output).with_suffix(".validation.json")
-        check_output_path(report_path, inputs=inputs + [output])
-        if report_path.resolve() == Path(output).resolve():
-            raise OutputPathError(
-                f"validation report path {report_path} is the model output path",
-                "give the report its own file with --validation-report",
-            )
-    elif validation_report or min_sqnr is not None or min_agreement is not None:
+    check_output_paths(
+        [("-o/--output", output), ("--json", json_out if json_out != "-" else None),
+         ("--validation-report", report_path)],
+        inputs=[("MODEL", model), ("--calib-data", calib_data)],
+    )
+    if report_path is None and (validation_report or min_sqnr is not None or min_agreement is not None):
         raise InvalidInputError(
             "--validation-report, --min-sqnr and --min-agreement need validation, but --no-validate was given",
             "drop --no-validate, or drop the validation options",

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..cli import input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
+from ..fileio import open_numpy, read_npz_array
 from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
 from ..validate import ValidationReport, validate
 
@@ -25,14 +26,8 @@ def load_labels(path: str) -> np.ndarray:
     src = Path(path)
     if not src.is_file():
         raise InvalidInputError(f"labels file {src} does not exist", "give a .npy file of class indices")
-    try:
-        loaded = np.load(src, allow_pickle=False)
-    except ValueError as exc:
-        raise InvalidInputError(
-            f"labels file {src} holds pickled objects, which onnxdgh never loads", "save with numpy.save(path, labels)"
-        ) from exc
-    except (OSError, EOFError) as exc:
-        raise InvalidInputError(f"labels file {src} is not a readable .npy/.npz file", "save with numpy.save(path, labels)") from exc
+    what, hint = f"labels file {src}", "save them with numpy.save(path, labels)"
+    loaded = open_numpy(src, what=what, hint=hint)
     if isinstance(loaded, np.ndarray):
         return loaded
     with loaded:
@@ -41,7 +36,7 @@ def load_labels(path: str) -> np.ndarray:
                 f"labels file {src} has no 'labels' array (it has: {', '.join(loaded.files) or 'nothing'})",
                 "store them as numpy.savez(path, labels=array) or numpy.save(path, array)",
             )
-        return loaded["labels"]
+        return read_npz_array(loaded, "labels", what=what, hint=hint)
 
 
 def _db(value: float | None) -> str:
@@ -189,16 +184,17 @@ def validate_command(
     \b
     Exit codes: 0 pass, 1 constraint violations or a gate not reached, 2 invalid input.
     """
-    from ..fileio import atomic_write_text, check_output_path, load_images_npz
+    from ..fileio import atomic_write_text, check_output_paths, load_images_npz
 
     if list_profiles:
         click.echo(render_profiles())
         return EXIT_OK
     if model is None:
         raise click.UsageError("give the quantized MODEL to validate (or --list-profiles)")
-    inputs = [p for p in (model, reference, data, labels) if p]
-    if json_out and json_out != "-":
-        check_output_path(json_out, inputs=inputs)
+    check_output_paths(
+        [("--json", json_out if json_out != "-" else None)],
+        inputs=[("MODEL", model), ("--reference", reference), ("--data", data), ("--labels", labels)],
+    )
     profile = load_profile(profile_name) if profile_name is not None else None
     images = None
     if data is not None:

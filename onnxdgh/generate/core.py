@@ -54,6 +54,7 @@ import torch
 from ..convert import TorchModel, fold_bn_taps, to_torch
 from ..errors import ConversionError, InvalidInputError, UnsupportedModelError
 from ..fileio import check_output_path
+from ..memory import check_run_memory
 from ..load import REEXPORT_RECIPE, LoadedModel, load_model
 from ..progress import progress_bar
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -109,8 +110,10 @@ def resolve_normalization(
         for option, given in (("--mean", config.mean), ("--std", config.std)):
             if len(given) not in (1, channels):
                 raise InvalidInputError(
-                    f"{option} has {len(given)} values but the model input has {channels} channels",
-                    f"give 1 or {channels} comma-separated values",
+                    f"{option} has {len(given)} values but the model input has {channels} "
+                    f"channel{'s' if channels != 1 else ''}",
+                    f"give {option} one value" if channels == 1
+                    else f"give {option} one value (for every channel) or {channels} comma-separated values",
                 )
             values.append(np.broadcast_to(np.asarray(given, np.float32), (channels,)).copy())
         return values[0], values[1], "options"
@@ -141,12 +144,14 @@ def generate(
         ConversionError: the model cannot be converted to torch.
         InvalidInputError: bad normalization values, or a checkpoint that does not match.
         OutputPathError: the checkpoint path cannot be written.
+        ResourceError: the images and one batch through the model exceed the machine's memory.
     """
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     load_s = time.perf_counter() - started
     if config.checkpoint:
-        check_output_path(config.checkpoint, inputs=[loaded.source])
+        check_output_path(config.checkpoint, inputs=[loaded.source], option="--checkpoint")
+    check_run_memory(loaded, images=config.images, batch_size=config.batch_size)
     norm = resolve_normalization(loaded, config)
     channels, height, width = loaded.input_shape
     if norm is None:
@@ -495,7 +500,9 @@ class _Run:
         total = config.iterations * n_batches
         done_before = self.position[0] * n_batches + self.position[1]
         bar = progress_bar(total=total, initial=done_before, enabled=progress, desc="generate", unit="step")
-        run_started = time.perf_counter()
+        # Two clocks: run_started restarts at each checkpoint (self.elapsed adds up the run
+        # over resumes); loop_started times this process's share, the rate's denominator.
+        loop_started = run_started = time.perf_counter()
         steps_run = 0
         try:
             with _deferred_interrupt() as interrupted:
@@ -534,8 +541,8 @@ class _Run:
             raise
         finally:
             bar.close()
-        optimise_s = time.perf_counter() - run_started
-        self.elapsed += optimise_s
+        self.elapsed += time.perf_counter() - run_started
+        optimise_s = time.perf_counter() - loop_started
 
         unclamped = [self.prep.final_unclamped(canvas.detach()) for canvas in self.canvases]
         finals = [self.prep.clamp(image) for image in unclamped]
