@@ -512,7 +512,7 @@ def _variance_terms(layers: list[_Layer], mean: np.ndarray, rho: float) -> tuple
     grams, targets = [], []
     for layer in layers:
         corr = _correlations(layer.taps, rho)
-        gram = sum(f * np.einsum("ckt,tu,clu->ckl", filt, corr, filt) for f, filt in zip(layer.shares, layer.filters))
+        gram = sum(f * np.matmul(filt @ corr, filt.transpose(0, 2, 1)) for f, filt in zip(layer.shares, layer.filters))
         means = np.stack([b + filt.sum(axis=2) @ mean for b, filt in zip(layer.biases, layer.filters)])
         overall = layer.shares @ means
         between = layer.shares @ (means - overall) ** 2  # border positions have other means
@@ -536,20 +536,23 @@ def _fit_std(gram: np.ndarray, target: np.ndarray, r: float) -> tuple[np.ndarray
     best = float("inf")
     for _ in range(_GN_STEPS):
         s = np.exp(log_s)
-        half = np.einsum("ckl,l->ck", coupling, s)
-        model = np.maximum(np.einsum("ck,k->c", half, s), 1e-300)
+        half = coupling @ s
+        model = np.maximum(half @ s, 1e-300)
         residual = np.log(model) - log_t
-        cost = float(np.mean(residual**2))
+        cost = float(residual @ residual)
         if cost > best:
             damping *= 10.0
         else:
+            converged = best - cost <= 1e-12 * (1.0 + cost)
             best = cost
             damping = max(damping / 3.0, 1e-9)
+            if converged:
+                break
         jac = 2.0 * half * s / model[:, None]
         step = np.linalg.solve(jac.T @ jac + damping * np.eye(channels), -jac.T @ residual)
         log_s = log_s + np.clip(step, -2.0, 2.0)
     s = np.exp(log_s)
-    model = np.maximum(np.einsum("ckl,k,l->c", coupling, s, s), 1e-300)
+    model = np.maximum((coupling @ s) @ s, 1e-300)
     return s, float(np.sqrt(np.mean((np.log(model) - log_t) ** 2)))
 
 
