@@ -26,6 +26,7 @@ __all__ = [
     "QuantizationError",
     "ResourceError",
     "CheckFailedError",
+    "GenerationDivergedError",
     "EXIT_OK",
     "EXIT_CHECK_FAILED",
     "EXIT_BAD_INPUT",
@@ -98,3 +99,7 @@ class CheckFailedError(OnnxDghError):
     """The model or the result was examined and fails a check (exit code 1)."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+class GenerationDivergedError(CheckFailedError):
+    """Synthetic image generation diverged (non-finite or rising BN loss); no images are written."""

@@ -27,7 +27,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from . import graph as g
 from .errors import ModelLoadError, UnsupportedModelError
+from .normalization import metadata_normalization
 
 __all__ = [
     "SUPPORTED_OPSETS",
@@ -125,37 +125,17 @@ class LoadedModel:
         return tuple(bn for bn in self.bn_nodes if bn.usable)
 
     def input_normalization(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per-channel (mean, std) from ``metadata_props`` (``input_mean``/``input_std``), if present.
+        """Per-channel float32 (mean, std) from ``metadata_props``, if present and usable.
 
-        Values map pixels in [0, 1] to the model's input: ``x = (pixel - mean) / std``.
+        Values map pixels in [0, 1] to the model's input: ``x = (pixel - mean) / std``. The
+        keys read and the 0-255 detection are those of
+        :func:`onnxdgh.normalization.metadata_normalization` (the one reader of them);
+        :func:`onnxdgh.normalization.resolve_normalization` adds options, presets and inference.
         """
-        mean = _json_floats(self.metadata.get("input_mean"))
-        std = _json_floats(self.metadata.get("input_std"))
-        if mean is None or std is None:
+        found = metadata_normalization(self.metadata, self.input_shape[0])
+        if found is None:
             return None
-        channels = self.input_shape[0]
-        try:
-            mean_arr = np.broadcast_to(np.asarray(mean, np.float32), (channels,)).copy()
-            std_arr = np.broadcast_to(np.asarray(std, np.float32), (channels,)).copy()
-        except ValueError:
-            return None
-        if np.any(std_arr <= 0):
-            return None
-        return mean_arr, std_arr
-
-
-def _json_floats(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-        return [float(v) for v in value]
-    return None
+        return found[0].astype(np.float32), found[1].astype(np.float32)
 
 
 # --------------------------------------------------------------------------- loading

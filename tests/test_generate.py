@@ -241,10 +241,12 @@ def test_dgh_images_are_clamped_to_the_valid_range(tiny_model_path: Path) -> Non
     assert result.images.min() >= -2.0 - 1e-6 and result.images.max() <= 2.0 + 1e-6
 
 
-def test_unknown_normalization_is_reported(tiny_model_path: Path) -> None:
+def test_normalization_without_metadata_is_inferred_and_clamps(tiny_model_path: Path) -> None:
     result = generate(tiny_model_path, GenerateConfig(**QUICK), progress=False)
-    assert result.report["normalization"]["clamped"] is False
-    assert "clamping skipped" in result.report["normalization"]["note"]
+    norm = result.report["normalization"]
+    assert norm["source"] == "inferred" and norm["clamped"] is True and norm["inference"]["confidence"]
+    low, high = np.array(norm["low"]).reshape(1, -1, 1, 1), np.array(norm["high"]).reshape(1, -1, 1, 1)
+    assert np.all(result.images >= low - 1e-6) and np.all(result.images <= high + 1e-6)
 
 
 def test_model_without_bn_is_refused_unless_asked(tmp_path: Path) -> None:
@@ -253,7 +255,12 @@ def test_model_without_bn_is_refused_unless_asked(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="BatchNormalization") as info:
         generate(folded, GenerateConfig(**QUICK), progress=False)
     assert "TrainingMode.PRESERVE" in (info.value.hint or "")
-    assert generate(folded, GenerateConfig(**QUICK, allow_no_bn=True), progress=False).images.shape == (12, 3, 12, 12)
+    # Without BN and metadata the input range cannot be inferred: it must be given.
+    with pytest.raises(InvalidInputError, match="normalisation of .* is unknown") as unknown:
+        generate(folded, GenerateConfig(**QUICK, allow_no_bn=True), progress=False)
+    assert "--preprocess" in (unknown.value.hint or "") and "--mean/--std" in (unknown.value.hint or "")
+    config = GenerateConfig(**QUICK, allow_no_bn=True, preprocess="symmetric")
+    assert generate(folded, config, progress=False).images.shape == (12, 3, 12, 12)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +318,7 @@ def test_cli_json_to_stdout(tiny_model_path: Path, tmp_path: Path) -> None:
                   "--iterations", "2", "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["settings"]["images"] == 4 and report["normalization"]["clamped"] is False
+    assert report["settings"]["images"] == 4 and report["normalization"]["source"] == "inferred"
 
 
 def test_cli_refuses_model_without_bn_with_recipe(tmp_path: Path) -> None:
@@ -322,7 +329,10 @@ def test_cli_refuses_model_without_bn_with_recipe(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "error:" in result.output and "TrainingMode.PRESERVE" in result.output and "--method noise" in result.output
     assert "Traceback" not in result.output and not out.exists()
-    assert _cli("generate", str(folded), "-o", str(out), "--method", "noise", "--images", "4").exit_code == 0
+    unknown = _cli("generate", str(folded), "-o", str(out), "--method", "noise", "--images", "4")
+    assert unknown.exit_code == 2 and "--preprocess" in unknown.output and not out.exists()
+    assert _cli("generate", str(folded), "-o", str(out), "--method", "noise", "--images", "4",
+                "--preprocess", "unit").exit_code == 0
 
 
 @pytest.mark.parametrize(

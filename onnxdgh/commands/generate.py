@@ -4,7 +4,9 @@ Writes float32 N x C x H x W images in the model's input space plus the settings
 and final losses (key ``meta`` of the ``.npz``); ``--preview`` adds a PNG contact sheet and
 ``--json`` the full report. Every output path is checked before any work starts, against
 the model and the other outputs (:func:`~onnxdgh.fileio.check_output_paths`).
-Exit codes: 0 success, 2 bad input (options, model, paths, memory), 130 interrupted.
+Exit codes: 0 success, 1 the generation diverged (non-finite or rising BN loss; nothing
+written), 2 bad input (options, model, paths, memory, an input normalisation that cannot
+be decided), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,10 +16,32 @@ from typing import Any
 
 import click
 
-from ..cli import input_shape_option, progress_enabled, run_command
+from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import InvalidInputError
 
-__all__ = ["generate_command"]
+__all__ = ["generate_command", "preprocess_option", "announce_normalization"]
+
+preprocess_option = click.option(
+    "--preprocess", default=None, metavar="imagenet|unit|symmetric|raw255",
+    help="Input normalisation by name (pixels in [0,1] -> (p - mean) / std): imagenet mean/std, unit (the pixels), "
+         "symmetric ([-1, 1]) or raw255 (0-255); excludes --mean/--std. Default: the model's metadata, "
+         "else inferred from its first BN-ed layer.",
+)
+"""Shared ``--preprocess`` option of ``generate`` and ``quantize`` (one field: ``GenerateConfig.preprocess``)."""
+
+
+def announce_normalization(loaded: Any, config: Any, quiet: bool) -> None:
+    """Resolve the input normalisation before the long work; print one stderr line when it was inferred.
+
+    Raises the resolver's error (exit 2, hint naming --preprocess and --mean/--std) when
+    nothing can be decided, before any image is generated.
+    """
+    from ..generate.core import resolve_normalization
+    from ..normalization import describe
+
+    norm = resolve_normalization(loaded, config)
+    if norm.inference is not None and not quiet:
+        echo_err(describe(norm))
 
 
 def _floats(option: str, text: str | None) -> tuple[float, ...] | None:
@@ -50,9 +74,6 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
             f"output range per image {spread['mean']:.3g} (min {spread['min']:.3g}, max {spread['max']:.3g}); "
             f"values {final['output_min']:.3g} .. {final['output_max']:.3g}"
         )
-    norm = report.get("normalization", {})
-    if not norm.get("clamped"):
-        lines.append("note: " + norm.get("note", "images were not clamped"))
     timings = report.get("timings", {})
     if timings.get("image_iterations_per_s"):
         lines.append(f"time {timings['total_s']:.1f} s ({timings['image_iterations_per_s']:.0f} image-iterations/s)")
@@ -83,6 +104,7 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--smoothing-sigma", type=float, default=None, help="Sigma of the 3x3 smoothing prior (default 1.25).")
 @click.option("--mean", "mean_text", default=None, help="Input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406.")
 @click.option("--std", "std_text", default=None, help="Input std per channel, e.g. 0.229,0.224,0.225.")
+@preprocess_option
 @click.option("--stats-refresh", default=None, help="reuse (default) or rerun: how a batch's stored statistics are refreshed.")
 @click.option("--allow-no-bn", is_flag=True, help="Run DGH on a model without BN statistics (prep + ODSL only).")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
@@ -102,7 +124,8 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     """Generate synthetic calibration images for MODEL from its BatchNorm statistics (DGH).
 
     \b
-    Exit codes: 0 success, 2 bad input, 130 interrupted.
+    Exit codes: 0 success, 1 the generation diverged (no images written), 2 bad input,
+    130 interrupted.
     """
     from ..fileio import atomic_write_bytes, atomic_write_json, check_output_paths, save_images_npz
     from ..generate import GenerateConfig, generate
@@ -123,14 +146,13 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     config = GenerateConfig(mean=_floats("--mean", mean_text), std=_floats("--std", std_text), **given)
     loaded = load_model(model, input_shape=input_shape)
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
+    announce_normalization(loaded, config, quiet)
     result = generate(loaded, config, progress=progress_enabled(ctx))
 
     save_images_npz(output, result.images, meta=result.report)
     if preview:
         norm = result.report["normalization"]
-        mean = norm.get("mean") if norm.get("clamped") else None
-        std = norm.get("std") if norm.get("clamped") else None
-        atomic_write_bytes(preview, contact_sheet_png(result.images, mean, std))  # type: ignore[arg-type]
+        atomic_write_bytes(preview, contact_sheet_png(result.images, norm["mean"], norm["std"]))  # type: ignore[arg-type]
     if json_out == "-":
         click.echo(json.dumps(result.report, indent=2))
     elif json_out:

@@ -14,7 +14,7 @@ import click
 
 from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
-from .generate import _floats
+from .generate import _floats, announce_normalization, preprocess_option
 
 __all__ = ["quantize_command"]
 
@@ -93,8 +93,10 @@ def render(report: dict[str, Any], output: str) -> str:
               help="Generation method: dgh (default), bns (per-batch BN matching) or noise (Gaussian).")
 @click.option("--mean", "mean_text", default=None,
               help="Generation: input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406 "
-                   "(default: the model's metadata; images are clamped to the valid pixel range).")
+                   "(default: the model's metadata, else inferred from its first BN-ed layer; images are clamped "
+                   "to the valid pixel range).")
 @click.option("--std", "std_text", default=None, help="Generation: input std per channel, e.g. 0.229,0.224,0.225.")
+@preprocess_option
 @input_shape_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the quantization report as JSON to this file ('-' for stdout).")
@@ -130,6 +132,7 @@ def quantize_command(
     method: str | None,
     mean_text: str | None,
     std_text: str | None,
+    preprocess: str | None,
     input_shape: tuple[int, int, int] | None,
     json_out: str | None,
     run_validation: bool,
@@ -146,8 +149,9 @@ def quantize_command(
     The result is then validated (profile rules, float-vs-quantized figures on the
     calibration images) and the report written next to the model.
 
-    Exit codes: 0 written and valid, 1 written but validation failed, 2 invalid input or
-    options (nothing written).
+    Exit codes: 0 written and valid, 1 written but validation failed, or the image
+    generation diverged (nothing written), 2 invalid input or options, or an input
+    normalisation that cannot be decided (nothing written).
     """
     from ..fileio import atomic_write_bytes, atomic_write_json, check_output_paths, load_images_npz
     from ..load import load_model
@@ -188,6 +192,7 @@ def quantize_command(
         "method": method,
         "mean": _floats("--mean", mean_text),
         "std": _floats("--std", std_text),
+        "preprocess": preprocess,
     }
     given = {key: value for key, value in generation.items() if value is not None}
     generate_config = None
@@ -203,6 +208,8 @@ def quantize_command(
         generate_config = GenerateConfig(seed=seed, **given)
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
     loaded = load_model(model, input_shape=input_shape)
+    if generate_config is not None:
+        announce_normalization(loaded, generate_config, quiet)
     calibration = None
     source = None
     if calib_data:

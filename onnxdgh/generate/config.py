@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..normalization import PRESETS
 
 __all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH"]
 
@@ -62,6 +63,10 @@ class GenerateConfig:
         smoothing_sigma: sigma of the 3x3 Gaussian smoothing prior.
         mean, std: per-channel input normalization (pixels in [0, 1] -> model input
             ``(pixel - mean) / std``); override the model's metadata. Give both or neither.
+        preprocess: a named normalization (``imagenet``, ``unit``, ``symmetric``,
+            ``raw255``; :data:`onnxdgh.normalization.PRESETS`) instead of ``mean``/``std``.
+            With neither, the model's metadata is read, else the normalization is inferred
+            from the first BN-ed layer (:mod:`onnxdgh.normalization`).
         stats_refresh: after a batch's step, ``"reuse"`` its pre-step statistics (MCT) or
             ``"rerun"`` the model to refresh them (Algorithm 1, lines 14-15).
         allow_no_bn: run DGH on a model without usable BN statistics (prep + ODSL only).
@@ -129,6 +134,7 @@ class GenerateConfig:
     smoothing_sigma: float = 1.25
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    preprocess: str | None = None
     stats_refresh: str = "reuse"
     allow_no_bn: bool = False
     checkpoint: str | None = None
@@ -181,6 +187,13 @@ class GenerateConfig:
                 raise InvalidInputError(f"--mean {self.mean} must be finite numbers", "give e.g. --mean 0.485,0.456,0.406")
             if not self.std or not all(math.isfinite(v) and v > 0 for v in self.std):
                 raise InvalidInputError(f"--std {self.std} must be positive numbers", "give e.g. --std 0.229,0.224,0.225")
+        if self.preprocess is not None:
+            _choice("--preprocess", self.preprocess, tuple(PRESETS))
+            if self.mean is not None or self.std is not None:
+                raise InvalidInputError(
+                    "--preprocess and --mean/--std exclude each other (both say how pixels map to the input)",
+                    "give either --preprocess NAME or --mean/--std",
+                )
         if self.resume and not self.checkpoint:
             raise InvalidInputError("--resume needs --checkpoint PATH", "give the checkpoint file of the interrupted run")
 
