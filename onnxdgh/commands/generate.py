@@ -19,7 +19,7 @@ import click
 from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import InvalidInputError
 
-__all__ = ["generate_command", "preprocess_option", "announce_normalization"]
+__all__ = ["generate_command", "preprocess_option", "preflight"]
 
 preprocess_option = click.option(
     "--preprocess", default=None, metavar="imagenet|unit|symmetric|raw255",
@@ -30,14 +30,19 @@ preprocess_option = click.option(
 """Shared ``--preprocess`` option of ``generate`` and ``quantize`` (one field: ``GenerateConfig.preprocess``)."""
 
 
-def announce_normalization(loaded: Any, config: Any, quiet: bool) -> None:
-    """Resolve the input normalisation before the long work; print one stderr line when it was inferred.
+def preflight(loaded: Any, config: Any, quiet: bool) -> None:
+    """The checks a generation run makes before its long work, in the order a user fixes them.
 
-    Raises the resolver's error (exit 2, hint naming --preprocess and --mean/--std) when
-    nothing can be decided, before any image is generated.
+    First the memory the run needs (a model too large for the machine is refused with the
+    figure, whatever its normalisation), then the input normalisation: one stderr line when
+    it was inferred, and the resolver's error (exit 2, hint naming --preprocess and
+    --mean/--std) when nothing can be decided.
     """
     from ..generate.core import resolve_normalization
+    from ..memory import check_run_memory
     from ..normalization import describe
+
+    check_run_memory(loaded, images=config.images, batch_size=config.batch_size)
 
     norm = resolve_normalization(loaded, config)
     if norm.inference is not None and not quiet:
@@ -146,7 +151,7 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     config = GenerateConfig(mean=_floats("--mean", mean_text), std=_floats("--std", std_text), **given)
     loaded = load_model(model, input_shape=input_shape)
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
-    announce_normalization(loaded, config, quiet)
+    preflight(loaded, config, quiet)
     result = generate(loaded, config, progress=progress_enabled(ctx))
 
     save_images_npz(output, result.images, meta=result.report)

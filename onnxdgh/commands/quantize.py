@@ -14,7 +14,7 @@ import click
 
 from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
-from .generate import _floats, announce_normalization, preprocess_option
+from .generate import _floats, preflight, preprocess_option
 
 __all__ = ["quantize_command"]
 
@@ -209,7 +209,7 @@ def quantize_command(
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
     loaded = load_model(model, input_shape=input_shape)
     if generate_config is not None:
-        announce_normalization(loaded, generate_config, quiet)
+        preflight(loaded, generate_config, quiet)
     calibration = None
     source = None
     if calib_data:
