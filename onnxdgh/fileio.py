@@ -14,6 +14,8 @@ import io
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import numpy as np
 from .errors import CalibrationDataError, OutputPathError
 
 __all__ = [
+    "DAMAGED_FILE_ERRORS",
     "check_output_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -31,6 +34,10 @@ __all__ = [
     "load_images_npz",
     "check_images",
 ]
+
+DAMAGED_FILE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+"""What ``numpy.load`` raises on a damaged ``.npz``/``.npy`` (bad zip directory, CRC,
+offsets, compression method) -- reading the archive *and* reading its members."""
 
 
 def check_output_path(path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
@@ -131,7 +138,7 @@ def load_images_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str,
             f"calibration file {src} holds pickled objects, which onnxdgh never loads ({exc})",
             "save plain arrays: numpy.savez(path, images=array)",
         ) from exc
-    except (OSError, EOFError) as exc:
+    except DAMAGED_FILE_ERRORS as exc:
         raise CalibrationDataError(
             f"calibration file {src} is not a readable .npz/.npy file",
             "give an .npz file with an 'images' array (float32, N x C x H x W)",
@@ -154,6 +161,11 @@ def load_images_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str,
         raise CalibrationDataError(
             f"calibration file {src} holds pickled objects, which onnxdgh never loads",
             "save plain arrays: numpy.savez(path, images=array)",
+        ) from exc
+    except DAMAGED_FILE_ERRORS as exc:  # the archive opened but a member is damaged
+        raise CalibrationDataError(
+            f"calibration file {src} is damaged ({type(exc).__name__}: {exc})",
+            "give an .npz file with an 'images' array (float32, N x C x H x W)",
         ) from exc
     return check_images(images, what=f"calibration images in {src}"), meta
 

@@ -215,7 +215,28 @@ def _parse(data: bytes, src: Path) -> onnx.ModelProto:
             f"{src} is not an ONNX model (no IR version or no graph nodes)",
             "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
         )
+    bad = _non_utf8_text(model)
+    if bad is not None:
+        raise ModelLoadError(
+            f"{src} is damaged: the name {bad!r} is not UTF-8 text",
+            "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
+        )
     return model
+
+
+def _non_utf8_text(model: onnx.ModelProto) -> bytes | None:
+    """The first name or metadata string that is not UTF-8, if any.
+
+    protobuf hands such a string field back as ``bytes`` (not ``str``), and the checker
+    does not always refuse it; later stages would put the bytes into reports.
+    """
+    graph = model.graph
+    texts: list[object] = [value.name for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    for node in graph.node:
+        texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
+    texts += [entry.domain for entry in model.opset_import]
+    texts += [text for entry in model.metadata_props for text in (entry.key, entry.value)]
+    return next((text for text in texts if isinstance(text, bytes)), None)
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
@@ -231,8 +252,19 @@ def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> Non
     for tensor in _all_tensors(model.graph):
         if not uses_external_data(tensor):
             continue
-        info = ExternalDataInfo(tensor)
+        try:
+            info = ExternalDataInfo(tensor)
+        except ValueError as exc:  # an offset or length that is not a non-negative integer
+            raise ModelLoadError(
+                f"tensor {tensor.name} of {src} has malformed external data fields ({exc})",
+                "re-save the model: onnx.save_model(model, path, save_as_external_data=True)",
+            ) from exc
         location = Path(info.location)
+        if "\0" in info.location:  # no file name holds one; resolve() would raise ValueError
+            raise ModelLoadError(
+                f"tensor {tensor.name} of {src} names external data {info.location!r} with a NUL byte",
+                "re-save the model: onnx.save_model(model, path, save_as_external_data=True)",
+            )
         target = (base / location).resolve()
         if location.is_absolute() or not target.is_relative_to(base):
             raise ModelLoadError(
@@ -288,7 +320,9 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
         )
     try:
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        # ValueError: the checker's C++ side meets an unknown tensor data type or a name
+        # that is not UTF-8 (UnicodeDecodeError) -- a damaged file either way.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
             f"{source} fails the ONNX checker: {first}",

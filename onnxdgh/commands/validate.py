@@ -14,6 +14,7 @@ import numpy as np
 
 from ..cli import input_shape_option, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
+from ..fileio import DAMAGED_FILE_ERRORS
 from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
 from ..validate import ValidationReport, validate
 
@@ -27,21 +28,21 @@ def load_labels(path: str) -> np.ndarray:
         raise InvalidInputError(f"labels file {src} does not exist", "give a .npy file of class indices")
     try:
         loaded = np.load(src, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            if "labels" not in loaded.files:
+                raise InvalidInputError(
+                    f"labels file {src} has no 'labels' array (it has: {', '.join(loaded.files) or 'nothing'})",
+                    "store them as numpy.savez(path, labels=array) or numpy.save(path, array)",
+                )
+            return loaded["labels"]  # the member is read here: it too may be pickled or damaged
     except ValueError as exc:
         raise InvalidInputError(
             f"labels file {src} holds pickled objects, which onnxdgh never loads", "save with numpy.save(path, labels)"
         ) from exc
-    except (OSError, EOFError) as exc:
+    except DAMAGED_FILE_ERRORS as exc:
         raise InvalidInputError(f"labels file {src} is not a readable .npy/.npz file", "save with numpy.save(path, labels)") from exc
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        if "labels" not in loaded.files:
-            raise InvalidInputError(
-                f"labels file {src} has no 'labels' array (it has: {', '.join(loaded.files) or 'nothing'})",
-                "store them as numpy.savez(path, labels=array) or numpy.save(path, array)",
-            )
-        return loaded["labels"]
 
 
 def _db(value: float | None) -> str:
@@ -59,7 +60,7 @@ def _pct(value: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
+    widths = [max([len(headers[i]), *(len(row[i]) for row in rows)]) for i in range(len(headers))]  # rows may be empty
     lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for row in rows:
         lines.append(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
