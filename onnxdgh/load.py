@@ -271,12 +271,18 @@ def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> Non
                 f"tensor {tensor.name} of {src} points to external data {info.location!r} outside the model's folder",
                 "keep external data files beside the .onnx file; onnxdgh refuses paths that leave its folder",
             )
-        if not target.is_file():
+        try:
+            size = target.stat().st_size if target.is_file() else None
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise ModelLoadError(
+                f"external data file {info.location!r} for tensor {tensor.name} of {src} cannot be read: {exc.strerror}",
+                "keep external data files beside the .onnx file under their saved names",
+            ) from exc
+        if size is None:
             raise ModelLoadError(
                 f"external data file {info.location!r} for tensor {tensor.name} of {src} is missing",
                 f"copy {info.location} next to {src.name}",
             )
-        size = target.stat().st_size
         end = (info.offset or 0) + (info.length or 0)
         if info.length is not None and end > size:
             raise ModelLoadError(
@@ -287,6 +293,23 @@ def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> Non
         onnx.external_data_helper.load_external_data_for_model(model, str(base))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"external data of {src} cannot be read: {exc}", "check the data files beside the model") from exc
+
+
+def _check_initializer_data(model: onnx.ModelProto, source: str) -> None:
+    """Every initializer holds the data its type and dims declare.
+
+    The checker does not compare the size of ``raw_data`` with the dims (and shape
+    inference stops at an op it does not know), so a damaged file would fail later, in
+    whichever stage first reads the tensor. ``to_array`` on raw data is a view: cheap.
+    """
+    for tensor in model.graph.initializer:
+        try:
+            g.to_array(tensor)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(
+                f"initializer {tensor.name} of {source} does not hold the data its type and shape declare ({exc})",
+                "the file is damaged: re-export the model",
+            ) from exc
 
 
 def _pin_input_shape(image: onnx.ValueInfoProto, shape: tuple[int, int, int], source: str) -> None:
@@ -328,6 +351,7 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
             f"{source} fails the ONNX checker: {first}",
             "re-export the model; `python -c \"import onnx; onnx.checker.check_model('model.onnx', full_check=True)\"` shows the details",
         ) from exc
+    _check_initializer_data(model, source)
 
     inputs = [value for value in model.graph.input if value.name in set(g.graph_input_names(model.graph))]
     if len(inputs) != 1:

@@ -197,6 +197,32 @@ def test_bad_external_data_fields_are_load_errors(tmp_path: Path, key: str, valu
     assert message in result.stderr and "hint:" in result.stderr
 
 
+def test_overlong_external_data_name_is_a_load_error(tmp_path: Path) -> None:
+    model = fuzz_cases.tiny_float_model()
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "a" * 300  # longer than a file name may be (ENAMETOOLONG)
+    result = _invoke("inspect", str(_write_model(tmp_path / "m.onnx", model)))
+    assert result.exit_code == 2
+    assert "cannot be read" in result.stderr and "hint:" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL])
+def test_initializer_with_wrong_data_size_is_a_load_error(tmp_path: Path, dtype: int) -> None:
+    model = fuzz_cases.tiny_float_model()
+    mean = next(t for t in model.graph.initializer if t.name == "bn1.mean")
+    mean.raw_data = mean.raw_data[:-4]  # 12 bytes for dims [4]: 3 floats, or 12 bools
+    mean.data_type = dtype
+    # conv1 (before bn1) in a custom domain: the checker's shape inference stops there.
+    next(n for n in model.graph.node if n.name == "conv1").domain = "custom.fuzz"
+    model.opset_import.append(onnx.helper.make_opsetid("custom.fuzz", 1))
+    result = _invoke("inspect", str(_write_model(tmp_path / "m.onnx", model)))
+    assert result.exit_code == 2
+    assert "bn1.mean" in result.stderr and "hint:" in result.stderr
+
+
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
