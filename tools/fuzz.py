@@ -53,6 +53,7 @@ ALLOWED_EXIT_CODES = (0, 1, 2, 130)
 FAILURE_KINDS = ("traceback", "bad_exit", "crash", "hang", "modified_input", "partial_output", "missing_output")
 _TRACEBACK = "Traceback (most recent call last)"
 _MAX_LISTED = 2000  # failed cases listed one by one in the summary (all are counted)
+_ROUND = 1000  # cases per hypothesis run (see run_fuzz)
 
 
 # =========================================================================== worker side
@@ -305,6 +306,8 @@ class Fuzzer:
         self.keep = keep
         self.worker = Worker(out / "worker.log", memory_gib=memory_gib, cpu=cpu)
         self.count = 0
+        self.seen: set[bytes] = set()
+        self.duplicates = 0
         self.by_command: dict[str, Counter[str]] = defaultdict(Counter)
         self.by_mutation: dict[str, Counter[str]] = defaultdict(Counter)
         self.failure_counts: Counter[str] = Counter()
@@ -358,6 +361,13 @@ class Fuzzer:
 
     def run_case(self, case: Any) -> None:
         """Run one :class:`fuzz_cases.Case`, record its outcome, save a reproducer if it fails."""
+        key = hashlib.sha256(json.dumps(case.args).encode())
+        for name in sorted(case.files):
+            key.update(name.encode() + b"\0" + hashlib.sha256(case.files[name]).digest())
+        if key.digest() in self.seen:  # hypothesis draws some cases again: run each once
+            self.duplicates += 1
+            return
+        self.seen.add(key.digest())
         index = self.count
         self.count += 1
         if self.restart_every and index and index % self.restart_every == 0:
@@ -413,6 +423,7 @@ class Fuzzer:
             "onnxdgh": self.worker.onnxdgh_path,
             "seed": seed,
             "cases": self.count,
+            "duplicates_skipped": self.duplicates,
             "failed_cases": failed,
             "seconds": round(seconds, 1),
             "cases_per_second": round(self.count / seconds, 2) if seconds else None,
@@ -475,11 +486,13 @@ def run_fuzz(cases: int, seed: int, out: str | os.PathLike[str], *, time_limit: 
         seeds = prepare_seeds(fuzzer)
         for case in fuzz_cases.baseline_cases(seeds)[:cases]:
             fuzzer.run_case(case)
-        round_ = 0
+        round_ = stalled = 0
         while fuzzer.count < cases:
-            # Hypothesis may draw fewer examples than asked (duplicates are skipped); go on
-            # with a derived seed until the count is reached.
-            @settings(max_examples=cases - fuzzer.count, database=None, deadline=None, phases=[Phase.generate],
+            # Rounds of at most _ROUND cases, each with a derived seed: hypothesis keeps the
+            # draws of a run in memory, and may draw fewer examples than asked (it skips
+            # duplicates); rounds go on until the count is reached.
+            # (At least 100: a run's first examples are the simplest, the same in every round.)
+            @settings(max_examples=min(max(cases - fuzzer.count, 100), _ROUND), database=None, deadline=None, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck), derandomize=False)
             @hypothesis_seed(seed * 1000 + round_)
             @given(case=fuzz_cases.case_strategy(seeds))
@@ -495,7 +508,8 @@ def run_fuzz(cases: int, seed: int, out: str | os.PathLike[str], *, time_limit: 
             before = fuzzer.count
             one()
             round_ += 1
-            if fuzzer.count == before:
+            stalled = stalled + 1 if fuzzer.count == before else 0
+            if stalled >= 20:  # only duplicates, round after round: the strategy is exhausted
                 break
     finally:
         fuzzer.worker.stop()
@@ -526,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_fuzz(args.cases, args.seed, args.out, time_limit=args.time_limit, restart_every=args.restart_every,
                        memory_gib=args.memory_gib, cpu=args.cpu, keep=args.keep, progress=True,
                        command_line=["python3", "tools/fuzz.py", *(argv if argv is not None else sys.argv[1:])])
-    print(f"{summary['cases']} cases in {summary['seconds']:.0f} s; failed cases {summary['failed_cases']}; "
+    print(f"{summary['cases']} distinct cases in {summary['seconds']:.0f} s; failed cases {summary['failed_cases']}; "
           + ", ".join(f"{kind} {n}" for kind, n in summary["failures"].items()))
     for entry in summary["signatures"][:20]:
         print(f"  {entry['count']:5d}  {entry['signature']}  {entry['reproducers'][:1]}")
