@@ -499,8 +499,9 @@ def run_fuzz(cases: int, seed: int, out: str | os.PathLike[str], *, time_limit: 
             def one(case: Any) -> None:
                 if fuzzer.count >= cases:
                     return
+                ran = fuzzer.count
                 fuzzer.run_case(case)
-                if progress and fuzzer.count % 100 == 0:
+                if progress and fuzzer.count != ran and fuzzer.count % 100 == 0:
                     failed = sum(fuzzer.failure_counts.values())
                     print(f"{fuzzer.count} cases, {time.perf_counter() - started:.0f} s, {failed} failure(s)",
                           flush=True)
