@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,7 @@ from .errors import CalibrationDataError, OutputPathError
 from .memory import format_bytes, machine_memory_bytes
 
 __all__ = [
+    "DAMAGED_FILE_ERRORS",
     "check_output_path",
     "check_output_paths",
     "atomic_write_bytes",
@@ -42,6 +44,10 @@ __all__ = [
     "load_images_npz",
     "check_images",
 ]
+
+DAMAGED_FILE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+"""What ``numpy.load`` raises on a damaged ``.npz``/``.npy`` (bad zip directory, CRC,
+offsets, compression method) -- reading the archive *and* reading its members."""
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -256,7 +262,7 @@ def open_numpy(path: str | os.PathLike[str], *, what: str, hint: str) -> np.ndar
                     f"{what} is not an .npz/.npy file (it starts with {magic[:8]!r})", hint
                 )
         return np.load(src, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # pickles were refused above
+    except (ValueError, *DAMAGED_FILE_ERRORS) as exc:  # pickles were refused above
         raise CalibrationDataError(f"{what} is not a readable .npz/.npy file ({exc})", hint) from exc
 
 
@@ -268,7 +274,7 @@ def read_npz_array(archive: np.lib.npyio.NpzFile, key: str, *, what: str, hint: 
     """
     try:
         return archive[key]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, *DAMAGED_FILE_ERRORS) as exc:
         raise CalibrationDataError(f"{what}: array {key!r} cannot be read ({exc})", hint) from exc
 
 

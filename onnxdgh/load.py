@@ -217,6 +217,12 @@ def _parse(data: bytes, src: Path) -> onnx.ModelProto:
             f"{src} is not an ONNX model (no IR version or no graph nodes)",
             "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
         )
+    bad = _non_utf8_text(model)
+    if bad is not None:
+        raise ModelLoadError(
+            f"{src} is damaged: the name {bad!r} is not UTF-8 text",
+            "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
+        )
     return model
 
 
@@ -224,6 +230,21 @@ def _one_line(text: str, limit: int = 300) -> str:
     """``text`` on one line (the checker spreads a node over several lines), cut at ``limit``."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _non_utf8_text(model: onnx.ModelProto) -> bytes | None:
+    """The first name or metadata string that is not UTF-8, if any.
+
+    protobuf hands such a string field back as ``bytes`` (not ``str``), and the checker
+    does not always refuse it; later stages would put the bytes into reports.
+    """
+    graph = model.graph
+    texts: list[object] = [value.name for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    for node in graph.node:
+        texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
+    texts += [entry.domain for entry in model.opset_import]
+    texts += [text for entry in model.metadata_props for text in (entry.key, entry.value)]
+    return next((text for text in texts if isinstance(text, bytes)), None)
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
@@ -239,20 +260,37 @@ def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> Non
     for tensor in _all_tensors(model.graph):
         if not uses_external_data(tensor):
             continue
-        info = ExternalDataInfo(tensor)
+        try:
+            info = ExternalDataInfo(tensor)
+        except ValueError as exc:  # an offset or length that is not a non-negative integer
+            raise ModelLoadError(
+                f"tensor {tensor.name} of {src} has malformed external data fields ({exc})",
+                "re-save the model: onnx.save_model(model, path, save_as_external_data=True)",
+            ) from exc
         location = Path(info.location)
+        if "\0" in info.location:  # no file name holds one; resolve() would raise ValueError
+            raise ModelLoadError(
+                f"tensor {tensor.name} of {src} names external data {info.location!r} with a NUL byte",
+                "re-save the model: onnx.save_model(model, path, save_as_external_data=True)",
+            )
         target = (base / location).resolve()
         if location.is_absolute() or not target.is_relative_to(base):
             raise ModelLoadError(
                 f"tensor {tensor.name} of {src} points to external data {info.location!r} outside the model's folder",
                 "keep external data files beside the .onnx file; onnxdgh refuses paths that leave its folder",
             )
-        if not target.is_file():
+        try:
+            size = target.stat().st_size if target.is_file() else None
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise ModelLoadError(
+                f"external data file {info.location!r} for tensor {tensor.name} of {src} cannot be read: {exc.strerror}",
+                "keep external data files beside the .onnx file under their saved names",
+            ) from exc
+        if size is None:
             raise ModelLoadError(
                 f"external data file {info.location!r} for tensor {tensor.name} of {src} is missing",
                 f"copy {info.location} next to {src.name}",
             )
-        size = target.stat().st_size
         end = (info.offset or 0) + (info.length or 0)
         if info.length is not None and end > size:
             raise ModelLoadError(
@@ -263,6 +301,23 @@ def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> Non
         onnx.external_data_helper.load_external_data_for_model(model, str(base))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"external data of {src} cannot be read: {exc}", "check the data files beside the model") from exc
+
+
+def _check_initializer_data(model: onnx.ModelProto, source: str) -> None:
+    """Every initializer holds the data its type and dims declare.
+
+    The checker does not compare the size of ``raw_data`` with the dims (and shape
+    inference stops at an op it does not know), so a damaged file would fail later, in
+    whichever stage first reads the tensor. ``to_array`` on raw data is a view: cheap.
+    """
+    for tensor in model.graph.initializer:
+        try:
+            g.to_array(tensor)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(
+                f"initializer {tensor.name} of {source} does not hold the data its type and shape declare ({exc})",
+                "the file is damaged: re-export the model",
+            ) from exc
 
 
 def _pin_input_shape(image: onnx.ValueInfoProto, shape: tuple[int, int, int], source: str) -> None:
@@ -296,11 +351,14 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
         )
     try:
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        # ValueError: the checker's C++ side meets an unknown tensor data type or a name
+        # that is not UTF-8 (UnicodeDecodeError) -- a damaged file either way.
         raise ModelLoadError(
             f"{source} fails the ONNX checker: {_one_line(str(exc)) or type(exc).__name__}",
             "re-export the model; `python -c \"import onnx; onnx.checker.check_model('model.onnx', full_check=True)\"` shows the details",
         ) from exc
+    _check_initializer_data(model, source)
 
     inputs = [value for value in model.graph.input if value.name in set(g.graph_input_names(model.graph))]
     if len(inputs) != 1:

@@ -160,6 +160,9 @@ def quantize_command(
 
     report_path: Path | None = None
     if run_validation:
+        from ..validate.api import check_gates
+
+        check_gates(min_sqnr, min_agreement)  # before the model is written: a bad gate leaves no output
         report_path = Path(validation_report) if validation_report else Path(output).with_suffix(".validation.json")
     check_output_paths(
         [("-o/--output", output), ("--json", json_out if json_out != "-" else None),

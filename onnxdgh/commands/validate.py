@@ -54,7 +54,7 @@ def _pct(value: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
+    widths = [max([len(headers[i]), *(len(row[i]) for row in rows)]) for i in range(len(headers))]  # rows may be empty
     lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for row in rows:
         lines.append(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

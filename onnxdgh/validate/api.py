@@ -141,6 +141,14 @@ def _load(
     )
 
 
+def check_gates(min_sqnr: float | None, min_agreement: float | None) -> tuple[float | None, float | None]:
+    """The ``--min-sqnr`` / ``--min-agreement`` gates as floats, or an :class:`InvalidInputError`.
+
+    ``quantize`` calls it before any work, so a bad gate never leaves a written model behind.
+    """
+    return _check_gate("--min-sqnr", min_sqnr, -1000.0, 1000.0), _check_gate("--min-agreement", min_agreement, 0.0, 1.0)
+
+
 def _check_gate(name: str, value: float | None, low: float, high: float) -> float | None:
     if value is None:
         return None
@@ -254,8 +262,7 @@ def validate(
             or a gate without a reference to measure it.
     """
     chosen = load_profile(profile) if profile is not None else None
-    min_sqnr = _check_gate("--min-sqnr", min_sqnr, -1000.0, 1000.0)
-    min_agreement = _check_gate("--min-agreement", min_agreement, 0.0, 1.0)
+    min_sqnr, min_agreement = check_gates(min_sqnr, min_agreement)
     if reference is None and (min_sqnr is not None or min_agreement is not None or data is not None or labels is not None):
         raise InvalidInputError(
             "images, labels and --min-sqnr/--min-agreement need the float reference model",
