@@ -107,11 +107,14 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
         lines.append("")
         lines.append("Gates")
         for gate in report.gates:
-            if gate.gate == "min-sqnr":
-                text = f"SQNR of {gate.output}: {_db(gate.value)} dB (needs >= {gate.threshold:g} dB)"
+            what = "onnxruntime optimised vs exact simulation, " if gate.gate.startswith("runtime-") else ""
+            if gate.gate.endswith("-sqnr"):
+                text = f"{what}SQNR of {gate.output}: {_db(gate.value)} dB (needs >= {gate.threshold:g} dB)"
             else:
-                text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
+                text = f"{what}top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
             lines.append(f"  {'pass' if gate.passed else 'FAIL'}  {text}")
+        hints = dict.fromkeys(gate.hint for gate in report.failed_gates if gate.hint)
+        lines += [f"  hint: {hint}" for hint in hints]
     lines.append("")
     if report.passed:
         lines.append("verdict     PASS")

@@ -77,6 +77,10 @@ RULES: dict[str, str] = {
         "shared_input_scale_ops use one scale for all data inputs"
     ),
     "value-preserving-scale": "a value-preserving op's output quantizer has its input's scale",
+    "weight-off-grid": (
+        "in the float-grid flavour (--weights-as-float), every recorded float constant is a whole number of "
+        "steps of its recorded power-of-two scale within its recorded integer type"
+    ),
     "pad-value-off-grid": (
         "a constant-mode Pad that reads a quantized tensor fills with a value on that tensor's grid "
         "(a whole number of its steps within its integer range)"
