@@ -44,7 +44,9 @@ _ORT_FLOAT = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "
                         "FusedGemm"})
 # OpenVINO CPU layer types that carry a model's convolutions and matrix products.
 _OV_COMPUTE = frozenset({"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"})
-_INTEGER_PRECISIONS = frozenset({"u8", "i8", "u4", "i4", "i32"})
+# OpenVINO reports a layer's input (activation) precision; "i4"/"u4" on a FullyConnected is
+# weight-only decompression into float arithmetic, not an integer kernel.
+_INTEGER_PRECISIONS = frozenset({"u8", "i8"})
 
 
 class RuntimeFailure(RuntimeError):
@@ -85,7 +87,11 @@ def missing(runtime: str) -> str | None:
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     package = {"openvino-cpu": "openvino"}.get(runtime, "onnxruntime")
-    if importlib.util.find_spec(package) is None:
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    if not found:
         return f"{package} not installed (pip install -e \".[runtimes]\")"
     return None
 
