@@ -214,7 +214,8 @@ def test_weights_as_float_from_the_command_line(tiny_model_path: Path, tmp_path:
 
 def test_runtime_checks_pass_when_the_shipping_path_is_the_simulation(tiny_model_path: Path) -> None:
     report = validate(_quantized(tiny_model_path), load_model(tiny_model_path), data=_calibration(16, seed=5))
-    runtime = {gate.gate: gate for gate in report.gates}
+    assert report.gates == ()  # none requested; the runtime checks are always there
+    runtime = {check.gate: check for check in report.runtime_checks}
     assert set(runtime) == {"runtime-agreement", "runtime-sqnr"}
     assert all(gate.passed for gate in runtime.values()) and report.passed
     assert report.outputs[0].runtime_top1_agreement == runtime["runtime-agreement"].value
@@ -246,16 +247,17 @@ def test_runtime_drift_fails_validation_with_the_x86_hint(
     model = _quantized(tiny_model_path)
     _drifting_sessions(monkeypatch)
     report = validate(model, load_model(tiny_model_path), data=_calibration(32, seed=5))
-    failed = {gate.gate for gate in report.failed_gates}
-    assert "runtime-sqnr" in failed and not report.passed and report.violations == ()
-    assert all("--profile ort-x86-avx2" in (gate.hint or "") for gate in report.failed_gates)
-    assert report.to_dict()["gates"][0]["hint"] is not None
+    failed = {check.gate for check in report.failed_runtime_checks}
+    assert "runtime-sqnr" in failed and not report.passed and report.violations == () and report.gates == ()
+    assert all("--profile ort-x86-avx2" in (check.hint or "") for check in report.failed_runtime_checks)
+    assert report.to_dict()["runtime_checks"][0]["hint"] == report.runtime_checks[0].hint
 
     path = tmp_path / "q.onnx"
     onnx.save(model, str(path))
     result = _invoke("validate", str(path), "--reference", str(tiny_model_path))
     assert result.exit_code == 1
-    assert "FAIL  onnxruntime optimised vs exact simulation, SQNR" in result.output
+    assert "Runtime (onnxruntime optimised vs exact QDQ simulation)" in result.output
+    assert "FAIL  SQNR of logits" in result.output and "runtime check(s) failed" in result.output
     assert "hint: onnxruntime's optimised (shipping) path departs" in result.output
     assert "verdict     FAIL" in result.output
 
@@ -276,5 +278,5 @@ def test_quantize_names_the_x86_option_when_the_shipping_path_drifts(
 def test_float_grid_models_skip_the_runtime_checks(tiny_model_path: Path) -> None:
     flat = _quantized(tiny_model_path, weights_as_float=True)
     report = validate(flat, load_model(tiny_model_path), data=_calibration(8, seed=5))
-    assert not [gate for gate in report.gates if gate.gate.startswith("runtime-")]
+    assert report.runtime_checks == ()
     assert report.outputs[0].runtime_top1_agreement is not None  # still measured and reported

@@ -252,11 +252,11 @@ def quantize_command(
         if not quiet:
             click.echo(f"validated {report_path}: passes {validation.profile.name}" + _figures(validation))
         return EXIT_OK
-    failed = len(validation.violations) + len(validation.failed_gates)
+    failed = len(validation.violations) + len(validation.failed_gates) + len(validation.failed_runtime_checks)
     echo_err(
         f"error: {output} was written but fails validation ({failed} problem(s)); details in {report_path}"
     )
-    drift = next((gate.hint for gate in validation.failed_gates if gate.hint), None)
+    drift = next((check.hint for check in validation.failed_runtime_checks if check.hint), None)
     if drift and not validation.violations:
         echo_err(f"hint: {drift}")
     else:

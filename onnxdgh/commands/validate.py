@@ -103,17 +103,19 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
     if report.unmatched_layers:
         lines.append(f"  not compared (no float counterpart): {', '.join(report.unmatched_layers[:5])}"
                      f"{' ...' if len(report.unmatched_layers) > 5 else ''}")
-    if report.gates:
+    for title, checks in (("Gates", report.gates), ("Runtime (onnxruntime optimised vs exact QDQ simulation)",
+                                                        report.runtime_checks)):
+        if not checks:
+            continue
         lines.append("")
-        lines.append("Gates")
-        for gate in report.gates:
-            what = "onnxruntime optimised vs exact simulation, " if gate.gate.startswith("runtime-") else ""
+        lines.append(title)
+        for gate in checks:
             if gate.gate.endswith("-sqnr"):
-                text = f"{what}SQNR of {gate.output}: {_db(gate.value)} dB (needs >= {gate.threshold:g} dB)"
+                text = f"SQNR of {gate.output}: {_db(gate.value)} dB (needs >= {gate.threshold:g} dB)"
             else:
-                text = f"{what}top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
+                text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
             lines.append(f"  {'pass' if gate.passed else 'FAIL'}  {text}")
-        hints = dict.fromkeys(gate.hint for gate in report.failed_gates if gate.hint)
+        hints = dict.fromkeys(gate.hint for gate in checks if gate.hint and not gate.passed)
         lines += [f"  hint: {hint}" for hint in hints]
     lines.append("")
     if report.passed:
@@ -124,6 +126,8 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
             reasons.append(f"{len(report.violations)} violation(s)")
         if report.failed_gates:
             reasons.append(f"{len(report.failed_gates)} gate(s) failed")
+        if report.failed_runtime_checks:
+            reasons.append(f"{len(report.failed_runtime_checks)} runtime check(s) failed")
         lines.append(f"verdict     FAIL ({', '.join(reasons)})")
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ from ..errors import InvalidInputError
 from ..fileio import check_images
 from ..load import LoadedModel, load_model, load_model_proto
 from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
-from ..quantize.float_weights import restore_quantized_weights
+from ..quantize.float_weights import WEIGHT_FORMAT_KEY
 from .checks import Violation, analyse, check_model
 from .report import LayerMetrics, NumericReport, OutputMetrics, compare
 
@@ -84,13 +84,16 @@ class GateResult:
     value: float | None
     passed: bool
     hint: str | None = None
-    """What to do when the gate fails (set for the ``runtime-*`` checks)."""
+    """What to do when the check fails (set for the ``runtime-*`` checks)."""
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready form (an infinite SQNR is null)."""
+        """JSON-ready form (an infinite SQNR is null; ``hint`` only when set)."""
         value = self.value if self.value is None or math.isfinite(self.value) else None
-        return {"gate": self.gate, "output": self.output, "threshold": self.threshold, "value": value,
-                "passed": self.passed, "hint": self.hint}
+        data: dict[str, object] = {"gate": self.gate, "output": self.output, "threshold": self.threshold,
+                                   "value": value, "passed": self.passed}
+        if self.hint is not None:
+            data["hint"] = self.hint
+        return data
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ class ValidationReport:
     data: DataInfo | None
     quantization: Mapping[str, Any]
     passed: bool
+    runtime_checks: tuple[GateResult, ...] = ()
+    """The ``runtime-agreement`` / ``runtime-sqnr`` drift checks (with a reference; part of ``passed``)."""
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -138,6 +143,11 @@ class ValidationReport:
         """Gates that did not hold."""
         return tuple(gate for gate in self.gates if not gate.passed)
 
+    @property
+    def failed_runtime_checks(self) -> tuple[GateResult, ...]:
+        """Runtime drift checks that did not hold."""
+        return tuple(check for check in self.runtime_checks if not check.passed)
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (layout :data:`REPORT_SCHEMA`)."""
         return {
@@ -149,6 +159,7 @@ class ValidationReport:
             "violation_counts": self.violation_counts,
             "violations": [violation.to_dict() for violation in self.violations],
             "gates": [gate.to_dict() for gate in self.gates],
+            "runtime_checks": [check.to_dict() for check in self.runtime_checks],
             "data": self.data.to_dict() if self.data else None,
             "outputs": [output.to_dict() for output in self.outputs],
             "layers": [layer.to_dict() for layer in self.layers],
@@ -313,12 +324,8 @@ def validate(
     loaded_q = _load(quantized, "quantized", input_shape)
     if chosen is None:
         chosen = load_profile(_profile_from_metadata(loaded_q))
-    # The --weights-as-float flavour is checked as the integer + DequantizeLinear model it encodes.
-    checked_model, grid_problems = restore_quantized_weights(loaded_q.model)
-    qgraph = analyse(checked_model)
-    violations = tuple(check_model(checked_model, chosen, qgraph=qgraph)) + tuple(
-        Violation("weight-off-grid", None, problem.tensor, problem.message) for problem in grid_problems
-    )
+    qgraph = analyse(loaded_q.model)
+    violations = tuple(check_model(loaded_q.model, chosen, qgraph=qgraph))
     stats = {
         "quantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "QuantizeLinear"),
         "dequantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "DequantizeLinear"),
@@ -363,6 +370,7 @@ def validate(
         )
 
     gates: list[GateResult] = []
+    runtime_checks: list[GateResult] = []
     if numeric is not None:
         if min_sqnr is not None:
             for out in numeric.outputs:
@@ -377,11 +385,11 @@ def validate(
             for out in classifiers:
                 value = out.top1_agreement
                 gates.append(GateResult("min-agreement", out.name, min_agreement, value, value is not None and value >= min_agreement))
-        if checked_model is loaded_q.model:
+        if WEIGHT_FORMAT_KEY not in loaded_q.metadata:
             # A --weights-as-float model is for converters, not onnxruntime: its optimised session
             # re-quantizes the float weights its own way, so its gap says nothing about this CPU.
-            gates.extend(_runtime_checks(numeric))
-    passed = not violations and all(gate.passed for gate in gates)
+            runtime_checks = _runtime_checks(numeric)
+    passed = not violations and all(gate.passed for gate in [*gates, *runtime_checks])
     report = ValidationReport(
         model=loaded_q.source,
         reference=reference_source,
@@ -394,6 +402,7 @@ def validate(
         data=data_info,
         quantization=stats,
         passed=passed,
+        runtime_checks=tuple(runtime_checks),
     )
     _LOG.info(
         "validation of %s against %s: %s (%d violations, %d failed gates)",
