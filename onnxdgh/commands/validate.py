@@ -111,7 +111,8 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
         lines.append(title)
         for gate in checks:
             if gate.gate.endswith("-sqnr"):
-                text = f"SQNR of {gate.output}: {_db(gate.value)} dB (needs >= {gate.threshold:g} dB)"
+                unit = " dB" if gate.value is not None and math.isfinite(gate.value) else ""
+                text = f"SQNR of {gate.output}: {_db(gate.value)}{unit} (needs >= {gate.threshold:g} dB)"
             else:
                 text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
             lines.append(f"  {'pass' if gate.passed else 'FAIL'}  {text}")
