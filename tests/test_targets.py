@@ -82,7 +82,7 @@ def test_avx2_profile_refuses_eight_bit_weights(tiny_model_path: Path) -> None:
 
 
 def test_seven_bit_weights_stay_on_nearest_rounding() -> None:
-    # W7A8 costs at most 0.2 points with nearest rounding (docs/QUANTIZE.md): no AdaRound by default.
+    # W7A8 costs at most 0.1 points with nearest rounding (docs/BENCHMARKS.md, "Runtimes"): no AdaRound by default.
     assert not QuantizeConfig(weight_bits=7).rounding_enabled
     assert QuantizeConfig(weight_bits=4).rounding_enabled
     with pytest.raises(InvalidInputError) as raised:

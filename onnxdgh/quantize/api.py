@@ -84,7 +84,7 @@ class QuantizeConfig:
             whenever weights are below 7 bits or activations below 8 bits (fmnist_resnet8,
             DGH images, docs/ROUNDING.md: W4A4 50.1 -> 89.1 %, W2A4 12.1 -> 77.5 %; W8A8
             91.81 -> 91.82 % for 60 s more, so off there, and off for W7A8, whose nearest
-            rounding costs at most 0.2 points on the samples: docs/QUANTIZE.md).
+            rounding costs at most 0.1 points on the samples: docs/BENCHMARKS.md, "Runtimes").
         bias_correction: shift int32 biases so each layer's per-channel mean output
             matches the float model (``--bias-correction/--no-bias-correction``). None:
             off. After the rounding optimisation (which learns the biases in its own

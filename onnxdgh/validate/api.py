@@ -66,7 +66,7 @@ session (what ships) and its exact QDQ simulation, on the validation images."""
 RUNTIME_MIN_SQNR_DB = 40.0
 """Floor of the ``runtime-sqnr`` check (dB, optimised session against the exact simulation).
 Measured (docs/BENCHMARKS.md, "Runtimes"): identical wherever the integer kernels cannot
-overflow (VNNI CPUs; 7-bit weights on AVX2); on AVX2 without VNNI, W8A8 gives 35.6-38.1 dB
+overflow (VNNI CPUs; 7-bit weights on AVX2); on AVX2 without VNNI, W8A8 gives 35.6-42.3 dB
 on the samples, 21.4 dB with DGH calibration (issue 18), 61.5 dB on the tests' tiny model."""
 RUNTIME_HINT = (
     "onnxruntime's optimised (shipping) path departs from the exact QDQ simulation on this CPU; on x86 "
