@@ -32,6 +32,22 @@ def good(per_channel: bool = True, bits: int = 8) -> onnx.ModelProto:
     return copy(_CACHE[key])
 
 
+def weights_as_float(off_grid: bool = False) -> onnx.ModelProto:
+    """The conforming model in the --weights-as-float flavour; ``off_grid`` moves one weight half a step."""
+    import json
+
+    from onnxdgh.quantize.float_weights import WEIGHT_GRID_KEY, store_weights_as_float
+
+    model = store_weights_as_float(good())
+    if off_grid:
+        grid = json.loads({p.key: p.value for p in model.metadata_props}[WEIGHT_GRID_KEY])
+        name = next(key for key, record in grid.items() if record["type"] == "int8")
+        values = get_init(model, name).copy()
+        values.reshape(-1)[0] += np.float32(np.asarray(grid[name]["scale"]).reshape(-1)[0] / 2)
+        set_init(model, name, values)
+    return model
+
+
 def custom(**changes: object) -> Profile:
     return dataclasses.replace(GENERIC, name="custom", **changes)
 
@@ -269,6 +285,7 @@ VIOLATING: list[tuple[str, Callable[[], onnx.ModelProto], Profile]] = [
     ("value-preserving-scale", value_preserving_scale, GENERIC),
     ("pad-value-off-grid", lambda: pad_model(2.5), GENERIC),
     ("pad-value-off-grid", lambda: pad_model(256), GENERIC),
+    ("weight-off-grid", lambda: weights_as_float(off_grid=True), GENERIC),
 ]
 
 # (rule, model factory, profile): conforming graphs that exercise the rule's allowance.
@@ -296,6 +313,7 @@ PASSING: list[tuple[str, Callable[[], onnx.ModelProto], Profile]] = [
     ("shared-scale", lambda: add_model(same=True), custom(shared_input_scale_ops=("Add",))),
     ("value-preserving-scale", good, GENERIC),
     ("pad-value-off-grid", lambda: pad_model(3), GENERIC),
+    ("weight-off-grid", weights_as_float, GENERIC),
 ]
 
 

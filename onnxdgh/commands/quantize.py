@@ -34,7 +34,8 @@ def render(report: dict[str, Any], output: str) -> str:
     lines = [
         f"wrote     {output}",
         f"target    W{config['weight_bits']}A{config['act_bits']}, threshold {config['threshold']}, "
-        f"profile {report['profile']}, opset {report['opset']}",
+        f"profile {report['profile']}, opset {report['opset']}"
+        + (", weights stored as float on their grid" if config.get("weights_as_float") else ""),
         f"data      {report['calibration']['images']} images ({report['calibration']['source']})",
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
@@ -61,8 +62,9 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--calib-data", type=click.Path(dir_okay=True, path_type=str), default=None,
               help="Calibration images (.npz with an 'images' array, e.g. from `onnxdgh generate`); "
                    "without it DGH images are generated.")
-@click.option("--weight-bits", type=int, default=8, show_default=True,
-              help="Weight bit width: 8, 4 or 2 (signed, symmetric, per output channel).")
+@click.option("--weight-bits", type=int, default=None,
+              help="Weight bit width: 8, 7, 4 or 2 (signed, symmetric, per output channel; 7 for onnxruntime "
+                   "on x86 without VNNI). Default: 8, or the widest the --profile allows.")
 @click.option("--act-bits", type=int, default=8, show_default=True,
               help="Activation bit width: 8 or 4 (every activation, the model input included).")
 @click.option("--threshold", default="mse", show_default=True, metavar="mse|noclip",
@@ -70,11 +72,15 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--per-tensor-weights", is_flag=True, help="One weight scale per tensor instead of per channel.")
 @click.option("--profile", default=None, metavar="NAME|PATH",
               help="Target constraint profile (built-in name or .json); default by bits: "
-                   "generic-pot-int8 (W8A8), pot-w4a8 (W4A8), pot-lowbit (other).")
+                   "generic-pot-int8 (W8A8), ort-x86-avx2 (W7A8), pot-w4a8 (W4A8), pot-lowbit (other).")
 @click.option("--int4-types", is_flag=True,
               help="Carry <=4-bit values in INT4/UINT4 Q/DQ types (upgrades the model to opset 21).")
+@click.option("--weights-as-float", is_flag=True,
+              help="Store weights and biases as float values already on their power-of-two grid (no weight "
+                   "DequantizeLinear; the grid is recorded in the metadata), for converters that cannot read "
+                   "integer weights. Activations keep their Q/DQ pairs.")
 @click.option("--optimize-rounding/--no-optimize-rounding", "optimize_rounding", default=None,
-              help="Choose weight integers by AdaRound (default: on below 8 bits, off for W8A8).")
+              help="Choose weight integers by AdaRound (default: on below 7-bit weights or 8-bit activations).")
 @click.option("--bias-correction/--no-bias-correction", "bias_correction", default=None,
               help="Correct int32 biases to the float model's mean outputs (default: off; the rounding optimisation learns biases itself).")
 @click.option("--rounding-iterations", type=int, default=300, show_default=True,
@@ -114,12 +120,13 @@ def quantize_command(
     model: str,
     output: str,
     calib_data: str | None,
-    weight_bits: int,
+    weight_bits: int | None,
     act_bits: int,
     threshold: str,
     per_tensor_weights: bool,
     profile: str | None,
     int4_types: bool,
+    weights_as_float: bool,
     optimize_rounding: bool | None,
     bias_correction: bool | None,
     rounding_iterations: int,
@@ -174,6 +181,8 @@ def quantize_command(
             "--validation-report, --min-sqnr and --min-agreement need validation, but --no-validate was given",
             "drop --no-validate, or drop the validation options",
         )
+    if weight_bits is None:
+        weight_bits = _default_weight_bits(profile)
     config = QuantizeConfig(
         weight_bits=weight_bits,
         act_bits=act_bits,
@@ -181,6 +190,7 @@ def quantize_command(
         per_channel=not per_tensor_weights,
         profile=profile,
         int4_types=int4_types,
+        weights_as_float=weights_as_float,
         seed=seed,
         optimize_rounding=optimize_rounding,
         bias_correction=bias_correction,
@@ -252,12 +262,26 @@ def quantize_command(
         if not quiet:
             click.echo(f"validated {report_path}: passes {validation.profile.name}" + _figures(validation))
         return EXIT_OK
-    failed = len(validation.violations) + len(validation.failed_gates)
+    failed = len(validation.violations) + len(validation.failed_gates) + len(validation.failed_runtime_checks)
     echo_err(
         f"error: {output} was written but fails validation ({failed} problem(s)); details in {report_path}"
     )
-    echo_err(f"hint: onnxdgh validate {output} --reference {model} shows the violations and the worst layers")
+    drift = next((check.hint for check in validation.failed_runtime_checks if check.hint), None)
+    if drift and not validation.violations:
+        echo_err(f"hint: {drift}")
+    else:
+        echo_err(f"hint: onnxdgh validate {output} --reference {model} shows the violations and the worst layers")
     return EXIT_CHECK_FAILED
+
+
+def _default_weight_bits(profile: str | None) -> int:
+    """8, unless ``--profile`` names a profile without 8-bit weights: then its widest."""
+    if profile is None:
+        return 8
+    from ..profile import load_profile
+
+    allowed = load_profile(profile).weight_bits
+    return 8 if 8 in allowed else max(allowed)
 
 
 def _figures(validation: Any) -> str:

@@ -103,15 +103,21 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
     if report.unmatched_layers:
         lines.append(f"  not compared (no float counterpart): {', '.join(report.unmatched_layers[:5])}"
                      f"{' ...' if len(report.unmatched_layers) > 5 else ''}")
-    if report.gates:
+    for title, checks in (("Gates", report.gates), ("Runtime (onnxruntime optimised vs exact QDQ simulation)",
+                                                        report.runtime_checks)):
+        if not checks:
+            continue
         lines.append("")
-        lines.append("Gates")
-        for gate in report.gates:
-            if gate.gate == "min-sqnr":
-                text = f"SQNR of {gate.output}: {_db(gate.value)} dB (needs >= {gate.threshold:g} dB)"
+        lines.append(title)
+        for gate in checks:
+            if gate.gate.endswith("-sqnr"):
+                unit = " dB" if gate.value is not None and math.isfinite(gate.value) else ""
+                text = f"SQNR of {gate.output}: {_db(gate.value)}{unit} (needs >= {gate.threshold:g} dB)"
             else:
                 text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
             lines.append(f"  {'pass' if gate.passed else 'FAIL'}  {text}")
+        hints = dict.fromkeys(gate.hint for gate in checks if gate.hint and not gate.passed)
+        lines += [f"  hint: {hint}" for hint in hints]
     lines.append("")
     if report.passed:
         lines.append("verdict     PASS")
@@ -121,6 +127,8 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
             reasons.append(f"{len(report.violations)} violation(s)")
         if report.failed_gates:
             reasons.append(f"{len(report.failed_gates)} gate(s) failed")
+        if report.failed_runtime_checks:
+            reasons.append(f"{len(report.failed_runtime_checks)} runtime check(s) failed")
         lines.append(f"verdict     FAIL ({', '.join(reasons)})")
     return "\n".join(lines)
 

@@ -34,6 +34,7 @@ from ..load import LoadedModel, canonicalise, load_model, make_batch_dynamic
 from ..profile import Profile, load_profile
 from .calibrate import DEFAULT_BINS, collect_statistics
 from .emit import emit
+from .float_weights import store_weights_as_float
 from .fold import prepare
 from .plan import mark, resolve
 from .shift import Shift, apply_shifts, choose_shifts, compensate, shifted_statistics, supports_shift
@@ -48,7 +49,7 @@ _LOG = logging.getLogger(__name__)
 THRESHOLD_METHODS = ("mse", "noclip")
 CALIBRATION_MEMORY_BYTES = 512 * 2**20
 """Budget for the activations one calibration run holds (every quantized tensor is exposed)."""
-WEIGHT_BITS = (8, 4, 2)
+WEIGHT_BITS = (8, 7, 4, 2)
 ACT_BITS = (8, 4)
 
 
@@ -57,7 +58,10 @@ class QuantizeConfig:
     """Quantization settings; one CLI option per field, validated on construction.
 
     Attributes:
-        weight_bits: 8, 4 or 2 (``--weight-bits``); weights are signed, symmetric.
+        weight_bits: 8, 7, 4 or 2 (``--weight-bits``); weights are signed, symmetric. 7 bits
+            (integers in [-64, 63] in int8 containers, as onnxruntime's ``reduce_range``) is
+            for x86 CPUs with AVX2 but without VNNI, whose u8 x s8 kernels saturate int16
+            pair sums at 8 bits (profile ``ort-x86-avx2``, docs/QUANTIZE.md).
         act_bits: 8 or 4 (``--act-bits``); every activation, the model input included.
         threshold: ``"mse"`` (HPTQ's error-minimising power-of-two search) or
             ``"noclip"`` (smallest power of two covering the observed range).
@@ -67,15 +71,20 @@ class QuantizeConfig:
             W8A8 generic-pot-int8, W4A8 pot-w4a8, anything lower pot-lowbit.
         int4_types: carry <= 4-bit values in INT4/UINT4 Q/DQ types (opset 21) instead of
             range-restricted int8/uint8 containers (``--int4-types``).
+        weights_as_float: store every quantized constant (weights, biases) as the float32
+            value its DequantizeLinear would produce, without that node, its grid recorded
+            in the metadata (``--weights-as-float``, :mod:`onnxdgh.quantize.float_weights`):
+            for converters that cannot read integer weights. Activations keep Q/DQ.
         seed: seeds the DGH generation when no calibration images are given, and the
             batch sampling of the rounding optimisation.
         optimize_rounding: choose the stored weight integers (and int32 biases) by
             AdaRound/BRECQ-style block reconstruction on the quantized model
             (``rounding.optimize_rounding``, defaults in ``RoundingConfig``) instead of
             nearest rounding (``--optimize-rounding/--no-optimize-rounding``). None: on
-            whenever weights or activations are below 8 bits (fmnist_resnet8, DGH images,
-            docs/ROUNDING.md: W4A4 50.1 -> 89.1 %, W2A4 12.1 -> 77.5 %; W8A8 91.81 ->
-            91.82 % for 60 s more, so off there).
+            whenever weights are below 7 bits or activations below 8 bits (fmnist_resnet8,
+            DGH images, docs/ROUNDING.md: W4A4 50.1 -> 89.1 %, W2A4 12.1 -> 77.5 %; W8A8
+            91.81 -> 91.82 % for 60 s more, so off there, and off for W7A8, whose nearest
+            rounding costs at most 0.1 points on the samples: docs/BENCHMARKS.md, "Runtimes").
         bias_correction: shift int32 biases so each layer's per-channel mean output
             matches the float model (``--bias-correction/--no-bias-correction``). None:
             off. After the rounding optimisation (which learns the biases in its own
@@ -102,6 +111,7 @@ class QuantizeConfig:
     per_channel: bool = True
     profile: str | None = None
     int4_types: bool = False
+    weights_as_float: bool = False
     seed: int = 0
     calibration_batch_size: int = 64
     histogram_bins: int = DEFAULT_BINS
@@ -113,7 +123,7 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS or isinstance(self.weight_bits, bool):
             raise InvalidInputError(
-                f"--weight-bits {self.weight_bits!r} is not supported", "use --weight-bits 8, 4 or 2"
+                f"--weight-bits {self.weight_bits!r} is not supported", "use --weight-bits 8, 7, 4 or 2"
             )
         if self.act_bits not in ACT_BITS or isinstance(self.act_bits, bool):
             raise InvalidInputError(f"--act-bits {self.act_bits!r} is not supported", "use --act-bits 8 or 4")
@@ -122,7 +132,7 @@ class QuantizeConfig:
                 f"--threshold {self.threshold!r} is not one of {', '.join(THRESHOLD_METHODS)}",
                 "use --threshold mse (error-minimising) or --threshold noclip (min/max)",
             )
-        for name in ("per_channel", "int4_types"):
+        for name in ("per_channel", "int4_types", "weights_as_float"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}", "pass a bool")
         for name in ("optimize_rounding", "bias_correction", "shift_negative"):
@@ -148,10 +158,10 @@ class QuantizeConfig:
 
     @property
     def rounding_enabled(self) -> bool:
-        """Whether AdaRound runs (explicit setting, else on below 8 bits)."""
+        """Whether AdaRound runs (explicit setting, else on below 7-bit weights or 8-bit activations)."""
         if self.optimize_rounding is not None:
             return self.optimize_rounding
-        return self.weight_bits < 8 or self.act_bits < 8
+        return self.weight_bits < 7 or self.act_bits < 8
 
     @property
     def bias_correction_enabled(self) -> bool:
@@ -196,6 +206,8 @@ def default_profile_name(weight_bits: int, act_bits: int) -> str:
         return "generic-pot-int8"
     if weight_bits == 4 and act_bits == 8:
         return "pot-w4a8"
+    if weight_bits == 7 and act_bits == 8:
+        return "ort-x86-avx2"
     return "pot-lowbit"
 
 
@@ -420,6 +432,8 @@ def quantize(
 
     step = time.perf_counter()
     _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings, len(shifts))
+    if config.weights_as_float:
+        quantized = store_weights_as_float(quantized)
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as exc:  # a bug, but say which model part
@@ -492,6 +506,7 @@ def _write_metadata(
             "onnxdgh.threshold": config.threshold,
             "onnxdgh.per_channel": str(config.per_channel and profile.per_channel_weights).lower(),
             "onnxdgh.int4_types": str(config.int4_types).lower(),
+            "onnxdgh.weights_as_float": str(config.weights_as_float).lower(),
             "onnxdgh.optimize_rounding": str(config.rounding_enabled).lower(),
             "onnxdgh.bias_correction": str(config.bias_correction_enabled).lower(),
             "onnxdgh.shift_negative": str(shifted),

@@ -5,7 +5,13 @@ Contract:
   float reference (``LoadedModel``, ``ModelProto`` or path), a constraint profile and
   optional images/labels and gates, and returns a frozen :class:`ValidationReport`.
 * ``passed`` is True when there is no structural violation and every requested gate
-  holds. A failing model is *reported*, never raised; bad input (unreadable models,
+  holds, and, with a reference, onnxruntime's optimised session (what ships) stays
+  within :data:`RUNTIME_MIN_AGREEMENT` / :data:`RUNTIME_MIN_SQNR_DB` of the exact QDQ
+  simulation (the ``runtime-*`` checks; their hint names the option that fixes a drift;
+  not for ``--weights-as-float`` models, which onnxruntime re-quantizes its own way).
+* A ``--weights-as-float`` model (:mod:`onnxdgh.quantize.float_weights`) is checked as the
+  integer + DequantizeLinear model its grid record describes; a constant off its grid
+  is a ``weight-off-grid`` violation. A failing model is *reported*, never raised; bad input (unreadable models,
   images that do not fit, a gate that cannot apply) raises an
   :class:`~onnxdgh.errors.OnnxDghError` subclass (exit code 2 in the CLI).
 * Without ``data``, the numerical report runs on seeded random images: uniform pixels
@@ -29,10 +35,21 @@ from ..errors import InvalidInputError
 from ..fileio import check_images
 from ..load import LoadedModel, load_model, load_model_proto
 from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
+from ..quantize.float_weights import WEIGHT_FORMAT_KEY
 from .checks import Violation, analyse, check_model
 from .report import LayerMetrics, NumericReport, OutputMetrics, compare
 
-__all__ = ["GateResult", "DataInfo", "ValidationReport", "validate", "REPORT_SCHEMA", "PROFILE_METADATA_KEY"]
+__all__ = [
+    "GateResult",
+    "DataInfo",
+    "ValidationReport",
+    "validate",
+    "REPORT_SCHEMA",
+    "PROFILE_METADATA_KEY",
+    "RUNTIME_MIN_AGREEMENT",
+    "RUNTIME_MIN_SQNR_DB",
+    "RUNTIME_HINT",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -43,20 +60,40 @@ REPORT_SCHEMA = "onnxdgh-validation-report/1"
 """Identifier of the JSON report layout (bumped when fields change meaning)."""
 
 
+RUNTIME_MIN_AGREEMENT = 0.995
+"""Floor of the ``runtime-agreement`` check: top-1 agreement between onnxruntime's optimised
+session (what ships) and its exact QDQ simulation, on the validation images."""
+RUNTIME_MIN_SQNR_DB = 40.0
+"""Floor of the ``runtime-sqnr`` check (dB, optimised session against the exact simulation).
+Measured (docs/BENCHMARKS.md, "Runtimes"): identical wherever the integer kernels cannot
+overflow (VNNI CPUs; 7-bit weights on AVX2); on AVX2 without VNNI, W8A8 gives 35.6-42.3 dB
+on the samples, 21.4 dB with DGH calibration (issue 18), 61.5 dB on the tests' tiny model."""
+RUNTIME_HINT = (
+    "onnxruntime's optimised (shipping) path departs from the exact QDQ simulation on this CPU; on x86 "
+    "without VNNI its u8 x s8 kernels saturate: quantize with --profile ort-x86-avx2 (7-bit weights)"
+)
+
+
 @dataclass(frozen=True)
 class GateResult:
-    """One ``--min-sqnr`` / ``--min-agreement`` comparison on one output."""
+    """One ``--min-sqnr`` / ``--min-agreement`` comparison, or a ``runtime-*`` drift check, on one output."""
 
     gate: str
     output: str
     threshold: float
     value: float | None
     passed: bool
+    hint: str | None = None
+    """What to do when the check fails (set for the ``runtime-*`` checks)."""
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready form (an infinite SQNR is null)."""
+        """JSON-ready form (an infinite SQNR is null; ``hint`` only when set)."""
         value = self.value if self.value is None or math.isfinite(self.value) else None
-        return {"gate": self.gate, "output": self.output, "threshold": self.threshold, "value": value, "passed": self.passed}
+        data: dict[str, object] = {"gate": self.gate, "output": self.output, "threshold": self.threshold,
+                                   "value": value, "passed": self.passed}
+        if self.hint is not None:
+            data["hint"] = self.hint
+        return data
 
 
 @dataclass(frozen=True)
@@ -90,6 +127,8 @@ class ValidationReport:
     data: DataInfo | None
     quantization: Mapping[str, Any]
     passed: bool
+    runtime_checks: tuple[GateResult, ...] = ()
+    """The ``runtime-agreement`` / ``runtime-sqnr`` drift checks (with a reference; part of ``passed``)."""
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -104,6 +143,11 @@ class ValidationReport:
         """Gates that did not hold."""
         return tuple(gate for gate in self.gates if not gate.passed)
 
+    @property
+    def failed_runtime_checks(self) -> tuple[GateResult, ...]:
+        """Runtime drift checks that did not hold."""
+        return tuple(check for check in self.runtime_checks if not check.passed)
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (layout :data:`REPORT_SCHEMA`)."""
         return {
@@ -115,6 +159,7 @@ class ValidationReport:
             "violation_counts": self.violation_counts,
             "violations": [violation.to_dict() for violation in self.violations],
             "gates": [gate.to_dict() for gate in self.gates],
+            "runtime_checks": [check.to_dict() for check in self.runtime_checks],
             "data": self.data.to_dict() if self.data else None,
             "outputs": [output.to_dict() for output in self.outputs],
             "layers": [layer.to_dict() for layer in self.layers],
@@ -221,6 +266,19 @@ def _profile_from_metadata(loaded: LoadedModel) -> str:
     return DEFAULT_PROFILE
 
 
+def _runtime_checks(numeric: NumericReport) -> list[GateResult]:
+    """The drift checks: onnxruntime's optimised session must compute what the exact QDQ simulation does."""
+    checks = []
+    for out in numeric.outputs:
+        if out.runtime_top1_agreement is not None:
+            value = out.runtime_top1_agreement
+            checks.append(GateResult("runtime-agreement", out.name, RUNTIME_MIN_AGREEMENT, value,
+                                     value >= RUNTIME_MIN_AGREEMENT, RUNTIME_HINT))
+        checks.append(GateResult("runtime-sqnr", out.name, RUNTIME_MIN_SQNR_DB, out.runtime_sqnr_db,
+                                 out.runtime_sqnr_db >= RUNTIME_MIN_SQNR_DB, RUNTIME_HINT))
+    return checks
+
+
 # ------------------------------------------------------------------------- API
 
 
@@ -319,6 +377,7 @@ def validate(
         )
 
     gates: list[GateResult] = []
+    runtime_checks: list[GateResult] = []
     if numeric is not None:
         if min_sqnr is not None:
             for out in numeric.outputs:
@@ -333,7 +392,11 @@ def validate(
             for out in classifiers:
                 value = out.top1_agreement
                 gates.append(GateResult("min-agreement", out.name, min_agreement, value, value is not None and value >= min_agreement))
-    passed = not violations and all(gate.passed for gate in gates)
+        if WEIGHT_FORMAT_KEY not in loaded_q.metadata:
+            # A --weights-as-float model is for converters, not onnxruntime: its optimised session
+            # re-quantizes the float weights its own way, so its gap says nothing about this CPU.
+            runtime_checks = _runtime_checks(numeric)
+    passed = not violations and all(gate.passed for gate in [*gates, *runtime_checks])
     report = ValidationReport(
         model=loaded_q.source,
         reference=reference_source,
@@ -346,6 +409,7 @@ def validate(
         data=data_info,
         quantization=stats,
         passed=passed,
+        runtime_checks=tuple(runtime_checks),
     )
     _LOG.info(
         "validation of %s against %s: %s (%d violations, %d failed gates)",

@@ -33,6 +33,7 @@ import onnx
 from .. import graph as g
 from ..ops import GATES, SHAPE_INPUT_INDICES, WEIGHTED, gated_activation, is_gate_partner, is_value_preserving
 from ..profile import Profile
+from ..quantize.float_weights import restore_quantized_weights
 
 __all__ = [
     "RULES",
@@ -77,6 +78,10 @@ RULES: dict[str, str] = {
         "shared_input_scale_ops use one scale for all data inputs"
     ),
     "value-preserving-scale": "a value-preserving op's output quantizer has its input's scale",
+    "weight-off-grid": (
+        "in the float-grid flavour (--weights-as-float), every recorded float constant is a whole number of "
+        "steps of its recorded power-of-two scale within its recorded integer type"
+    ),
     "pad-value-off-grid": (
         "a constant-mode Pad that reads a quantized tensor fills with a value on that tensor's grid "
         "(a whole number of its steps within its integer range)"
@@ -383,8 +388,12 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def analyse(model: onnx.ModelProto) -> QuantGraph:
-    """Read ``model``'s Q/DQ structure (the model is not changed)."""
-    return QuantGraph(model)
+    """Read ``model``'s Q/DQ structure (the model is not changed).
+
+    A ``--weights-as-float`` model is read as the integer + DequantizeLinear model its grid
+    record describes (:func:`~onnxdgh.quantize.float_weights.restore_quantized_weights`).
+    """
+    return QuantGraph(restore_quantized_weights(model)[0])
 
 
 # --------------------------------------------------------------------- helpers
@@ -448,7 +457,10 @@ def check_model(model: onnx.ModelProto, profile: Profile, *, qgraph: QuantGraph 
     ``qgraph`` may pass an already analysed graph of the same model.
     """
     q = qgraph or analyse(model)
-    found: list[Violation] = []
+    found: list[Violation] = [
+        Violation("weight-off-grid", None, problem.tensor, problem.message)
+        for problem in restore_quantized_weights(model)[1]
+    ]
     for check in (
         _check_opset,
         _check_graph_inputs,

@@ -73,6 +73,9 @@ class OutputMetrics:
     quantized_accuracy: float | None
     runtime_sqnr_db: float
     """Optimised (what ships) vs unoptimised (exact QDQ simulation) onnxruntime results."""
+    runtime_top1_agreement: float | None = None
+    """Share of images whose arg-max class the optimised run and the exact simulation agree on
+    (classifier-like outputs only)."""
 
     @property
     def classifier(self) -> bool:
@@ -92,6 +95,7 @@ class OutputMetrics:
             "quantized_accuracy": self.quantized_accuracy,
             "runtime_sqnr_db": _json_db(self.runtime_sqnr_db),
             "runtime_exact": self.runtime_sqnr_db == math.inf,
+            "runtime_top1_agreement": self.runtime_top1_agreement,
         }
 
 
@@ -262,6 +266,7 @@ def compare(
     skipped: set[int] = set()
     argmax_f: list[list[np.ndarray]] = [[] for _ in output_pairs]
     argmax_q: list[list[np.ndarray]] = [[] for _ in output_pairs]
+    argmax_sim: list[list[np.ndarray]] = [[] for _ in output_pairs]
     classifier = [True for _ in output_pairs]
 
     steps = range(0, images.shape[0], batch_size)
@@ -277,6 +282,7 @@ def compare(
             if x.ndim == 2 and x.shape[1] > 1:
                 argmax_f[index].append(np.argmax(x, axis=1))
                 argmax_q[index].append(np.argmax(y, axis=1))
+                argmax_sim[index].append(np.argmax(y_sim, axis=1))
             else:
                 classifier[index] = False
         for index, pair in enumerate(pairs):
@@ -290,17 +296,18 @@ def compare(
 
     outputs = []
     for index, (f_name, q_name) in enumerate(output_pairs):
-        agreement = f_acc = q_acc = None
+        agreement = f_acc = q_acc = runtime_agreement = None
         if classifier[index] and argmax_f[index]:
             top_f = np.concatenate(argmax_f[index])
             top_q = np.concatenate(argmax_q[index])
             agreement = float(np.mean(top_f == top_q))
+            runtime_agreement = float(np.mean(np.concatenate(argmax_sim[index]) == top_q))
             if labels is not None:
                 f_acc = float(np.mean(top_f == labels))
                 q_acc = float(np.mean(top_q == labels))
         outputs.append(
             OutputMetrics(q_name, out_acc[index].sqnr, out_acc[index].cosine, out_acc[index].max_abs, agreement,
-                          f_acc, q_acc, runtime_acc[index].sqnr)
+                          f_acc, q_acc, runtime_acc[index].sqnr, runtime_agreement)
         )
     layers = [
         LayerMetrics(pair.float_tensor, pair.quant_tensor, pair.node, pair.op_type, pair.bits,
