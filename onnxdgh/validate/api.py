@@ -4,20 +4,25 @@ Contract:
 * :func:`validate` takes a quantized QDQ model (path or ``ModelProto``), an optional
   float reference (``LoadedModel``, ``ModelProto`` or path), a constraint profile and
   optional images/labels and gates, and returns a frozen :class:`ValidationReport`.
-* ``passed`` is True when there is no structural violation and every requested gate
-  holds. A failing model is *reported*, never raised; bad input (unreadable models,
+* ``passed`` is True when there is no structural violation and every gate holds. The
+  gates are the profile's floors (``min_output_sqnr_db`` on every output,
+  ``min_top1_agreement`` on every classifier-like output) whenever a reference is given;
+  ``min_sqnr``/``min_agreement`` replace the matching floor. A failing model is *reported*, never raised; bad input (unreadable models,
   images that do not fit, a gate that cannot apply) raises an
   :class:`~onnxdgh.errors.OnnxDghError` subclass (exit code 2 in the CLI).
 * Without ``data``, the numerical report runs on seeded random images: uniform pixels
   mapped through the model's ``input_mean``/``input_std`` metadata when present,
-  standard normal values otherwise. The report says which.
+  standard normal values otherwise. The report says which, and records the sha256 of
+  the quantized and the reference model files it judged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,24 +44,36 @@ _LOG = logging.getLogger(__name__)
 PROFILE_METADATA_KEY = "onnxdgh.profile"
 """``metadata_props`` key where ``onnxdgh quantize`` records the profile it built for."""
 
-REPORT_SCHEMA = "onnxdgh-validation-report/1"
+REPORT_SCHEMA = "onnxdgh-validation-report/2"
 """Identifier of the JSON report layout (bumped when fields change meaning)."""
 
 
 @dataclass(frozen=True)
 class GateResult:
-    """One ``--min-sqnr`` / ``--min-agreement`` comparison on one output."""
+    """One ``min-sqnr`` / ``min-agreement`` comparison on one output."""
 
     gate: str
     output: str
     threshold: float
     value: float | None
     passed: bool
+    origin: str = "option"
+    """``option`` (``--min-sqnr``/``--min-agreement``) or ``profile`` (the profile's floor)."""
+
+    def describe(self, profile: str) -> str:
+        """One phrase: the figure, the threshold and where it comes from."""
+        source = f"the floor of profile {profile}" if self.origin == "profile" else f"--{self.gate}"
+        if self.gate == "min-sqnr":
+            value = "nan" if self.value is None else f"{self.value:.2f}"
+            return f"output {self.output!r} has SQNR {value} dB, below {self.threshold:g} dB ({source})"
+        value = "-" if self.value is None else f"{100 * self.value:.2f} %"
+        return f"output {self.output!r} has top-1 agreement {value}, below {100 * self.threshold:g} % ({source})"
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready form (an infinite SQNR is null)."""
+        """JSON-ready form (an infinite or NaN SQNR is null)."""
         value = self.value if self.value is None or math.isfinite(self.value) else None
-        return {"gate": self.gate, "output": self.output, "threshold": self.threshold, "value": value, "passed": self.passed}
+        return {"gate": self.gate, "output": self.output, "threshold": self.threshold, "value": value,
+                "passed": self.passed, "origin": self.origin}
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,10 @@ class ValidationReport:
     data: DataInfo | None
     quantization: Mapping[str, Any]
     passed: bool
+    model_sha256: str | None = None
+    """sha256 of the quantized model file judged (of its serialized bytes when given in memory)."""
+    reference_sha256: str | None = None
+    """sha256 of the reference model file (None without a reference)."""
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -104,6 +125,22 @@ class ValidationReport:
         """Gates that did not hold."""
         return tuple(gate for gate in self.gates if not gate.passed)
 
+    def failure_lines(self, worst: int = 3) -> list[str]:
+        """Why the model fails, one line per problem: the violations by rule, then each
+        failed gate with its figure, threshold, the images and the ``worst`` lowest-SQNR layers."""
+        lines: list[str] = []
+        if self.violations:
+            counts = ", ".join(f"{rule} {n}" for rule, n in sorted(self.violation_counts.items()))
+            lines.append(f"{len(self.violations)} violation(s) of profile {self.profile.name}: {counts}")
+        layers = ", ".join(
+            f"{m.tensor} ({m.sqnr_db:.1f} dB)" if math.isfinite(m.sqnr_db) else f"{m.tensor} ({m.sqnr_db})"
+            for m in self.layers[: max(0, worst)]
+        )
+        where = f" on {self.data.description}" if self.data else ""
+        for gate in self.failed_gates:
+            lines.append(gate.describe(self.profile.name) + where + (f"; worst layers: {layers}" if layers else ""))
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (layout :data:`REPORT_SCHEMA`)."""
         return {
@@ -111,7 +148,14 @@ class ValidationReport:
             "passed": self.passed,
             "model": self.model,
             "reference": self.reference,
-            "profile": {"name": self.profile.name, "summary": self.profile.summary()},
+            "model_sha256": self.model_sha256,
+            "reference_sha256": self.reference_sha256,
+            "profile": {
+                "name": self.profile.name,
+                "summary": self.profile.summary(),
+                "min_output_sqnr_db": self.profile.min_output_sqnr_db,
+                "min_top1_agreement": self.profile.min_top1_agreement,
+            },
             "violation_counts": self.violation_counts,
             "violations": [violation.to_dict() for violation in self.violations],
             "gates": [gate.to_dict() for gate in self.gates],
@@ -139,6 +183,24 @@ def _load(
         f"the {what} model is a {type(model).__name__}",
         "pass a path, an onnx.ModelProto or an onnxdgh.LoadedModel",
     )
+
+
+def _sha256(model: object, loaded: LoadedModel) -> str:
+    """sha256 of the file a model came from, else of its serialized bytes."""
+    if isinstance(model, (str, os.PathLike)):
+        path: Path | None = Path(model)
+    elif isinstance(model, LoadedModel) and Path(model.source).is_file():
+        path = Path(model.source)
+    else:
+        path = None
+    digest = hashlib.sha256()
+    if path is None:
+        digest.update((model if isinstance(model, onnx.ModelProto) else loaded.model).SerializeToString())
+        return digest.hexdigest()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_gate(name: str, value: float | None, low: float, high: float) -> float | None:
@@ -185,7 +247,7 @@ def _output_pairs(reference: LoadedModel, quantized: LoadedModel) -> list[tuple[
         return list(zip(ref_names, q_names))
     raise InvalidInputError(
         f"the reference has outputs {', '.join(ref_names)} but the quantized model has {', '.join(q_names)}",
-        "give the float model this quantized model was made from as --reference",
+        "give the float model this quantized model was made from: onnxdgh validate MODEL --reference FLOAT.onnx",
     )
 
 
@@ -230,6 +292,7 @@ def validate(
     batch_size: int = 32,
     input_shape: tuple[int, int, int] | None = None,
     progress: bool = False,
+    data_description: str | None = None,
 ) -> ValidationReport:
     """Check ``quantized`` against ``profile`` and, given a ``reference``, measure it against the float model.
 
@@ -242,12 +305,16 @@ def validate(
         data: N x C x H x W float images preprocessed for the model (calibration or real);
             None uses ``random_images`` seeded random images.
         labels: N class indices for ``data``; adds float and quantized accuracy.
-        min_sqnr: gate: every output's SQNR (dB) must reach this.
-        min_agreement: gate: every classifier-like output's top-1 agreement must reach this (0..1).
+        min_sqnr: gate: every output's SQNR (dB) must reach this; replaces the
+            profile's ``min_output_sqnr_db`` floor. None: the floor applies.
+        min_agreement: gate: every classifier-like output's top-1 agreement must reach
+            this (0..1); replaces the profile's ``min_top1_agreement``. None: the floor applies.
         random_images, seed: how many random images to use without ``data``, and their seed.
         batch_size: images per onnxruntime run (a fixed batch dimension overrides it).
         input_shape: C x H x W pinning symbolic input dimensions of both models.
         progress: show a progress bar on stderr.
+        data_description: what ``data`` is, for the report (e.g. "51 held-out synthetic
+            images"); default "N given images".
 
     Raises:
         OnnxDghError: unreadable models or profile, images or labels that do not fit,
@@ -259,10 +326,10 @@ def validate(
     if reference is None and (min_sqnr is not None or min_agreement is not None or data is not None or labels is not None):
         raise InvalidInputError(
             "images, labels and --min-sqnr/--min-agreement need the float reference model",
-            "give the float model with --reference model.onnx",
+            "give the float model: onnxdgh validate MODEL --reference FLOAT.onnx",
         )
     if labels is not None and data is None:
-        raise InvalidInputError("labels were given without the images they label", "give the images with --data")
+        raise InvalidInputError("labels were given without the images they label", "give the images too: onnxdgh validate MODEL --data images.npz --labels labels.npy")
     loaded_q = _load(quantized, "quantized", input_shape)
     if chosen is None:
         chosen = load_profile(_profile_from_metadata(loaded_q))
@@ -281,6 +348,7 @@ def validate(
     numeric: NumericReport | None = None
     data_info: DataInfo | None = None
     reference_source: str | None = None
+    loaded_ref: LoadedModel | None = None
     if reference is not None:
         loaded_ref = _load(reference, "reference", input_shape)
         reference_source = loaded_ref.source
@@ -288,7 +356,7 @@ def validate(
             raise InvalidInputError(
                 f"the reference takes {'x'.join(map(str, loaded_ref.input_shape))} images but the quantized model "
                 f"takes {'x'.join(map(str, loaded_q.input_shape))}",
-                "give the float model this quantized model was made from as --reference",
+                "give the float model this quantized model was made from: onnxdgh validate MODEL --reference FLOAT.onnx",
             )
         if data is None:
             if random_images < 1:
@@ -297,7 +365,9 @@ def validate(
             data_info = DataInfo("random", images.shape[0], False, description)
         else:
             images = check_images(data, what="validation images", input_shape=loaded_ref.input_shape)
-            data_info = DataInfo("given", images.shape[0], labels is not None, f"{images.shape[0]} given images")
+            data_info = DataInfo(
+                "given", images.shape[0], labels is not None, data_description or f"{images.shape[0]} given images"
+            )
         checked_labels = _check_labels(labels, images.shape[0]) if labels is not None else None
         step = _batch_size(loaded_ref, loaded_q, batch_size)
         numeric = compare(
@@ -313,19 +383,25 @@ def validate(
 
     gates: list[GateResult] = []
     if numeric is not None:
-        if min_sqnr is not None:
+        sqnr_floor, sqnr_origin = (min_sqnr, "option") if min_sqnr is not None else (chosen.min_output_sqnr_db, "profile")
+        if sqnr_floor is not None:
             for out in numeric.outputs:
-                gates.append(GateResult("min-sqnr", out.name, min_sqnr, out.sqnr_db, out.sqnr_db >= min_sqnr))
-        if min_agreement is not None:
-            classifiers = [out for out in numeric.outputs if out.classifier]
-            if not classifiers:
-                raise InvalidInputError(
-                    "--min-agreement needs a classifier-like output (N x K scores), and this model has none",
-                    "gate on --min-sqnr instead",
-                )
+                # NaN (a quantized output that is not a number) compares False: it fails.
+                gates.append(GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor, sqnr_origin))
+        classifiers = [out for out in numeric.outputs if out.classifier]
+        if min_agreement is not None and not classifiers:
+            raise InvalidInputError(
+                "--min-agreement needs a classifier-like output (N x K scores), and this model has none",
+                "gate on --min-sqnr instead",
+            )
+        agree_floor, agree_origin = (
+            (min_agreement, "option") if min_agreement is not None else (chosen.min_top1_agreement, "profile")
+        )
+        if agree_floor is not None:
             for out in classifiers:
                 value = out.top1_agreement
-                gates.append(GateResult("min-agreement", out.name, min_agreement, value, value is not None and value >= min_agreement))
+                gates.append(GateResult("min-agreement", out.name, agree_floor, value,
+                                        value is not None and value >= agree_floor, agree_origin))
     passed = not violations and all(gate.passed for gate in gates)
     report = ValidationReport(
         model=loaded_q.source,
@@ -339,6 +415,8 @@ def validate(
         data=data_info,
         quantization=stats,
         passed=passed,
+        model_sha256=_sha256(quantized, loaded_q),
+        reference_sha256=_sha256(reference, loaded_ref) if loaded_ref is not None else None,
     )
     _LOG.info(
         "validation of %s against %s: %s (%d violations, %d failed gates)",
