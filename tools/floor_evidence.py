@@ -53,13 +53,16 @@ CONFIGS = {  # label -> (weight bits, act bits, profile)
 
 
 def widen_input_scale(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph-input QuantizeLinear/DequantizeLinear scale is ``factor`` x wider."""
+    """A copy of ``model`` whose graph-input QuantizeLinear/DequantizeLinear scale (and the
+    range Clip in front of it, below 8 bits) is ``factor`` x wider."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     image = out.graph.input[0].name
-    quant = next(node for node in out.graph.node if node.op_type == "QuantizeLinear" and node.input[0] == image)
+    clips = [node for node in out.graph.node if node.op_type == "Clip" and node.input[0] == image]
+    source = clips[0].output[0] if clips else image
+    quant = next(node for node in out.graph.node if node.op_type == "QuantizeLinear" and node.input[0] == source)
     dequant = [node for node in out.graph.node if node.op_type == "DequantizeLinear" and node.input[0] == quant.output[0]]
-    names = {quant.input[1]} | {node.input[1] for node in dequant}
+    names = {quant.input[1]} | {node.input[1] for node in dequant} | {name for clip in clips for name in clip.input[1:]}
     for init in out.graph.initializer:
         if init.name in names:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
@@ -94,7 +97,11 @@ def run(argv: list[str] | None = None) -> int:
 
     test_images, test_labels = fm.load_split("test")
     results: dict[str, Any] = {}
+    if args.json and args.json.exists():  # resume: keep what an interrupted run measured
+        results = json.loads(args.json.read_text())
     for name in args.models:
+        if all(f"{name} {label}" in results for label in args.configs):
+            continue
         loaded = load_model(f"samples/{name}.onnx")
         mean, std = loaded.input_normalization()  # type: ignore[misc]
         real = fm.normalize(test_images[: args.real], tuple(mean.tolist()), tuple(std.tolist()))
@@ -107,6 +114,8 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{name}: generated in {time.perf_counter() - started:.0f} s", flush=True)
         held_count = holdout_size(sets["dgh"].shape[0])
         for label in args.configs:
+            if f"{name} {label}" in results:
+                continue
             weight_bits, act_bits, profile = CONFIGS[label]
             config = QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits, profile=profile)
             row: dict[str, Any] = {}
@@ -122,6 +131,9 @@ def run(argv: list[str] | None = None) -> int:
                     row["noise"] = _judge(result.model, loaded, profile, result.holdout, real, labels)
                 print(f"  {label} {source}: {time.perf_counter() - started:.0f} s", flush=True)
             results[f"{name} {label}"] = row
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
             print(f"  {label}: " + "; ".join(
                 f"{kind} {v['held']['sqnr_db']} dB / agree {v['held']['agreement']}"
                 + (f" / top1 {v['real']['quant_top1']}" if "real" in v else "")
@@ -137,9 +149,6 @@ def run(argv: list[str] | None = None) -> int:
             real_text = "-" if real_fig is None else f"{real_fig['sqnr_db']}"
             top1 = "-" if real_fig is None else f"{100 * real_fig['quant_top1']:.1f} % ({100 * real_fig['float_top1']:.1f} %)"
             print(f"| {model} | {config} | {kind} | {held['sqnr_db']} | {agree} | {real_text} | {top1} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
