@@ -166,6 +166,13 @@ def test_profile_floors_gate_with_a_reference(files: dict[str, Path], tmp_path: 
     assert [(g["gate"], g["threshold"], g["origin"]) for g in report["gates"]] == [
         ("min-sqnr", generic.min_output_sqnr_db, "profile"), ("min-agreement", generic.min_top1_agreement, "profile")]
     assert report["profile"]["min_output_sqnr_db"] == generic.min_output_sqnr_db
+    # On random images only the SQNR floor applies: their scores are near ties.
+    code, stdout, _ = run("validate", files["good"], "-r", files["float"], "--random-images", 8, "--json", "-")
+    assert code == 0 and [g["gate"] for g in json.loads(stdout)["gates"]] == ["min-sqnr"]
+    code, stdout, _ = run("validate", files["good"], "-r", files["float"], "--random-images", 8,
+                          "--min-agreement", 0.5, "--json", "-")
+    assert [(g["gate"], g["origin"]) for g in json.loads(stdout)["gates"]] == [("min-sqnr", "profile"),
+                                                                              ("min-agreement", "option")]
     # Without a reference there is nothing to measure, so no floor applies.
     code, stdout, _ = run("validate", files["good"], "--json", "-")
     assert code == 0 and json.loads(stdout)["gates"] == []

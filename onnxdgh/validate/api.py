@@ -5,9 +5,9 @@ Contract:
   float reference (``LoadedModel``, ``ModelProto`` or path), a constraint profile and
   optional images/labels and gates, and returns a frozen :class:`ValidationReport`.
 * ``passed`` is True when there is no structural violation and every gate holds. The
-  gates are the profile's floors (``min_output_sqnr_db`` on every output,
-  ``min_top1_agreement`` on every classifier-like output) whenever a reference is given;
-  ``min_sqnr``/``min_agreement`` replace the matching floor. A failing model is *reported*, never raised; bad input (unreadable models,
+  gates are the profile's floors whenever a reference is given: ``min_output_sqnr_db``
+  on every output, and with ``data`` (not on random images) ``min_top1_agreement`` on
+  every classifier-like output; ``min_sqnr``/``min_agreement`` replace the matching floor. A failing model is *reported*, never raised; bad input (unreadable models,
   images that do not fit, a gate that cannot apply) raises an
   :class:`~onnxdgh.errors.OnnxDghError` subclass (exit code 2 in the CLI).
 * Without ``data``, the numerical report runs on seeded random images: uniform pixels
@@ -394,8 +394,12 @@ def validate(
                 "--min-agreement needs a classifier-like output (N x K scores), and this model has none",
                 "gate on --min-sqnr instead",
             )
+        # The agreement floor needs images the model was made for: on random images a good
+        # W4A4 fmnist_resnet8 agrees on 39 % of the scores (84 % on held-out synthetic
+        # images, 93 % on real ones; docs/VALIDATE.md, "Floors"). Its SQNR floor still holds there.
+        profile_agreement = chosen.min_top1_agreement if data is not None else None
         agree_floor, agree_origin = (
-            (min_agreement, "option") if min_agreement is not None else (chosen.min_top1_agreement, "profile")
+            (min_agreement, "option") if min_agreement is not None else (profile_agreement, "profile")
         )
         if agree_floor is not None:
             for out in classifiers:
