@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fashion_mnist as fm  # noqa: E402
 
+from onnxdgh.errors import QuantizationError  # noqa: E402
 from onnxdgh.generate import GenerateConfig, generate  # noqa: E402
 from onnxdgh.load import load_model  # noqa: E402
 from onnxdgh.quantize import QuantizeConfig, quantize  # noqa: E402
@@ -87,13 +88,33 @@ def _judge(model: onnx.ModelProto, loaded: Any, profile: str, held: np.ndarray, 
     return {"held": on_held, "real": on_real}
 
 
+def render(results: dict[str, Any]) -> str:
+    """The Markdown table of docs/VALIDATE.md ("Floors")."""
+    lines = ["| model | profile | case | held-out SQNR dB | held-out agreement | real SQNR dB | real top-1 (float) |",
+             "|---|---|---|---|---|---|---|"]
+    for key, row in results.items():
+        model, config = key.split(" ", 1)
+        for kind, value in row.items():
+            held, real_fig = value["held"], value.get("real")
+            agree = "-" if held["agreement"] is None else f"{100 * held['agreement']:.1f} %"
+            real_text = "-" if real_fig is None else f"{real_fig['sqnr_db']}"
+            top1 = "-" if real_fig is None else f"{100 * real_fig['quant_top1']:.1f} % ({100 * real_fig['float_top1']:.1f} %)"
+            case = "random (64 random images)" if kind == "random" else kind
+            lines.append(f"| {model} | {config} | {case} | {held['sqnr_db']} | {agree} | {real_text} | {top1} |")
+    return "\n".join(lines)
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="Write every figure as JSON here.")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--real", type=int, default=1000, help="Real test images for the top-1 figures.")
+    parser.add_argument("--table", action="store_true", help="Only print the table of the --json file.")
     args = parser.parse_args(argv)
+    if args.table:
+        print(render(json.loads(args.json.read_text())))
+        return 0
 
     test_images, test_labels = fm.load_split("test")
     results: dict[str, Any] = {}
@@ -121,7 +142,11 @@ def run(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {}
             for source, images in sets.items():
                 started = time.perf_counter()
-                result = quantize(loaded, images, config, progress=False, holdout=held_count)
+                try:
+                    result = quantize(loaded, images, config, progress=False, holdout=held_count)
+                except QuantizationError as exc:  # e.g. SiLU's Sigmoid under strict-pot-int8
+                    print(f"  {label}: refused ({exc.message})", flush=True)
+                    break
                 assert result.holdout is not None
                 if source == "dgh":
                     row["good"] = _judge(result.model, loaded, profile, result.holdout, real, labels)
@@ -130,6 +155,8 @@ def run(argv: list[str] | None = None) -> int:
                 else:
                     row["noise"] = _judge(result.model, loaded, profile, result.holdout, real, labels)
                 print(f"  {label} {source}: {time.perf_counter() - started:.0f} s", flush=True)
+            if not row:
+                continue
             results[f"{name} {label}"] = row
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -139,16 +166,7 @@ def run(argv: list[str] | None = None) -> int:
                 + (f" / top1 {v['real']['quant_top1']}" if "real" in v else "")
                 for kind, v in row.items()), flush=True)
     print()
-    print("| model | config | case | held-out SQNR dB | held-out agreement | real SQNR dB | real top-1 (float) |")
-    print("|---|---|---|---|---|---|---|")
-    for key, row in results.items():
-        model, config = key.split(" ", 1)
-        for kind, value in row.items():
-            held, real_fig = value["held"], value.get("real")
-            agree = "-" if held["agreement"] is None else f"{100 * held['agreement']:.1f} %"
-            real_text = "-" if real_fig is None else f"{real_fig['sqnr_db']}"
-            top1 = "-" if real_fig is None else f"{100 * real_fig['quant_top1']:.1f} % ({100 * real_fig['float_top1']:.1f} %)"
-            print(f"| {model} | {config} | {kind} | {held['sqnr_db']} | {agree} | {real_text} | {top1} |")
+    print(render(results))
     return 0
 
 

@@ -243,6 +243,7 @@ def validate_command(
     for line in report.failure_lines():
         echo_err(f"  - {line}")
     if report.failed_gates:
-        echo_err("hint: " + ("" if data else "random images understate quality: measure on calibration or real images "
-                             "with --data; ") + "--min-sqnr/--min-agreement set your own gate instead of the profile's floor")
+        echo_err("hint: " + ("" if data else "random images say little: measure on held-out or real images with --data; ")
+                 + "re-quantize with better images (onnxdgh quantize FLOAT.onnx --calib-data real.npz); "
+                 "--min-sqnr/--min-agreement set your own gate instead of the profile's floor")
     return EXIT_CHECK_FAILED
