@@ -19,6 +19,7 @@ __all__ = [
     "InvalidInputError",
     "ModelLoadError",
     "UnsupportedModelError",
+    "SymbolicShapeError",
     "ConversionError",
     "CalibrationDataError",
     "ProfileError",
@@ -69,6 +70,10 @@ class ModelLoadError(InvalidInputError):
 
 class UnsupportedModelError(InvalidInputError):
     """The model is valid ONNX but outside what onnxdgh handles (opset, inputs, ops)."""
+
+
+class SymbolicShapeError(UnsupportedModelError):
+    """The image input's channels, height or width is symbolic and ``--input-shape`` did not pin it."""
 
 
 class ConversionError(InvalidInputError):

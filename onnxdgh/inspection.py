@@ -5,7 +5,12 @@ and says whether DGH can work on it: inputs/outputs, opset, op histogram, every
 BatchNormalization node and whether its statistics are usable, whether BN looks folded
 away (and the re-export recipe), the ops onnx2torch cannot convert, the custom ops
 onnxruntime cannot run, whether generation with the default settings fits in memory, and a
-verdict.
+verdict. The verdict includes a dry run of the quantizer
+(:func:`onnxdgh.quantize.api.dry_run`: the same profile check, BN folding and marking
+``quantize`` does before it needs images), so a model ``quantize`` would refuse -- an op
+without a quantization rule, an op the profile forbids -- is NOT READY, naming the node.
+:func:`symbolic_shape_report` gives the verdict for a model whose image size is symbolic
+(not ready until ``--input-shape`` pins it).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from .load import REEXPORT_RECIPE, LoadedModel
 from .memory import estimate_run_memory, memory_advice
 from .runtime import describe_nodes, unknown_runtime_ops
 
-__all__ = ["InspectionReport", "inspect_model", "unconvertible_ops"]
+__all__ = ["InspectionReport", "inspect_model", "unconvertible_ops", "symbolic_shape_report"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class InspectionReport:
     ready: bool
     reasons: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    quantizer: dict[str, Any] = field(default_factory=dict)
+    """The quantizer's dry run: ``profile``, ``ok`` and either the plan's counts or the ``error``."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary."""
@@ -88,8 +95,27 @@ def unconvertible_ops(model: onnx.ModelProto, opset: int) -> list[dict[str, Any]
     return list(missing.values())
 
 
-def inspect_model(loaded: LoadedModel) -> InspectionReport:
-    """Build the readiness report for ``loaded``."""
+def _dry_run(loaded: LoadedModel, profile: str | None) -> tuple[dict[str, Any], str | None, str | None]:
+    """(dry-run summary, reason, advice): what ``quantize`` at the profile's widest bits would say."""
+    from .errors import OnnxDghError
+    from .profile import DEFAULT_PROFILE, load_profile
+    from .quantize.api import dry_run
+
+    chosen = load_profile(profile or DEFAULT_PROFILE)
+    summary: dict[str, Any] = {"profile": chosen.name}
+    try:
+        plan = dry_run(loaded, chosen)
+    except OnnxDghError as exc:
+        summary.update(ok=False, error=exc.message)
+        return summary, f"the quantizer would refuse the model: {exc.message}", exc.hint
+    summary.update(ok=True, weight_bits=plan.weight_bits, act_bits=plan.act_bits,
+                   activations=len(plan.activations), params=len(plan.params))
+    return summary, None, None
+
+
+def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> InspectionReport:
+    """Build the readiness report for ``loaded``; the quantizer's dry run uses ``profile``
+    (built-in name or path; default ``generic-pot-int8``) at its widest bit widths."""
     graph = loaded.model.graph
     inits = {init.name for init in graph.initializer}
     histogram = Counter(node.op_type for node in graph.node)
@@ -138,6 +164,11 @@ def inspect_model(loaded: LoadedModel) -> InspectionReport:
         advice.append(memory_advice(loaded, memory))
     if not has_conv and not any(n.op_type in ("Gemm", "MatMul") for n in graph.node):
         reasons.append("the graph has no Conv, Gemm or MatMul: nothing to quantize")
+    quantizer, refusal, fix = _dry_run(loaded, profile)
+    if refusal:
+        reasons.append(refusal)
+        if fix:
+            advice.append(fix)
 
     inputs = [
         {"name": v.name, "shape": _shape(v), "dtype": _dtype(v)} for v in graph.input if v.name not in inits
@@ -158,4 +189,34 @@ def inspect_model(loaded: LoadedModel) -> InspectionReport:
         ready=not reasons,
         reasons=reasons,
         advice=advice,
+        quantizer=quantizer,
+    )
+
+
+def symbolic_shape_report(path: str, problem: str) -> InspectionReport:
+    """NOT READY for a model the loader refused because its image size is symbolic.
+
+    ``problem`` is the loader's message; the report lists what the raw file shows
+    (opset, inputs, outputs, ops) and asks for ``--input-shape``.
+    """
+    model = onnx.load(path, load_external_data=False)
+    inits = {init.name for init in model.graph.initializer}
+    opset = next((int(entry.version) for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    histogram = Counter(node.op_type for node in model.graph.node)
+    inputs = [{"name": v.name, "shape": _shape(v), "dtype": _dtype(v)} for v in model.graph.input if v.name not in inits]
+    return InspectionReport(
+        source=path,
+        opset=opset,
+        inputs=inputs,
+        outputs=[{"name": v.name, "shape": _shape(v), "dtype": _dtype(v)} for v in model.graph.output],
+        batch_fixed=False,
+        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        batch_norms=[],
+        bn_folded=False,
+        unconvertible_ops=[],
+        canonicalisation={},
+        metadata={prop.key: prop.value for prop in model.metadata_props},
+        ready=False,
+        reasons=[f"{problem}: the generator and the quantizer need a fixed image size"],
+        advice=[f"pin it: onnxdgh inspect {path} --input-shape CxHxW (e.g. 3x48x192, the size you will run it at)"],
     )

@@ -38,7 +38,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from . import graph as g
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, SymbolicShapeError, UnsupportedModelError
 from .normalization import metadata_normalization
 
 __all__ = [
@@ -390,7 +390,7 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
     chw: list[int] = []
     for axis, dim in zip("CHW", dims[1:]):
         if not dim.HasField("dim_value") or dim.dim_value <= 0:
-            raise UnsupportedModelError(
+            raise SymbolicShapeError(
                 f"input {image.name!r} of {source} has a symbolic {axis} dimension",
                 "pin it with --input-shape CxHxW (e.g. 3x48x192), or export with a fixed size",
             )

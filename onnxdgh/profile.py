@@ -15,6 +15,9 @@ Contract:
   key and the fix.
 * The quantizer reads a profile to decide what to emit; the validator reads the same
   profile to check the result, so the two agree on one source of truth.
+* Schema 2 adds the numerical floors a usable result must reach on held-out images
+  (``min_output_sqnr_db``, ``min_top1_agreement``; ``null`` = no floor). Schema 1 files
+  are still read: they have no floors.
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ __all__ = [
     "builtin_profiles",
     "builtin_profile_names",
     "profile_from_dict",
+    "FLOOR_FIELDS",
 ]
 
 _LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-"""The schema version this release writes and reads."""
+SCHEMA_VERSION = 2
+"""The schema version this release writes (it reads every :data:`SUPPORTED_SCHEMA_VERSIONS`)."""
 
-SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1,)
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
+
+FLOOR_FIELDS: tuple[str, ...] = ("min_output_sqnr_db", "min_top1_agreement")
+"""Fields schema 2 added; a schema 1 profile has none of them (no floors)."""
 
 SIGNEDNESS: tuple[str, ...] = ("signed", "unsigned")
 
@@ -93,6 +100,11 @@ class Profile:
     shared_input_scale_ops: tuple[str, ...]
     opset_min: int
     opset_max: int
+    min_output_sqnr_db: float | None = None
+    """Floor: least SQNR (dB) of every graph output against the float model, on images
+    not used for calibration; None = no floor (docs/VALIDATE.md, "Floors")."""
+    min_top1_agreement: float | None = None
+    """Floor: least top-1 agreement (0..1) of every classifier-like output; None = no floor."""
 
     def __post_init__(self) -> None:
         # Python callers may pass lists; freeze them so the profile cannot change later.
@@ -165,6 +177,13 @@ class Profile:
                 f"{where}: opset_min {self.opset_min} is above opset_max {self.opset_max}",
                 "swap them or widen the range",
             )
+        if self.schema_version < 2 and (self.min_output_sqnr_db is not None or self.min_top1_agreement is not None):
+            raise ProfileError(
+                f"{where}: floors need schema_version 2, the profile says {self.schema_version}",
+                f'set "schema_version": {SCHEMA_VERSION}',
+            )
+        _check_floor(where, "min_output_sqnr_db", self.min_output_sqnr_db, -100.0, 200.0, "e.g. 15 (dB)")
+        _check_floor(where, "min_top1_agreement", self.min_top1_agreement, 0.0, 1.0, "e.g. 0.9 (share of images)")
 
     # ----------------------------------------------------------------- queries
 
@@ -203,8 +222,11 @@ class Profile:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The profile as plain JSON-ready data (the file format)."""
+        """The profile as plain JSON-ready data (the file format of its schema version)."""
         data = asdict(self)
+        if self.schema_version < 2:
+            for key in FLOOR_FIELDS:
+                del data[key]
         for key, value in data.items():
             if isinstance(value, tuple):
                 data[key] = [list(item) if isinstance(item, tuple) else item for item in value]
@@ -219,6 +241,18 @@ def _check_type(where: str, key: str, value: object, kind: type) -> None:
         raise ProfileError(
             f"{where}: {key} must be {expected}, got {json.dumps(value) if _jsonable(value) else repr(value)}",
             f"fix {key!r} in the profile (docs/VALIDATE.md lists every field)",
+        )
+
+
+def _check_floor(where: str, key: str, value: object, low: float, high: float, example: str) -> None:
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not low <= value <= high:  # type: ignore[operator]
+        shown = json.dumps(value) if _jsonable(value) else repr(value)
+        raise ProfileError(
+            f"{where}: {key} must be null or a number between {low:g} and {high:g}, got {shown}",
+            f"fix {key!r} in the profile: {example}, or null for no floor",
         )
 
 
@@ -287,20 +321,21 @@ def profile_from_dict(data: object, source: str = "<dict>") -> Profile:
             f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}",
             f'set "schema_version": {SCHEMA_VERSION} and follow docs/VALIDATE.md, or upgrade onnxdgh',
         )
-    unknown = sorted(set(data) - set(_FIELDS))
+    keys = _FIELDS if version >= 2 else tuple(name for name in _FIELDS if name not in FLOOR_FIELDS)
+    unknown = sorted(set(data) - set(keys))
     if unknown:
         raise ProfileError(
             f"profile {source} has unknown key {unknown[0]!r}",
-            f"remove it; the schema {SCHEMA_VERSION} keys are: {', '.join(_FIELDS)}",
+            f"remove it; the schema {version} keys are: {', '.join(keys)}",
         )
-    missing = [name for name in _FIELDS if name not in data]
+    missing = [name for name in keys if name not in data]
     if missing:
         raise ProfileError(
             f"profile {source} lacks {', '.join(missing)}",
             "every schema field is required; copy a built-in (onnxdgh validate --list-profiles) and edit it",
         )
     try:
-        return Profile(**{name: data[name] for name in _FIELDS})
+        return Profile(**{name: data[name] for name in keys})
     except ProfileError as exc:
         if source != "<dict>" and source not in exc.message:
             raise ProfileError(f"{exc.message} (in {source})", exc.hint) from None

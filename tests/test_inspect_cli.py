@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 from click.testing import CliRunner
 
 from onnxdgh.cli import main
@@ -74,3 +75,80 @@ def test_python_dash_m_entry_point(tiny_model_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "READY" in proc.stdout
+
+
+class _Squared(TinyConvBnRelu):
+    """The tiny classifier with x * x written as Pow, which onnx2torch converts but the quantizer has no rule for."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return super().forward(x) ** 2
+
+
+def test_inspect_dry_runs_the_quantizer_pow_not_ready(tmp_path: Path) -> None:
+    path = export_onnx(settle_bn(_Squared(), (3, 12, 12)), (3, 12, 12), tmp_path / "pow.onnx")
+    result = CliRunner().invoke(main, ["inspect", str(path), "--json", "-"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["ready"] is False and report["unconvertible_ops"] == []
+    assert report["quantizer"]["ok"] is False
+    pow_node = next(node for node in onnx.load(str(path)).graph.node if node.op_type == "Pow")
+    reason = next(r for r in report["reasons"] if "quantizer" in r)
+    assert "Pow" in reason and pow_node.name in reason
+    text = CliRunner().invoke(main, ["inspect", str(path)])
+    assert text.exit_code == 1 and "NOT READY" in text.output and "dry run" in text.output
+
+
+def test_inspect_dry_run_counts_on_a_ready_model(tiny_model_path: Path) -> None:
+    result = CliRunner().invoke(main, ["inspect", str(tiny_model_path), "--json", "-"])
+    dry = json.loads(result.stdout)["quantizer"]
+    assert dry["ok"] is True and dry["profile"] == "generic-pot-int8" and dry["activations"] > 0
+
+
+class _Gated(TinyConvBnRelu):
+    """The tiny classifier with a Sigmoid on its scores: generic-pot-int8 allows Sigmoid, strict-pot-int8 does not."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return super().forward(x).sigmoid()
+
+
+def test_inspect_dry_run_follows_the_profile(tmp_path: Path) -> None:
+    path = export_onnx(settle_bn(_Gated(), (3, 12, 12)), (3, 12, 12), tmp_path / "gated.onnx")
+    generic = CliRunner().invoke(main, ["inspect", str(path), "--json", "-"])
+    assert generic.exit_code == 0, generic.output
+    strict = CliRunner().invoke(main, ["inspect", str(path), "--profile", "strict-pot-int8", "--json", "-"])
+    assert strict.exit_code == 1, strict.output
+    report = json.loads(strict.stdout)
+    assert report["quantizer"]["profile"] == "strict-pot-int8" and report["quantizer"]["ok"] is False
+    assert "Sigmoid" in report["quantizer"]["error"] and "strict-pot-int8" in report["quantizer"]["error"]
+    assert any("--profile" in tip for tip in report["advice"])
+
+
+def test_inspect_bad_profile_is_bad_input(tiny_model_path: Path) -> None:
+    result = CliRunner().invoke(main, ["inspect", str(tiny_model_path), "--profile", "no-such-npu"])
+    assert result.exit_code == 2 and "unknown profile" in result.output
+
+
+def _symbolic_model(tmp_path: Path) -> Path:
+    path = export_onnx(settle_bn(TinyConvBnRelu(), (3, 12, 12)), (3, 12, 12), tmp_path / "sym.onnx")
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].Clear()
+    dims[2].dim_param = "height"
+    dims[3].Clear()
+    dims[3].dim_param = "width"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_inspect_symbolic_height_width_is_a_verdict(tmp_path: Path) -> None:
+    path = _symbolic_model(tmp_path)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--json", "-"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["ready"] is False and "symbolic" in report["reasons"][0]
+    assert any("--input-shape" in tip for tip in report["advice"])
+    assert report["inputs"][0]["shape"][2:] == ["height", "width"]
+    text = CliRunner().invoke(main, ["inspect", str(path)])
+    assert text.exit_code == 1 and "NOT READY" in text.output and "--input-shape" in text.output
+    pinned = CliRunner().invoke(main, ["inspect", str(path), "--input-shape", "3x12x12"])
+    assert pinned.exit_code == 0 and "READY" in pinned.output

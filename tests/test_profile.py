@@ -109,7 +109,7 @@ def test_not_an_object(tmp_path: Path) -> None:
         load_profile(_write(tmp_path, [1, 2]))
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_schema_version(tmp_path: Path, version: object) -> None:
     data = _generic_dict()
     if version is None:
@@ -159,6 +159,10 @@ def test_missing_field(tmp_path: Path) -> None:
         ("shared_scale_ops", ["Concatenate"], "not an ONNX operator"),
         ("opset_min", 22, "above opset_max"),
         ("opset_max", 0, "positive opset"),
+        ("min_output_sqnr_db", "15", "min_output_sqnr_db must be null or a number"),
+        ("min_output_sqnr_db", 500, "between -100 and 200, got 500"),
+        ("min_top1_agreement", 1.5, "min_top1_agreement must be null or a number between 0 and 1"),
+        ("min_top1_agreement", True, "got true"),
     ],
 )
 def test_field_errors(tmp_path: Path, key: str, value: object, pattern: str) -> None:
@@ -182,3 +186,39 @@ def test_constructing_invalid_profile_directly_fails() -> None:
     fields["fused_patterns"] = [["Conv", "Relu"]]
     made = Profile(**fields)
     assert made.weight_bits == (4, 8) and made.fused_patterns == (("Conv", "Relu"),)
+
+
+def test_builtins_have_floors() -> None:
+    for profile in builtin_profiles().values():
+        assert profile.min_output_sqnr_db is not None and profile.min_top1_agreement is not None
+    p = builtin_profiles()
+    # A lower-bit target cannot promise more than a wider one.
+    assert p["pot-lowbit"].min_output_sqnr_db <= p["pot-w4a8"].min_output_sqnr_db <= p["generic-pot-int8"].min_output_sqnr_db
+
+
+def test_null_floors_are_no_floors(tmp_path: Path) -> None:
+    data = {**_generic_dict(), "min_output_sqnr_db": None, "min_top1_agreement": None}
+    profile = load_profile(_write(tmp_path, data))
+    assert profile.min_output_sqnr_db is None and profile.min_top1_agreement is None
+
+
+def test_schema_1_files_still_load_without_floors(tmp_path: Path) -> None:
+    data = _generic_dict()
+    data["schema_version"] = 1
+    del data["min_output_sqnr_db"], data["min_top1_agreement"]
+    profile = load_profile(_write(tmp_path, data))
+    assert profile.schema_version == 1 and profile.min_output_sqnr_db is None
+    assert profile.to_dict() == data  # written back in its own schema
+    with pytest.raises(ProfileError, match="unknown key 'min_output_sqnr_db'"):
+        load_profile(_write(tmp_path, {**data, "min_output_sqnr_db": 10}))
+    fields = profile.__dict__.copy()
+    fields["min_top1_agreement"] = 0.5
+    with pytest.raises(ProfileError, match="floors need schema_version 2"):
+        Profile(**fields)
+
+
+def test_schema_2_needs_the_floor_keys(tmp_path: Path) -> None:
+    data = _generic_dict()
+    del data["min_top1_agreement"]
+    with pytest.raises(ProfileError, match="lacks min_top1_agreement"):
+        load_profile(_write(tmp_path, data))

@@ -143,3 +143,77 @@ def test_no_model_is_a_usage_error() -> None:
 def test_quiet_pass_prints_nothing(files: dict[str, Path]) -> None:
     code, stdout, _ = run("-q", "validate", files["good"])
     assert code == 0 and stdout == ""
+
+
+def _floor_profile(tmp_path: Path, sqnr: float | None, agreement: float | None = None) -> Path:
+    from onnxdgh.profile import load_profile
+
+    data = load_profile("generic-pot-int8").to_dict()
+    data.update(name="high-floor", min_output_sqnr_db=sqnr, min_top1_agreement=agreement)
+    path = tmp_path / "floor.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_profile_floors_gate_with_a_reference(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    code, _, _ = run("validate", files["good"], "-r", files["float"], "--data", files["data"], "--json", out)
+    assert code == 0
+    report = json.loads(out.read_text())
+    from onnxdgh.profile import load_profile
+
+    generic = load_profile("generic-pot-int8")
+    assert [(g["gate"], g["threshold"], g["origin"]) for g in report["gates"]] == [
+        ("min-sqnr", generic.min_output_sqnr_db, "profile"), ("min-agreement", generic.min_top1_agreement, "profile")]
+    assert report["profile"]["min_output_sqnr_db"] == generic.min_output_sqnr_db
+    # On random images only the SQNR floor applies: their scores are near ties.
+    code, stdout, _ = run("validate", files["good"], "-r", files["float"], "--random-images", 8, "--json", "-")
+    assert code == 0 and [g["gate"] for g in json.loads(stdout)["gates"]] == ["min-sqnr"]
+    code, stdout, _ = run("validate", files["good"], "-r", files["float"], "--random-images", 8,
+                          "--min-agreement", 0.5, "--json", "-")
+    assert [(g["gate"], g["origin"]) for g in json.loads(stdout)["gates"]] == [("min-sqnr", "profile"),
+                                                                              ("min-agreement", "option")]
+    # Without a reference there is nothing to measure, so no floor applies.
+    code, stdout, _ = run("validate", files["good"], "--json", "-")
+    assert code == 0 and json.loads(stdout)["gates"] == []
+
+
+def test_below_the_profile_floor_exits_1_naming_output_value_floor_and_worst_layers(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    code, stdout, stderr = run("validate", files["good"], "-r", files["float"], "--data", files["data"],
+                               "--profile", _floor_profile(tmp_path, 200.0))
+    assert code == 1
+    assert "FAIL  SQNR of logits" in stdout and "profile floor" in stdout
+    line = next(text for text in stderr.splitlines() if "output 'logits'" in text)
+    report_value = f"{float(line.split('SQNR ')[1].split(' dB')[0]):.2f}"
+    assert f"SQNR {report_value} dB, below 200 dB (the floor of profile high-floor)" in line
+    assert "on 20 given images" in line
+    worst = line.split("worst layers: ")[1].split(", ")
+    assert len(worst) == 3 and all(" dB)" in item for item in worst)
+    hint = next(text for text in stderr.splitlines() if text.startswith("hint:"))
+    assert "--min-sqnr" in hint and "--data" not in hint  # images were given
+    # On random images the hint says how to measure on better ones.
+    _, _, stderr = run("validate", files["good"], "-r", files["float"], "--random-images", 8,
+                       "--profile", _floor_profile(tmp_path, 200.0))
+    assert "--data" in next(text for text in stderr.splitlines() if text.startswith("hint:"))
+
+
+def test_a_user_gate_replaces_the_floor(files: dict[str, Path], tmp_path: Path) -> None:
+    profile = _floor_profile(tmp_path, 200.0, 0.99)
+    code, stdout, _ = run("validate", files["good"], "-r", files["float"], "--data", files["data"],
+                          "--profile", profile, "--min-sqnr", 10, "--min-agreement", 0.5, "--json", "-")
+    assert code == 0
+    gates = json.loads(stdout)["gates"]
+    assert [(g["threshold"], g["origin"]) for g in gates] == [(10.0, "option"), (0.5, "option")]
+
+
+def test_report_records_the_sha256_of_both_models(files: dict[str, Path]) -> None:
+    import hashlib
+
+    code, stdout, _ = run("validate", files["good"], "-r", files["float"], "--random-images", 4, "--json", "-")
+    report = json.loads(stdout)
+    assert report["model_sha256"] == hashlib.sha256(files["good"].read_bytes()).hexdigest()
+    assert report["reference_sha256"] == hashlib.sha256(files["float"].read_bytes()).hexdigest()
+    table = run("validate", files["good"], "-r", files["float"], "--random-images", 4)[1]
+    assert report["model_sha256"] in table

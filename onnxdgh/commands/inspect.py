@@ -8,7 +8,8 @@ import click
 
 from ..cli import input_shape_option, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK
-from ..inspection import InspectionReport, inspect_model
+from ..errors import SymbolicShapeError
+from ..inspection import InspectionReport, inspect_model, symbolic_shape_report
 from ..load import load_model
 
 __all__ = ["inspect_command"]
@@ -36,6 +37,13 @@ def render(report: InspectionReport) -> str:
         )
     ops = ", ".join(f"{op} {count}" for op, count in report.op_histogram.items())
     lines.append(f"ops       {ops}")
+    dry = report.quantizer
+    if dry:
+        if dry["ok"]:
+            lines.append(f"quantizer dry run for {dry['profile']} W{dry['weight_bits']}A{dry['act_bits']}: "
+                         f"{dry['activations']} activations, {dry['params']} constants to quantize")
+        else:
+            lines.append(f"quantizer dry run for {dry['profile']}: refused")
     usable = sum(1 for bn in report.batch_norms if bn["usable"])
     lines.append(f"BN nodes  {len(report.batch_norms)} ({usable} with usable statistics)")
     for bn in report.batch_norms:
@@ -62,17 +70,32 @@ def render(report: InspectionReport) -> str:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the report as JSON to this file ('-' for stdout).")
+@click.option("--profile", default=None, metavar="NAME|PATH",
+              help="Target profile of the quantizer's dry run (built-in name or .json; default generic-pot-int8).")
 @input_shape_option
 @run_command
-def inspect_command(model: str, json_out: str | None, input_shape: tuple[int, int, int] | None) -> int:
+def inspect_command(model: str, json_out: str | None, profile: str | None,
+                    input_shape: tuple[int, int, int] | None) -> int:
     """Say whether MODEL is ready for zero-shot quantization, and why.
+
+    Dry-runs the quantizer (profile check, BN folding, marking every tensor) without
+    images: an op `quantize` has no rule for makes the model NOT READY. A symbolic
+    height or width is NOT READY until --input-shape pins it.
 
     Exit codes: 0 ready, 1 not ready, 2 invalid input.
     """
     from ..fileio import atomic_write_text, check_output_paths
+    from ..profile import load_profile
 
     check_output_paths([("--json", json_out if json_out != "-" else None)], inputs=[("MODEL", model)])
-    report = inspect_model(load_model(model, input_shape=input_shape))
+    if profile is not None:
+        load_profile(profile)  # a bad --profile is bad input (exit 2), not a verdict
+    try:
+        loaded = load_model(model, input_shape=input_shape)
+    except SymbolicShapeError as exc:
+        report = symbolic_shape_report(model, exc.message)
+    else:
+        report = inspect_model(loaded, profile=profile)
     if json_out == "-":
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

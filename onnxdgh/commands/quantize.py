@@ -36,7 +36,8 @@ def render(report: dict[str, Any], output: str) -> str:
         f"target    W{config['weight_bits']}A{config['act_bits']}, threshold {config['threshold']}, "
         f"profile {report['profile']}, opset {report['opset']}"
         + (", weights stored as float on their grid" if config.get("weights_as_float") else ""),
-        f"data      {report['calibration']['images']} images ({report['calibration']['source']})",
+        f"data      {report['calibration']['images']} images ({report['calibration']['source']})"
+        + (f", {report['holdout']['images']} more held back for validation" if "holdout" in report else ""),
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
@@ -103,16 +104,20 @@ def render(report: dict[str, Any], output: str) -> str:
                    "to the valid pixel range).")
 @click.option("--std", "std_text", default=None, help="Generation: input std per channel, e.g. 0.229,0.224,0.225.")
 @preprocess_option
+@click.option("--allow-no-bn", is_flag=True, default=None,
+              help="Generation: run DGH on a model without BN statistics (prep + ODSL only; as `generate`).")
 @input_shape_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the quantization report as JSON to this file ('-' for stdout).")
 @click.option("--validate/--no-validate", "run_validation", default=True, show_default=True,
-              help="Check the result against the profile and the float model (on the calibration images).")
+              help="Check the result against the profile and the float model, on a seeded 20 % of the images "
+                   "held back from calibration (at least 4).")
 @click.option("--validation-report", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Where to write the validation report (default: OUTPUT with .validation.json).")
-@click.option("--min-sqnr", type=float, default=None, help="Validation gate: least output SQNR in dB.")
+@click.option("--min-sqnr", type=float, default=None,
+              help="Validation gate: least output SQNR in dB (replaces the profile's floor).")
 @click.option("--min-agreement", type=float, default=None,
-              help="Validation gate: least top-1 agreement with the float model (0..1).")
+              help="Validation gate: least top-1 agreement with the float model, 0..1 (replaces the profile's floor).")
 @click.pass_context
 @run_command
 def quantize_command(
@@ -140,6 +145,7 @@ def quantize_command(
     mean_text: str | None,
     std_text: str | None,
     preprocess: str | None,
+    allow_no_bn: bool | None,
     input_shape: tuple[int, int, int] | None,
     json_out: str | None,
     run_validation: bool,
@@ -153,17 +159,19 @@ def quantize_command(
     BatchNormalization is folded, calibration uses DGH synthetic images unless
     --calib-data is given.
 
-    The result is then validated (profile rules, float-vs-quantized figures on the
-    calibration images) and the report written next to the model.
+    The result is then validated -- profile rules, and the float-vs-quantized figures
+    against the profile's floors on images held back from calibration -- and the report
+    written next to the model.
 
-    Exit codes: 0 written and valid, 1 written but validation failed, or the image
-    generation diverged (nothing written), 2 invalid input or options, or an input
-    normalisation that cannot be decided (nothing written).
+    Exit codes: 0 written and valid, 1 written but validation failed (a rule violation,
+    an output below the floor, a runtime drift), or the image generation diverged (nothing
+    written), 2 invalid input or options, or an input normalisation that cannot be decided
+    (nothing written), 130 interrupted.
     """
-    from ..fileio import atomic_write_bytes, atomic_write_json, check_output_paths, load_images_npz
+    from ..fileio import atomic_write_bytes, atomic_write_json, check_images, check_output_paths, load_images_npz
     from ..load import load_model
     from ..quantize import QuantizeConfig, quantize
-    from ..quantize.api import default_profile_name
+    from ..quantize.api import default_profile_name, holdout_size
 
     report_path: Path | None = None
     if run_validation:
@@ -206,6 +214,7 @@ def quantize_command(
         "mean": _floats("--mean", mean_text),
         "std": _floats("--std", std_text),
         "preprocess": preprocess,
+        "allow_no_bn": allow_no_bn or None,
     }
     given = {key: value for key, value in generation.items() if value is not None}
     generate_config = None
@@ -227,7 +236,11 @@ def quantize_command(
     source = None
     if calib_data:
         calibration, _meta = load_images_npz(calib_data)
+        calibration = check_images(calibration, input_shape=loaded.input_shape, input_name=loaded.input_name)
         source = f"file:{calib_data}"
+    total = calibration.shape[0] if calibration is not None else generate_config.images  # type: ignore[union-attr]
+    # Judge the result on images nothing was chosen on (the thresholds, the rounding).
+    held = holdout_size(total) if report_path is not None else 0
     result = quantize(
         loaded,
         calibration,
@@ -235,6 +248,7 @@ def quantize_command(
         generate_config=generate_config,
         progress=progress_enabled(ctx),
         calibration_source=source,
+        holdout=held,
     )
     atomic_write_bytes(output, result.model.SerializeToString())
     if json_out == "-":
@@ -248,13 +262,17 @@ def quantize_command(
         return EXIT_OK
     from ..validate import validate
 
+    origin = result.report["calibration"]["source"]
+    kind = f"synthetic images ({origin.split(':', 1)[1]})" if origin.startswith("dgh:") else f"images of {calib_data}"
     validation = validate(
-        result.model,
+        output,  # the file as written: the report's sha256 is of what the user gets
         loaded,
         profile=profile or default_profile_name(weight_bits, act_bits),
-        data=result.calibration,
+        data=result.holdout,
+        data_description=f"held-out {kind}, n={held} of {total}, not used for calibration",
         min_sqnr=min_sqnr,
         min_agreement=min_agreement,
+        input_shape=input_shape,
         progress=False,
     )
     atomic_write_json(report_path, validation.to_dict())
@@ -262,15 +280,20 @@ def quantize_command(
         if not quiet:
             click.echo(f"validated {report_path}: passes {validation.profile.name}" + _figures(validation))
         return EXIT_OK
-    failed = len(validation.violations) + len(validation.failed_gates) + len(validation.failed_runtime_checks)
-    echo_err(
-        f"error: {output} was written but fails validation ({failed} problem(s)); details in {report_path}"
-    )
+    echo_err(f"error: {output} was written but fails validation; details in {report_path}")
+    for line in validation.failure_lines():
+        echo_err(f"  - {line}")
     drift = next((check.hint for check in validation.failed_runtime_checks if check.hint), None)
-    if drift and not validation.violations:
+    if validation.failed_gates:
+        data_fix = ("check that the --calib-data images are normalized as the model expects" if calib_data else
+                    "more or better images (--images, --iterations, the input normalisation --preprocess or "
+                    "--mean/--std, or real images with --calib-data)")
+        echo_err(f"hint: {data_fix}; --optimize-rounding or wider --weight-bits/--act-bits raise the figures; "
+                 "--min-sqnr/--min-agreement set your own gate instead of the profile's floor")
+    elif drift and not validation.violations:
         echo_err(f"hint: {drift}")
     else:
-        echo_err(f"hint: onnxdgh validate {output} --reference {model} shows the violations and the worst layers")
+        echo_err(f"hint: `onnxdgh validate {output} --reference {model}` lists each violation with its node")
     return EXIT_CHECK_FAILED
 
 
@@ -285,10 +308,11 @@ def _default_weight_bits(profile: str | None) -> int:
 
 
 def _figures(validation: Any) -> str:
-    """', <output> SQNR x dB, agreement y %' for each output, on the calibration images."""
+    """' (<output> SQNR x dB, agreement y %, on <images>)' for each output."""
     parts = []
     for output in validation.outputs:
         parts.append(f"{output.name} SQNR {output.sqnr_db:.1f} dB")
         if output.top1_agreement is not None:
             parts.append(f"top-1 agreement {100 * output.top1_agreement:.2f} %")
-    return (" (" + ", ".join(parts) + ", on the calibration images)") if parts else ""
+    where = f", on {validation.data.description}" if validation.data else ""
+    return (" (" + ", ".join(parts) + where + ")") if parts else ""

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import input_shape_option, progress_enabled, run_command
+from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
 from ..fileio import open_numpy, read_npz_array
 from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
@@ -63,9 +63,10 @@ def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> lis
 
 def render(report: ValidationReport, *, top: int = 10) -> str:
     """The report as terminal text: verdict, violations, outputs, worst layers, gates."""
-    lines = [f"model       {report.model}"]
+    lines = [f"model       {report.model}" + (f"  sha256 {report.model_sha256}" if report.model_sha256 else "")]
     if report.reference:
-        lines.append(f"reference   {report.reference}")
+        lines.append(f"reference   {report.reference}"
+                     + (f"  sha256 {report.reference_sha256}" if report.reference_sha256 else ""))
     lines.append(f"profile     {report.profile.name}: {report.profile.summary()}")
     stats = report.quantization
     weights = ", ".join(f"{count} x {bits}-bit" for bits, count in stats["weights_by_bits"].items()) or "none"
@@ -110,11 +111,12 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
         lines.append("")
         lines.append(title)
         for gate in checks:
+            source = {"profile": "profile floor", "runtime": "runtime check"}.get(gate.origin, f"--{gate.gate}")
             if gate.gate.endswith("-sqnr"):
                 unit = " dB" if gate.value is not None and math.isfinite(gate.value) else ""
-                text = f"SQNR of {gate.output}: {_db(gate.value)}{unit} (needs >= {gate.threshold:g} dB)"
+                text = f"SQNR of {gate.output}: {_db(gate.value)}{unit} (needs >= {gate.threshold:g} dB, {source})"
             else:
-                text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)})"
+                text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)}, {source})"
             lines.append(f"  {'pass' if gate.passed else 'FAIL'}  {text}")
         hints = dict.fromkeys(gate.hint for gate in checks if gate.hint and not gate.passed)
         lines += [f"  hint: {hint}" for hint in hints]
@@ -156,9 +158,10 @@ def render_profiles() -> str:
               help="Images (.npz with 'images', or .npy; float N x C x H x W, preprocessed). Default: random images.")
 @click.option("--labels", type=click.Path(dir_okay=True, path_type=str), default=None,
               help="Class indices for --data (.npy, or .npz with 'labels'): adds accuracy.")
-@click.option("--min-sqnr", type=float, default=None, metavar="DB", help="Fail when an output's SQNR is below DB.")
+@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+              help="Fail when an output's SQNR is below DB (replaces the profile's floor).")
 @click.option("--min-agreement", type=float, default=None, metavar="FRAC",
-              help="Fail when a classifier output's top-1 agreement is below FRAC (0..1).")
+              help="Fail when a classifier output's top-1 agreement is below FRAC, 0..1 (replaces the profile's floor).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the report as JSON to this file ('-' for stdout, instead of the table).")
 @click.option("--random-images", type=click.IntRange(min=1), default=64, show_default=True,
@@ -188,6 +191,9 @@ def validate_command(
     input_shape: tuple[int, int, int] | None,
 ) -> int:
     """Check quantized MODEL against a constraint profile and compare it with its float --reference.
+
+    With --reference, every output must reach the profile's floors (SQNR, top-1
+    agreement) unless --min-sqnr/--min-agreement set other gates.
 
     \b
     Exit codes: 0 pass, 1 constraint violations or a gate not reached, 2 invalid input.
@@ -235,4 +241,13 @@ def validate_command(
             click.echo(render(report, top=top))
         if json_out:
             atomic_write_text(json_out, text + "\n")
-    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
+    if report.passed:
+        return EXIT_OK
+    echo_err(f"error: {model} fails validation")
+    for line in report.failure_lines():
+        echo_err(f"  - {line}")
+    if report.failed_gates:
+        echo_err("hint: " + ("" if data else "random images say little: measure on held-out or real images with --data; ")
+                 + "re-quantize with better images (onnxdgh quantize FLOAT.onnx --calib-data real.npz); "
+                 "--min-sqnr/--min-agreement set your own gate instead of the profile's floor")
+    return EXIT_CHECK_FAILED

@@ -35,14 +35,24 @@ from ..profile import Profile, load_profile
 from .calibrate import DEFAULT_BINS, collect_statistics
 from .emit import emit
 from .float_weights import store_weights_as_float
-from .fold import prepare
-from .plan import mark, resolve
+from .fold import FoldReport, prepare
+from .plan import QuantPlan, mark, resolve
 from .shift import Shift, apply_shifts, choose_shifts, compensate, shifted_statistics, supports_shift
 
 if TYPE_CHECKING:  # the generator is imported lazily: it pulls in torch
     from ..generate import GenerateConfig
 
-__all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "default_profile_name", "THRESHOLD_METHODS"]
+__all__ = [
+    "QuantizeConfig",
+    "QuantizeResult",
+    "quantize",
+    "default_profile_name",
+    "holdout_size",
+    "dry_run",
+    "THRESHOLD_METHODS",
+    "HOLDOUT_FRACTION",
+    "MIN_HOLDOUT_IMAGES",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -51,6 +61,10 @@ CALIBRATION_MEMORY_BYTES = 512 * 2**20
 """Budget for the activations one calibration run holds (every quantized tensor is exposed)."""
 WEIGHT_BITS = (8, 7, 4, 2)
 ACT_BITS = (8, 4)
+HOLDOUT_FRACTION = 0.2
+"""Share of the images ``onnxdgh quantize`` holds back from calibration to judge the result on."""
+MIN_HOLDOUT_IMAGES = 4
+"""Fewest held-back images: below this an SQNR or agreement figure says little."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +212,34 @@ class QuantizeResult:
     :func:`~onnxdgh.quantize.rounding.optimize_rounding` run."""
     input_shifts: dict[str, float] = field(default_factory=dict)
     """Node name -> the shift ``c`` its input carries (``optimize_rounding``'s ``input_shifts``)."""
+    holdout: np.ndarray | None = field(default=None, repr=False)
+    """The images held back from calibration (``holdout`` of :func:`quantize`): nothing
+    about the model was chosen on them, so figures measured on them are honest."""
+
+
+def holdout_size(images: int) -> int:
+    """How many of ``images`` to hold back for validation: :data:`HOLDOUT_FRACTION`, at least
+    :data:`MIN_HOLDOUT_IMAGES`, and never more than calibration keeps.
+
+    Raises:
+        CalibrationDataError: fewer than ``2 * MIN_HOLDOUT_IMAGES`` images.
+    """
+    held = max(MIN_HOLDOUT_IMAGES, int(round(HOLDOUT_FRACTION * images)))
+    if images - held < held:
+        raise CalibrationDataError(
+            f"{images} images are too few to hold {MIN_HOLDOUT_IMAGES} back for validation and calibrate on the rest",
+            f"use at least {2 * MIN_HOLDOUT_IMAGES} images (--images, or more in --calib-data), "
+            "or skip the check with --no-validate",
+        )
+    return held
+
+
+def _split_holdout(images: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(calibration, held-out, held-out indices): a seeded random ``count`` images held back, order kept."""
+    order = np.random.default_rng(seed).permutation(images.shape[0])
+    held = np.sort(order[:count])
+    keep = np.setdiff1d(np.arange(images.shape[0]), held)
+    return images[keep], images[held], [int(i) for i in held]
 
 
 def default_profile_name(weight_bits: int, act_bits: int) -> str:
@@ -235,6 +277,54 @@ def _profile(config: QuantizeConfig) -> Profile:
             "drop --int4-types (4-bit values then travel in int8 containers) or choose another profile",
         )
     return profile
+
+
+def _structure(
+    loaded: LoadedModel, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool, int4_types: bool
+) -> tuple[onnx.ModelProto, FoldReport, QuantPlan]:
+    """Opset upgrade, BN folding and marking: (folded float model, fold report, plan)."""
+    float_model = loaded.model
+    if int4_types and loaded.opset < 21:
+        float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
+    elif loaded.opset < 13:
+        float_model = _convert_opset(float_model, 13, "per-axis DequantizeLinear")
+    folded, fold_report = prepare(float_model)
+    opset = g.opset_version(folded) or loaded.opset
+    if not profile.opset_min <= opset <= profile.opset_max:
+        raise ProfileError(
+            f"the model's opset {opset} is outside profile {profile.name!r}'s range {profile.opset_min}..{profile.opset_max}",
+            f"re-export the model at an opset between {profile.opset_min} and {profile.opset_max}",
+        )
+    plan = mark(folded, profile, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel)
+    return folded, fold_report, plan
+
+
+def dry_run(loaded: LoadedModel, profile: Profile | str) -> QuantPlan:
+    """What :func:`quantize` checks before any images exist, at ``profile``'s widest bit
+    widths, without calibrating: the same opset conversion, BN folding and marking.
+
+    Returns the plan (which tensors get which quantizer).
+
+    Raises:
+        QuantizationError / ProfileError / UnsupportedModelError: what :func:`quantize`
+        would raise on ``loaded`` before generating or calibrating (an op it has no
+        rule for, an op the profile forbids, an opset outside the profile).
+    """
+    chosen = load_profile(profile)
+    _check_float32(loaded)
+    bits = {
+        "weight_bits": max((b for b in chosen.weight_bits if b in WEIGHT_BITS), default=max(WEIGHT_BITS)),
+        "act_bits": max((b for b in chosen.activation_bits if b in ACT_BITS), default=max(ACT_BITS)),
+    }
+    return _structure(loaded, chosen, **bits, per_channel=True, int4_types=False)[2]
+
+
+def _check_float32(loaded: LoadedModel) -> None:
+    if loaded.input_dtype != "float32":
+        raise UnsupportedModelError(
+            f"input {loaded.input_name!r} of {loaded.source} is {loaded.input_dtype}; the quantizer needs a float32 model",
+            "convert the model to float32 first (onnxconverter_common.float16.convert_float16_to_float32)",
+        )
 
 
 def _check_images(images: object, loaded: LoadedModel) -> np.ndarray:
@@ -286,6 +376,7 @@ def quantize(
     generate_config: GenerateConfig | None = None,
     progress: bool = True,
     calibration_source: str | None = None,
+    holdout: int = 0,
 ) -> QuantizeResult:
     """Quantize ``model`` fully to power-of-two QDQ (HPTQ), calibrated on ``calibration``.
 
@@ -298,6 +389,10 @@ def quantize(
         generate_config: settings of the DGH generation (only when ``calibration`` is None).
         progress: show progress bars (stderr).
         calibration_source: how to describe the images in the metadata (e.g. a file name).
+        holdout: how many of the images (given or generated) to hold back, chosen at
+            random with ``config.seed``: thresholds, rounding and bias correction use
+            only the rest, and ``result.holdout`` carries them for an independent check
+            (:func:`holdout_size` is the ``onnxdgh quantize`` choice). 0 uses them all.
 
     Raises:
         InvalidInputError / ProfileError / CalibrationDataError / QuantizationError /
@@ -307,14 +402,17 @@ def quantize(
     timings: dict[str, float] = {}
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     timings["load_s"] = time.perf_counter() - started
-    if loaded.input_dtype != "float32":
-        raise UnsupportedModelError(
-            f"input {loaded.input_name!r} of {loaded.source} is {loaded.input_dtype}; the quantizer needs a float32 model",
-            "convert the model to float32 first (onnxconverter_common.float16.convert_float16_to_float32)",
-        )
+    _check_float32(loaded)
     profile = _profile(config)
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+        raise InvalidInputError(f"holdout {holdout!r} is not a non-negative image count", "give e.g. holdout=8")
     if calibration is not None:
         calibration = _check_images(calibration, loaded)
+        if holdout and calibration.shape[0] - holdout < 1:
+            raise CalibrationDataError(
+                f"holding {holdout} of {calibration.shape[0]} images back leaves none to calibrate on",
+                f"give more images, or hold back fewer (holdout_size({calibration.shape[0]}))",
+            )
     if calibration is not None and generate_config is not None:
         raise InvalidInputError(
             "calibration images were given together with generation settings",
@@ -323,20 +421,9 @@ def quantize(
 
     # Cheap structural work first: every error about the graph comes before generation.
     step = time.perf_counter()
-    float_model = loaded.model
-    if config.int4_types and loaded.opset < 21:
-        float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
-    elif loaded.opset < 13:
-        float_model = _convert_opset(float_model, 13, "per-axis DequantizeLinear")
-    folded, fold_report = prepare(float_model)
-    opset = g.opset_version(folded) or loaded.opset
-    if not profile.opset_min <= opset <= profile.opset_max:
-        raise ProfileError(
-            f"the model's opset {opset} is outside profile {profile.name!r}'s range {profile.opset_min}..{profile.opset_max}",
-            f"re-export the model at an opset between {profile.opset_min} and {profile.opset_max}",
-        )
-    plan = mark(
-        folded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits, per_channel=config.per_channel
+    folded, fold_report, plan = _structure(
+        loaded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits, per_channel=config.per_channel,
+        int4_types=config.int4_types,
     )
     timings["fold_s"] = time.perf_counter() - step
 
@@ -356,6 +443,17 @@ def quantize(
     else:
         source = calibration_source or "array"
         data_settings = {}
+    held_out: np.ndarray | None = None
+    holdout_report: dict[str, Any] | None = None
+    if holdout:
+        if calibration.shape[0] - holdout < 1:  # generated: the count was not known before
+            raise CalibrationDataError(
+                f"holding {holdout} of {calibration.shape[0]} generated images back leaves none to calibrate on",
+                "generate more images (--images)",
+            )
+        calibration, held_out, held_indices = _split_holdout(calibration, holdout, config.seed)
+        holdout_report = {"images": holdout, "indices": held_indices, "seed": config.seed}
+        _LOG.info("holding %d of %d images back for validation", holdout, holdout + calibration.shape[0])
 
     step = time.perf_counter()
     calib_model = folded
@@ -431,7 +529,7 @@ def quantize(
         timings["rounding_s"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings, len(shifts))
+    _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings, len(shifts), holdout)
     if config.weights_as_float:
         quantized = store_weights_as_float(quantized)
     try:
@@ -469,6 +567,8 @@ def quantize(
         "statistics": {name: item.to_dict() for name, item in stats.items()},
         "timings": {key: round(value, 4) for key, value in timings.items()},
     }
+    if holdout_report is not None:
+        report["holdout"] = holdout_report
     if generation_report is not None:
         report["generation"] = generation_report
     if rounding_report is not None:
@@ -481,7 +581,7 @@ def quantize(
         report["counts"]["biases"], report["counts"]["constants"], timings["quantize_s"],
     )
     return QuantizeResult(model=quantized, report=report, calibration=calibration, float_model=folded,
-                          input_shifts=input_shifts)
+                          input_shifts=input_shifts, holdout=held_out)
 
 
 def _write_metadata(
@@ -493,6 +593,7 @@ def _write_metadata(
     images: int,
     data_settings: dict[str, Any],
     shifted: int,
+    held_out: int,
 ) -> None:
     import json
 
@@ -514,6 +615,7 @@ def _write_metadata(
             "onnxdgh.seed": str(config.seed),
             "onnxdgh.calibration_source": source,
             "onnxdgh.calibration_images": str(images),
+            "onnxdgh.holdout_images": str(held_out),
             "onnxdgh.source_model": loaded.source,
         }
     )
