@@ -12,6 +12,7 @@ be decided), 130 interrupted.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -114,7 +115,11 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--allow-no-bn", is_flag=True, help="Run DGH on a model without BN statistics (prep + ODSL only).")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="Run the model on NHWC tensors (default on: faster oneDNN convolutions on CPU).")
-@click.option("--checkpoint", type=click.Path(dir_okay=True, path_type=str), default=None, help="Checkpoint file for long runs.")
+@click.option("--distributed", is_flag=True,
+              help="Split the batches over the processes of a torchrun launch (gloo on CPU, NCCL with --device cuda); "
+                   "the same images as one process; rank 0 writes the outputs.")
+@click.option("--checkpoint", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="Checkpoint file for long runs (with --distributed: one file per rank, PATH.rankN).")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints (default 25).")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
 @click.option("--preview", type=click.Path(dir_okay=True, path_type=str), default=None, help="Write a PNG contact sheet.")
@@ -146,13 +151,17 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     given = {key: value for key, value in options.items() if value is not None}
     if not given.get("allow_no_bn"):
         given.pop("allow_no_bn", None)
-    if not given.get("resume"):
-        given.pop("resume", None)
+    for flag in ("resume", "distributed"):
+        if not given.get(flag):
+            given.pop(flag, None)
     config = GenerateConfig(mean=_floats("--mean", mean_text), std=_floats("--std", std_text), **given)
     loaded = load_model(model, input_shape=input_shape)
-    quiet = bool(ctx.obj and ctx.obj.get("quiet"))
+    # Under torchrun every rank runs this command: only rank 0 (torchrun's RANK) talks.
+    quiet = bool(ctx.obj and ctx.obj.get("quiet")) or (config.distributed and os.environ.get("RANK", "0") != "0")
     preflight(loaded, config, quiet)
     result = generate(loaded, config, progress=progress_enabled(ctx))
+    if result.rank != 0:
+        return 0  # every rank holds the images; rank 0 writes them
 
     save_images_npz(output, result.images, meta=result.report)
     if preview:

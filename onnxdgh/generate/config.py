@@ -75,6 +75,8 @@ class GenerateConfig:
         resume: continue from ``checkpoint`` when it exists.
         channels_last: run the model on channels-last (NHWC) tensors; the same
             computation in another memory layout (results agree to float rounding).
+        distributed: split the batches over the processes of a ``torchrun`` launch
+            (:mod:`onnxdgh.generate.distributed`); the images equal one process's.
     """
 
     images: int = _DEFAULT_IMAGES
@@ -144,6 +146,7 @@ class GenerateConfig:
     # best step fmnist_mobilenetv2 256.4 -> 217.2 ms (-15%), fmnist_resnet8 107.7 -> 107.5
     # ms (no change); oneDNN convolutions skip their NCHW <-> blocked reorders.
     channels_last: bool = True
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("--images", self.images)
