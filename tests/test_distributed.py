@@ -114,3 +114,17 @@ def test_cli_distributed_without_torchrun_exit_2(tiny_model_path: Path, tmp_path
     assert result.exit_code == 2, result.output
     assert "torchrun" in result.output and "hint:" in result.output
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_bench_distributed_smoke(tmp_path: Path) -> None:
+    """tools/bench_distributed.py --smoke: one process and 2 torchrun ranks, images equal, section written."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(repo / "tools" / "bench_distributed.py"), "--smoke", "-q", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- bench:distributed:start -->" in section and "| equal |" in section
