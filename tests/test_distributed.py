@@ -122,9 +122,24 @@ def test_bench_distributed_smoke(tmp_path: Path) -> None:
     import sys
 
     repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1", PYTHONPATH=str(repo))
     proc = subprocess.run([sys.executable, str(repo / "tools" / "bench_distributed.py"), "--smoke", "-q", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, cwd=repo, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     section = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- bench:distributed:start -->" in section and "| equal |" in section
+
+
+def test_random_draws_depend_on_the_image_index_only() -> None:
+    """An image's noise and crops are the same whichever batch (or rank) draws them."""
+    from onnxdgh.generate.prep import image_noise, view_draws
+
+    whole = image_noise(7, range(10), (1, 4, 4))
+    np.testing.assert_array_equal(image_noise(7, [5, 6], (1, 4, 4)).numpy(), whole[5:7].numpy())
+    assert not np.array_equal(image_noise(8, [5], (1, 4, 4)).numpy(), whole[5:6].numpy())
+    flips, tops, lefts = view_draws(7, range(64), 3, margin=4)
+    part = view_draws(7, range(10, 20), 3, margin=4)
+    for full, piece in zip((flips, tops, lefts), part):
+        assert torch.equal(full[10:20], piece)
+    assert 0 < int(flips.sum()) < 64 and int(tops.min()) >= 0 and int(tops.max()) == 4 and len(set(lefts.tolist())) == 5
+    assert not torch.equal(view_draws(7, range(64), 4, margin=4)[1], tops)  # another view, other crops

@@ -80,6 +80,9 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
             f"output range per image {spread['mean']:.3g} (min {spread['min']:.3g}, max {spread['max']:.3g}); "
             f"values {final['output_min']:.3g} .. {final['output_max']:.3g}"
         )
+    if report.get("stopped_on_plateau"):
+        lines.append(f"stopped after {report['iterations_run']} of {settings['iterations']} iterations: "
+                     f"the whole-set BN loss had not improved for {settings['plateau_stop']} (--plateau-stop)")
     timings = report.get("timings", {})
     if timings.get("image_iterations_per_s"):
         lines.append(f"time {timings['total_s']:.1f} s ({timings['image_iterations_per_s']:.0f} image-iterations/s)")
@@ -104,6 +107,9 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--optimizer", default=None, help="radam (default) or adam.")
 @click.option("--scheduler", default=None, help="plateau (default) or none.")
 @click.option("--patience", type=int, default=None, help="Plateau patience in iterations (default iterations/50).")
+@click.option("--plateau-stop", type=int, default=None, metavar="N",
+              help="Stop early once the whole-set BN loss has not improved by 1% for N iterations "
+                   "(default: run all --iterations).")
 @click.option("--factor", type=float, default=None, help="Plateau reduction factor (default 0.5).")
 @click.option("--min-lr", type=float, default=None, help="Plateau floor (default 1e-4).")
 @click.option("--crop-margin", type=int, default=None, help="Extra canvas pixels for random crops (default ~side/7).")

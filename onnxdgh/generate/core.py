@@ -4,7 +4,10 @@ Contract: :func:`generate` takes a model (path or :class:`~onnxdgh.load.LoadedMo
 a :class:`~onnxdgh.generate.config.GenerateConfig` and returns float32 N x C x H x W
 images in the model's (normalized) input space plus a JSON-serialisable report. With a
 fixed seed the images are identical on rerun on the same machine, and a run resumed from
-a checkpoint ends with exactly the images of an uninterrupted run.
+a checkpoint ends with exactly the images of an uninterrupted run. With ``distributed``
+the batches are split over the ranks of a torchrun launch and the images equal one
+process's (:mod:`onnxdgh.generate.distributed`); every random draw is keyed by the image's
+global index (:func:`~onnxdgh.generate.prep.view_draws`) so that this can hold.
 
 Algorithm (``method="dgh"``): the images start as N(0, 1) noise on a canvas larger than
 the input (phi_prep's crop margin) and are split into batches, each with its own
@@ -81,6 +84,9 @@ AUTO_DELTA_RATIO = 0.5
 # never rose above its start; 4x leaves room for transients and still stops early.
 DIVERGED_RISE = 4.0
 """A whole-set BN loss above this multiple of its start stops the run as diverged (see ``_Run._check``)."""
+
+PLATEAU_TOLERANCE = 0.01
+"""``plateau_stop``: an improvement of the whole-set BN loss smaller than this fraction of its best is none."""
 
 # Settings that do not change the images: a checkpoint stays valid when they change.
 _NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last", "distributed")
@@ -184,10 +190,11 @@ def generate(
         "input_shape": [channels, height, width],
         "normalization": norm.to_dict(),
     }
-    if config.method == "noise":
-        return _noise(loaded, config, low, high, report, started, load_s)
-
     shard = open_shard(config.device) if config.distributed else SINGLE
+    if config.method == "noise":  # nothing to split: every rank draws the same set, rank 0 writes it
+        close_shard(shard)
+        return replace(_noise(loaded, config, low, high, report, started, load_s), rank=shard.rank)
+
     try:
         convert_started = time.perf_counter()
         torch_model = to_torch(loaded, device=config.device)
@@ -548,6 +555,18 @@ class _Run:
                 f"image generation diverged: the whole-set BN loss rose from {start:.4g} to {value:.4g} {where}", hint
             )
 
+    def _plateaued(self) -> bool:
+        """Whether ``plateau_stop`` iterations have passed without the whole-set BN loss improving.
+
+        Improving means falling below (1 - PLATEAU_TOLERANCE) x the best loss before those
+        iterations. The history is the same on every rank, so all ranks stop together.
+        """
+        window = self.config.plateau_stop
+        if window is None or len(self.history) <= window:
+            return False
+        best_before = min(self.history[:-window])
+        return min(self.history[-window:]) > (1.0 - PLATEAU_TOLERANCE) * best_before
+
     def _initial_pass(self) -> None:
         with torch.no_grad():
             for first in self._rounds():
@@ -637,9 +656,15 @@ class _Run:
         # over resumes); loop_started times this process's share, the rate's denominator.
         loop_started = run_started = time.perf_counter()
         image_steps = 0
+        stopped_at: int | None = None
         try:
             with _deferred_interrupt() as interrupted:
                 for iteration in range(self.position[0], config.iterations):
+                    if self._plateaued():
+                        stopped_at = iteration
+                        if config.checkpoint:
+                            save_checkpoint(self._checkpoint_path(), self._state(model_sha256))
+                        break
                     start = self.position[1] if iteration == self.position[0] else 0
                     for first in rounds[rounds.index(start):]:
                         self.position = (iteration, first)
@@ -695,6 +720,8 @@ class _Run:
             "batches": n_batches,
             "processes": self.shard.world,
             "resumed_from": resumed_from,
+            "iterations_run": stopped_at if stopped_at is not None else config.iterations,
+            "stopped_on_plateau": stopped_at is not None,
             "clamped_fraction": clamped,
             "final": {
                 "bns_loss_initial": self.initial_bns,
