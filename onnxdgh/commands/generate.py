@@ -12,6 +12,7 @@ be decided), 130 interrupted.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -79,6 +80,9 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
             f"output range per image {spread['mean']:.3g} (min {spread['min']:.3g}, max {spread['max']:.3g}); "
             f"values {final['output_min']:.3g} .. {final['output_max']:.3g}"
         )
+    if report.get("stopped_on_plateau"):
+        lines.append(f"stopped after {report['iterations_run']} of {settings['iterations']} iterations: "
+                     f"the whole-set BN loss had not improved for {settings['plateau_stop']} (--plateau-stop)")
     timings = report.get("timings", {})
     if timings.get("image_iterations_per_s"):
         lines.append(f"time {timings['total_s']:.1f} s ({timings['image_iterations_per_s']:.0f} image-iterations/s)")
@@ -103,6 +107,9 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--optimizer", default=None, help="radam (default) or adam.")
 @click.option("--scheduler", default=None, help="plateau (default) or none.")
 @click.option("--patience", type=int, default=None, help="Plateau patience in iterations (default iterations/50).")
+@click.option("--plateau-stop", type=int, default=None, metavar="N",
+              help="Stop early once the whole-set BN loss has not improved by 1% for N iterations "
+                   "(default: run all --iterations).")
 @click.option("--factor", type=float, default=None, help="Plateau reduction factor (default 0.5).")
 @click.option("--min-lr", type=float, default=None, help="Plateau floor (default 1e-4).")
 @click.option("--crop-margin", type=int, default=None, help="Extra canvas pixels for random crops (default ~side/7).")
@@ -114,7 +121,11 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--allow-no-bn", is_flag=True, help="Run DGH on a model without BN statistics (prep + ODSL only).")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="Run the model on NHWC tensors (default on: faster oneDNN convolutions on CPU).")
-@click.option("--checkpoint", type=click.Path(dir_okay=True, path_type=str), default=None, help="Checkpoint file for long runs.")
+@click.option("--distributed", is_flag=True,
+              help="Split the batches over the processes of a torchrun launch (gloo on CPU, NCCL with --device cuda); "
+                   "the same images as one process; rank 0 writes the outputs.")
+@click.option("--checkpoint", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="Checkpoint file for long runs (with --distributed: one file per rank, PATH.rankN).")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints (default 25).")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
 @click.option("--preview", type=click.Path(dir_okay=True, path_type=str), default=None, help="Write a PNG contact sheet.")
@@ -146,13 +157,17 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     given = {key: value for key, value in options.items() if value is not None}
     if not given.get("allow_no_bn"):
         given.pop("allow_no_bn", None)
-    if not given.get("resume"):
-        given.pop("resume", None)
+    for flag in ("resume", "distributed"):
+        if not given.get(flag):
+            given.pop(flag, None)
     config = GenerateConfig(mean=_floats("--mean", mean_text), std=_floats("--std", std_text), **given)
     loaded = load_model(model, input_shape=input_shape)
-    quiet = bool(ctx.obj and ctx.obj.get("quiet"))
+    # Under torchrun every rank runs this command: only rank 0 (torchrun's RANK) talks.
+    quiet = bool(ctx.obj and ctx.obj.get("quiet")) or (config.distributed and os.environ.get("RANK", "0") != "0")
     preflight(loaded, config, quiet)
     result = generate(loaded, config, progress=progress_enabled(ctx))
+    if result.rank != 0:
+        return 0  # every rank holds the images; rank 0 writes them
 
     save_images_npz(output, result.images, meta=result.report)
     if preview:

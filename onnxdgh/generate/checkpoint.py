@@ -21,9 +21,17 @@ import torch
 from ..errors import InvalidInputError
 from ..fileio import atomic_write_bytes
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT", "rank_path", "save_checkpoint", "load_checkpoint"]
 
-FORMAT = "onnxdgh-generate-checkpoint/1"
+# /2: one file per rank of a data-parallel run (rank, world), no generator state (the
+# random draws are keyed by image index and view number, see prep.py).
+FORMAT = "onnxdgh-generate-checkpoint/2"
+_OLDER = ("onnxdgh-generate-checkpoint/1",)
+
+
+def rank_path(path: str | os.PathLike[str], rank: int, world: int) -> str:
+    """The checkpoint file of ``rank`` of ``world`` processes: ``path`` itself in one process, else ``path.rankN``."""
+    return str(path) if world == 1 else f"{path}.rank{rank}"
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -48,6 +56,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, model_sha256: str, settings
             f"checkpoint {src} cannot be read as an onnxdgh checkpoint ({type(exc).__name__})",
             "delete it and start again without --resume",
         ) from exc
+    if isinstance(state, dict) and state.get("format") in _OLDER:
+        raise InvalidInputError(
+            f"checkpoint {src} was written by an older onnxdgh (format {state['format']}) and cannot be resumed",
+            "delete it and start again without --resume",
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InvalidInputError(f"{src} is not an onnxdgh generate checkpoint", "give the file written by --checkpoint")
     if state.get("model_sha256") != model_sha256:

@@ -75,6 +75,11 @@ class GenerateConfig:
         resume: continue from ``checkpoint`` when it exists.
         channels_last: run the model on channels-last (NHWC) tensors; the same
             computation in another memory layout (results agree to float rounding).
+        distributed: split the batches over the processes of a ``torchrun`` launch
+            (:mod:`onnxdgh.generate.distributed`); the images equal one process's.
+        plateau_stop: stop before ``iterations`` once the whole-set BN loss (Eq. 4 over
+            all images, after each iteration) has not fallen below (1 - 1%) of its best
+            for this many iterations; None = always run ``iterations``.
     """
 
     images: int = _DEFAULT_IMAGES
@@ -144,6 +149,8 @@ class GenerateConfig:
     # best step fmnist_mobilenetv2 256.4 -> 217.2 ms (-15%), fmnist_resnet8 107.7 -> 107.5
     # ms (no change); oneDNN convolutions skip their NCHW <-> blocked reorders.
     channels_last: bool = True
+    distributed: bool = False
+    plateau_stop: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("--images", self.images)
@@ -175,6 +182,8 @@ class GenerateConfig:
             raise InvalidInputError(f"--factor {self.factor} must lie strictly between 0 and 1", "the paper uses 0.5")
         if self.patience is not None:
             _positive_int("--patience", self.patience)
+        if self.plateau_stop is not None:
+            _positive_int("--plateau-stop", self.plateau_stop)
         if self.crop_margin is not None:
             if not isinstance(self.crop_margin, int) or isinstance(self.crop_margin, bool) or self.crop_margin < 0:
                 raise InvalidInputError(f"--crop-margin {self.crop_margin!r} is not a non-negative integer", "give e.g. --crop-margin 4")

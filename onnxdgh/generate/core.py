@@ -4,7 +4,10 @@ Contract: :func:`generate` takes a model (path or :class:`~onnxdgh.load.LoadedMo
 a :class:`~onnxdgh.generate.config.GenerateConfig` and returns float32 N x C x H x W
 images in the model's (normalized) input space plus a JSON-serialisable report. With a
 fixed seed the images are identical on rerun on the same machine, and a run resumed from
-a checkpoint ends with exactly the images of an uninterrupted run.
+a checkpoint ends with exactly the images of an uninterrupted run. With ``distributed``
+the batches are split over the ranks of a torchrun launch and the images equal one
+process's (:mod:`onnxdgh.generate.distributed`); every random draw is keyed by the image's
+global index (:func:`~onnxdgh.generate.prep.view_draws`) so that this can hold.
 
 Algorithm (``method="dgh"``): the images start as N(0, 1) noise on a canvas larger than
 the input (phi_prep's crop margin) and are split into batches, each with its own
@@ -60,10 +63,11 @@ from ..load import REEXPORT_RECIPE, LoadedModel, load_model
 from ..progress import progress_bar
 from ..normalization import Normalization, describe
 from ..normalization import resolve_normalization as resolve_input_normalization
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, rank_path, save_checkpoint
 from .config import GenerateConfig
+from .distributed import SINGLE, Shard, close_shard, open_shard
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
-from .prep import Preprocessor, auto_margin
+from .prep import Preprocessor, auto_margin, image_noise, view_draws
 
 __all__ = ["GenerationResult", "StepInfo", "generate", "evaluate_images", "resolve_normalization"]
 
@@ -81,16 +85,24 @@ AUTO_DELTA_RATIO = 0.5
 DIVERGED_RISE = 4.0
 """A whole-set BN loss above this multiple of its start stops the run as diverged (see ``_Run._check``)."""
 
+PLATEAU_TOLERANCE = 0.01
+"""``plateau_stop``: an improvement of the whole-set BN loss smaller than this fraction of its best is none."""
+
 # Settings that do not change the images: a checkpoint stays valid when they change.
-_NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last")
+_NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last", "distributed")
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Generated images (float32 N x C x H x W, model input space) and the run's report."""
+    """Generated images (float32 N x C x H x W, model input space) and the run's report.
+
+    ``rank``: this process's rank in a ``distributed`` run (every rank gets all images and
+    the same report; only rank 0 should write them), else 0.
+    """
 
     images: np.ndarray = field(repr=False)
     report: dict[str, Any]
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,14 +190,22 @@ def generate(
         "input_shape": [channels, height, width],
         "normalization": norm.to_dict(),
     }
-    if config.method == "noise":
-        return _noise(loaded, config, low, high, report, started, load_s)
+    shard = open_shard(config.device) if config.distributed else SINGLE
+    if config.method == "noise":  # nothing to split: every rank draws the same set, rank 0 writes it
+        close_shard(shard)
+        return replace(_noise(loaded, config, low, high, report, started, load_s), rank=shard.rank)
 
-    convert_started = time.perf_counter()
-    torch_model = to_torch(loaded, device=config.device)
-    convert_s = time.perf_counter() - convert_started
-    run = _Run(torch_model, config, low, high)
-    images, run_report = run.execute(progress=progress, callback=callback, model_sha256=_model_sha256(loaded))
+    try:
+        convert_started = time.perf_counter()
+        torch_model = to_torch(loaded, device=config.device)
+        convert_s = time.perf_counter() - convert_started
+        run = _Run(torch_model, config, low, high, shard)
+        images, run_report = run.execute(progress=progress and shard.rank == 0, callback=callback,
+                                         model_sha256=_model_sha256(loaded))
+    finally:
+        close_shard(shard)
+    # Every rank holds all images and evaluates them (the same numbers on each): one
+    # forward pass over the set, small against the iterations.
     evaluate_started = time.perf_counter()
     evaluation = evaluate_images(torch_model, images, batch_size=config.batch_size)
     evaluate_s = time.perf_counter() - evaluate_started
@@ -201,7 +221,7 @@ def generate(
         "evaluate_s": round(evaluate_s, 3),
         "total_s": round(time.perf_counter() - started, 3),
     }
-    return GenerationResult(images=images, report=report)
+    return GenerationResult(images=images, report=report, rank=shard.rank)
 
 
 def _check_bn_targets(loaded: LoadedModel, config: GenerateConfig) -> None:
@@ -255,9 +275,24 @@ def _noise(loaded: LoadedModel, config: GenerateConfig, low: torch.Tensor | None
 
 
 class _Run:
-    """One generation run: state (images, optimisers, stored moments, RNG) and the loop."""
+    """One generation run: state (images, optimisers, stored moments) and the loop.
 
-    def __init__(self, model: TorchModel, config: GenerateConfig, low: torch.Tensor | None, high: torch.Tensor | None):
+    With a :class:`~onnxdgh.generate.distributed.Shard` of several ranks this process
+    holds only its own batches' canvases, optimisers and schedulers (batch b on rank
+    b % world) and the SAS store of every batch; the loop steps one round of ``world``
+    batches at a time (see :mod:`onnxdgh.generate.distributed` for why the images equal
+    one process's).
+    """
+
+    def __init__(self, model: TorchModel, config: GenerateConfig, low: torch.Tensor | None, high: torch.Tensor | None,
+                 shard: Shard = SINGLE):
+        if shard.world > 1 and config.stats_refresh == "rerun":
+            raise InvalidInputError(
+                "--stats-refresh rerun cannot be split over processes (a batch's refreshed statistics "
+                "come after its step, which the other ranks would need in the same round)",
+                "use --stats-refresh reuse (the default), or run in one process",
+            )
+        self.shard = shard
         self.channels_last = config.channels_last and len(model.loaded.input_shape) == 3
         model = fold_bn_taps(model)  # a private copy when anything folds
         if self.channels_last:
@@ -274,7 +309,9 @@ class _Run:
             channels, height, width, margin=margin, sigma=config.smoothing_sigma, enabled=config.use_prep,
             low=low, high=high, device=self.device,
         )
-        self.sizes = [min(config.batch_size, config.images - start) for start in range(0, config.images, config.batch_size)]
+        self.starts = list(range(0, config.images, config.batch_size))
+        self.sizes = [min(config.batch_size, config.images - start) for start in self.starts]
+        self.local = [batch for batch in range(len(self.sizes)) if shard.owns(batch)]
         self.layers = model.bn_layers
         self.targets = [(layer.mean, layer.std) for layer in self.layers]
         # Eq. 6 constrains per-image statistics at the last BN layer: the deepest one (a
@@ -288,14 +325,15 @@ class _Run:
             self.delta = AUTO_DELTA_RATIO * float((self.layers[self.last_bn].std ** 2).sum())
         else:
             self.delta = 0.0
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.canvases = [
-            torch.randn((size, *self.prep.canvas_shape), generator=self.generator).to(self.device).requires_grad_(True)
-            for size in self.sizes
-        ]
+        # Each image's noise and view draws are keyed by its global index (prep.py), so
+        # they do not depend on the batch order or on the rank that steps the image.
+        self.canvases = {
+            batch: image_noise(config.seed, self._indices(batch), self.prep.canvas_shape).to(self.device).requires_grad_(True)
+            for batch in self.local
+        }
         self._project()
-        self.optimizers = [self._optimizer(canvas) for canvas in self.canvases]
-        self.schedulers = [self._scheduler(opt) for opt in self.optimizers]
+        self.optimizers = {batch: self._optimizer(canvas) for batch, canvas in self.canvases.items()}
+        self.schedulers = {batch: self._scheduler(opt) for batch, opt in self.optimizers.items()}
         # All BN layers' channels as one vector (Eq. 4-5 are sums/maps over channels, so
         # concatenating layers changes nothing): the per-layer SAS and loss arithmetic on
         # small vectors ran ~20 tiny ops per layer per step, forward and backward.
@@ -316,9 +354,13 @@ class _Run:
         self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
         self.history: list[float] = []
         self.initial_bns: float | None = None
-        self.position = (0, 0)  # next (iteration, batch) to run
+        self.position = (0, 0)  # next (iteration, batch) to run; batch is a round's first
         self.elapsed = 0.0
         self.last_step: dict[str, float] = {}
+
+    def _indices(self, batch: int) -> range:
+        """Global indices of the images of ``batch``."""
+        return range(self.starts[batch], self.starts[batch] + self.sizes[batch])
 
     def _project(self, index: int | None = None) -> None:
         """Keep canvas pixels in the valid range (projected gradient descent).
@@ -333,7 +375,7 @@ class _Run:
         if self.prep.low is None:
             return
         with torch.no_grad():
-            for canvas in self.canvases if index is None else [self.canvases[index]]:
+            for canvas in self.canvases.values() if index is None else [self.canvases[index]]:
                 canvas.copy_(self.prep.clamp(canvas))
 
     def _optimizer(self, canvas: torch.Tensor) -> torch.optim.Optimizer:
@@ -357,31 +399,46 @@ class _Run:
             settings.pop(key, None)
         return settings
 
+    def _checkpoint_path(self) -> str:
+        assert self.config.checkpoint is not None
+        return rank_path(self.config.checkpoint, self.shard.rank, self.shard.world)
+
     def _state(self, model_sha256: str) -> dict[str, Any]:
         return {
             "model_sha256": model_sha256,
             "settings": json.dumps(self._settings(), sort_keys=True),
+            "rank": self.shard.rank,
+            "world": self.shard.world,
             "iteration": self.position[0],
             "batch": self.position[1],
-            "canvases": [canvas.detach().cpu() for canvas in self.canvases],
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "schedulers": [s.state_dict() if s is not None else {} for s in self.schedulers],
+            "canvases": [self.canvases[batch].detach().cpu() for batch in self.local],
+            "optimizers": [self.optimizers[batch].state_dict() for batch in self.local],
+            "schedulers": [s.state_dict() if (s := self.schedulers[batch]) is not None else {} for batch in self.local],
             "stats": self._layer_stats(),
-            "generator": self.generator.get_state(),
             "history": list(self.history),
             "initial_bns": self.initial_bns if self.initial_bns is not None else float("nan"),
             "elapsed_s": self.elapsed,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if (int(state.get("rank", 0)), int(state.get("world", 1))) != (self.shard.rank, self.shard.world):
+            raise InvalidInputError(
+                f"checkpoint {self._checkpoint_path()} belongs to rank {state.get('rank', 0)} of "
+                f"{state.get('world', 1)} processes, this is rank {self.shard.rank} of {self.shard.world}",
+                "resume with as many processes as the interrupted run, or delete the checkpoints",
+            )
+        if len(state["canvases"]) != len(self.local):
+            raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
         with torch.no_grad():
-            for canvas, saved in zip(self.canvases, state["canvases"]):
+            for batch, saved in zip(self.local, state["canvases"]):
+                canvas = self.canvases[batch]
                 if canvas.shape != saved.shape:
                     raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
                 canvas.copy_(saved.to(self.device))
-        for opt, saved in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(saved)
-        for sched, saved in zip(self.schedulers, state["schedulers"]):
+        for batch, saved in zip(self.local, state["optimizers"]):
+            self.optimizers[batch].load_state_dict(saved)
+        for batch, saved in zip(self.local, state["schedulers"]):
+            sched = self.schedulers[batch]
             if sched is not None:
                 sched.load_state_dict(saved)
         stats = state["stats"]
@@ -390,12 +447,41 @@ class _Run:
                 raise InvalidInputError("checkpoint statistics do not match the model's BN layers", "delete the checkpoint")
             stats = {key: [torch.cat(list(stats[key]), dim=1)] for key in ("means", "vars")}
         self.store.load_state_dict(stats)
-        self.generator.set_state(state["generator"])
         self.history = [float(v) for v in state["history"]]
         initial = float(state["initial_bns"])
         self.initial_bns = None if np.isnan(initial) else initial
         self.position = (int(state["iteration"]), int(state["batch"]))
         self.elapsed = float(state["elapsed_s"])
+
+    def _resume(self, model_sha256: str) -> list[int] | None:
+        """Load this rank's checkpoint when resuming; all ranks must find theirs at one position.
+
+        Returns the position resumed from, or None for a fresh start (after the initial pass).
+        """
+        config = self.config
+        path = self._checkpoint_path() if config.checkpoint else None
+        found = bool(config.resume and path and Path(path).exists())
+        flags = [bool(row[0]) for row in self.shard.agree([float(found)])]
+        if any(flags) and not all(flags):
+            missing = [rank for rank, flag in enumerate(flags) if not flag]
+            raise InvalidInputError(
+                f"--resume: the checkpoints of ranks {missing} are missing ({config.checkpoint}.rankN)",
+                "resume with the same number of processes, or delete the checkpoints and start again",
+            )
+        if not found:
+            if config.resume:
+                _LOG.warning("checkpoint %s does not exist yet: starting from the beginning", path)
+            self._initial_pass()
+            return None
+        self._restore(load_checkpoint(path, model_sha256=model_sha256, settings=self._settings()))
+        positions = {tuple(row) for row in self.shard.agree([float(self.position[0]), float(self.position[1])])}
+        if len(positions) > 1:
+            raise InvalidInputError(
+                f"--resume: the ranks' checkpoints stop at different steps {sorted(positions)}",
+                "delete the checkpoints and start again (a rank was stopped between two checkpoints)",
+            )
+        _LOG.info("resuming %s at iteration %d, batch %d", path, *self.position)
+        return list(self.position)
 
     # -- loop -----------------------------------------------------------------
 
@@ -410,6 +496,30 @@ class _Run:
             mean = (mean - self.tap_shift) / self.tap_scale
             var = var / self.tap_scale.square()
         return probe, [(mean, var)]
+
+    def _view(self, batch: int, view: int) -> torch.Tensor:
+        """View number ``view`` of ``batch``'s canvas (0: the initial pass; 2t+1 / 2t+2: iteration t's step / rerun)."""
+        flips, tops, lefts = view_draws(self.config.seed, self._indices(batch), view, self.prep.margin)
+        return self.prep.train_view_at(self.canvases[batch], flips, tops, lefts)
+
+    def _rounds(self) -> range:
+        """First batches of the rounds of one iteration."""
+        return range(0, len(self.sizes), self.shard.world)
+
+    def _share_round(self, first: int, moments: list[tuple[torch.Tensor, torch.Tensor]] | None) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The detached moments of every batch of the round starting at ``first`` (this rank's: ``moments``)."""
+        if not self.layers:
+            return {}
+        if self.shard.world == 1:
+            return {first: [(m.detach(), v.detach()) for m, v in moments]} if moments is not None else {}
+        width = sum(self.channels)
+        mine = torch.cat([moments[0][0].detach(), moments[0][1].detach()]) if moments is not None else \
+            torch.zeros(2 * width, device=self.device)
+        result = {}
+        for rank, part in enumerate(self.shard.gather(mine)):
+            if first + rank < len(self.sizes):
+                result[first + rank] = [(part[:width], part[width:])]
+        return result
 
     def _layer_stats(self) -> dict[str, list[torch.Tensor]]:
         """The stored statistics split per BN layer (the checkpoint format)."""
@@ -445,19 +555,33 @@ class _Run:
                 f"image generation diverged: the whole-set BN loss rose from {start:.4g} to {value:.4g} {where}", hint
             )
 
+    def _plateaued(self) -> bool:
+        """Whether ``plateau_stop`` iterations have passed without the whole-set BN loss improving.
+
+        Improving means falling below (1 - PLATEAU_TOLERANCE) x the best loss before those
+        iterations. The history is the same on every rank, so all ranks stop together.
+        """
+        window = self.config.plateau_stop
+        if window is None or len(self.history) <= window:
+            return False
+        best_before = min(self.history[:-window])
+        return min(self.history[-window:]) > (1.0 - PLATEAU_TOLERANCE) * best_before
+
     def _initial_pass(self) -> None:
         with torch.no_grad():
-            for index, canvas in enumerate(self.canvases):
-                _, moments = self._moments(self.prep.train_view(canvas, self.generator))
-                self.store.store(index, moments)
+            for first in self._rounds():
+                batch = first + self.shard.rank
+                moments = self._moments(self._view(batch, 0))[1] if batch in self.canvases else None
+                for other, shared in self._share_round(first, moments).items():
+                    self.store.store(other, shared)
         self.initial_bns = self._set_bns()
         self._check(self.initial_bns, "at the start (the model's outputs on the initial noise)")
 
-    def _step(self, index: int) -> StepInfo:
+    def _step(self, index: int, probe: Any, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> StepInfo:
+        """Loss, backward and optimiser step of batch ``index`` from its forward pass (probe, moments)."""
         config = self.config
         canvas = self.canvases[index]
         optimizer = self.optimizers[index]
-        probe, moments = self._moments(self.prep.train_view(canvas, self.generator))
         scoped = self.store.global_moments(index, moments) if config.use_sas else moments
         loss = bns_loss(scoped, self.flat_targets) if self.layers else torch.zeros((), device=self.device)
         bns_value = float(loss.detach())
@@ -478,74 +602,104 @@ class _Run:
         scheduler = self.schedulers[index]
         if scheduler is not None:
             scheduler.step(value)
-        if config.stats_refresh == "rerun":
-            with torch.no_grad():
-                _, fresh = self._moments(self.prep.train_view(canvas, self.generator))
-            self.store.store(index, fresh)
-        else:
-            self.store.store(index, moments)
         return StepInfo(
             iteration=self.position[0], batch=index, loss=value, bns_loss=bns_value, output_range=spread,
             lr=float(optimizer.param_groups[0]["lr"]),
         )
 
+    def _round(self, first: int, interrupted: bool) -> tuple[list[StepInfo], bool]:
+        """Step this rank's batch of the round starting at ``first``; every batch's StepInfo and any rank's interrupt.
+
+        Algorithm 1, lines 7-15 for one batch per rank. Before the loss, the store holds
+        what one process would hold when it reaches this batch: the round-mates below it
+        already stepped this iteration (their fresh forward moments), those above not.
+        """
+        iteration = self.position[0]
+        batch = first + self.shard.rank
+        mine = batch in self.canvases
+        probe, moments = self._moments(self._view(batch, 2 * iteration + 1)) if mine else (None, None)
+        shared = self._share_round(first, moments)
+        for other in range(first, batch):
+            if other in shared:
+                self.store.store(other, shared[other])
+        info = self._step(batch, probe, moments) if mine else None
+        if self.config.stats_refresh == "rerun":  # one process only (see __init__)
+            with torch.no_grad():
+                _, fresh = self._moments(self._view(batch, 2 * iteration + 2))
+            self.store.store(batch, fresh)
+        else:
+            for other, values in shared.items():
+                self.store.store(other, values)
+        if self.shard.world == 1:
+            assert info is not None
+            return [info], interrupted
+        row = [info.loss, info.bns_loss, info.output_range, info.lr, 1.0] if info is not None else [0.0] * 5
+        rows = self.shard.agree([*row, float(interrupted)])
+        infos = [
+            StepInfo(iteration=iteration, batch=first + rank, loss=r[0], bns_loss=r[1], output_range=r[2], lr=r[3])
+            for rank, r in enumerate(rows) if r[4]
+        ]
+        return infos, any(r[5] for r in rows)
+
     def execute(
         self, *, progress: bool, callback: Callable[[StepInfo], None] | None, model_sha256: str
     ) -> tuple[np.ndarray, dict[str, Any]]:
         config = self.config
-        resumed_from: list[int] | None = None
-        if config.resume and config.checkpoint and Path(config.checkpoint).exists():
-            self._restore(load_checkpoint(config.checkpoint, model_sha256=model_sha256, settings=self._settings()))
-            resumed_from = list(self.position)
-            _LOG.info("resuming %s at iteration %d, batch %d", config.checkpoint, *self.position)
-        else:
-            if config.resume:
-                _LOG.warning("checkpoint %s does not exist yet: starting from the beginning", config.checkpoint)
-            self._initial_pass()
+        resumed_from = self._resume(model_sha256)
 
-        n_batches = len(self.canvases)
+        n_batches = len(self.sizes)
+        rounds = list(self._rounds())
         total = config.iterations * n_batches
         done_before = self.position[0] * n_batches + self.position[1]
         bar = progress_bar(total=total, initial=done_before, enabled=progress, desc="generate", unit="step")
         # Two clocks: run_started restarts at each checkpoint (self.elapsed adds up the run
         # over resumes); loop_started times this process's share, the rate's denominator.
         loop_started = run_started = time.perf_counter()
-        steps_run = 0
+        image_steps = 0
+        stopped_at: int | None = None
         try:
             with _deferred_interrupt() as interrupted:
                 for iteration in range(self.position[0], config.iterations):
-                    first = self.position[1] if iteration == self.position[0] else 0
-                    for index in range(first, n_batches):
-                        self.position = (iteration, index)
-                        info = self._step(index)
-                        steps_run += 1
-                        self._check(info.loss, f"at iteration {iteration + 1}, batch {index + 1}")
-                        self.position = (iteration, index + 1) if index + 1 < n_batches else (iteration + 1, 0)
-                        self.last_step = {"loss": info.loss, "bns_loss_scope": info.bns_loss,
-                                          "output_range": info.output_range, "lr": info.lr}
-                        if index + 1 == n_batches:
+                    if self._plateaued():
+                        stopped_at = iteration
+                        if config.checkpoint:
+                            save_checkpoint(self._checkpoint_path(), self._state(model_sha256))
+                        break
+                    start = self.position[1] if iteration == self.position[0] else 0
+                    for first in rounds[rounds.index(start):]:
+                        self.position = (iteration, first)
+                        infos, stop = self._round(first, interrupted())
+                        following = first + self.shard.world
+                        self.position = (iteration, following) if following < n_batches else (iteration + 1, 0)
+                        for info in infos:
+                            image_steps += self.sizes[info.batch]
+                            self._check(info.loss, f"at iteration {iteration + 1}, batch {info.batch + 1}")
+                            self.last_step = {"loss": info.loss, "bns_loss_scope": info.bns_loss,
+                                              "output_range": info.output_range, "lr": info.lr}
+                        if following >= n_batches:
                             self.history.append(self._set_bns())
                             self._check(self.history[-1], f"after iteration {iteration + 1}")
-                        bar.set_postfix(bns=f"{self.history[-1] if self.history else info.bns_loss:.4g}",
-                                        range=f"{info.output_range:.3g}", lr=f"{info.lr:.3g}", refresh=False)
-                        bar.update(1)
-                        if callback is not None:
-                            callback(info)
-                        if interrupted():
+                        for info in infos:
+                            bar.set_postfix(bns=f"{self.history[-1] if self.history else info.bns_loss:.4g}",
+                                            range=f"{info.output_range:.3g}", lr=f"{info.lr:.3g}", refresh=False)
+                            bar.update(1)
+                            if callback is not None:
+                                callback(info)
+                        if stop or (self.shard.world == 1 and interrupted()):
                             raise KeyboardInterrupt
                     if config.checkpoint and (
                         (iteration + 1) % config.checkpoint_every == 0 or iteration + 1 == config.iterations
                     ):
                         self.elapsed += time.perf_counter() - run_started
                         run_started = time.perf_counter()
-                        save_checkpoint(config.checkpoint, self._state(model_sha256))
+                        save_checkpoint(self._checkpoint_path(), self._state(model_sha256))
         except KeyboardInterrupt:
             if config.checkpoint:
                 self.elapsed += time.perf_counter() - run_started
-                save_checkpoint(config.checkpoint, self._state(model_sha256))
+                save_checkpoint(self._checkpoint_path(), self._state(model_sha256))
                 _LOG.warning(
                     "interrupted at iteration %d, batch %d; checkpoint written to %s (continue with --resume)",
-                    self.position[0], self.position[1], config.checkpoint,
+                    self.position[0], self.position[1], self._checkpoint_path(),
                 )
             raise
         finally:
@@ -553,11 +707,10 @@ class _Run:
         self.elapsed += time.perf_counter() - run_started
         optimise_s = time.perf_counter() - loop_started
 
-        unclamped = [self.prep.final_unclamped(canvas.detach()) for canvas in self.canvases]
+        unclamped = self._final_images()
         finals = [self.prep.clamp(image) for image in unclamped]
         images = torch.cat(finals).cpu().numpy().astype(np.float32)
         clamped = float(sum(int((f != u).sum()) for f, u in zip(finals, unclamped)) / max(1, images.size))
-        image_steps = sum(self.sizes[i % n_batches] for i in range(done_before, done_before + steps_run))
         report = {
             "bn_layers": len(self.layers),
             "stretch_tensors": list(self.model.stretch_names),
@@ -565,7 +718,10 @@ class _Run:
             "odsl_delta": self.delta,
             "crop_margin": self.prep.margin,
             "batches": n_batches,
+            "processes": self.shard.world,
             "resumed_from": resumed_from,
+            "iterations_run": stopped_at if stopped_at is not None else config.iterations,
+            "stopped_on_plateau": stopped_at is not None,
             "clamped_fraction": clamped,
             "final": {
                 "bns_loss_initial": self.initial_bns,
@@ -581,6 +737,26 @@ class _Run:
             },
         }
         return images, report
+
+    def _final_images(self) -> list[torch.Tensor]:
+        """Every batch's unclamped final images, in batch order, on every rank."""
+        result = []
+        for first in self._rounds():
+            batch = first + self.shard.rank
+            if batch in self.canvases:
+                mine = self.prep.final_unclamped(self.canvases[batch].detach())
+            else:
+                mine = torch.zeros((0, *self.model.loaded.input_shape), device=self.device)
+            if self.shard.world == 1:
+                result.append(mine)
+                continue
+            # all_gather needs one shape on every rank: pad to a full batch
+            padded = torch.zeros((self.config.batch_size, *self.model.loaded.input_shape), device=self.device)
+            padded[: mine.shape[0]] = mine
+            for rank, part in enumerate(self.shard.gather(padded)):
+                if first + rank < len(self.sizes):
+                    result.append(part[: self.sizes[first + rank]])
+        return result
 
 
 def _thin(values: list[float], count: int) -> list[list[float]]:

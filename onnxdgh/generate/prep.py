@@ -6,18 +6,69 @@ in height and width. Every optimisation step sees
     per image) -> random crop (per image) to the model input size;
 the final images are smoothing -> centre crop -> clamp to the valid pixel range (when the
 model's normalization is known). Smoothing is differentiable; flips and crop offsets are
-drawn from the caller's ``torch.Generator`` on the CPU, so a seed gives the same draws on
-any device.
+drawn on the CPU, so a seed gives the same draws on any device.
+
+Randomness keyed by image (:func:`image_noise`, :func:`view_draws`): the run draws each
+image's initial noise and each of its views' flip and crop offsets from a hash of (seed,
+the image's global index, the view's number), not from one generator stream consumed in
+batch order. An image's draws are then the same whichever process or batch position
+steps it, which is what lets a data-parallel run (:mod:`onnxdgh.generate.distributed`)
+produce one process's images. The hash is SplitMix64's finaliser (Steele et al., 2014),
+a bijection on 64-bit words with full avalanche: ample for augmentation draws.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["auto_margin", "gaussian_kernel", "Preprocessor"]
+__all__ = ["auto_margin", "gaussian_kernel", "image_noise", "view_draws", "Preprocessor"]
+
+_NOISE_STREAM = 0
+"""Stream number of the initial noise; view v uses stream v + 1."""
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 words (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _keys(seed: int, indices: Sequence[int], stream: int) -> np.ndarray:
+    """One 64-bit word per image: a hash of (seed, global image index, stream)."""
+    base = _mix(_mix(np.uint64(seed)) ^ np.asarray(indices, dtype=np.uint64))
+    return _mix(base ^ _mix(np.uint64(stream)))
+
+
+def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """N(0, 1) noise of ``shape`` for each image in ``indices``: a len(indices) x shape CPU tensor.
+
+    Image k's noise depends only on (seed, k), not on which other images are drawn with it.
+    """
+    keys = _keys(seed, indices, _NOISE_STREAM)
+    parts = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(key))) for key in keys]
+    return torch.stack(parts) if parts else torch.empty((0, *shape))
+
+
+def view_draws(seed: int, indices: Sequence[int], view: int, margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flips, tops, lefts) of view number ``view`` for the images in ``indices`` (CPU tensors).
+
+    A flip has probability 1/2, offsets are uniform in 0..margin (the bias of a 31-bit
+    word modulo margin + 1 is below 1e-7 for any margin used). Image k's draws depend
+    only on (seed, k, view).
+    """
+    keys = _keys(seed, indices, view + 1)
+    flips = (keys >> np.uint64(63)).astype(bool)
+    tops = (keys & np.uint64(0x7FFFFFFF)) % np.uint64(margin + 1)
+    lefts = ((keys >> np.uint64(32)) & np.uint64(0x7FFFFFFF)) % np.uint64(margin + 1)
+    return torch.from_numpy(flips), torch.from_numpy(tops.astype(np.int64)), torch.from_numpy(lefts.astype(np.int64))
 
 
 def auto_margin(height: int, width: int) -> int:
@@ -102,14 +153,19 @@ class Preprocessor:
         return _depthwise_smooth(x, self.kernel)
 
     def train_view(self, canvas: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """What the model sees at one optimisation step (differentiable w.r.t. ``canvas``)."""
+        """What the model sees at one optimisation step, draws from ``generator`` (differentiable w.r.t. ``canvas``)."""
+        count = canvas.shape[0]
+        flips = torch.rand(count, generator=generator) < 0.5
+        tops = torch.randint(0, self.margin + 1, (count,), generator=generator)
+        lefts = torch.randint(0, self.margin + 1, (count,), generator=generator)
+        return self.train_view_at(canvas, flips, tops, lefts)
+
+    def train_view_at(self, canvas: torch.Tensor, flips: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor) -> torch.Tensor:
+        """:meth:`train_view` with given per-image draws (e.g. :func:`view_draws`)."""
         if not self.enabled:
             return canvas
         x = self.smooth(canvas)
         count, channels, canvas_h, canvas_w = x.shape
-        flips = torch.rand(count, generator=generator) < 0.5
-        tops = torch.randint(0, self.margin + 1, (count,), generator=generator)
-        lefts = torch.randint(0, self.margin + 1, (count,), generator=generator)
         # Crop and flip as one gather of canvas positions rather than a per-image slice,
         # flip and stack: the loop cost ~3 small ops per image forward and a zero-filled
         # canvas plus a copy per image backward (measured: see the commit message). The
