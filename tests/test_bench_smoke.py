@@ -167,6 +167,14 @@ def test_real_models_smoke(tmp_path: Path) -> None:
     results = __import__("json").loads((tmp_path / "work" / "real_models.json").read_text())["results"]
     assert [run["label"].split(" (")[0] for run in results[0]["runs"]][-1] == "real calibration"
     assert all(run["measured"]["agreement"] is not None for run in results[0]["runs"] if run["exit_code"] in (0, 1))
+    # --render rewrites the same section from the saved JSON without running a model
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_real_models.py"), "--render", str(tmp_path / "work" / "real_models.json"),
+                           "--out", str(again), "--note", "Rerun after the merge."], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rendered = _section((again / "BENCHMARKS.md").read_text(), "real-models")
+    assert "Rerun after the merge." in rendered and row in rendered
 
 
 def test_real_models_strip_normalisation_keeps_other_metadata(tmp_path: Path) -> None:

@@ -160,6 +160,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run the --preprocess preset row: auto = when `onnxdgh quantize --help` lists it")
     parser.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (quick runs)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one onnxdgh command may run")
+    parser.add_argument("--note", default=None, help="a sentence put at the top of the section (e.g. what was merged)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only rewrite the section from a saved real_models.json (no model is run)")
     return parser.parse_args(argv)
 
 
@@ -794,8 +797,38 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], gen_note: str) -
 # ---------------------------------------------------------------------------- main
 
 
+def generation_note(results: list[dict[str, Any]], preset_rows: str, seed: int) -> str:
+    """One paragraph: generation sizes, whether the preset row ran, and the settings every command shares."""
+    return ("Generation sizes (`--images`/`--iterations`, batch min(64, images)): "
+            + ", ".join(f"{r['model']} {r['generation']['images']}x{r['generation']['iterations']}" for r in results)
+            + f". `--preprocess` row: {preset_rows}. Every command is W8A8 with the default profile and threshold, "
+            f"seed {seed}; one torch thread (`OMP_NUM_THREADS=1`).")
+
+
+BASELINE_NOTE = ("**Baseline before the issue-12 features.** This checkout's `onnxdgh quantize` has no `--preprocess` "
+                 "option: it predates normalisation inference, the presets, the `mean`/`std` metadata keys, held-out "
+                 "verdicts with profile floors, bias fits and constant folding. Rerun the command after they land; "
+                 "the section is then replaced.")
+
+
+def render(data: dict[str, Any], doc: Path) -> Path:
+    """Write the section from a results JSON (what :func:`run` saved): no model is run again."""
+    body = markdown(data["results"], data["skipped"], data["gen_note"])
+    notes = ([] if data.get("preprocess_supported") else [BASELINE_NOTE]) + ([data["note"]] if data.get("note") else [])
+    if notes:
+        body = "\n\n".join(notes) + "\n\n" + body
+    return bl.write_section(KEY, TITLE, body, info=data["info"], command=data["command"],
+                            load_before=data["load_before"], load_after=data["load_after"], doc=doc)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    if args.render is not None:
+        data = json.loads(args.render.read_text())
+        if args.note:
+            data["note"] = args.note
+        bl.log(f"wrote {render(data, args.out / 'BENCHMARKS.md' if args.out else bl.DOC)} from {args.render}")
+        return 0
     import torch
 
     torch.set_num_threads(1)
@@ -803,9 +836,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     info = bl.machine_info()
     load_before = bl.load_average()
     sizes = _gen_sizes(args.gen)
-    use_preset = {"on": True, "off": False}.get(args.preprocess)
-    if use_preset is None:
-        use_preset = quantize_supports("--preprocess")
+    supported = quantize_supports("--preprocess")
+    use_preset = {"on": True, "off": False}.get(args.preprocess, supported)
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(wanted) - set(ALL_MODELS))
     if unknown:
@@ -844,20 +876,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         bl.log(f"{name}: done in {results[-1]['seconds']:.0f} s")
     if not results:
         raise bl.BenchError("no model was found: " + "; ".join(skipped))
-    load_after = bl.load_average()
-    gen_note = ("Generation sizes (`--images`/`--iterations`, batch min(64, images)): "
-                + ", ".join(f"{r['model']} {r['generation']['images']}x{r['generation']['iterations']}" for r in results)
-                + f". `--preprocess` row: {'run' if use_preset else 'not run (option not in this checkout)' if args.preprocess == 'auto' else 'off'}."
-                + " Every command is W8A8 with the default profile, threshold and seed " + str(seed)
-                + "; one torch thread (`OMP_NUM_THREADS=1`).")
-    body = markdown(results, skipped, gen_note)
-    json_path = ctx.work / "real_models.json"
+    preset_rows = "run" if use_preset else ("off (--preprocess off)" if supported else "not run (the option is not in this checkout)")
+    data = {"info": info, "command": bl.command_string(), "load_before": load_before, "load_after": bl.load_average(),
+            "preprocess_supported": supported, "note": args.note, "gen_note": generation_note(results, preset_rows, seed),
+            "results": results, "skipped": skipped}
     from onnxdgh.fileio import atomic_write_text
 
-    atomic_write_text(json_path, json.dumps({"info": info, "command": bl.command_string(), "results": results,
-                                             "skipped": skipped}, indent=1, default=str))
-    bl.write_section(KEY, TITLE, body, info=info, command=bl.command_string(), load_before=load_before,
-                     load_after=load_after, doc=ctx.doc)
+    json_path = ctx.work / "real_models.json"
+    atomic_write_text(json_path, json.dumps(data, indent=1, default=str))
+    render(json.loads(json_path.read_text()), ctx.doc)
     bl.log(f"wrote {ctx.doc} and {json_path}")
     return 0
 
