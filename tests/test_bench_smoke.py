@@ -156,3 +156,79 @@ def test_third_party_smoke(tmp_path: Path) -> None:
             pytest.skip(f"onnxdgh {command} is not in this checkout")
     text = _section(_smoke("bench_third_party.py", tmp_path), "third-party")
     assert "Float model accuracy" in text and "W8A8" in text
+
+
+def test_real_models_smoke(tmp_path: Path) -> None:
+    if not _has_command("quantize"):
+        pytest.skip("onnxdgh quantize is not in this checkout")
+    text = _section(_smoke("bench_real_models.py", tmp_path), "real-models")
+    row = next(line for line in text.splitlines() if line.startswith("| tiny | accuracy |"))
+    assert "W8A8 no flags" in text and "W8A8 true --mean/--std" in text and "W8A8 real calibration" in text
+    assert row.count("exit ") == 3, "every run states the exit code of onnxdgh quantize"
+    assert "mean 0.3, std 0.35" in row, "the true normalisation is shown next to what the tool used"
+    results = __import__("json").loads((tmp_path / "work" / "real_models.json").read_text())["results"]
+    assert [run["label"].split(" (")[0] for run in results[0]["runs"]][-1] == "real calibration"
+    assert all(run["measured"]["agreement"] is not None for run in results[0]["runs"] if run["exit_code"] in (0, 1))
+    # --render rewrites the same section from the saved JSON without running a model
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_real_models.py"), "--render", str(tmp_path / "work" / "real_models.json"),
+                           "--out", str(again), "--note", "Rerun after the merge."], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rendered = _section((again / "BENCHMARKS.md").read_text(), "real-models")
+    assert "Rerun after the merge." in rendered and row in rendered
+
+
+def test_real_models_strip_normalisation_keeps_other_metadata(tmp_path: Path) -> None:
+    import onnx
+
+    import bench_real_models as rm
+
+    original = benchlib.tiny_classifier(tmp_path / "m.onnx", mean=0.3, std=0.35)
+    model = onnx.load(str(original))
+    for key, value in (("norm_mean", "[0.3]"), ("mean", "[0.3]"), ("arch", "tiny")):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(original))
+    before = original.read_bytes()
+    removed = rm.strip_normalisation(original, tmp_path / "stripped.onnx")
+    assert set(removed) == {"input_mean", "input_std", "norm_mean", "mean"}
+    kept = {p.key: p.value for p in onnx.load(str(tmp_path / "stripped.onnx")).metadata_props}
+    assert kept == {"arch": "tiny"}
+    assert original.read_bytes() == before, "the input file is never modified"
+
+
+def test_real_models_report_parsing() -> None:
+    import bench_real_models as rm
+
+    assert rm.normalisation_used(None) is None and rm.normalisation_used({"calibration": {}}) is None
+    unknown = {"generation": {"normalization": {"source": None, "clamped": False, "note": "unknown"}}}
+    assert rm.describe_normalisation(rm.normalisation_used(unknown)).startswith("none")
+    inferred = {"generation": {"normalization": {"source": "inferred", "clamped": True, "mean": [0.5, 0.5, 0.5],
+                                                 "std": [0.5, 0.5, 0.5], "confidence": 0.8125, "low": [-1.0]}}}
+    assert rm.describe_normalisation(rm.normalisation_used(inferred)) == "inferred: mean 0.5, std 0.5 (confidence 0.812)"
+    report = {"tensors": {"activations": [{"tensor": "x", "threshold": 8.0}, {"tensor": "y", "threshold": 2.0}]}}
+    assert rm.input_threshold(report, "x") == 8.0 and rm.input_threshold(report, "z") is None
+    assert rm.verdict(0, None, "") == "passes"
+    failing = {"violations": [{"rule": "r"}], "gates": [{"gate": "min_sqnr", "value": 3.5, "threshold": 10.0, "passed": False}]}
+    assert rm.verdict(1, failing, "error: x") == "fails (1 violations; min_sqnr 3.5 < 10.0)"
+    assert rm.verdict(2, None, "log line\nerror: cannot decide the input range\nhint: give --mean") == \
+        "exit 2: error: cannot decide the input range"
+
+
+def test_real_models_inputs_are_disjoint_and_in_range() -> None:
+    import bench_real_models as rm
+
+    fonts = sorted(rm.FONT_DIR.glob("DejaVu*.ttf"))
+    if len(fonts) < 2:
+        pytest.skip(f"no DejaVu fonts in {rm.FONT_DIR}")
+    crops = rm.render_text_lines(3, fonts[:1], seed=0)
+    images, labels = rm.text_inputs(crops)
+    assert images.shape == (6, 3, 48, 192) and labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert -1.0 <= images.min() and images.max() <= 1.0
+    rng = np.random.default_rng(0)
+    photos = [rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8), rng.integers(0, 256, size=(90, 50, 3), dtype=np.uint8)]
+    out = rm.photo_crops(photos, 4, 32, seed=0)
+    assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
+    x = rm.normalise_rgb(out, (0.5,) * 3, (0.5,) * 3)
+    assert x.shape == (4, 3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0

@@ -123,15 +123,6 @@ def _all_bits(rounding_flags: tuple[str, str] | None) -> list[Bits]:
 # ------------------------------------------------------------------------ onnxdgh CLI
 
 
-def _quantize_help() -> str:
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-m", "onnxdgh", "quantize", "--help"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise bl.BenchError("`onnxdgh quantize --help` failed: the quantize command is not available yet")
-    return out.stdout
-
-
 def _rounding_flags(help_text: str) -> tuple[str, str] | None:
     """The (on, off) flags of rounding optimisation when ``onnxdgh quantize`` has them."""
     for on, off in (("--optimize-rounding", "--no-optimize-rounding"), ("--rounding", "--no-rounding"),
@@ -338,7 +329,7 @@ def run(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     ctx = bl.make_context(args, "accuracy")
     info = bl.machine_info()
-    help_text = _quantize_help()
+    help_text = bl.command_help("quantize")
     rounding_flags = _rounding_flags(help_text)
     use_mct, mct_text = benchlib_mct.mct_available()
     sources = list(args.sources)
@@ -560,7 +551,7 @@ def _targets(name: str, res: dict[str, Any], float_top1: float) -> list[str]:
 def _ablation(ctx: bl.Context, model: Path, work: Path, data: Dataset, float_top1: float, images: int | None,
               iterations: int | None, bits_list: list[Bits], fresh: bool) -> list[str]:
     """The paper's Table 4 on one model: 8 on/off combinations of SAS, prep and ODSL."""
-    rounding_flags = _rounding_flags(_quantize_help())
+    rounding_flags = _rounding_flags(bl.command_help("quantize"))
     rows = []
     curves: list[tuple[str, list[list[float]]]] = []
     combos = list(itertools.product((False, True), repeat=3))

@@ -183,7 +183,8 @@ def synthetic_page(seed: int = 0) -> np.ndarray:
 # ------------------------------------------------------------------------ model
 
 
-def _extract_model(wheel: Path, out: Path) -> Path:
+def extract_model(wheel: Path, out: Path) -> Path:
+    """The classifier's .onnx taken out of the RapidOCR wheel into ``out`` (kept once extracted)."""
     if out.exists():
         return out
     if not wheel.exists():
@@ -216,7 +217,7 @@ def run(argv: list[str] | None = None) -> int:
         page_name = "a synthetic page drawn with PIL (smoke)"
         gen = ["--images", "8", "--iterations", "2", "--batch-size", "8"]
     else:
-        model = _extract_model(args.wheel, ctx.work / "ch_ppocr_mobile_v2.0_cls_infer.onnx")
+        model = extract_model(args.wheel, ctx.work / "ch_ppocr_mobile_v2.0_cls_infer.onnx")
         skimage_data = bl.optional_import("skimage.data", "the page image of the evaluation set")
         gray = np.asarray(skimage_data.page(), dtype=np.uint8)
         page_name = "scikit-image `data.page()`"

@@ -66,6 +66,7 @@ __all__ = [
     "write_section",
     "run_onnxdgh",
     "run_measured",
+    "command_help",
     "predict",
     "top1",
     "gemm_gflops",
@@ -375,6 +376,15 @@ def run_onnxdgh(args: Sequence[str], *, what: str, quiet: bool = True, timeout: 
         tail = " | ".join(line for line in result.stderr.strip().splitlines()[-4:])
         raise BenchError(f"{what} failed (exit {result.returncode}): {tail or 'no message'}\n  command: {shlex.join(cmd)}")
     return result
+
+
+def command_help(command: str) -> str:
+    """``onnxdgh COMMAND --help`` of this checkout (benchmarks probe it for options that may not exist yet)."""
+    out = subprocess.run([sys.executable, "-m", "onnxdgh", command, "--help"], capture_output=True, text=True,
+                         env=_child_env(), cwd=REPO)
+    if out.returncode != 0:
+        raise BenchError(f"`onnxdgh {command} --help` failed: the {command} command is not available in this checkout")
+    return out.stdout
 
 
 # ------------------------------------------------------------------------ evaluation
