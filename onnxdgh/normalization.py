@@ -334,6 +334,12 @@ class _Layer:
     filters: list[np.ndarray]
     biases: list[np.ndarray]
     taps: np.ndarray  # (T, 2) tap coordinates in input pixels
+    mean: np.ndarray  # the BN running mean and variance of the channels kept (below)
+    var: np.ndarray
+
+
+DEAD_VARIANCE = 1e-6
+"""A BN channel whose running variance is below this share of the layer's median is dead."""
 
 
 def _axis_patterns(size: int, kernel: int, stride: int, begin: int, end: int, dilation: int) -> list[tuple[np.ndarray, int]]:
@@ -384,7 +390,13 @@ def _make_layer(bn: BatchNormInfo, weight: np.ndarray, bias: np.ndarray, scale: 
         filters.append((masked * scale.reshape(1, -1, 1, 1)).reshape(c_out, c_in, kh * kw))
         biases.append(bias + sums @ shift)
     taps = np.array([(i * dilations[0], j * dilations[1]) for i in range(kh) for j in range(kw)], np.float64)
-    return _Layer(bn, np.array(shares), filters, biases, taps)
+    # Dead channels (a running variance ~0, as EfficientNet-Lite0's stem has 4 of 32) carry
+    # no information about the input and would dominate both fits through log(var) and
+    # 1/sqrt(var): leave them out.
+    var = bn.var.astype(np.float64)
+    keep = var > DEAD_VARIANCE * max(float(np.median(var)), 1e-30)
+    return _Layer(bn, np.array(shares), [f[keep] for f in filters], [b[keep] for b in biases], taps,
+                  bn.mean.astype(np.float64)[keep], var[keep])
 
 
 def _first_layers(loaded: LoadedModel) -> list[_Layer]:
@@ -417,7 +429,38 @@ def _first_layers(loaded: LoadedModel) -> list[_Layer]:
                 layer = _conv_layer(node, inits, bn_of_input, scale, shift, (height, width))
                 if layer is not None:
                     layers.append(layer)
+            elif node.op_type == "Pad" and node.input[0] == name:
+                # An explicit zero Pad before the first Conv (EfficientNet's "static same
+                # padding") is that Conv's own zero padding, moved: add it to the Conv's pads.
+                extra = _zero_pad(node, inits)
+                for conv in consumers.get(node.output[0], []) if extra is not None else []:
+                    if conv.op_type == "Conv" and conv.input[0] == node.output[0]:
+                        layer = _conv_layer(conv, inits, bn_of_input, scale, shift, (height, width), extra)
+                        if layer is not None:
+                            layers.append(layer)
     return layers
+
+
+def _zero_pad(node: Any, inits: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of a constant-zero Pad over H and W only, else None."""
+    attrs = g.node_attributes(node)
+    mode = attrs.get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else str(mode)) != "constant":
+        return None
+    if len(node.input) > 1:  # opset >= 11: pads, constant_value, axes as inputs
+        if node.input[1] not in inits or (len(node.input) > 3 and node.input[3]):
+            return None
+        pads = [int(v) for v in g.to_array(inits[node.input[1]]).reshape(-1)]
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in inits or np.any(g.to_array(inits[node.input[2]]) != 0):
+                return None
+    else:
+        pads = [int(v) for v in attrs.get("pads", [])]  # type: ignore[union-attr]
+        if float(attrs.get("value", 0.0)) != 0.0:  # type: ignore[arg-type]
+            return None
+    if len(pads) != 8 or any(v < 0 for v in pads) or any(pads[i] for i in (0, 1, 4, 5)):
+        return None
+    return (pads[2], pads[3], pads[6], pads[7])
 
 
 def _affine_step(node: Any, name: str, inits: Mapping[str, Any], channels: int, scale: np.ndarray,
@@ -445,7 +488,9 @@ def _affine_step(node: Any, name: str, inits: Mapping[str, Any], channels: int, 
 
 
 def _conv_layer(node: Any, inits: Mapping[str, Any], bn_of_input: Mapping[str, BatchNormInfo], scale: np.ndarray,
-                shift: np.ndarray, size: tuple[int, int]) -> _Layer | None:
+                shift: np.ndarray, size: tuple[int, int],
+                extra: tuple[int, int, int, int] = (0, 0, 0, 0)) -> _Layer | None:
+    """The conv ``node`` as a first layer, ``extra`` zero padding (a Pad node before it) included."""
     bn = bn_of_input.get(node.output[0])
     if bn is None or node.input[1] not in inits:
         return None
@@ -472,9 +517,11 @@ def _conv_layer(node: Any, inits: Mapping[str, Any], bn_of_input: Mapping[str, B
     dilations = tuple(attrs.get("dilations", [1, 1]))  # type: ignore[arg-type]
     if len(strides) != 2 or len(dilations) != 2:
         return None
-    pads = _conv_pads(attrs, size, (kh, kw), strides, dilations)  # type: ignore[arg-type]
-    if pads is None:
+    padded = (size[0] + extra[0] + extra[2], size[1] + extra[1] + extra[3])
+    own = _conv_pads(attrs, padded, (kh, kw), strides, dilations)  # type: ignore[arg-type]
+    if own is None:
         return None
+    pads = tuple(a + b for a, b in zip(own, extra))
     return _make_layer(bn, full, bias, scale, shift, size, strides, pads, dilations)  # type: ignore[arg-type]
 
 
@@ -487,11 +534,11 @@ def _fit_mean(layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray, float, floa
     """Weighted least squares on (1): (m, standard error of m, RMS residual, condition number)."""
     rows, targets = [], []
     for layer in layers:
-        spread = np.sqrt(np.maximum(layer.bn.var.astype(np.float64), 1e-12))
+        spread = np.sqrt(np.maximum(layer.var, 1e-12))
         sums = sum(f * filt.sum(axis=2) for f, filt in zip(layer.shares, layer.filters))
         bias = sum(f * b for f, b in zip(layer.shares, layer.biases))
         rows.append(sums / spread[:, None])
-        targets.append((layer.bn.mean.astype(np.float64) - bias) / spread)
+        targets.append((layer.mean - bias) / spread)
     matrix, target = np.concatenate(rows), np.concatenate(targets)
     u, singular, vt = np.linalg.svd(matrix, full_matrices=False)
     keep = singular > 1e-9 * max(float(singular.max(initial=0.0)), 1e-300)
@@ -516,7 +563,7 @@ def _variance_terms(layers: list[_Layer], mean: np.ndarray, rho: float) -> tuple
         means = np.stack([b + filt.sum(axis=2) @ mean for b, filt in zip(layer.biases, layer.filters)])
         overall = layer.shares @ means
         between = layer.shares @ (means - overall) ** 2  # border positions have other means
-        var = layer.bn.var.astype(np.float64)
+        var = layer.var
         grams.append(gram)
         targets.append(np.maximum(var - between, 1e-6 * var + 1e-30))
     return np.concatenate(grams), np.concatenate(targets)
@@ -595,7 +642,7 @@ def infer_input_distribution(loaded: LoadedModel) -> InputInference | None:
     if not layers:
         return None
     names = tuple(dict.fromkeys(layer.bn.node_name for layer in layers))
-    equations = sum(layer.bn.channels for layer in layers)
+    equations = sum(layer.var.shape[0] for layer in layers)
     channels = loaded.input_shape[0]
     mean, error, mean_residual, condition = _fit_mean(layers)
     fits = []

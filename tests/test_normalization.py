@@ -355,3 +355,39 @@ def test_cli_quantize_refuses_preprocess_with_calibration_data(tiny_model_path: 
     result = _cli("quantize", str(tiny_model_path), "-o", str(tmp_path / "q.onnx"), "--calib-data", str(calib),
                   "--preprocess", "unit")
     assert result.exit_code == 2 and "--preprocess apply only when images are generated" in result.output
+
+
+class _PaddedStem(nn.Module):
+    """EfficientNet's "static same padding": an explicit zero Pad, then an unpadded Conv -> BN -> ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d((1, 1, 1, 1))
+        self.conv = nn.Conv2d(3, 8, 3, padding=0)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(self.pad(x))))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("dead", [0, 2], ids=["all-alive", "two-dead-channels"])
+def test_inference_follows_an_explicit_zero_pad_and_skips_dead_channels(tmp_path: Path, dead: int) -> None:
+    target_mean = torch.tensor([0.1, -0.4, 2.0]).view(1, -1, 1, 1)
+    target_std = torch.tensor([0.5, 1.0, 3.0]).view(1, -1, 1, 1)
+    torch.manual_seed(0)
+    module = _PaddedStem()
+    with torch.no_grad():
+        module.conv.weight[:dead] = 0.0  # dead filters: BN running variance 0 (as in EfficientNet-Lite0)
+        module.conv.bias[:dead] = 0.0
+    path, mean, std = _settled(tmp_path / "m.onnx", lambda gen: _inputs(16, gen, smooth=False) * target_std + target_mean,
+                               module=module)
+    loaded = load_model(path)
+    assert any(node.op_type == "Pad" for node in loaded.model.graph.node)
+    if dead:
+        assert (np.sort(loaded.bn_nodes[0].var)[:dead] == 0).all()
+    inference = infer_input_distribution(loaded)
+    assert inference is not None and inference.equations == 8 - dead
+    np.testing.assert_allclose(inference.mean, mean, atol=0.1 * std.max())
+    np.testing.assert_allclose(inference.std, std, rtol=0.15)
