@@ -156,3 +156,10 @@ def test_third_party_smoke(tmp_path: Path) -> None:
             pytest.skip(f"onnxdgh {command} is not in this checkout")
     text = _section(_smoke("bench_third_party.py", tmp_path), "third-party")
     assert "Float model accuracy" in text and "W8A8" in text
+
+
+def test_bn_free_smoke(tmp_path: Path) -> None:
+    text = _section(_smoke("bench_bn_free.py", tmp_path), "bn-free")
+    for row in ("| noise |", "| procedural (no flags) |", "| dgh, no BN |", "| real |"):
+        assert row in text
+    assert "W8A8" in text and "W4A8" in text

@@ -181,7 +181,12 @@ def _box_blur(image: np.ndarray, size: int) -> np.ndarray:
     if size <= 1:
         return image
     width = 2 * size - 1
-    padded = np.pad(image, ((0, 0), (size - 1, size - 1), (size - 1, size - 1)), mode="edge")
-    kernel = np.ones(width) / width
-    rows = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="valid"), 1, padded)
-    return np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="valid"), 2, rows)
+    out = np.pad(image, ((0, 0), (size - 1, size - 1), (size - 1, size - 1)), mode="edge")
+    for axis in (1, 2):  # running sums: O(pixels) whatever the width (a 416-px image blurs by ~29)
+        total = np.cumsum(out, axis=axis)
+        zero = np.zeros_like(np.take(total, [0], axis=axis))
+        total = np.concatenate([zero, total], axis=axis)
+        length = total.shape[axis] - width
+        out = (np.take(total, np.arange(width, width + length), axis=axis)
+               - np.take(total, np.arange(0, length), axis=axis)) / width
+    return out
