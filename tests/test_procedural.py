@@ -14,7 +14,7 @@ from torch import nn
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
 from onnxdgh.generate import GenerateConfig, generate
-from onnxdgh.generate.method import choose_method, resolve_method
+from onnxdgh.generate.method import choose_method, expected_quality, resolve_method
 from onnxdgh.generate.procedural import KINDS, procedural_images, procedural_pixels
 from onnxdgh.load import load_model
 
@@ -98,3 +98,34 @@ def test_quantize_folded_model_with_only_preprocess(folded_path: Path, tmp_path:
     missing = CliRunner().invoke(main, ["-q", "quantize", str(folded_path), "-o", str(tmp_path / "n.onnx")])
     assert missing.exit_code == 2 and "--preprocess" in missing.output and "Traceback" not in missing.output
     assert not (tmp_path / "n.onnx").exists()
+
+
+class FewBn(nn.Module):
+    """Three convolutions, only the first with BN kept: BN coverage 1/3 (a partly folded export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_few_bn_layers_get_mixed_images(tmp_path: Path) -> None:
+    from .conftest import settle_bn
+
+    torch.manual_seed(0)
+    path = export_onnx(settle_bn(FewBn(), (3, 12, 12)), (3, 12, 12), tmp_path / "few.onnx")
+    loaded = load_model(path)
+    assert len(loaded.usable_bn_nodes) == 1 and choose_method(loaded) == "mixed"
+    config = GenerateConfig(images=5, iterations=2, batch_size=4, preprocess="imagenet")
+    result = generate(loaded, config, progress=False)
+    assert result.images.shape == (5, 3, 12, 12)
+    assert result.report["method"] == "mixed" and result.report["method_requested"] == "auto"
+    assert result.report["mixed"] == {"dgh_images": 3, "procedural_images": 2}
+    mean, std = np.array(result.report["normalization"]["mean"]), np.array(result.report["normalization"]["std"])
+    np.testing.assert_allclose(result.images[3:], procedural_images(2, (3, 12, 12), 0, mean, std), atol=1e-5)
+    assert not np.allclose(result.images[:3], procedural_images(3, (3, 12, 12), 0, mean, std), atol=1e-3)
+    assert expected_quality(loaded).startswith("generation: mixed")

@@ -152,7 +152,7 @@ def _partial(ctx: bl.Context, model: Path, work: Path, args: argparse.Namespace,
                              "--iterations", str(args.opt_iterations), *seed], what="generate dgh (partial)",
                             in_process=ctx.smoke)
     note = f"dgh on {args.partial} BN layer(s): {args.opt_images} images x {args.opt_iterations} iterations, {result.wall_s:.0f} s"
-    sets[f"dgh on the {args.partial} kept BN (auto)"] = dgh
+    sets[f"dgh on the {args.partial} kept BN"] = dgh
     procedural = work / "partial_procedural.npz"
     bl.run_onnxdgh(["generate", str(copy), "-o", str(procedural), "--method", "procedural", "--images",
                     str(args.opt_images), *seed], what="generate procedural (partial)", in_process=ctx.smoke)
@@ -261,7 +261,8 @@ def run(argv: list[str] | None = None) -> int:
             part = entry["partial"]
             body += [f"**{name} keeping only its last {part['kept']} BN layer(s)** (the rest folded; float "
                      f"{100 * entry['float']:.2f}): what `--method auto` could run there. {part['images']} images per "
-                     "generated set ('both' = the dgh and procedural sets concatenated); 'real' as above.", "",
+                     "generated set ('both' = the dgh and procedural sets concatenated: what `--method auto` now runs on such a "
+                     "model, as `mixed`, with half of its images from each); 'real' as above.", "",
                      _table(part), "", *[f"- {note}" for note in part["notes"]]]
             if part["command"] != command:
                 body += [f"- measured by `{part['command']}`"]

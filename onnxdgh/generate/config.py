@@ -18,7 +18,7 @@ from ..normalization import PRESETS
 
 __all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH"]
 
-METHODS = ("auto", "dgh", "bns", "noise", "procedural")
+METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed")
 _NOT_OPTIMISED = ("noise", "procedural")
 OPTIMIZERS = ("radam", "adam")
 SCHEDULERS = ("plateau", "none")
@@ -48,8 +48,9 @@ class GenerateConfig:
         method: ``"auto"`` (default: ``"dgh"`` when the model has usable BN statistics,
             else ``"procedural"``; :func:`onnxdgh.generate.method.choose_method`), ``"dgh"``,
             ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
-            family), ``"noise"`` (Gaussian N(0, 1) images) or ``"procedural"`` (data-free
-            natural-image priors, :mod:`onnxdgh.generate.procedural`; nothing optimised).
+            family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
+            natural-image priors, :mod:`onnxdgh.generate.procedural`; nothing optimised) or
+            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN).
         sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
         prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
         odsl: output distribution stretching loss (Eq. 7-8); None = method default.
@@ -210,18 +211,18 @@ class GenerateConfig:
 
     @property
     def use_sas(self) -> bool:
-        """Statistics aggregation over the whole set (explicit value, else on for ``dgh`` and ``auto``)."""
-        return self.method in ("dgh", "auto") if self.sas is None else bool(self.sas)
+        """Statistics aggregation over the whole set (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
+        return self.method in ("dgh", "auto", "mixed") if self.sas is None else bool(self.sas)
 
     @property
     def use_prep(self) -> bool:
-        """phi_prep every step (explicit value, else on for ``dgh`` and ``auto``)."""
-        return self.method in ("dgh", "auto") if self.prep is None else bool(self.prep)
+        """phi_prep every step (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
+        return self.method in ("dgh", "auto", "mixed") if self.prep is None else bool(self.prep)
 
     @property
     def use_odsl(self) -> bool:
-        """Output distribution stretching loss (explicit value, else on for ``dgh`` and ``auto``)."""
-        return self.method in ("dgh", "auto") if self.odsl is None else bool(self.odsl)
+        """Output distribution stretching loss (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
+        return self.method in ("dgh", "auto", "mixed") if self.odsl is None else bool(self.odsl)
 
     @property
     def effective_patience(self) -> int:

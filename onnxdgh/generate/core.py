@@ -63,7 +63,7 @@ from ..normalization import resolve_normalization as resolve_input_normalization
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GenerateConfig
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
-from .method import resolve_method
+from .method import generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin
 from .procedural import procedural_images
 
@@ -166,6 +166,9 @@ def generate(
     load_s = time.perf_counter() - started
     requested = config.method
     config = resolve_method(loaded, config)
+    if config.method == "mixed":
+        mixed = generate_mixed(loaded, config, generate, progress=progress, callback=callback)
+        return replace(mixed, report={**mixed.report, "method_requested": requested})
     if config.checkpoint:
         check_output_path(config.checkpoint, inputs=[loaded.source], option="--checkpoint")
     check_run_memory(loaded, images=config.images, batch_size=config.batch_size)

@@ -5,9 +5,15 @@ Contract: :func:`choose_method` returns the method ``auto`` stands for on a load
 that method filled in, and :func:`expected_quality` is the one-line quality note that
 ``inspect`` prints. The decision only reads the model's BatchNormalization nodes:
 
-- every usable BN statistic is a DGH target, so a model with at least one usable BN node
-  runs ``dgh`` on the layers that have them (the others add no term; ODSL and phi_prep
-  still apply to the whole model);
+- a model whose convolutions mostly have usable BN statistics (at least
+  :data:`MIXED_BELOW` of them) runs ``dgh`` on the layers that have them;
+- a model where only a few do (a detector that keeps 3 BN layers, a partly folded export)
+  runs ``mixed``: half the images by DGH on the BN layers it has, half procedural. On
+  samples/fmnist_resnet8.onnx keeping only its last 3 of 9 BN layers (2,000 test images,
+  W8A8 / W4A8 top-1; float 92.70, real data 92.70 / 92.65): DGH on the 3 layers
+  92.70 / 92.05, procedural 92.70 / 92.50, both sets together 92.75 / 92.70
+  (docs/BENCHMARKS.md ``bn-free``). Three BN layers alone constrain the images too little;
+  the procedural half supplies natural structure, the DGH half the model's own statistics;
 - a model with none (BN folded into the convolutions at export, or never trained with BN)
   runs ``procedural``: the data-free natural-image priors of
   :mod:`onnxdgh.generate.procedural`. The evidence for that choice over Gaussian noise and
@@ -16,27 +22,48 @@ that method filled in, and :func:`expected_quality` is the one-line quality note
 
 ``--allow-no-bn`` with ``auto`` on a model without BN statistics asks for DGH without BN
 terms explicitly, so it is honoured (``dgh``).
+
+``mixed`` (:func:`generate_mixed`): ``ceil(N / 2)`` images by DGH (same settings, same
+seed), then ``floor(N / 2)`` procedural images (same seed), concatenated; the report is
+the DGH run's with ``method: "mixed"`` and the split under ``mixed``.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .procedural import procedural_images
 
 if TYPE_CHECKING:
     from ..load import LoadedModel
     from .config import GenerateConfig
+    from .core import GenerationResult
 
-__all__ = ["choose_method", "resolve_method", "expected_quality"]
+__all__ = ["MIXED_BELOW", "choose_method", "resolve_method", "expected_quality", "bn_coverage", "generate_mixed"]
+
+# Measured at the two ends only: samples with BN on every convolution (1.0) do best with
+# DGH (docs/BENCHMARKS.md accuracy sections), resnet8 keeping 3 of 9 (0.33) does best mixed.
+MIXED_BELOW = 0.5
+"""Share of convolutions with a usable BN below which ``auto`` mixes DGH with procedural images."""
+
+
+def bn_coverage(loaded: LoadedModel) -> float:
+    """Usable BN nodes per Conv/ConvTranspose node (1.0 when the graph has no convolution but has BN)."""
+    convs = sum(node.op_type in ("Conv", "ConvTranspose") for node in loaded.model.graph.node)
+    usable = len(loaded.usable_bn_nodes)
+    return min(1.0, usable / convs) if convs else float(usable > 0)
 
 
 def choose_method(loaded: LoadedModel, method: str = "auto", *, allow_no_bn: bool = False) -> str:
     """The method to run: ``method`` itself unless it is ``"auto"`` (then see the module docstring)."""
     if method != "auto":
         return method
-    if loaded.usable_bn_nodes or allow_no_bn:
-        return "dgh"
-    return "procedural"
+    if not loaded.usable_bn_nodes:
+        return "dgh" if allow_no_bn else "procedural"
+    return "dgh" if bn_coverage(loaded) >= MIXED_BELOW else "mixed"
 
 
 def resolve_method(loaded: LoadedModel, config: GenerateConfig) -> GenerateConfig:
@@ -55,11 +82,29 @@ def expected_quality(loaded: LoadedModel) -> str:
     """One line: the method ``auto`` uses on ``loaded`` and the quality measured for it."""
     usable = len(loaded.usable_bn_nodes)
     total = len(loaded.bn_nodes)
-    if usable and usable == total:
-        return f"generation: dgh on {usable} BN layer(s) (full DGH: close to real-data calibration)"
-    if usable:
-        return (f"generation: dgh on the {usable} of {total} BN layer(s) with usable statistics "
-                "(partial BN targets: quality between DGH and the procedural fallback)")
-    return ("generation: procedural images (no BN statistics to match: data-free natural-image priors; "
-            "measured W8A8 within ~1 point of float on BN-folded samples, low-bit widths lose more "
-            "than with DGH; see docs/BENCHMARKS.md 'bn-free'). Re-exporting with BN kept gives full DGH.")
+    method = choose_method(loaded)
+    if method == "dgh":
+        note = "" if usable == total else f" of {total}"
+        return f"generation: dgh on {usable}{note} BN layer(s) with usable statistics (close to real-data calibration)"
+    if method == "mixed":
+        return (f"generation: mixed: half dgh on the {usable} BN layer(s) with usable statistics, half procedural "
+                "images (few BN targets; measured close to real-data calibration, docs/BENCHMARKS.md 'bn-free')")
+    return ("generation: procedural images (no BN statistics to match; data-free natural-image priors). "
+            "Expect W8A8 close to float (BN-folded samples: within 0.3 point) and lower-bit widths a little "
+            "below real-data calibration (W4A8: 0.5-0.7 point); docs/BENCHMARKS.md 'bn-free'")
+
+
+def generate_mixed(loaded: LoadedModel, config: GenerateConfig, run: Any, **options: Any) -> GenerationResult:
+    """``mixed``: DGH on ``ceil(N / 2)`` images through ``run`` (:func:`~onnxdgh.generate.generate`), the rest procedural."""
+    optimised = (config.images + 1) // 2
+    result = run(loaded, replace(config, method="dgh", images=optimised), **options)
+    norm = result.report["normalization"]
+    low = np.asarray(norm["low"], dtype=np.float32).reshape(1, -1, 1, 1)
+    high = np.asarray(norm["high"], dtype=np.float32).reshape(1, -1, 1, 1)
+    extra = procedural_images(config.images - optimised, loaded.input_shape, config.seed,
+                              np.asarray(norm["mean"]), np.asarray(norm["std"]))
+    images = np.concatenate([result.images, np.clip(extra, low, high)]).astype(np.float32)
+    report = {**result.report, "method": "mixed", "settings": {**result.report["settings"], "images": config.images,
+                                                                "method": "mixed"},
+              "mixed": {"dgh_images": optimised, "procedural_images": config.images - optimised}}
+    return type(result)(images=images, report=report)
