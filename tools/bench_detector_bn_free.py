@@ -47,7 +47,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     bl.add_common_arguments(parser)
     parser.add_argument("--model", type=Path, default=Path(".whl/ddddocr/common_det.onnx"), help="common_det.onnx")
     parser.add_argument("--pages", type=int, default=40, help="evaluation pages (default 40)")
-    parser.add_argument("--images", type=int, default=32, help="calibration images per candidate (default 32)")
+    parser.add_argument("--images", type=int, nargs="+", default=[32],
+                        help="calibration images per candidate; several counts give one row each (default 32)")
     return parser.parse_args(argv)
 
 
@@ -151,19 +152,21 @@ def run(argv: list[str] | None = None) -> int:
     reference, float_max = _detections(model, pages)
     total = sum(len(b) for b in reference)
     bl.log(f"float: {total} boxes with objectness > {OBJECTNESS} on {args.pages} pages (max objectness {float_max:.3f})")
-    real = work / "real_pages.npz"
-    save_images_npz(real, render_pages(args.images, seed=ctx.seed), {"source": "rendered pages"})
-    noise = work / "noise.npz"
-    bl.run_onnxdgh(["generate", str(model), "-o", str(noise), "--method", "noise", "--preprocess", "raw255",
-                    "--images", str(args.images), "--seed", str(ctx.seed)], what="generate noise")
-    candidates = {
-        "noise": ["--calib-data", str(noise)],
-        "procedural (`--preprocess raw255`)": ["--preprocess", "raw255", "--images", str(args.images)],
-        "real (rendered pages)": ["--calib-data", str(real)],
-    }
+    candidates: dict[str, list[str]] = {}
+    for count in args.images:
+        real = work / f"real_pages_{count}.npz"
+        save_images_npz(real, render_pages(count, seed=ctx.seed), {"source": "rendered pages"})
+        noise = work / f"noise_{count}.npz"
+        bl.run_onnxdgh(["generate", str(model), "-o", str(noise), "--method", "noise", "--preprocess", "raw255",
+                        "--images", str(count), "--seed", str(ctx.seed)], what="generate noise")
+        candidates.update({
+            f"noise, {count} images": ["--calib-data", str(noise)],
+            f"procedural (`--preprocess raw255`), {count} images": ["--preprocess", "raw255", "--images", str(count)],
+            f"real (rendered pages), {count} images": ["--calib-data", str(real)],
+        })
     rows = [["float", str(total), "", f"{float_max:.3f}"]]
     for name, extra in candidates.items():
-        out = work / f"q_{name.split()[0]}.onnx"
+        out = work / f"q_{name.split()[0].strip(',')}_{name.split()[-2]}.onnx"
         result = bl.run_onnxdgh(["quantize", str(model), "-o", str(out), "--seed", str(ctx.seed), *extra],
                                 what=f"quantize W8A8 ({name})")
         boxes, top = _detections(out, pages)
@@ -173,7 +176,7 @@ def run(argv: list[str] | None = None) -> int:
         rows.append([name, str(found), f"{hits} / {total} ({100 * hits / max(total, 1):.1f} %)", f"{top:.3f}"])
     body = [
         f"`common_det.onnx` from `ddddocr==1.6.1` (YOLOX-style, 416 x 416 BGR, raw 0-255 input, no BatchNormalization), "
-        f"W8A8 with the quantizer's defaults, {args.images} calibration images per candidate. Evaluation: {args.pages} "
+        f"W8A8 with the quantizer's defaults. Evaluation: {args.pages} "
         f"rendered text pages (`render_pages`, seed {ctx.seed + 1000}); boxes with objectness > {OBJECTNESS} after "
         f"ddddocr's decoding and NMS; 'matched' = float boxes with a quantized box at IoU >= {MATCH_IOU}.", "",
         bl.md_table(["calibration", "boxes", "float boxes matched", "max objectness"], rows), "",
