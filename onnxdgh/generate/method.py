@@ -91,7 +91,7 @@ def expected_quality(loaded: LoadedModel) -> str:
                 "images (few BN targets; measured close to real-data calibration, docs/BENCHMARKS.md 'bn-free')")
     return ("generation: procedural images (no BN statistics to match; data-free natural-image priors). "
             "Measured: W8A8 within 0.3 point of float on BN-folded samples, W4A8 0.4-0.7 point below real-data "
-            "calibration; a BN-free detector kept 81% of its float boxes at W8A8 (real data: 84%); "
+            "calibration; a BN-free detector kept 81% of its float boxes at W8A8 (real-data calibration: 82-84%); "
             "docs/BENCHMARKS.md 'bn-free'")
 
 
