@@ -3,14 +3,15 @@
 Contract: :func:`inspect_model` looks at a loaded, canonical model without running it
 and says whether DGH can work on it: inputs/outputs, opset, op histogram, every
 BatchNormalization node and whether its statistics are usable, whether BN looks folded
-away (and the re-export recipe), the ops onnx2torch cannot convert, the custom ops
-onnxruntime cannot run, whether generation with the default settings fits in memory, and a
-verdict. The verdict includes a dry run of the quantizer
-(:func:`onnxdgh.quantize.api.dry_run`: the same profile check, BN folding and marking
-``quantize`` does before it needs images), so a model ``quantize`` would refuse -- an op
-without a quantization rule, an op the profile forbids -- is NOT READY, naming the node.
-:func:`symbolic_shape_report` gives the verdict for a model whose image size is symbolic
-(not ready until ``--input-shape`` pins it).
+away (and the re-export recipe), which generation method ``--method auto`` will use and
+the quality to expect (a model without BN statistics is ready: it gets procedural images),
+the ops onnx2torch cannot convert, the custom ops onnxruntime cannot run, whether
+generation with the default settings fits in memory, and a verdict. The verdict includes
+a dry run of the quantizer (:func:`onnxdgh.quantize.api.dry_run`: the same profile check,
+BN folding and marking ``quantize`` does before it needs images), so a model ``quantize``
+would refuse -- an op without a quantization rule, an op the profile forbids -- is NOT
+READY, naming the node. :func:`symbolic_shape_report` gives the verdict for a model whose
+image size is symbolic (not ready until ``--input-shape`` pins it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class InspectionReport:
     canonicalisation: dict[str, int]
     metadata: dict[str, str]
     ready: bool
+    generation: str = ""
     reasons: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
     quantizer: dict[str, Any] = field(default_factory=dict)
@@ -136,16 +138,11 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
 
     reasons: list[str] = []
     advice: list[str] = []
-    if not loaded.bn_nodes:
-        if bn_folded:
-            reasons.append("no BatchNormalization nodes: BN looks folded into the convolutions (Conv with bias, no BN)")
-        else:
-            reasons.append("no BatchNormalization nodes: DGH has no statistics to match")
-        advice.append(f"re-export with BN kept: {REEXPORT_RECIPE}")
-        advice.append("or calibrate without BN statistics: onnxdgh generate --method noise (lower quality)")
-    elif not loaded.usable_bn_nodes:
-        reasons.append("no BatchNormalization node has usable statistics")
-        advice.append(f"re-export a trained model in eval mode with BN kept: {REEXPORT_RECIPE}")
+    if not loaded.usable_bn_nodes:  # ready all the same: --method auto falls back to procedural images
+        advice.append(f"for full DGH quality, re-export a trained model in eval mode with BN kept: {REEXPORT_RECIPE}")
+        if loaded.input_normalization() is None:
+            advice.append("without BN the input normalisation cannot be inferred: give --preprocess NAME or "
+                          "--mean/--std (or store it in the model's metadata)")
     unrunnable = unknown_runtime_ops(loaded.model)
     if unrunnable:
         reasons.append(f"onnxruntime cannot run {describe_nodes(unrunnable)}: nothing can be calibrated or quantized")
@@ -156,6 +153,7 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
         if not unrunnable:  # --calib-data skips the conversion, not onnxruntime
             advice.append("replace these ops at export time, or calibrate with your own images: onnxdgh quantize --calib-data")
     from .generate.config import GenerateConfig  # torch comes with it, as with unconvertible_ops
+    from .generate.method import expected_quality
 
     defaults = GenerateConfig()  # the verdict is for `onnxdgh generate`'s default images and batch size
     memory = estimate_run_memory(loaded, images=defaults.images, batch_size=defaults.batch_size)
@@ -187,6 +185,7 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
         canonicalisation=dict(loaded.canonicalisation),
         metadata=dict(loaded.metadata),
         ready=not reasons,
+        generation=expected_quality(loaded),
         reasons=reasons,
         advice=advice,
         quantizer=quantizer,

@@ -232,3 +232,10 @@ def test_real_models_inputs_are_disjoint_and_in_range() -> None:
     assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
     x = rm.normalise_rgb(out, (0.5,) * 3, (0.5,) * 3)
     assert x.shape == (4, 3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_bn_free_smoke(tmp_path: Path) -> None:
+    text = _section(_smoke("bench_bn_free.py", tmp_path), "bn-free")
+    for row in ("| noise |", "| procedural (no flags) |", "| dgh, no BN |", "| real |"):
+        assert row in text
+    assert "W8A8" in text and "W4A8" in text

@@ -249,11 +249,11 @@ def test_normalization_without_metadata_is_inferred_and_clamps(tiny_model_path: 
     assert np.all(result.images >= low - 1e-6) and np.all(result.images <= high + 1e-6)
 
 
-def test_model_without_bn_is_refused_unless_asked(tmp_path: Path) -> None:
+def test_model_without_bn_is_refused_by_dgh_unless_asked(tmp_path: Path) -> None:
     torch.manual_seed(0)
     folded = export_onnx(settle_bn(TinyConvBnRelu(), (3, 12, 12)), (3, 12, 12), tmp_path / "folded.onnx", keep_bn=False)
     with pytest.raises(UnsupportedModelError, match="BatchNormalization") as info:
-        generate(folded, GenerateConfig(**QUICK), progress=False)
+        generate(folded, GenerateConfig(**QUICK, method="dgh"), progress=False)
     assert "TrainingMode.PRESERVE" in (info.value.hint or "")
     # Without BN and metadata the input range cannot be inferred: it must be given.
     with pytest.raises(InvalidInputError, match="normalisation of .* is unknown") as unknown:
@@ -325,9 +325,9 @@ def test_cli_refuses_model_without_bn_with_recipe(tmp_path: Path) -> None:
     torch.manual_seed(0)
     folded = export_onnx(settle_bn(TinyConvBnRelu(), (3, 12, 12)), (3, 12, 12), tmp_path / "folded.onnx", keep_bn=False)
     out = tmp_path / "imgs.npz"
-    result = _cli("generate", str(folded), "-o", str(out))
+    result = _cli("generate", str(folded), "-o", str(out), "--method", "dgh")
     assert result.exit_code == 2
-    assert "error:" in result.output and "TrainingMode.PRESERVE" in result.output and "--method noise" in result.output
+    assert "error:" in result.output and "TrainingMode.PRESERVE" in result.output and "--method procedural" in result.output
     assert "Traceback" not in result.output and not out.exists()
     unknown = _cli("generate", str(folded), "-o", str(out), "--method", "noise", "--images", "4")
     assert unknown.exit_code == 2 and "--preprocess" in unknown.output and not out.exists()

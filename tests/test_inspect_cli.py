@@ -33,14 +33,23 @@ def test_inspect_json_stdout(tiny_model_path: Path) -> None:
     assert json.loads(result.output)["ready"] is True
 
 
-def test_inspect_folded_bn_not_ready(tmp_path: Path) -> None:
+def test_inspect_folded_bn_is_ready_with_the_fallback(tmp_path: Path) -> None:
     module = settle_bn(TinyConvBnRelu(), (3, 12, 12))
     path = export_onnx(module, (3, 12, 12), tmp_path / "folded.onnx", keep_bn=False)
     result = CliRunner().invoke(main, ["inspect", str(path), "--json", "-"])
-    assert result.exit_code == 1
+    assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["bn_folded"] is True and report["ready"] is False
+    assert report["bn_folded"] is True and report["ready"] is True
+    assert report["generation"].startswith("generation: procedural")
     assert any("TrainingMode.PRESERVE" in tip for tip in report["advice"])
+    assert any("--preprocess" in tip for tip in report["advice"])  # no metadata, no BN: nothing to infer from
+    text = CliRunner().invoke(main, ["inspect", str(path)])
+    assert text.exit_code == 0 and "READY" in text.output and "method    generation: procedural" in text.output
+
+
+def test_inspect_names_dgh_for_a_bn_model(tiny_model_path: Path) -> None:
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(tiny_model_path), "--json", "-"]).output)
+    assert report["generation"].startswith("generation: dgh on 2 BN layer(s)")
 
 
 def test_inspect_reports_unconvertible_op(tmp_path: Path) -> None:

@@ -97,7 +97,10 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--batch-size", type=int, default=None, help="Images optimised together (default 64).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for identical images on rerun.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--method", default="dgh", show_default=True, help="dgh, bns (BN matching per batch) or noise (Gaussian).")
+@click.option("--method", default="auto", show_default=True,
+              help="auto (dgh when the model has BN statistics, mixed when few layers do, else procedural), dgh, "
+                   "bns (BN matching per batch), noise (Gaussian), procedural (data-free natural-image priors, for "
+                   "models without BN) or mixed (half dgh, half procedural).")
 @click.option("--sas/--no-sas", default=None, help="Statistics aggregation over the whole set (default: on for dgh).")
 @click.option("--prep/--no-prep", default=None, help="Smoothing + flip + crop every step (default: on for dgh).")
 @click.option("--odsl/--no-odsl", default=None, help="Output distribution stretching loss (default: on for dgh).")
@@ -137,7 +140,7 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 def generate_command(ctx: click.Context, model: str, output: str, mean_text: str | None, std_text: str | None,
                      preview: str | None, json_out: str | None, input_shape: tuple[int, int, int] | None,
                      **options: Any) -> int:
-    """Generate synthetic calibration images for MODEL from its BatchNorm statistics (DGH).
+    """Generate synthetic calibration images for MODEL: DGH from its BatchNorm statistics, or procedural images without them.
 
     \b
     Exit codes: 0 success, 1 the generation diverged (no images written), 2 bad input,

@@ -54,9 +54,12 @@ def render(report: InspectionReport) -> str:
     if report.unconvertible_ops:
         for item in report.unconvertible_ops:
             lines.append(f"torch     cannot convert {item['op_type']} (opset {item['version']}): {', '.join(item['nodes'][:3])}")
+    lines.append(f"method    {report.generation}")
     lines.append("")
     if report.ready:
         lines.append("verdict   READY for zero-shot quantization")
+        for tip in report.advice:
+            lines.append(f"  tip: {tip}")
     else:
         lines.append("verdict   NOT READY")
         for reason in report.reasons:

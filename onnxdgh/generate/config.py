@@ -18,7 +18,8 @@ from ..normalization import PRESETS
 
 __all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH"]
 
-METHODS = ("dgh", "bns", "noise")
+METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed")
+_NOT_OPTIMISED = ("noise", "procedural")
 OPTIMIZERS = ("radam", "adam")
 SCHEDULERS = ("plateau", "none")
 STATS_REFRESH = ("reuse", "rerun")
@@ -44,8 +45,12 @@ class GenerateConfig:
         batch_size: images optimised together (memory grows with this, never with |D|).
         seed: seeds every random draw (initial noise, flips, crops).
         device: ``"cpu"`` or ``"cuda"``.
-        method: ``"dgh"`` (default), ``"bns"`` (BN matching per batch, no prep, no ODSL:
-            the ZeroQ/DeepInversion family) or ``"noise"`` (Gaussian N(0, 1) images).
+        method: ``"auto"`` (default: ``"dgh"`` when the model has usable BN statistics,
+            else ``"procedural"``; :func:`onnxdgh.generate.method.choose_method`), ``"dgh"``,
+            ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
+            family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
+            natural-image priors, :mod:`onnxdgh.generate.procedural`; nothing optimised) or
+            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN).
         sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
         prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
         odsl: output distribution stretching loss (Eq. 7-8); None = method default.
@@ -87,7 +92,7 @@ class GenerateConfig:
     batch_size: int = _DEFAULT_BATCH
     seed: int = 0
     device: str = "cpu"
-    method: str = "dgh"
+    method: str = "auto"
     sas: bool | None = None
     prep: bool | None = None
     odsl: bool | None = None
@@ -207,26 +212,26 @@ class GenerateConfig:
             raise InvalidInputError("--resume needs --checkpoint PATH", "give the checkpoint file of the interrupted run")
 
         for name in ("sas", "prep", "odsl"):
-            if self.method == "noise" and getattr(self, name):
+            if self.method in _NOT_OPTIMISED and getattr(self, name):
                 raise InvalidInputError(
-                    f"--{name} has no effect with --method noise (no optimisation runs)",
+                    f"--{name} has no effect with --method {self.method} (no optimisation runs)",
                     "drop the option, or use --method dgh / bns",
                 )
 
     @property
     def use_sas(self) -> bool:
-        """Statistics aggregation over the whole set (explicit value, else on for ``dgh`` only)."""
-        return self.method == "dgh" if self.sas is None else bool(self.sas)
+        """Statistics aggregation over the whole set (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
+        return self.method in ("dgh", "auto", "mixed") if self.sas is None else bool(self.sas)
 
     @property
     def use_prep(self) -> bool:
-        """phi_prep every step (explicit value, else on for ``dgh`` only)."""
-        return self.method == "dgh" if self.prep is None else bool(self.prep)
+        """phi_prep every step (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
+        return self.method in ("dgh", "auto", "mixed") if self.prep is None else bool(self.prep)
 
     @property
     def use_odsl(self) -> bool:
-        """Output distribution stretching loss (explicit value, else on for ``dgh`` only)."""
-        return self.method == "dgh" if self.odsl is None else bool(self.odsl)
+        """Output distribution stretching loss (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
+        return self.method in ("dgh", "auto", "mixed") if self.odsl is None else bool(self.odsl)
 
     @property
     def effective_patience(self) -> int:

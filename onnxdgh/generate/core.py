@@ -67,7 +67,9 @@ from .checkpoint import load_checkpoint, rank_path, save_checkpoint
 from .config import GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
+from .method import generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin, image_noise, view_draws
+from .procedural import procedural_images
 
 __all__ = ["GenerationResult", "StepInfo", "generate", "evaluate_images", "resolve_normalization"]
 
@@ -87,6 +89,9 @@ DIVERGED_RISE = 4.0
 
 PLATEAU_TOLERANCE = 0.01
 """``plateau_stop``: an improvement of the whole-set BN loss smaller than this fraction of its best is none."""
+
+# Methods that need no BN statistics (nothing to check, no optimisation through the model).
+_NO_BN_METHODS = ("noise", "procedural")
 
 # Settings that do not change the images: a checkpoint stays valid when they change.
 _NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last", "distributed")
@@ -125,13 +130,16 @@ def resolve_normalization(loaded: LoadedModel, config: GenerateConfig) -> Normal
 
     A BN-matching method first checks the model has BN targets: a folded export is the
     problem to fix first (its hint is the re-export recipe), and inference needs BN too.
+    ``method="auto"`` is resolved first (:func:`~onnxdgh.generate.method.resolve_method`):
+    on a model without BN statistics it picks a method that needs none.
 
     Raises:
         UnsupportedModelError / InvalidInputError: no usable BN targets (see :func:`generate`).
         InvalidInputError: bad values, or nothing decided (see
             :func:`onnxdgh.normalization.resolve_normalization`).
     """
-    if config.method != "noise":
+    config = resolve_method(loaded, config)
+    if config.method not in _NO_BN_METHODS:
         _check_bn_targets(loaded, config)
     return resolve_input_normalization(loaded, mean=config.mean, std=config.std, preprocess=config.preprocess)
 
@@ -168,6 +176,11 @@ def generate(
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     load_s = time.perf_counter() - started
+    requested = config.method
+    config = resolve_method(loaded, config)
+    if config.method == "mixed":
+        mixed = generate_mixed(loaded, config, generate, progress=progress, callback=callback)
+        return replace(mixed, report={**mixed.report, "method_requested": requested})
     if config.checkpoint:
         check_output_path(config.checkpoint, inputs=[loaded.source], option="--checkpoint")
     check_run_memory(loaded, images=config.images, batch_size=config.batch_size)
@@ -184,6 +197,7 @@ def generate(
     report: dict[str, Any] = {
         "model": loaded.source,
         "method": config.method,
+        "method_requested": requested,
         "seed": config.seed,
         "settings": config.to_dict(),
         "input_name": loaded.input_name,
@@ -191,9 +205,9 @@ def generate(
         "normalization": norm.to_dict(),
     }
     shard = open_shard(config.device) if config.distributed else SINGLE
-    if config.method == "noise":  # nothing to split: every rank draws the same set, rank 0 writes it
+    if config.method in _NO_BN_METHODS:  # nothing to split: every rank draws the same set, rank 0 writes it
         close_shard(shard)
-        return replace(_noise(loaded, config, low, high, report, started, load_s), rank=shard.rank)
+        return replace(_noise(loaded, config, norm, report, started, load_s), rank=shard.rank)
 
     try:
         convert_started = time.perf_counter()
@@ -231,17 +245,18 @@ def _check_bn_targets(loaded: LoadedModel, config: GenerateConfig) -> None:
         problem = "has no BatchNormalization nodes" if not loaded.bn_nodes else "has no BatchNormalization node with usable statistics"
         raise UnsupportedModelError(
             f"{loaded.source} {problem}; DGH needs them as targets (the export probably folded BN into Conv)",
-            f"re-export keeping BN: {REEXPORT_RECIPE}; or use --method noise, or --allow-no-bn for DGH without BN terms",
+            f"re-export keeping BN: {REEXPORT_RECIPE}; or use --method procedural (what --method auto picks), "
+            "or --allow-no-bn for DGH without BN terms",
         )
     if not usable and config.method == "bns":
         raise InvalidInputError(
             f"--method bns has nothing to match: {loaded.source} has no usable BN statistics",
-            "use --method noise, or --method dgh --allow-no-bn",
+            "use --method procedural, or --method dgh --allow-no-bn",
         )
     if not usable and not config.use_odsl:
         raise InvalidInputError(
             f"nothing to optimise: {loaded.source} has no usable BN statistics and ODSL is off",
-            "drop --no-odsl, or use --method noise",
+            "drop --no-odsl, or use --method procedural",
         )
 
 
@@ -249,15 +264,16 @@ def _model_sha256(loaded: LoadedModel) -> str:
     return hashlib.sha256(loaded.model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _noise(loaded: LoadedModel, config: GenerateConfig, low: torch.Tensor | None, high: torch.Tensor | None,
+def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization,
            report: dict[str, Any], started: float, load_s: float) -> GenerationResult:
-    generator = torch.Generator().manual_seed(config.seed)
-    images = torch.randn((config.images, *loaded.input_shape), generator=generator)
-    clamped = 0.0
-    if low is not None and high is not None:
-        lo, hi = low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)
-        clamped = float(((images < lo) | (images > hi)).float().mean())
-        images = torch.maximum(torch.minimum(images, hi), lo)
+    """The methods that run nothing through the model: Gaussian noise or procedural images."""
+    if config.method == "procedural":
+        images = torch.from_numpy(procedural_images(config.images, loaded.input_shape, config.seed, norm.mean, norm.std))
+    else:
+        images = torch.randn((config.images, *loaded.input_shape), generator=torch.Generator().manual_seed(config.seed))
+    lo, hi = torch.from_numpy(norm.low).view(1, -1, 1, 1), torch.from_numpy(norm.high).view(1, -1, 1, 1)
+    clamped = float(((images < lo) | (images > hi)).float().mean())
+    images = torch.maximum(torch.minimum(images, hi), lo)
     array = images.numpy().astype(np.float32)
     report["normalization"]["clamped_fraction"] = clamped
     final: dict[str, Any] = {}

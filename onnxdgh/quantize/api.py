@@ -438,8 +438,8 @@ def quantize(
         timings["generate_s"] = time.perf_counter() - step
         calibration = _check_images(result.images, loaded)
         generation_report = result.report
-        source = calibration_source or f"dgh:{gen_config.method}"
-        data_settings: dict[str, Any] = {"generation": gen_config.to_dict()}
+        source = calibration_source or f"dgh:{result.report['method']}"  # "auto" resolved
+        data_settings: dict[str, Any] = {"generation": {**gen_config.to_dict(), "method": result.report["method"]}}
     else:
         source = calibration_source or "array"
         data_settings = {}
