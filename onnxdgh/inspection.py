@@ -141,8 +141,8 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
     if not loaded.usable_bn_nodes:  # ready all the same: --method auto falls back to procedural images
         advice.append(f"for full DGH quality, re-export a trained model in eval mode with BN kept: {REEXPORT_RECIPE}")
         if loaded.input_normalization() is None:
-            advice.append("without BN the input normalisation cannot be inferred: give --preprocess NAME or "
-                          "--mean/--std (or store it in the model's metadata)")
+            advice.append("without BN the input normalisation cannot be inferred: run onnxdgh quantize with "
+                          "--preprocess NAME or --mean/--std (or store it in the model's metadata)")
     unrunnable = unknown_runtime_ops(loaded.model)
     if unrunnable:
         reasons.append(f"onnxruntime cannot run {describe_nodes(unrunnable)}: nothing can be calibrated or quantized")

@@ -106,7 +106,7 @@ def open_shard(device: str) -> Shard:
         if local_rank >= torch.cuda.device_count():
             raise InvalidInputError(
                 f"--distributed --device cuda: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)",
-                "start at most one process per GPU (--nproc_per_node), or use --device cpu",
+                "start at most one process per GPU (torchrun --nproc_per_node), or use --device cpu",
             )
         torch.cuda.set_device(local_rank)  # "cuda" tensors of this rank go to its own GPU
         dist.init_process_group("nccl", timeout=_TIMEOUT)
