@@ -223,8 +223,7 @@ def _sample_spec(name: str, folder: Path, work: Path) -> Spec | str:
         return f"{path} not found (train it with tools/train_fashion_mnist.py)"
     out = work / f"{name}.nometa.onnx"
     removed = strip_normalisation(path, out)
-    return Spec(name, out, fm.MEAN, fm.STD, f"`samples/{name}.onnx`, metadata {', '.join(sorted(removed)) or 'none'} removed",
-                removed=removed)
+    return Spec(name, out, fm.MEAN, fm.STD, f"`samples/{name}.onnx`", removed=removed)
 
 
 def _ocr_spec(args: argparse.Namespace, dirs: Sequence[Path], work: Path) -> Spec | str:
@@ -799,7 +798,8 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], gen_note: str) -
                 describe_normalisation(run.get("normalisation")).replace("|", "/") if gen.get("settings") else "(real images)",
                 "—" if run.get("input_threshold") is None else f"{run['input_threshold']:g}", rng, loss,
                 _pct(m.get("accuracy")), _pct(m.get("agreement")), _pct(m.get("top5_has_float_top1")), _db(m.get("sqnr_db")),
-                str(run.get("bias_clipped") if run.get("bias_clipped") is not None else "—"), f"{run['wall_s']:.0f} s",
+                str(run.get("bias_clipped") if run.get("bias_clipped") is not None else "—"),
+                f"{run['wall_s']:.0f} s" + (" (reused)" if run.get("resumed") else ""),
             ])
     body = [
         bl.md_table(["model", "measure", "true normalisation", "normalisation used, no flags", "float"]
@@ -833,8 +833,11 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], gen_note: str) -
     ]
     for res in results:
         removed = ", ".join(f"`{k}`" for k in sorted(res["removed_metadata"])) or "none (the file has none)"
-        body.append(f"- **{res['model']}**: {res['origin']}; normalisation metadata removed: {removed}; "
-                    f"{res['seconds']:.0f} s for all its runs. {res['data']}.")
+        reused = sum(1 for run in res["runs"] if run.get("resumed"))
+        timing = f"{res['seconds']:.0f} s for all its runs" if not reused else \
+            f"{res['seconds']:.0f} s in this invocation ({reused} of its {len(res['runs'])} commands reused)"
+        body.append(f"- **{res['model']}**: {res['origin']}; normalisation metadata removed: {removed}; {timing}. "
+                    f"Inputs: {res['data']}.")
     if skipped:
         body += ["", "Skipped: " + "; ".join(skipped) + "."]
     return "\n".join(body)
@@ -855,10 +858,10 @@ def _resumed_note(results: list[dict[str, Any]]) -> str:
     reused = [f"{r['model']} / {run['label']}" for r in results for run in r["runs"] if run.get("resumed")]
     if not reused:
         return ""
-    return (f" {len(reused)} of {sum(len(r['runs']) for r in results)} commands were not rerun by this invocation "
-            f"(`--resume`; {', '.join(reused)}): their exit codes, times and reports come from the earlier "
-            "invocation of the same command that wrote them; every quality figure was measured anew on the models "
-            "they wrote; the per-model time counts only this invocation.")
+    return (f" {len(reused)} of {sum(len(r['runs']) for r in results)} `onnxdgh quantize` commands were not rerun by "
+            "this invocation (`--resume`): their exit codes, times and reports come from an earlier invocation of the "
+            "same benchmark command that wrote them (marked *reused* in the table of every run); every quality "
+            "figure was measured anew on the models they wrote.")
 
 
 BASELINE_NOTE = ("**Baseline before the issue-12 features.** This checkout's `onnxdgh quantize` has no `--preprocess` "
@@ -869,7 +872,7 @@ BASELINE_NOTE = ("**Baseline before the issue-12 features.** This checkout's `on
 
 def render(data: dict[str, Any], doc: Path) -> Path:
     """Write the section from a results JSON (what :func:`run` saved): no model is run again."""
-    body = markdown(data["results"], data["skipped"], data["gen_note"])
+    body = markdown(data["results"], data["skipped"], generation_note(data["results"], data["preset_rows"], data["seed"]))
     notes = ([] if data.get("preprocess_supported") else [BASELINE_NOTE]) + ([data["note"]] if data.get("note") else [])
     if notes:
         body = "\n\n".join(notes) + "\n\n" + body
@@ -934,7 +937,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise bl.BenchError("no model was found: " + "; ".join(skipped))
     preset_rows = "run" if use_preset else ("off (--preprocess off)" if supported else "not run (the option is not in this checkout)")
     data = {"info": info, "command": bl.command_string(), "load_before": load_before, "load_after": bl.load_average(),
-            "preprocess_supported": supported, "note": args.note, "gen_note": generation_note(results, preset_rows, seed),
+            "preprocess_supported": supported, "note": args.note, "preset_rows": preset_rows, "seed": seed,
             "results": results, "skipped": skipped}
     from onnxdgh.fileio import atomic_write_text
 
