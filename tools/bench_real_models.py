@@ -97,6 +97,9 @@ GEN_DEFAULTS: dict[str, tuple[int, int]] = {
     "efficientnet_lite0": (64, 100),
 }
 SMOKE_GEN = (8, 2)
+# onnxruntime batch for the evaluation: a QDQ model at 224x224 keeps every intermediate in
+# float, and 256 images at once took the benchmark out of memory on a shared 24 GiB machine.
+EVAL_BATCH = 32
 # Real-input set sizes: (calibration, evaluation); Fashion-MNIST evaluates on all 10,000.
 DATA_DEFAULTS: dict[str, tuple[int, int]] = {"fmnist": (512, 10000), "ocr_cls": (128, 400),
                                              "efficientnet_lite0": (256, 400)}
@@ -160,6 +163,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run the --preprocess preset row: auto = when `onnxdgh quantize --help` lists it")
     parser.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (quick runs)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one onnxdgh command may run")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse each run an earlier invocation finished with the same arguments (its OUT.run.json); "
+                             "figures are measured anew on the saved models")
     parser.add_argument("--note", default=None, help="a sentence put at the top of the section (e.g. what was merged)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the section from a saved real_models.json (no model is run)")
@@ -217,8 +223,7 @@ def _sample_spec(name: str, folder: Path, work: Path) -> Spec | str:
         return f"{path} not found (train it with tools/train_fashion_mnist.py)"
     out = work / f"{name}.nometa.onnx"
     removed = strip_normalisation(path, out)
-    return Spec(name, out, fm.MEAN, fm.STD, f"`samples/{name}.onnx`, metadata {', '.join(sorted(removed)) or 'none'} removed",
-                removed=removed)
+    return Spec(name, out, fm.MEAN, fm.STD, f"`samples/{name}.onnx`", removed=removed)
 
 
 def _ocr_spec(args: argparse.Namespace, dirs: Sequence[Path], work: Path) -> Spec | str:
@@ -576,22 +581,64 @@ class Run:
     generation: dict[str, Any] | None = None
     validator: dict[str, Any] | None = None
     measured: dict[str, float | None] | None = None
+    resumed: bool = False
+    """True when the command's outcome was reused from an earlier invocation (``--resume``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+def quantize_args(spec: Spec, out: Path, extra: Sequence[str], seed: int) -> list[str]:
+    """The ``onnxdgh quantize`` arguments of one run (its report next to ``out``)."""
+    args = ["quantize", str(spec.model), "-o", str(out), "--seed", str(seed), "--json", str(out.with_suffix(".report.json")),
+            *extra]
+    return args + (["--input-shape", spec.input_shape] if spec.input_shape else [])
+
+
+def run_plan(spec: Spec, gen: tuple[int, int], real: Path, calib_count: int, use_preset: bool) -> list[tuple[str, list[str]]]:
+    """(label, extra arguments) of every run of one model, in order."""
+    images, iterations = gen
+    gen_args = ["--images", str(images), "--iterations", str(iterations), "--batch-size", str(min(64, images))]
+    mean, std = ",".join(f"{v:g}" for v in spec.mean), ",".join(f"{v:g}" for v in spec.std)
+    plan: list[tuple[str, list[str]]] = [("no flags", gen_args)]
+    if use_preset and spec.preset:
+        plan.append((f"--preprocess {spec.preset}", [*gen_args, "--preprocess", spec.preset]))
+    plan += [("true --mean/--std", [*gen_args, "--mean", mean, "--std", std]),
+             (f"real calibration ({calib_count})", ["--calib-data", str(real)])]
+    return plan
+
+
 def quantize_run(label: str, spec: Spec, out: Path, extra: list[str], *, seed: int, smoke: bool, timeout: float,
-                 input_name: str) -> Run:
-    """Run ``onnxdgh quantize`` (W8A8, validation on) with ``extra``; collect its report and verdict."""
+                 input_name: str, resume: bool = False) -> Run:
+    """Run ``onnxdgh quantize`` (W8A8, validation on) with ``extra``; collect its report and verdict.
+
+    The command's exit code, wall time and stderr are kept in ``OUT.run.json``; with
+    ``resume`` a run whose record has the same arguments (and whose model exists when it
+    was written) is not run again: its outcome and files are reused.
+    """
     report_path, validation_path = out.with_suffix(".report.json"), out.with_suffix(".validation.json")
-    for stale in (out, report_path, validation_path):
-        stale.unlink(missing_ok=True)
-    args = ["quantize", str(spec.model), "-o", str(out), "--seed", str(seed), "--json", str(report_path), *extra]
-    if spec.input_shape:
-        args += ["--input-shape", spec.input_shape]
+    record = out.with_suffix(".run.json")
+    args = quantize_args(spec, out, extra, seed)
     run = Run(label, args)
-    bl.log(f"  {spec.name} / {label}: onnxdgh quantize {spec.model.name} {shlex.join(extra)}")
+    previous = json.loads(record.read_text()) if resume and record.exists() else None
+    if previous is not None and previous.get("args") == args and (previous["exit_code"] not in (0, 1) or out.exists()):
+        run.exit_code, run.wall_s, stderr, run.resumed = previous["exit_code"], previous["wall_s"], previous["stderr"], True
+        bl.log(f"  {spec.name} / {label}: reused from {record.name} (--resume)")
+    else:
+        for stale in (out, report_path, validation_path, record):
+            stale.unlink(missing_ok=True)
+        bl.log(f"  {spec.name} / {label}: onnxdgh quantize {spec.model.name} {shlex.join(extra)}")
+        stderr = _execute(run, args, smoke=smoke, timeout=timeout)
+        from onnxdgh.fileio import atomic_write_text
+
+        atomic_write_text(record, json.dumps({"args": args, "exit_code": run.exit_code, "wall_s": round(run.wall_s, 2),
+                                              "stderr": stderr[-4000:]}, indent=1))
+    _collect(run, report_path, validation_path, stderr, input_name)
+    return run
+
+
+def _execute(run: Run, args: list[str], *, smoke: bool, timeout: float) -> str:
+    """Run the command (in-process for ``--smoke``); set its exit code and wall time; return its stderr."""
     if smoke:
         from click.testing import CliRunner
 
@@ -607,6 +654,11 @@ def quantize_run(label: str, spec: Spec, out: Path, extra: list[str], *, seed: i
     else:
         measured = bl.run_measured([sys.executable, "-m", "onnxdgh", "-q", *args], timeout=timeout, cwd=bl.REPO)
         run.wall_s, run.exit_code, stderr = measured.wall_s, measured.returncode, measured.stderr
+    return stderr
+
+
+def _collect(run: Run, report_path: Path, validation_path: Path, stderr: str, input_name: str) -> None:
+    """Fill ``run`` from the command's --json report, its validation report and its stderr."""
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     validation = json.loads(validation_path.read_text()) if validation_path.exists() else None
     run.verdict = verdict(run.exit_code, validation, stderr)
@@ -634,37 +686,30 @@ def quantize_run(label: str, spec: Spec, out: Path, extra: list[str], *, seed: i
                                    ("schema", "passed", "model", "reference", "profile", "violation_counts", "violations",
                                     "gates", "data", "outputs", "layers", "unmatched_layers", "quantization")}}
     bl.log(f"    exit {run.exit_code} in {run.wall_s:.0f} s: {run.verdict}; normalisation {describe_normalisation(run.normalisation)}")
-    return run
 
 
 def bench_model(spec: Spec, data: RealData, work: Path, *, gen: tuple[int, int], seed: int, smoke: bool,
-                use_preset: bool, timeout: float) -> dict[str, Any]:
+                use_preset: bool, timeout: float, resume: bool = False) -> dict[str, Any]:
     """Every run of one model; returns the JSON-ready result."""
     from onnxdgh.fileio import save_images_npz
     from onnxdgh.load import load_model
 
     started = time.perf_counter()
     loaded = load_model(spec.model, input_shape=_shape(spec.input_shape))
-    reference = bl.predict(spec.model, data.evaluation)
+    reference = bl.predict(spec.model, data.evaluation, batch_size=EVAL_BATCH)
     float_acc = float(np.mean(reference.argmax(axis=1) == data.labels)) if data.labels is not None else None
     bl.log(f"{spec.name}: {data.evaluation.shape[0]} evaluation inputs, float accuracy "
            f"{'—' if float_acc is None else f'{100 * float_acc:.2f}%'}")
     images, iterations = gen
-    gen_args = ["--images", str(images), "--iterations", str(iterations), "--batch-size", str(min(64, images))]
-    mean, std = ",".join(f"{v:g}" for v in spec.mean), ",".join(f"{v:g}" for v in spec.std)
     real = work / f"{spec.name}.calib_real.npz"
     save_images_npz(real, data.calib, {"source": data.description})
-    plan: list[tuple[str, list[str]]] = [("no flags", gen_args)]
-    if use_preset and spec.preset:
-        plan.append((f"--preprocess {spec.preset}", [*gen_args, "--preprocess", spec.preset]))
-    plan += [("true --mean/--std", [*gen_args, "--mean", mean, "--std", std]),
-             (f"real calibration ({data.calib.shape[0]})", ["--calib-data", str(real)])]
     runs = []
-    for index, (label, extra) in enumerate(plan):
+    for index, (label, extra) in enumerate(run_plan(spec, gen, real, int(data.calib.shape[0]), use_preset)):
         out = work / f"{spec.name}.q{index}.onnx"
-        run = quantize_run(label, spec, out, extra, seed=seed, smoke=smoke, timeout=timeout, input_name=loaded.input_name)
+        run = quantize_run(label, spec, out, extra, seed=seed, smoke=smoke, timeout=timeout, input_name=loaded.input_name,
+                           resume=resume)
         if run.exit_code in (0, 1) and out.exists():
-            run.measured = compare_outputs(reference, bl.predict(out, data.evaluation), data.labels)
+            run.measured = compare_outputs(reference, bl.predict(out, data.evaluation, batch_size=EVAL_BATCH), data.labels)
             m = run.measured
             bl.log(f"    agreement {100 * m['agreement']:.2f}%, SQNR {m['sqnr_db']:.1f} dB"
                    + ("" if m["accuracy"] is None else f", accuracy {100 * m['accuracy']:.2f}%"))
@@ -753,7 +798,8 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], gen_note: str) -
                 describe_normalisation(run.get("normalisation")).replace("|", "/") if gen.get("settings") else "(real images)",
                 "—" if run.get("input_threshold") is None else f"{run['input_threshold']:g}", rng, loss,
                 _pct(m.get("accuracy")), _pct(m.get("agreement")), _pct(m.get("top5_has_float_top1")), _db(m.get("sqnr_db")),
-                str(run.get("bias_clipped") if run.get("bias_clipped") is not None else "—"), f"{run['wall_s']:.0f} s",
+                str(run.get("bias_clipped") if run.get("bias_clipped") is not None else "—"),
+                f"{run['wall_s']:.0f} s" + (" (reused)" if run.get("resumed") else ""),
             ])
     body = [
         bl.md_table(["model", "measure", "true normalisation", "normalisation used, no flags", "float"]
@@ -787,8 +833,11 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], gen_note: str) -
     ]
     for res in results:
         removed = ", ".join(f"`{k}`" for k in sorted(res["removed_metadata"])) or "none (the file has none)"
-        body.append(f"- **{res['model']}**: {res['origin']}; normalisation metadata removed: {removed}; "
-                    f"{res['seconds']:.0f} s for all its runs. {res['data']}.")
+        reused = sum(1 for run in res["runs"] if run.get("resumed"))
+        timing = f"{res['seconds']:.0f} s for all its runs" if not reused else \
+            f"{res['seconds']:.0f} s in this invocation ({reused} of its {len(res['runs'])} commands reused)"
+        body.append(f"- **{res['model']}**: {res['origin']}; normalisation metadata removed: {removed}; {timing}. "
+                    f"Inputs: {res['data']}.")
     if skipped:
         body += ["", "Skipped: " + "; ".join(skipped) + "."]
     return "\n".join(body)
@@ -802,7 +851,17 @@ def generation_note(results: list[dict[str, Any]], preset_rows: str, seed: int) 
     return ("Generation sizes (`--images`/`--iterations`, batch min(64, images)): "
             + ", ".join(f"{r['model']} {r['generation']['images']}x{r['generation']['iterations']}" for r in results)
             + f". `--preprocess` row: {preset_rows}. Every command is W8A8 with the default profile and threshold, "
-            f"seed {seed}; one torch thread (`OMP_NUM_THREADS=1`).")
+            f"seed {seed}; one torch thread (`OMP_NUM_THREADS=1`)." + _resumed_note(results))
+
+
+def _resumed_note(results: list[dict[str, Any]]) -> str:
+    reused = [f"{r['model']} / {run['label']}" for r in results for run in r["runs"] if run.get("resumed")]
+    if not reused:
+        return ""
+    return (f" {len(reused)} of {sum(len(r['runs']) for r in results)} `onnxdgh quantize` commands were not rerun by "
+            "this invocation (`--resume`): their exit codes, times and reports come from an earlier invocation of the "
+            "same benchmark command that wrote them (marked *reused* in the table of every run); every quality "
+            "figure was measured anew on the models they wrote.")
 
 
 BASELINE_NOTE = ("**Baseline before the issue-12 features.** This checkout's `onnxdgh quantize` has no `--preprocess` "
@@ -813,7 +872,7 @@ BASELINE_NOTE = ("**Baseline before the issue-12 features.** This checkout's `on
 
 def render(data: dict[str, Any], doc: Path) -> Path:
     """Write the section from a results JSON (what :func:`run` saved): no model is run again."""
-    body = markdown(data["results"], data["skipped"], data["gen_note"])
+    body = markdown(data["results"], data["skipped"], generation_note(data["results"], data["preset_rows"], data["seed"]))
     notes = ([] if data.get("preprocess_supported") else [BASELINE_NOTE]) + ([data["note"]] if data.get("note") else [])
     if notes:
         body = "\n\n".join(notes) + "\n\n" + body
@@ -872,13 +931,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             bl.log(f"skipped {name}: {spec}")
             continue
         results.append(bench_model(spec, make_data(spec), ctx.work, gen=sizes[name], seed=seed, smoke=ctx.smoke,
-                                   use_preset=use_preset, timeout=args.timeout))
+                                   use_preset=use_preset, timeout=args.timeout, resume=args.resume))
         bl.log(f"{name}: done in {results[-1]['seconds']:.0f} s")
     if not results:
         raise bl.BenchError("no model was found: " + "; ".join(skipped))
     preset_rows = "run" if use_preset else ("off (--preprocess off)" if supported else "not run (the option is not in this checkout)")
     data = {"info": info, "command": bl.command_string(), "load_before": load_before, "load_after": bl.load_average(),
-            "preprocess_supported": supported, "note": args.note, "gen_note": generation_note(results, preset_rows, seed),
+            "preprocess_supported": supported, "note": args.note, "preset_rows": preset_rows, "seed": seed,
             "results": results, "skipped": skipped}
     from onnxdgh.fileio import atomic_write_text
 
