@@ -45,6 +45,9 @@ def render(report: dict[str, Any], output: str) -> str:
         + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
         + f", total {timings['total_s']:.1f} s",
     ]
+    if "equalize" in report:
+        lines.insert(-1, f"equalize  {len(report['equalize']['pairs'])} layer pair(s) equalized "
+                         f"(cross-layer equalization), {len(report['equalize']['skipped'])} layer(s) left")
     shifted = report.get("shift_negative", {}).get("shifted", [])
     if shifted:
         lines.insert(-1, f"shift     {len(shifted)} activation(s) moved onto the unsigned grid "
@@ -83,6 +86,9 @@ def render(report: dict[str, Any], output: str) -> str:
               help="Shift negative correction: SiLU/HardSwish-like outputs read only by Conv/Gemm move onto the "
                    "unsigned grid, the consumers' biases and padding compensate (default: on below 8-bit "
                    "activations when the profile fuses the activation with Add, as pot-lowbit does).")
+@click.option("--equalize/--no-equalize", "equalize", default=None,
+              help="Cross-layer equalization: rescale consecutive convolutions (e.g. depthwise -> pointwise) so "
+                   "their per-channel weight ranges match; the float function is unchanged (default: off).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
 @click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
 @click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")
@@ -122,6 +128,7 @@ def quantize_command(
     bias_correction: bool | None,
     rounding_iterations: int,
     shift_negative: bool | None,
+    equalize: bool | None,
     seed: int,
     images: int | None,
     iterations: int | None,
@@ -188,6 +195,7 @@ def quantize_command(
         bias_correction=bias_correction,
         rounding_iterations=rounding_iterations,
         shift_negative=shift_negative,
+        equalize=equalize,
     )
     generation = {
         "images": images,
