@@ -90,6 +90,8 @@ class ValidationReport:
     data: DataInfo | None
     quantization: Mapping[str, Any]
     passed: bool
+    diagnosis: Mapping[str, Any] | None = None
+    """Where the error is made: the first layer whose SQNR drops against its inputs (validate.diagnose)."""
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -119,6 +121,7 @@ class ValidationReport:
             "outputs": [output.to_dict() for output in self.outputs],
             "layers": [layer.to_dict() for layer in self.layers],
             "unmatched_layers": list(self.unmatched_layers),
+            "diagnosis": dict(self.diagnosis) if self.diagnosis else None,
             "quantization": dict(self.quantization),
         }
 
@@ -339,6 +342,7 @@ def validate(
         data=data_info,
         quantization=stats,
         passed=passed,
+        diagnosis=numeric.diagnosis if numeric else None,
     )
     _LOG.info(
         "validation of %s against %s: %s (%d violations, %d failed gates)",
