@@ -84,6 +84,12 @@ class QuantizeConfig:
             89.1 -> 88.8 % (docs/ROUNDING.md).
         rounding_iterations: AdaRound steps per layer (1000 gained 0.1 point over 300 at
             W4A4 for 2x the time).
+        kernel_sum_rounding: store each output channel's weight integers so that their sum
+            is the nearest integer of the float sum (``--kernel-sum-rounding/
+            --no-kernel-sum-rounding``, :func:`~onnxdgh.quantize.thresholds.quantize_preserving_sums`):
+            a high-gain kernel whose taps cancel (BN-folded depthwise edge filters) keeps its
+            gain on smooth regions. None: on for 8-bit weights when the rounding optimisation is
+            off (it chooses the integers itself; both together are an error). KSR_EVIDENCE
         equalize: cross-layer equalization of consecutive convolutions before
             quantization (``--equalize/--no-equalize``, :mod:`onnxdgh.quantize.equalize`;
             the float function is unchanged, a ReLU6 keeps its bound). None: off (measurements pending)
@@ -114,6 +120,7 @@ class QuantizeConfig:
     rounding_iterations: int = 300
     shift_negative: bool | None = None
     equalize: bool | None = None
+    kernel_sum_rounding: bool | None = None
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS or isinstance(self.weight_bits, bool):
@@ -130,11 +137,17 @@ class QuantizeConfig:
         for name in ("per_channel", "int4_types"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}", "pass a bool")
-        for name in ("optimize_rounding", "bias_correction", "shift_negative", "equalize"):
+        for name in ("optimize_rounding", "bias_correction", "shift_negative", "equalize",
+                     "kernel_sum_rounding"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(
                     f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}", "pass a bool or None"
                 )
+        if self.kernel_sum_rounding and self.rounding_enabled:
+            raise InvalidInputError(
+                "--kernel-sum-rounding chooses the stored weight integers, and so does the rounding optimisation",
+                "add --no-optimize-rounding, or drop --kernel-sum-rounding",
+            )
         if not isinstance(self.rounding_iterations, int) or isinstance(self.rounding_iterations, bool) or self.rounding_iterations < 1:
             raise InvalidInputError(
                 f"--rounding-iterations {self.rounding_iterations!r} is not a positive integer", "give e.g. --rounding-iterations 300"
@@ -164,6 +177,15 @@ class QuantizeConfig:
         return bool(self.bias_correction)
 
     @property
+    def kernel_sum_rounding_enabled(self) -> bool:
+        """Whether weights are stored by kernel-sum-preserving rounding (explicit, else for 8-bit
+        weights when AdaRound is off: ``optimize_rounding=False`` below 8 bits stays nearest
+        rounding, the input ``rounding.optimize_rounding`` expects)."""
+        if self.kernel_sum_rounding is not None:
+            return self.kernel_sum_rounding
+        return self.weight_bits == 8 and not self.rounding_enabled
+
+    @property
     def equalize_enabled(self) -> bool:
         """Whether cross-layer equalization runs (explicit setting, else off)."""
         return bool(self.equalize)
@@ -182,6 +204,7 @@ class QuantizeConfig:
         data["optimize_rounding"] = self.rounding_enabled
         data["bias_correction"] = self.bias_correction_enabled
         data["equalize"] = self.equalize_enabled
+        data["kernel_sum_rounding"] = self.kernel_sum_rounding_enabled
         return data
 
 
@@ -418,7 +441,8 @@ def quantize(
             )
             stats = shifted_statistics(stats, shifts)
         shift_report = {"shifted": [item.to_dict() for item in shifts], "left": unshifted}
-    resolved = resolve(plan, stats, folded, method=config.threshold, int4_types=config.int4_types)
+    resolved = resolve(plan, stats, folded, method=config.threshold, int4_types=config.int4_types,
+                       sum_rounding=config.kernel_sum_rounding_enabled)
     if shifts:
         resolved = compensate(resolved, folded, shifts)
     timings["thresholds_s"] = time.perf_counter() - step
@@ -445,7 +469,8 @@ def quantize(
                 input_shifts=input_shifts,
             )
         else:
-            quantized, rounding_report = bias_correction(quantized, folded, calibration, progress=progress)
+            quantized, rounding_report = bias_correction(quantized, folded, calibration, progress=progress,
+                                                         sum_rounded=config.kernel_sum_rounding_enabled)
         timings["rounding_s"] = time.perf_counter() - step
 
     step = time.perf_counter()
@@ -528,6 +553,7 @@ def _write_metadata(
             "onnxdgh.bias_correction": str(config.bias_correction_enabled).lower(),
             "onnxdgh.shift_negative": str(shifted),
             "onnxdgh.equalize": str(config.equalize_enabled).lower(),
+            "onnxdgh.kernel_sum_rounding": str(config.kernel_sum_rounding_enabled).lower(),
             "onnxdgh.profile": profile.name,
             "onnxdgh.seed": str(config.seed),
             "onnxdgh.calibration_source": source,
