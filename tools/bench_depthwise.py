@@ -50,24 +50,39 @@ import benchlib as bl  # noqa: E402
 
 PARTS = ("effnet", "samples")
 # name -> (QuantizeConfig fields, the equivalent command-line options, pre-equalize without power-of-two scales)
+_OFF = {"equalize": False, "bias_correction": False, "optimize_rounding": False, "kernel_sum_rounding": False}
+_FLAGS = {"equalize": "--equalize", "bias_correction": "--bias-correction", "optimize_rounding": "--optimize-rounding",
+          "kernel_sum_rounding": "--kernel-sum-rounding"}
+
+
+def _variant(*on: str, nopot: bool = False) -> tuple[dict[str, Any], str, bool]:
+    fields = {**_OFF, **{name: True for name in on}}
+    flags = " ".join(_FLAGS[name] if value else "--no-" + _FLAGS[name][2:] for name, value in fields.items())
+    if nopot:
+        flags = "library: equalize(power_of_two=False) first, then " + flags
+    return fields, flags, nopot
+
+
+# name -> (QuantizeConfig fields, the equivalent command-line options, pre-equalize without power-of-two scales)
 VARIANTS: dict[str, tuple[dict[str, Any], str, bool]] = {
-    "none": ({"equalize": False, "bias_correction": False, "optimize_rounding": False},
-             "--no-equalize --no-bias-correction --no-optimize-rounding", False),
-    "cle": ({"equalize": True, "bias_correction": False, "optimize_rounding": False},
-            "--equalize --no-bias-correction --no-optimize-rounding", False),
-    "cle-nopot": ({"equalize": False, "bias_correction": False, "optimize_rounding": False},
-                  "library: equalize(power_of_two=False), then --no-equalize", True),
-    "bc": ({"equalize": False, "bias_correction": True, "optimize_rounding": False},
-           "--no-equalize --bias-correction --no-optimize-rounding", False),
-    "cle+bc": ({"equalize": True, "bias_correction": True, "optimize_rounding": False},
-               "--equalize --bias-correction --no-optimize-rounding", False),
-    "round": ({"equalize": False, "bias_correction": False, "optimize_rounding": True},
-              "--no-equalize --optimize-rounding", False),
-    "cle+round": ({"equalize": True, "bias_correction": False, "optimize_rounding": True},
-                  "--equalize --optimize-rounding", False),
+    "nearest": _variant(),
+    "cle": _variant("equalize"),
+    "cle-nopot": _variant(nopot=True),
+    "bc": _variant("bias_correction"),
+    "cle+bc": _variant("equalize", "bias_correction"),
+    "ksr": _variant("kernel_sum_rounding"),
+    "ksr+cle": _variant("kernel_sum_rounding", "equalize"),
+    "ksr+bc": _variant("kernel_sum_rounding", "bias_correction"),
+    "ksr+cle+bc": _variant("kernel_sum_rounding", "equalize", "bias_correction"),
+    "round": _variant("optimize_rounding"),
+    "cle+round": _variant("equalize", "optimize_rounding"),
 }
 SAMPLE_BITS = ((8, 8), (4, 8), (4, 4))
-SAMPLE_VARIANTS = {"default": [], "equalize": ["--equalize"]}
+SAMPLE_VARIANTS = {"default": [], "equalize": ["--equalize"], "bias-correction": ["--bias-correction"],
+                   "nearest": ["--no-kernel-sum-rounding"]}
+W8A8_ONLY = ("bias-correction", "nearest")
+"""Measured at W8A8 only: below 8 bits the rounding optimisation chooses the integers (kernel-sum
+rounding is off) and learns the biases, which a correction after it undoes (docs/ROUNDING.md)."""
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -76,7 +91,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--effnet", type=Path, default=bl.WORK / "real_models" / "efficientnet_lite0.onnx",
                         help="EfficientNet-Lite0 ONNX (BN kept), as tools/bench_real_models.py exports it")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="ksr = --kernel-sum-rounding, cle = --equalize, bc = --bias-correction, "
+                             "round = --optimize-rounding (all others off in each row)")
     parser.add_argument("--calib", type=int, default=128, help="calibration crops (default 128)")
     parser.add_argument("--eval", type=int, default=200, help="evaluation crops (default 200)")
     parser.add_argument("--rounding-iterations", type=int, default=300, help="AdaRound steps per unit in the round variants")
@@ -224,6 +241,9 @@ def run_samples(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
         for weight_bits, act_bits in bits_list:
             cells = []
             for name, extra in SAMPLE_VARIANTS.items():
+                if name in W8A8_ONLY and (weight_bits, act_bits) != (8, 8):
+                    cells.append(None)
+                    continue
                 key = f"sample|{model.stem}|W{weight_bits}A{act_bits}|{name}|{ctx.seed}|{int(ctx.smoke)}"
                 if key not in results or args.fresh:
                     out = ctx.work / f"{model.stem}.W{weight_bits}A{act_bits}.{name}.onnx"
@@ -236,15 +256,18 @@ def run_samples(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
                     results[key] = {"top1": bl.top1(str(out), test_x, test_y), "seconds": round(measured.wall_s, 1)}
                     _save_results(store, results)
                 cells.append(results[key])
-            delta = 100 * (cells[1]["top1"] - cells[0]["top1"])
-            bl.log(f"  {model.stem} W{weight_bits}A{act_bits}: {cells[0]['top1']:.4f} -> {cells[1]['top1']:.4f}")
-            rows.append([model.stem, f"W{weight_bits}A{act_bits}", bl.fmt_pct(float_top1), bl.fmt_pct(cells[0]["top1"]),
-                         bl.fmt_pct(cells[1]["top1"]), f"{delta:+.2f}", f"{cells[0]['seconds']:.0f} / {cells[1]['seconds']:.0f} s"])
-    table = bl.md_table(["model", "bits", "float top-1 %", "default top-1 %", "--equalize top-1 %", "change (pt)",
-                         "time default / --equalize"], rows)
+            base = cells[0]["top1"]
+            bl.log(f"  {model.stem} W{weight_bits}A{act_bits}: " + ", ".join(
+                f"{name} {c['top1']:.4f}" for name, c in zip(SAMPLE_VARIANTS, cells) if c is not None))
+            row = [model.stem, f"W{weight_bits}A{act_bits}", bl.fmt_pct(float_top1), bl.fmt_pct(base)]
+            row += ["-" if c is None else f"{bl.fmt_pct(c['top1'])} ({100 * (c['top1'] - base):+.2f})" for c in cells[1:]]
+            row.append(" / ".join("-" if c is None else f"{c['seconds']:.0f}" for c in cells) + " s")
+            rows.append(row)
+    table = bl.md_table(["model", "bits", "float top-1 %", "default top-1 %", "--equalize (change, pt)",
+                         "--bias-correction", "--no-kernel-sum-rounding", "time per column"], rows)
     return (f"### Samples: no regression\n\n{described}; calibration: 512 training images (seed {ctx.seed}); "
             f"`onnxdgh quantize MODEL -o OUT --calib-data calib_real.npz --weight-bits W --act-bits A "
-            f"--no-validate [--equalize]` (defaults otherwise: rounding optimisation below 8 bits).\n\n{table}\n")
+            f"--no-validate [--equalize | --bias-correction | --no-kernel-sum-rounding]` (defaults otherwise: rounding optimisation below 8 bits, kernel-sum rounding at W8A8).\n\n{table}\n")
 
 
 def run(argv: Sequence[str] | None = None) -> int:
