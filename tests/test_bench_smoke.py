@@ -154,3 +154,10 @@ def test_third_party_smoke(tmp_path: Path) -> None:
             pytest.skip(f"onnxdgh {command} is not in this checkout")
     text = _section(_smoke("bench_third_party.py", tmp_path), "third-party")
     assert "Float model accuracy" in text and "W8A8" in text
+
+
+def test_depthwise_smoke(tmp_path: Path) -> None:
+    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=("--variants", "nearest", "ksr", "cle", "ksr+bc")),
+                    "depthwise")
+    assert "| ksr |" in text and "--kernel-sum-rounding" in text and "logit SQNR dB" in text
+    assert "only the weights" in text and "| tiny1 | W8A8 |" in text

@@ -17,6 +17,9 @@ variant is a :class:`onnxdgh.QuantizeConfig` whose fields are the command-line o
 printed beside it (``cle-nopot`` equalizes with ``power_of_two=False`` through the
 library first: no option selects it).
 
+Part ``weights``: the same EfficientNet with only its weights on the 8-bit grid (activations
+float), logit SQNR per weight-rounding rule, and per layer (one layer quantized at a time).
+
 Part ``samples`` (no regression): each Fashion-MNIST sample at W8A8, W4A8 and W4A4 with the
 defaults and with ``--equalize``, calibrated on 512 training images (seeded), top-1 on the
 10,000 test images, through the ``onnxdgh quantize`` command line.
@@ -45,10 +48,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's onnxdgh, as in the children (`python -m onnxdgh` from the repository root).
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import benchlib as bl  # noqa: E402
 
-PARTS = ("effnet", "samples")
+PARTS = ("effnet", "weights", "samples")
 # name -> (QuantizeConfig fields, the equivalent command-line options, pre-equalize without power-of-two scales)
 _OFF = {"equalize": False, "bias_correction": False, "optimize_rounding": False, "kernel_sum_rounding": False}
 _FLAGS = {"equalize": "--equalize", "bias_correction": "--bias-correction", "optimize_rounding": "--optimize-rounding",
@@ -98,6 +103,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=200, help="evaluation crops (default 200)")
     parser.add_argument("--rounding-iterations", type=int, default=300, help="AdaRound steps per unit in the round variants")
     parser.add_argument("--samples", nargs="+", default=None, help="sample models (default: all three)")
+    parser.add_argument("--sample-bits", nargs="+", default=[f"W{w}A{a}" for w, a in SAMPLE_BITS],
+                        choices=[f"W{w}A{a}" for w, a in SAMPLE_BITS], help="bit widths of the samples part")
     parser.add_argument("--fresh", action="store_true", help="recompute results already in results.json")
     return parser.parse_args(argv)
 
@@ -210,6 +217,83 @@ def run_effnet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any
             f"per unit.\n\n{table}\n")
 
 
+# ------------------------------------------------------------------------ weights only
+
+
+def _fake_weights(weight: np.ndarray, rule: str) -> np.ndarray:
+    """``weight`` (output channels on axis 0) on the quantizer's W8 grid (per-channel MSE power-of-two
+    thresholds) with ``rule``: nearest, sum (per output channel: what ships), pair (per output and
+    input channel), or spatial (sum rule only where the kernel has more than one tap)."""
+    from onnxdgh.quantize import thresholds as th
+
+    value = weight.astype(np.float64)
+    scale = th.scale_for(th.weight_thresholds(value, 0, 8, "mse"), 8, True).astype(np.float64)
+    scale = scale.reshape((-1,) + (1,) * (value.ndim - 1))
+    spatial = value.ndim > 2 and int(np.prod(value.shape[2:])) > 1
+    if rule == "sum" or (rule == "spatial" and spatial):
+        ints = th.quantize_preserving_sums(value, scale, 8, 0)
+    elif rule == "pair" and value.ndim > 2:
+        flat = value.reshape(-1, *value.shape[2:])  # one row per (output, input) channel pair
+        pair_scale = np.repeat(scale.reshape(-1), value.shape[1]).reshape((-1,) + (1,) * (flat.ndim - 1))
+        ints = th.quantize_preserving_sums(flat, pair_scale, 8, 0).reshape(value.shape)
+    else:
+        ints = th.quantize_to_int(value, scale, 8, True)
+    return (ints * scale).astype(np.float32)
+
+
+def run_weights(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any], store: Path) -> str:
+    """Logit SQNR with only the weights quantized (activations float): which rounding, which layers."""
+    from onnxdgh import graph as g
+    from onnxdgh.load import load_model
+    from onnxdgh.quantize.fold import prepare
+
+    if ctx.smoke:
+        model = bl.tiny_classifier(ctx.work / "tiny_w.onnx", channels=3, size=(16, 16), classes=10, mean=0.5, std=0.5)
+        evaluation = np.random.default_rng(ctx.seed).uniform(-1, 1, size=(16, 3, 16, 16)).astype(np.float32)
+    else:
+        model = args.effnet
+        if not model.exists():
+            raise bl.BenchError(f"{model} not found: export it with tools/bench_real_models.py, or give --effnet")
+        _, evaluation, _ = _photo_sets(args.calib, args.eval, ctx.seed)
+    folded, _ = prepare(load_model(model).model)
+    reference = bl.predict(folded.SerializeToString(), evaluation, batch_size=50)
+    inits = g.initializer_map(folded.graph)
+    layers = [n for n in folded.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in inits]
+
+    def sqnr_with(rule: str, only: str | None = None) -> float:
+        model_copy = type(folded)()
+        model_copy.CopyFrom(folded)
+        for node in layers:
+            if only is None or node.name == only:
+                weight = g.to_array(inits[node.input[1]])
+                if node.op_type == "Gemm" and not int(g.node_attributes(node).get("transB", 0)):  # type: ignore[arg-type]
+                    weight = _fake_weights(weight.T, rule).T
+                else:
+                    weight = _fake_weights(weight, rule)
+                g.set_initializer_value(model_copy.graph, node.input[1], weight)
+        return compare(reference, bl.predict(model_copy.SerializeToString(), evaluation, batch_size=50))["sqnr_db"]
+
+    key = f"weights|{args.eval}|{ctx.seed}|{int(ctx.smoke)}"
+    if key not in results or args.fresh:
+        bl.log("weights only")
+        rules = {rule: sqnr_with(rule) for rule in ("nearest", "sum", "pair", "spatial")}
+        single = {node.name: sqnr_with("nearest", node.name) for node in layers}
+        results[key] = {"rules": rules, "single": single}
+        _save_results(store, results)
+    data = results[key]
+    labels = {"nearest": "nearest (`--no-kernel-sum-rounding`)", "sum": "sum per output channel (`--kernel-sum-rounding`, default)",
+              "pair": "sum per (output, input) channel pair", "spatial": "sum per output channel, only kernels with > 1 tap"}
+    rows = [[labels[rule], f"{value:.2f}"] for rule, value in data["rules"].items()]
+    worst = sorted(data["single"].items(), key=lambda item: item[1])[:4]
+    single_rows = [[name, f"{value:.2f}"] for name, value in worst]
+    return ("### Where the W8A8 error is made: the weights\n\n"
+            f"Logit SQNR against the BN-folded float model on the {evaluation.shape[0]} evaluation crops with "
+            "*only the weights* on the quantizer's 8-bit grid (per-channel MSE power-of-two thresholds), "
+            "activations float:\n\n" + bl.md_table(["weight rounding (all layers)", "logit SQNR dB"], rows) +
+            "\n\nNearest rounding of one layer at a time (the four that cost most):\n\n" +
+            bl.md_table(["layer", "logit SQNR dB"], single_rows) + "\n")
+
+
 # ------------------------------------------------------------------------ samples
 
 
@@ -231,7 +315,7 @@ def run_samples(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
         test_u8, test_y = fm.load_split("test")
         train_u8, _ = fm.load_split("train")
         test_x, pool = fm.normalize(test_u8), fm.normalize(train_u8)
-        bits_list = SAMPLE_BITS
+        bits_list = [(w, a) for w, a in SAMPLE_BITS if f"W{w}A{a}" in args.sample_bits]
         described = "Fashion-MNIST test split (10,000 images)"
     index = np.sort(np.random.default_rng(ctx.seed).choice(pool.shape[0], size=min(512, pool.shape[0]), replace=False))
     calib = save_images_npz(ctx.work / "calib_real.npz", pool[index], {"source": "training images", "seed": ctx.seed})
@@ -279,6 +363,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     bodies = []
     if "effnet" in args.parts:
         bodies.append(run_effnet(args, ctx, results, store))
+    if "weights" in args.parts:
+        bodies.append(run_weights(args, ctx, results, store))
     if "samples" in args.parts:
         bodies.append(run_samples(args, ctx, results, store))
     bodies.append(f"Wall time of this run: {time.perf_counter() - started:.0f} s (cached rows cost nothing).")
