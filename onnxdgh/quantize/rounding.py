@@ -368,7 +368,8 @@ def weighted_layers(
             raise QuantizationError(
                 f"the float weight of node {label!r} does not round to the integers stored in {weight_int!r} "
                 f"({100 * float(np.mean(mismatch > 0)):.1f}% differ)",
-                "pass the BatchNorm-folded float model that the quantizer quantized",
+                "pass the BatchNorm-folded float model that the quantizer quantized, and a model quantized "
+                "with nearest rounding (QuantizeConfig(optimize_rounding=False, kernel_sum_rounding=False))",
             )
 
         bias_int = bias_scale = bias_zero = None
