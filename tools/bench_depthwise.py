@@ -210,11 +210,12 @@ def run_effnet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any
         rows.append([variant, f"`{VARIANTS[variant][1]}`", f"{row['sqnr_db']:.2f}", bl.fmt_pct(row["agreement"], 1),
                      bl.fmt_pct(row["top5"], 1), f"{row['seconds']:.0f} s", rounding])
     table = bl.md_table(["variant", "options", "logit SQNR dB", "top-1 agreement %", "top-5 has float top-1 %",
-                         "quantize time", "of which rounding"], rows)
+                         "quantize time", "of which bias correction / rounding"], rows)
     return (f"### EfficientNet-Lite0, W8A8, real-photo calibration\n\n{note}. Every row: `onnxdgh quantize "
             f"MODEL -o OUT --calib-data CALIB.npz` plus the options shown (run in-process through "
             f"`onnxdgh.quantize` with the same `QuantizeConfig`), rounding {args.rounding_iterations} iterations "
-            f"per unit.\n\n{table}\n")
+            f"per unit. Times: one thread, rows cached from runs under other agents' load (load average 1-10 "
+            f"on the 2 cores), so compare them only roughly.\n\n{table}\n")
 
 
 # ------------------------------------------------------------------------ weights only
