@@ -239,3 +239,10 @@ def test_bn_free_smoke(tmp_path: Path) -> None:
     for row in ("| noise |", "| procedural (no flags) |", "| dgh, no BN |", "| real |"):
         assert row in text
     assert "W8A8" in text and "W4A8" in text
+
+
+def test_depthwise_smoke(tmp_path: Path) -> None:
+    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=("--variants", "nearest", "ksr", "cle", "ksr+bc")),
+                    "depthwise")
+    assert "| ksr |" in text and "--kernel-sum-rounding" in text and "logit SQNR dB" in text
+    assert "only the weights" in text and "| tiny1 | W8A8 |" in text

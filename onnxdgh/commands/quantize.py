@@ -41,12 +41,15 @@ def render(report: dict[str, Any], output: str) -> str:
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
-        f"rounding  {'AdaRound' if config['optimize_rounding'] else 'nearest'}"
+        f"rounding  {'AdaRound' if config['optimize_rounding'] else ('kernel-sum preserving' if config.get('kernel_sum_rounding') else 'nearest')}"
         f"{', bias correction' if config['bias_correction'] else ''}",
         f"time      quantize {timings['quantize_s']:.2f} s"
         + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
         + f", total {timings['total_s']:.1f} s",
     ]
+    if "equalize" in report:
+        lines.insert(-1, f"equalize  {len(report['equalize']['pairs'])} layer pair(s) equalized "
+                         f"(cross-layer equalization), {len(report['equalize']['skipped'])} layer(s) left")
     shifted = report.get("shift_negative", {}).get("shifted", [])
     if shifted:
         lines.insert(-1, f"shift     {len(shifted)} activation(s) moved onto the unsigned grid "
@@ -90,6 +93,12 @@ def render(report: dict[str, Any], output: str) -> str:
               help="Shift negative correction: SiLU/HardSwish-like outputs read only by Conv/Gemm move onto the "
                    "unsigned grid, the consumers' biases and padding compensate (default: on below 8-bit "
                    "activations when the profile fuses the activation with Add, as pot-lowbit does).")
+@click.option("--equalize/--no-equalize", "equalize", default=None,
+              help="Cross-layer equalization: rescale consecutive convolutions (e.g. depthwise -> pointwise) so "
+                   "their per-channel weight ranges match; the float function is unchanged (default: off).")
+@click.option("--kernel-sum-rounding/--no-kernel-sum-rounding", "kernel_sum_rounding", default=None,
+              help="Round each output channel's weights so their integer sum stays nearest the float sum "
+                   "(keeps the gain of high-gain depthwise kernels; default: on for 8-bit weights without --optimize-rounding).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
 @click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
 @click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")
@@ -138,6 +147,8 @@ def quantize_command(
     bias_correction: bool | None,
     rounding_iterations: int,
     shift_negative: bool | None,
+    equalize: bool | None,
+    kernel_sum_rounding: bool | None,
     seed: int,
     images: int | None,
     iterations: int | None,
@@ -206,6 +217,8 @@ def quantize_command(
         bias_correction=bias_correction,
         rounding_iterations=rounding_iterations,
         shift_negative=shift_negative,
+        equalize=equalize,
+        kernel_sum_rounding=kernel_sum_rounding,
     )
     generation = {
         "images": images,

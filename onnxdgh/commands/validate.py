@@ -101,6 +101,10 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
         lines.append(f"Worst layers ({len(shown)} of {len(report.layers)}, lowest SQNR first)")
         rows = [[_db(m.sqnr_db), f"{m.cosine:.5f}", str(m.bits or "-"), m.tensor, f"{m.node} ({m.op_type})"] for m in shown]
         lines += _table(["SQNR dB", "COSINE", "BITS", "TENSOR", "NODE (OP)"], rows)
+    first = (report.diagnosis or {}).get("first_bad_layer")
+    if first:
+        lines.append(f"  error made first at {first['node']} ({first['op_type']}): SQNR {first['input_sqnr_db']:.1f} -> "
+                     f"{first['sqnr_db']:.1f} dB; addresses it: {first['options']}")
     if report.unmatched_layers:
         lines.append(f"  not compared (no float counterpart): {', '.join(report.unmatched_layers[:5])}"
                      f"{' ...' if len(report.unmatched_layers) > 5 else ''}")

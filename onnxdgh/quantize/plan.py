@@ -613,6 +613,11 @@ def activation_threshold(stats: TensorStats, bits: int, signed: bool, method: st
     return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
 
 
+_SUM_ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
+"""Ops whose output channel sums all its weights for a constant input (a ConvTranspose with
+stride > 1 does not: each output position sees only some taps)."""
+
+
 def resolve(
     plan: QuantPlan,
     stats: Mapping[str, TensorStats],
@@ -620,8 +625,14 @@ def resolve(
     *,
     method: str,
     int4_types: bool = False,
+    sum_rounding: bool = False,
 ) -> ResolvedPlan:
     """Choose every scale of ``plan`` from calibration ``stats`` and quantize the constants.
+
+    ``sum_rounding``: per-channel weights of Conv, Gemm and MatMul keep each output
+    channel's integer sum at the nearest integer of the float sum
+    (:func:`~onnxdgh.quantize.thresholds.quantize_preserving_sums`) instead of nearest
+    rounding entry by entry.
 
     Raises:
         QuantizationError: a needed statistic is missing (the tensor never ran), or a
@@ -682,6 +693,10 @@ def resolve(
         scale = th.scale_for(thresholds, item.bits, signed=True)
         if item.axis is None:
             ints = th.quantize_to_int(value, scale, item.bits, True)
+        elif sum_rounding and item.role == "weight" and item.op_type in _SUM_ROUNDED_OPS:
+            shape = [1] * value.ndim
+            shape[item.axis] = -1
+            ints = th.quantize_preserving_sums(value, scale.reshape(shape), item.bits, item.axis)
         else:
             shape = [1] * value.ndim
             shape[item.axis] = -1

@@ -268,8 +268,13 @@ def weighted_layers(
     qdq_model: onnx.ModelProto,
     float_model: onnx.ModelProto,
     input_shifts: Mapping[str, float] | None = None,
+    *,
+    max_mismatch: float = _MAX_NEAREST_MISMATCH,
 ) -> tuple[list[_Layer], list[dict[str, str]]]:
     """The weighted nodes of ``qdq_model`` that rounding can work on, in topological order.
+
+    ``max_mismatch``: the share of stored integers that may differ (by 1) from nearest
+    rounding of the float weight before the float model is judged not to match.
 
     ``input_shifts``: node name -> the shift ``c`` its input carries (shift negative
     correction: the input is ``x + c``, padded with ``c``, and the stored bias is
@@ -359,11 +364,12 @@ def weighted_layers(
         # quantizer's bit width, which clipped the largest weights.
         nearest = np.clip(np.round(f_weight / full_scale), stored.min(), stored.max())
         mismatch = np.abs(nearest - stored)
-        if mismatch.max(initial=0) > 1 or float(np.mean(mismatch > 0)) > _MAX_NEAREST_MISMATCH:
+        if mismatch.max(initial=0) > 1 or float(np.mean(mismatch > 0)) > max_mismatch:
             raise QuantizationError(
                 f"the float weight of node {label!r} does not round to the integers stored in {weight_int!r} "
                 f"({100 * float(np.mean(mismatch > 0)):.1f}% differ)",
-                "pass the BatchNorm-folded float model that the quantizer quantized",
+                "pass the BatchNorm-folded float model that the quantizer quantized, and a model quantized "
+                "with nearest rounding (QuantizeConfig(optimize_rounding=False, kernel_sum_rounding=False))",
             )
 
         bias_int = bias_scale = bias_zero = None
@@ -1653,8 +1659,13 @@ def bias_correction(
     images: np.ndarray,
     *,
     progress: bool = True,
+    sum_rounded: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Shift each weighted node's int32 bias so its per-channel mean output matches the float model.
+
+    ``sum_rounded``: the weights were stored by kernel-sum-preserving rounding
+    (``plan.resolve(sum_rounding=True)``): up to half of a channel's integers may then
+    differ by one from nearest rounding.
 
     For node l in topological order: delta_c = mean over images and positions of
     (y_float - y_quant)_c, where y_quant is the node's (pre-activation) output in the
@@ -1670,7 +1681,7 @@ def bias_correction(
     model = onnx.ModelProto()
     model.CopyFrom(qdq_model)
     g.topological_sort(model.graph)
-    layers, skipped = weighted_layers(model, float_model)
+    layers, skipped = weighted_layers(model, float_model, max_mismatch=0.5 if sum_rounded else _MAX_NEAREST_MISMATCH)
     targets = _FloatTargets(float_model, [layer.float_output for layer in layers], images)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()

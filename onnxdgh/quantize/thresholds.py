@@ -45,6 +45,7 @@ __all__ = [
     "noclip_threshold",
     "fake_quantize",
     "quantize_to_int",
+    "quantize_preserving_sums",
     "search_candidates",
     "weight_thresholds",
     "bias_fit_thresholds",
@@ -122,6 +123,38 @@ def quantize_to_int(values: np.ndarray, scale: np.ndarray | float, bits: int, si
     """
     qmin, qmax, _ = grid(bits, signed)
     return np.clip(np.rint(np.asarray(values, np.float64) / np.asarray(scale, np.float64)), qmin, qmax).astype(np.int64)
+
+
+def quantize_preserving_sums(values: np.ndarray, scale: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Signed integers like :func:`quantize_to_int`, except that in every slice along ``axis``
+    (one output channel) the integers sum to the nearest integer of ``sum(values / scale)``.
+
+    Kernel-sum-preserving rounding: nearest rounding leaves each output channel ``o`` with
+    a gain error ``sum_k (q_k - v_k)`` towards a constant input (up to ``sqrt(K/12)`` steps
+    for ``K`` taps, random signs); a high-gain kernel whose taps nearly cancel (a BN-folded
+    depthwise edge filter, ``sum |w| >> |sum w|``) turns that into a large error on every
+    smooth image region, the same at every position, so no bias can absorb it where the
+    local mean varies. Rounding ``|n|`` of the entries with the largest residual
+    ``v - round(v)`` the other way (``n = rint(sum(v - round(v)))``, each moved by one step,
+    towards their float value's other neighbour) leaves the gain error within half a step
+    and changes no integer by more than 1. Entries at ``qmin``/``qmax`` are not moved
+    past the grid. ``scale`` broadcasts against ``values``.
+    """
+    qmin, qmax, _ = grid(bits, True)
+    ratio = np.asarray(values, np.float64) / np.asarray(scale, np.float64)
+    ints = np.clip(np.rint(ratio), qmin, qmax)
+    moved = np.moveaxis(ints, axis, 0).reshape(ints.shape[axis], -1).copy()
+    residual = np.moveaxis(ratio, axis, 0).reshape(moved.shape) - moved
+    need = np.rint(residual.sum(axis=1))
+    direction = np.sign(need)[:, None]
+    # Candidates: entries whose residual points the needed way and that can move on the grid.
+    room = np.where(direction > 0, moved < qmax, moved > qmin)
+    score = np.where(room & (residual * direction > 0), residual * direction, -np.inf)
+    rank = np.argsort(np.argsort(-score, axis=1, kind="stable"), axis=1, kind="stable")
+    flip = (rank < np.abs(need)[:, None]) & np.isfinite(score)
+    moved += flip * direction
+    shape = list(np.moveaxis(ints, axis, 0).shape)
+    return np.moveaxis(moved.reshape(shape), 0, axis).astype(np.int64)
 
 
 def fake_quantize(values: np.ndarray, threshold: np.ndarray | float, bits: int, signed: bool) -> np.ndarray:

@@ -153,6 +153,8 @@ class ValidationReport:
     """sha256 of the quantized model file judged (of its serialized bytes when given in memory)."""
     reference_sha256: str | None = None
     """sha256 of the reference model file (None without a reference)."""
+    diagnosis: Mapping[str, Any] | None = None
+    """Where the error is made: the first layer whose SQNR drops against its inputs (validate.diagnose)."""
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -213,6 +215,7 @@ class ValidationReport:
             "outputs": [output.to_dict() for output in self.outputs],
             "layers": [layer.to_dict() for layer in self.layers],
             "unmatched_layers": list(self.unmatched_layers),
+            "diagnosis": dict(self.diagnosis) if self.diagnosis else None,
             "quantization": dict(self.quantization),
         }
 
@@ -497,6 +500,7 @@ def validate(
         runtime_checks=tuple(runtime_checks),
         model_sha256=_sha256(quantized, loaded_q),
         reference_sha256=_sha256(reference, loaded_ref) if loaded_ref is not None else None,
+        diagnosis=numeric.diagnosis if numeric else None,
     )
     _LOG.info(
         "validation of %s against %s: %s (%d violations, %d failed gates)",

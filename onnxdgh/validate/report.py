@@ -19,6 +19,10 @@ Definitions (x float, y quantized, sums over all elements of all images):
   cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|);
   top-1 agreement = share of images whose arg-max class is the same.
 
+Each layer row also carries the SQNR of what its producer reads (``input_sqnr_db``) and
+the drop against it; :mod:`onnxdgh.validate.diagnose` names the first layer where the
+error is made from these rows (``NumericReport.diagnosis``).
+
 When onnxruntime cannot load or run the quantized model, that is the model failing a
 check (:class:`~onnxdgh.errors.CheckFailedError`, exit 1); for the reference it is bad
 input (:class:`~onnxdgh.errors.InvalidInputError`, exit 2).
@@ -29,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -40,6 +44,7 @@ from .. import graph as g
 from ..errors import CheckFailedError, InvalidInputError
 from ..runtime import make_session, with_extra_outputs
 from .checks import QuantGraph
+from .diagnose import diagnose, input_sqnr
 
 __all__ = ["OutputMetrics", "LayerMetrics", "NumericReport", "compare", "match_layers", "sqnr_db"]
 
@@ -110,9 +115,14 @@ class LayerMetrics:
     bits: int | None
     sqnr_db: float
     cosine: float
+    input_sqnr_db: float | None = None
+    """SQNR of the tensors the producer reads (:func:`~onnxdgh.validate.diagnose.input_sqnr`)."""
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (infinite SQNR is null with ``exact`` true)."""
+        drop = None
+        if self.input_sqnr_db is not None and math.isfinite(self.input_sqnr_db) and math.isfinite(self.sqnr_db):
+            drop = round(self.input_sqnr_db - self.sqnr_db, 3)
         return {
             "tensor": self.tensor,
             "quantized_tensor": self.quantized_tensor,
@@ -122,6 +132,8 @@ class LayerMetrics:
             "sqnr_db": _json_db(self.sqnr_db),
             "exact": self.sqnr_db == math.inf,
             "cosine": round(self.cosine, 6),
+            "input_sqnr_db": _json_db(self.input_sqnr_db) if self.input_sqnr_db is not None else None,
+            "sqnr_drop_db": drop,
         }
 
 
@@ -134,6 +146,8 @@ class NumericReport:
     layers: tuple[LayerMetrics, ...]
     unmatched: tuple[str, ...]
     """Quantized activation tensors with no float counterpart (not in ``layers``)."""
+    diagnosis: dict[str, object] | None = None
+    """Where the error is made (:func:`~onnxdgh.validate.diagnose.diagnose`)."""
 
 
 @dataclass(frozen=True)
@@ -315,6 +329,9 @@ def compare(
         for index, pair in enumerate(pairs)
         if index not in skipped
     ]
+    upstream = input_sqnr(float_model, {layer.tensor: layer.sqnr_db for layer in layers})
+    layers = [replace(layer, input_sqnr_db=upstream.get(layer.tensor)) for layer in layers]
     layers.sort(key=lambda item: item.sqnr_db)
     unmatched_all = tuple(unmatched) + tuple(pairs[index].quant_tensor for index in sorted(skipped))
-    return NumericReport(int(images.shape[0]), tuple(outputs), tuple(layers), unmatched_all)
+    return NumericReport(int(images.shape[0]), tuple(outputs), tuple(layers), unmatched_all,
+                         diagnose(float_model, layers))

@@ -1,0 +1,380 @@
+"""Issue 19: depthwise-heavy models at W8A8 -- cross-layer equalization, bias correction, rounding.
+
+Usage (from the repository root; the photo crops come from ``tools/bench_real_models.py``
+and need scikit-image, so the benchmark venv)::
+
+    bench-work/venv/bin/python tools/bench_depthwise.py --effnet bench-work/real_models/efficientnet_lite0.onnx
+    bench-work/venv/bin/python tools/bench_depthwise.py --parts samples          # Fashion-MNIST samples only
+    bench-work/venv/bin/python tools/bench_depthwise.py --smoke                  # seconds, tmp folder
+
+Part ``effnet`` (the ablation): EfficientNet-Lite0 (``--effnet``, the ONNX export with BN
+kept that ``tools/bench_real_models.py`` writes; normalisation ``(x - 0.5) / 0.5``)
+quantized at W8A8 on ``--calib`` real photo crops, judged on ``--eval`` crops of *other*
+photos (``bench_real_models.load_photos``/``photo_crops``: scikit-image's photos and the
+Debian wallpaper photos, split alternately by photo) against the float model: top-1
+agreement, logit SQNR, top-5 containing the float top-1, and the quantizer's time. Each
+variant is a :class:`onnxdgh.QuantizeConfig` whose fields are the command-line options
+printed beside it (``cle-nopot`` equalizes with ``power_of_two=False`` through the
+library first: no option selects it).
+
+Part ``weights``: the same EfficientNet with only its weights on the 8-bit grid (activations
+float), logit SQNR per weight-rounding rule, and per layer (one layer quantized at a time).
+
+Part ``samples`` (no regression): each Fashion-MNIST sample at W8A8, W4A8 and W4A4 with the
+defaults and with ``--equalize``, calibrated on 512 training images (seeded), top-1 on the
+10,000 test images, through the ``onnxdgh quantize`` command line.
+
+One torch/onnxruntime thread (``OMP_NUM_THREADS=1`` unless set). Results are kept in
+``bench-work/depthwise/results.json`` (a rerun skips what is there unless ``--fresh``);
+the section ``depthwise`` of docs/BENCHMARKS.md is written from them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's onnxdgh, as in the children (`python -m onnxdgh` from the repository root).
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import benchlib as bl  # noqa: E402
+
+PARTS = ("effnet", "weights", "samples")
+# name -> (QuantizeConfig fields, the equivalent command-line options, pre-equalize without power-of-two scales)
+_OFF = {"equalize": False, "bias_correction": False, "optimize_rounding": False, "kernel_sum_rounding": False}
+_FLAGS = {"equalize": "--equalize", "bias_correction": "--bias-correction", "optimize_rounding": "--optimize-rounding",
+          "kernel_sum_rounding": "--kernel-sum-rounding"}
+
+
+def _variant(*on: str, nopot: bool = False) -> tuple[dict[str, Any], str, bool]:
+    fields = {**_OFF, **{name: True for name in on}}
+    flags = " ".join(_FLAGS[name] if value else "--no-" + _FLAGS[name][2:] for name, value in fields.items())
+    if nopot:
+        flags = "library: equalize(power_of_two=False) first, then " + flags
+    return fields, flags, nopot
+
+
+# name -> (QuantizeConfig fields, the equivalent command-line options, pre-equalize without power-of-two scales)
+VARIANTS: dict[str, tuple[dict[str, Any], str, bool]] = {
+    "nearest": _variant(),
+    "cle": _variant("equalize"),
+    "cle-nopot": _variant(nopot=True),
+    "bc": _variant("bias_correction"),
+    "cle+bc": _variant("equalize", "bias_correction"),
+    "ksr": _variant("kernel_sum_rounding"),
+    "ksr+cle": _variant("kernel_sum_rounding", "equalize"),
+    "ksr+bc": _variant("kernel_sum_rounding", "bias_correction"),
+    "ksr+cle+bc": _variant("kernel_sum_rounding", "equalize", "bias_correction"),
+    "round": _variant("optimize_rounding"),
+    "cle+round": _variant("equalize", "optimize_rounding"),
+}
+SAMPLE_BITS = ((8, 8), (4, 8), (4, 4))
+SAMPLE_VARIANTS = {"default": [], "equalize": ["--equalize"], "bias-correction": ["--bias-correction"],
+                   "nearest": ["--no-kernel-sum-rounding"]}
+W8A8_ONLY = ("bias-correction", "nearest")
+"""Measured at W8A8 only: below 8 bits the rounding optimisation chooses the integers (kernel-sum
+rounding is off) and learns the biases, which a correction after it undoes (docs/ROUNDING.md)."""
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bl.add_common_arguments(parser)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--effnet", type=Path, default=bl.WORK / "real_models" / "efficientnet_lite0.onnx",
+                        help="EfficientNet-Lite0 ONNX (BN kept), as tools/bench_real_models.py exports it")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="ksr = --kernel-sum-rounding, cle = --equalize, bc = --bias-correction, "
+                             "round = --optimize-rounding (all others off in each row)")
+    parser.add_argument("--calib", type=int, default=128, help="calibration crops (default 128)")
+    parser.add_argument("--eval", type=int, default=200, help="evaluation crops (default 200)")
+    parser.add_argument("--rounding-iterations", type=int, default=300, help="AdaRound steps per unit in the round variants")
+    parser.add_argument("--samples", nargs="+", default=None, help="sample models (default: all three)")
+    parser.add_argument("--sample-bits", nargs="+", default=[f"W{w}A{a}" for w, a in SAMPLE_BITS],
+                        choices=[f"W{w}A{a}" for w, a in SAMPLE_BITS], help="bit widths of the samples part")
+    parser.add_argument("--fresh", action="store_true", help="recompute results already in results.json")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------ results cache
+
+
+def _load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_results(path: Path, results: dict[str, Any]) -> None:
+    from onnxdgh.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True))
+
+
+# ------------------------------------------------------------------------ EfficientNet
+
+
+def _photo_sets(calib: int, evaluation: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    try:
+        import bench_real_models as brm
+    except ImportError as exc:
+        raise bl.BenchError("tools/bench_real_models.py (the real-models benchmark) is needed for the photo crops") from exc
+    photos = brm.load_photos()
+    if len(photos) < 2:
+        raise bl.BenchError("fewer than 2 photos: run in bench-work/venv (scikit-image) or install the Debian wallpapers")
+    cal_photos, eval_photos = photos[0::2], photos[1::2]
+    cal = brm.photo_crops([p for _, p in cal_photos], calib, 224, seed)
+    ev = brm.photo_crops([p for _, p in eval_photos], evaluation, 224, seed + 1)
+    note = (f"{calib} calibration crops of {len(cal_photos)} photos ({', '.join(n for n, _ in cal_photos)}); "
+            f"{evaluation} evaluation crops of {len(eval_photos)} other photos ({', '.join(n for n, _ in eval_photos)})")
+    return brm.normalise_rgb(cal, [0.5] * 3, [0.5] * 3), brm.normalise_rgb(ev, [0.5] * 3, [0.5] * 3), note
+
+
+def compare(reference: np.ndarray, quantized: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement, top-5 containing the float top-1 and SQNR (dB) of ``quantized`` against ``reference``."""
+    from onnxdgh.validate.report import sqnr_db
+
+    ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
+    q = quantized.reshape(quantized.shape[0], -1).astype(np.float64)
+    top = ref.argmax(axis=1)
+    top5 = np.argsort(-q, axis=1)[:, :5]
+    return {
+        "agreement": float(np.mean(q.argmax(axis=1) == top)),
+        "top5": float(np.mean(np.any(top5 == top[:, None], axis=1))),
+        "sqnr_db": sqnr_db(float(np.sum(ref * ref)), float(np.sum((ref - q) ** 2))),
+    }
+
+
+def quantize_variant(model_path: Path, calib: np.ndarray, evaluation: np.ndarray, reference: np.ndarray,
+                     variant: str, *, iterations: int, progress: bool) -> dict[str, Any]:
+    """Quantize ``model_path`` W8A8 as ``variant`` says and measure it on ``evaluation``."""
+    import onnxdgh
+    from onnxdgh.load import load_model
+    from onnxdgh.quantize.equalize import equalize, input_bounds_from_normalization
+    from onnxdgh.quantize.fold import prepare
+
+    fields, _, nopot = VARIANTS[variant]
+    loaded = load_model(model_path)
+    if nopot:
+        folded, _ = prepare(loaded.model)
+        box = input_bounds_from_normalization(np.full(3, 0.5), np.full(3, 0.5))
+        folded, _ = equalize(folded, power_of_two=False, input_bounds=box)
+        loaded = replace(loaded, model=folded)
+    started = time.perf_counter()
+    result = onnxdgh.quantize(loaded, calib, onnxdgh.QuantizeConfig(rounding_iterations=iterations, **fields),
+                              progress=progress)
+    wall = time.perf_counter() - started
+    row: dict[str, Any] = compare(reference, bl.predict(result.model.SerializeToString(), evaluation, batch_size=50))
+    row["seconds"] = round(wall, 1)
+    row["rounding_s"] = result.report["timings"].get("rounding_s")
+    if "equalize" in result.report:
+        row["pairs"] = len(result.report["equalize"]["pairs"])
+    return row
+
+
+def run_effnet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any], store: Path) -> str:
+    if ctx.smoke:
+        model = bl.tiny_classifier(ctx.work / "tiny.onnx", channels=3, size=(16, 16), classes=10, mean=0.5, std=0.5)
+        rng = np.random.default_rng(ctx.seed)
+        calib = rng.uniform(-1, 1, size=(16, 3, 16, 16)).astype(np.float32)
+        evaluation = rng.uniform(-1, 1, size=(24, 3, 16, 16)).astype(np.float32)
+        note = "random images in [-1, 1] (smoke)"
+    else:
+        model = args.effnet
+        if not model.exists():
+            raise bl.BenchError(f"{model} not found: export it with tools/bench_real_models.py, or give --effnet")
+        calib, evaluation, note = _photo_sets(args.calib, args.eval, ctx.seed)
+    reference = bl.predict(str(model), evaluation, batch_size=50)
+    rows = []
+    for variant in args.variants:
+        key = f"effnet|{variant}|{args.calib}|{args.eval}|{args.rounding_iterations}|{ctx.seed}|{int(ctx.smoke)}"
+        if key not in results or args.fresh:
+            bl.log(f"EfficientNet-Lite0 W8A8 {variant}")
+            results[key] = quantize_variant(model, calib, evaluation, reference, variant,
+                                            iterations=2 if ctx.smoke else args.rounding_iterations, progress=not ctx.quiet)
+            _save_results(store, results)
+        row = results[key]
+        bl.log(f"  {variant}: agreement {row['agreement']:.3f}, SQNR {row['sqnr_db']:.2f} dB, {row['seconds']} s")
+        rounding = f"{row['rounding_s']:.0f} s" if row.get("rounding_s") else "-"
+        rows.append([variant, f"`{VARIANTS[variant][1]}`", f"{row['sqnr_db']:.2f}", bl.fmt_pct(row["agreement"], 1),
+                     bl.fmt_pct(row["top5"], 1), f"{row['seconds']:.0f} s", rounding])
+    table = bl.md_table(["variant", "options", "logit SQNR dB", "top-1 agreement %", "top-5 has float top-1 %",
+                         "quantize time", "of which bias correction / rounding"], rows)
+    return (f"### EfficientNet-Lite0, W8A8, real-photo calibration\n\n{note}. Every row: `onnxdgh quantize "
+            f"MODEL -o OUT --calib-data CALIB.npz` plus the options shown (run in-process through "
+            f"`onnxdgh.quantize` with the same `QuantizeConfig`), rounding {args.rounding_iterations} iterations "
+            f"per unit. Times: one thread, rows cached from runs under other agents' load (load average 1-10 "
+            f"on the 2 cores), so compare them only roughly.\n\n{table}\n")
+
+
+# ------------------------------------------------------------------------ weights only
+
+
+def _fake_weights(weight: np.ndarray, rule: str) -> np.ndarray:
+    """``weight`` (output channels on axis 0) on the quantizer's W8 grid (per-channel MSE power-of-two
+    thresholds) with ``rule``: nearest, sum (per output channel: what ships), pair (per output and
+    input channel), or spatial (sum rule only where the kernel has more than one tap)."""
+    from onnxdgh.quantize import thresholds as th
+
+    value = weight.astype(np.float64)
+    scale = th.scale_for(th.weight_thresholds(value, 0, 8, "mse"), 8, True).astype(np.float64)
+    scale = scale.reshape((-1,) + (1,) * (value.ndim - 1))
+    spatial = value.ndim > 2 and int(np.prod(value.shape[2:])) > 1
+    if rule == "sum" or (rule == "spatial" and spatial):
+        ints = th.quantize_preserving_sums(value, scale, 8, 0)
+    elif rule == "pair" and value.ndim > 2:
+        flat = value.reshape(-1, *value.shape[2:])  # one row per (output, input) channel pair
+        pair_scale = np.repeat(scale.reshape(-1), value.shape[1]).reshape((-1,) + (1,) * (flat.ndim - 1))
+        ints = th.quantize_preserving_sums(flat, pair_scale, 8, 0).reshape(value.shape)
+    else:
+        ints = th.quantize_to_int(value, scale, 8, True)
+    return (ints * scale).astype(np.float32)
+
+
+def run_weights(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any], store: Path) -> str:
+    """Logit SQNR with only the weights quantized (activations float): which rounding, which layers."""
+    from onnxdgh import graph as g
+    from onnxdgh.load import load_model
+    from onnxdgh.quantize.fold import prepare
+
+    if ctx.smoke:
+        model = bl.tiny_classifier(ctx.work / "tiny_w.onnx", channels=3, size=(16, 16), classes=10, mean=0.5, std=0.5)
+        evaluation = np.random.default_rng(ctx.seed).uniform(-1, 1, size=(16, 3, 16, 16)).astype(np.float32)
+    else:
+        model = args.effnet
+        if not model.exists():
+            raise bl.BenchError(f"{model} not found: export it with tools/bench_real_models.py, or give --effnet")
+        _, evaluation, _ = _photo_sets(args.calib, args.eval, ctx.seed)
+    folded, _ = prepare(load_model(model).model)
+    reference = bl.predict(folded.SerializeToString(), evaluation, batch_size=50)
+    inits = g.initializer_map(folded.graph)
+    layers = [n for n in folded.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in inits]
+
+    def sqnr_with(rule: str, only: str | None = None) -> float:
+        model_copy = type(folded)()
+        model_copy.CopyFrom(folded)
+        for node in layers:
+            if only is None or node.name == only:
+                weight = g.to_array(inits[node.input[1]])
+                if node.op_type == "Gemm" and not int(g.node_attributes(node).get("transB", 0)):  # type: ignore[arg-type]
+                    weight = _fake_weights(weight.T, rule).T
+                else:
+                    weight = _fake_weights(weight, rule)
+                g.set_initializer_value(model_copy.graph, node.input[1], weight)
+        return compare(reference, bl.predict(model_copy.SerializeToString(), evaluation, batch_size=50))["sqnr_db"]
+
+    key = f"weights|{args.eval}|{ctx.seed}|{int(ctx.smoke)}"
+    if key not in results or args.fresh:
+        bl.log("weights only")
+        rules = {rule: sqnr_with(rule) for rule in ("nearest", "sum", "pair", "spatial")}
+        single = {node.name: sqnr_with("nearest", node.name) for node in layers}
+        results[key] = {"rules": rules, "single": single}
+        _save_results(store, results)
+    data = results[key]
+    labels = {"nearest": "nearest (`--no-kernel-sum-rounding`)", "sum": "sum per output channel (`--kernel-sum-rounding`, default)",
+              "pair": "sum per (output, input) channel pair", "spatial": "sum per output channel, only kernels with > 1 tap"}
+    rows = [[labels[rule], f"{value:.2f}"] for rule, value in data["rules"].items()]
+    worst = sorted(data["single"].items(), key=lambda item: item[1])[:4]
+    single_rows = [[name, f"{value:.2f}"] for name, value in worst]
+    return ("### Where the W8A8 error is made: the weights\n\n"
+            f"Logit SQNR against the BN-folded float model on the {evaluation.shape[0]} evaluation crops with "
+            "*only the weights* on the quantizer's 8-bit grid (per-channel MSE power-of-two thresholds), "
+            "activations float:\n\n" + bl.md_table(["weight rounding (all layers)", "logit SQNR dB"], rows) +
+            "\n\nNearest rounding of one layer at a time (the four that cost most):\n\n" +
+            bl.md_table(["layer", "logit SQNR dB"], single_rows) + "\n")
+
+
+# ------------------------------------------------------------------------ samples
+
+
+def run_samples(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any], store: Path) -> str:
+    from onnxdgh.fileio import save_images_npz
+
+    if ctx.smoke:
+        models = [bl.tiny_classifier(ctx.work / "tiny1.onnx")]
+        rng = np.random.default_rng(ctx.seed)
+        test_x = rng.normal(0, 1, size=(64, 1, 12, 12)).astype(np.float32)
+        test_y = bl.predict(str(models[0]), test_x).argmax(axis=1)
+        pool = rng.normal(0, 1, size=(64, 1, 12, 12)).astype(np.float32)
+        bits_list: Sequence[tuple[int, int]] = ((8, 8), (4, 4))
+        described = "random images labelled by the float model (smoke)"
+    else:
+        import fashion_mnist as fm
+
+        models = bl.sample_models(args.samples)
+        test_u8, test_y = fm.load_split("test")
+        train_u8, _ = fm.load_split("train")
+        test_x, pool = fm.normalize(test_u8), fm.normalize(train_u8)
+        bits_list = [(w, a) for w, a in SAMPLE_BITS if f"W{w}A{a}" in args.sample_bits]
+        described = "Fashion-MNIST test split (10,000 images)"
+    index = np.sort(np.random.default_rng(ctx.seed).choice(pool.shape[0], size=min(512, pool.shape[0]), replace=False))
+    calib = save_images_npz(ctx.work / "calib_real.npz", pool[index], {"source": "training images", "seed": ctx.seed})
+    rows = []
+    for model in models:
+        float_top1 = bl.top1(str(model), test_x, test_y)
+        for weight_bits, act_bits in bits_list:
+            cells = []
+            for name, extra in SAMPLE_VARIANTS.items():
+                if name in W8A8_ONLY and (weight_bits, act_bits) != (8, 8):
+                    cells.append(None)
+                    continue
+                key = f"sample|{model.stem}|W{weight_bits}A{act_bits}|{name}|{ctx.seed}|{int(ctx.smoke)}"
+                if key not in results or args.fresh:
+                    out = ctx.work / f"{model.stem}.W{weight_bits}A{act_bits}.{name}.onnx"
+                    flags = ["--weight-bits", str(weight_bits), "--act-bits", str(act_bits), "--no-validate", *extra]
+                    if ctx.smoke:
+                        flags += ["--rounding-iterations", "2"]
+                    measured = bl.run_onnxdgh(["quantize", str(model), "-o", str(out), "--calib-data", str(calib), *flags],
+                                              what=f"quantize {model.stem} W{weight_bits}A{act_bits} {name}",
+                                              in_process=ctx.smoke)
+                    results[key] = {"top1": bl.top1(str(out), test_x, test_y), "seconds": round(measured.wall_s, 1)}
+                    _save_results(store, results)
+                cells.append(results[key])
+            base = cells[0]["top1"]
+            bl.log(f"  {model.stem} W{weight_bits}A{act_bits}: " + ", ".join(
+                f"{name} {c['top1']:.4f}" for name, c in zip(SAMPLE_VARIANTS, cells) if c is not None))
+            row = [model.stem, f"W{weight_bits}A{act_bits}", bl.fmt_pct(float_top1), bl.fmt_pct(base)]
+            row += ["-" if c is None else f"{bl.fmt_pct(c['top1'])} ({100 * (c['top1'] - base):+.2f})" for c in cells[1:]]
+            row.append(" / ".join("-" if c is None else f"{c['seconds']:.0f}" for c in cells) + " s")
+            rows.append(row)
+    table = bl.md_table(["model", "bits", "float top-1 %", "default top-1 %", "--equalize (change, pt)",
+                         "--bias-correction", "--no-kernel-sum-rounding", "time per column"], rows)
+    return (f"### Samples: no regression\n\n{described}; calibration: 512 training images (seed {ctx.seed}); "
+            f"`onnxdgh quantize MODEL -o OUT --calib-data calib_real.npz --weight-bits W --act-bits A "
+            f"--no-validate [--equalize | --bias-correction | --no-kernel-sum-rounding]` (defaults otherwise: rounding optimisation below 8 bits, kernel-sum rounding at W8A8).\n\n{table}\n")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    ctx = bl.make_context(args, "depthwise")
+    store = ctx.work / "results.json"
+    results = _load_results(store)
+    load_before, started = bl.load_average(), time.perf_counter()
+    bodies = []
+    if "effnet" in args.parts:
+        bodies.append(run_effnet(args, ctx, results, store))
+    if "weights" in args.parts:
+        bodies.append(run_weights(args, ctx, results, store))
+    if "samples" in args.parts:
+        bodies.append(run_samples(args, ctx, results, store))
+    bodies.append(f"Wall time of this run: {time.perf_counter() - started:.0f} s (cached rows cost nothing).")
+    doc = bl.write_section("depthwise", "Depthwise-heavy models at W8A8 (issue 19)", "\n".join(bodies),
+                           info=bl.machine_info(), command=bl.command_string(), load_before=load_before,
+                           load_after=bl.load_average(), doc=ctx.doc)
+    bl.log(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    bl.main_wrapper(run)
