@@ -123,8 +123,14 @@ def test_bench_distributed_smoke(tmp_path: Path) -> None:
 
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1", PYTHONPATH=str(repo))
-    proc = subprocess.run([sys.executable, str(repo / "tools" / "bench_distributed.py"), "--smoke", "-q", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    command = [sys.executable, str(repo / "tools" / "bench_distributed.py"), "--smoke", "-q", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    if proc.returncode != 0 and "(SIGABRT)" in proc.stderr:
+        # Seen once in a fresh-clone CI run (and 0 times in 5 reruns): a torchrun rank aborted
+        # at start-up with no message. The same 2-rank equality is also tested in-process
+        # above without torchrun; here one retry keeps a launcher hiccup from failing CI,
+        # and a second abort still fails.
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     section = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- bench:distributed:start -->" in section and "| equal |" in section
