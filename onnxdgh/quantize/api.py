@@ -34,7 +34,8 @@ from ..load import LoadedModel, canonicalise, load_model, make_batch_dynamic
 from ..profile import Profile, load_profile
 from .calibrate import DEFAULT_BINS, collect_statistics
 from .emit import emit
-from .equalize import equalize, input_bounds_from_normalization
+from .equalize import equalize as equalize_layers
+from .equalize import input_bounds_from_normalization
 from .float_weights import store_weights_as_float
 from .fold import FoldReport, prepare
 from .plan import QuantPlan, mark, resolve
@@ -319,16 +320,13 @@ def _profile(config: QuantizeConfig) -> Profile:
     return profile
 
 
-_NO_EQUALIZATION = object()
-
-
 def _structure(
     loaded: LoadedModel, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool, int4_types: bool,
-    equalize_bounds: Any = _NO_EQUALIZATION,
-) -> tuple[onnx.ModelProto, FoldReport, QuantPlan, dict[str, Any] | None]:
-    """Opset upgrade, BN folding, cross-layer equalization (when ``equalize_bounds`` is given:
-    the input bounds it may use, or None) and marking: (folded float model, fold report,
-    plan, equalization report or None)."""
+    equalize: bool = False, input_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[onnx.ModelProto, FoldReport, QuantPlan, Any]:
+    """Opset upgrade, BN folding, cross-layer equalization (with ``equalize``, within the
+    model input's ``input_bounds`` when known) and marking: (folded float model, fold
+    report, plan, equalization report or None)."""
     float_model = loaded.model
     if int4_types and loaded.opset < 21:
         float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
@@ -336,8 +334,8 @@ def _structure(
         float_model = _convert_opset(float_model, 13, "per-axis DequantizeLinear")
     folded, fold_report = prepare(float_model)
     equalize_report = None
-    if equalize_bounds is not _NO_EQUALIZATION:
-        folded, equalize_report = equalize(folded, input_bounds=equalize_bounds)
+    if equalize:
+        folded, equalize_report = equalize_layers(folded, input_bounds=input_bounds)
     opset = g.opset_version(folded) or loaded.opset
     if not profile.opset_min <= opset <= profile.opset_max:
         raise ProfileError(
@@ -489,7 +487,8 @@ def quantize(
     folded, fold_report, plan, equalize_report = _structure(
         loaded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits, per_channel=config.per_channel,
         int4_types=config.int4_types,
-        equalize_bounds=_input_bounds(loaded, generate_config) if config.equalize_enabled else _NO_EQUALIZATION,
+        equalize=config.equalize_enabled,
+        input_bounds=_input_bounds(loaded, generate_config) if config.equalize_enabled else None,
     )
     timings["fold_s"] = time.perf_counter() - step
 
