@@ -7,7 +7,7 @@ away (and the re-export recipe), which generation method ``--method auto`` will 
 the quality to expect (a model without BN statistics is ready: it gets procedural images),
 the ops onnx2torch cannot convert, the custom ops onnxruntime cannot run, whether
 generation with the default settings fits in memory, and a verdict. The verdict includes
-a dry run of the quantizer (:func:`onnxdgh.quantize.api.dry_run`: the same profile check,
+a dry run of the quantizer (:func:`onnxdgh.quantization.api.dry_run`: the same profile check,
 BN folding and marking ``quantize`` does before it needs images), so a model ``quantize``
 would refuse -- an op without a quantization rule, an op the profile forbids -- is NOT
 READY, naming the node. :func:`symbolic_shape_report` gives the verdict for a model whose
@@ -101,7 +101,7 @@ def _dry_run(loaded: LoadedModel, profile: str | None) -> tuple[dict[str, Any], 
     """(dry-run summary, reason, advice): what ``quantize`` at the profile's widest bits would say."""
     from .errors import OnnxDghError
     from .profile import DEFAULT_PROFILE, load_profile
-    from .quantize.api import dry_run
+    from .quantization.api import dry_run
 
     chosen = load_profile(profile or DEFAULT_PROFILE)
     summary: dict[str, Any] = {"profile": chosen.name}
@@ -152,8 +152,8 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
         reasons.append(f"onnx2torch cannot convert: {ops}")
         if not unrunnable:  # --calib-data skips the conversion, not onnxruntime
             advice.append("replace these ops at export time, or calibrate with your own images: onnxdgh quantize --calib-data")
-    from .generate.config import GenerateConfig  # torch comes with it, as with unconvertible_ops
-    from .generate.method import expected_quality
+    from .generation.config import GenerateConfig  # torch comes with it, as with unconvertible_ops
+    from .generation.method import expected_quality
 
     defaults = GenerateConfig()  # the verdict is for `onnxdgh generate`'s default images and batch size
     memory = estimate_run_memory(loaded, images=defaults.images, batch_size=defaults.batch_size)

@@ -30,7 +30,7 @@ def _has_generator() -> bool:
     import importlib.util
 
     try:
-        return importlib.util.find_spec("onnxdgh.generate.core") is not None
+        return importlib.util.find_spec("onnxdgh.generation.core") is not None
     except ModuleNotFoundError:
         return False
 
@@ -119,7 +119,7 @@ def test_text_lines_found_on_a_synthetic_page() -> None:
 def test_generation_speed_smoke(tmp_path: Path) -> None:
     """Runs in the benchmark venv when it exists, so the MCT baseline is exercised too; else onnxdgh alone."""
     if not _has_generator():
-        pytest.skip("onnxdgh.generate.core is not in this checkout")
+        pytest.skip("onnxdgh.generation.core is not in this checkout")
     python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
     text = _section(_smoke("bench_generation_speed.py", tmp_path, python=python), "generation-speed")
     row = next(line for line in text.splitlines() if line.startswith("| tiny |"))

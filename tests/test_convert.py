@@ -81,7 +81,7 @@ class SharedConvOutput(nn.Module):
 
 def _tap_moments(model: TorchModel, images: torch.Tensor) -> list[torch.Tensor]:
     """The output, then per BN layer: batch mean and variance, per-image mean and std of its input."""
-    from onnxdgh.generate.losses import batch_moments, per_image_moments
+    from onnxdgh.generation.losses import batch_moments, per_image_moments
 
     probe = model.probe(images)
     taps = model.bn_taps or (None,) * len(model.bn_layers)

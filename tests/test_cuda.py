@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from onnxdgh.cli import main
 from onnxdgh.convert import fold_bn_taps, to_torch
 from onnxdgh.fileio import load_images_npz
-from onnxdgh.generate import GenerateConfig, evaluate_images, generate
-from onnxdgh.generate.losses import batch_moments
-from onnxdgh.generate.prep import Preprocessor
+from onnxdgh.generation import GenerateConfig, evaluate_images, generate
+from onnxdgh.generation.losses import batch_moments
+from onnxdgh.generation.prep import Preprocessor
 from onnxdgh.load import load_model
 
 from .test_generate import _stop_at

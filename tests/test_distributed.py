@@ -3,7 +3,7 @@
 The ranks are real processes (torch.multiprocessing spawn) joined by the environment
 torchrun would set. Both sides run with one intra-op thread: the ranks then run the same
 per-batch kernels as the one process, and the images are compared for exact equality
-(see onnxdgh/generate/distributed.py for why equality, not a tolerance, is expected).
+(see onnxdgh/generation/distributed.py for why equality, not a tolerance, is expected).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from click.testing import CliRunner
 
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
-from onnxdgh.generate import GenerateConfig, StepInfo, generate
-from onnxdgh.generate.core import _Run
-from onnxdgh.generate.distributed import Shard
+from onnxdgh.generation import GenerateConfig, StepInfo, generate
+from onnxdgh.generation.core import _Run
+from onnxdgh.generation.distributed import Shard
 from onnxdgh.load import load_model
 from onnxdgh.convert import to_torch
 
@@ -138,7 +138,7 @@ def test_bench_distributed_smoke(tmp_path: Path) -> None:
 
 def test_random_draws_depend_on_the_image_index_only() -> None:
     """An image's noise and crops are the same whichever batch (or rank) draws them."""
-    from onnxdgh.generate.prep import image_noise, view_draws
+    from onnxdgh.generation.prep import image_noise, view_draws
 
     whole = image_noise(7, range(10), (1, 4, 4))
     np.testing.assert_array_equal(image_noise(7, [5, 6], (1, 4, 4)).numpy(), whole[5:7].numpy())

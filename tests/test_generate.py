@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError, UnsupportedModelError
 from onnxdgh.fileio import load_images_npz
-from onnxdgh.generate import GenerateConfig, StepInfo, evaluate_images, generate
-from onnxdgh.generate.losses import StatsStore, batch_moments, bns_loss, odsl_per_image
-from onnxdgh.generate.prep import Preprocessor, auto_margin
+from onnxdgh.generation import GenerateConfig, StepInfo, evaluate_images, generate
+from onnxdgh.generation.losses import StatsStore, batch_moments, bns_loss, odsl_per_image
+from onnxdgh.generation.prep import Preprocessor, auto_margin
 from onnxdgh.load import load_model
 
 from .conftest import TinyConvBnRelu, export_onnx, settle_bn
@@ -373,7 +373,7 @@ def test_cli_unwritable_outputs_exit_2_before_work(tiny_model_path: Path, tmp_pa
 
 def test_train_view_gather_matches_per_image_slice_flip_crop() -> None:
     """The gathered crop equals the plain per-image slice + flip (values and gradients)."""
-    from onnxdgh.generate.prep import Preprocessor
+    from onnxdgh.generation.prep import Preprocessor
 
     prep = Preprocessor(3, 10, 12, margin=4, sigma=1.25, enabled=True, low=None, high=None)
     canvas = torch.randn(16, 3, 14, 16, requires_grad=True)
@@ -402,7 +402,7 @@ def test_train_view_gather_matches_per_image_slice_flip_crop() -> None:
 def test_channels_last_is_the_same_computation(tiny_model_path: Path, tmp_path: Path) -> None:
     """NHWC vs NCHW: same images up to float rounding; the caller's module keeps its layout."""
     from onnxdgh.convert import to_torch
-    from onnxdgh.generate.core import _Run
+    from onnxdgh.generation.core import _Run
 
     loaded = load_model(tiny_model_path)
     nhwc = generate(loaded, GenerateConfig(**QUICK, seed=3, channels_last=True), progress=False)
@@ -429,7 +429,7 @@ def test_channels_last_is_the_same_computation(tiny_model_path: Path, tmp_path: 
 
 
 def test_flat_batch_moments_equal_per_layer_moments() -> None:
-    from onnxdgh.generate.losses import flat_batch_moments
+    from onnxdgh.generation.losses import flat_batch_moments
 
     generator = torch.Generator().manual_seed(1)
     xs = [torch.randn(4, 3, 5, 5, generator=generator) + 2.0, torch.randn(4, 6, generator=generator)]
@@ -440,7 +440,7 @@ def test_flat_batch_moments_equal_per_layer_moments() -> None:
 
 
 def test_per_image_moments_equal_var_mean() -> None:
-    from onnxdgh.generate.losses import STD_EPS, per_image_moments
+    from onnxdgh.generation.losses import STD_EPS, per_image_moments
 
     x = (torch.randn(5, 3, 4, 6) * 0.2 + 7.0).requires_grad_(True)
     mean, std = per_image_moments(x)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
-from onnxdgh.generate import GenerateConfig, generate
+from onnxdgh.generation import GenerateConfig, generate
 
 from .helpers_generate import consistent_model
 

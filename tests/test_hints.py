@@ -174,9 +174,9 @@ def _project_index() -> _Index:
 UNREACHABLE = {
     # quantize passes only --images/--iterations/--batch-size/--device/--method/--mean/--std/
     # --allow-no-bn to the generator: never a checkpoint, never resume, never ODSL off.
-    ("quantize", "onnxdgh/generate/checkpoint.py", "--checkpoint"),
-    ("quantize", "onnxdgh/generate/checkpoint.py", "--resume"),
-    ("quantize", "onnxdgh/generate/core.py", "--no-odsl"),
+    ("quantize", "onnxdgh/generation/checkpoint.py", "--checkpoint"),
+    ("quantize", "onnxdgh/generation/checkpoint.py", "--resume"),
+    ("quantize", "onnxdgh/generation/core.py", "--no-odsl"),
     # validate re-raises load_images_npz's errors with its own --data hint (commands/validate.py).
     ("validate", "onnxdgh/fileio.py", "--calib-data"),
 }

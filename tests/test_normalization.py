@@ -17,7 +17,7 @@ from torch import nn
 
 from onnxdgh.cli import main
 from onnxdgh.errors import GenerationDivergedError, InvalidInputError
-from onnxdgh.generate import GenerateConfig, generate
+from onnxdgh.generation import GenerateConfig, generate
 from onnxdgh.load import LoadedModel, load_model
 from onnxdgh.normalization import (
     PRESETS,
@@ -285,7 +285,7 @@ def test_non_finite_loss_stops_the_run(tmp_path: Path) -> None:
 
 
 def test_quantize_refuses_a_diverged_generation(tmp_path: Path) -> None:
-    from onnxdgh.quantize import QuantizeConfig, quantize
+    from onnxdgh.quantization import QuantizeConfig, quantize
 
     path = consistent_model(tmp_path / "m.onnx")
     config = GenerateConfig(**QUICK, preprocess="raw255", lr=1e5, scheduler="none")

@@ -13,9 +13,9 @@ from torch import nn
 
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
-from onnxdgh.generate import GenerateConfig, generate
-from onnxdgh.generate.method import choose_method, expected_quality, resolve_method
-from onnxdgh.generate.procedural import KINDS, procedural_images, procedural_pixels
+from onnxdgh.generation import GenerateConfig, generate
+from onnxdgh.generation.method import choose_method, expected_quality, resolve_method
+from onnxdgh.generation.procedural import KINDS, procedural_images, procedural_pixels
 from onnxdgh.load import load_model
 
 from .conftest import export_onnx

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxdgh.errors import CalibrationDataError, InvalidInputError, ProfileError, QuantizationError
 from onnxdgh.load import load_model, load_model_proto
-from onnxdgh.quantize import QuantizeConfig, quantize
+from onnxdgh.quantization import QuantizeConfig, quantize
 
 from .conftest import TinyConvBnRelu, export_onnx, settle_bn
 from .helpers_quantize import (
@@ -291,7 +291,7 @@ def test_shape_computed_reshape_and_opset11_softmax_pass_validation() -> None:
     # opset-11 Softmax that the conversion to opset 13 rewrites around a Shape when it cannot see
     # the rank. Both used to leave Shape/Cast nodes (op-not-allowed) in the quantized model.
     from onnxdgh.profile import load_profile
-    from onnxdgh.validate.checks import check_model
+    from onnxdgh.validation.checks import check_model
 
     weights = ", ".join(f"{v:.4f}" for v in conv_weight(4, 3, 3, seed=3).reshape(-1))
     model = onnx.parser.parse_model(_PADDLE_STYLE_HEAD % weights)
@@ -306,7 +306,7 @@ def test_shape_computed_reshape_and_opset11_softmax_pass_validation() -> None:
 
 
 def test_opset_conversion_folds_the_shape_ops_it_adds() -> None:
-    from onnxdgh.quantize.api import _convert_opset
+    from onnxdgh.quantization.api import _convert_opset
 
     model = onnx.parser.parse_model(_PADDLE_STYLE_HEAD % ", ".join(["0.1"] * 108))
     raw = onnx.version_converter.convert_version(model, 13)
@@ -324,7 +324,7 @@ def test_reproducible(tiny: Path) -> None:
 
 
 def test_generates_dgh_data_when_no_images_given(tiny: Path) -> None:
-    from onnxdgh.generate import GenerateConfig
+    from onnxdgh.generation import GenerateConfig
 
     result = quantize(str(tiny), None, QuantizeConfig(seed=3),
                       generate_config=GenerateConfig(images=8, iterations=2, batch_size=8, seed=3), progress=False)

@@ -14,10 +14,10 @@ from onnx import helper
 
 from onnxdgh.load import load_model_proto
 from onnxdgh.profile import load_profile
-from onnxdgh.quantize import QuantizeConfig, quantize
-from onnxdgh.quantize import thresholds as th
-from onnxdgh.validate import validate
-from onnxdgh.validate.checks import check_model
+from onnxdgh.quantization import QuantizeConfig, quantize
+from onnxdgh.quantization import thresholds as th
+from onnxdgh.validation import validate
+from onnxdgh.validation.checks import check_model
 
 from .helpers_quantize import bias_scale_problems, conv_weight, images, is_pow2, make_model, output_scale, qdq_scale, run
 

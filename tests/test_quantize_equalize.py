@@ -15,7 +15,7 @@ from onnxdgh import QuantizeConfig, quantize
 from onnxdgh import graph as g
 from onnxdgh.cli import main
 from onnxdgh.fileio import save_images_npz
-from onnxdgh.quantize.equalize import equalize, input_bounds_from_normalization
+from onnxdgh.quantization.equalize import equalize, input_bounds_from_normalization
 
 from .helpers_quantize import conv_weight, images, make_model, rng, run
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from onnxdgh.errors import QuantizationError
-from onnxdgh.quantize.fold import prepare
+from onnxdgh.quantization.fold import prepare
 
 from .helpers_quantize import conv_weight, images, make_model, op_counts, rng, run
 
@@ -328,8 +328,8 @@ def test_quantized_model_has_no_layer_constant_pattern_left(op: str) -> None:
     # Mul: a zero and a negative per-channel factor (a dead and a sign-flipped channel).
     from onnxdgh.load import load_model_proto
     from onnxdgh.profile import load_profile
-    from onnxdgh.quantize import QuantizeConfig, quantize
-    from onnxdgh.validate.checks import check_model
+    from onnxdgh.quantization import QuantizeConfig, quantize
+    from onnxdgh.validation.checks import check_model
 
     constant = np.array([0.5, -1.5, 0.0, 0.25], np.float32).reshape(4, 1, 1)
     model = _conv_then(op, constant)

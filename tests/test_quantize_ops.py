@@ -11,8 +11,8 @@ from onnx import helper
 
 from onnxdgh.load import load_model_proto
 from onnxdgh.profile import load_profile
-from onnxdgh.quantize import QuantizeConfig, quantize
-from onnxdgh.validate.checks import check_model
+from onnxdgh.quantization import QuantizeConfig, quantize
+from onnxdgh.validation.checks import check_model
 
 from .helpers_quantize import (
     bias_scale_problems,

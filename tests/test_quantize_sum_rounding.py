@@ -12,8 +12,8 @@ from onnx import helper
 from onnxdgh import QuantizeConfig, quantize
 from onnxdgh import graph as g
 from onnxdgh.errors import InvalidInputError
-from onnxdgh.quantize import thresholds as th
-from onnxdgh.quantize.rounding import bias_correction
+from onnxdgh.quantization import thresholds as th
+from onnxdgh.quantization.rounding import bias_correction
 
 from .helpers_quantize import images, make_model, rng, run
 
@@ -92,7 +92,7 @@ def test_quantize_stores_sum_preserving_weights_at_w8a8_and_helps_an_edge_filter
 
 def test_bias_correction_refuses_sum_rounded_weights_unless_told(tmp_path: Path) -> None:
     from onnxdgh.errors import QuantizationError
-    from onnxdgh.quantize.fold import prepare
+    from onnxdgh.quantization.fold import prepare
 
     model = _edge_model()
     x = images(8, (16, 8, 8), seed=2) + 2.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxdgh.quantize import thresholds as th
-from onnxdgh.quantize.calibrate import PowerOfTwoHistogram, TensorStats
+from onnxdgh.quantization import thresholds as th
+from onnxdgh.quantization.calibrate import PowerOfTwoHistogram, TensorStats
 
 from .helpers_quantize import is_pow2
 

@@ -79,8 +79,8 @@ def test_validation_judges_held_out_images_and_records_the_files(tiny_model_path
 
 def test_held_out_images_choose_nothing(tiny_model_path: Path) -> None:
     from onnxdgh.load import load_model
-    from onnxdgh.quantize import QuantizeConfig, quantize
-    from onnxdgh.quantize.api import holdout_size
+    from onnxdgh.quantization import QuantizeConfig, quantize
+    from onnxdgh.quantization.api import holdout_size
 
     loaded = load_model(tiny_model_path)
     images = np.random.default_rng(0).standard_normal((24, 3, 12, 12)).astype(np.float32)
@@ -100,7 +100,7 @@ def test_held_out_images_choose_nothing(tiny_model_path: Path) -> None:
 
 def test_holdout_size() -> None:
     from onnxdgh.errors import CalibrationDataError
-    from onnxdgh.quantize.api import holdout_size
+    from onnxdgh.quantization.api import holdout_size
 
     assert [holdout_size(n) for n in (8, 24, 256)] == [4, 5, 51]
     with pytest.raises(CalibrationDataError, match="7 images are too few") as info:

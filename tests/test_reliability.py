@@ -27,7 +27,7 @@ from onnxdgh import load_model, load_model_proto
 from onnxdgh.cli import main
 from onnxdgh.errors import CalibrationDataError, InvalidInputError, ModelLoadError, OutputPathError
 from onnxdgh.fileio import atomic_write_bytes, load_images_npz, save_images_npz
-from onnxdgh.generate import GenerateConfig, StepInfo, generate
+from onnxdgh.generation import GenerateConfig, StepInfo, generate
 
 from .conftest import TinyConvBnRelu, export_onnx, settle_bn
 

@@ -9,7 +9,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxdgh.errors import CalibrationDataError, InvalidInputError, QuantizationError
-from onnxdgh.quantize.rounding import RoundingConfig, bias_correction, optimize_rounding, weighted_layers
+from onnxdgh.quantization.rounding import RoundingConfig, bias_correction, optimize_rounding, weighted_layers
 
 from .conftest import TinyConvBnRelu, export_onnx, settle_bn
 from .helpers_rounding import (
@@ -308,9 +308,9 @@ def test_block_mode_with_bias_correction_corrects_every_layer() -> None:
 def test_real_quantizer_output_keeps_its_profile(tmp_path) -> None:
     """End to end with onnxdgh.quantize: the optimised model still passes the validator's profile."""
     from onnxdgh.load import load_model
-    from onnxdgh.quantize import QuantizeConfig, quantize
-    from onnxdgh.quantize.fold import prepare
-    from onnxdgh.validate import validate
+    from onnxdgh.quantization import QuantizeConfig, quantize
+    from onnxdgh.quantization.fold import prepare
+    from onnxdgh.validation import validate
 
     torch.manual_seed(0)
     path = export_onnx(settle_bn(TinyConvBnRelu(), (3, 12, 12)), (3, 12, 12), tmp_path / "tiny.onnx")
@@ -380,7 +380,7 @@ def test_graph_helpers_used_by_rounding() -> None:
 
 def test_gated_activations_are_emulated_whole() -> None:
     """Conv -> Mul(x, G(x)) for both gates: one fused step, computed as onnxruntime does."""
-    from onnxdgh.quantize.rounding import _activation_fn, _fused_activation
+    from onnxdgh.quantization.rounding import _activation_fn, _fused_activation
 
     y = torch.linspace(-6, 6, 97, dtype=torch.float32)
     for gate, attrs, expected in (

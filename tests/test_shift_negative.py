@@ -20,12 +20,12 @@ from onnxdgh.errors import ProfileError
 from onnxdgh.fileio import save_images_npz
 from onnxdgh.load import load_model_proto
 from onnxdgh.profile import load_profile, profile_from_dict
-from onnxdgh.quantize import QuantizeConfig, quantize
-from onnxdgh.quantize.calibrate import TensorStats
-from onnxdgh.quantize.rounding import RoundingConfig, optimize_rounding
-from onnxdgh.quantize.shift import Shift, apply_shifts
+from onnxdgh.quantization import QuantizeConfig, quantize
+from onnxdgh.quantization.calibrate import TensorStats
+from onnxdgh.quantization.rounding import RoundingConfig, optimize_rounding
+from onnxdgh.quantization.shift import Shift, apply_shifts
 from onnxdgh.runtime import make_session, with_extra_outputs
-from onnxdgh.validate.checks import check_model
+from onnxdgh.validation.checks import check_model
 
 from .helpers_quantize import conv_weight, images, make_model, op_counts, run
 

@@ -16,7 +16,7 @@ from onnxdgh import QuantizeConfig, load_model, quantize, validate
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
 from onnxdgh.fileio import save_images_npz
-from onnxdgh.quantize.float_weights import (
+from onnxdgh.quantization.float_weights import (
     FLOAT_GRID,
     WEIGHT_FORMAT_KEY,
     WEIGHT_GRID_KEY,
@@ -238,7 +238,7 @@ def _drifting_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
                 break
         return make_session(drifted, optimize=True)
 
-    monkeypatch.setattr(sys.modules["onnxdgh.validate.report"], "make_session", fake)
+    monkeypatch.setattr(sys.modules["onnxdgh.validation.report"], "make_session", fake)
 
 
 def test_runtime_drift_fails_validation_with_the_x86_hint(

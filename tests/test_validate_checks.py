@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 
 from onnxdgh.profile import Profile, load_profile
-from onnxdgh.validate.checks import RULES, Violation, analyse, check_model
+from onnxdgh.validation.checks import RULES, Violation, analyse, check_model
 
 from .helpers_validate import copy, float_model, get_init, insert_after, node, quantized_model, set_init
 
@@ -36,7 +36,7 @@ def weights_as_float(off_grid: bool = False) -> onnx.ModelProto:
     """The conforming model in the --weights-as-float flavour; ``off_grid`` moves one weight half a step."""
     import json
 
-    from onnxdgh.quantize.float_weights import WEIGHT_GRID_KEY, store_weights_as_float
+    from onnxdgh.quantization.float_weights import WEIGHT_GRID_KEY, store_weights_as_float
 
     model = store_weights_as_float(good())
     if off_grid:

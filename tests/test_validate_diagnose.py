@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxdgh import validate
-from onnxdgh.validate.diagnose import DROP_DB, diagnose, input_sqnr
+from onnxdgh.validation.diagnose import DROP_DB, diagnose, input_sqnr
 
 from .helpers_validate import copy, float_model, images, quantized_model, set_init
 

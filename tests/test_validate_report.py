@@ -12,8 +12,8 @@ from onnx import helper, numpy_helper
 
 from onnxdgh import load_model_proto, validate
 from onnxdgh.errors import CalibrationDataError, InvalidInputError, ProfileError
-from onnxdgh.validate.checks import analyse
-from onnxdgh.validate.report import match_layers, sqnr_db
+from onnxdgh.validation.checks import analyse
+from onnxdgh.validation.report import match_layers, sqnr_db
 
 from .conftest import ort_run
 from .helpers_validate import copy, float_model, images, node, quantized_model, set_init

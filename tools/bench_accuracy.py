@@ -138,7 +138,7 @@ def _generator_fingerprint() -> str:
 
     root = Path(onnxdgh.__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("generate/*.py"), root / "convert.py", root / "load.py"]):
+    for path in sorted([*root.glob("generation/*.py"), root / "convert.py", root / "load.py"]):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -233,8 +233,8 @@ def _mct_set(ctx: bl.Context, model: Path, out: Path, images: int | None, iterat
              fresh: bool) -> dict[str, Any]:
     from onnxdgh.convert import to_torch
     from onnxdgh.fileio import save_images_npz
-    from onnxdgh.generate.config import GenerateConfig
-    from onnxdgh.generate.prep import auto_margin
+    from onnxdgh.generation.config import GenerateConfig
+    from onnxdgh.generation.prep import auto_margin
     from onnxdgh.load import load_model
 
     report_path = out.with_suffix(".json")

@@ -8,7 +8,7 @@ Usage (from the repository root)::
 
 For every Fashion-MNIST sample model, a BN-free copy is made the way an exporter's default
 makes one: every BatchNormalization folded into its convolution by onnxdgh's own folding
-(``onnxdgh.quantize.fold.fold_batch_norms`` on the loaded, canonical model), the metadata
+(``onnxdgh.quantization.fold.fold_batch_norms`` on the loaded, canonical model), the metadata
 (input normalisation) kept. The copy is then quantized at W8A8 and W4A8 (the quantizer's
 defaults: rounding optimisation below 8 bits) with calibration images from
 
@@ -68,7 +68,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def fold_copy(model: Path, out: Path, keep_last: int = 0) -> Path:
     """Write ``model`` with its BN folded away but the last ``keep_last`` (metadata kept), as an exporter would."""
     from onnxdgh.load import load_model
-    from onnxdgh.quantize.fold import fold_batch_norms
+    from onnxdgh.quantization.fold import fold_batch_norms
 
     loaded = load_model(model)
     source = loaded.model

@@ -143,7 +143,7 @@ def _photo_sets(calib: int, evaluation: int, seed: int) -> tuple[np.ndarray, np.
 
 def compare(reference: np.ndarray, quantized: np.ndarray) -> dict[str, float]:
     """Top-1 agreement, top-5 containing the float top-1 and SQNR (dB) of ``quantized`` against ``reference``."""
-    from onnxdgh.validate.report import sqnr_db
+    from onnxdgh.validation.report import sqnr_db
 
     ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
     q = quantized.reshape(quantized.shape[0], -1).astype(np.float64)
@@ -161,8 +161,8 @@ def quantize_variant(model_path: Path, calib: np.ndarray, evaluation: np.ndarray
     """Quantize ``model_path`` W8A8 as ``variant`` says and measure it on ``evaluation``."""
     import onnxdgh
     from onnxdgh.load import load_model
-    from onnxdgh.quantize.equalize import equalize, input_bounds_from_normalization
-    from onnxdgh.quantize.fold import prepare
+    from onnxdgh.quantization.equalize import equalize, input_bounds_from_normalization
+    from onnxdgh.quantization.fold import prepare
 
     fields, _, nopot = VARIANTS[variant]
     loaded = load_model(model_path)
@@ -225,7 +225,7 @@ def _fake_weights(weight: np.ndarray, rule: str) -> np.ndarray:
     """``weight`` (output channels on axis 0) on the quantizer's W8 grid (per-channel MSE power-of-two
     thresholds) with ``rule``: nearest, sum (per output channel: what ships), pair (per output and
     input channel), or spatial (sum rule only where the kernel has more than one tap)."""
-    from onnxdgh.quantize import thresholds as th
+    from onnxdgh.quantization import thresholds as th
 
     value = weight.astype(np.float64)
     scale = th.scale_for(th.weight_thresholds(value, 0, 8, "mse"), 8, True).astype(np.float64)
@@ -246,7 +246,7 @@ def run_weights(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
     """Logit SQNR with only the weights quantized (activations float): which rounding, which layers."""
     from onnxdgh import graph as g
     from onnxdgh.load import load_model
-    from onnxdgh.quantize.fold import prepare
+    from onnxdgh.quantization.fold import prepare
 
     if ctx.smoke:
         model = bl.tiny_classifier(ctx.work / "tiny_w.onnx", channels=3, size=(16, 16), classes=10, mean=0.5, std=0.5)

@@ -9,7 +9,7 @@ Both runs are ``onnxdgh generate`` children with the same images, batch size, it
 and seed: one plain process with ``OMP_NUM_THREADS=1``, and ``--distributed`` under
 ``torchrun --standalone --nproc_per_node N`` (gloo, ``OMP_NUM_THREADS=1`` per rank).
 The images of the two runs are compared (they must be equal: see
-onnxdgh/generate/distributed.py) before any figure is written.
+onnxdgh/generation/distributed.py) before any figure is written.
 
 Figures: the wall time of the whole command (interpreter start, torch import, loading,
 conversion, generation, writing; torchrun's start-up included for the ranks) and the

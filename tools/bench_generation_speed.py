@@ -60,8 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _onnxdgh_run(path: Path, images: int, iterations: int, batch: int, seed: int, progress: bool) -> dict[str, Any]:
-    from onnxdgh.generate.config import GenerateConfig
-    from onnxdgh.generate.core import generate
+    from onnxdgh.generation.config import GenerateConfig
+    from onnxdgh.generation.core import generate
 
     config = GenerateConfig(images=images, iterations=iterations, batch_size=batch, seed=seed)
     started = time.perf_counter()

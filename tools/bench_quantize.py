@@ -36,7 +36,7 @@ import fashion_mnist as fm  # noqa: E402
 
 from onnxdgh.fileio import load_images_npz  # noqa: E402
 from onnxdgh.load import load_model  # noqa: E402
-from onnxdgh.quantize import QuantizeConfig, quantize  # noqa: E402
+from onnxdgh.quantization import QuantizeConfig, quantize  # noqa: E402
 from onnxdgh.runtime import make_session, run_batched  # noqa: E402
 
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A8": (2, 8)}
@@ -56,7 +56,7 @@ def calibration_sets(args: argparse.Namespace, loaded: Any) -> dict[str, np.ndar
     train, _ = fm.load_split("train")
     pick = np.random.default_rng(args.seed).choice(len(train), args.count, replace=False)
     sets = {"real": fm.normalize(train[pick], tuple(mean.tolist()), tuple(std.tolist()))}
-    from onnxdgh.generate import GenerateConfig, generate
+    from onnxdgh.generation import GenerateConfig, generate
 
     sets["noise"] = generate(loaded, GenerateConfig(method="noise", images=args.count, seed=args.seed), progress=False).images
     for path in args.dgh or []:

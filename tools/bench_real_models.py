@@ -489,7 +489,7 @@ def _smoke_data(spec: Spec, seed: int) -> RealData:
 
 def compare_outputs(reference: np.ndarray, quantized: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
     """Top-1 agreement, top-5-contains-top-1 (>= 10 classes), output SQNR (dB) and accuracy (with labels)."""
-    from onnxdgh.validate.report import sqnr_db
+    from onnxdgh.validation.report import sqnr_db
 
     ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
     q = quantized.reshape(quantized.shape[0], -1).astype(np.float64)

@@ -9,7 +9,7 @@ Usage (from the repository root)::
 
 For every sample model and bit width: the model fully quantized by ``onnxdgh.quantize``
 (power-of-two QDQ, MSE thresholds, weights rounded to nearest) calibrated on each source,
-then the same QDQ model after :func:`onnxdgh.quantize.rounding.optimize_rounding` driven
+then the same QDQ model after :func:`onnxdgh.quantization.rounding.optimize_rounding` driven
 by the *same* calibration images, one column per variant:
 
 - ``layer``: AdaRound layer by layer (each weighted node on its own fused output);
@@ -95,7 +95,7 @@ def _images(source: str, model: Path, work: Path, args: argparse.Namespace, smok
     path = work / f"calib_{GENERATE_METHOD[source]}.npz"
     if path.exists() and not args.fresh:
         return load_images_npz(path)[0]
-    from onnxdgh.generate import GenerateConfig, generate
+    from onnxdgh.generation import GenerateConfig, generate
 
     settings: dict[str, Any] = {"seed": args.seed, "method": GENERATE_METHOD[source]}
     if smoke:
@@ -127,8 +127,8 @@ def run(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     from onnxdgh.load import load_model
-    from onnxdgh.quantize import QuantizeConfig, quantize
-    from onnxdgh.quantize.rounding import RoundingConfig, optimize_rounding
+    from onnxdgh.quantization import QuantizeConfig, quantize
+    from onnxdgh.quantization.rounding import RoundingConfig, optimize_rounding
 
     busy = bl.busy_processes()
     if busy and not args.smoke:

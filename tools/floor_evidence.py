@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_mnist as fm  # noqa: E402
 
 from onnxdgh.errors import QuantizationError  # noqa: E402
-from onnxdgh.generate import GenerateConfig, generate  # noqa: E402
+from onnxdgh.generation import GenerateConfig, generate  # noqa: E402
 from onnxdgh.load import load_model  # noqa: E402
-from onnxdgh.quantize import QuantizeConfig, quantize  # noqa: E402
-from onnxdgh.quantize.api import holdout_size  # noqa: E402
-from onnxdgh.validate import validate  # noqa: E402
+from onnxdgh.quantization import QuantizeConfig, quantize  # noqa: E402
+from onnxdgh.quantization.api import holdout_size  # noqa: E402
+from onnxdgh.validation import validate  # noqa: E402
 
 MODELS = ("fmnist_resnet8", "fmnist_mobilenetv2", "fmnist_resnet8_silu")
 CONFIGS = {  # label -> (weight bits, act bits, profile)

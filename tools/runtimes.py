@@ -174,7 +174,7 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> float:
 
 def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
     """10 log10(sum ref^2 / sum (ref - other)^2) (the validator's definition); +inf when identical."""
-    from onnxdgh.validate.report import sqnr_db as ratio_db
+    from onnxdgh.validation.report import sqnr_db as ratio_db
 
     ref = np.asarray(reference, np.float64)
     return ratio_db(float(np.sum(ref * ref)), float(np.sum((ref - np.asarray(other, np.float64)) ** 2)))

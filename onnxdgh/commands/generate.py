@@ -39,7 +39,7 @@ def preflight(loaded: Any, config: Any, quiet: bool) -> None:
     it was inferred, and the resolver's error (exit 2, hint naming --preprocess and
     --mean/--std) when nothing can be decided.
     """
-    from ..generate.core import resolve_normalization
+    from ..generation.core import resolve_normalization
     from ..memory import check_run_memory
     from ..normalization import describe
 
@@ -147,8 +147,8 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     130 interrupted.
     """
     from ..fileio import atomic_write_bytes, atomic_write_json, check_output_paths, save_images_npz
-    from ..generate import GenerateConfig, generate
-    from ..generate.preview import contact_sheet_png
+    from ..generation import GenerateConfig, generate
+    from ..generation.preview import contact_sheet_png
     from ..load import load_model
 
     check_output_paths(

@@ -183,12 +183,12 @@ def quantize_command(
     """
     from ..fileio import atomic_write_bytes, atomic_write_json, check_images, check_output_paths, load_images_npz
     from ..load import load_model
-    from ..quantize import QuantizeConfig, quantize
-    from ..quantize.api import default_profile_name, holdout_size
+    from ..quantization import QuantizeConfig, quantize
+    from ..quantization.api import default_profile_name, holdout_size
 
     report_path: Path | None = None
     if run_validation:
-        from ..validate.api import check_gates
+        from ..validation.api import check_gates
 
         check_gates(min_sqnr, min_agreement)  # before the model is written: a bad gate leaves no output
         report_path = Path(validation_report) if validation_report else Path(output).with_suffix(".validation.json")
@@ -240,7 +240,7 @@ def quantize_command(
             "drop the generation options, or drop --calib-data to generate images",
         )
     if not calib_data:
-        from ..generate import GenerateConfig
+        from ..generation import GenerateConfig
 
         generate_config = GenerateConfig(seed=seed, **given)
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
@@ -275,7 +275,7 @@ def quantize_command(
             click.echo(render(result.report, output))
     if report_path is None:
         return EXIT_OK
-    from ..validate import validate
+    from ..validation import validate
 
     origin = result.report["calibration"]["source"]
     kind = f"synthetic images ({origin.split(':', 1)[1]})" if origin.startswith("dgh:") else f"images of {calib_data}"

@@ -16,7 +16,7 @@ from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
 from ..fileio import open_numpy, read_npz_array
 from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
-from ..validate import ValidationReport, validate
+from ..validation import ValidationReport, validate
 
 __all__ = ["validate_command", "render", "render_profiles", "load_labels"]
 

@@ -12,7 +12,7 @@ options of ``onnxdgh quantize`` that address each kind of layer.
 A drop is error the layer adds (weight rounding, its output grid) or amplifies (a
 high-pass kernel turns small input noise into large output noise); a layer the error
 only passes through keeps its input's SQNR. The SQNR rows themselves come from
-:func:`onnxdgh.validate.report.compare`.
+:func:`onnxdgh.validation.report.compare`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Definitions (x float, y quantized, sums over all elements of all images):
   top-1 agreement = share of images whose arg-max class is the same.
 
 Each layer row also carries the SQNR of what its producer reads (``input_sqnr_db``) and
-the drop against it; :mod:`onnxdgh.validate.diagnose` names the first layer where the
+the drop against it; :mod:`onnxdgh.validation.diagnose` names the first layer where the
 error is made from these rows (``NumericReport.diagnosis``).
 
 When onnxruntime cannot load or run the quantized model, that is the model failing a
@@ -116,7 +116,7 @@ class LayerMetrics:
     sqnr_db: float
     cosine: float
     input_sqnr_db: float | None = None
-    """SQNR of the tensors the producer reads (:func:`~onnxdgh.validate.diagnose.input_sqnr`)."""
+    """SQNR of the tensors the producer reads (:func:`~onnxdgh.validation.diagnose.input_sqnr`)."""
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (infinite SQNR is null with ``exact`` true)."""
@@ -147,7 +147,7 @@ class NumericReport:
     unmatched: tuple[str, ...]
     """Quantized activation tensors with no float counterpart (not in ``layers``)."""
     diagnosis: dict[str, object] | None = None
-    """Where the error is made (:func:`~onnxdgh.validate.diagnose.diagnose`)."""
+    """Where the error is made (:func:`~onnxdgh.validation.diagnose.diagnose`)."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The one place that inserts QuantizeLinear / DequantizeLinear nodes.
 
 Contract: :func:`emit` takes the BN-folded float model and a
-:class:`~onnxdgh.quantize.plan.ResolvedPlan` and returns a new model in QDQ form; every
+:class:`~onnxdgh.quantization.plan.ResolvedPlan` and returns a new model in QDQ form; every
 edit goes through :mod:`onnxdgh.graph`. Names follow one convention, which the
 validator relies on:
 

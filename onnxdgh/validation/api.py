@@ -12,7 +12,7 @@ Contract:
   the profile's floors whenever a reference is given: ``min_output_sqnr_db`` on every
   output, and with ``data`` (not on random images) ``min_top1_agreement`` on every
   classifier-like output; ``min_sqnr``/``min_agreement`` replace the matching floor.
-* A ``--weights-as-float`` model (:mod:`onnxdgh.quantize.float_weights`) is checked as the
+* A ``--weights-as-float`` model (:mod:`onnxdgh.quantization.float_weights`) is checked as the
   integer + DequantizeLinear model its grid record describes; a constant off its grid
   is a ``weight-off-grid`` violation. A failing model is *reported*, never raised; bad input (unreadable models,
   images that do not fit, a gate that cannot apply) raises an
@@ -41,7 +41,7 @@ from ..errors import InvalidInputError
 from ..fileio import check_images
 from ..load import LoadedModel, load_model, load_model_proto
 from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
-from ..quantize.float_weights import WEIGHT_FORMAT_KEY
+from ..quantization.float_weights import WEIGHT_FORMAT_KEY
 from .checks import Violation, analyse, check_model
 from .report import LayerMetrics, NumericReport, OutputMetrics, compare
 

@@ -545,7 +545,7 @@ class ParamQuant:
 
 @dataclass(frozen=True)
 class ResolvedPlan:
-    """Everything :func:`~onnxdgh.quantize.emit.emit` needs, plus a JSON-ready summary."""
+    """Everything :func:`~onnxdgh.quantization.emit.emit` needs, plus a JSON-ready summary."""
 
     activations: dict[str, ActivationQuant]
     params: tuple[ParamQuant, ...]
@@ -631,7 +631,7 @@ def resolve(
 
     ``sum_rounding``: per-channel weights of Conv, Gemm and MatMul keep each output
     channel's integer sum at the nearest integer of the float sum
-    (:func:`~onnxdgh.quantize.thresholds.quantize_preserving_sums`) instead of nearest
+    (:func:`~onnxdgh.quantization.thresholds.quantize_preserving_sums`) instead of nearest
     rounding entry by entry.
 
     Raises:

@@ -46,10 +46,10 @@ class GenerateConfig:
         seed: seeds every random draw (initial noise, flips, crops).
         device: ``"cpu"`` or ``"cuda"``.
         method: ``"auto"`` (default: ``"dgh"`` when the model has usable BN statistics,
-            else ``"procedural"``; :func:`onnxdgh.generate.method.choose_method`), ``"dgh"``,
+            else ``"procedural"``; :func:`onnxdgh.generation.method.choose_method`), ``"dgh"``,
             ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
             family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
-            natural-image priors, :mod:`onnxdgh.generate.procedural`; nothing optimised) or
+            natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised) or
             ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN).
         sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
         prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
@@ -81,7 +81,7 @@ class GenerateConfig:
         channels_last: run the model on channels-last (NHWC) tensors; the same
             computation in another memory layout (results agree to float rounding).
         distributed: split the batches over the processes of a ``torchrun`` launch
-            (:mod:`onnxdgh.generate.distributed`); the images equal one process's.
+            (:mod:`onnxdgh.generation.distributed`); the images equal one process's.
         plateau_stop: stop before ``iterations`` once the whole-set BN loss (Eq. 4 over
             all images, after each iteration) has not fallen below (1 - 1%) of its best
             for this many iterations; None = always run ``iterations``.

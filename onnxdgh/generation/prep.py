@@ -12,7 +12,7 @@ Randomness keyed by image (:func:`image_noise`, :func:`view_draws`): the run dra
 image's initial noise and each of its views' flip and crop offsets from a hash of (seed,
 the image's global index, the view's number), not from one generator stream consumed in
 batch order. An image's draws are then the same whichever process or batch position
-steps it, which is what lets a data-parallel run (:mod:`onnxdgh.generate.distributed`)
+steps it, which is what lets a data-parallel run (:mod:`onnxdgh.generation.distributed`)
 produce one process's images. The hash is SplitMix64's finaliser (Steele et al., 2014),
 a bijection on 64-bit words with full avalanche: ample for augmentation draws.
 """

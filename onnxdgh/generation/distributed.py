@@ -7,7 +7,7 @@ run needs. Without ``--distributed`` the run uses :data:`SINGLE` (rank 0 of 1), 
 collectives return their input: the one-process run is the same code with no messages.
 
 How the work is split and why the images equal one process's (the run loop is in
-:mod:`onnxdgh.generate.core`): batch b (global index, the same batches as one process)
+:mod:`onnxdgh.generation.core`): batch b (global index, the same batches as one process)
 belongs to rank ``b % world``. An iteration steps the batches in rounds of ``world``
 consecutive batches, one per rank, at the same time. One process steps batch b after
 batches 0..b-1 of this iteration (Algorithm 1 sequential over batches), and with the

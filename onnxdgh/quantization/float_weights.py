@@ -16,7 +16,7 @@ Contract:
   :data:`WEIGHT_FORMAT_KEY` = :data:`FLOAT_GRID`.
 * :func:`restore_quantized_weights` is the inverse for checking: it turns every recorded
   float initializer back into integers + DequantizeLinear (exactly the structure
-  :mod:`onnxdgh.quantize.emit` writes), so the validator's rules (power-of-two scales,
+  :mod:`onnxdgh.quantization.emit` writes), so the validator's rules (power-of-two scales,
   bit widths, bias scales, per-channel granularity) apply unchanged, and returns a
   :class:`GridProblem` for every recorded value that is not on its grid (not a whole
   number of steps, or outside the integer type's range) and for a record it cannot read.

@@ -1196,7 +1196,7 @@ def optimize_rounding(
         config: the optimisation settings (``weight_bits`` must be the quantizer's).
         progress: show a progress bar over the units (blocks or layers) on stderr.
         input_shifts: node name -> shift ``c`` of its input (the quantizer's shift
-            negative correction, :mod:`onnxdgh.quantize.shift`): such a node is optimised
+            negative correction, :mod:`onnxdgh.quantization.shift`): such a node is optimised
             on its unshifted input and its stored bias ``b - c * sum(W)`` is rederived from
             the final integers.
 

@@ -33,7 +33,7 @@ import onnx
 from .. import graph as g
 from ..ops import GATES, SHAPE_INPUT_INDICES, WEIGHTED, gated_activation, is_gate_partner, is_value_preserving
 from ..profile import Profile
-from ..quantize.float_weights import restore_quantized_weights
+from ..quantization.float_weights import restore_quantized_weights
 
 __all__ = [
     "RULES",
@@ -391,7 +391,7 @@ def analyse(model: onnx.ModelProto) -> QuantGraph:
     """Read ``model``'s Q/DQ structure (the model is not changed).
 
     A ``--weights-as-float`` model is read as the integer + DequantizeLinear model its grid
-    record describes (:func:`~onnxdgh.quantize.float_weights.restore_quantized_weights`).
+    record describes (:func:`~onnxdgh.quantization.float_weights.restore_quantized_weights`).
     """
     return QuantGraph(restore_quantized_weights(model)[0])
 

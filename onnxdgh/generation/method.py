@@ -16,7 +16,7 @@ that method filled in, and :func:`expected_quality` is the one-line quality note
   the procedural half supplies natural structure, the DGH half the model's own statistics;
 - a model with none (BN folded into the convolutions at export, or never trained with BN)
   runs ``procedural``: the data-free natural-image priors of
-  :mod:`onnxdgh.generate.procedural`. The evidence for that choice over Gaussian noise and
+  :mod:`onnxdgh.generation.procedural`. The evidence for that choice over Gaussian noise and
   over optimising through the model without BN targets (``dgh --allow-no-bn``: ODSL +
   smoothing + crop/flip) is docs/BENCHMARKS.md, section ``bn-free``.
 
@@ -96,7 +96,7 @@ def expected_quality(loaded: LoadedModel) -> str:
 
 
 def generate_mixed(loaded: LoadedModel, config: GenerateConfig, run: Any, **options: Any) -> GenerationResult:
-    """``mixed``: DGH on ``ceil(N / 2)`` images through ``run`` (:func:`~onnxdgh.generate.generate`), the rest procedural."""
+    """``mixed``: DGH on ``ceil(N / 2)`` images through ``run`` (:func:`~onnxdgh.generation.generate`), the rest procedural."""
     optimised = (config.images + 1) // 2
     result = run(loaded, replace(config, method="dgh", images=optimised), **options)
     norm = result.report["normalization"]

@@ -42,7 +42,7 @@ from .plan import QuantPlan, mark, resolve
 from .shift import Shift, apply_shifts, choose_shifts, compensate, shifted_statistics, supports_shift
 
 if TYPE_CHECKING:  # the generator is imported lazily: it pulls in torch
-    from ..generate import GenerateConfig
+    from ..generation import GenerateConfig
 
 __all__ = [
     "QuantizeConfig",
@@ -89,7 +89,7 @@ class QuantizeConfig:
             range-restricted int8/uint8 containers (``--int4-types``).
         weights_as_float: store every quantized constant (weights, biases) as the float32
             value its DequantizeLinear would produce, without that node, its grid recorded
-            in the metadata (``--weights-as-float``, :mod:`onnxdgh.quantize.float_weights`):
+            in the metadata (``--weights-as-float``, :mod:`onnxdgh.quantization.float_weights`):
             for converters that cannot read integer weights. Activations keep Q/DQ.
         seed: seeds the DGH generation when no calibration images are given, and the
             batch sampling of the rounding optimisation.
@@ -112,19 +112,19 @@ class QuantizeConfig:
             W4A4 for 2x the time).
         kernel_sum_rounding: store each output channel's weight integers so that their sum
             is the nearest integer of the float sum (``--kernel-sum-rounding/
-            --no-kernel-sum-rounding``, :func:`~onnxdgh.quantize.thresholds.quantize_preserving_sums`):
+            --no-kernel-sum-rounding``, :func:`~onnxdgh.quantization.thresholds.quantize_preserving_sums`):
             a high-gain kernel whose taps cancel (BN-folded depthwise edge filters) keeps its
             gain on smooth regions. None: on for 8-bit weights when the rounding optimisation is
             off (it chooses the integers itself; both together are an error).
             EfficientNet-Lite0 W8A8, real photos: logit SQNR 11.75 -> 17.96 dB, top-1
             agreement 84.0 -> 93.5 % (docs/BENCHMARKS.md, section depthwise).
         equalize: cross-layer equalization of consecutive convolutions before
-            quantization (``--equalize/--no-equalize``, :mod:`onnxdgh.quantize.equalize`;
+            quantization (``--equalize/--no-equalize``, :mod:`onnxdgh.quantization.equalize`;
             the float function is unchanged, a ReLU6 keeps its bound). None: off
             (EfficientNet-Lite0 W8A8: +0.2 dB alone, -0.7 dB with kernel-sum rounding;
             docs/BENCHMARKS.md, section depthwise).
         shift_negative: HPTQ's shift negative correction
-            (``--shift-negative/--no-shift-negative``, :mod:`onnxdgh.quantize.shift`): an
+            (``--shift-negative/--no-shift-negative``, :mod:`onnxdgh.quantization.shift`): an
             activation with a small negative tail (SiLU, HardSwish, ...) read only by
             Conv/Gemm gets ``+ c`` and the unsigned grid, its consumers' biases and
             padding absorb ``c``. Needs a profile that fuses the activation with ``Add``
@@ -250,7 +250,7 @@ class QuantizeResult:
     float_model: onnx.ModelProto | None = field(default=None, repr=False)
     """The BN-folded float model that ``model`` quantizes node for node (with the shift
     negative correction's Adds when it ran): the reference for a separate
-    :func:`~onnxdgh.quantize.rounding.optimize_rounding` run."""
+    :func:`~onnxdgh.quantization.rounding.optimize_rounding` run."""
     input_shifts: dict[str, float] = field(default_factory=dict)
     """Node name -> the shift ``c`` its input carries (``optimize_rounding``'s ``input_shifts``)."""
     holdout: np.ndarray | None = field(default=None, repr=False)
@@ -494,8 +494,8 @@ def quantize(
 
     generation_report: dict[str, Any] | None = None
     if calibration is None:
-        from ..generate import GenerateConfig as _GenerateConfig
-        from ..generate import generate
+        from ..generation import GenerateConfig as _GenerateConfig
+        from ..generation import generate
 
         gen_config = generate_config if generate_config is not None else _GenerateConfig(seed=config.seed)
         step = time.perf_counter()

@@ -1,13 +1,13 @@
 """DGH image generation: stage 3 of the pipeline (paper Section 5, Algorithm 1, Appendix A.1).
 
 Contract: :func:`generate` takes a model (path or :class:`~onnxdgh.load.LoadedModel`) and
-a :class:`~onnxdgh.generate.config.GenerateConfig` and returns float32 N x C x H x W
+a :class:`~onnxdgh.generation.config.GenerateConfig` and returns float32 N x C x H x W
 images in the model's (normalized) input space plus a JSON-serialisable report. With a
 fixed seed the images are identical on rerun on the same machine, and a run resumed from
 a checkpoint ends with exactly the images of an uninterrupted run. With ``distributed``
 the batches are split over the ranks of a torchrun launch and the images equal one
-process's (:mod:`onnxdgh.generate.distributed`); every random draw is keyed by the image's
-global index (:func:`~onnxdgh.generate.prep.view_draws`) so that this can hold.
+process's (:mod:`onnxdgh.generation.distributed`); every random draw is keyed by the image's
+global index (:func:`~onnxdgh.generation.prep.view_draws`) so that this can hold.
 
 Algorithm (``method="dgh"``): the images start as N(0, 1) noise on a canvas larger than
 the input (phi_prep's crop margin) and are split into batches, each with its own
@@ -130,7 +130,7 @@ def resolve_normalization(loaded: LoadedModel, config: GenerateConfig) -> Normal
 
     A BN-matching method first checks the model has BN targets: a folded export is the
     problem to fix first (its hint is the re-export recipe), and inference needs BN too.
-    ``method="auto"`` is resolved first (:func:`~onnxdgh.generate.method.resolve_method`):
+    ``method="auto"`` is resolved first (:func:`~onnxdgh.generation.method.resolve_method`):
     on a model without BN statistics it picks a method that needs none.
 
     Raises:
@@ -293,10 +293,10 @@ def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization,
 class _Run:
     """One generation run: state (images, optimisers, stored moments) and the loop.
 
-    With a :class:`~onnxdgh.generate.distributed.Shard` of several ranks this process
+    With a :class:`~onnxdgh.generation.distributed.Shard` of several ranks this process
     holds only its own batches' canvases, optimisers and schedulers (batch b on rank
     b % world) and the SAS store of every batch; the loop steps one round of ``world``
-    batches at a time (see :mod:`onnxdgh.generate.distributed` for why the images equal
+    batches at a time (see :mod:`onnxdgh.generation.distributed` for why the images equal
     one process's).
     """
 
