@@ -12,83 +12,18 @@ shows its traceback. Only this layer (and the ``commands`` modules it registers)
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, OnnxDghError
+from .commands.common import exit_interrupted
 from .progress import progress_default
 
-__all__ = ["main", "run_command", "echo_err", "input_shape_option", "progress_enabled"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def echo_err(text: str) -> None:
-    """Print a line on stderr."""
-    click.echo(text, err=True)
-
-
-def exit_interrupted() -> None:
-    """End the process as interrupted: ``error: interrupted`` (no hint) and exit 130."""
-    echo_err("error: interrupted")
-    sys.exit(EXIT_INTERRUPTED)
-
-
-def run_command(func: F) -> F:
-    """Decorate a click command body: turn :class:`OnnxDghError` into a clean exit.
-
-    The body returns an exit code (or None for 0).
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            code = func(*args, **kwargs)
-        except OnnxDghError as exc:
-            echo_err(f"error: {exc.message}")
-            if exc.hint:
-                echo_err(f"hint: {exc.hint}")
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            exit_interrupted()
-        sys.exit(int(code or 0))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def progress_enabled(ctx: click.Context) -> bool:
-    """Whether this invocation shows progress bars (decided once by the group's options)."""
-    return bool((ctx.obj or {}).get("progress"))
-
-
-def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int, int] | None:
-    if value is None:
-        return None
-    parts = value.lower().replace(",", "x").split("x")
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or any(v <= 0 for v in shape):
-        raise click.BadParameter(f"{value!r} is not C x H x W, e.g. 3x48x192", ctx=ctx, param=param)
-    return shape  # type: ignore[return-value]
-
-
-input_shape_option = click.option(
-    "--input-shape",
-    callback=_parse_shape,
-    default=None,
-    metavar="CxHxW",
-    help="Pin symbolic input dimensions, e.g. 3x48x192 (for exports with open height/width).",
-)
-"""Shared ``--input-shape`` option: every command that loads a model offers it."""
+__all__ = ["main"]
 
 
 _COMMANDS = {

@@ -17,50 +17,9 @@ from typing import Any
 
 import click
 
-from ..cli import echo_err, input_shape_option, progress_enabled, run_command
-from ..errors import InvalidInputError
+from .common import echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
 
-__all__ = ["generate_command", "preprocess_option", "preflight"]
-
-preprocess_option = click.option(
-    "--preprocess", default=None, metavar="imagenet|unit|symmetric|raw255",
-    help="Input normalisation by name (pixels in [0,1] -> (p - mean) / std): imagenet mean/std, unit (the pixels), "
-         "symmetric ([-1, 1]) or raw255 (0-255); excludes --mean/--std. Default: the model's metadata, "
-         "else inferred from its first BN-ed layer.",
-)
-"""Shared ``--preprocess`` option of ``generate`` and ``quantize`` (one field: ``GenerateConfig.preprocess``)."""
-
-
-def preflight(loaded: Any, config: Any, quiet: bool) -> None:
-    """The checks a generation run makes before its long work, in the order a user fixes them.
-
-    First the memory the run needs (a model too large for the machine is refused with the
-    figure, whatever its normalisation), then the input normalisation: one stderr line when
-    it was inferred, and the resolver's error (exit 2, hint naming --preprocess and
-    --mean/--std) when nothing can be decided.
-    """
-    from ..generation.core import resolve_normalization
-    from ..memory import check_run_memory
-    from ..normalization import describe
-
-    check_run_memory(loaded, images=config.images, batch_size=config.batch_size)
-
-    norm = resolve_normalization(loaded, config)
-    if norm.inference is not None and not quiet:
-        echo_err(describe(norm))
-
-
-def _floats(option: str, text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        values = ()
-    if not values:
-        raise InvalidInputError(f"{option} {text!r} is not a comma-separated list of numbers", f"give e.g. {option} 0.5 or 0.485,0.456,0.406")
-    return values
-
+__all__ = ["generate_command"]
 
 def summary(report: dict[str, Any], output: str) -> list[str]:
     """Terminal lines summarising a generation report."""
@@ -163,7 +122,7 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
     for flag in ("resume", "distributed"):
         if not given.get(flag):
             given.pop(flag, None)
-    config = GenerateConfig(mean=_floats("--mean", mean_text), std=_floats("--std", std_text), **given)
+    config = GenerateConfig(mean=float_list("--mean", mean_text), std=float_list("--std", std_text), **given)
     loaded = load_model(model, input_shape=input_shape)
     # Under torchrun every rank runs this command: only rank 0 (torchrun's RANK) talks.
     quiet = bool(ctx.obj and ctx.obj.get("quiet")) or (config.distributed and os.environ.get("RANK", "0") != "0")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import input_shape_option, run_command
+from .common import input_shape_option, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK
 from ..errors import SymbolicShapeError
 from ..inspection import InspectionReport, inspect_model, symbolic_shape_report

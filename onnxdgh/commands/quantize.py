@@ -12,9 +12,8 @@ from typing import Any
 
 import click
 
-from ..cli import echo_err, input_shape_option, progress_enabled, run_command
+from .common import echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
-from .generate import _floats, preflight, preprocess_option
 
 __all__ = ["quantize_command"]
 
@@ -226,8 +225,8 @@ def quantize_command(
         "batch_size": batch_size,
         "device": device,
         "method": method,
-        "mean": _floats("--mean", mean_text),
-        "std": _floats("--std", std_text),
+        "mean": float_list("--mean", mean_text),
+        "std": float_list("--std", std_text),
         "preprocess": preprocess,
         "allow_no_bn": allow_no_bn or None,
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import echo_err, input_shape_option, progress_enabled, run_command
+from .common import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
 from ..fileio import open_numpy, read_npz_array
 from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
