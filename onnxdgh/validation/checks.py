@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from .. import graph as g
-from ..ops import GATES, SHAPE_INPUT_INDICES, WEIGHTED, gated_activation, is_gate_partner, is_value_preserving
+from ..ops import gated_activation, is_gate_partner, is_value_preserving, output_bounds, spec
 from ..profile import Profile
 from ..quantization.float_weights import restore_quantized_weights
 
@@ -185,12 +185,11 @@ class QuantGraph:
         self.model = model
         self.graph = graph
         self.opset = g.opset_version(model)
-        self.inits = g.initializer_map(graph)
-        self.producers = g.producer_map(graph)
-        self.consumers = g.consumer_map(graph)
-        self.inputs = g.graph_input_names(graph)
-        self.outputs = g.graph_output_names(graph)
-        self.node_names = {id(node): node.name or f"{node.op_type}#{index}" for index, node in enumerate(graph.node)}
+        self.view = g.GraphView(graph)
+        self.producers = self.view.producers
+        self.consumers = self.view.consumers
+        self.inputs = self.view.inputs
+        self.outputs = self.view.outputs
         self.elem_types = _elem_types(model)
         self.quantizers: dict[int, QParams] = {}
         # Q/DQ first pass: types of Q outputs are needed to type DQ inputs.
@@ -204,13 +203,12 @@ class QuantGraph:
     # ------------------------------------------------------------ lookups
 
     def name(self, node: onnx.NodeProto) -> str:
-        """The node's name, or ``OpType#index`` when unnamed."""
-        return self.node_names[id(node)]
+        """The node's name, or ``OpType_index`` when unnamed."""
+        return self.view.label(node)
 
     def const(self, tensor: str) -> np.ndarray | None:
-        """The value of an initializer, or None when the tensor is computed."""
-        init = self.inits.get(tensor)
-        return None if init is None else g.to_array(init)
+        """The value of an initializer or Constant node, or None when the tensor is computed."""
+        return self.view.constant(tensor)
 
     def producer_op(self, tensor: str) -> str | None:
         """The op type producing ``tensor`` (None for inputs and initializers)."""
@@ -292,13 +290,12 @@ class QuantGraph:
         has_zp, zero_point = self._const_input(node, 2)
         attrs = g.node_attributes(node)
         if has_zp:
-            init = self.inits.get(node.input[2])
-            elem_type: int | None = init.data_type if init is not None else self.elem_types.get(node.input[2])
+            elem_type: int | None = self.view.constant_type(node.input[2]) or self.elem_types.get(node.input[2])
         else:
             # Without a zero point the output type is output_dtype (opset 21) or uint8.
             elem_type = int(attrs.get("output_dtype", 0) or 0) or _TP.UINT8  # type: ignore[call-overload]
         source = node.input[0]
-        role = "weight" if source in self.inits else "activation"
+        role = "weight" if self.view.is_constant(source) else "activation"
         info = integer_type_info(elem_type) if elem_type is not None else None
         bits = info[1] if info else None
         signed = info[2] if info else None
@@ -315,16 +312,10 @@ class QuantGraph:
 
     def _clip_bits(self, clip: onnx.NodeProto, scale: float) -> int | None:
         """The grid width a Clip before a Q restricts to: log2((hi - lo)/scale + 1), when exact."""
-        attrs = g.node_attributes(clip)
-        lo_value: object = attrs.get("min")
-        hi_value: object = attrs.get("max")
-        if len(clip.input) > 1 and clip.input[1]:
-            lo_value = self.const(clip.input[1])
-        if len(clip.input) > 2 and clip.input[2]:
-            hi_value = self.const(clip.input[2])
-        if lo_value is None or hi_value is None or scale <= 0:
+        bounds = output_bounds("Clip", g.node_attributes(clip), clip.input, self.const)
+        if bounds is None or not all(map(math.isfinite, bounds)) or scale <= 0:
             return None
-        lo, hi = float(np.asarray(lo_value).reshape(-1)[0]), float(np.asarray(hi_value).reshape(-1)[0])
+        lo, hi = bounds
         levels = (hi - lo) / scale + 1.0
         if levels < 2:
             return None
@@ -339,19 +330,19 @@ class QuantGraph:
         _, scale = self._const_input(node, 1)
         has_zp, zero_point = self._const_input(node, 2)
         source_tensor = node.input[0]
-        init = self.inits.get(source_tensor)
+        constant_type = self.view.constant_type(source_tensor)
         producer = self.producers.get(source_tensor)
         q_params = self.quantizers.get(id(producer)) if producer is not None else None
         elem_type: int | None
-        if init is not None:
-            elem_type = init.data_type
+        if constant_type is not None:
+            elem_type = constant_type
         elif q_params is not None:
             elem_type = q_params.elem_type
-        elif has_zp and node.input[2] in self.inits:
-            elem_type = self.inits[node.input[2]].data_type
+        elif has_zp and self.view.is_constant(node.input[2]):
+            elem_type = self.view.constant_type(node.input[2])
         else:
             elem_type = self.elem_types.get(source_tensor)
-        if init is not None:
+        if constant_type is not None:
             role = "bias" if self._feeds_bias(node.output[0]) else "weight"
             source: str | None = source_tensor
         elif q_params is not None:
@@ -368,10 +359,10 @@ class QuantGraph:
     def _feeds_bias(self, tensor: str) -> bool:
         users = self.consumers.get(tensor, [])
         return bool(users) and all(
-            user.op_type in ("Conv", "ConvTranspose", "Gemm")
-            and len(user.input) > 2
-            and user.input[2] == tensor
-            and tensor not in user.input[:2]
+            (bias := spec(user.op_type).bias) is not None
+            and len(user.input) > bias
+            and user.input[bias] == tensor
+            and tensor not in user.input[:bias]
             for user in users
         )
 
@@ -442,7 +433,7 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 
 
 def _data_inputs(node: onnx.NodeProto) -> Iterable[tuple[int, str]]:
-    skip = SHAPE_INPUT_INDICES.get(node.op_type, frozenset())
+    skip = spec(node.op_type).shape_inputs
     for index, name in enumerate(node.input):
         if name and index not in skip:
             yield index, name
@@ -602,7 +593,7 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
                 )
                 continue
             if profile.is_fused(producer.op_type, node.op_type):
-                if producer.op_type in GATES and node.op_type == "Mul" and not is_gate_partner(producer, node):
+                if spec(producer.op_type).gate and node.op_type == "Mul" and not is_gate_partner(producer, node):
                     found.append(
                         Violation(
                             "float-input-not-dequantized",
@@ -817,7 +808,7 @@ def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> list[Viol
 def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
     found: list[Violation] = []
     for node in q.graph.node:
-        if node.op_type not in WEIGHTED or len(node.input) < 3 or not node.input[2]:
+        if spec(node.op_type).bias is None or len(node.input) < 3 or not node.input[2]:
             continue
         bias = q.dq_for(node.input[2])
         if bias is None or bias.role != "bias":
@@ -842,7 +833,7 @@ def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
             continue
         w_scale = np.asarray(w_dq.scale, np.float64).reshape(-1)
         actual = np.asarray(bias.scale, np.float64).reshape(-1)
-        if node.op_type == "ConvTranspose" and 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0:
+        if spec(node.op_type).layout == "conv_transpose" and 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0:
             # ConvTranspose weights are (C_in, C_out/group, ...): per-channel scales along
             # axis 1 cover C_out/group channels and repeat for each group in the output.
             w_scale = np.tile(w_scale, actual.size // w_scale.size)
