@@ -123,7 +123,7 @@ def emit(model: onnx.ModelProto, resolved: ResolvedPlan) -> onnx.ModelProto:
     out.CopyFrom(model)
     graph = out.graph
     taken = g.names_in_use(graph)
-    labels = {(node.name or f"{node.op_type}_{index}"): node for index, node in enumerate(graph.node)}
+    labels = {g.node_label(node, index): node for index, node in enumerate(graph.node)}
 
     replaced: set[str] = set()
     uses: dict[str, int] = {}
