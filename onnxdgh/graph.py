@@ -47,7 +47,6 @@ __all__ = [
     "rename_output",
     "remove_initializers",
     "clear_value_info",
-    "set_opset_version",
     "set_initializer_value",
     "set_node_input",
     "pruned_copy",
@@ -325,15 +324,6 @@ def remove_initializers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
 def clear_value_info(graph: onnx.GraphProto) -> None:
     """Forget intermediate shapes/types (stale after a rewrite; shape inference refills them)."""
     del graph.value_info[:]
-
-
-def set_opset_version(model: onnx.ModelProto, version: int, domain: str = "") -> None:
-    """Set the imported version of ``domain`` ('' is the default ONNX domain), adding it if absent."""
-    for entry in model.opset_import:
-        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
-            entry.version = version
-            return
-    model.opset_import.append(helper.make_opsetid(domain, version))
 
 
 def tensor_elem_types(graph: onnx.GraphProto) -> dict[str, int]:

@@ -38,12 +38,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 
 __all__ = [
     "OpSpec",
     "OPS",
     "spec",
     "QDQ_OPS",
+    "INTEGER_TYPES",
+    "numpy_container",
     "WEIGHTED",
     "ACTIVATIONS",
     "GATES",
@@ -141,6 +144,25 @@ OPS: dict[str, OpSpec] = {
 _NONE = OpSpec()
 
 QDQ_OPS: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+_TP = onnx.TensorProto
+INTEGER_TYPES: dict[int, tuple[str, int, bool]] = {
+    _TP.INT8: ("int8", 8, True),
+    _TP.UINT8: ("uint8", 8, False),
+    _TP.INT16: ("int16", 16, True),
+    _TP.UINT16: ("uint16", 16, False),
+    _TP.INT32: ("int32", 32, True),
+    _TP.INT4: ("int4", 4, True),
+    _TP.UINT4: ("uint4", 4, False),
+    **{getattr(_TP, name): (name.lower(), 2, name == "INT2") for name in ("INT2", "UINT2") if hasattr(_TP, name)},
+}
+"""The integer element types a Q/DQ can carry: ``elem type -> (name, bits, signed)``."""
+
+
+def numpy_container(elem_type: int) -> np.dtype:
+    """The numpy dtype holding values of integer ``elem_type`` (sub-byte types in a byte)."""
+    _name, bits, signed = INTEGER_TYPES[elem_type]
+    return np.dtype(f"{'int' if signed else 'uint'}{max(8, bits)}")
 
 
 def spec(op_type: str) -> OpSpec:

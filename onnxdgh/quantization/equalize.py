@@ -110,11 +110,6 @@ def input_bounds_from_normalization(mean: np.ndarray, std: np.ndarray) -> Interv
 # ------------------------------------------------------------------------ attributes
 
 
-def _clip_bounds(node: onnx.NodeProto, view: g.GraphView) -> tuple[float, float] | None:
-    """``(min, max)`` of a Clip (infinite where absent), None if a bound is computed."""
-    return output_bounds("Clip", g.node_attributes(node), node.input, view.constant)
-
-
 def _zero_pad(node: onnx.NodeProto, view: g.GraphView) -> bool:
     """A constant-mode Pad with value 0 (absent or a zero constant)."""
     if g.attribute(node, "mode", "constant") != "constant":
@@ -190,15 +185,13 @@ def _intervals(graph: onnx.GraphProto, input_bounds: Interval | None) -> dict[st
             result = _conv_interval(weight, bias, group, source, _conv_pads(node))
         elif source is None:
             continue
-        elif op == "Relu":
-            result = (np.maximum(source[0], 0.0), np.maximum(source[1], 0.0))
         elif op == "LeakyRelu":
             alpha = g.attribute(node, "alpha", 0.01)
             low = np.where(source[0] < 0, alpha * source[0], source[0])
             high = np.where(source[1] < 0, alpha * source[1], source[1])
             result = (np.minimum(low, high), np.maximum(low, high))
-        elif op == "Clip":
-            bounds = _clip_bounds(node, view)
+        elif op in ("Relu", "Clip"):  # clamps: the interval clamps too
+            bounds = output_bounds(op, g.node_attributes(node), node.input, view.constant)
             if bounds is not None:
                 result = (np.clip(source[0], *bounds), np.clip(source[1], *bounds))
         elif op == "Pad" and _zero_pad(node, view):
@@ -255,7 +248,7 @@ def _find_pairs(view: g.GraphView) -> tuple[list[_Pair], list[dict[str, str]]]:
                 reason = f"{user.op_type} {_label(user)} follows: not a Conv and not positively homogeneous"
                 break
             if user.op_type == "Clip":
-                clip = _clip_bounds(user, view)
+                clip = output_bounds("Clip", g.node_attributes(user), user.input, view.constant)
                 if clip is None or clip[0] not in (0.0, -np.inf):
                     reason = f"Clip {_label(user)} has a lower bound other than 0: not positively homogeneous"
                     break

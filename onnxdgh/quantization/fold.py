@@ -60,6 +60,7 @@ layer output with a second reader or that is a graph output, is left alone.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -289,14 +290,7 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
 
 def _name_tables(graph: onnx.GraphProto) -> tuple[set[str], dict[str, int]]:
     """Every name in use (for fresh names) and how many node inputs read each tensor."""
-    taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in list(node.input) + list(node.output)}
-    taken |= {node.name for node in graph.node if node.name}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                readers[name] = readers.get(name, 0) + 1
-    return taken, readers
+    return g.names_in_use(graph), dict(Counter(name for node in graph.node for name in node.input if name))
 
 
 def _layer_shape(producer: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:

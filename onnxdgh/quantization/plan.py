@@ -54,6 +54,7 @@ from ..ops import (
     gated_activation,
     is_gate_partner,
     is_value_preserving,
+    numpy_container,
     output_bounds,
     output_channels,
     spec,
@@ -671,7 +672,7 @@ def resolve(
             clipped = int(np.sum(np.abs(ints * np.float64(scale) - value) > np.float64(scale)))
             resolved.append(
                 ParamQuant(item.tensor, item.node, item.input_index, "constant", partner.bits, None,
-                           scale, ints.astype(_numpy_container(partner.elem_type)), partner.elem_type, clipped)
+                           scale, ints.astype(numpy_container(partner.elem_type)), partner.elem_type, clipped)
             )
             continue
         thresholds = th.weight_thresholds(value, item.axis, item.bits, method)
@@ -766,12 +767,3 @@ def _fit_bias(
             bias.weight, bias.node, raised, bias.bits, float(np.max(np.abs(per_channel))),
         )
     return np.maximum(thresholds, floor.reshape(thresholds.shape)), raised
-
-
-def _numpy_container(elem_type: int) -> type:
-    return {
-        onnx.TensorProto.INT8: np.int8,
-        onnx.TensorProto.UINT8: np.uint8,
-        onnx.TensorProto.INT4: np.int8,
-        onnx.TensorProto.UINT4: np.uint8,
-    }[elem_type]
