@@ -392,31 +392,22 @@ def _normalise_gemm(graph: onnx.GraphProto, taken: set[str], readers: dict[str, 
         if node.op_type != "Gemm":
             continue
         inits = g.initializer_map(graph)
-        attrs = g.node_attributes(node)
-        alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
-        beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
+        alpha, beta = g.attribute(node, "alpha", 1.0), g.attribute(node, "beta", 1.0)
         changed = False
         if alpha != 1.0 and len(node.input) > 1 and node.input[1] in inits:
             name = _writable_initializer(graph, node, 1, taken, readers)
             _replace_initializer(graph, name, (g.to_array(inits[node.input[1]]) * alpha).astype(np.float32))
-            _set_attribute(node, "alpha", 1.0)
+            g.set_node_attribute(node, "alpha", 1.0)
             changed = True
         has_c = len(node.input) > 2 and bool(node.input[2])
         if beta != 1.0 and (not has_c or node.input[2] in inits):
             if has_c:
                 name = _writable_initializer(graph, node, 2, taken, readers)
                 _replace_initializer(graph, name, (g.to_array(g.initializer_map(graph)[name]) * beta).astype(np.float32))
-            _set_attribute(node, "beta", 1.0)
+            g.set_node_attribute(node, "beta", 1.0)
             changed = True
         count += int(changed)
     return count
-
-
-def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            attr.f = value
-            return
 
 
 def _div_to_mul(graph: onnx.GraphProto, taken: set[str], readers: dict[str, int]) -> int:

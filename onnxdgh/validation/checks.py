@@ -246,15 +246,9 @@ class QuantGraph(g.GraphView):
 
     # ------------------------------------------------------------ reading Q/DQ
 
-    def _const_input(self, node: onnx.NodeProto, index: int) -> tuple[bool, np.ndarray | None]:
-        """(present, constant value) of an optional input."""
-        if len(node.input) <= index or not node.input[index]:
-            return False, None
-        return True, self.constant(node.input[index])
-
     def _read_q(self, node: onnx.NodeProto) -> QParams:
-        _, scale = self._const_input(node, 1)
-        has_zp, zero_point = self._const_input(node, 2)
+        scale, zero_point = self.input_constant(node, 1), self.input_constant(node, 2)
+        has_zp = len(node.input) > 2 and bool(node.input[2])
         attrs = g.node_attributes(node)
         if has_zp:
             elem_type: int | None = self.constant_type(node.input[2]) or self.elem_types.get(node.input[2])
@@ -294,8 +288,8 @@ class QuantGraph(g.GraphView):
         return int(round(bits))
 
     def _read_dq(self, node: onnx.NodeProto) -> QParams:
-        _, scale = self._const_input(node, 1)
-        has_zp, zero_point = self._const_input(node, 2)
+        scale, zero_point = self.input_constant(node, 1), self.input_constant(node, 2)
+        has_zp = len(node.input) > 2 and bool(node.input[2])
         source_tensor = node.input[0]
         constant_type = self.constant_type(source_tensor)
         producer = self.producers.get(source_tensor)
