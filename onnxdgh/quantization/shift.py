@@ -79,7 +79,7 @@ import onnx
 
 from .. import graph as g
 from ..errors import QuantizationError
-from ..ops import is_gate_partner, ops_where, spec
+from ..ops import is_gate_partner, ops_where
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
