@@ -827,7 +827,7 @@ def _check_weights(model: onnx.ModelProto, source: str) -> None:
         epsilon = float(g.node_attributes(node).get("epsilon", 1e-5))  # type: ignore[arg-type]
         var = g.to_array(inits[node.input[4]]).astype(np.float64).reshape(-1)
         if var.size and float(var.min()) + epsilon < 0:
-            name = node.name or f"BatchNormalization_{index}"
+            name = g.node_label(node, index)
             raise ModelLoadError(
                 f"tensor {node.input[4]!r} of BatchNormalization node {name!r} of {source} holds a negative variance "
                 f"({float(var.min()):.4g} at channel {int(var.argmin())}, below -epsilon = {-epsilon:g}): "
@@ -845,7 +845,7 @@ def _batch_norms(model: onnx.ModelProto) -> list[BatchNormInfo]:
     for index, node in enumerate(model.graph.node):
         if node.op_type != "BatchNormalization":
             continue
-        name = node.name or f"BatchNormalization_{index}"
+        name = g.node_label(node, index)
         attrs = g.node_attributes(node)
         epsilon = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
         missing = [role for role, tensor in zip(("scale", "bias", "mean", "var"), node.input[1:5]) if tensor not in inits]

@@ -106,8 +106,7 @@ def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
         values = g.to_array(ints).astype(np.int64)
         axis: int | None = None
         if scale.size > 1:
-            axis = int(g.node_attributes(node).get("axis", 1))  # type: ignore[call-overload]
-            axis = axis % values.ndim
+            axis = g.attribute(node, "axis", 1) % values.ndim  # type: ignore[operator]
         # float32(q) * scale is what DequantizeLinear computes; the power-of-two scale is exact.
         stored = values.astype(np.float32) * _broadcast_scale(scale, axis, values.ndim)
         base = node.input[0][: -len("_quantized")] if node.input[0].endswith("_quantized") else node.input[0]

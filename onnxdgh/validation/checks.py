@@ -769,9 +769,10 @@ def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> list[Viol
 def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
     found: list[Violation] = []
     for node in q.graph.node:
-        if spec(node.op_type).bias is None or len(node.input) < 3 or not node.input[2]:
+        record = spec(node.op_type)
+        if record.bias is None or len(node.input) <= record.bias or not node.input[record.bias]:
             continue
-        bias = q.dq_for(node.input[2])
+        bias = q.dq_for(node.input[record.bias])
         if bias is None or bias.role != "bias":
             continue  # a float bias is reported by float-input-not-dequantized
         info = integer_type_info(bias.elem_type) if bias.elem_type is not None else None
@@ -789,7 +790,7 @@ def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
                           f"bias {bias.input!r} of {q.label(node)!r} stores values {int(flat.min())}..{int(flat.max())}, "
                           f"beyond {profile.bias_bits} bits")
             )
-        x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[1])
+        x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[record.weight])  # type: ignore[index]
         if x_dq is None or w_dq is None or x_dq.scale is None or w_dq.scale is None or bias.scale is None:
             continue
         w_scale = np.asarray(w_dq.scale, np.float64).reshape(-1)
