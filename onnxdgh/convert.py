@@ -229,7 +229,7 @@ def _check_converters(model: onnx.ModelProto) -> None:
 
     for index, node in enumerate(model.graph.node):
         version = _opset_for(model, node.domain)
-        name = node.name or f"{node.op_type}_{index}"
+        name = g.node_label(node, index)
         if version is None:
             raise ConversionError(
                 f"node {name!r} ({node.op_type}) uses domain {node.domain!r}, which the model does not import",

@@ -4,6 +4,14 @@ Contract: small, pure-ish helpers over a ``GraphProto`` (name maps, producer/con
 lookups, renaming a tensor's uses, removing nodes, adding initializers). Stages
 (canonicalisation, BN folding, Q/DQ emission) describe *what* to change in names and
 plans and call these helpers to do it; no other module pokes at repeated protobuf fields.
+:class:`GraphView` is the read-only side: one snapshot of producers, consumers,
+constants (initializers and Constant nodes), typed attributes and node labels.
+
+Why a small class over the protobuf and not onnx-ir: every stage already hands
+``onnx.NodeProto`` objects around and edits through the helpers below; onnx-ir's
+``ir.Model`` would need a conversion (a copy of every weight) at each stage boundary
+and different node objects, so it could not be adopted one module at a time, and it
+would be a new dependency for about a hundred lines of lookups.
 """
 
 from __future__ import annotations
@@ -16,6 +24,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 __all__ = [
+    "GraphView",
+    "node_label",
+    "attribute",
+    "constant_value",
     "initializer_map",
     "producer_map",
     "consumer_map",
@@ -35,13 +47,109 @@ __all__ = [
     "rename_output",
     "remove_initializers",
     "clear_value_info",
-    "set_opset_version",
     "set_initializer_value",
     "set_node_input",
     "pruned_copy",
     "names_in_use",
     "set_node_attribute",
 ]
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """The name plans, reports and violations use for ``node``: its name, or ``OpType_index``
+    (``index`` is its position in ``graph.node``) when unnamed."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """Attribute ``name`` of ``node`` as a plain value (strings decoded), ``default`` when absent.
+
+    A ``default`` of type int or float converts the value to that type.
+    """
+    for attr in node.attribute:
+        if attr.name == name:
+            value = helper.get_attribute_value(attr)
+            if isinstance(value, bytes):
+                return value.decode()
+            if isinstance(default, bool) or default is None:
+                return value
+            if isinstance(default, (int, float)):
+                return type(default)(value)
+            return value
+    return default
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node (None for sparse or string constants)."""
+    attrs = {attr.name: attr for attr in node.attribute}
+    if "value" in attrs:
+        return numpy_helper.to_array(attrs["value"].t)
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"].f, dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(list(attrs["value_floats"].floats), dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"].i, dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(list(attrs["value_ints"].ints), dtype=np.int64)
+    return None
+
+
+class GraphView:
+    """A read-only snapshot of one graph: who produces and reads each tensor, the constants
+    and the node labels. Build it after the last edit; it does not follow later changes.
+
+    Constants are initializers and the outputs of default-domain ``Constant`` nodes
+    (:meth:`constant`); :attr:`initializers` holds only the former (what a stage may
+    rewrite in place).
+    """
+
+    def __init__(self, graph: onnx.GraphProto | onnx.ModelProto) -> None:
+        self.graph = graph.graph if isinstance(graph, onnx.ModelProto) else graph
+        self.initializers = initializer_map(self.graph)
+        self.producers = producer_map(self.graph)
+        self.consumers = consumer_map(self.graph)
+        self.inputs = graph_input_names(self.graph)
+        self.outputs = graph_output_names(self.graph)
+        self.output_set = set(self.outputs)
+        self._labels = {id(node): node_label(node, index) for index, node in enumerate(self.graph.node)}
+        self._constant_nodes = {
+            node.output[0]: node
+            for node in self.graph.node
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output
+        }
+
+    def label(self, node: onnx.NodeProto) -> str:
+        """:func:`node_label` of ``node`` (a node of this graph)."""
+        return self._labels[id(node)]
+
+    def readers(self, tensor: str) -> list[onnx.NodeProto]:
+        """The nodes reading ``tensor`` (each once), in graph order."""
+        return self.consumers.get(tensor, [])
+
+    def is_constant(self, tensor: str) -> bool:
+        """True for an initializer or a Constant node's output."""
+        return tensor in self.initializers or tensor in self._constant_nodes
+
+    def constant(self, tensor: str) -> np.ndarray | None:
+        """The value of a constant ``tensor``, None when it is computed (or an input)."""
+        if tensor in self.initializers:
+            return to_array(self.initializers[tensor])
+        node = self._constant_nodes.get(tensor)
+        return None if node is None else constant_value(node)
+
+    def constant_type(self, tensor: str) -> int | None:
+        """The ONNX element type of a constant ``tensor`` (None when computed)."""
+        if tensor in self.initializers:
+            return int(self.initializers[tensor].data_type)
+        value = self.constant(tensor)
+        return None if value is None else int(helper.np_dtype_to_tensor_dtype(value.dtype))
+
+    def input_constant(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        """The value of input ``index`` of ``node`` when present and constant, else None."""
+        if index < len(node.input) and node.input[index]:
+            return self.constant(node.input[index])
+        return None
 
 
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -216,15 +324,6 @@ def remove_initializers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
 def clear_value_info(graph: onnx.GraphProto) -> None:
     """Forget intermediate shapes/types (stale after a rewrite; shape inference refills them)."""
     del graph.value_info[:]
-
-
-def set_opset_version(model: onnx.ModelProto, version: int, domain: str = "") -> None:
-    """Set the imported version of ``domain`` ('' is the default ONNX domain), adding it if absent."""
-    for entry in model.opset_import:
-        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
-            entry.version = version
-            return
-    model.opset_import.append(helper.make_opsetid(domain, version))
 
 
 def tensor_elem_types(graph: onnx.GraphProto) -> dict[str, int]:

@@ -24,6 +24,7 @@ import onnx
 
 from .load import REEXPORT_RECIPE, LoadedModel
 from .memory import estimate_run_memory, memory_advice
+from .ops import WEIGHTED
 from .runtime import describe_nodes, unknown_runtime_ops
 
 __all__ = ["InspectionReport", "inspect_model", "unconvertible_ops", "symbolic_shape_report"]
@@ -132,7 +133,6 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
         for bn in loaded.bn_nodes
     ]
     convs_with_bias = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 2 and n.input[2]]
-    has_conv = any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node)
     bn_folded = not loaded.bn_nodes and bool(convs_with_bias)
     missing = unconvertible_ops(loaded.model, loaded.opset)
 
@@ -160,7 +160,7 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
     if not memory.fits:
         reasons.append(f"generation with the default settings: {memory.describe()}")
         advice.append(memory_advice(loaded, memory))
-    if not has_conv and not any(n.op_type in ("Gemm", "MatMul") for n in graph.node):
+    if not any(n.op_type in WEIGHTED for n in graph.node):
         reasons.append("the graph has no Conv, Gemm or MatMul: nothing to quantize")
     quantizer, refusal, fix = _dry_run(loaded, profile)
     if refusal:

@@ -113,6 +113,9 @@ class LoadedModel:
     bn_nodes: tuple[BatchNormInfo, ...]
     metadata: dict[str, str]
     canonicalisation: dict[str, int]
+    as_written: onnx.ModelProto | None = field(default=None, repr=False)
+    """The checked model before canonicalisation (Identity and Constant nodes kept; only a
+    symbolic input shape pinned): what the validator's structural rules read."""
 
     @property
     def batch_fixed(self) -> bool:
@@ -428,6 +431,7 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
         bn_nodes=tuple(_batch_norms(canon)),
         metadata=metadata,
         canonicalisation=counts,
+        as_written=model,
     )
     _LOG.info(
         "loaded %s: input %s %s, opset %d, %d BN nodes (%d usable)",
@@ -457,21 +461,6 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    attrs = {attr.name: attr for attr in node.attribute}
-    if "value" in attrs:
-        return numpy_helper.to_array(attrs["value"].t)
-    if "value_float" in attrs:
-        return np.array(attrs["value_float"].f, dtype=np.float32)
-    if "value_floats" in attrs:
-        return np.array(list(attrs["value_floats"].floats), dtype=np.float32)
-    if "value_int" in attrs:
-        return np.array(attrs["value_int"].i, dtype=np.int64)
-    if "value_ints" in attrs:
-        return np.array(list(attrs["value_ints"].ints), dtype=np.int64)
-    return None  # sparse or string constants stay as nodes
-
-
 def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Return an equivalent model with Constants as initializers, no Identity, no dead nodes.
 
@@ -491,7 +480,7 @@ def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int
     lifted = []
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
-            value = _constant_value(node)
+            value = g.constant_value(node)
             if value is not None:
                 g.add_initializer(graph, node.output[0], value)
                 lifted.append(node)
@@ -838,7 +827,7 @@ def _check_weights(model: onnx.ModelProto, source: str) -> None:
         epsilon = float(g.node_attributes(node).get("epsilon", 1e-5))  # type: ignore[arg-type]
         var = g.to_array(inits[node.input[4]]).astype(np.float64).reshape(-1)
         if var.size and float(var.min()) + epsilon < 0:
-            name = node.name or f"BatchNormalization_{index}"
+            name = g.node_label(node, index)
             raise ModelLoadError(
                 f"tensor {node.input[4]!r} of BatchNormalization node {name!r} of {source} holds a negative variance "
                 f"({float(var.min()):.4g} at channel {int(var.argmin())}, below -epsilon = {-epsilon:g}): "
@@ -856,7 +845,7 @@ def _batch_norms(model: onnx.ModelProto) -> list[BatchNormInfo]:
     for index, node in enumerate(model.graph.node):
         if node.op_type != "BatchNormalization":
             continue
-        name = node.name or f"BatchNormalization_{index}"
+        name = g.node_label(node, index)
         attrs = g.node_attributes(node)
         epsilon = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
         missing = [role for role, tensor in zip(("scale", "bias", "mean", "var"), node.input[1:5]) if tensor not in inits]

@@ -1,100 +1,189 @@
-"""Op classification shared by the quantizer and the validator.
+"""The op table: what each ONNX op means to the quantizer and the validator.
 
-Contract: pure data and lookups, plus one structural rule, the gated activation
-(:func:`is_gate_partner`, :func:`gated_activation`).
-The quantizer marks tensors by these classes and the validator checks the graph by the
-same classes and rule, so the two cannot drift.
+Contract: pure data (:data:`OPS`, one :class:`OpSpec` per op type) and lookups over it,
+plus one structural rule, the gated activation (:func:`is_gate_partner`,
+:func:`gated_activation`). Marking, folding, shifting, equalizing, emitting and
+validation read these records, so they cannot drift; adding an operator is one entry
+here and one marking policy (:mod:`onnxdgh.quantization.plan`).
 
-* ``VALUE_PRESERVING``: the op only moves, selects or replicates values (or pads with
-  zeros, which a zero-point-0 grid represents exactly), so its output sits on its input's
-  quantization grid and keeps that scale.
-* ``WEIGHTED``: ops whose second input is a weight tensor quantized per channel and whose
-  optional third input is an int32 bias.
-* ``ACTIVATIONS``: ops that may fuse behind a weighted op into one hardware op.
-* ``NON_NEGATIVE_OUTPUT``: ops whose output is never negative, so an unsigned grid fits.
-* ``GATES``: the gate ``G`` of a gated activation ``Mul(x, G(x))`` (SiLU/Swish is
-  ``Mul(x, Sigmoid(x))``, the form every exporter writes before opset 24's ``Swish``).
+Record fields (all default to "no"):
+
+* ``weight`` / ``bias``: input index of the constant weight (quantized per output
+  channel) and of the int32 bias; ``layout`` says where a weight's output channels are
+  (:func:`weight_axis`, :func:`output_channels`);
+* ``bounds``: the output range ``(lo, hi)`` whatever the input (Relu ``[0, inf)``,
+  Sigmoid ``(0, 1)``); Clip's come from its attributes or constant inputs
+  (:func:`output_bounds`); a non-negative lower bound means an unsigned grid fits;
+* ``preserves``: the op only moves, selects or replicates values (or pads with zeros,
+  which a zero-point-0 grid represents exactly), so its output sits on its input's grid
+  (:func:`is_value_preserving` adds the attribute conditions of Pad and Resize);
+* ``activation``: may fuse behind a weighted op into one hardware op;
+* ``gate``: the gate ``G`` of a gated activation ``Mul(x, G(x))`` (SiLU is
+  ``Mul(x, Sigmoid(x))``, the form every exporter writes before opset 24's ``Swish``);
+* ``shared_scale``: one scale for all data inputs and the output (Concat);
+* ``shape_inputs``: inputs that carry shapes, indices or axes, never quantized;
+* ``sums_weights``: each output channel sums all of its weights against a constant
+  input (a ConvTranspose with stride > 1 does not: each position sees some taps);
+* ``homogeneous``: ``f(D x) = D f(x)`` for a positive per-channel diagonal ``D`` (Clip
+  and Pad only with a zero lower bound / zero fill; the callers check those);
+* ``passes_shift``: ``f(x + c) = f(x) + c`` for a scalar ``c`` (no padding);
+* ``shiftable``: an activation with a thin negative tail (shift negative correction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
 
 __all__ = [
-    "VALUE_PRESERVING",
+    "OpSpec",
+    "OPS",
+    "spec",
+    "QDQ_OPS",
+    "INTEGER_TYPES",
+    "numpy_container",
     "WEIGHTED",
     "ACTIVATIONS",
-    "NON_NEGATIVE_OUTPUT",
-    "QDQ_OPS",
-    "SHAPE_INPUT_INDICES",
     "GATES",
+    "SHAPE_INPUT_INDICES",
+    "ops_where",
     "is_value_preserving",
+    "weight_axis",
+    "output_channels",
+    "output_bounds",
     "gated_activation",
     "is_gate_partner",
 ]
 
-VALUE_PRESERVING: frozenset[str] = frozenset(
-    {
-        "Reshape",
-        "Flatten",
-        "MaxPool",
-        "Transpose",
-        "Squeeze",
-        "Unsqueeze",
-        "Slice",
-        "Split",
-        "Pad",
-        "Identity",
-        "Gather",
-        "DepthToSpace",
-        "SpaceToDepth",
-        "Expand",
-        "Tile",
-    }
-)
+Layout = Literal["conv", "conv_transpose", "gemm", "matmul"]
+Bounds = tuple[float, float]
+_INF = math.inf
 
-WEIGHTED: frozenset[str] = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
-ACTIVATIONS: frozenset[str] = frozenset(
-    {
-        "Relu",
-        "Clip",
-        "LeakyRelu",
-        "PRelu",
-        "Sigmoid",
-        "HardSigmoid",
-        "HardSwish",
-        "Tanh",
-        "Elu",
-        "Selu",
-        "Softplus",
-    }
-)
+@dataclass(frozen=True)
+class OpSpec:
+    """What one op type means for quantization (see the module docstring for each field)."""
 
-NON_NEGATIVE_OUTPUT: frozenset[str] = frozenset(
-    {"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Softplus", "Abs"}
-)
+    weight: int | None = None
+    bias: int | None = None
+    layout: Layout | None = None
+    bounds: Bounds | None = None
+    preserves: bool = False
+    activation: bool = False
+    gate: bool = False
+    shared_scale: bool = False
+    shape_inputs: frozenset[int] = frozenset()
+    sums_weights: bool = False
+    homogeneous: bool = False
+    passes_shift: bool = False
+    shiftable: bool = False
+
+
+def _idx(*indices: int) -> frozenset[int]:
+    return frozenset(indices)
+
+
+_MOVE = OpSpec(preserves=True)
+OPS: dict[str, OpSpec] = {
+    # Weighted ops.
+    "Conv": OpSpec(weight=1, bias=2, layout="conv", sums_weights=True),
+    "ConvTranspose": OpSpec(weight=1, bias=2, layout="conv_transpose"),
+    "Gemm": OpSpec(weight=1, bias=2, layout="gemm", sums_weights=True),
+    "MatMul": OpSpec(weight=1, layout="matmul", sums_weights=True),
+    # Activations (fusable behind a weighted op).
+    "Relu": OpSpec(activation=True, bounds=(0.0, _INF), homogeneous=True),
+    "Clip": OpSpec(activation=True, shape_inputs=_idx(1, 2), homogeneous=True),
+    "LeakyRelu": OpSpec(activation=True, homogeneous=True, shiftable=True),
+    "PRelu": OpSpec(activation=True, shiftable=True),
+    "Sigmoid": OpSpec(activation=True, bounds=(0.0, 1.0), gate=True),
+    "HardSigmoid": OpSpec(activation=True, bounds=(0.0, 1.0), gate=True),
+    "HardSwish": OpSpec(activation=True, shiftable=True),
+    "Tanh": OpSpec(activation=True, bounds=(-1.0, 1.0)),
+    "Elu": OpSpec(activation=True, shiftable=True),
+    "Selu": OpSpec(activation=True, shiftable=True),
+    "Softplus": OpSpec(activation=True, bounds=(0.0, _INF)),
+    # Other compute ops with their own output quantizer.
+    "Add": OpSpec(),
+    "Sub": OpSpec(),
+    "Mul": OpSpec(),
+    "Div": OpSpec(),
+    "Abs": OpSpec(bounds=(0.0, _INF)),
+    "Neg": OpSpec(),
+    "AveragePool": OpSpec(homogeneous=True),
+    "GlobalAveragePool": OpSpec(passes_shift=True),
+    "GlobalMaxPool": OpSpec(),
+    "ReduceMean": OpSpec(shape_inputs=_idx(1)),
+    "ReduceMax": OpSpec(),
+    "Softmax": OpSpec(bounds=(0.0, 1.0)),
+    "Resize": OpSpec(shape_inputs=_idx(1, 2, 3)),
+    "Concat": OpSpec(shared_scale=True),
+    # Value-preserving ops (inherit their input's quantizer).
+    "Reshape": OpSpec(preserves=True, shape_inputs=_idx(1), passes_shift=True),
+    "Flatten": OpSpec(preserves=True, passes_shift=True),
+    "MaxPool": OpSpec(preserves=True, homogeneous=True),
+    "Transpose": _MOVE,
+    "Squeeze": OpSpec(preserves=True, shape_inputs=_idx(1), passes_shift=True),
+    "Unsqueeze": OpSpec(preserves=True, shape_inputs=_idx(1), passes_shift=True),
+    "Slice": OpSpec(preserves=True, shape_inputs=_idx(1, 2, 3, 4)),
+    "Split": OpSpec(preserves=True, shape_inputs=_idx(1)),
+    "Pad": OpSpec(preserves=True, shape_inputs=_idx(1, 2, 3), homogeneous=True),
+    "Identity": _MOVE,
+    "Gather": OpSpec(preserves=True, shape_inputs=_idx(1)),
+    "DepthToSpace": _MOVE,
+    "SpaceToDepth": _MOVE,
+    "Expand": OpSpec(preserves=True, shape_inputs=_idx(1)),
+    "Tile": OpSpec(preserves=True, shape_inputs=_idx(1)),
+}
+"""Every op type the quantizer handles, by ONNX op type (default domain)."""
+
+_NONE = OpSpec()
 
 QDQ_OPS: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
-GATES: frozenset[str] = frozenset({"Sigmoid", "HardSigmoid"})
-
-# Inputs that carry shapes, indices or axes rather than data: never quantized.
-SHAPE_INPUT_INDICES: dict[str, frozenset[int]] = {
-    "Reshape": frozenset({1}),
-    "Slice": frozenset({1, 2, 3, 4}),
-    "Split": frozenset({1}),
-    "Pad": frozenset({1, 2, 3}),
-    "Squeeze": frozenset({1}),
-    "Unsqueeze": frozenset({1}),
-    "Resize": frozenset({1, 2, 3}),
-    "Gather": frozenset({1}),
-    "Expand": frozenset({1}),
-    "Tile": frozenset({1}),
-    "ReduceMean": frozenset({1}),
-    "Clip": frozenset({1, 2}),
+_TP = onnx.TensorProto
+INTEGER_TYPES: dict[int, tuple[str, int, bool]] = {
+    _TP.INT8: ("int8", 8, True),
+    _TP.UINT8: ("uint8", 8, False),
+    _TP.INT16: ("int16", 16, True),
+    _TP.UINT16: ("uint16", 16, False),
+    _TP.INT32: ("int32", 32, True),
+    _TP.INT4: ("int4", 4, True),
+    _TP.UINT4: ("uint4", 4, False),
+    **{getattr(_TP, name): (name.lower(), 2, name == "INT2") for name in ("INT2", "UINT2") if hasattr(_TP, name)},
 }
+"""The integer element types a Q/DQ can carry: ``elem type -> (name, bits, signed)``."""
+
+
+def numpy_container(elem_type: int) -> np.dtype:
+    """The numpy dtype holding values of integer ``elem_type`` (sub-byte types in a byte)."""
+    _name, bits, signed = INTEGER_TYPES[elem_type]
+    return np.dtype(f"{'int' if signed else 'uint'}{max(8, bits)}")
+
+
+def spec(op_type: str) -> OpSpec:
+    """The record of ``op_type`` (an all-"no" record for an op the table does not know)."""
+    return OPS.get(op_type, _NONE)
+
+
+def ops_where(test: Callable[[OpSpec], bool]) -> frozenset[str]:
+    """The op types whose record passes ``test`` (e.g. ``ops_where(lambda s: s.gate)``)."""
+    return frozenset(op for op, record in OPS.items() if test(record))
+
+
+WEIGHTED = ops_where(lambda s: s.weight is not None)
+ACTIVATIONS = ops_where(lambda s: s.activation)
+GATES = ops_where(lambda s: s.gate)
+SHAPE_INPUT_INDICES: dict[str, frozenset[int]] = {op: s.shape_inputs for op, s in OPS.items() if s.shape_inputs}
+"""Views of :data:`OPS` by one field, for callers that test membership."""
+
+
+def _text(value: object) -> object:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def is_value_preserving(op_type: str, attributes: dict[str, object] | None = None) -> bool:
@@ -105,12 +194,57 @@ def is_value_preserving(op_type: str, attributes: dict[str, object] | None = Non
     """
     attributes = attributes or {}
     if op_type == "Pad":
-        mode = attributes.get("mode", b"constant")
-        return mode in (b"constant", "constant")
+        return _text(attributes.get("mode", "constant")) == "constant"
     if op_type == "Resize":
-        mode = attributes.get("mode", b"nearest")
-        return mode in (b"nearest", "nearest")
-    return op_type in VALUE_PRESERVING
+        return _text(attributes.get("mode", "nearest")) == "nearest"
+    return spec(op_type).preserves
+
+
+def weight_axis(op_type: str, attributes: dict[str, object], ndim: int) -> int | None:
+    """Output-channel axis of a weight of rank ``ndim``, or None (a vector/scalar MatMul weight).
+
+    Conv ``(O, I/g, k...)``: 0; ConvTranspose ``(I, O/g, k...)``: 1; Gemm: 0 with
+    ``transB`` else 1; MatMul ``(..., K, N)``: the last.
+    """
+    layout = spec(op_type).layout
+    if layout == "conv":
+        return 0
+    if layout == "conv_transpose":
+        return 1
+    if layout == "gemm":
+        return 0 if int(attributes.get("transB", 0)) else 1  # type: ignore[call-overload]
+    return ndim - 1 if ndim >= 2 else None
+
+
+def output_channels(op_type: str, attributes: dict[str, object], shape: Sequence[int]) -> int:
+    """How many output channels a weight of ``shape`` produces (ConvTranspose: per group x groups)."""
+    axis = weight_axis(op_type, attributes, len(shape))
+    if axis is None:
+        return 1
+    groups = int(attributes.get("group", 1)) if spec(op_type).layout == "conv_transpose" else 1  # type: ignore[call-overload]
+    return int(shape[axis]) * groups
+
+
+def output_bounds(
+    op_type: str, attributes: dict[str, object], inputs: Sequence[str], constant: Callable[[str], np.ndarray | None]
+) -> Bounds | None:
+    """``(lo, hi)`` of the op's output whatever its input, or None when not bounded by the op.
+
+    Clip: its ``min``/``max`` attributes (opset < 11) or constant inputs 1 and 2, infinite
+    where absent; None when a bound is computed. ``constant`` maps a tensor name to its
+    value (None when computed).
+    """
+    if op_type != "Clip":
+        return spec(op_type).bounds
+    low, high = float(attributes.get("min", -_INF)), float(attributes.get("max", _INF))  # type: ignore[arg-type]
+    for index in (1, 2):
+        if len(inputs) > index and inputs[index]:
+            value = constant(inputs[index])
+            if value is None:
+                return None
+            bound = float(np.asarray(value).reshape(-1)[0])
+            low, high = (bound, high) if index == 1 else (low, bound)
+    return low, high
 
 
 def is_gate_partner(gate: Any, mul: Any) -> bool:
@@ -121,7 +255,7 @@ def is_gate_partner(gate: Any, mul: Any) -> bool:
     ``Mul(features, HardSigmoid(fc))``) is a separate op with a quantized output.
     """
     return (
-        gate.op_type in GATES
+        spec(gate.op_type).gate
         and mul.op_type == "Mul"
         and len(gate.input) >= 1
         and len(mul.input) == 2
@@ -132,11 +266,11 @@ def is_gate_partner(gate: Any, mul: Any) -> bool:
 def gated_activation(tensor: str, readers: Sequence[Any]) -> tuple[Any, Any] | None:
     """``(gate, mul)`` when ``tensor``'s readers are exactly one gated activation.
 
-    That is ``gate = G(tensor)`` with ``G`` in :data:`GATES` and ``mul = Mul(tensor,
-    gate_output)`` (either order), and nothing else reads ``tensor``: the pair is one
-    activation (SiLU for Sigmoid), so a fused pattern ``[P, G, "Mul"]`` lets ``tensor``
-    skip its quantizer like the input of any fused activation. ``readers`` are
-    ``onnx.NodeProto``; None when the readers are anything else.
+    That is ``gate = G(tensor)`` with ``G`` a gate and ``mul = Mul(tensor, gate_output)``
+    (either order), and nothing else reads ``tensor``: the pair is one activation (SiLU
+    for Sigmoid), so a fused pattern ``[P, G, "Mul"]`` lets ``tensor`` skip its quantizer
+    like the input of any fused activation. ``readers`` are ``onnx.NodeProto``; None when
+    the readers are anything else.
     """
     if len(readers) != 2:
         return None

@@ -217,3 +217,49 @@ def test_report_records_the_sha256_of_both_models(files: dict[str, Path]) -> Non
     assert report["reference_sha256"] == hashlib.sha256(files["float"].read_bytes()).hexdigest()
     table = run("validate", files["good"], "-r", files["float"], "--random-images", 4)[1]
     assert report["model_sha256"] in table
+
+
+def _edited(files: dict[str, Path], tmp_path: Path, edit: str) -> Path:
+    """The good quantized model with one float node inserted the way a hand edit or a
+    converter would leave it; the file is saved as is (no canonicalisation)."""
+    model = onnx.load(files["good"])
+    graph = model.graph
+    if edit == "identity":  # DQ -> Identity -> MaxPool
+        graph.node.append(onnx.helper.make_node("Identity", ["relu_out_dq"], ["relu_out_dq_copy"], name="inserted_identity"))
+        next(node for node in graph.node if node.name == "pool").input[0] = "relu_out_dq_copy"
+    elif edit == "constant":  # a float Constant as the Gemm's bias
+        value = onnx.numpy_helper.from_array(np.zeros(4, np.float32), "bias")
+        graph.node.append(onnx.helper.make_node("Constant", [], ["float_bias"], name="inserted_constant", value=value))
+        next(node for node in graph.node if node.name == "fc").input[2] = "float_bias"
+    else:  # a Constant node holding a Q/DQ scale: a constant like an initializer
+        value = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(
+            next(init for init in graph.initializer if init.name == "relu_out_scale")), "scale")
+        graph.node.append(onnx.helper.make_node("Constant", [], ["relu_scale_node"], name="scale_constant", value=value))
+        for node in graph.node:
+            if node.name in ("relu_out_QuantizeLinear", "relu_out_DequantizeLinear"):
+                node.input[1] = "relu_scale_node"
+    from onnxdgh import graph as g
+
+    g.topological_sort(graph)
+    path = tmp_path / f"{edit}_q.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("edit", "node"), [("identity", "inserted_identity"), ("constant", "inserted_constant")])
+def test_validate_reads_the_file_as_written(files: dict[str, Path], tmp_path: Path, edit: str, node: str) -> None:
+    """An Identity or a float Constant left in the shipped graph runs in float: the loader's
+    canonicalisation must not hide it from the rules."""
+    code, stdout, _ = run("validate", _edited(files, tmp_path, edit), "--json", "-")
+    assert code == 1
+    report = json.loads(stdout)
+    assert node in {v["node"] for v in report["violations"]}
+    assert any(node in v["message"] for v in report["violations"] if v["rule"] == "float-input-not-dequantized")
+
+
+def test_a_constant_node_scale_is_a_constant(files: dict[str, Path], tmp_path: Path) -> None:
+    code, stdout, _ = run("validate", _edited(files, tmp_path, "scale"), "--json", "-")
+    report = json.loads(stdout)
+    assert [v for v in report["violations"] if v["rule"] != "op-not-allowed"] == []
+    assert {v["node"] for v in report["violations"]} == {"scale_constant"}
+    assert code == 1

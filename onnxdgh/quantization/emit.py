@@ -34,22 +34,16 @@ import numpy as np
 import onnx
 
 from .. import graph as g
+from ..ops import INTEGER_TYPES, numpy_container
 from .plan import ActivationQuant, ParamQuant, ResolvedPlan
 
 __all__ = ["emit"]
 
 _LOG = logging.getLogger(__name__)
 
-_NUMPY_TYPES = {
-    onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.INT32: np.int32,
-}
-
-
 def _add_integer(graph: onnx.GraphProto, name: str, values: np.ndarray, elem_type: int) -> None:
-    if elem_type in _NUMPY_TYPES:
-        g.add_initializer(graph, name, np.asarray(values).astype(_NUMPY_TYPES[elem_type]))
+    if INTEGER_TYPES[elem_type][1] >= 8:
+        g.add_initializer(graph, name, np.asarray(values).astype(numpy_container(elem_type)))
     else:  # INT4 / UINT4: onnx packs two values per byte
         g.add_typed_initializer(graph, name, np.asarray(values).astype(np.int64), elem_type)
 
@@ -123,7 +117,7 @@ def emit(model: onnx.ModelProto, resolved: ResolvedPlan) -> onnx.ModelProto:
     out.CopyFrom(model)
     graph = out.graph
     taken = g.names_in_use(graph)
-    labels = {(node.name or f"{node.op_type}_{index}"): node for index, node in enumerate(graph.node)}
+    labels = {g.node_label(node, index): node for index, node in enumerate(graph.node)}
 
     replaced: set[str] = set()
     uses: dict[str, int] = {}

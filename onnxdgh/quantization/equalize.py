@@ -58,6 +58,7 @@ import numpy as np
 import onnx
 
 from .. import graph as g
+from ..ops import ops_where, output_bounds
 
 __all__ = ["EqualizeReport", "equalize", "DEFAULT_SWEEPS", "input_bounds_from_normalization"]
 
@@ -65,7 +66,7 @@ _LOG = logging.getLogger(__name__)
 
 DEFAULT_SWEEPS = 8
 """Sweeps over all pairs (the scales of a chain converge within a few)."""
-_HOMOGENEOUS = ("Relu", "LeakyRelu", "Clip", "Pad", "MaxPool", "AveragePool")
+_HOMOGENEOUS = ops_where(lambda record: record.homogeneous)
 _CONVERGED = 1e-3
 """Largest ``|log2 s|`` of a sweep below which the sweeps stop."""
 
@@ -100,10 +101,6 @@ class _Pair:
     limited: int = 0
 
 
-def _label(node: onnx.NodeProto) -> str:
-    return node.name or f"{node.op_type}({node.output[0]})"
-
-
 def input_bounds_from_normalization(mean: np.ndarray, std: np.ndarray) -> Interval:
     """Per-channel range of a model input ``(pixel - mean) / std`` with pixels in [0, 1]."""
     low, high = (0.0 - mean) / std, (1.0 - mean) / std
@@ -113,37 +110,21 @@ def input_bounds_from_normalization(mean: np.ndarray, std: np.ndarray) -> Interv
 # ------------------------------------------------------------------------ attributes
 
 
-def _clip_bounds(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, float] | None:
-    """``(min, max)`` of a Clip (infinite where absent), None if a bound is computed."""
-    attrs = g.node_attributes(node)
-    low, high = float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))  # type: ignore[arg-type]
-    for index in (1, 2):
-        if len(node.input) > index and node.input[index]:
-            if node.input[index] not in inits:
-                return None
-            value = float(g.to_array(inits[node.input[index]]).reshape(-1)[0])
-            low, high = (value, high) if index == 1 else (low, value)
-    return low, high
-
-
-def _zero_pad(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+def _zero_pad(node: onnx.NodeProto, view: g.GraphView) -> bool:
     """A constant-mode Pad with value 0 (absent or a zero constant)."""
-    mode = g.node_attributes(node).get("mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+    if g.attribute(node, "mode", "constant") != "constant":
         return False
     if len(node.input) > 2 and node.input[2]:
-        return node.input[2] in inits and bool(np.all(g.to_array(inits[node.input[2]]) == 0))
-    return float(g.node_attributes(node).get("value", 0.0)) == 0.0  # type: ignore[arg-type]
+        fill = view.constant(node.input[2])
+        return fill is not None and bool(np.all(fill == 0))
+    return g.attribute(node, "value", 0.0) == 0.0
 
 
 def _conv_pads(node: onnx.NodeProto) -> bool:
     """Whether the Conv reads padding (zeros) besides its input."""
-    attrs = g.node_attributes(node)
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto not in ("NOTSET", "VALID"):
+    if g.attribute(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return True
-    return any(int(p) != 0 for p in attrs.get("pads", []))  # type: ignore[union-attr]
+    return any(int(p) != 0 for p in g.attribute(node, "pads", []))  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------------ intervals
@@ -177,7 +158,8 @@ def _intervals(graph: onnx.GraphProto, input_bounds: Interval | None) -> dict[st
     Covers Conv (constant weights), Relu, LeakyRelu, Clip, zero Pad, Max/AveragePool and
     Add of two bounded tensors; the model input is bounded by ``input_bounds`` only.
     """
-    inits = g.initializer_map(graph)
+    view = g.GraphView(graph)
+    inits = view.initializers
     known: dict[str, Interval] = {}
     inputs = g.graph_input_names(graph)
     if input_bounds is not None and inputs:
@@ -194,7 +176,7 @@ def _intervals(graph: onnx.GraphProto, input_bounds: Interval | None) -> dict[st
             if has_bias and node.input[2] not in inits:
                 continue
             bias = g.to_array(inits[node.input[2]]) if has_bias else None
-            group = int(g.node_attributes(node).get("group", 1))  # type: ignore[arg-type]
+            group = int(g.attribute(node, "group", 1))  # type: ignore[call-overload]
             channels = weight.shape[1] * group
             if source is None:
                 source = (np.full(channels, -np.inf), np.full(channels, np.inf))
@@ -203,18 +185,16 @@ def _intervals(graph: onnx.GraphProto, input_bounds: Interval | None) -> dict[st
             result = _conv_interval(weight, bias, group, source, _conv_pads(node))
         elif source is None:
             continue
-        elif op == "Relu":
-            result = (np.maximum(source[0], 0.0), np.maximum(source[1], 0.0))
         elif op == "LeakyRelu":
-            alpha = float(g.node_attributes(node).get("alpha", 0.01))  # type: ignore[arg-type]
+            alpha = g.attribute(node, "alpha", 0.01)
             low = np.where(source[0] < 0, alpha * source[0], source[0])
             high = np.where(source[1] < 0, alpha * source[1], source[1])
             result = (np.minimum(low, high), np.maximum(low, high))
-        elif op == "Clip":
-            bounds = _clip_bounds(node, inits)
+        elif op in ("Relu", "Clip"):  # clamps: the interval clamps too
+            bounds = output_bounds(op, g.node_attributes(node), node.input, view.constant)
             if bounds is not None:
                 result = (np.clip(source[0], *bounds), np.clip(source[1], *bounds))
-        elif op == "Pad" and _zero_pad(node, inits):
+        elif op == "Pad" and _zero_pad(node, view):
             result = (np.minimum(source[0], 0.0), np.maximum(source[1], 0.0))
         elif op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
             result = (np.minimum(source[0], 0.0), np.maximum(source[1], 0.0)) if op == "AveragePool" else source
@@ -230,12 +210,10 @@ def _intervals(graph: onnx.GraphProto, input_bounds: Interval | None) -> dict[st
 # ------------------------------------------------------------------------ pairs
 
 
-def _find_pairs(graph: onnx.GraphProto) -> tuple[list[_Pair], list[dict[str, str]]]:
-    inits = g.initializer_map(graph)
-    consumers = g.consumer_map(graph)
-    outputs = set(g.graph_output_names(graph))
+def _find_pairs(view: g.GraphView) -> tuple[list[_Pair], list[dict[str, str]]]:
+    inits, outputs, _label = view.initializers, view.output_set, view.label
     readers: dict[str, int] = {}
-    for node in graph.node:
+    for node in view.graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     pairs: list[_Pair] = []
@@ -245,7 +223,7 @@ def _find_pairs(graph: onnx.GraphProto) -> tuple[list[_Pair], list[dict[str, str
         name = node.input[index] if len(node.input) > index else ""
         return not name or (name in inits and readers.get(name, 0) == 1)
 
-    for first in graph.node:
+    for first in view.graph.node:
         if first.op_type != "Conv" or len(first.input) < 2 or first.input[1] not in inits:
             continue
         label = _label(first)
@@ -255,7 +233,7 @@ def _find_pairs(graph: onnx.GraphProto) -> tuple[list[_Pair], list[dict[str, str
         tensor, via, bound, reason = first.output[0], [], None, ""
         second: onnx.NodeProto | None = None
         while True:
-            users = consumers.get(tensor, [])
+            users = view.readers(tensor)
             if tensor in outputs or len(users) != 1:
                 reason = f"{tensor!r} is read by {len(users)} nodes" + (" and is a graph output" if tensor in outputs else "")
                 break
@@ -270,13 +248,13 @@ def _find_pairs(graph: onnx.GraphProto) -> tuple[list[_Pair], list[dict[str, str
                 reason = f"{user.op_type} {_label(user)} follows: not a Conv and not positively homogeneous"
                 break
             if user.op_type == "Clip":
-                clip = _clip_bounds(user, inits)
+                clip = output_bounds("Clip", g.node_attributes(user), user.input, view.constant)
                 if clip is None or clip[0] not in (0.0, -np.inf):
                     reason = f"Clip {_label(user)} has a lower bound other than 0: not positively homogeneous"
                     break
                 if np.isfinite(clip[1]):
                     bound = clip[1] if bound is None else min(bound, clip[1])
-            if user.op_type == "Pad" and not _zero_pad(user, inits):
+            if user.op_type == "Pad" and not _zero_pad(user, view):
                 reason = f"Pad {_label(user)} pads with a value other than 0"
                 break
             via.append(user)
@@ -286,7 +264,7 @@ def _find_pairs(graph: onnx.GraphProto) -> tuple[list[_Pair], list[dict[str, str
             continue
         out_ch = g.to_array(inits[first.input[1]]).shape[0]
         w2 = g.to_array(inits[second.input[1]])
-        group2 = int(g.node_attributes(second).get("group", 1))  # type: ignore[arg-type]
+        group2 = int(g.attribute(second, "group", 1))  # type: ignore[call-overload]
         if w2.shape[1] * group2 != out_ch or w2.shape[0] % group2:
             skipped.append({"node": label, "reason": f"{_label(second)} does not read its {out_ch} channels"})
             continue
@@ -346,7 +324,8 @@ def equalize(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    pairs, report.skipped = _find_pairs(graph)
+    view = g.GraphView(graph)
+    pairs, report.skipped = _find_pairs(view)
     if not pairs:
         return out, report
     inits = g.initializer_map(graph)
@@ -358,7 +337,7 @@ def equalize(
                     arrays.setdefault(node.input[index], g.to_array(inits[node.input[index]]).astype(np.float64))
         pair.scales = np.ones(arrays[pair.first.input[1]].shape[0])
     # Depthwise -> pointwise pairs first (the paper's motivating case).
-    pairs.sort(key=lambda p: 0 if int(g.node_attributes(p.first).get("group", 1)) > 1 else 1)  # type: ignore[arg-type]
+    pairs.sort(key=lambda p: 0 if int(g.attribute(p.first, "group", 1)) > 1 else 1)  # type: ignore[call-overload]
     needs_bounds = any(pair.clip_bound is not None for pair in pairs)
     for sweep in range(sweeps):
         report.sweeps = sweep + 1
@@ -370,7 +349,7 @@ def equalize(
         for pair in pairs:
             w1_name, w2_name = pair.first.input[1], pair.second.input[1]
             b1_name = pair.first.input[2] if len(pair.first.input) > 2 and pair.first.input[2] else None
-            group2 = int(g.node_attributes(pair.second).get("group", 1))  # type: ignore[arg-type]
+            group2 = int(g.attribute(pair.second, "group", 1))  # type: ignore[call-overload]
             upper = None
             if pair.clip_bound is not None and pair.first.output[0] in bounds:
                 upper = bounds[pair.first.output[0]][1]
@@ -379,8 +358,8 @@ def equalize(
             arrays[w1_name] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
             if b1_name is not None:
                 arrays[b1_name] = arrays[b1_name] / s.reshape(arrays[b1_name].shape)
-            view = _input_view(w2, group2) * s.reshape(group2, 1, -1, 1)
-            arrays[w2_name] = view.reshape(w2.shape)
+            columns = _input_view(w2, group2) * s.reshape(group2, 1, -1, 1)
+            arrays[w2_name] = columns.reshape(w2.shape)
             if upper is not None and needs_bounds:
                 bounds[pair.first.output[0]] = (bounds[pair.first.output[0]][0] / s, upper / s)
             pair.scales = pair.scales * s  # type: ignore[operator]
@@ -392,8 +371,8 @@ def equalize(
     for pair in pairs:
         assert pair.scales is not None
         report.pairs.append({
-            "first": _label(pair.first),
-            "second": _label(pair.second),
+            "first": view.label(pair.first),
+            "second": view.label(pair.second),
             "via": [node.op_type for node in pair.via],
             "channels": int(pair.scales.shape[0]),
             "clip_bound": pair.clip_bound,

@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 
 from .. import graph as g
+from ..ops import INTEGER_TYPES
+from .thresholds import grid
 
 __all__ = [
     "WEIGHT_FORMAT_KEY",
@@ -54,13 +56,7 @@ FLOAT_GRID = "float-grid"
 _TP = onnx.TensorProto
 # Integer types a quantized constant can be stored in: name -> (elem type, qmin, qmax).
 _TYPES: dict[str, tuple[int, int, int]] = {
-    "int8": (_TP.INT8, -128, 127),
-    "uint8": (_TP.UINT8, 0, 255),
-    "int16": (_TP.INT16, -(2**15), 2**15 - 1),
-    "uint16": (_TP.UINT16, 0, 2**16 - 1),
-    "int32": (_TP.INT32, -(2**31), 2**31 - 1),
-    "int4": (_TP.INT4, -8, 7),
-    "uint4": (_TP.UINT4, 0, 15),
+    name: (elem, *grid(bits, signed)[:2]) for elem, (name, bits, signed) in INTEGER_TYPES.items() if bits >= 4
 }
 _TYPE_NAMES = {elem: name for name, (elem, _low, _high) in _TYPES.items()}
 
@@ -110,8 +106,7 @@ def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
         values = g.to_array(ints).astype(np.int64)
         axis: int | None = None
         if scale.size > 1:
-            axis = int(g.node_attributes(node).get("axis", 1))  # type: ignore[call-overload]
-            axis = axis % values.ndim
+            axis = g.attribute(node, "axis", 1) % values.ndim  # type: ignore[operator]
         # float32(q) * scale is what DequantizeLinear computes; the power-of-two scale is exact.
         stored = values.astype(np.float32) * _broadcast_scale(scale, axis, values.ndim)
         base = node.input[0][: -len("_quantized")] if node.input[0].endswith("_quantized") else node.input[0]

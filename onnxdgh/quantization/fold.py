@@ -60,6 +60,7 @@ layer output with a second reader or that is a graph output, is left alone.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,12 +68,14 @@ import onnx
 
 from .. import graph as g
 from ..errors import QuantizationError
+from ..ops import OPS, output_channels, spec, weight_axis
 
 __all__ = ["FoldReport", "prepare", "fold_batch_norms", "fold_affine_constants"]
 
 _LOG = logging.getLogger(__name__)
 
-_FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
+_FOLD_TARGETS = frozenset(op for op, record in OPS.items() if record.bias is not None)
+"""Layers with a weight and a bias input that a per-output-channel affine map folds into."""
 _AFFINE_OPS = ("Add", "Sub", "Mul")
 
 
@@ -100,10 +103,6 @@ class FoldReport:
             "div_to_mul": self.div_to_mul,
             "dropout_removed": self.dropout_removed,
         }
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return node.name or f"{node.op_type}({node.output[0]})"
 
 
 def _replace_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
@@ -158,25 +157,20 @@ def _fold_into(
     attrs = g.node_attributes(producer)
     op = producer.op_type
     channels = s.shape[0]
-    if op == "Conv":
-        if weight.shape[0] != channels:
-            return False
-        scaled = weight * s.reshape((-1,) + (1,) * (weight.ndim - 1))
-    elif op == "ConvTranspose":
-        group = int(attrs.get("group", 1))  # type: ignore[arg-type]
-        if weight.shape[1] * group != channels:
-            return False
+    if op == "Gemm" and (weight.ndim != 2 or g.attribute(producer, "alpha", 1.0) != 1.0
+                         or g.attribute(producer, "beta", 1.0) != 1.0):
+        return False  # _normalise_gemm runs first; a computed C keeps beta
+    if output_channels(op, attrs, weight.shape) != channels:
+        return False
+    if spec(op).layout == "conv_transpose":
+        group = int(g.attribute(producer, "group", 1))  # type: ignore[call-overload]
         view = weight.reshape((group, weight.shape[0] // group, weight.shape[1]) + weight.shape[2:])
         factor = s.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
         scaled = (view * factor).reshape(weight.shape)
-    else:  # Gemm, normalised to alpha = beta = 1 by _normalise_gemm first
-        if weight.ndim != 2 or float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:  # type: ignore[arg-type]
-            return False
-        trans_b = int(attrs.get("transB", 0))  # type: ignore[arg-type]
-        axis = 0 if trans_b else 1
-        if weight.shape[axis] != channels:
-            return False
-        scaled = weight * (s.reshape(-1, 1) if trans_b else s.reshape(1, -1))
+    else:
+        shape = [1] * weight.ndim
+        shape[weight_axis(op, attrs, weight.ndim)] = -1  # type: ignore[index]
+        scaled = weight * s.reshape(shape)
     if len(producer.input) > 2 and producer.input[2]:
         bias = g.to_array(inits[producer.input[2]]).astype(np.float64)
         if op == "Gemm" and bias.size not in (1, channels) and bias.shape[-1] != channels:
@@ -206,11 +200,11 @@ def _rank(graph: onnx.GraphProto, name: str) -> int | None:
 
 
 def _convert_bn(
-    graph: onnx.GraphProto, node: onnx.NodeProto, s: np.ndarray, mean: np.ndarray, beta: np.ndarray, taken: set[str]
+    graph: onnx.GraphProto, node: onnx.NodeProto, label: str, s: np.ndarray, mean: np.ndarray, beta: np.ndarray,
+    taken: set[str],
 ) -> None:
     """Replace an unfoldable BN by a depthwise 1x1 Conv (rank >= 3) or Mul + Add (rank 2)."""
     rank = _rank(graph, node.input[0])
-    label = _label(node)
     if rank is None:
         raise QuantizationError(
             f"BatchNormalization {label} has nothing to fold into and the rank of its input is unknown",
@@ -257,27 +251,26 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
     taken, readers = _name_tables(graph)
     outputs = set(g.graph_output_names(graph))
     doomed: list[onnx.NodeProto] = []
-    for node in list(graph.node):
+    for index, node in enumerate(list(graph.node)):  # new nodes go to the end: indices hold
         if node.op_type != "BatchNormalization":
             continue
         inits = g.initializer_map(graph)
         terms = _bn_terms(node, inits)
-        label = _label(node)
+        label = g.node_label(node, index)
         if terms is None:
             raise QuantizationError(
                 f"BatchNormalization {label} is in training mode or has computed parameters",
                 "export the model in eval mode: model.eval() before torch.onnx.export",
             )
         s, mean, beta = terms
-        producers = g.producer_map(graph)
-        consumers = g.consumer_map(graph)
+        view = g.GraphView(graph)
         source = node.input[0]
-        producer = producers.get(source)
+        producer = view.producers.get(source)
         foldable = (
             producer is not None
             and producer.op_type in _FOLD_TARGETS
             and source not in outputs
-            and len(consumers.get(source, [])) == 1
+            and len(view.readers(source)) == 1
         )
         if foldable and producer is not None and _fold_into(graph, producer, s, mean, beta, taken, readers):
             for index, name in enumerate(producer.output):
@@ -285,7 +278,7 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
                     producer.output[index] = node.output[0]
             report.folded.append(label)
         else:
-            _convert_bn(graph, node, s, mean, beta, taken)
+            _convert_bn(graph, node, label, s, mean, beta, taken)
             report.converted.append(label)
         doomed.append(node)
     g.remove_nodes(graph, doomed)
@@ -297,14 +290,7 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
 
 def _name_tables(graph: onnx.GraphProto) -> tuple[set[str], dict[str, int]]:
     """Every name in use (for fresh names) and how many node inputs read each tensor."""
-    taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in list(node.input) + list(node.output)}
-    taken |= {node.name for node in graph.node if node.name}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                readers[name] = readers.get(name, 0) + 1
-    return taken, readers
+    return g.names_in_use(graph), dict(Counter(name for node in graph.node for name in node.input if name))
 
 
 def _layer_shape(producer: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
@@ -312,14 +298,9 @@ def _layer_shape(producer: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -
     if len(producer.input) < 2 or producer.input[1] not in inits:
         return None
     dims = tuple(inits[producer.input[1]].dims)
-    attrs = g.node_attributes(producer)
-    if producer.op_type == "Conv":
-        return len(dims), int(dims[0])
-    if producer.op_type == "ConvTranspose":
-        return len(dims), int(dims[1]) * int(attrs.get("group", 1))  # type: ignore[arg-type]
-    if len(dims) != 2:
+    if spec(producer.op_type).layout == "gemm" and len(dims) != 2:
         return None
-    return 2, int(dims[0] if int(attrs.get("transB", 0)) else dims[1])  # type: ignore[arg-type]
+    return len(dims), output_channels(producer.op_type, g.node_attributes(producer), dims)
 
 
 def _channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
@@ -347,8 +328,8 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
     graph = out.graph
     taken, readers = _name_tables(graph)
     outputs = set(g.graph_output_names(graph))
-    producers = g.producer_map(graph)
-    consumers = g.consumer_map(graph)
+    view = g.GraphView(graph)
+    producers = dict(view.producers)  # follows the folds below
     doomed: list[onnx.NodeProto] = []
     for node in list(graph.node):
         if node.op_type not in _AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
@@ -364,7 +345,7 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
             or producer is None
             or producer.op_type not in _FOLD_TARGETS
             or source in outputs
-            or len(consumers.get(source, [])) != 1
+            or len(view.readers(source)) != 1
             or len([name for name in node.output if name]) != 1
         ):
             continue
@@ -391,7 +372,7 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
                 producer.output[index] = node.output[0]
         producers[node.output[0]] = producer
         readers[constant] -= 1
-        report.affine_folded.append(_label(node))
+        report.affine_folded.append(view.label(node))
         doomed.append(node)
     if doomed:
         g.remove_nodes(graph, doomed)
@@ -411,31 +392,22 @@ def _normalise_gemm(graph: onnx.GraphProto, taken: set[str], readers: dict[str, 
         if node.op_type != "Gemm":
             continue
         inits = g.initializer_map(graph)
-        attrs = g.node_attributes(node)
-        alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
-        beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
+        alpha, beta = g.attribute(node, "alpha", 1.0), g.attribute(node, "beta", 1.0)
         changed = False
         if alpha != 1.0 and len(node.input) > 1 and node.input[1] in inits:
             name = _writable_initializer(graph, node, 1, taken, readers)
             _replace_initializer(graph, name, (g.to_array(inits[node.input[1]]) * alpha).astype(np.float32))
-            _set_attribute(node, "alpha", 1.0)
+            g.set_node_attribute(node, "alpha", 1.0)
             changed = True
         has_c = len(node.input) > 2 and bool(node.input[2])
         if beta != 1.0 and (not has_c or node.input[2] in inits):
             if has_c:
                 name = _writable_initializer(graph, node, 2, taken, readers)
                 _replace_initializer(graph, name, (g.to_array(g.initializer_map(graph)[name]) * beta).astype(np.float32))
-            _set_attribute(node, "beta", 1.0)
+            g.set_node_attribute(node, "beta", 1.0)
             changed = True
         count += int(changed)
     return count
-
-
-def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            attr.f = value
-            return
 
 
 def _div_to_mul(graph: onnx.GraphProto, taken: set[str], readers: dict[str, int]) -> int:

@@ -39,7 +39,7 @@ one place that writes Q/DQ nodes):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,23 +49,23 @@ import onnx
 from .. import graph as g
 from ..errors import QuantizationError
 from ..ops import (
-    ACTIVATIONS,
-    NON_NEGATIVE_OUTPUT,
+    OPS,
     QDQ_OPS,
-    SHAPE_INPUT_INDICES,
-    VALUE_PRESERVING,
-    WEIGHTED,
-    GATES,
     gated_activation,
     is_gate_partner,
     is_value_preserving,
+    numpy_container,
+    output_bounds,
+    output_channels,
+    spec,
+    weight_axis,
 )
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
 
 __all__ = [
-    "COMPUTE_OPS",
+    "POLICIES",
     "ActivationMark",
     "ParamMark",
     "QuantPlan",
@@ -78,34 +78,6 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
-
-COMPUTE_OPS: frozenset[str] = (
-    WEIGHTED
-    | ACTIVATIONS
-    | frozenset(
-        {
-            "Add",
-            "Sub",
-            "Mul",
-            "Div",
-            "Abs",
-            "Neg",
-            "AveragePool",
-            "GlobalAveragePool",
-            "GlobalMaxPool",
-            "ReduceMean",
-            "ReduceMax",
-            "Softmax",
-            "Resize",
-            "Concat",
-        }
-    )
-)
-"""Ops whose output gets its own quantizer (threshold from calibration statistics).
-
-Together with the value-preserving ops of :mod:`onnxdgh.ops` (which inherit their
-input's quantizer, or get their own when their attributes break value preservation)
-these are the ops the quantizer handles."""
 
 Source = Literal["graph_input", "own", "inherited"]
 Role = Literal["weight", "bias", "constant"]
@@ -224,34 +196,16 @@ def float_tensors(model: onnx.ModelProto) -> set[str]:
     return {name for name, kind in types.items() if kind == onnx.TensorProto.FLOAT}
 
 
-def _node_label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"
+def _non_negative(node: onnx.NodeProto, view: g.GraphView) -> bool:
+    bounds = output_bounds(node.op_type, g.node_attributes(node), node.input, view.constant)
+    return bounds is not None and bounds[0] >= 0.0
 
 
-def _constant_input(node: onnx.NodeProto, index: int, inits: Mapping[str, onnx.TensorProto]) -> np.ndarray | None:
-    if index < len(node.input) and node.input[index] in inits:
-        return g.to_array(inits[node.input[index]])
-    return None
-
-
-def _non_negative(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
-    if node.op_type in NON_NEGATIVE_OUTPUT:
-        return True
-    if node.op_type == "Clip":
-        low = _constant_input(node, 1, inits)
-        if low is None:
-            attrs = g.node_attributes(node)
-            low_attr = attrs.get("min")
-            return low_attr is not None and float(low_attr) >= 0.0  # type: ignore[arg-type]
-        return bool(np.all(low >= 0))
-    return False
-
-
-def _preserves_values(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
+def _preserves_values(node: onnx.NodeProto, view: g.GraphView) -> bool:
     if not is_value_preserving(node.op_type, g.node_attributes(node)):
         return False
     if node.op_type == "Pad":
-        fill = _constant_input(node, 2, inits)
+        fill = view.input_constant(node, 2)
         if len(node.input) > 2 and node.input[2] and fill is None:
             return False  # a computed pad value may fall off the grid
         if fill is not None and np.any(fill != 0):
@@ -259,27 +213,172 @@ def _preserves_values(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto
     return True
 
 
-def _weight_axis(node: onnx.NodeProto, weight: np.ndarray) -> int | None:
-    """Output-channel axis of a weight initializer, or None for a vector/scalar weight."""
-    op = node.op_type
-    if op == "Conv":
-        return 0
-    if op == "ConvTranspose":
-        return 1
-    if op == "Gemm":
-        return 0 if int(g.node_attributes(node).get("transB", 0)) else 1  # type: ignore[arg-type]
-    if weight.ndim < 2:
-        return None
-    return weight.ndim - 1  # MatMul: (..., K, N)
+@dataclass(frozen=True)
+class _Node:
+    """One node as the policies see it: its float outputs and its float inputs split into
+    activations (``data``) and initializers (``constants``, with their input index)."""
+
+    proto: onnx.NodeProto
+    label: str
+    op: str
+    outputs: list[str]
+    data: list[str]
+    constants: list[tuple[int, str]]
 
 
-def _output_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    op = node.op_type
-    if op == "ConvTranspose":
-        group = int(g.node_attributes(node).get("group", 1))  # type: ignore[arg-type]
-        return int(weight.shape[1]) * group
-    axis = _weight_axis(node, weight)
-    return int(weight.shape[axis]) if axis is not None else 1
+class _Marking:
+    """The state :func:`mark` builds while the policies visit the nodes in graph order."""
+
+    def __init__(self, model: onnx.ModelProto, profile: Profile, *, weight_bits: int, act_bits: int,
+                 per_channel: bool, grid_pads: frozenset[str], image: str) -> None:
+        self.view = g.GraphView(model)
+        self.profile = profile
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.per_channel = per_channel and profile.per_channel_weights
+        self.const_bits = profile.max_weight_bits
+        self.grid_pads = grid_pads
+        self.marks: dict[str, ActivationMark] = {image: ActivationMark(image, "graph_input", None, None, False)}
+        self.order: list[str] = [image]
+        self.params: list[ParamMark] = []
+        self.fused: list[tuple[str, str, str]] = []
+        self.fused_tensors: set[str] = set()
+        self.union = _UnionFind()
+        self.union.add(image)
+        self.shared_constants: list[tuple[str, int, str]] = []  # (node label, input index, partner activation)
+
+    def shares_scale(self, op: str) -> bool:
+        return op in self.profile.shared_scale_ops or op in self.profile.shared_input_scale_ops
+
+    def constant(self, node: _Node, position: int, name: str) -> None:
+        """A constant input that is neither a weight nor a bias: per tensor at ``const_bits``."""
+        self.params.append(ParamMark(name, node.label, node.op, position, "constant", self.const_bits, None))
+        if self.shares_scale(node.op) and node.data:
+            self.shared_constants.append((node.label, position, node.data[0]))
+
+    def fuses_output(self, node: _Node) -> bool:
+        """Record ``node``'s single output as inside a fused pattern when the profile fuses
+        ``node`` with its only reader (or with a gated activation ``Mul(x, G(x))`` reading it)."""
+        out = node.outputs[0]
+        if len(node.outputs) != 1 or out in self.view.output_set:
+            return False
+        readers = self.view.readers(out)
+        if (
+            len(readers) == 1
+            and list(readers[0].input).count(out) == 1
+            and self.profile.is_fused(node.op, readers[0].op_type)
+            and (not spec(node.op).gate or readers[0].op_type != "Mul" or is_gate_partner(node.proto, readers[0]))
+        ):
+            self.fused_tensors.add(out)
+            self.fused.append((node.label, self.view.label(readers[0]), out))
+            return True
+        pair = gated_activation(out, readers)
+        if pair is not None and self.profile.is_fused(node.op, pair[0].op_type) and self.profile.is_fused(
+            pair[0].op_type, "Mul"
+        ):
+            # Conv -> SiLU as Sigmoid + Mul(x, Sigmoid(x)): x feeds both halves of one
+            # activation, which the profile fuses behind the producer.
+            self.fused_tensors.add(out)
+            self.fused.append((node.label, self.view.label(pair[0]), out))
+            return True
+        return False
+
+    def outputs(self, node: _Node) -> None:
+        """Mark ``node``'s float outputs: inherited from its data input when the values stay
+        on that grid (value-preserving op, grid Pad, shared-scale Concat), else their own."""
+        proto, op, data = node.proto, node.op, node.data
+        inherits = bool(data) and data[0] in self.marks and (
+            _preserves_values(proto, self.view)
+            or (op == "Pad" and node.label in self.grid_pads)
+            or (op == "Concat" and op in self.profile.shared_scale_ops)
+        )
+        # A value-preserving op that only moves a constant (an exporter's Reshape of a bias
+        # to 1 x C x 1 x 1): its outputs are the constant's values, so constant and outputs
+        # share one scale, found from the constant itself (no statistics needed).
+        moves_constant = not data and bool(node.constants) and _preserves_values(proto, self.view)
+        if moves_constant:
+            self.shared_constants.extend((node.label, position, node.outputs[0]) for position, _name in node.constants)
+        unsigned = _non_negative(proto, self.view)
+        for out in node.outputs:
+            source: Source = "inherited" if inherits or moves_constant else "own"
+            self.marks[out] = ActivationMark(out, source, node.label, op, unsigned)
+            self.order.append(out)
+            self.union.add(out)
+            if inherits:
+                self.union.union(data[0], out)
+            if moves_constant:
+                self.union.union(node.outputs[0], out)
+        if self.shares_scale(op):
+            quantized_inputs = [name for name in data if name in self.marks]
+            for name in quantized_inputs[1:]:
+                self.union.union(quantized_inputs[0], name)
+            if op in self.profile.shared_scale_ops and quantized_inputs:
+                for out in node.outputs:
+                    self.union.union(quantized_inputs[0], out)
+
+
+Policy = Callable[[_Marking, _Node], None]
+POLICIES: dict[str, Policy] = {}
+"""The marking policy of each op type the quantizer handles (onnx2torch's converter
+registry, onnxruntime's QDQ operator classes): it marks the node's constant inputs and its
+outputs. An op type without one is refused with "no quantization rule"."""
+
+
+def _policy(*op_types: str) -> Callable[[Policy], Policy]:
+    def register(function: Policy) -> Policy:
+        for op in op_types:
+            POLICIES[op] = function
+        return function
+
+    return register
+
+
+@_policy(*(op for op, record in OPS.items() if record.weight is None))
+def _mark_plain(m: _Marking, node: _Node) -> None:
+    """Any op without a weight: constants per tensor; its own output quantizer unless fused
+    behind it or value-preserving (then inherited)."""
+    for position, name in node.constants:
+        m.constant(node, position, name)
+    if spec(node.op).preserves or not m.fuses_output(node):
+        m.outputs(node)
+
+
+@_policy(*(op for op, record in OPS.items() if record.weight is not None))
+def _mark_weighted(m: _Marking, node: _Node) -> None:
+    """Conv, ConvTranspose, Gemm, MatMul: a constant weight per output channel (signed,
+    ``weight_bits``) and an int32 bias at ``input scale x weight scale``."""
+    record, proto, op = spec(node.op), node.proto, node.op
+    attrs = g.node_attributes(proto)
+    weight_array = m.view.input_constant(proto, record.weight) if record.weight is not None else None
+    for position, name in node.constants:
+        value = g.to_array(m.view.initializers[name])
+        if position == record.weight:
+            axis = weight_axis(op, attrs, value.ndim) if m.per_channel else None
+            m.params.append(ParamMark(name, node.label, op, position, "weight", m.weight_bits, axis))
+        elif position == record.bias:
+            data = proto.input[0]
+            if data not in m.marks:
+                raise QuantizationError(
+                    f"the data input {data} of node {node.label} ({op}) is not quantized, so its bias has no scale",
+                    "remove the fused pattern that ends at this op from the profile",
+                )
+            channels = output_channels(op, attrs, weight_array.shape) if weight_array is not None else None
+            if record.layout == "gemm" and channels is not None and value.size not in (1, channels):
+                m.params.append(ParamMark(name, node.label, op, position, "constant", m.const_bits, None))
+                continue
+            repeat = 1
+            if record.layout == "conv_transpose" and m.per_channel and weight_array is not None:
+                repeat = int(attrs.get("group", 1))  # type: ignore[call-overload]
+            m.params.append(
+                ParamMark(
+                    name, node.label, op, position, "bias", m.profile.bias_bits, None,
+                    data_input=data, weight=proto.input[record.weight], repeat=repeat, channels=channels,
+                )
+            )
+        else:
+            m.constant(node, position, name)
+    if not m.fuses_output(node):
+        m.outputs(node)
 
 
 def mark(
@@ -293,6 +392,7 @@ def mark(
 ) -> QuantPlan:
     """Mark every tensor of the BN-folded float ``model`` that needs a quantizer.
 
+    Each node goes to the policy :data:`POLICIES` registers for its op type.
     ``grid_pads``: labels of constant-mode Pad nodes whose fill value is known to lie on
     their input's grid (the shift negative correction's); they inherit their input's
     quantizer like a zero-padding Pad, where any other non-zero fill gets its own.
@@ -302,41 +402,24 @@ def mark(
             allow, an already quantized model, or a constant input that cannot be quantized.
     """
     graph = model.graph
-    inits = g.initializer_map(graph)
-    consumers = g.consumer_map(graph)
-    outputs = g.graph_output_names(graph)
-    output_set = set(outputs)
     inputs = g.graph_input_names(graph)
     if len(inputs) != 1:
         raise QuantizationError(
             f"the model has {len(inputs)} graph inputs; the quantizer needs exactly one image input",
             "export the model with a single N x C x H x W input",
         )
-    image = inputs[0]
     floats = float_tensors(model)
-    per_channel = per_channel and profile.per_channel_weights
-    allow_unsigned = "unsigned" in profile.activation_signedness
     if "signed" not in profile.weight_signedness:
         raise QuantizationError(
             f"profile {profile.name!r} allows only unsigned weights; onnxdgh quantizes weights signed and symmetric",
             "use a profile whose weight_signedness lists \"signed\"",
         )
-    const_bits = profile.max_weight_bits
-
-    marks: dict[str, ActivationMark] = {image: ActivationMark(image, "graph_input", None, None, False)}
-    order: list[str] = [image]
-    params: list[ParamMark] = []
-    fused: list[tuple[str, str, str]] = []
-    fused_tensors: set[str] = set()
-    union = _UnionFind()
-    union.add(image)
-    shared_constants: list[tuple[str, int, str]] = []  # (node label, input index, partner activation)
-
-    labels = {id(node): _node_label(node, index) for index, node in enumerate(graph.node)}
-    for node in graph.node:
-        label = labels[id(node)]
-        op = node.op_type
-        float_outs = [name for name in node.output if name and name in floats]
+    m = _Marking(model, profile, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel,
+                 grid_pads=grid_pads, image=inputs[0])
+    for proto in graph.node:
+        label = m.view.label(proto)
+        op = proto.op_type
+        float_outs = [name for name in proto.output if name and name in floats]
         if op in QDQ_OPS:
             raise QuantizationError(
                 f"node {label} is a {op}: the model is already quantized",
@@ -344,13 +427,13 @@ def mark(
             )
         if not float_outs:
             continue  # shape/index arithmetic: nothing to quantize
-        if node.domain not in ("", "ai.onnx"):
+        if proto.domain not in ("", "ai.onnx"):
             raise QuantizationError(
-                f"cannot quantize op {node.domain}.{op} (node {label}): custom-domain ops are not supported",
+                f"cannot quantize op {proto.domain}.{op} (node {label}): custom-domain ops are not supported",
                 "re-export the model with standard ONNX ops",
             )
-        supported = op in COMPUTE_OPS or op in VALUE_PRESERVING
-        if not supported:
+        policy = POLICIES.get(op)
+        if policy is None:
             raise QuantizationError(
                 f"cannot quantize op {op} (node {label}): onnxdgh has no quantization rule for it",
                 f"replace {op} with supported ops before export (see `onnxdgh quantize --help`), "
@@ -361,127 +444,39 @@ def mark(
                 f"op {op} (node {label}) is not allowed by profile {profile.name!r}",
                 "choose a profile that allows it (--profile generic-pot-int8) or remove the op from the model",
             )
-
-        shape_inputs = SHAPE_INPUT_INDICES.get(op, frozenset())
-        data_inputs: list[str] = []
-        constant_inputs: list[tuple[int, str]] = []
-        for position, name in enumerate(node.input):
+        shape_inputs = spec(op).shape_inputs
+        data: list[str] = []
+        constants: list[tuple[int, str]] = []
+        for position, name in enumerate(proto.input):
             if not name or position in shape_inputs or name not in floats:
                 continue
-            if name in inits:
-                constant_inputs.append((position, name))
+            if name in m.view.initializers:
+                constants.append((position, name))
             else:
-                data_inputs.append(name)
-        for name in data_inputs:
-            if name not in marks and name not in fused_tensors:
+                data.append(name)
+        for name in data:
+            if name not in m.marks and name not in m.fused_tensors:
                 raise QuantizationError(  # would be a float island; should not happen on a sorted graph
                     f"input {name} of node {label} ({op}) has no quantizer",
                     "report this model to the onnxdgh developers",
                 )
+        policy(m, _Node(proto, label, op, float_outs, data, constants))
 
-        weighted = op in WEIGHTED
-        weight_array = _constant_input(node, 1, inits) if weighted else None
-        for position, name in constant_inputs:
-            value = g.to_array(inits[name])
-            if weighted and position == 1:
-                axis = _weight_axis(node, value) if per_channel else None
-                params.append(ParamMark(name, label, op, position, "weight", weight_bits, axis))
-            elif weighted and position == 2 and op in ("Conv", "ConvTranspose", "Gemm"):
-                data = node.input[0]
-                if data not in marks:
-                    raise QuantizationError(
-                        f"the data input {data} of node {label} ({op}) is not quantized, so its bias has no scale",
-                        "remove the fused pattern that ends at this op from the profile",
-                    )
-                weight_name = node.input[1]
-                channels = _output_channels(node, weight_array) if weight_array is not None else None
-                if op == "Gemm" and channels is not None and value.size not in (1, channels):
-                    params.append(ParamMark(name, label, op, position, "constant", const_bits, None))
-                    continue
-                repeat = 1
-                if op == "ConvTranspose" and per_channel and weight_array is not None:
-                    repeat = int(g.node_attributes(node).get("group", 1))  # type: ignore[arg-type]
-                params.append(
-                    ParamMark(
-                        name, label, op, position, "bias", profile.bias_bits, None,
-                        data_input=data, weight=weight_name, repeat=repeat, channels=channels,
-                    )
-                )
-            else:
-                params.append(ParamMark(name, label, op, position, "constant", const_bits, None))
-                if op in profile.shared_scale_ops or op in profile.shared_input_scale_ops:
-                    if data_inputs:
-                        shared_constants.append((label, position, data_inputs[0]))
-
-        # The outputs' quantizers.
-        if len(float_outs) == 1 and op not in VALUE_PRESERVING:
-            out = float_outs[0]
-            readers = consumers.get(out, [])
-            if (
-                out not in output_set
-                and len(readers) == 1
-                and list(readers[0].input).count(out) == 1
-                and profile.is_fused(op, readers[0].op_type)
-                and (op not in GATES or readers[0].op_type != "Mul" or is_gate_partner(node, readers[0]))
-            ):
-                fused_tensors.add(out)
-                reader_label = labels[id(readers[0])]
-                fused.append((label, reader_label, out))
-                continue
-            pair = gated_activation(out, readers)
-            if (
-                out not in output_set
-                and pair is not None
-                and profile.is_fused(op, pair[0].op_type)
-                and profile.is_fused(pair[0].op_type, "Mul")
-            ):
-                # Conv -> SiLU as Sigmoid + Mul(x, Sigmoid(x)): x feeds both halves of one
-                # activation, which the profile fuses behind the producer.
-                fused_tensors.add(out)
-                fused.append((label, labels[id(pair[0])], out))
-                continue
-        inherits = bool(data_inputs) and data_inputs[0] in marks and (
-            _preserves_values(node, inits)
-            or (op == "Pad" and label in grid_pads)
-            or (op == "Concat" and op in profile.shared_scale_ops)
-        )
-        # A value-preserving op that only moves a constant (an exporter's Reshape of a bias
-        # to 1 x C x 1 x 1): its outputs are the constant's values, so constant and outputs
-        # share one scale, found from the constant itself (no statistics needed).
-        moves_constant = not data_inputs and bool(constant_inputs) and _preserves_values(node, inits)
-        if moves_constant:
-            shared_constants.extend((label, position, float_outs[0]) for position, _name in constant_inputs)
-        unsigned = _non_negative(node, inits)
-        for out in float_outs:
-            marks[out] = ActivationMark(out, "inherited" if inherits or moves_constant else "own", label, op, unsigned)
-            order.append(out)
-            union.add(out)
-            if inherits:
-                union.union(data_inputs[0], out)
-            if moves_constant:
-                union.union(float_outs[0], out)
-        if op in profile.shared_scale_ops or op in profile.shared_input_scale_ops:
-            quantized_inputs = [name for name in data_inputs if name in marks]
-            for name in quantized_inputs[1:]:
-                union.union(quantized_inputs[0], name)
-            if op in profile.shared_scale_ops and quantized_inputs:
-                for out in float_outs:
-                    union.union(quantized_inputs[0], out)
-
-    if shared_constants:
-        params = [_share(item, shared_constants) for item in params]
+    params = m.params
+    if m.shared_constants:
+        params = [_share(item, m.shared_constants) for item in params]
     return QuantPlan(
-        activations=marks,
+        activations=m.marks,
         params=tuple(params),
-        groups=union.groups(order),
-        fused=tuple(fused),
-        graph_input=image,
-        graph_outputs=tuple(outputs),
+        groups=m.union.groups(m.order),
+        fused=tuple(m.fused),
+        graph_input=inputs[0],
+        graph_outputs=tuple(m.view.outputs),
         act_bits=act_bits,
         weight_bits=weight_bits,
-        const_bits=const_bits,
-        per_channel=per_channel,
-        allow_unsigned=allow_unsigned,
+        const_bits=m.const_bits,
+        per_channel=m.per_channel,
+        allow_unsigned="unsigned" in profile.activation_signedness,
         bias_bits=profile.bias_bits,
     )
 
@@ -613,11 +608,6 @@ def activation_threshold(stats: TensorStats, bits: int, signed: bool, method: st
     return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
 
 
-_SUM_ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
-"""Ops whose output channel sums all its weights for a constant input (a ConvTranspose with
-stride > 1 does not: each output position sees only some taps)."""
-
-
 def resolve(
     plan: QuantPlan,
     stats: Mapping[str, TensorStats],
@@ -682,7 +672,7 @@ def resolve(
             clipped = int(np.sum(np.abs(ints * np.float64(scale) - value) > np.float64(scale)))
             resolved.append(
                 ParamQuant(item.tensor, item.node, item.input_index, "constant", partner.bits, None,
-                           scale, ints.astype(_numpy_container(partner.elem_type)), partner.elem_type, clipped)
+                           scale, ints.astype(numpy_container(partner.elem_type)), partner.elem_type, clipped)
             )
             continue
         thresholds = th.weight_thresholds(value, item.axis, item.bits, method)
@@ -693,7 +683,7 @@ def resolve(
         scale = th.scale_for(thresholds, item.bits, signed=True)
         if item.axis is None:
             ints = th.quantize_to_int(value, scale, item.bits, True)
-        elif sum_rounding and item.role == "weight" and item.op_type in _SUM_ROUNDED_OPS:
+        elif sum_rounding and item.role == "weight" and spec(item.op_type).sums_weights:
             shape = [1] * value.ndim
             shape[item.axis] = -1
             ints = th.quantize_preserving_sums(value, scale.reshape(shape), item.bits, item.axis)
@@ -777,12 +767,3 @@ def _fit_bias(
             bias.weight, bias.node, raised, bias.bits, float(np.max(np.abs(per_channel))),
         )
     return np.maximum(thresholds, floor.reshape(thresholds.shape)), raised
-
-
-def _numpy_container(elem_type: int) -> type:
-    return {
-        onnx.TensorProto.INT8: np.int8,
-        onnx.TensorProto.UINT8: np.uint8,
-        onnx.TensorProto.INT4: np.int8,
-        onnx.TensorProto.UINT4: np.uint8,
-    }[elem_type]

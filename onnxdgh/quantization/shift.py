@@ -79,7 +79,7 @@ import onnx
 
 from .. import graph as g
 from ..errors import QuantizationError
-from ..ops import is_gate_partner
+from ..ops import is_gate_partner, ops_where
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
@@ -97,12 +97,12 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-SHIFTABLE_OPS: frozenset[str] = frozenset({"HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu"})
+SHIFTABLE_OPS: frozenset[str] = ops_where(lambda record: record.shiftable)
 """Activation ops whose output may carry a small negative tail (besides gated Mul)."""
 
-_CONSUMERS = ("Conv", "Gemm")
-_PASS_THROUGH = frozenset({"GlobalAveragePool", "Flatten", "Reshape", "Squeeze", "Unsqueeze"})
-"""Ops with ``f(x + c) = f(x) + c`` for a scalar ``c`` and no padding: a shift flows through them."""
+_CONSUMERS = ops_where(lambda record: record.sums_weights and record.bias is not None)
+"""Layers whose bias absorbs a shift of their input: every output channel sums all its weights."""
+_PASS_THROUGH = ops_where(lambda record: record.passes_shift)
 _MAX_ROUNDS = 8
 
 
@@ -158,10 +158,6 @@ class Shift:
         }
 
 
-def _label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"  # the plan's node labels
-
-
 def _activation_kind(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -> str | None:
     """``node``'s activation name when its output may have a small negative tail, else None."""
     if node.op_type in SHIFTABLE_OPS:
@@ -208,21 +204,19 @@ def _consumer_problem(
     hold ``c``, so a Conv there must not pad (the padding would need ``c`` on that grid).
     """
     if node.op_type not in _CONSUMERS:
-        return f"{node.op_type} reads it (only Conv and Gemm absorb a shift in their bias)"
+        return f"{node.op_type} reads it (only {' and '.join(sorted(_CONSUMERS))} absorb a shift in their bias)"
     if node.input[0] != tensor or list(node.input).count(tensor) != 1:
         return f"{node.op_type} reads it as more than its data input"
     if len(node.input) < 2 or node.input[1] not in inits:
         return f"the weight of {node.op_type} is not a constant"
     if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
         return f"the bias of {node.op_type} is computed"
-    attrs = g.node_attributes(node)
     if node.op_type == "Conv":
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        if auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        if g.attribute(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return "Conv with auto_pad SAME_* (its padding depends on the input size)"
-        if through and any(int(v) for v in attrs.get("pads", [])):  # type: ignore[attr-defined]
+        if through and any(int(v) for v in g.attribute(node, "pads", [])):  # type: ignore[attr-defined]
             return f"a padded Conv reads it through {tensor!r}"
-    elif float(attrs.get("beta", 1.0)) == 0.0:  # type: ignore[arg-type]
+    elif g.attribute(node, "beta", 1.0) == 0.0:
         return "Gemm with beta = 0 (its bias is ignored)"
     return None
 
@@ -256,7 +250,7 @@ def _counter_problem(
         return None, "an Add reads it beside a Conv/Gemm output that is read elsewhere too"
     if len(producer.input) < 3 or not producer.input[2] or producer.input[2] not in inits:
         return None, "an Add reads it beside a Conv/Gemm without a constant bias"
-    if producer.op_type == "Gemm" and float(g.node_attributes(producer).get("beta", 1.0)) == 0.0:  # type: ignore[arg-type]
+    if producer.op_type == "Gemm" and g.attribute(producer, "beta", 1.0) == 0.0:
         return None, "an Add reads it beside a Gemm with beta = 0"
     return producer, None
 
@@ -319,20 +313,17 @@ def choose_shifts(
     activation of a shiftable kind that is left as it is.
     """
     graph = model.graph
-    inits = g.initializer_map(graph)
-    producers = g.producer_map(graph)
-    consumers = g.consumer_map(graph)
-    outputs = set(g.graph_output_names(graph))
+    view = g.GraphView(graph)
+    inits, producers, consumers, outputs = view.initializers, view.producers, view.consumers, view.output_set
     bits = plan.act_bits
-    index_of = {id(node): index for index, node in enumerate(graph.node)}
     taken = g.names_in_use(graph)
     shifts: list[Shift] = []
     skipped: list[dict[str, str]] = []
-    for index, node in enumerate(graph.node):
+    for node in graph.node:
         kind = _activation_kind(node, producers)
         if kind is None:
             continue
-        label = _label(node, index)
+        label = view.label(node)
         tensor = node.output[0]
 
         def skip(reason: str, tensor: str = tensor, label: str = label) -> None:
@@ -390,11 +381,11 @@ def choose_shifts(
                 maximum=float(item.maximum),
                 error_signed=error_signed,
                 error_shifted=error_shifted,
-                consumers=tuple(_label(r, index_of[id(r)]) for r in absorbers.consumers),
+                consumers=tuple(view.label(r) for r in absorbers.consumers),
                 shifted_tensor=g.unique_name(taken, f"{tensor}_shifted"),
                 add_node=g.unique_name(taken, f"{label}_shift"),
                 passed=tuple(absorbers.passed),
-                counters=tuple(_label(r, index_of[id(r)]) for r in absorbers.counters),
+                counters=tuple(view.label(r) for r in absorbers.counters),
                 countered=tuple(r.output[0] for r in absorbers.counters),
             )
         )
@@ -409,11 +400,8 @@ def channel_sums(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
     """What one unit of input shift adds to each output channel: ``sum(W[o])`` (Gemm: times alpha/beta)."""
     if node.op_type == "Conv":
         return weight.reshape(weight.shape[0], -1).sum(axis=1)
-    attrs = g.node_attributes(node)
-    trans_b = int(attrs.get("transB", 0))  # type: ignore[call-overload]
-    alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
-    beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
-    return weight.sum(axis=1 if trans_b else 0) * (alpha / beta)
+    alpha, beta = g.attribute(node, "alpha", 1.0), g.attribute(node, "beta", 1.0)
+    return weight.sum(axis=1 if g.attribute(node, "transB", 0) else 0) * (alpha / beta)  # type: ignore[operator]
 
 
 def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.ModelProto, frozenset[str]]:
@@ -430,7 +418,7 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
     graph = out.graph
     taken = g.names_in_use(graph) | {name for item in shifts for name in (item.shifted_tensor, item.add_node)}
     inits = g.initializer_map(graph)
-    by_label = {_label(node, index): node for index, node in enumerate(graph.node)}
+    by_label = {g.node_label(node, index): node for index, node in enumerate(graph.node)}
     pads: set[str] = set()
     replaced: list[str] = []
 
@@ -465,7 +453,7 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
         for label in item.counters:
             node = node_named(label)
             # Gemm adds beta * C: -c on every output is -c / beta on C (Conv: beta 1).
-            beta = float(g.node_attributes(node).get("beta", 1.0)) if node.op_type == "Gemm" else 1.0  # type: ignore[arg-type]
+            beta = g.attribute(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
             set_bias(node, g.unique_name(taken, f"{label}_shift_counter_bias"), bias_of(node) - item.shift / beta)
         for label in item.consumers:
             node = node_named(label)
@@ -531,7 +519,7 @@ def compensate(resolved: ResolvedPlan, model: onnx.ModelProto, shifts: Sequence[
     A Gemm whose bias was quantized as a plain constant (not per output) keeps it.
     """
     inits = g.initializer_map(model.graph)
-    by_label = {_label(node, index): node for index, node in enumerate(model.graph.node)}
+    by_label = {g.node_label(node, index): node for index, node in enumerate(model.graph.node)}
     shift_of = {label: item.shift for item in shifts for label in item.consumers}
     adds = {item.add_node: item.shift for item in shifts}
     for item in resolved.params:

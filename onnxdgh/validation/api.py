@@ -406,8 +406,11 @@ def validate(
     loaded_q = _load(quantized, "quantized", input_shape)
     if chosen is None:
         chosen = load_profile(_profile_from_metadata(loaded_q))
-    qgraph = analyse(loaded_q.model)
-    violations = tuple(check_model(loaded_q.model, chosen, qgraph=qgraph))
+    # The rules read the file as written: canonicalisation would remove an Identity or lift
+    # a Constant that the shipped graph still runs in float.
+    shipped = loaded_q.as_written if loaded_q.as_written is not None else loaded_q.model
+    qgraph = analyse(shipped)
+    violations = tuple(check_model(shipped, chosen, qgraph=qgraph))
     stats = {
         "quantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "QuantizeLinear"),
         "dequantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "DequantizeLinear"),

@@ -31,9 +31,10 @@ import numpy as np
 import onnx
 
 from .. import graph as g
-from ..ops import GATES, SHAPE_INPUT_INDICES, WEIGHTED, gated_activation, is_gate_partner, is_value_preserving
+from ..ops import INTEGER_TYPES, gated_activation, is_gate_partner, is_value_preserving, output_bounds, spec
 from ..profile import Profile
 from ..quantization.float_weights import restore_quantized_weights
+from ..quantization.thresholds import grid
 
 __all__ = [
     "RULES",
@@ -95,24 +96,11 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 _TP = onnx.TensorProto
-# elem type -> (type name, bits, signed) for the integer types a Q/DQ can carry.
-_INT_TYPES: dict[int, tuple[str, int, bool]] = {
-    _TP.INT8: ("int8", 8, True),
-    _TP.UINT8: ("uint8", 8, False),
-    _TP.INT16: ("int16", 16, True),
-    _TP.UINT16: ("uint16", 16, False),
-    _TP.INT32: ("int32", 32, True),
-    _TP.INT4: ("int4", 4, True),
-    _TP.UINT4: ("uint4", 4, False),
-}
-for _name, _bits, _signed in (("INT2", 2, True), ("UINT2", 2, False)):
-    if hasattr(_TP, _name):
-        _INT_TYPES[getattr(_TP, _name)] = (_name.lower(), _bits, _signed)
 
 
 def integer_type_info(elem_type: int) -> tuple[str, int, bool] | None:
     """``(name, bits, signed)`` for an integer ONNX elem type a Q/DQ can carry, else None."""
-    return _INT_TYPES.get(elem_type)
+    return INTEGER_TYPES.get(elem_type)
 
 
 def _type_name(elem_type: int) -> str:
@@ -174,23 +162,14 @@ class QParams:
         return info[0] if info else _type_name(self.elem_type)
 
 
-class QuantGraph:
-    """A QDQ graph read for checking: maps, quantizers and the names to report.
-
-    Attributes are plain lookups over the model; see :func:`analyse`.
-    """
+class QuantGraph(g.GraphView):
+    """A QDQ graph read for checking: the graph view plus every quantizer; see :func:`analyse`."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        graph = model.graph
+        super().__init__(model)
+        graph = self.graph
         self.model = model
-        self.graph = graph
         self.opset = g.opset_version(model)
-        self.inits = g.initializer_map(graph)
-        self.producers = g.producer_map(graph)
-        self.consumers = g.consumer_map(graph)
-        self.inputs = g.graph_input_names(graph)
-        self.outputs = g.graph_output_names(graph)
-        self.node_names = {id(node): node.name or f"{node.op_type}#{index}" for index, node in enumerate(graph.node)}
         self.elem_types = _elem_types(model)
         self.quantizers: dict[int, QParams] = {}
         # Q/DQ first pass: types of Q outputs are needed to type DQ inputs.
@@ -202,20 +181,6 @@ class QuantGraph:
                 self.quantizers[id(node)] = self._read_dq(node)
 
     # ------------------------------------------------------------ lookups
-
-    def name(self, node: onnx.NodeProto) -> str:
-        """The node's name, or ``OpType#index`` when unnamed."""
-        return self.node_names[id(node)]
-
-    def const(self, tensor: str) -> np.ndarray | None:
-        """The value of an initializer, or None when the tensor is computed."""
-        init = self.inits.get(tensor)
-        return None if init is None else g.to_array(init)
-
-    def producer_op(self, tensor: str) -> str | None:
-        """The op type producing ``tensor`` (None for inputs and initializers)."""
-        node = self.producers.get(tensor)
-        return None if node is None else node.op_type
 
     def dq_for(self, tensor: str) -> QParams | None:
         """The DequantizeLinear producing ``tensor``, if one does."""
@@ -244,7 +209,7 @@ class QuantGraph:
         if not users or any(user.op_type != "QuantizeLinear" for user in users):
             return False
         for user in users:
-            scale = self.const(user.input[1]) if len(user.input) > 1 else None
+            scale = self.constant(user.input[1]) if len(user.input) > 1 else None
             if scale is None or scale.size != 1 or self._clip_bits(node, float(scale.reshape(-1)[0])) is None:
                 return False
         return True
@@ -264,7 +229,7 @@ class QuantGraph:
         counts: dict[str, int] = {}
         for params in self.quantizers.values():
             if params.op_type == "DequantizeLinear" and params.role == "weight":
-                values = self.const(params.input)
+                values = self.constant(params.input)
                 if values is None or params.signed is None:
                     continue
                 bits = _value_bits(values, params.signed)
@@ -281,24 +246,17 @@ class QuantGraph:
 
     # ------------------------------------------------------------ reading Q/DQ
 
-    def _const_input(self, node: onnx.NodeProto, index: int) -> tuple[bool, np.ndarray | None]:
-        """(present, constant value) of an optional input."""
-        if len(node.input) <= index or not node.input[index]:
-            return False, None
-        return True, self.const(node.input[index])
-
     def _read_q(self, node: onnx.NodeProto) -> QParams:
-        _, scale = self._const_input(node, 1)
-        has_zp, zero_point = self._const_input(node, 2)
+        scale, zero_point = self.input_constant(node, 1), self.input_constant(node, 2)
+        has_zp = len(node.input) > 2 and bool(node.input[2])
         attrs = g.node_attributes(node)
         if has_zp:
-            init = self.inits.get(node.input[2])
-            elem_type: int | None = init.data_type if init is not None else self.elem_types.get(node.input[2])
+            elem_type: int | None = self.constant_type(node.input[2]) or self.elem_types.get(node.input[2])
         else:
             # Without a zero point the output type is output_dtype (opset 21) or uint8.
             elem_type = int(attrs.get("output_dtype", 0) or 0) or _TP.UINT8  # type: ignore[call-overload]
         source = node.input[0]
-        role = "weight" if source in self.inits else "activation"
+        role = "weight" if self.is_constant(source) else "activation"
         info = integer_type_info(elem_type) if elem_type is not None else None
         bits = info[1] if info else None
         signed = info[2] if info else None
@@ -309,22 +267,16 @@ class QuantGraph:
             if narrowed is not None and bits is not None and narrowed < bits:
                 bits = narrowed
             source = producer.input[0]
-            clip_name = self.name(producer)
-        return QParams(self.name(node), node.op_type, node.input[0], node.output[0], role, scale, zero_point,
+            clip_name = self.label(producer)
+        return QParams(self.label(node), node.op_type, node.input[0], node.output[0], role, scale, zero_point,
                        elem_type, bits, signed, source, clip_name)
 
     def _clip_bits(self, clip: onnx.NodeProto, scale: float) -> int | None:
         """The grid width a Clip before a Q restricts to: log2((hi - lo)/scale + 1), when exact."""
-        attrs = g.node_attributes(clip)
-        lo_value: object = attrs.get("min")
-        hi_value: object = attrs.get("max")
-        if len(clip.input) > 1 and clip.input[1]:
-            lo_value = self.const(clip.input[1])
-        if len(clip.input) > 2 and clip.input[2]:
-            hi_value = self.const(clip.input[2])
-        if lo_value is None or hi_value is None or scale <= 0:
+        bounds = output_bounds("Clip", g.node_attributes(clip), clip.input, self.constant)
+        if bounds is None or not all(map(math.isfinite, bounds)) or scale <= 0:
             return None
-        lo, hi = float(np.asarray(lo_value).reshape(-1)[0]), float(np.asarray(hi_value).reshape(-1)[0])
+        lo, hi = bounds
         levels = (hi - lo) / scale + 1.0
         if levels < 2:
             return None
@@ -336,22 +288,22 @@ class QuantGraph:
         return int(round(bits))
 
     def _read_dq(self, node: onnx.NodeProto) -> QParams:
-        _, scale = self._const_input(node, 1)
-        has_zp, zero_point = self._const_input(node, 2)
+        scale, zero_point = self.input_constant(node, 1), self.input_constant(node, 2)
+        has_zp = len(node.input) > 2 and bool(node.input[2])
         source_tensor = node.input[0]
-        init = self.inits.get(source_tensor)
+        constant_type = self.constant_type(source_tensor)
         producer = self.producers.get(source_tensor)
         q_params = self.quantizers.get(id(producer)) if producer is not None else None
         elem_type: int | None
-        if init is not None:
-            elem_type = init.data_type
+        if constant_type is not None:
+            elem_type = constant_type
         elif q_params is not None:
             elem_type = q_params.elem_type
-        elif has_zp and node.input[2] in self.inits:
-            elem_type = self.inits[node.input[2]].data_type
+        elif has_zp and self.is_constant(node.input[2]):
+            elem_type = self.constant_type(node.input[2])
         else:
             elem_type = self.elem_types.get(source_tensor)
-        if init is not None:
+        if constant_type is not None:
             role = "bias" if self._feeds_bias(node.output[0]) else "weight"
             source: str | None = source_tensor
         elif q_params is not None:
@@ -362,16 +314,16 @@ class QuantGraph:
         info = integer_type_info(elem_type) if elem_type is not None else None
         bits = q_params.bits if q_params is not None else (info[1] if info else None)
         signed = info[2] if info else None
-        return QParams(self.name(node), node.op_type, source_tensor, node.output[0], role, scale, zero_point,
+        return QParams(self.label(node), node.op_type, source_tensor, node.output[0], role, scale, zero_point,
                        elem_type, bits, signed, source, q_params.clip_node if q_params else None)
 
     def _feeds_bias(self, tensor: str) -> bool:
         users = self.consumers.get(tensor, [])
         return bool(users) and all(
-            user.op_type in ("Conv", "ConvTranspose", "Gemm")
-            and len(user.input) > 2
-            and user.input[2] == tensor
-            and tensor not in user.input[:2]
+            (bias := spec(user.op_type).bias) is not None
+            and len(user.input) > bias
+            and user.input[bias] == tensor
+            and tensor not in user.input[:bias]
             for user in users
         )
 
@@ -442,7 +394,7 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 
 
 def _data_inputs(node: onnx.NodeProto) -> Iterable[tuple[int, str]]:
-    skip = SHAPE_INPUT_INDICES.get(node.op_type, frozenset())
+    skip = spec(node.op_type).shape_inputs
     for index, name in enumerate(node.input):
         if name and index not in skip:
             yield index, name
@@ -501,9 +453,9 @@ def _check_graph_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
             found.append(
                 Violation(
                     "graph-input-not-quantized",
-                    q.name(user),
+                    q.label(user),
                     name,
-                    f"graph input {name!r} is read by {user.op_type} {q.name(user)!r} instead of QuantizeLinear",
+                    f"graph input {name!r} is read by {user.op_type} {q.label(user)!r} instead of QuantizeLinear",
                 )
             )
     return found
@@ -515,11 +467,11 @@ def _check_graph_outputs(q: QuantGraph, profile: Profile) -> list[Violation]:
         producer = q.producers.get(name)
         if producer is not None and producer.op_type == "DequantizeLinear":
             continue
-        what = f"{producer.op_type} {q.name(producer)!r}" if producer is not None else "no node (an input or constant)"
+        what = f"{producer.op_type} {q.label(producer)!r}" if producer is not None else "no node (an input or constant)"
         found.append(
             Violation(
                 "graph-output-not-dequantized",
-                q.name(producer) if producer is not None else None,
+                q.label(producer) if producer is not None else None,
                 name,
                 f"graph output {name!r} is produced by {what}, not by DequantizeLinear",
             )
@@ -534,9 +486,9 @@ def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
             found.append(
                 Violation(
                     "batchnorm-left",
-                    q.name(node),
+                    q.label(node),
                     node.output[0],
-                    f"BatchNormalization {q.name(node)!r} is still in the graph; fold it into the preceding Conv/Gemm",
+                    f"BatchNormalization {q.label(node)!r} is still in the graph; fold it into the preceding Conv/Gemm",
                 )
             )
             continue
@@ -544,9 +496,9 @@ def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
             found.append(
                 Violation(
                     "op-not-allowed",
-                    q.name(node),
+                    q.label(node),
                     node.output[0] if node.output else None,
-                    f"{node.domain}.{node.op_type} {q.name(node)!r} is a custom-domain op; profile {profile.name} "
+                    f"{node.domain}.{node.op_type} {q.label(node)!r} is a custom-domain op; profile {profile.name} "
                     "accepts standard ONNX ops only",
                 )
             )
@@ -558,9 +510,9 @@ def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
         found.append(
             Violation(
                 "op-not-allowed",
-                q.name(node),
+                q.label(node),
                 node.output[0] if node.output else None,
-                f"{node.op_type} {q.name(node)!r} is not in the allowed ops of profile {profile.name}",
+                f"{node.op_type} {q.label(node)!r} is not in the allowed ops of profile {profile.name}",
             )
         )
     return found
@@ -581,10 +533,10 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
                 found.append(
                     Violation(
                         "float-input-not-dequantized",
-                        q.name(node),
+                        q.label(node),
                         name,
-                        f"{node.op_type} {q.name(node)!r} reads the integers {name!r} of QuantizeLinear "
-                        f"{q.name(producer)!r} directly; a QDQ graph feeds compute ops through DequantizeLinear",
+                        f"{node.op_type} {q.label(node)!r} reads the integers {name!r} of QuantizeLinear "
+                        f"{q.label(producer)!r} directly; a QDQ graph feeds compute ops through DequantizeLinear",
                     )
                 )
                 continue
@@ -595,20 +547,20 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
                 found.append(
                     Violation(
                         "float-input-not-dequantized",
-                        q.name(node),
+                        q.label(node),
                         name,
-                        f"{node.op_type} {q.name(node)!r} reads {what} {name!r} in float, not through DequantizeLinear",
+                        f"{node.op_type} {q.label(node)!r} reads {what} {name!r} in float, not through DequantizeLinear",
                     )
                 )
                 continue
             if profile.is_fused(producer.op_type, node.op_type):
-                if producer.op_type in GATES and node.op_type == "Mul" and not is_gate_partner(producer, node):
+                if spec(producer.op_type).gate and node.op_type == "Mul" and not is_gate_partner(producer, node):
                     found.append(
                         Violation(
                             "float-input-not-dequantized",
-                            q.name(node),
+                            q.label(node),
                             name,
-                            f"Mul {q.name(node)!r} reads {producer.op_type} {q.name(producer)!r} without Q/DQ, but "
+                            f"Mul {q.label(node)!r} reads {producer.op_type} {q.label(producer)!r} without Q/DQ, but "
                             f"{producer.op_type}->Mul is fused only as a gated activation Mul(x, {producer.op_type}(x))",
                         )
                     )
@@ -620,9 +572,9 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
             found.append(
                 Violation(
                     "float-input-not-dequantized",
-                    q.name(node),
+                    q.label(node),
                     name,
-                    f"{node.op_type} {q.name(node)!r} reads {name!r} from {producer.op_type} {q.name(producer)!r} "
+                    f"{node.op_type} {q.label(node)!r} reads {name!r} from {producer.op_type} {q.label(producer)!r} "
                     f"without Q/DQ, and {producer.op_type}->{node.op_type} is no fused pattern of {profile.name}",
                 )
             )
@@ -654,16 +606,16 @@ def _fused_branch(
     others = [user for user in q.consumers.get(tensor, []) if user is not node and user is not partner]
     if not others and tensor not in q.outputs:
         return []
-    readers = ", ".join(f"{user.op_type} {q.name(user)!r}" for user in others)
+    readers = ", ".join(f"{user.op_type} {q.label(user)!r}" for user in others)
     if tensor in q.outputs:
         readers = ", ".join(filter(None, [readers, "the graph output"]))
     return [
         Violation(
             "fused-pattern-branch",
-            q.name(producer),
+            q.label(producer),
             tensor,
-            f"{tensor!r} is inside the fused {producer.op_type}->{node.op_type} ({q.name(producer)!r} -> "
-            f"{q.name(node)!r}) but is also read by {readers}; fused hardware never exposes it",
+            f"{tensor!r} is inside the fused {producer.op_type}->{node.op_type} ({q.label(producer)!r} -> "
+            f"{q.label(node)!r}) but is also read by {readers}; fused hardware never exposes it",
         )
     ]
 
@@ -781,7 +733,7 @@ def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> list[Viol
                       f"weight {params.input!r} is stored as {params.type_name}, not an integer type")
         ]
     type_name, container_bits, signed = info
-    values = q.const(params.input)
+    values = q.constant(params.input)
     widest = profile.max_weight_bits
     if container_bits < 8 and container_bits not in profile.weight_bits:
         found.append(
@@ -817,32 +769,33 @@ def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> list[Viol
 def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
     found: list[Violation] = []
     for node in q.graph.node:
-        if node.op_type not in WEIGHTED or len(node.input) < 3 or not node.input[2]:
+        record = spec(node.op_type)
+        if record.bias is None or len(node.input) <= record.bias or not node.input[record.bias]:
             continue
-        bias = q.dq_for(node.input[2])
+        bias = q.dq_for(node.input[record.bias])
         if bias is None or bias.role != "bias":
             continue  # a float bias is reported by float-input-not-dequantized
         info = integer_type_info(bias.elem_type) if bias.elem_type is not None else None
-        values = q.const(bias.input)
+        values = q.constant(bias.input)
         if info is None or info[0] != "int32":
             found.append(
                 Violation("bias-bits", bias.node, bias.input,
-                          f"bias {bias.input!r} of {node.op_type} {q.name(node)!r} is stored as {bias.type_name}; "
+                          f"bias {bias.input!r} of {node.op_type} {q.label(node)!r} is stored as {bias.type_name}; "
                           "QDQ biases are int32")
             )
         elif values is not None and _value_bits(values, True) > profile.bias_bits:
             flat = np.asarray(values).astype(np.int64)
             found.append(
                 Violation("bias-bits", bias.node, bias.input,
-                          f"bias {bias.input!r} of {q.name(node)!r} stores values {int(flat.min())}..{int(flat.max())}, "
+                          f"bias {bias.input!r} of {q.label(node)!r} stores values {int(flat.min())}..{int(flat.max())}, "
                           f"beyond {profile.bias_bits} bits")
             )
-        x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[1])
+        x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[record.weight])  # type: ignore[index]
         if x_dq is None or w_dq is None or x_dq.scale is None or w_dq.scale is None or bias.scale is None:
             continue
         w_scale = np.asarray(w_dq.scale, np.float64).reshape(-1)
         actual = np.asarray(bias.scale, np.float64).reshape(-1)
-        if node.op_type == "ConvTranspose" and 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0:
+        if spec(node.op_type).layout == "conv_transpose" and 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0:
             # ConvTranspose weights are (C_in, C_out/group, ...): per-channel scales along
             # axis 1 cover C_out/group channels and repeat for each group in the output.
             w_scale = np.tile(w_scale, actual.size // w_scale.size)
@@ -852,7 +805,7 @@ def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
         if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-6, atol=0.0):
             found.append(
                 Violation("bias-scale", bias.node, bias.input,
-                          f"bias {bias.input!r} of {node.op_type} {q.name(node)!r} has scale {_fmt(bias.scale)}; "
+                          f"bias {bias.input!r} of {node.op_type} {q.label(node)!r} has scale {_fmt(bias.scale)}; "
                           f"input scale x weight scale is {_fmt(expected)}")
             )
     return found
@@ -884,8 +837,8 @@ def _check_shared_scales(q: QuantGraph, profile: Profile) -> list[Violation]:
             if not _same(first, scale):
                 scope = "all inputs and the output" if with_output else "all inputs"
                 found.append(
-                    Violation("shared-scale", q.name(node), node.output[0],
-                              f"{node.op_type} {q.name(node)!r}: {label} has scale {_fmt(scale)} but {first_label} "
+                    Violation("shared-scale", q.label(node), node.output[0],
+                              f"{node.op_type} {q.label(node)!r}: {label} has scale {_fmt(scale)} but {first_label} "
                               f"has {_fmt(first)}; profile {profile.name} requires one scale for {scope}")
                 )
                 break
@@ -904,7 +857,7 @@ def _check_value_preserving(q: QuantGraph, profile: Profile) -> list[Violation]:
             if qp.scale is not None and not _same(qp.scale, source.scale):
                 found.append(
                     Violation("value-preserving-scale", qp.node, node.output[0],
-                              f"{node.op_type} {q.name(node)!r} only moves values, but its output quantizer "
+                              f"{node.op_type} {q.label(node)!r} only moves values, but its output quantizer "
                               f"{qp.node!r} has scale {_fmt(qp.scale)} while its input has {_fmt(source.scale)}")
                 )
     return found
@@ -923,22 +876,21 @@ def _check_pad_values(q: QuantGraph, profile: Profile) -> list[Violation]:
         source = q.dq_for(node.input[0])
         if source is None or source.scale is None or source.scale.size != 1 or source.bits is None:
             continue  # a float input is reported by float-input-not-dequantized
-        fill = q.const(node.input[2])
+        fill = q.constant(node.input[2])
         if fill is None:
             found.append(
-                Violation("pad-value-off-grid", q.name(node), node.input[2],
-                          f"Pad {q.name(node)!r} takes its fill value from a computed tensor; the target needs a "
+                Violation("pad-value-off-grid", q.label(node), node.input[2],
+                          f"Pad {q.label(node)!r} takes its fill value from a computed tensor; the target needs a "
                           "constant on its input's grid")
             )
             continue
         scale = float(source.scale.reshape(-1)[0])
         steps = float(np.asarray(fill, np.float64).reshape(-1)[0]) / scale
-        signed = bool(source.signed)
-        low, high = (-(2 ** (source.bits - 1)), 2 ** (source.bits - 1) - 1) if signed else (0, 2**source.bits - 1)
+        low, high, _ = grid(source.bits, bool(source.signed))
         if steps != round(steps) or not low <= steps <= high:
             found.append(
-                Violation("pad-value-off-grid", q.name(node), node.input[2],
-                          f"Pad {q.name(node)!r} fills with {_fmt(fill)}, which is not a whole number of its input's "
+                Violation("pad-value-off-grid", q.label(node), node.input[2],
+                          f"Pad {q.label(node)!r} fills with {_fmt(fill)}, which is not a whole number of its input's "
                           f"steps ({_fmt(source.scale)}) within {low}..{high}")
             )
     return found

@@ -24,14 +24,14 @@ from typing import Any
 import onnx
 
 from .. import graph as g
+from ..ops import WEIGHTED
 
-__all__ = ["DROP_DB", "QUIET_DB", "input_sqnr", "diagnose", "WEIGHTED_OPS"]
+__all__ = ["DROP_DB", "QUIET_DB", "input_sqnr", "diagnose"]
 
 DROP_DB = 3.0
 """A layer that lowers the SQNR by 3 dB at least doubles the relative noise power."""
 QUIET_DB = 40.0
 """Above 40 dB (8-bit quantization of a well-spread tensor gives ~40-50 dB) a drop is harmless."""
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _HINTS = {
     "weighted": "its weights' rounding: --optimize-rounding (reconstruction, also at W8A8; slow), "
                 "--kernel-sum-rounding (8-bit weights; the W8A8 default), --bias-correction (mean error), "
@@ -49,7 +49,7 @@ def _weighted_producer(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if current.op_type in WEIGHTED_OPS:
+        if current.op_type in WEIGHTED:
             return True
         for name in current.input:
             parent = producers.get(name)
