@@ -187,10 +187,15 @@ def quantize_command(
     from ..quantization.api import default_profile_name, holdout_size
 
     report_path: Path | None = None
+    validate_config = None
     if run_validation:
-        from ..validation.api import check_gates
+        from ..validation import ValidateConfig
 
-        check_gates(min_sqnr, min_agreement)  # before the model is written: a bad gate leaves no output
+        # Built before any work: a bad gate leaves no output behind.
+        validate_config = ValidateConfig(
+            profile=profile or default_profile_name(weight_bits or _default_weight_bits(profile), act_bits),
+            min_sqnr=min_sqnr, min_agreement=min_agreement, input_shape=input_shape,
+        )
         report_path = Path(validation_report) if validation_report else Path(output).with_suffix(".validation.json")
     check_output_paths(
         [("-o/--output", output), ("--json", json_out if json_out != "-" else None),
@@ -282,12 +287,9 @@ def quantize_command(
     validation = validate(
         output,  # the file as written: the report's sha256 is of what the user gets
         loaded,
-        profile=profile or default_profile_name(weight_bits, act_bits),
+        validate_config,  # type: ignore[arg-type]  # set whenever report_path is
         data=result.holdout,
         data_description=f"held-out {kind}, n={held} of {total}, not used for calibration",
-        min_sqnr=min_sqnr,
-        min_agreement=min_agreement,
-        input_shape=input_shape,
         progress=False,
     )
     atomic_write_json(report_path, validation.to_dict())
@@ -324,10 +326,12 @@ def _default_weight_bits(profile: str | None) -> int:
 
 def _figures(validation: Any) -> str:
     """' (<output> SQNR x dB, agreement y %, on <images>)' for each output."""
+    from ..validation.metrics import METRIC_NAMES
+
     parts = []
     for output in validation.outputs:
         parts.append(f"{output.name} SQNR {output.sqnr_db:.1f} dB")
-        if output.top1_agreement is not None:
-            parts.append(f"top-1 agreement {100 * output.top1_agreement:.2f} %")
+        if output.agreement is not None:
+            parts.append(f"{METRIC_NAMES[output.metric]} {100 * output.agreement:.2f} %")
     where = f", on {validation.data.description}" if validation.data else ""
     return (" (" + ", ".join(parts) + where + ")") if parts else ""
