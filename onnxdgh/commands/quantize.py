@@ -184,7 +184,7 @@ def quantize_command(
     from ..fileio import atomic_write_bytes, atomic_write_json, check_images, check_output_paths, load_images_npz
     from ..load import load_model
     from ..quantization import QuantizeConfig, quantize
-    from ..quantization.api import default_profile_name, holdout_size
+    from ..quantization.api import default_profile_name, holdout_size, refuse_recurrent
 
     report_path: Path | None = None
     validate_config = None
@@ -250,6 +250,7 @@ def quantize_command(
         generate_config = GenerateConfig(seed=seed, **given)
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
     loaded = load_model(model, input_shape=input_shape)
+    refuse_recurrent(loaded.model)  # before the normalisation check: no fix of it would help
     if generate_config is not None:
         preflight(loaded, generate_config, quiet)
     calibration = None

@@ -51,6 +51,7 @@ __all__ = [
     "default_profile_name",
     "holdout_size",
     "dry_run",
+    "refuse_recurrent",
     "THRESHOLD_METHODS",
     "HOLDOUT_FRACTION",
     "MIN_HOLDOUT_IMAGES",
@@ -67,6 +68,24 @@ HOLDOUT_FRACTION = 0.2
 """Share of the images ``onnxdgh quantize`` holds back from calibration to judge the result on."""
 MIN_HOLDOUT_IMAGES = 4
 """Fewest held-back images: below this an SQNR or agreement figure says little."""
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+"""Out of scope (issue 14): their gates and state would each need a quantizer, and DGH has no statistics for them."""
+
+
+def refuse_recurrent(model: onnx.ModelProto) -> None:
+    """Raise :class:`UnsupportedModelError` naming the first LSTM/GRU/RNN node of ``model``, if any.
+
+    Called before any other model check (``onnxdgh quantize`` runs it before the input
+    normalisation is resolved), so a recurrent model gets this one reason, not a chain of fixes.
+    """
+    node = next((n for n in model.graph.node if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")), None)
+    if node is not None:
+        raise UnsupportedModelError(
+            f"node {node.name or node.output[0]!r} is {'a' if node.op_type == 'GRU' else 'an'} {node.op_type}: recurrent layers (LSTM, GRU, RNN) are out of "
+            "onnxdgh's scope",
+            "quantize the part before it alone (cut the graph at its input, e.g. onnx.utils.extract_model) and run the "
+            "recurrent part in float",
+        )
 
 
 @dataclass(frozen=True)
@@ -327,6 +346,7 @@ def _structure(
     """Opset upgrade, BN folding, cross-layer equalization (with ``equalize``, within the
     model input's ``input_bounds`` when known) and marking: (folded float model, fold
     report, plan, equalization report or None)."""
+    refuse_recurrent(loaded.model)
     float_model = loaded.model
     if int4_types and loaded.opset < 21:
         float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
