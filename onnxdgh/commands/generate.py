@@ -62,6 +62,12 @@ def _floats(option: str, text: str | None) -> tuple[float, ...] | None:
     return values
 
 
+def bn_targets(report: dict[str, Any]) -> str:
+    """'; DGH matched N BN layer(s)' for a generation report that matched BN statistics, else ''."""
+    count = report.get("bn_layers")
+    return f"; DGH matched {count} BN layer(s)" if count else ""
+
+
 def summary(report: dict[str, Any], output: str) -> list[str]:
     """Terminal lines summarising a generation report."""
     final = report.get("final", {})
@@ -69,6 +75,7 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
     lines = [
         f"wrote {final.get('images', settings['images'])} images "
         f"({'x'.join(str(d) for d in report['input_shape'])}, method {report['method']}, seed {report['seed']}) to {output}"
+        + bn_targets(report)
     ]
     if "bns_loss" in final:
         start = final.get("bns_loss_initial")

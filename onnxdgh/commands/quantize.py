@@ -14,7 +14,7 @@ import click
 
 from ..cli import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
-from .generate import _floats, preflight, preprocess_option
+from .generate import _floats, bn_targets, preflight, preprocess_option
 
 __all__ = ["quantize_command"]
 
@@ -37,7 +37,8 @@ def render(report: dict[str, Any], output: str) -> str:
         f"profile {report['profile']}, opset {report['opset']}"
         + (", weights stored as float on their grid" if config.get("weights_as_float") else ""),
         f"data      {report['calibration']['images']} images ({report['calibration']['source']})"
-        + (f", {report['holdout']['images']} more held back for validation" if "holdout" in report else ""),
+        + (f", {report['holdout']['images']} more held back for validation" if "holdout" in report else "")
+        + bn_targets(report.get("generation", {})),
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
