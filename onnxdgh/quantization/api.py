@@ -52,6 +52,7 @@ __all__ = [
     "holdout_size",
     "dry_run",
     "refuse_recurrent",
+    "rounding_inputs",
     "THRESHOLD_METHODS",
     "HOLDOUT_FRACTION",
     "MIN_HOLDOUT_IMAGES",
@@ -266,15 +267,27 @@ class QuantizeResult:
     report: dict[str, Any]
     calibration: np.ndarray | None = field(default=None, repr=False)
     """The images the thresholds were chosen on (given or generated), for validation."""
-    float_model: onnx.ModelProto | None = field(default=None, repr=False)
-    """The BN-folded float model that ``model`` quantizes node for node (with the shift
-    negative correction's Adds when it ran): the reference for a separate
-    :func:`~onnxdgh.quantization.rounding.optimize_rounding` run."""
-    input_shifts: dict[str, float] = field(default_factory=dict)
-    """Node name -> the shift ``c`` its input carries (``optimize_rounding``'s ``input_shifts``)."""
     holdout: np.ndarray | None = field(default=None, repr=False)
     """The images held back from calibration (``holdout`` of :func:`quantize`): nothing
     about the model was chosen on them, so figures measured on them are honest."""
+    _rounding_inputs: tuple[onnx.ModelProto, dict[str, float]] | None = field(default=None, repr=False, compare=False)
+    """Not public: what :func:`rounding_inputs` returns."""
+
+
+def rounding_inputs(result: QuantizeResult) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """(float model, input shifts) for a separate :func:`~onnxdgh.quantization.rounding.optimize_rounding`
+    run on ``result.model`` (a benchmark's use, tools/bench_rounding.py; not part of the public result).
+
+    The float model is the BN-folded model that ``result.model`` quantizes node for node (with
+    the shift negative correction's Adds when it ran); the shifts map a node name to the shift
+    ``c`` its input carries (``optimize_rounding``'s ``input_shifts``).
+
+    Raises:
+        InvalidInputError: ``result`` was not made by :func:`quantize`.
+    """
+    if result._rounding_inputs is None:
+        raise InvalidInputError("this QuantizeResult was not made by onnxdgh.quantize", "quantize the model first")
+    return result._rounding_inputs
 
 
 def holdout_size(images: int) -> int:
@@ -669,8 +682,8 @@ def quantize(
         loaded.source, report["counts"]["activations"], report["counts"]["weights"],
         report["counts"]["biases"], report["counts"]["constants"], timings["quantize_s"],
     )
-    return QuantizeResult(model=quantized, report=report, calibration=calibration, float_model=folded,
-                          input_shifts=input_shifts, holdout=held_out)
+    return QuantizeResult(model=quantized, report=report, calibration=calibration, holdout=held_out,
+                          _rounding_inputs=(folded, input_shifts))
 
 
 def _write_metadata(
