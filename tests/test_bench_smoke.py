@@ -252,7 +252,7 @@ def test_ocr_smoke(tmp_path: Path) -> None:
     # Tiny in-process map and CTC nets: no rapidocr files needed (the real run names them when absent).
     text = _section(_smoke("bench_ocr.py", tmp_path), "ocr")
     assert "**Recogniser** (3 x 16 x 64)" in text and "**Detector** (3 x 32 x 32)" in text
-    assert text.count("| exit 0 |") == 4 and "--preprocess symmetric" in text and "| validate IoU |" in text
+    assert text.count("| exit 0 |") == 4 and "--preprocess symmetric" in text and "| validate: IoU |" in text
 
 
 def test_ocr_metrics_and_rendering() -> None:
