@@ -246,3 +246,34 @@ def test_depthwise_smoke(tmp_path: Path) -> None:
                     "depthwise")
     assert "| ksr |" in text and "--kernel-sum-rounding" in text and "logit SQNR dB" in text
     assert "only the weights" in text and "| tiny1 | W8A8 |" in text
+
+
+def test_ocr_smoke(tmp_path: Path) -> None:
+    # Tiny in-process map and CTC nets: no rapidocr files needed (the real run names them when absent).
+    text = _section(_smoke("bench_ocr.py", tmp_path), "ocr")
+    assert "**Recogniser** (3 x 16 x 64)" in text and "**Detector** (3 x 32 x 32)" in text
+    assert text.count("| exit 0 |") == 4 and "--preprocess symmetric" in text and "| validate: IoU |" in text
+
+
+def test_ocr_metrics_and_rendering() -> None:
+    import bench_ocr
+
+    assert bench_ocr.char_agreement(["ab c", ""], ["abc", ""], strip_spaces=True) == 1.0
+    assert bench_ocr.char_agreement(["abcd"], ["abxd"]) == 0.75
+    chars = ["blank", "a", "b", " "]
+    assert bench_ocr.decode(np.eye(4)[[[1, 1, 0, 1, 3, 2, 2]]], chars) == ["aa b"]
+    iou, share = bench_ocr.map_iou(np.array([[0.9, 0.9, 0.1]]), np.array([[0.9, 0.2, 0.4]]))
+    assert iou == 1 / 3 and share == 2 / 3  # cut at 0.3: {0, 1} vs {0, 2}
+    fonts = bench_ocr.fonts()
+    lines, texts = bench_ocr.render_lines(3, 0, "abc123.,", fonts, width=320, height=48)
+    assert lines.shape == (3, 3, 48, 320) and len(texts) == 3 and -1.0 <= lines.min() and lines.max() <= 1.0
+    pages = bench_ocr.render_pages(2, 0, 64, "abc123", fonts)
+    assert pages.shape == (2, 3, 64, 64) and pages.min() >= -1.0 and pages.max() <= 1.0
+
+
+def test_ocr_needs_the_models(tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_ocr.py"), "--models", str(tmp_path), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "ch_PP-OCRv4_det_infer.onnx not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from .common import echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
+from .common import bn_targets, echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
 
 __all__ = ["generate_command"]
 
@@ -28,6 +28,7 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
     lines = [
         f"wrote {final.get('images', settings['images'])} images "
         f"({'x'.join(str(d) for d in report['input_shape'])}, method {report['method']}, seed {report['seed']}) to {output}"
+        + bn_targets(report)
     ]
     if "bns_loss" in final:
         start = final.get("bns_loss_initial")

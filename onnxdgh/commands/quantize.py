@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .common import echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
+from .common import bn_targets, echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
 
 __all__ = ["quantize_command"]
@@ -36,7 +36,8 @@ def render(report: dict[str, Any], output: str) -> str:
         f"profile {report['profile']}, opset {report['opset']}"
         + (", weights stored as float on their grid" if config.get("weights_as_float") else ""),
         f"data      {report['calibration']['images']} images ({report['calibration']['source']})"
-        + (f", {report['holdout']['images']} more held back for validation" if "holdout" in report else ""),
+        + (f", {report['holdout']['images']} more held back for validation" if "holdout" in report else "")
+        + bn_targets(report.get("generation", {})),
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
@@ -183,13 +184,18 @@ def quantize_command(
     from ..fileio import atomic_write_bytes, atomic_write_json, check_images, check_output_paths, load_images_npz
     from ..load import load_model
     from ..quantization import QuantizeConfig, quantize
-    from ..quantization.api import default_profile_name, holdout_size
+    from ..quantization.api import default_profile_name, holdout_size, refuse_recurrent
 
     report_path: Path | None = None
+    validate_config = None
     if run_validation:
-        from ..validation.api import check_gates
+        from ..validation import ValidateConfig
 
-        check_gates(min_sqnr, min_agreement)  # before the model is written: a bad gate leaves no output
+        # Built before any work: a bad gate leaves no output behind.
+        validate_config = ValidateConfig(
+            profile=profile or default_profile_name(weight_bits or _default_weight_bits(profile), act_bits),
+            min_sqnr=min_sqnr, min_agreement=min_agreement, input_shape=input_shape,
+        )
         report_path = Path(validation_report) if validation_report else Path(output).with_suffix(".validation.json")
     check_output_paths(
         [("-o/--output", output), ("--json", json_out if json_out != "-" else None),
@@ -244,6 +250,7 @@ def quantize_command(
         generate_config = GenerateConfig(seed=seed, **given)
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
     loaded = load_model(model, input_shape=input_shape)
+    refuse_recurrent(loaded.model)  # before the normalisation check: no fix of it would help
     if generate_config is not None:
         preflight(loaded, generate_config, quiet)
     calibration = None
@@ -281,12 +288,9 @@ def quantize_command(
     validation = validate(
         output,  # the file as written: the report's sha256 is of what the user gets
         loaded,
-        profile=profile or default_profile_name(weight_bits, act_bits),
+        validate_config,  # type: ignore[arg-type]  # set whenever report_path is
         data=result.holdout,
         data_description=f"held-out {kind}, n={held} of {total}, not used for calibration",
-        min_sqnr=min_sqnr,
-        min_agreement=min_agreement,
-        input_shape=input_shape,
         progress=False,
     )
     atomic_write_json(report_path, validation.to_dict())
@@ -323,10 +327,12 @@ def _default_weight_bits(profile: str | None) -> int:
 
 def _figures(validation: Any) -> str:
     """' (<output> SQNR x dB, agreement y %, on <images>)' for each output."""
+    from ..validation.metrics import METRIC_NAMES
+
     parts = []
     for output in validation.outputs:
         parts.append(f"{output.name} SQNR {output.sqnr_db:.1f} dB")
-        if output.top1_agreement is not None:
-            parts.append(f"top-1 agreement {100 * output.top1_agreement:.2f} %")
+        if output.agreement is not None:
+            parts.append(f"{METRIC_NAMES[output.metric]} {100 * output.agreement:.2f} %")
     where = f", on {validation.data.description}" if validation.data else ""
     return (" (" + ", ".join(parts) + where + ")") if parts else ""

@@ -51,6 +51,8 @@ __all__ = [
     "default_profile_name",
     "holdout_size",
     "dry_run",
+    "refuse_recurrent",
+    "rounding_inputs",
     "THRESHOLD_METHODS",
     "HOLDOUT_FRACTION",
     "MIN_HOLDOUT_IMAGES",
@@ -67,6 +69,24 @@ HOLDOUT_FRACTION = 0.2
 """Share of the images ``onnxdgh quantize`` holds back from calibration to judge the result on."""
 MIN_HOLDOUT_IMAGES = 4
 """Fewest held-back images: below this an SQNR or agreement figure says little."""
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+"""Out of scope (issue 14): their gates and state would each need a quantizer, and DGH has no statistics for them."""
+
+
+def refuse_recurrent(model: onnx.ModelProto) -> None:
+    """Raise :class:`UnsupportedModelError` naming the first LSTM/GRU/RNN node of ``model``, if any.
+
+    Called before any other model check (``onnxdgh quantize`` runs it before the input
+    normalisation is resolved), so a recurrent model gets this one reason, not a chain of fixes.
+    """
+    node = next((n for n in model.graph.node if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")), None)
+    if node is not None:
+        raise UnsupportedModelError(
+            f"node {node.name or node.output[0]!r} is {'a' if node.op_type == 'GRU' else 'an'} {node.op_type}: recurrent layers (LSTM, GRU, RNN) are out of "
+            "onnxdgh's scope",
+            "quantize the part before it alone (cut the graph at its input, e.g. onnx.utils.extract_model) and run the "
+            "recurrent part in float",
+        )
 
 
 @dataclass(frozen=True)
@@ -247,15 +267,27 @@ class QuantizeResult:
     report: dict[str, Any]
     calibration: np.ndarray | None = field(default=None, repr=False)
     """The images the thresholds were chosen on (given or generated), for validation."""
-    float_model: onnx.ModelProto | None = field(default=None, repr=False)
-    """The BN-folded float model that ``model`` quantizes node for node (with the shift
-    negative correction's Adds when it ran): the reference for a separate
-    :func:`~onnxdgh.quantization.rounding.optimize_rounding` run."""
-    input_shifts: dict[str, float] = field(default_factory=dict)
-    """Node name -> the shift ``c`` its input carries (``optimize_rounding``'s ``input_shifts``)."""
     holdout: np.ndarray | None = field(default=None, repr=False)
     """The images held back from calibration (``holdout`` of :func:`quantize`): nothing
     about the model was chosen on them, so figures measured on them are honest."""
+    _rounding_inputs: tuple[onnx.ModelProto, dict[str, float]] | None = field(default=None, repr=False, compare=False)
+    """Not public: what :func:`rounding_inputs` returns."""
+
+
+def rounding_inputs(result: QuantizeResult) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """(float model, input shifts) for a separate :func:`~onnxdgh.quantization.rounding.optimize_rounding`
+    run on ``result.model`` (a benchmark's use, tools/bench_rounding.py; not part of the public result).
+
+    The float model is the BN-folded model that ``result.model`` quantizes node for node (with
+    the shift negative correction's Adds when it ran); the shifts map a node name to the shift
+    ``c`` its input carries (``optimize_rounding``'s ``input_shifts``).
+
+    Raises:
+        InvalidInputError: ``result`` was not made by :func:`quantize`.
+    """
+    if result._rounding_inputs is None:
+        raise InvalidInputError("this QuantizeResult was not made by onnxdgh.quantize", "quantize the model first")
+    return result._rounding_inputs
 
 
 def holdout_size(images: int) -> int:
@@ -327,6 +359,7 @@ def _structure(
     """Opset upgrade, BN folding, cross-layer equalization (with ``equalize``, within the
     model input's ``input_bounds`` when known) and marking: (folded float model, fold
     report, plan, equalization report or None)."""
+    refuse_recurrent(loaded.model)
     float_model = loaded.model
     if int4_types and loaded.opset < 21:
         float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
@@ -649,8 +682,8 @@ def quantize(
         loaded.source, report["counts"]["activations"], report["counts"]["weights"],
         report["counts"]["biases"], report["counts"]["constants"], timings["quantize_s"],
     )
-    return QuantizeResult(model=quantized, report=report, calibration=calibration, float_model=folded,
-                          input_shifts=input_shifts, holdout=held_out)
+    return QuantizeResult(model=quantized, report=report, calibration=calibration, holdout=held_out,
+                          _rounding_inputs=(folded, input_shifts))
 
 
 def _write_metadata(
