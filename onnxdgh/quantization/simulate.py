@@ -317,6 +317,80 @@ def _fold_baked(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return folded
 
 
+def _needs_explicit_pads(node: onnx.NodeProto) -> bool:
+    """A Conv/ConvTranspose whose padding onnx2torch cannot express (auto_pad SAME_*;
+    ConvTranspose with asymmetric pads or an output_shape)."""
+    attrs = g.node_attributes(node)
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto.startswith("SAME"):
+        return node.op_type in ("Conv", "ConvTranspose")
+    if node.op_type != "ConvTranspose":
+        return False
+    pads = list(attrs.get("pads", []))  # type: ignore[call-overload]
+    return bool(attrs.get("output_shape")) or pads[: len(pads) // 2] != pads[len(pads) // 2 :]
+
+
+def _explicit_pads(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Rewrite, in ``model``, the paddings onnx2torch lacks into ones it has, same function:
+    a SAME_* Conv gets its explicit pads for the input size; such a ConvTranspose computes
+    its full output (no pads) and a Slice crops it as ONNX's pads / output_shape /
+    auto_pad say. Needs the graph inputs' ``shapes`` (the padding depends on the size)."""
+    graph = model.graph
+    targets = [node for node in graph.node if _needs_explicit_pads(node)]
+    if not targets:
+        return
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    for value in shaped.graph.input:
+        if value.name in shapes:
+            value.CopyFrom(helper.make_tensor_value_info(value.name, onnx.TensorProto.FLOAT, ["N", *shapes[value.name][1:]]))
+    inferred = onnx.shape_inference.infer_shapes(shaped)
+    sizes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim][2:] for v in
+             [*inferred.graph.value_info, *inferred.graph.input]}
+    taken = g.names_in_use(graph)
+    for node in targets:
+        size = sizes.get(node.input[0])
+        weight = g.initializer_map(graph).get(node.input[1])
+        if not size or not all(size) or weight is None:
+            raise NotImplementedError(f"{node.op_type} {node.name!r}: padding of an input of unknown size")
+        attrs = g.node_attributes(node)
+        n = len(size)
+        kernel = list(weight.dims[2:])
+        strides = list(attrs.get("strides", [1] * n))  # type: ignore[call-overload]
+        dilations = list(attrs.get("dilations", [1] * n))  # type: ignore[call-overload]
+        auto = attrs.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        pads = list(attrs.get("pads", [0] * 2 * n))  # type: ignore[call-overload]
+        extra = list(attrs.get("output_padding", [0] * n))  # type: ignore[call-overload]
+        wanted = list(attrs.get("output_shape", []))[-n:]  # type: ignore[call-overload]
+        begin, end = pads[:n], pads[n:]
+        for i in range(n):
+            full = strides[i] * (size[i] - 1) + (kernel[i] - 1) * dilations[i] + 1 + extra[i]
+            if node.op_type == "Conv":
+                total = max(0, (-(-size[i] // strides[i]) - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i])
+            elif wanted or auto.startswith("SAME"):
+                total = full - (wanted[i] if wanted else size[i] * strides[i])
+            else:
+                continue
+            small, large = total // 2, total - total // 2
+            begin[i], end[i] = (small, large) if auto == "SAME_UPPER" else (large, small)
+        for name in ("auto_pad", "output_shape", "pads"):
+            for attribute in [a for a in node.attribute if a.name == name]:
+                node.attribute.remove(attribute)
+        if node.op_type == "Conv":
+            node.attribute.append(helper.make_attribute("pads", begin + end))
+            continue
+        full_out = g.unique_name(taken, f"{node.output[0]}_full")
+        out, node.output[0] = node.output[0], full_out
+        names = [g.unique_name(taken, f"{out}_{part}") for part in ("starts", "ends", "axes")]
+        g.add_initializer(graph, names[0], np.array(begin, np.int64))
+        g.add_initializer(graph, names[1], np.array([-e if e else np.iinfo(np.int64).max for e in end], np.int64))
+        g.add_initializer(graph, names[2], np.arange(2, 2 + n, dtype=np.int64))
+        g.add_node(graph, "Slice", [full_out, *names], [out], name=g.unique_name(taken, f"{out}_crop"))
+    g.topological_sort(graph)
+
+
 def _constant_of(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> QuantizedConstant:
     ints = g.to_array(inits[dq.input[0]]).astype(np.int64)
     scale = g.to_array(inits[dq.input[1]]).astype(np.float32)
@@ -375,13 +449,16 @@ def simulate(
     prepared.CopyFrom(part)
     folded = _fold_baked(prepared)
     try:
+        _explicit_pads(prepared, {name: np.shape(f) for name, f in zip(in_names, check or ())})
         _check_converters(prepared)
         module = _convert(prepared)
     except ConversionError as exc:
         raise UnsupportedOpError(exc.message, "the simulation converts with onnx2torch; this op has no converter") from exc
+    except NotImplementedError as exc:
+        raise UnsupportedOpError(str(exc), "pass check= inputs so the padding can be resolved") from exc
     module.eval()
     constants = {m.name: m for m in module.modules() if isinstance(m, QuantizedConstant)}
-    constants.update({c.name: c for c in _bind_baked(module, folded, part, inits)})
+    constants.update({c.name: c for c in _bind_baked(module, folded, prepared, inits)})
     sim = Simulation(module, tuple(in_names), tuple(out_names), constants)
     if check is not None:
         _check(sim, part, check, rtol)
