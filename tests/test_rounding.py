@@ -272,7 +272,7 @@ def test_block_mode_reconstructs_the_residual_block_jointly() -> None:
     (before,) = run(qdq, images, ["sum"])
     (after,) = run(optimized, images, ["sum"])
     assert _mse(after, reference) < _mse(before, reference)
-    # ... and the report's figures are those same errors (the torch interpreter of the
+    # ... and the report's figures are those same errors (the simulation of the
     # block agrees with onnxruntime).
     assert first["mse_nearest"] == pytest.approx(_mse(before, reference), rel=1e-3)
     assert first["mse_optimized"] == pytest.approx(_mse(after, reference), rel=1e-3)

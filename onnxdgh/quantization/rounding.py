@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -134,7 +134,7 @@ class RoundingConfig:
             ``"block"`` (default) optimises the nodes of each block (the graph between two
             quantized tensors that every path crosses, e.g. a residual block) jointly on
             the block's output with the inner activation quantizers active (BRECQ). Blocks
-            the interpreter cannot run fall back to layers. Measured on fmnist_resnet8
+            with an op onnx2torch cannot convert fall back to layers. Measured on fmnist_resnet8
             with 256 DGH images, 300 iterations, mean of seeds 0-2: W2A4 layer 58.3 %,
             block 73.1 %; W4A4 layer 88.2 %, block 88.1 % (docs/ROUNDING.md).
         bias_correction: after each unit's rounding, shift each layer's int32 bias so its

@@ -32,6 +32,7 @@ that will run it, instead of a second hand-written interpretation of ONNX semant
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -451,7 +452,9 @@ def simulate(
     try:
         _explicit_pads(prepared, {name: np.shape(f) for name, f in zip(in_names, check or ())})
         _check_converters(prepared)
-        module = _convert(prepared)
+        with warnings.catch_warnings():  # e.g. Resize's "results might differ": the check below decides
+            warnings.filterwarnings("ignore", category=UserWarning, module="onnx2torch")
+            module = _convert(prepared)
     except ConversionError as exc:
         raise UnsupportedOpError(exc.message, "the simulation converts with onnx2torch; this op has no converter") from exc
     except NotImplementedError as exc:
