@@ -402,3 +402,13 @@ def test_gated_activation_is_reconstructed_whole() -> None:
     (reference,) = run(qdq, images, ["logits_prequant"])
     sim = simulate(qdq, inputs=unit.inputs, outputs=[unit.output], check=[x])
     np.testing.assert_allclose(sim.run([x])[0], reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["layer", "block"])
+def test_quantized_target_reconstructs_through_the_output_quantizer(mode: str) -> None:
+    float_model, qdq, images = _setup("conv")
+    config = RoundingConfig(weight_bits=2, iterations=30, mode=mode, target="quantized", learn_bias=False)
+    _, report = optimize_rounding(qdq, float_model, images, config, progress=False)
+    assert report["skipped"] == [] and report["block_fallbacks"] == []
+    # Every unit but the last (its output is the graph output, quantized too) ends at a DequantizeLinear.
+    assert {row["target"] for row in report["units"]} == {"quantized"}

@@ -496,10 +496,9 @@ def _layer_unit(model: onnx.ModelProto, layer: _Layer, target: Target, float_nam
         return _Unit("layer", (layer,), inputs, node.output[0], layer.float_output, None, "output")
     tail = (start, pre_quant) if start != pre_quant else None
     label = "activation" if pre_quant != node.output[0] else "output"
-    if target == "quantized":
-        (dq,) = consumers.get(quants[0].output[0], [None])[:1] or [None]
-        if dq is not None and dq.op_type == "DequantizeLinear":
-            return _Unit("layer", (layer,), inputs, dq.output[0], _strip(start), tail, "quantized")
+    dqs = consumers.get(quants[0].output[0], [])
+    if target == "quantized" and dqs and dqs[0].op_type == "DequantizeLinear":
+        return _Unit("layer", (layer,), inputs, dqs[0].output[0], _strip(start), tail, "quantized")
     return _Unit("layer", (layer,), inputs, pre_quant, _strip(start), tail, label)
 
 
