@@ -31,6 +31,7 @@ that will run it, instead of a second hand-written interpretation of ONNX semant
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -214,6 +215,7 @@ _TYPE_ONLY_VERSIONS = {
 }
 
 
+@functools.cache
 def _register_converters() -> None:
     """Add the Q/DQ converters (and the type-only newer versions) to onnx2torch's registry, once."""
     from onnx2torch.node_converters import get_converter
