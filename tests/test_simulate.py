@@ -119,3 +119,16 @@ def test_a_disagreement_with_onnxruntime_is_an_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(simulation, "_round_ste", lambda x: torch.floor(x))  # a wrong quantizer
     with pytest.raises(QuantizationError, match="disagrees with onnxruntime"):
         simulate(q, check=[images(4)])
+
+
+def test_a_cut_keeps_the_rank_of_its_inputs() -> None:
+    """onnx2torch's GlobalAveragePool of an input of unknown rank averages over every axis:
+    a cut's inputs keep their shapes (a squeeze-excitation block cut at its input failed so)."""
+    q = quantize(load_model_proto(FAMILIES["pools"]()), images(16), QuantizeConfig(optimize_rounding=False),
+                 progress=False).model
+    start = next(node for node in q.graph.node if node.op_type == "MaxPool").input[0]
+    (feed,) = run_tensors(q, images(8, seed=5), [start])
+    (reference,) = run_tensors(q, images(8, seed=5), ["y"])
+    for check in ([feed], None):
+        got = simulate(q, inputs=[start], outputs=["y"], check=check).run([feed])[0]
+        np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)

@@ -262,13 +262,27 @@ def cut(model: onnx.ModelProto, inputs: Sequence[str] | None, outputs: Sequence[
     used = {name for node in keep for name in node.input}
     graph = helper.make_graph(
         keep, model.graph.name,
-        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in inputs],
+        [_value_info(model.graph, name) for name in inputs],
         [onnx.ValueInfoProto(name=name) for name in outputs],
         initializer=[init for init in model.graph.initializer if init.name in used],
     )
     out = helper.make_model(graph, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
     return out
+
+
+def _value_info(graph: onnx.GraphProto, name: str, shape: Sequence[int | str] | None = None) -> onnx.ValueInfoProto:
+    """Tensor ``name`` as a graph input: float, of ``shape``, else of its known shape, else unknown.
+
+    onnx2torch needs ranks (its GlobalAveragePool of an input of unknown rank averages
+    over every axis), so a cut's inputs keep what shape inference knew."""
+    if shape is None:
+        for value in [*graph.value_info, *graph.input, *graph.output]:
+            if value.name == name and value.type.tensor_type.HasField("shape"):
+                copy = onnx.ValueInfoProto()
+                copy.CopyFrom(value)
+                return copy
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None if shape is None else list(shape))
 
 
 @dataclass
@@ -334,21 +348,16 @@ def _needs_explicit_pads(node: onnx.NodeProto) -> bool:
     return bool(attrs.get("output_shape")) or pads[: len(pads) // 2] != pads[len(pads) // 2 :]
 
 
-def _explicit_pads(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> None:
+def _explicit_pads(model: onnx.ModelProto) -> None:
     """Rewrite, in ``model``, the paddings onnx2torch lacks into ones it has, same function:
     a SAME_* Conv gets its explicit pads for the input size; such a ConvTranspose computes
     its full output (no pads) and a Slice crops it as ONNX's pads / output_shape /
-    auto_pad say. Needs the graph inputs' ``shapes`` (the padding depends on the size)."""
+    auto_pad say. Needs the graph inputs' shapes (the padding depends on the size)."""
     graph = model.graph
     targets = [node for node in graph.node if _needs_explicit_pads(node)]
     if not targets:
         return
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(model)
-    for value in shaped.graph.input:
-        if value.name in shapes:
-            value.CopyFrom(helper.make_tensor_value_info(value.name, onnx.TensorProto.FLOAT, ["N", *shapes[value.name][1:]]))
-    inferred = onnx.shape_inference.infer_shapes(shaped)
+    inferred = onnx.shape_inference.infer_shapes(model)
     sizes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim][2:] for v in
              [*inferred.graph.value_info, *inferred.graph.input]}
     taken = g.names_in_use(graph)
@@ -447,12 +456,14 @@ def simulate(
     out_names = list(outputs) if outputs is not None else g.graph_output_names(model.graph)
     part = cut(model, inputs, out_names)
     in_names = g.graph_input_names(part.graph)
+    for value, feed in zip([v for v in part.graph.input if v.name in in_names], check or ()):
+        value.CopyFrom(_value_info(part.graph, value.name, ["N", *np.shape(feed)[1:]]))
     inits = g.initializer_map(part.graph)
     prepared = onnx.ModelProto()
     prepared.CopyFrom(part)
     folded = _fold_baked(prepared)
     try:
-        _explicit_pads(prepared, {name: np.shape(f) for name, f in zip(in_names, check or ())})
+        _explicit_pads(prepared)
         _check_converters(prepared)
         with warnings.catch_warnings():  # e.g. Resize's "results might differ": the check below decides
             warnings.filterwarnings("ignore", category=UserWarning, module="onnx2torch")
