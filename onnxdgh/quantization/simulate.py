@@ -48,7 +48,7 @@ from .. import graph as g
 from ..errors import ConversionError, QuantizationError
 from ..runtime import make_session, run_batched
 
-__all__ = ["FakeQuantize", "QuantizedConstant", "Simulation", "UnsupportedOpError", "cut", "simulate"]
+__all__ = ["FakeQuantize", "QuantizedConstant", "Simulation", "UnsupportedOpError", "simulate"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -241,50 +241,6 @@ def _register_converters() -> None:
 # ------------------------------------------------------------------------- the module
 
 
-def cut(model: onnx.ModelProto, inputs: Sequence[str] | None, outputs: Sequence[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` from ``inputs`` (default: the graph inputs).
-
-    ``inputs`` become float graph inputs of unknown shape; nodes before them are dropped.
-    """
-    if inputs is None:
-        return g.pruned_copy(model, list(outputs))
-    producers = g.producer_map(model.graph)
-    stop = set(inputs)
-    needed: set[int] = set()
-    stack = [name for name in outputs if name not in stop]
-    while stack:
-        node = producers.get(stack.pop())
-        if node is None or id(node) in needed:
-            continue
-        needed.add(id(node))
-        stack.extend(name for name in node.input if name and name not in stop)
-    keep = [node for node in model.graph.node if id(node) in needed]
-    used = {name for node in keep for name in node.input}
-    graph = helper.make_graph(
-        keep, model.graph.name,
-        [_value_info(model.graph, name) for name in inputs],
-        [onnx.ValueInfoProto(name=name) for name in outputs],
-        initializer=[init for init in model.graph.initializer if init.name in used],
-    )
-    out = helper.make_model(graph, opset_imports=list(model.opset_import))
-    out.ir_version = model.ir_version
-    return out
-
-
-def _value_info(graph: onnx.GraphProto, name: str, shape: Sequence[int | str] | None = None) -> onnx.ValueInfoProto:
-    """Tensor ``name`` as a graph input: float, of ``shape``, else of its known shape, else unknown.
-
-    onnx2torch needs ranks (its GlobalAveragePool of an input of unknown rank averages
-    over every axis), so a cut's inputs keep what shape inference knew."""
-    if shape is None:
-        for value in [*graph.value_info, *graph.input, *graph.output]:
-            if value.name == name and value.type.tensor_type.HasField("shape"):
-                copy = onnx.ValueInfoProto()
-                copy.CopyFrom(value)
-                return copy
-    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None if shape is None else list(shape))
-
-
 @dataclass
 class Simulation:
     """A QDQ (sub)graph as a torch module: ``sim(*inputs) -> [outputs]``, in ONNX names' order.
@@ -298,9 +254,9 @@ class Simulation:
     constants: dict[str, QuantizedConstant] = field(repr=False)
 
     def __call__(self, *values: torch.Tensor) -> list[torch.Tensor]:
-        from ..convert import _quiet_onnx2torch
+        from ..convert import quiet_onnx2torch
 
-        with _quiet_onnx2torch():
+        with quiet_onnx2torch():
             result = self.module(*values)
         return list(result) if isinstance(result, (tuple, list)) else [result]
 
@@ -450,24 +406,24 @@ def simulate(
         UnsupportedOpError: a node onnx2torch cannot convert (named with its op).
         QuantizationError: the module disagrees with onnxruntime on ``check``.
     """
-    from ..convert import _check_converters, _convert
+    from ..convert import check_converters, convert_graph
 
     _register_converters()
     out_names = list(outputs) if outputs is not None else g.graph_output_names(model.graph)
-    part = cut(model, inputs, out_names)
+    part = g.pruned_copy(model, out_names, inputs)
     in_names = g.graph_input_names(part.graph)
     for value, feed in zip([v for v in part.graph.input if v.name in in_names], check or ()):
-        value.CopyFrom(_value_info(part.graph, value.name, ["N", *np.shape(feed)[1:]]))
+        value.CopyFrom(helper.make_tensor_value_info(value.name, onnx.TensorProto.FLOAT, ["N", *np.shape(feed)[1:]]))
     inits = g.initializer_map(part.graph)
     prepared = onnx.ModelProto()
     prepared.CopyFrom(part)
     folded = _fold_baked(prepared)
     try:
         _explicit_pads(prepared)
-        _check_converters(prepared)
+        check_converters(prepared)
         with warnings.catch_warnings():  # e.g. Resize's "results might differ": the check below decides
             warnings.filterwarnings("ignore", category=UserWarning, module="onnx2torch")
-            module = _convert(prepared)
+            module = convert_graph(prepared)
     except ConversionError as exc:
         raise UnsupportedOpError(exc.message, "the simulation converts with onnx2torch; this op has no converter") from exc
     except NotImplementedError as exc:
