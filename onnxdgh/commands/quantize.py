@@ -105,10 +105,11 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
 @click.option("--device", default=None, metavar="cpu|cuda",
               help="Generation: where DGH runs (default cpu); the rest of the quantization runs on the CPU.")
-@click.option("--method", default=None, metavar="auto|dgh|bns|noise|procedural|mixed",
+@click.option("--method", default=None, metavar="auto|dgh|bns|noise|procedural|mixed|actreg",
               help="Generation method: auto (default: dgh when the model has BN statistics, mixed when few layers "
                    "do, else procedural), dgh, bns (per-batch BN matching), noise (Gaussian), procedural (data-free "
-                   "natural-image priors) or mixed (half dgh, half procedural).")
+                   "natural-image priors), mixed (half dgh, half procedural) or actreg (procedural images refined "
+                   "through the model by activation-range regularisation).")
 @click.option("--mean", "mean_text", default=None,
               help="Generation: input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406 "
                    "(default: the model's metadata, else inferred from its first BN-ed layer; images are clamped "
