@@ -98,8 +98,8 @@ def expected_quality(loaded: LoadedModel) -> str:
                 "images (few BN targets; measured close to real-data calibration, docs/BENCHMARKS.md 'bn-free')")
     return ("generation: procedural images (no BN statistics to match; data-free natural-image priors). "
             "Measured: W8A8 within 0.3 point of float on BN-folded samples, W4A8 0.05-0.65 point below real-data "
-            "calibration; a BN-free detector kept 74% of its float boxes at W8A8 (real data: 78%), 86% with "
-            "--threshold noclip (real data: 89.7%), which detectors should use; docs/BENCHMARKS.md 'bn-free'")
+            "calibration; a BN-free detector kept 86% of its float boxes at W8A8 with the no-clipping thresholds "
+            "that dense outputs get by default (real data: 89.7%); docs/BENCHMARKS.md 'bn-free'")
 
 
 def generate_mixed(loaded: LoadedModel, config: GenerateConfig, run: Any, **options: Any) -> GenerationResult:
