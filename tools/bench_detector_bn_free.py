@@ -171,7 +171,7 @@ def run(argv: list[str] | None = None) -> int:
             bl.log(f"  actreg: {count} images x {args.actreg_iterations} iterations, {result.wall_s:.0f} s")
         for rule in args.thresholds:
             flag = ["--threshold", rule]
-            tag = "" if rule == "mse" else f", `--threshold {rule}`"
+            tag = f", `--threshold {rule}`"  # named always: the default depends on the model (noclip here)
             if rule == args.thresholds[0]:  # noise finds nothing either way: one row
                 candidates[f"noise, {count} images{tag}"] = ["--calib-data", str(noise), *flag]
             candidates[f"procedural (`--preprocess raw255`), {count} images{tag}"] = [
@@ -192,7 +192,8 @@ def run(argv: list[str] | None = None) -> int:
         rows.append([name, str(found), f"{hits} / {total} ({100 * hits / max(total, 1):.1f} %)", f"{top:.3f}"])
     body = [
         f"`common_det.onnx` from `ddddocr==1.6.1` (YOLOX-style, 416 x 416 BGR, raw 0-255 input, no BatchNormalization), "
-        f"W8A8 with the quantizer's defaults but `--threshold` where a row names it. Evaluation: {args.pages} "
+        f"W8A8 with the quantizer's defaults but the `--threshold` each row names (the default for this model, "
+        f"whose output is N x 3549 x 6, is noclip). Evaluation: {args.pages} "
         f"rendered text pages (`render_pages`, seed {ctx.seed + 1000}); boxes with objectness > {OBJECTNESS} after "
         f"ddddocr's decoding and NMS; 'matched' = float boxes with a quantized box at IoU >= {MATCH_IOU}. "
         "`quantize` holds back 20 % of a given set for its own validation, so a 32-image set calibrates on 26. "
