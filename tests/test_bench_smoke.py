@@ -236,7 +236,8 @@ def test_real_models_inputs_are_disjoint_and_in_range() -> None:
 
 def test_bn_free_smoke(tmp_path: Path) -> None:
     text = _section(_smoke("bench_bn_free.py", tmp_path), "bn-free")
-    for row in ("| noise |", "| procedural (no flags) |", "| dgh, no BN |", "| real |"):
+    for row in ("| noise |", "| procedural (no flags) |", "| dgh, no BN |", "| stretch + balance, from noise |",
+                "| actreg, from noise |", "| actreg (procedural start) |", "| real |"):
         assert row in text
     assert "W8A8" in text and "W4A8" in text
 

@@ -60,7 +60,8 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--method", default="auto", show_default=True,
               help="auto (dgh when the model has BN statistics, mixed when few layers do, else procedural), dgh, "
                    "bns (BN matching per batch), noise (Gaussian), procedural (data-free natural-image priors, for "
-                   "models without BN) or mixed (half dgh, half procedural).")
+                   "models without BN), mixed (half dgh, half procedural) or actreg (procedural images refined "
+                   "through the model by activation-range regularisation; no BN needed).")
 @click.option("--sas/--no-sas", default=None, help="Statistics aggregation over the whole set (default: on for dgh).")
 @click.option("--prep/--no-prep", default=None, help="Smoothing + flip + crop every step (default: on for dgh).")
 @click.option("--odsl/--no-odsl", default=None, help="Output distribution stretching loss (default: on for dgh).")

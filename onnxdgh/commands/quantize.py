@@ -71,8 +71,9 @@ def render(report: dict[str, Any], output: str) -> str:
                    "on x86 without VNNI). Default: 8, or the widest the --profile allows.")
 @click.option("--act-bits", type=int, default=8, show_default=True,
               help="Activation bit width: 8 or 4 (every activation, the model input included).")
-@click.option("--threshold", default="mse", show_default=True, metavar="mse|noclip",
-              help="Power-of-two threshold rule: HPTQ's MSE search, or the no-clipping min/max.")
+@click.option("--threshold", default=None, metavar="mse|noclip",
+              help="Power-of-two threshold rule: HPTQ's MSE search, or the no-clipping min/max. Default: noclip "
+                   "for dense predictions (an output of rank > 2: detectors, maps) at 8-bit activations, else mse.")
 @click.option("--per-tensor-weights", is_flag=True, help="One weight scale per tensor instead of per channel.")
 @click.option("--profile", default=None, metavar="NAME|PATH",
               help="Target constraint profile (built-in name or .json); default by bits: "
@@ -105,10 +106,11 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
 @click.option("--device", default=None, metavar="cpu|cuda",
               help="Generation: where DGH runs (default cpu); the rest of the quantization runs on the CPU.")
-@click.option("--method", default=None, metavar="auto|dgh|bns|noise|procedural|mixed",
+@click.option("--method", default=None, metavar="auto|dgh|bns|noise|procedural|mixed|actreg",
               help="Generation method: auto (default: dgh when the model has BN statistics, mixed when few layers "
                    "do, else procedural), dgh, bns (per-batch BN matching), noise (Gaussian), procedural (data-free "
-                   "natural-image priors) or mixed (half dgh, half procedural).")
+                   "natural-image priors), mixed (half dgh, half procedural) or actreg (procedural images refined "
+                   "through the model by activation-range regularisation).")
 @click.option("--mean", "mean_text", default=None,
               help="Generation: input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406 "
                    "(default: the model's metadata, else inferred from its first BN-ed layer; images are clamped "

@@ -18,7 +18,7 @@ from ..normalization import PRESETS
 
 __all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH"]
 
-METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed")
+METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed", "actreg")
 _NOT_OPTIMISED = ("noise", "procedural")
 OPTIMIZERS = ("radam", "adam")
 SCHEDULERS = ("plateau", "none")
@@ -49,8 +49,10 @@ class GenerateConfig:
             else ``"procedural"``; :func:`onnxdgh.generation.method.choose_method`), ``"dgh"``,
             ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
             family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
-            natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised) or
-            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN).
+            natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised),
+            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN)
+            or ``"actreg"`` (procedural images refined through the model by activation-range
+            regularisation, no BN needed: :mod:`onnxdgh.generation.activation`).
         sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
         prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
         odsl: output distribution stretching loss (Eq. 7-8); None = method default.
@@ -226,12 +228,12 @@ class GenerateConfig:
     @property
     def use_prep(self) -> bool:
         """phi_prep every step (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
-        return self.method in ("dgh", "auto", "mixed") if self.prep is None else bool(self.prep)
+        return self.method in ("dgh", "auto", "mixed", "actreg") if self.prep is None else bool(self.prep)
 
     @property
     def use_odsl(self) -> bool:
         """Output distribution stretching loss (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
-        return self.method in ("dgh", "auto", "mixed") if self.odsl is None else bool(self.odsl)
+        return self.method in ("dgh", "auto", "mixed", "actreg") if self.odsl is None else bool(self.odsl)
 
     @property
     def effective_patience(self) -> int:

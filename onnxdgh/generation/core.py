@@ -66,6 +66,7 @@ from ..normalization import resolve_normalization as resolve_input_normalization
 from .checkpoint import load_checkpoint, rank_path, save_checkpoint
 from .config import GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
+from .activation import generate_actreg
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
 from .method import generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin, image_noise, view_draws
@@ -92,6 +93,8 @@ PLATEAU_TOLERANCE = 0.01
 
 # Methods that need no BN statistics (nothing to check, no optimisation through the model).
 _NO_BN_METHODS = ("noise", "procedural")
+# ... and those that need none but optimise through the model (activation.py's own loop).
+_NO_BN_TARGETS = (*_NO_BN_METHODS, "actreg")
 
 # Settings that do not change the images: a checkpoint stays valid when they change.
 _NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last", "distributed")
@@ -139,7 +142,7 @@ def resolve_normalization(loaded: LoadedModel, config: GenerateConfig) -> Normal
             :func:`onnxdgh.normalization.resolve_normalization`).
     """
     config = resolve_method(loaded, config)
-    if config.method not in _NO_BN_METHODS:
+    if config.method not in _NO_BN_TARGETS:
         _check_bn_targets(loaded, config)
     return resolve_input_normalization(loaded, mean=config.mean, std=config.std, preprocess=config.preprocess)
 
@@ -205,8 +208,13 @@ def generate(
         "normalization": norm.to_dict(),
     }
     shard = open_shard(config.device) if config.distributed else SINGLE
-    if config.method in _NO_BN_METHODS:  # nothing to split: every rank draws the same set, rank 0 writes it
+    if config.method in _NO_BN_TARGETS:  # nothing to split: every rank draws the same set, rank 0 writes it
         close_shard(shard)
+        if config.method == "actreg":
+            images, report["actreg"] = generate_actreg(loaded, config, norm)
+            report["final"] = {}
+            report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
+            return GenerationResult(images=images, report=report, rank=shard.rank)
         return replace(_noise(loaded, config, norm, report, started, load_s), rank=shard.rank)
 
     try:
