@@ -410,3 +410,6 @@ def test_high_contrast_symmetric_input_is_not_taken_for_imagenet(tmp_path: Path)
     assert inference.preset_scores["symmetric"] <= 1.0 < inference.preset_scores["imagenet"]
     assert abs(np.log(inference.scale / float(np.exp(np.log(std).mean())))) < 0.3  # the shared std is the data's
     assert resolve_normalization(_stripped(path)).detail == "symmetric"
+    reported = inference.to_dict()
+    assert set(reported["preset_scores"]) == set(PRESETS) and reported["preset_scores"]["unit"] > 1.0
+    assert reported["input_std_shared"] == pytest.approx(inference.scale, rel=1e-5)
