@@ -166,6 +166,10 @@ def test_real_models_smoke(tmp_path: Path) -> None:
     assert "W8A8 no flags" in text and "W8A8 true --mean/--std" in text and "W8A8 real calibration" in text
     assert row.count("exit ") == 3, "every run states the exit code of onnxdgh quantize"
     assert "mean 0.3, std 0.35" in row, "the true normalisation is shown next to what the tool used"
+    # every run's own (held-out) figure stands next to the real-data figure and the floor
+    verdicts = [line for line in text.splitlines() if line.startswith("| tiny | ") and "held-out" in line]
+    assert len(verdicts) == 3 and all("| 15 |" in line for line in verdicts if "| 0 |" in line)
+    assert "Runs that exit 0 with a real-data SQNR below the floor: **" in text
     results = __import__("json").loads((tmp_path / "work" / "real_models.json").read_text())["results"]
     assert [run["label"].split(" (")[0] for run in results[0]["runs"]][-1] == "real calibration"
     assert all(run["measured"]["agreement"] is not None for run in results[0]["runs"] if run["exit_code"] in (0, 1))
