@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..convert import TorchModel, _quiet_onnx2torch, to_torch
+from ..convert import TorchModel, quiet_onnx2torch, to_torch
 from ..load import LoadedModel
 from ..normalization import Normalization
 from .config import GenerateConfig
@@ -138,7 +138,7 @@ def preactivation_probe(model: TorchModel) -> Callable[[torch.Tensor], tuple[lis
     n_stretch = len(model.stretch_names)
 
     def once(images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        with _quiet_onnx2torch():  # as TorchModel.probe: the deprecation says nothing to the user
+        with quiet_onnx2torch():  # as TorchModel.probe: the deprecation says nothing to the user
             out = module(images)
         return list(out[first_stretch:first_stretch + n_stretch]), list(out[len(old):])
 
