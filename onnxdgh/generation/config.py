@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..normalization import PRESETS
 
-__all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH"]
+__all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH", "parse_schedule"]
 
 METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed")
 _NOT_OPTIMISED = ("noise", "procedural")
@@ -84,7 +84,15 @@ class GenerateConfig:
             (:mod:`onnxdgh.generation.distributed`); the images equal one process's.
         plateau_stop: stop before ``iterations`` once the whole-set BN loss (Eq. 4 over
             all images, after each iteration) has not fallen below (1 - 1%) of its best
-            for this many iterations; None = always run ``iterations``.
+            for this many iterations; None = always run ``iterations``. With
+            ``coarse_to_fine`` it counts in the full-size stage only.
+        coarse_to_fine: a resolution schedule ``((scale, until), ...)``: optimise at
+            ``scale`` x the input size until ``until`` x ``iterations``, then at the next
+            stage's scale, and at full size from the last ``until`` on; scales and ``until``
+            strictly increasing in (0, 1). The canvases are upsampled (bilinear) between
+            stages (:mod:`onnxdgh.generation.core`). A string ``"0.5:0.75"`` or
+            ``"0.25:0.3,0.5:0.6"`` is parsed (:func:`parse_schedule`); None, ``()`` or
+            ``"off"`` = full size throughout.
     """
 
     images: int = _DEFAULT_IMAGES
@@ -156,8 +164,10 @@ class GenerateConfig:
     channels_last: bool = True
     distributed: bool = False
     plateau_stop: int | None = None
+    coarse_to_fine: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "coarse_to_fine", parse_schedule(self.coarse_to_fine))
         _positive_int("--images", self.images)
         _positive_int("--iterations", self.iterations)
         _positive_int("--batch-size", self.batch_size)
@@ -217,6 +227,11 @@ class GenerateConfig:
                     f"--{name} has no effect with --method {self.method} (no optimisation runs)",
                     "drop the option, or use --method dgh / bns",
                 )
+        if self.method in _NOT_OPTIMISED and self.coarse_to_fine is not None:
+            raise InvalidInputError(
+                f"--coarse-to-fine has no effect with --method {self.method} (no optimisation runs)",
+                "drop the option, or use --method dgh / bns",
+            )
 
     @property
     def use_sas(self) -> bool:
@@ -246,7 +261,49 @@ class GenerateConfig:
         for key in ("mean", "std"):
             if data[key] is not None:
                 data[key] = list(data[key])
+        if data["coarse_to_fine"] is not None:
+            data["coarse_to_fine"] = [list(stage) for stage in data["coarse_to_fine"]]
         return data
+
+
+_SCHEDULE_HINT = "give SCALE:UNTIL pairs with both strictly increasing in (0, 1), e.g. --coarse-to-fine 0.5:0.75, or off"
+
+
+def parse_schedule(value: object) -> tuple[tuple[float, float], ...] | None:
+    """A ``coarse_to_fine`` schedule as ``((scale, until), ...)``, or None for full size throughout.
+
+    Accepts None, a sequence of (scale, until) pairs, or the CLI's text ``"SCALE:UNTIL[,SCALE:UNTIL...]"``
+    (``"off"``/``"none"``/``""`` = None).
+
+    Raises:
+        InvalidInputError: unparseable text, or scales/untils not strictly increasing in (0, 1).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "off", "none"):
+            return None
+        try:
+            pairs: list[tuple[float, float]] = []
+            for part in text.split(","):
+                scale, until = part.split(":")
+                pairs.append((float(scale), float(until)))
+        except ValueError:
+            raise InvalidInputError(f"--coarse-to-fine {value!r} is not a schedule", _SCHEDULE_HINT) from None
+        value = pairs
+    try:
+        stages = tuple((float(scale), float(until)) for scale, until in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"--coarse-to-fine {value!r} is not a schedule", _SCHEDULE_HINT) from None
+    if not stages:
+        return None
+    for column in (0, 1):
+        numbers = [stage[column] for stage in stages]
+        if not all(math.isfinite(v) and 0.0 < v < 1.0 for v in numbers) or any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise InvalidInputError(f"--coarse-to-fine {value!r}: scales and untils must rise strictly within (0, 1)",
+                                    _SCHEDULE_HINT)
+    return stages
 
 
 def _positive_int(option: str, value: object) -> None:

@@ -321,14 +321,18 @@ class _Run:
         self.device = torch.device(config.device)
         channels, height, width = model.loaded.input_shape
         margin = config.crop_margin if config.crop_margin is not None else auto_margin(height, width)
-        self.prep = Preprocessor(
-            channels, height, width, margin=margin, sigma=config.smoothing_sigma, enabled=config.use_prep,
-            low=low, high=high, device=self.device,
-        )
+        self.stages = _stages(config, height, width, margin)
+        self.preps = [
+            Preprocessor(channels, stage.height, stage.width, margin=stage.margin, sigma=config.smoothing_sigma,
+                         enabled=config.use_prep, low=low, high=high, device=self.device)
+            for stage in self.stages
+        ]
+        self.stage = 0
         self.starts = list(range(0, config.images, config.batch_size))
         self.sizes = [min(config.batch_size, config.images - start) for start in self.starts]
         self.local = [batch for batch in range(len(self.sizes)) if shard.owns(batch)]
         self.layers = model.bn_layers
+        self._check_stage_sizes()
         self.targets = [(layer.mean, layer.std) for layer in self.layers]
         # Eq. 6 constrains per-image statistics at the last BN layer: the deepest one (a
         # shortcut's BN may come later in the node list but sees shallower features). A BN
@@ -374,6 +378,50 @@ class _Run:
         self.elapsed = 0.0
         self.last_step: dict[str, float] = {}
 
+    @property
+    def prep(self) -> Preprocessor:
+        """phi_prep of the current resolution stage."""
+        return self.preps[self.stage]
+
+    def _check_stage_sizes(self) -> None:
+        """Refuse a coarse-to-fine schedule the model cannot run: an input size it rejects, or BN layers lost."""
+        for stage in self.stages[:-1]:
+            try:
+                with torch.no_grad():
+                    probe = self.model.probe(torch.zeros((1, self.prep.channels, stage.height, stage.width), device=self.device))
+                lost = len(probe.bn_inputs) != len(self.layers)
+            except Exception as exc:  # noqa: BLE001 - any failure of the converted graph at this size means the same
+                _LOG.debug("probe at %dx%d failed: %r", stage.height, stage.width, exc)
+                lost = True
+            if lost:
+                raise InvalidInputError(
+                    f"--coarse-to-fine: the model does not run at {stage.height}x{stage.width} "
+                    f"(scale {stage.scale:g} of {self.stages[-1].height}x{self.stages[-1].width}); "
+                    "its graph fixes the input size",
+                    "drop --coarse-to-fine (or give --coarse-to-fine off)",
+                )
+
+    def _advance_stage(self) -> None:
+        """Move to the next resolution stage: upsample every canvas, new optimisers, fresh SAS statistics.
+
+        Bilinear upsampling of the whole canvas keeps its field of view (the margins scale
+        with the side). Each batch's optimiser and scheduler restart on the new canvas at
+        the learning rate the batch had reached: a restart at the initial rate (16, in
+        pixel units) would throw the warm-started pixels back to the range's bounds.
+        The stored moments came from the smaller views; one forward pass at the new size
+        replaces them so the whole-set loss (Eq. 4-5) compares like with like.
+        """
+        self.stage += 1
+        shape = self.prep.canvas_shape
+        with torch.no_grad():
+            for batch, canvas in self.canvases.items():
+                lr = float(self.optimizers[batch].param_groups[0]["lr"])
+                fine = torch.nn.functional.interpolate(canvas.detach(), size=shape[1:], mode="bilinear", align_corners=False)
+                self.canvases[batch] = self.prep.clamp(fine).requires_grad_(True)
+                self.optimizers[batch] = self._optimizer(self.canvases[batch], lr)
+                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
+        self._fill_store()
+
     def _indices(self, batch: int) -> range:
         """Global indices of the images of ``batch``."""
         return range(self.starts[batch], self.starts[batch] + self.sizes[batch])
@@ -394,10 +442,11 @@ class _Run:
             for canvas in self.canvases.values() if index is None else [self.canvases[index]]:
                 canvas.copy_(self.prep.clamp(canvas))
 
-    def _optimizer(self, canvas: torch.Tensor) -> torch.optim.Optimizer:
+    def _optimizer(self, canvas: torch.Tensor, lr: float | None = None) -> torch.optim.Optimizer:
+        lr = self.config.lr if lr is None else lr
         if self.config.optimizer == "radam":
-            return torch.optim.RAdam([canvas], lr=self.config.lr)
-        return torch.optim.Adam([canvas], lr=self.config.lr)
+            return torch.optim.RAdam([canvas], lr=lr)
+        return torch.optim.Adam([canvas], lr=lr)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
         if self.config.scheduler == "none":
@@ -427,6 +476,7 @@ class _Run:
             "world": self.shard.world,
             "iteration": self.position[0],
             "batch": self.position[1],
+            "stage": self.stage,
             "canvases": [self.canvases[batch].detach().cpu() for batch in self.local],
             "optimizers": [self.optimizers[batch].state_dict() for batch in self.local],
             "schedulers": [s.state_dict() if (s := self.schedulers[batch]) is not None else {} for batch in self.local],
@@ -445,6 +495,16 @@ class _Run:
             )
         if len(state["canvases"]) != len(self.local):
             raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
+        stage = int(state.get("stage", 0))
+        if not 0 <= stage < len(self.stages):
+            raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
+        if stage != self.stage:  # interrupted after a resolution switch: the canvases of that size
+            self.stage = stage
+            for batch in self.local:
+                shape = (self.sizes[batch], *self.prep.canvas_shape)
+                self.canvases[batch] = torch.zeros(shape, device=self.device, requires_grad=True)
+                self.optimizers[batch] = self._optimizer(self.canvases[batch])
+                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
         with torch.no_grad():
             for batch, saved in zip(self.local, state["canvases"]):
                 canvas = self.canvases[batch]
@@ -578,18 +638,25 @@ class _Run:
         iterations. The history is the same on every rank, so all ranks stop together.
         """
         window = self.config.plateau_stop
-        if window is None or len(self.history) <= window:
+        if window is None or self.stage < len(self.stages) - 1:
             return False
-        best_before = min(self.history[:-window])
-        return min(self.history[-window:]) > (1.0 - PLATEAU_TOLERANCE) * best_before
+        history = self.history[self.stages[-1].start:]  # history[i] is after iteration i; other sizes do not compare
+        if len(history) <= window:
+            return False
+        best_before = min(history[:-window])
+        return min(history[-window:]) > (1.0 - PLATEAU_TOLERANCE) * best_before
 
-    def _initial_pass(self) -> None:
+    def _fill_store(self) -> None:
+        """Store every batch's moments from one no-grad forward pass (view 0; Algorithm 1, lines 2-5)."""
         with torch.no_grad():
             for first in self._rounds():
                 batch = first + self.shard.rank
                 moments = self._moments(self._view(batch, 0))[1] if batch in self.canvases else None
                 for other, shared in self._share_round(first, moments).items():
                     self.store.store(other, shared)
+
+    def _initial_pass(self) -> None:
+        self._fill_store()
         self.initial_bns = self._set_bns()
         self._check(self.initial_bns, "at the start (the model's outputs on the initial noise)")
 
@@ -676,6 +743,8 @@ class _Run:
         try:
             with _deferred_interrupt() as interrupted:
                 for iteration in range(self.position[0], config.iterations):
+                    while self.stages[self.stage].end <= iteration:
+                        self._advance_stage()
                     if self._plateaued():
                         stopped_at = iteration
                         if config.checkpoint:
@@ -720,6 +789,8 @@ class _Run:
             raise
         finally:
             bar.close()
+        while self.stage < len(self.stages) - 1:  # a schedule whose full-size stage never ran (resumed at the end)
+            self._advance_stage()
         self.elapsed += time.perf_counter() - run_started
         optimise_s = time.perf_counter() - loop_started
 
@@ -733,6 +804,10 @@ class _Run:
             "last_bn_layer": self.layers[self.last_bn].node_name if self.last_bn is not None else None,
             "odsl_delta": self.delta,
             "crop_margin": self.prep.margin,
+            "resolution_stages": [
+                {"scale": st.scale, "size": [st.height, st.width], "crop_margin": st.margin, "iterations": [st.start, st.end]}
+                for st in self.stages
+            ],
             "batches": n_batches,
             "processes": self.shard.world,
             "resumed_from": resumed_from,
@@ -773,6 +848,42 @@ class _Run:
                 if first + rank < len(self.sizes):
                     result.append(part[: self.sizes[first + rank]])
         return result
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One resolution stage: iterations ``start`` to ``end`` (exclusive) at ``height`` x ``width``."""
+
+    scale: float
+    start: int
+    end: int
+    height: int
+    width: int
+    margin: int
+
+
+def _stages(config: GenerateConfig, height: int, width: int, margin: int) -> list[_Stage]:
+    """The resolution stages of a run: ``config.coarse_to_fine``'s, then full size (stages of 0 iterations dropped).
+
+    A stage at ``scale`` optimises ``round(scale * side)``-pixel views on a canvas whose
+    crop margin scales the same way (at least 1 px when the full size has one), so the
+    random crops shift the image by the same fraction of its side at every stage. The
+    3x3 smoothing prior stays 3x3 on the smaller canvas: it damps pixel-to-pixel noise of
+    what is being optimised, and the bilinear upsampling adds no high frequencies.
+    Boundaries are ``floor(until * iterations)``: the full-size stage always runs at least
+    one iteration.
+    """
+    stages: list[_Stage] = []
+    start = 0
+    for scale, until in config.coarse_to_fine or ():
+        end = int(math.floor(until * config.iterations))
+        if end > start:
+            side_margin = max(1, int(round(margin * scale))) if margin > 0 else 0
+            stages.append(_Stage(scale, start, end, max(1, int(round(height * scale))), max(1, int(round(width * scale))),
+                                 side_margin))
+            start = end
+    stages.append(_Stage(1.0, start, config.iterations, height, width, margin))
+    return stages
 
 
 def _thin(values: list[float], count: int) -> list[list[float]]:
