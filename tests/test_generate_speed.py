@@ -3,6 +3,7 @@ optimising at a lower resolution first (``coarse_to_fine``)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from torch import nn
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
 from onnxdgh.generation import GenerateConfig, StepInfo, generate
-from onnxdgh.generation.config import parse_schedule
+from onnxdgh.generation.config import AUTO_SCHEDULE, parse_schedule
 
 from .conftest import export_onnx, settle_bn
 from .helpers_generate import consistent_model
@@ -49,7 +50,9 @@ def test_cli_plateau_stop_bad_value_exit_2(tiny_model_path: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize("tool, key", [("bench_plateau_stop.py", "plateau-stop"),
-                                       ("bench_generation_budget.py", "generation-budget")])
+                                       ("bench_generation_budget.py", "generation-budget"),
+                                       ("bench_quantize_224.py", "quantize-224"),
+                                       ("bench_depthwise_grad.py", "depthwise-grad")])
 def test_bench_smoke(tmp_path: Path, tool: str, key: str) -> None:
     """The tool's --smoke writes its section (this checkout's onnxdgh, in-process)."""
     repo = Path(__file__).resolve().parent.parent
@@ -126,7 +129,7 @@ def test_plateau_stop_waits_for_the_full_size_stage(tmp_path: Path) -> None:
     assert result.report["iterations_run"] >= 30 + 2
 
 
-def test_model_with_a_fixed_input_size_refuses_coarse_to_fine(tmp_path: Path) -> None:
+def test_model_with_a_fixed_input_size_refuses_coarse_to_fine(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     class FixedSize(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -141,10 +144,23 @@ def test_model_with_a_fixed_input_size_refuses_coarse_to_fine(tmp_path: Path) ->
     with pytest.raises(InvalidInputError, match="does not run at 6x6") as info:
         generate(model, GenerateConfig(**C2F), progress=False)
     assert "--coarse-to-fine" in (info.value.hint or "")
+    # "auto" (what quantize's defaults ask for) falls back to full size, saying so
+    with caplog.at_level(logging.WARNING, logger="onnxdgh.generation.core"):
+        result = generate(model, GenerateConfig(**{**C2F, "coarse_to_fine": "auto"}), progress=False)
+    assert [s["size"] for s in result.report["resolution_stages"]] == [[12, 12]]
+    assert "coarse-to-fine schedule skipped" in caplog.text
+
+
+def test_auto_schedule_on_a_convolutional_model(tmp_path: Path) -> None:
+    result = generate(consistent_model(tmp_path / "tiny.onnx"), GenerateConfig(**{**C2F, "coarse_to_fine": "auto"}),
+                      progress=False)
+    stages = result.report["resolution_stages"]
+    assert [(s["scale"], s["iterations"]) for s in stages] == [(AUTO_SCHEDULE[0][0], [0, 6]), (1.0, [6, 8])]
+    assert result.report["settings"]["coarse_to_fine"] == "auto"
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("0.5:0.75", ((0.5, 0.75),)), ("0.25:0.3, 0.5:0.6", ((0.25, 0.3), (0.5, 0.6))), ("off", None), ("", None),
+    ("0.5:0.75", ((0.5, 0.75),)), ("0.25:0.3, 0.5:0.6", ((0.25, 0.3), (0.5, 0.6))), ("off", None), ("", None), ("auto", "auto"),
     (None, None), ((), None), ([(0.5, 0.5)], ((0.5, 0.5),)),
 ])
 def test_schedule_parsing(text: object, expected: object) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..normalization import PRESETS
 
-__all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH", "parse_schedule"]
+__all__ = ["AUTO_SCHEDULE", "GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH",
+           "generation_defaults", "parse_schedule"]
 
 METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed")
 _NOT_OPTIMISED = ("noise", "procedural")
@@ -92,7 +93,9 @@ class GenerateConfig:
             strictly increasing in (0, 1). The canvases are upsampled (bilinear) between
             stages (:mod:`onnxdgh.generation.core`). A string ``"0.5:0.75"`` or
             ``"0.25:0.3,0.5:0.6"`` is parsed (:func:`parse_schedule`); None, ``()`` or
-            ``"off"`` = full size throughout.
+            ``"off"`` = full size throughout; ``"auto"`` = :data:`AUTO_SCHEDULE` when the
+            model runs at its smaller size, else full size with a warning (an explicit
+            schedule the model cannot run is an error).
     """
 
     images: int = _DEFAULT_IMAGES
@@ -164,7 +167,7 @@ class GenerateConfig:
     channels_last: bool = True
     distributed: bool = False
     plateau_stop: int | None = None
-    coarse_to_fine: tuple[tuple[float, float], ...] | None = None
+    coarse_to_fine: tuple[tuple[float, float], ...] | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coarse_to_fine", parse_schedule(self.coarse_to_fine))
@@ -261,19 +264,39 @@ class GenerateConfig:
         for key in ("mean", "std"):
             if data[key] is not None:
                 data[key] = list(data[key])
-        if data["coarse_to_fine"] is not None:
+        if isinstance(data["coarse_to_fine"], tuple):
             data["coarse_to_fine"] = [list(stage) for stage in data["coarse_to_fine"]]
         return data
 
 
-_SCHEDULE_HINT = "give SCALE:UNTIL pairs with both strictly increasing in (0, 1), e.g. --coarse-to-fine 0.5:0.75, or off"
+# What `onnxdgh quantize` generates when it makes its own images, by target bit width:
+# filled in from docs/BENCHMARKS.md "Generation budget by bit width" (placeholder).
+_QUANTIZE_BUDGETS: dict[str, dict[str, Any]] = {}
 
 
-def parse_schedule(value: object) -> tuple[tuple[float, float], ...] | None:
-    """A ``coarse_to_fine`` schedule as ``((scale, until), ...)``, or None for full size throughout.
+def generation_defaults(weight_bits: int, act_bits: int) -> dict[str, Any]:
+    """The generation settings ``onnxdgh quantize`` uses by default for a target bit width.
+
+    GenerateConfig keyword arguments (e.g. ``images``, ``iterations``, ``coarse_to_fine``);
+    an empty dict means :class:`GenerateConfig`'s own defaults. Settings the caller gives
+    explicitly win: ``GenerateConfig(**{**generation_defaults(w, a), **given})``.
+    """
+    key = "W8A8" if weight_bits >= 8 and act_bits >= 8 else "lower"
+    return dict(_QUANTIZE_BUDGETS.get(key, {}))
+
+
+_SCHEDULE_HINT = ("give SCALE:UNTIL pairs with both strictly increasing in (0, 1), e.g. --coarse-to-fine 0.5:0.75, "
+                  "or auto, or off")
+
+AUTO_SCHEDULE: tuple[tuple[float, float], ...] = ((0.5, 0.75),)
+"""The schedule ``coarse_to_fine="auto"`` runs: half the input size for the first 3/4 of the iterations."""
+
+
+def parse_schedule(value: object) -> tuple[tuple[float, float], ...] | str | None:
+    """A ``coarse_to_fine`` schedule as ``((scale, until), ...)``, ``"auto"``, or None for full size throughout.
 
     Accepts None, a sequence of (scale, until) pairs, or the CLI's text ``"SCALE:UNTIL[,SCALE:UNTIL...]"``
-    (``"off"``/``"none"``/``""`` = None).
+    (``"off"``/``"none"``/``""`` = None, ``"auto"`` kept as is).
 
     Raises:
         InvalidInputError: unparseable text, or scales/untils not strictly increasing in (0, 1).
@@ -284,6 +307,8 @@ def parse_schedule(value: object) -> tuple[tuple[float, float], ...] | None:
         text = value.strip().lower()
         if text in ("", "off", "none"):
             return None
+        if text == "auto":
+            return "auto"
         try:
             pairs: list[tuple[float, float]] = []
             for part in text.split(","):

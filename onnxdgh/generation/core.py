@@ -64,7 +64,7 @@ from ..progress import progress_bar
 from ..normalization import Normalization, describe
 from ..normalization import resolve_normalization as resolve_input_normalization
 from .checkpoint import load_checkpoint, rank_path, save_checkpoint
-from .config import GenerateConfig
+from .config import AUTO_SCHEDULE, GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
 from .method import generate_mixed, resolve_method
@@ -321,18 +321,26 @@ class _Run:
         self.device = torch.device(config.device)
         channels, height, width = model.loaded.input_shape
         margin = config.crop_margin if config.crop_margin is not None else auto_margin(height, width)
-        self.stages = _stages(config, height, width, margin)
+        schedule = AUTO_SCHEDULE if config.coarse_to_fine == "auto" else config.coarse_to_fine
+        self.stages = _stages(schedule, config.iterations, height, width, margin)  # type: ignore[arg-type]
+        self.stage = 0
+        self.layers = model.bn_layers
+        unfit = self._unfit_stage()
+        if unfit is not None:
+            what = (f"the model does not run at {unfit.height}x{unfit.width} (scale {unfit.scale:g} of "
+                    f"{height}x{width}); its graph fixes the input size")
+            if config.coarse_to_fine != "auto":
+                raise InvalidInputError(f"--coarse-to-fine: {what}", "drop --coarse-to-fine (or give --coarse-to-fine off)")
+            _LOG.warning("coarse-to-fine schedule skipped: %s; optimising at full size throughout", what)
+            self.stages = _stages(None, config.iterations, height, width, margin)
         self.preps = [
             Preprocessor(channels, stage.height, stage.width, margin=stage.margin, sigma=config.smoothing_sigma,
                          enabled=config.use_prep, low=low, high=high, device=self.device)
             for stage in self.stages
         ]
-        self.stage = 0
         self.starts = list(range(0, config.images, config.batch_size))
         self.sizes = [min(config.batch_size, config.images - start) for start in self.starts]
         self.local = [batch for batch in range(len(self.sizes)) if shard.owns(batch)]
-        self.layers = model.bn_layers
-        self._check_stage_sizes()
         self.targets = [(layer.mean, layer.std) for layer in self.layers]
         # Eq. 6 constrains per-image statistics at the last BN layer: the deepest one (a
         # shortcut's BN may come later in the node list but sees shallower features). A BN
@@ -383,23 +391,19 @@ class _Run:
         """phi_prep of the current resolution stage."""
         return self.preps[self.stage]
 
-    def _check_stage_sizes(self) -> None:
-        """Refuse a coarse-to-fine schedule the model cannot run: an input size it rejects, or BN layers lost."""
+    def _unfit_stage(self) -> _Stage | None:
+        """The first coarse stage the model cannot run (an input size its graph rejects, or BN layers lost), else None."""
+        channels = self.model.loaded.input_shape[0]
         for stage in self.stages[:-1]:
             try:
                 with torch.no_grad():
-                    probe = self.model.probe(torch.zeros((1, self.prep.channels, stage.height, stage.width), device=self.device))
-                lost = len(probe.bn_inputs) != len(self.layers)
+                    probe = self.model.probe(torch.zeros((1, channels, stage.height, stage.width), device=self.device))
+                if len(probe.bn_inputs) == len(self.layers):
+                    continue
             except Exception as exc:  # noqa: BLE001 - any failure of the converted graph at this size means the same
                 _LOG.debug("probe at %dx%d failed: %r", stage.height, stage.width, exc)
-                lost = True
-            if lost:
-                raise InvalidInputError(
-                    f"--coarse-to-fine: the model does not run at {stage.height}x{stage.width} "
-                    f"(scale {stage.scale:g} of {self.stages[-1].height}x{self.stages[-1].width}); "
-                    "its graph fixes the input size",
-                    "drop --coarse-to-fine (or give --coarse-to-fine off)",
-                )
+            return stage
+        return None
 
     def _advance_stage(self) -> None:
         """Move to the next resolution stage: upsample every canvas, new optimisers, fresh SAS statistics.
@@ -862,8 +866,9 @@ class _Stage:
     margin: int
 
 
-def _stages(config: GenerateConfig, height: int, width: int, margin: int) -> list[_Stage]:
-    """The resolution stages of a run: ``config.coarse_to_fine``'s, then full size (stages of 0 iterations dropped).
+def _stages(schedule: tuple[tuple[float, float], ...] | None, iterations: int, height: int, width: int,
+            margin: int) -> list[_Stage]:
+    """The resolution stages of a run: ``schedule``'s, then full size (stages of 0 iterations dropped).
 
     A stage at ``scale`` optimises ``round(scale * side)``-pixel views on a canvas whose
     crop margin scales the same way (at least 1 px when the full size has one), so the
@@ -875,14 +880,14 @@ def _stages(config: GenerateConfig, height: int, width: int, margin: int) -> lis
     """
     stages: list[_Stage] = []
     start = 0
-    for scale, until in config.coarse_to_fine or ():
-        end = int(math.floor(until * config.iterations))
+    for scale, until in schedule or ():
+        end = int(math.floor(until * iterations))
         if end > start:
             side_margin = max(1, int(round(margin * scale))) if margin > 0 else 0
             stages.append(_Stage(scale, start, end, max(1, int(round(height * scale))), max(1, int(round(width * scale))),
                                  side_margin))
             start = end
-    stages.append(_Stage(1.0, start, config.iterations, height, width, margin))
+    stages.append(_Stage(1.0, start, iterations, height, width, margin))
     return stages
 
 
