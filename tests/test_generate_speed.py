@@ -3,6 +3,7 @@ optimising at a lower resolution first (``coarse_to_fine``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -19,7 +20,7 @@ from torch import nn
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
 from onnxdgh.generation import GenerateConfig, StepInfo, generate
-from onnxdgh.generation.config import AUTO_SCHEDULE, parse_schedule
+from onnxdgh.generation.config import AUTO_SCHEDULE, generation_defaults, parse_schedule
 
 from .conftest import export_onnx, settle_bn
 from .helpers_generate import consistent_model
@@ -190,3 +191,49 @@ def test_cli_coarse_to_fine(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["generate", str(model), "-o", str(tmp_path / "y.npz"), "--coarse-to-fine", "2:0.5"])
     assert bad.exit_code == 2 and "--coarse-to-fine" in bad.output and "hint:" in bad.output
     assert not (tmp_path / "y.npz").exists()
+
+
+# ------------------------------------------------------------- budgets by bit width
+
+
+def test_generation_defaults_by_bit_width() -> None:
+    w8a8 = generation_defaults(8, 8)
+    assert w8a8 == {"images": 64, "iterations": 50, "coarse_to_fine": "auto"}
+    assert GenerateConfig(**w8a8).images == 64  # valid settings
+    for bits in [(4, 8), (7, 8), (8, 4), (4, 4), (2, 4)]:
+        assert generation_defaults(*bits) == {}, bits  # generate's defaults (256 x 200, full size)
+    w8a8["images"] = 1
+    assert generation_defaults(8, 8)["images"] == 64  # a copy: callers cannot change the table
+
+
+@pytest.mark.parametrize("extra, images, iterations, schedule", [
+    ([], 64, 50, "auto"),                                        # the W8A8 budget
+    (["--images", "8", "--iterations", "3"], 8, 3, "auto"),      # explicit counts win, the schedule stays
+    (["--images", "8", "--coarse-to-fine", "off"], 8, 50, None),
+])
+def test_quantize_w8a8_generates_the_budget_unless_told(tmp_path: Path, extra: list[str], images: int, iterations: int,
+                                                        schedule: object) -> None:
+    model = consistent_model(tmp_path / "tiny.onnx")
+    report = tmp_path / "q.json"
+    result = CliRunner().invoke(main, ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--json", str(report),
+                                       "--no-validate", *extra])
+    assert result.exit_code == 0, result.output
+    generation = json.loads(report.read_text())["calibration"]["generation"]
+    assert (generation["images"], generation["iterations"], generation["coarse_to_fine"]) == (images, iterations, schedule)
+
+
+def test_quantize_below_8_bits_keeps_the_generate_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxdgh.generation import core
+
+    seen: list[GenerateConfig] = []
+
+    def fake(model, config, **kwargs):
+        seen.append(config)
+        raise InvalidInputError("stop here", "test")
+
+    monkeypatch.setattr(core, "generate", fake)
+    monkeypatch.setattr("onnxdgh.generation.generate", fake)
+    result = CliRunner().invoke(main, ["quantize", str(consistent_model(tmp_path / "tiny.onnx")), "-o",
+                                       str(tmp_path / "q.onnx"), "--weight-bits", "4", "--no-validate"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert (seen[0].images, seen[0].iterations, seen[0].coarse_to_fine) == (256, 200, None)

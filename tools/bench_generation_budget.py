@@ -51,10 +51,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", nargs="+", type=int, default=[25, 50, 100, 200], help="iteration counts")
     parser.add_argument("--schedules", nargs="+", default=["off", "0.5:0.75"], help="--coarse-to-fine values ('off': none)")
     parser.add_argument("--plateau-stops", nargs="+", type=int, default=[0], help="--plateau-stop values (0: none)")
+    parser.add_argument("--cells", nargs="+", default=None, metavar="NxT[:SCHEDULE][/STOP]",
+                        help="explicit grid cells instead of the product of the lists above, e.g. 64x50:0.5:0.75 "
+                             "or 256x200/20 (schedule 'off' unless given, plateau stop after '/')")
     parser.add_argument("--test-limit", type=int, default=10000, help="test images evaluated (default 10000: all)")
     parser.add_argument("--bar", type=float, default=0.3, help="largest loss against the reference, points (default 0.3)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached sets and accuracies")
     return parser.parse_args(argv)
+
+
+def _cell(text: str) -> tuple[int, int, str, int | None]:
+    """``NxT[:SCHEDULE][/STOP]`` -> (images, iterations, schedule, plateau stop); the schedule may hold colons."""
+    cell, _, stop = text.partition("/")
+    size, _, schedule = cell.partition(":")
+    try:
+        images, iterations = (int(v) for v in size.split("x"))
+        return images, iterations, schedule or "off", int(stop) if stop else None
+    except ValueError:
+        raise bl.BenchError(f"--cells {text!r}: give NxT[:SCHEDULE][/STOP], e.g. 64x50:0.5:0.75/10") from None
 
 
 def _work(images: int, iterations: int, schedule: str, report: dict[str, Any]) -> float:
@@ -104,7 +118,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
         models = bl.sample_models(args.models or ["fmnist_resnet8"])
         grid = [(n, t, s, p or None) for n in args.images for t in args.iterations for s in args.schedules
-                for p in args.plateau_stops]
+                for p in args.plateau_stops] if not args.cells else [_cell(text) for text in args.cells]
         reference = REFERENCE
     grid = [reference] + [key for key in grid if key != reference]
     info = bl.machine_info()
