@@ -198,7 +198,7 @@ def test_cli_coarse_to_fine(tmp_path: Path) -> None:
 
 def test_generation_defaults_by_bit_width() -> None:
     w8a8 = generation_defaults(8, 8)
-    assert w8a8 == {"images": 64, "iterations": 50, "coarse_to_fine": "auto"}
+    assert w8a8 == {"images": 64, "iterations": 50}
     assert GenerateConfig(**w8a8).images == 64  # valid settings
     for bits in [(4, 8), (7, 8), (8, 4), (4, 4), (2, 4)]:
         assert generation_defaults(*bits) == {}, bits  # generate's defaults (256 x 200, full size)
@@ -207,9 +207,9 @@ def test_generation_defaults_by_bit_width() -> None:
 
 
 @pytest.mark.parametrize("extra, images, iterations, schedule", [
-    ([], 64, 50, "auto"),                                        # the W8A8 budget
-    (["--images", "8", "--iterations", "3"], 8, 3, "auto"),      # explicit counts win, the schedule stays
-    (["--images", "8", "--coarse-to-fine", "off"], 8, 50, None),
+    ([], 64, 50, None),                                          # the W8A8 budget
+    (["--images", "8", "--iterations", "3"], 8, 3, None),        # explicit counts win
+    (["--images", "8", "--coarse-to-fine", "auto"], 8, 50, "auto"),
 ])
 def test_quantize_w8a8_generates_the_budget_unless_told(tmp_path: Path, extra: list[str], images: int, iterations: int,
                                                         schedule: object) -> None:

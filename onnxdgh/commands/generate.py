@@ -113,10 +113,10 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--plateau-stop", type=int, default=None, metavar="N",
               help="Stop early once the whole-set BN loss has not improved by 1% for N iterations "
                    "(default: run all --iterations).")
-@click.option("--coarse-to-fine", default=None, metavar="SCALE:UNTIL[,...]",
+@click.option("--coarse-to-fine", default=None, metavar="SCALE:UNTIL[,...]|auto|off",
               help="Resolution schedule: optimise at SCALE x the input size until UNTIL x --iterations, then "
-                   "upsample (bilinear) and finish at full size, e.g. 0.5:0.75 (default: full size throughout; "
-                   "off turns a schedule off).")
+                   "upsample (bilinear) and finish at full size, e.g. 0.5:0.75; auto: 0.5:0.75 when the model runs "
+                   "at half size, else full size (default: off, full size throughout).")
 @click.option("--factor", type=float, default=None, help="Plateau reduction factor (default 0.5).")
 @click.option("--min-lr", type=float, default=None, help="Plateau floor (default 1e-4).")
 @click.option("--crop-margin", type=int, default=None, help="Extra canvas pixels for random crops (default ~side/7).")
