@@ -187,6 +187,7 @@ def test_cli_coarse_to_fine(tmp_path: Path) -> None:
     ok = CliRunner().invoke(main, ["generate", str(model), "-o", str(out), "--images", "4", "--batch-size", "4",
                                    "--iterations", "4", "--coarse-to-fine", "0.5:0.5", "--json", str(tmp_path / "r.json")])
     assert ok.exit_code == 0, ok.output
+    assert "coarse to fine: 2 iterations at 6x6, then 2 iterations at 12x12" in ok.output
     assert np.load(out)["images"].shape == (4, 3, 12, 12)
     bad = CliRunner().invoke(main, ["generate", str(model), "-o", str(tmp_path / "y.npz"), "--coarse-to-fine", "2:0.5"])
     assert bad.exit_code == 2 and "--coarse-to-fine" in bad.output and "hint:" in bad.output

@@ -80,6 +80,10 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
             f"output range per image {spread['mean']:.3g} (min {spread['min']:.3g}, max {spread['max']:.3g}); "
             f"values {final['output_min']:.3g} .. {final['output_max']:.3g}"
         )
+    stages = report.get("resolution_stages") or []
+    if len(stages) > 1:
+        lines.append("coarse to fine: " + ", then ".join(
+            f"{st['iterations'][1] - st['iterations'][0]} iterations at {st['size'][0]}x{st['size'][1]}" for st in stages))
     if report.get("stopped_on_plateau"):
         lines.append(f"stopped after {report['iterations_run']} of {settings['iterations']} iterations: "
                      f"the whole-set BN loss had not improved for {settings['plateau_stop']} (--plateau-stop)")

@@ -101,10 +101,10 @@ def render(report: dict[str, Any], output: str) -> str:
                    "(keeps the gain of high-gain depthwise kernels; default: on for 8-bit weights without --optimize-rounding).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
 @click.option("--images", type=int, default=None,
-              help="Generation: number of images (default by bit width, docs/QUANTIZE.md 'Generation budget').")
-@click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations (default by bit width).")
+              help="Generation: number of images (default by bit width: 64 at W8A8, else 256; docs/QUANTIZE.md).")
+@click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations (default by bit width: 50 at W8A8, else 200).")
 @click.option("--coarse-to-fine", default=None, metavar="SCALE:UNTIL[,...]|auto|off",
-              help="Generation: resolution schedule, as `generate --coarse-to-fine` (default by bit width).")
+              help="Generation: resolution schedule, as `generate --coarse-to-fine` (default off).")
 @click.option("--plateau-stop", type=int, default=None, metavar="N",
               help="Generation: stop once the whole-set BN loss has not improved by 1% for N iterations.")
 @click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
