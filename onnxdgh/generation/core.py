@@ -24,6 +24,17 @@ size keeps lambda's meaning independent of how many batches the set is cut into:
 BNS gradient on one image also scales with 1/|D| under SAS. Without SAS (per-batch
 scope) the scope is the batch and the divisor is its size.
 
+Coarse to fine (``coarse_to_fine``): the first stages optimise smaller canvases (the
+model runs on views of ``scale`` x the input size; BN statistics are per-channel means and
+variances over positions, defined at any size for a convolutional net), then every canvas
+is upsampled (bilinear), gets a new optimiser at the learning rate it had reached, and the
+SAS store is refilled at the new size before the run goes on. On the 28-px samples this
+reaches the full-size run's accuracy at less than half its loop time; on EfficientNet-Lite0
+(224 px) the images optimised at 112 px lost their BN match when upsampled (the whole-set
+loss went back to its start) and the full-size tail could not recover it in 13
+iterations, so the schedule is off by default (docs/BENCHMARKS.md, "generation-budget"
+and "quantize-224").
+
 Refreshing the stored moments after a step (``stats_refresh``): the paper re-runs the
 model on a fresh phi_prep view (Algorithm 1, lines 14-15); MCT stores the pre-step
 moments, which costs nothing. Measured on samples/fmnist_resnet8.onnx (128 images,
@@ -382,6 +393,9 @@ class _Run:
         self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
         self.history: list[float] = []
         self.initial_bns: float | None = None
+        # the divergence check's reference: the start, or the loss right after a resolution
+        # switch when that is higher (the upsampled images are a new start at the new size)
+        self.check_base: float | None = None
         self.position = (0, 0)  # next (iteration, batch) to run; batch is a round's first
         self.elapsed = 0.0
         self.last_step: dict[str, float] = {}
@@ -425,6 +439,9 @@ class _Run:
                 self.optimizers[batch] = self._optimizer(self.canvases[batch], lr)
                 self.schedulers[batch] = self._scheduler(self.optimizers[batch])
         self._fill_store()
+        switched = self._set_bns()
+        self._check(switched, f"after upsampling to {self.prep.height}x{self.prep.width}")
+        self.check_base = max(self.check_base or 0.0, switched)
 
     def _indices(self, batch: int) -> range:
         """Global indices of the images of ``batch``."""
@@ -487,6 +504,7 @@ class _Run:
             "stats": self._layer_stats(),
             "history": list(self.history),
             "initial_bns": self.initial_bns if self.initial_bns is not None else float("nan"),
+            "check_base": self.check_base if self.check_base is not None else float("nan"),
             "elapsed_s": self.elapsed,
         }
 
@@ -530,6 +548,8 @@ class _Run:
         self.history = [float(v) for v in state["history"]]
         initial = float(state["initial_bns"])
         self.initial_bns = None if np.isnan(initial) else initial
+        base = float(state.get("check_base", initial))
+        self.check_base = None if np.isnan(base) else base
         self.position = (int(state["iteration"]), int(state["batch"]))
         self.elapsed = float(state["elapsed_s"])
 
@@ -629,7 +649,7 @@ class _Run:
                 "with `onnxdgh generate`, also try a lower --lr")
         if not math.isfinite(value):
             raise GenerationDivergedError(f"image generation diverged: the loss is {value} {where}", hint)
-        start = self.initial_bns
+        start = self.check_base
         if start is not None and start > 0 and value > DIVERGED_RISE * start:
             raise GenerationDivergedError(
                 f"image generation diverged: the whole-set BN loss rose from {start:.4g} to {value:.4g} {where}", hint
@@ -661,7 +681,7 @@ class _Run:
 
     def _initial_pass(self) -> None:
         self._fill_store()
-        self.initial_bns = self._set_bns()
+        self.initial_bns = self.check_base = self._set_bns()
         self._check(self.initial_bns, "at the start (the model's outputs on the initial noise)")
 
     def _step(self, index: int, probe: Any, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> StepInfo:
