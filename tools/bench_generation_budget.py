@@ -53,7 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plateau-stops", nargs="+", type=int, default=[0], help="--plateau-stop values (0: none)")
     parser.add_argument("--cells", nargs="+", default=None, metavar="NxT[:SCHEDULE][/STOP]",
                         help="explicit grid cells instead of the product of the lists above, e.g. 64x50:0.5:0.75 "
-                             "or 256x200/20 (schedule 'off' unless given, plateau stop after '/')")
+                             "or 256x200/20 (schedule 'off' unless given, plateau stop after '/'); "
+                             "MODEL=CELL runs the cell on that model only")
     parser.add_argument("--test-limit", type=int, default=10000, help="test images evaluated (default 10000: all)")
     parser.add_argument("--bar", type=float, default=0.3, help="largest loss against the reference, points (default 0.3)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached sets and accuracies")
@@ -61,8 +62,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _cell(text: str) -> tuple[int, int, str, int | None]:
-    """``NxT[:SCHEDULE][/STOP]`` -> (images, iterations, schedule, plateau stop); the schedule may hold colons."""
-    cell, _, stop = text.partition("/")
+    """``[MODEL=]NxT[:SCHEDULE][/STOP]`` -> (images, iterations, schedule, plateau stop); the schedule may hold colons."""
+    cell, _, stop = text.rpartition("=")[2].partition("/")
     size, _, schedule = cell.partition(":")
     try:
         images, iterations = (int(v) for v in size.split("x"))
@@ -120,7 +121,13 @@ def run(argv: list[str] | None = None) -> int:
         grid = [(n, t, s, p or None) for n in args.images for t in args.iterations for s in args.schedules
                 for p in args.plateau_stops] if not args.cells else [_cell(text) for text in args.cells]
         reference = REFERENCE
-    grid = [reference] + [key for key in grid if key != reference]
+    # cells given as MODEL=CELL run on that model only
+    only = {index: text.partition("=")[0] for index, text in enumerate(args.cells or []) if "=" in text and not ctx.smoke}
+
+    def model_grid(model: Path) -> list[tuple[int, int, str, int | None]]:
+        keys = [key for index, key in enumerate(grid) if only.get(index, model.stem) == model.stem]
+        return [reference] + [key for key in keys if key != reference]
+
     info = bl.machine_info()
     load_before = bl.load_average()
     rows, verdicts = [], []
@@ -129,7 +136,7 @@ def run(argv: list[str] | None = None) -> int:
         test_x, test_y, test_name = _test_set(model, args, ctx)
         float_top1 = bl.top1(model, test_x, test_y)
         results = []
-        for key in grid:
+        for key in model_grid(model):
             bl.log(f"{model.name}: {key[0]} images x {key[1]} iterations, --coarse-to-fine {key[2]}, --plateau-stop {key[3]}")
             result = _one(ctx, model, key, (test_x, test_y), args.fresh)
             bl.log("  " + ", ".join(f"{b}: {100 * result[b]:.2f}%" for b, _, _ in BITS) + f", work {result['work']:.0f}")
