@@ -40,6 +40,10 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
             f"output range per image {spread['mean']:.3g} (min {spread['min']:.3g}, max {spread['max']:.3g}); "
             f"values {final['output_min']:.3g} .. {final['output_max']:.3g}"
         )
+    stages = report.get("resolution_stages") or []
+    if len(stages) > 1:
+        lines.append("coarse to fine: " + ", then ".join(
+            f"{st['iterations'][1] - st['iterations'][0]} iterations at {st['size'][0]}x{st['size'][1]}" for st in stages))
     if report.get("stopped_on_plateau"):
         lines.append(f"stopped after {report['iterations_run']} of {settings['iterations']} iterations: "
                      f"the whole-set BN loss had not improved for {settings['plateau_stop']} (--plateau-stop)")
@@ -74,6 +78,10 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--plateau-stop", type=int, default=None, metavar="N",
               help="Stop early once the whole-set BN loss has not improved by 1% for N iterations "
                    "(default: run all --iterations).")
+@click.option("--coarse-to-fine", default=None, metavar="SCALE:UNTIL[,...]|auto|off",
+              help="Resolution schedule: optimise at SCALE x the input size until UNTIL x --iterations, then "
+                   "upsample (bilinear) and finish at full size, e.g. 0.5:0.75; auto: 0.5:0.75 when the model runs "
+                   "at half size, else full size (default: off, full size throughout).")
 @click.option("--factor", type=float, default=None, help="Plateau reduction factor (default 0.5).")
 @click.option("--min-lr", type=float, default=None, help="Plateau floor (default 1e-4).")
 @click.option("--crop-margin", type=int, default=None, help="Extra canvas pixels for random crops (default ~side/7).")

@@ -502,8 +502,9 @@ def quantize(
     Args:
         model: an ``.onnx`` path or a :class:`LoadedModel`.
         calibration: float images N x C x H x W in the model's input space; ``None``
-            generates DGH images with ``generate_config`` (seeded with ``config.seed``
-            unless ``generate_config`` is given).
+            generates DGH images with ``generate_config`` (unless given: seeded with
+            ``config.seed``, the bit width's budget of
+            :func:`~onnxdgh.generation.config.generation_defaults`).
         config: bit widths, threshold rule, granularity, profile.
         generate_config: settings of the DGH generation (only when ``calibration`` is None).
         progress: show progress bars (stderr).
@@ -554,8 +555,10 @@ def quantize(
     if calibration is None:
         from ..generation import GenerateConfig as _GenerateConfig
         from ..generation import generate
+        from ..generation.config import generation_defaults
 
-        gen_config = generate_config if generate_config is not None else _GenerateConfig(seed=config.seed)
+        gen_config = generate_config if generate_config is not None else _GenerateConfig(
+            seed=config.seed, **generation_defaults(config.weight_bits, config.act_bits))
         step = time.perf_counter()
         result = generate(loaded, gen_config, progress=progress)
         timings["generate_s"] = time.perf_counter() - step
