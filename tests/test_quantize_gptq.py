@@ -144,6 +144,8 @@ def test_config_defaults_and_conflicts() -> None:
     assert QuantizeConfig(weight_bits=4).gptq_enabled is False  # AdaRound chooses the integers
     assert QuantizeConfig(weight_bits=7).gptq_enabled is False
     assert QuantizeConfig(bias_correction=True).gptq_enabled is False
+    assert QuantizeConfig(kernel_sum_rounding=True).gptq_enabled is False  # an explicit rounding choice stays
+    assert QuantizeConfig(optimize_rounding=False, kernel_sum_rounding=False).gptq_enabled is False  # nearest
     assert QuantizeConfig(weight_bits=4, optimize_rounding=False, gptq_rounding=True).gptq_enabled is True
     with pytest.raises(InvalidInputError, match="rounding optimisation"):
         QuantizeConfig(optimize_rounding=True, gptq_rounding=True)

@@ -101,8 +101,8 @@ def render(report: dict[str, Any], output: str) -> str:
                    "(keeps the gain of high-gain depthwise kernels; default: on for 8-bit weights without --optimize-rounding).")
 @click.option("--gptq-rounding/--no-gptq-rounding", "gptq_rounding", default=None,
               help="Re-round the Conv/Gemm weights (scales fixed) so each layer's output error on the calibration "
-                   "images is smallest (GPTQ; default: on for 8-bit weights without --optimize-rounding or "
-                   "--bias-correction).")
+                   "images is smallest (GPTQ; default: on for 8-bit weights without --optimize-rounding, "
+                   "--bias-correction or a --kernel-sum-rounding choice).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
 @click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
 @click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")

@@ -125,7 +125,8 @@ class QuantizeConfig:
             :data:`~onnxdgh.quantization.gptq.DEFAULT_MAX_IMAGES` images). Layers it cannot
             treat keep the kernel-sum or nearest integers. None: on for 8-bit weights when
             neither the rounding optimisation nor the bias correction runs (both need their own
-            integers: either together with it is an error). EfficientNet-Lite0 W8A8, real
+            integers: either together with it is an error) and ``kernel_sum_rounding`` is None
+            (an explicit kernel-sum or nearest choice is kept). EfficientNet-Lite0 W8A8, real
             photos: see docs/BENCHMARKS.md, section depthwise.
         equalize: cross-layer equalization of consecutive convolutions before
             quantization (``--equalize/--no-equalize``, :mod:`onnxdgh.quantization.equalize`;
@@ -240,10 +241,12 @@ class QuantizeConfig:
     @property
     def gptq_enabled(self) -> bool:
         """Whether GPTQ re-rounds the weights (explicit, else for 8-bit weights when neither the
-        rounding optimisation nor the bias correction runs)."""
+        rounding optimisation nor the bias correction runs and ``kernel_sum_rounding`` is left
+        automatic: asking for kernel-sum or, with False, nearest rounding means those integers)."""
         if self.gptq_rounding is not None:
             return self.gptq_rounding
-        return self.weight_bits == 8 and not self.rounding_enabled and not self.bias_correction_enabled
+        return (self.weight_bits == 8 and not self.rounding_enabled and not self.bias_correction_enabled
+                and self.kernel_sum_rounding is None)
 
     @property
     def equalize_enabled(self) -> bool:
