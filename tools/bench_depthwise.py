@@ -89,6 +89,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, bool]] = {
     "round": _variant("optimize_rounding"),
     "cle+round": _variant("equalize", "optimize_rounding"),
 }
+MOBILENET_VARIANTS = ("default", "nearest", "ksr", "gptq", "cle", "ksr+bc", "cle+gptq", "round")
 SAMPLE_BITS = ((8, 8), (4, 8), (4, 4))
 SAMPLE_VARIANTS = {"default": [], "equalize": ["--equalize"], "bias-correction": ["--bias-correction"],
                    "ksr": ["--no-gptq-rounding"], "nearest": ["--no-gptq-rounding", "--no-kernel-sum-rounding"]}
@@ -110,7 +111,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-source", nargs="+", choices=("real", "dgh"), default=["real"],
                         help="effnet part: calibrate on real photo crops and/or DGH images (default real)")
     parser.add_argument("--dgh-size", default="32x60", help="effnet DGH images x iterations (default 32x60, batch 32)")
-    parser.add_argument("--mobilenet-epochs", type=int, default=2, help="mobilenet part: training epochs (default 2)")
+    parser.add_argument("--mobilenet-variants", nargs="+", choices=list(VARIANTS), default=list(MOBILENET_VARIANTS),
+                        help="mobilenet part: the variants (default: %(default)s)")
+    parser.add_argument("--mobilenet-epochs", type=int, default=1, help="mobilenet part: training epochs (default 1)")
     parser.add_argument("--eval", type=int, default=200, help="evaluation crops (default 200)")
     parser.add_argument("--rounding-iterations", type=int, default=300, help="AdaRound steps per unit in the round variants")
     parser.add_argument("--samples", nargs="+", default=None, help="sample models (default: all three)")
@@ -332,9 +335,6 @@ def run_anchors(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
 
 # ------------------------------------------------------------------------ MobileNetV2 (torchvision)
 
-MOBILENET_VARIANTS = ("default", "nearest", "ksr", "gptq", "cle", "ksr+bc", "cle+gptq", "round")
-
-
 def _train_mobilenet(args: argparse.Namespace, ctx: bl.Context) -> tuple[Path, str]:
     """The torchvision MobileNetV2 (tools/train_fashion_mnist.py ``--arch tv-mobilenetv2``), trained when missing."""
     epochs = 1 if ctx.smoke else args.mobilenet_epochs
@@ -384,7 +384,7 @@ def run_mobilenet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, 
     reference = bl.predict(str(model), test_x, batch_size=500)
     float_top1 = float(np.mean(reference.argmax(axis=1) == test_y))
     rows = []
-    variants = [v for v in MOBILENET_VARIANTS if v in args.variants]
+    variants = args.mobilenet_variants
     for label, images in sources.items():
         for variant in variants:
             key = f"mobilenet|{model.stem}|{label}|{variant}|{args.rounding_iterations}|{ctx.seed}|{int(ctx.smoke)}"
