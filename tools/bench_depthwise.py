@@ -91,6 +91,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, bool]] = {
 }
 MOBILENET_VARIANTS = ("default", "nearest", "ksr", "gptq", "cle", "ksr+bc", "cle+gptq", "round")
 SAMPLE_BITS = ((8, 8), (4, 8), (4, 4))
+ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 SAMPLE_VARIANTS = {"default": [], "equalize": ["--equalize"], "bias-correction": ["--bias-correction"],
                    "ksr": ["--no-gptq-rounding"], "nearest": ["--no-gptq-rounding", "--no-kernel-sum-rounding"]}
 W8A8_ONLY = ("bias-correction", "ksr", "nearest")
@@ -113,6 +114,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dgh-size", default="32x60", help="effnet DGH images x iterations (default 32x60, batch 32)")
     parser.add_argument("--mobilenet-variants", nargs="+", choices=list(VARIANTS), default=list(MOBILENET_VARIANTS),
                         help="mobilenet part: the variants (default: %(default)s)")
+    parser.add_argument("--ort-methods", nargs="+", choices=ORT_METHODS, default=list(ORT_METHODS),
+                        help="anchors part: onnxruntime calibration methods (default: all)")
     parser.add_argument("--mobilenet-epochs", type=int, default=1, help="mobilenet part: training epochs (default 1)")
     parser.add_argument("--eval", type=int, default=200, help="evaluation crops (default 200)")
     parser.add_argument("--rounding-iterations", type=int, default=300, help="AdaRound steps per unit in the round variants")
@@ -306,9 +309,6 @@ def _ort_quantize(model: Path, calib: np.ndarray, method: str, out: Path) -> flo
     return time.perf_counter() - started
 
 
-ORT_METHODS = ("MinMax", "Percentile", "Entropy")
-
-
 def _effnet_torch() -> Any:
     """The EfficientNet-Lite0 torch module (BN kept, eval mode) the ONNX file was exported from."""
     import torch
@@ -371,7 +371,7 @@ def run_anchors(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
         calib, evaluation, _ = _photo_sets(args.calib, args.eval, ctx.seed)
     reference = bl.predict(str(model), evaluation, batch_size=50)
     rows = []
-    for method in ORT_METHODS:
+    for method in args.ort_methods:
         key = f"anchor|ort-{method}|{args.calib}|{args.eval}|{ctx.seed}|{int(ctx.smoke)}"
         if key not in results or args.fresh:
             bl.log(f"onnxruntime quantize_static {method}")
