@@ -116,6 +116,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="mobilenet part: the variants (default: %(default)s)")
     parser.add_argument("--ort-methods", nargs="+", choices=ORT_METHODS, default=list(ORT_METHODS),
                         help="anchors part: onnxruntime calibration methods (default: all)")
+    parser.add_argument("--mobilenet-train-limit", type=int, default=None,
+                        help="mobilenet part: train on the first N training images (default: all 60,000)")
     parser.add_argument("--mobilenet-epochs", type=int, default=1, help="mobilenet part: training epochs (default 1)")
     parser.add_argument("--eval", type=int, default=200, help="evaluation crops (default 200)")
     parser.add_argument("--rounding-iterations", type=int, default=300, help="AdaRound steps per unit in the round variants")
@@ -417,12 +419,14 @@ def run_anchors(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
 def _train_mobilenet(args: argparse.Namespace, ctx: bl.Context) -> tuple[Path, str]:
     """The torchvision MobileNetV2 (tools/train_fashion_mnist.py ``--arch tv-mobilenetv2``), trained when missing."""
     epochs = 1 if ctx.smoke else args.mobilenet_epochs
-    path = ctx.work / f"fmnist_tv_mobilenetv2_e{epochs}_seed{ctx.seed}.onnx"
+    limit = 512 if ctx.smoke else args.mobilenet_train_limit
+    path = ctx.work / f"fmnist_tv_mobilenetv2_e{epochs}_seed{ctx.seed}{f'_n{limit}' if limit else ''}.onnx"
     command = [sys.executable, str(Path(__file__).resolve().parent / "train_fashion_mnist.py"), "--arch", "tv-mobilenetv2",
                "--epochs", str(epochs), "--seed", str(ctx.seed), "--threads", "1", "-o", str(path)]
-    if ctx.smoke:
-        command += ["--train-limit", "512"]
-    shown = f"python tools/train_fashion_mnist.py --arch tv-mobilenetv2 --epochs {epochs} --seed {ctx.seed} --threads 1 -o MODEL"
+    if limit:
+        command += ["--train-limit", str(limit)]
+    shown = (f"python tools/train_fashion_mnist.py --arch tv-mobilenetv2 --epochs {epochs} --seed {ctx.seed} --threads 1"
+             f"{f' --train-limit {limit}' if limit else ''} -o MODEL")
     if not path.exists():
         bl.log(f"training {path.name}")
         measured = bl.run_measured(command)
