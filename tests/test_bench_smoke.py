@@ -242,7 +242,7 @@ def test_bn_free_smoke(tmp_path: Path) -> None:
 
 
 def test_depthwise_smoke(tmp_path: Path) -> None:
-    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=("--variants", "nearest", "ksr", "gptq", "cle", "ksr+bc",
+    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=("--variants", "nearest", "ksr", "gptq", "cle", "ksr+bc", "--mobilenet-calib-source", "real", "dgh",
                                                                     "--mobilenet-variants", "gptq", "ksr")),
                     "depthwise")
     assert "| ksr |" in text and "--kernel-sum-rounding" in text and "logit SQNR dB" in text

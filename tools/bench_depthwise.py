@@ -116,6 +116,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="mobilenet part: the variants (default: %(default)s)")
     parser.add_argument("--ort-methods", nargs="+", choices=ORT_METHODS, default=list(ORT_METHODS),
                         help="anchors part: onnxruntime calibration methods (default: all)")
+    parser.add_argument("--mobilenet-calib-source", nargs="+", choices=("real", "dgh"), default=["real"],
+                        help="mobilenet part: calibrate on 512 training images and/or DGH images (default real)")
     parser.add_argument("--mobilenet-train-limit", type=int, default=None,
                         help="mobilenet part: train on the first N training images (default: all 60,000)")
     parser.add_argument("--mobilenet-epochs", type=int, default=1, help="mobilenet part: training epochs (default 1)")
@@ -454,9 +456,9 @@ def run_mobilenet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, 
         train_u8, _ = fm.load_split("train")
         test_x, pool = fm.normalize(test_u8), fm.normalize(train_u8)
     index = np.sort(np.random.default_rng(ctx.seed).choice(pool.shape[0], size=min(512, pool.shape[0]), replace=False))
-    sources = {"real 512": pool[index]}
+    sources = {"real 512": pool[index]} if "real" in args.mobilenet_calib_source else {}
     dgh_cmd = ""
-    if "dgh" in args.calib_source:
+    if "dgh" in args.mobilenet_calib_source:
         dgh = ctx.work / f"{model.stem}.dgh.npz"
         size = ["--images", "8", "--iterations", "2"] if ctx.smoke else []
         if not dgh.exists():
