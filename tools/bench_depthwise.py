@@ -126,6 +126,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", nargs="+", default=None, help="sample models (default: all three)")
     parser.add_argument("--sample-bits", nargs="+", default=[f"W{w}A{a}" for w, a in SAMPLE_BITS],
                         choices=[f"W{w}A{a}" for w, a in SAMPLE_BITS], help="bit widths of the samples part")
+    parser.add_argument("--sample-default-only", nargs="*", default=[], choices=[f"W{w}A{a}" for w, a in SAMPLE_BITS],
+                        help="samples part: only the default column at these bit widths")
     parser.add_argument("--fresh", action="store_true", help="recompute results already in results.json")
     return parser.parse_args(argv)
 
@@ -617,7 +619,8 @@ def run_samples(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
         for weight_bits, act_bits in bits_list:
             cells = []
             for name, extra in SAMPLE_VARIANTS.items():
-                if name in W8A8_ONLY and (weight_bits, act_bits) != (8, 8):
+                if (name in W8A8_ONLY and (weight_bits, act_bits) != (8, 8)) or (
+                        name != "default" and f"W{weight_bits}A{act_bits}" in args.sample_default_only):
                     cells.append(None)
                     continue
                 key = f"sample|{model.stem}|W{weight_bits}A{act_bits}|{name}|{ctx.seed}|{int(ctx.smoke)}"
