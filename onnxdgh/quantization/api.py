@@ -126,8 +126,10 @@ class QuantizeConfig:
             treat keep the kernel-sum or nearest integers. None: on for 8-bit weights when
             neither the rounding optimisation nor the bias correction runs (both need their own
             integers: either together with it is an error) and ``kernel_sum_rounding`` is None
-            (an explicit kernel-sum or nearest choice is kept). EfficientNet-Lite0 W8A8, real
-            photos: see docs/BENCHMARKS.md, section depthwise.
+            (an explicit kernel-sum or nearest choice is kept). EfficientNet-Lite0 W8A8, real photo
+            crops: logit SQNR 17.96 -> 21.25 dB, top-1 agreement 93.5 -> 96.0 % over kernel-sum
+            rounding; DGH images 17.90 -> 20.66 dB; samples within 0.1 point (docs/BENCHMARKS.md,
+            section depthwise).
         equalize: cross-layer equalization of consecutive convolutions before
             quantization (``--equalize/--no-equalize``, :mod:`onnxdgh.quantization.equalize`;
             the float function is unchanged, a ReLU6 keeps its bound). None: off
