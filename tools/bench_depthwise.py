@@ -20,6 +20,17 @@ library first: no option selects it).
 Part ``weights``: the same EfficientNet with only its weights on the 8-bit grid (activations
 float), logit SQNR per weight-rounding rule, and per layer (one layer quantized at a time).
 
+Part ``anchors``: onnxruntime's ``quantize_static`` (per-channel int8, ``--ort-methods``) on the
+same real crops, and MCT's PTQ (defaults) on the EfficientNet torch module where
+``model_compression_toolkit`` imports (run the script with ``bench-work/mct-venv/bin/python``).
+
+Part ``mobilenet``: torchvision's MobileNetV2 (width 0.5, BN kept) trained on Fashion-MNIST by
+``tools/train_fashion_mnist.py --arch tv-mobilenetv2`` when missing (seeded, one thread), quantized
+W8A8 with ``--mobilenet-variants`` on real (and ``--mobilenet-calib-source dgh``: DGH) images.
+
+The effnet part calibrates on real crops and/or DGH images (``--calib-source``; the DGH set is
+generated once with ``onnxdgh generate``, ``--dgh-size``).
+
 Part ``samples`` (no regression): each Fashion-MNIST sample at W8A8, W4A8 and W4A4 with the
 defaults and with ``--equalize``, calibrated on 512 training images (seeded), top-1 on the
 10,000 test images, through the ``onnxdgh quantize`` command line.
