@@ -247,10 +247,14 @@ def test_bn_free_smoke(tmp_path: Path) -> None:
 
 
 def test_depthwise_smoke(tmp_path: Path) -> None:
-    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=("--variants", "nearest", "ksr", "cle", "ksr+bc")),
-                    "depthwise")
+    extra = ("--variants", "nearest", "ksr", "gptq", "cle", "ksr+bc",
+             "--mobilenet-calib-source", "real", "dgh", "--mobilenet-variants", "gptq", "ksr")
+    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=extra), "depthwise")
     assert "| ksr |" in text and "--kernel-sum-rounding" in text and "logit SQNR dB" in text
-    assert "only the weights" in text and "| tiny1 | W8A8 |" in text
+    assert "only the weights" in text and "| tiny1 | W8A8 |" in text and "| GPTQ (" in text
+    assert "| real 128 | gptq |" in text and "--gptq-rounding" in text
+    assert "quantize_static`, MinMax" in text and "MobileNetV2 (torchvision" in text and "| real 512 | gptq |" in text
+    assert "| DGH | ksr |" in text
 
 
 def test_ocr_smoke(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def render(report: dict[str, Any], output: str) -> str:
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
-        f"rounding  {'AdaRound' if config['optimize_rounding'] else ('kernel-sum preserving' if config.get('kernel_sum_rounding') else 'nearest')}"
+        f"rounding  {'AdaRound' if config['optimize_rounding'] else ('GPTQ' if config.get('gptq_rounding') else ('kernel-sum preserving' if config.get('kernel_sum_rounding') else 'nearest'))}"
         f"{', bias correction' if config['bias_correction'] else ''}",
         f"time      quantize {timings['quantize_s']:.2f} s"
         + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
@@ -100,6 +100,10 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--kernel-sum-rounding/--no-kernel-sum-rounding", "kernel_sum_rounding", default=None,
               help="Round each output channel's weights so their integer sum stays nearest the float sum "
                    "(keeps the gain of high-gain depthwise kernels; default: on for 8-bit weights without --optimize-rounding).")
+@click.option("--gptq-rounding/--no-gptq-rounding", "gptq_rounding", default=None,
+              help="Re-round the Conv/Gemm weights (scales fixed) so each layer's output error on the calibration "
+                   "images is smallest (GPTQ; default: on for 8-bit weights without --optimize-rounding, "
+                   "--bias-correction or a --kernel-sum-rounding choice).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
 @click.option("--images", type=int, default=None,
               help="Generation: number of images (default by bit width: 64 at W8A8, else 256; docs/QUANTIZE.md).")
@@ -156,6 +160,7 @@ def quantize_command(
     shift_negative: bool | None,
     equalize: bool | None,
     kernel_sum_rounding: bool | None,
+    gptq_rounding: bool | None,
     seed: int,
     images: int | None,
     iterations: int | None,
@@ -233,6 +238,7 @@ def quantize_command(
         shift_negative=shift_negative,
         equalize=equalize,
         kernel_sum_rounding=kernel_sum_rounding,
+        gptq_rounding=gptq_rounding,
     )
     generation = {
         "images": images,
