@@ -152,14 +152,9 @@ def run(argv: list[str] | None = None) -> int:
         f"layer it is {totals[1]:.0f} ms against the depthwise forward's {totals[0]:.0f} ms, "
         f"{100 * totals[1] / step_ms:.1f}% of an unprofiled step. A gradient as cheap as the forward would save at most "
         f"{100 * (totals[1] - totals[0]) / step_ms:.1f}% of a step.",
-        *(["", f"**Measured under load** (1-min load average {load_before:.1f} -> {load_after:.1f} on 2 cores): process "
-               "times, which load inflates less than wall times, still include cache and core sharing."]
-          if max(load_before, load_after) > 1.5 else []),
+        *bl.load_note(load_before, load_after, "process times, which load inflates less than wall times, still include cache and core sharing."),
     ])
-    doc = bl.write_section(KEY, TITLE, body, info=info, command=bl.command_string(), load_before=load_before,
-                           load_after=load_after, doc=ctx.doc)
-    bl.log(f"wrote {doc}")
-    return 0
+    return bl.finish_section(ctx, KEY, TITLE, body, info=info, load_before=load_before, load_after=load_after)
 
 
 if __name__ == "__main__":

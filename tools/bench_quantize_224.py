@@ -129,13 +129,9 @@ def run(argv: list[str] | None = None) -> int:
         bl.md_table(["command", "generation (images x iterations)", "wall", "CPU time", "peak RSS MiB", "of which generate (wall)",
                      "whole-set BN loss (start -> final images)", "top-1 agreement %", "top-5 has float top-1 %",
                      "logit SQNR dB", f"target <= {TARGET_S / 60:.0f} min"], rows),
-        *(["", f"**Measured under load** (1-min load average {load_before:.1f} -> {load_after:.1f} on 2 cores): the wall "
-               "times are inflated; the CPU times and accuracies are not."] if max(load_before, load_after) > 1.5 else []),
+        *bl.load_note(load_before, load_after, "the wall times are inflated; the CPU times and accuracies are not."),
     ])
-    doc = bl.write_section(KEY, TITLE, body, info=info, command=bl.command_string(), load_before=load_before,
-                           load_after=load_after, doc=ctx.doc)
-    bl.log(f"wrote {doc}")
-    return 0
+    return bl.finish_section(ctx, KEY, TITLE, body, info=info, load_before=load_before, load_after=load_after)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,26 @@ def write_section(
     return doc
 
 
+def load_note(load_before: float, load_after: float, unaffected: str) -> list[str]:
+    """The lines that say a run was measured under load (1-min load average above 1.5), else none.
+
+    ``unaffected`` says which figures load inflates and which it does not, e.g. "the wall
+    times are inflated; the CPU times and accuracies are not."
+    """
+    if max(load_before, load_after) <= 1.5:
+        return []
+    return ["", f"**Measured under load** (1-min load average {load_before:.1f} -> {load_after:.1f} on 2 cores): {unaffected}"]
+
+
+def finish_section(ctx: Any, key: str, title: str, body: str, *, info: dict[str, Any], load_before: float,
+                   load_after: float) -> int:
+    """Write the section ``key`` of the context's document with this invocation's command; exit code 0."""
+    doc = write_section(key, title, body, info=info, command=command_string(), load_before=load_before,
+                        load_after=load_after, doc=ctx.doc)
+    log(f"wrote {doc}")
+    return 0
+
+
 # ------------------------------------------------------------------------ processes
 
 
