@@ -120,6 +120,16 @@ OPS: dict[str, OpSpec] = {
     "ReduceMean": OpSpec(shape_inputs=_idx(1)),
     "ReduceMax": OpSpec(),
     "Softmax": OpSpec(bounds=(0.0, 1.0)),
+    # Elementwise functions of one activation (a lookup table on an integer target); the
+    # pieces of a decomposed LayerNorm (ReduceMean, Sub, Pow by 2, Sqrt, Div) and of GELU
+    # (Erf form x * 0.5 * (1 + Erf(x / sqrt 2)); tanh form with Pow by 3 and Tanh).
+    # Pow's exponent is a parameter of the function, not a tensor to quantize; its
+    # bounds depend on it (:func:`output_bounds`).
+    "Pow": OpSpec(shape_inputs=_idx(1)),
+    "Sqrt": OpSpec(bounds=(0.0, _INF)),
+    "Erf": OpSpec(bounds=(-1.0, 1.0)),
+    # LayerNormalization (opset 17): scale and bias are per-tensor constants.
+    "LayerNormalization": OpSpec(),
     "Resize": OpSpec(shape_inputs=_idx(1, 2, 3)),
     "Concat": OpSpec(shared_scale=True),
     # Value-preserving ops (inherit their input's quantizer).
@@ -231,9 +241,16 @@ def output_bounds(
     """``(lo, hi)`` of the op's output whatever its input, or None when not bounded by the op.
 
     Clip: its ``min``/``max`` attributes (opset < 11) or constant inputs 1 and 2, infinite
-    where absent; None when a bound is computed. ``constant`` maps a tensor name to its
-    value (None when computed).
+    where absent; None when a bound is computed. Pow: ``[0, inf)`` for a constant even
+    integer exponent, else unbounded. ``constant`` maps a tensor name to its value (None
+    when computed).
     """
+    if op_type == "Pow":
+        exponent = constant(inputs[1]) if len(inputs) > 1 and inputs[1] else None
+        if exponent is None or np.asarray(exponent).size != 1:
+            return None
+        value = float(np.asarray(exponent).reshape(-1)[0])
+        return (0.0, _INF) if value == round(value) and int(value) % 2 == 0 else None
     if op_type != "Clip":
         return spec(op_type).bounds
     low, high = float(attributes.get("min", -_INF)), float(attributes.get("max", _INF))  # type: ignore[arg-type]

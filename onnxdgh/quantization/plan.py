@@ -343,6 +343,19 @@ def _mark_plain(m: _Marking, node: _Node) -> None:
         m.outputs(node)
 
 
+@_policy("Pow")
+def _mark_pow(m: _Marking, node: _Node) -> None:
+    """Pow by a constant scalar exponent: an elementwise function of its base (the square
+    of a decomposed LayerNorm, the cube of tanh-form GELU), marked like any plain op."""
+    exponent = m.view.input_constant(node.proto, 1)
+    if exponent is None or exponent.size != 1:
+        raise QuantizationError(
+            f"cannot quantize Pow node {node.label}: its exponent is not a constant scalar",
+            "export the power with a constant exponent (x ** 2), or as Mul(x, x)",
+        )
+    _mark_plain(m, node)
+
+
 @_policy(*(op for op, record in OPS.items() if record.weight is not None))
 def _mark_weighted(m: _Marking, node: _Node) -> None:
     """Conv, ConvTranspose, Gemm, MatMul: a constant weight per output channel (signed,
