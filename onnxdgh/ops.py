@@ -1,8 +1,8 @@
 """The op table: what each ONNX op means to the quantizer and the validator.
 
 Contract: pure data (:data:`OPS`, one :class:`OpSpec` per op type) and lookups over it,
-plus one structural rule, the gated activation (:func:`is_gate_partner`,
-:func:`gated_activation`). Marking, folding, shifting, equalizing, emitting and
+plus two structural rules, the gated activation (:func:`is_gate_partner`,
+:func:`gated_activation`) and the decomposed LayerNorm (:func:`decomposed_layer_norm`). Marking, folding, shifting, equalizing, emitting and
 validation read these records, so they cannot drift; adding an operator is one entry
 here and one marking policy (:mod:`onnxdgh.quantization.plan`).
 
@@ -58,6 +58,9 @@ __all__ = [
     "output_bounds",
     "gated_activation",
     "is_gate_partner",
+    "LayerNormPattern",
+    "decomposed_layer_norm",
+    "layer_norm_patterns",
 ]
 
 Layout = Literal["conv", "conv_transpose", "gemm", "matmul"]
@@ -295,3 +298,97 @@ def gated_activation(tensor: str, readers: Sequence[Any]) -> tuple[Any, Any] | N
         if is_gate_partner(gate, mul) and gate.input[0] == tensor:
             return gate, mul
     return None
+
+
+@dataclass(frozen=True)
+class LayerNormPattern:
+    """A LayerNorm written as ``ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div``.
+
+    ``nodes`` in that order; ``inner`` the six tensors that never leave the pattern (the
+    mean, the centred input, its square, the variance, variance + eps, the deviation);
+    ``data`` the normalised tensor ``x``, ``output`` the Div's output. ``epsilon`` is the
+    name of the constant added to the variance. The affine ``Mul(gamma)``/``Add(beta)``
+    that follows is left out: those are ordinary ops with their own quantizers.
+    """
+
+    nodes: tuple[Any, ...]
+    inner: tuple[str, ...]
+    data: str
+    output: str
+    epsilon: str
+
+
+def _reduce_axes(node: Any, constant: Callable[[str], np.ndarray | None]) -> tuple[int, ...] | None:
+    for attribute in node.attribute:
+        if attribute.name == "axes":
+            return tuple(attribute.ints)
+    if len(node.input) > 1 and node.input[1]:  # opset >= 18: axes is an input
+        value = constant(node.input[1])
+        return None if value is None else tuple(int(v) for v in np.asarray(value).reshape(-1))
+    return None
+
+
+def _keeps_dims(node: Any) -> bool:
+    return all(a.i == 1 for a in node.attribute if a.name == "keepdims")
+
+
+def _only_reader(view: Any, tensor: str, op_type: str) -> Any:
+    readers = view.readers(tensor)
+    if len(readers) == 1 and readers[0].op_type == op_type and tensor not in view.output_set:
+        return readers[0]
+    return None
+
+
+def decomposed_layer_norm(view: Any, mean: Any) -> LayerNormPattern | None:
+    """The :class:`LayerNormPattern` that starts at the ReduceMean node ``mean``, or None.
+
+    ``view`` is a :class:`~onnxdgh.graph.GraphView` (of the float or the quantized graph).
+    Exactly this dataflow matches: ``mu = ReduceMean(x)``, ``d = Sub(x, mu)``, ``d`` read
+    only by ``Pow(d, 2)`` and the final ``Div(d, s)``, ``v = ReduceMean(d^2)`` over the
+    same single axis (keepdims), ``Add(v, eps)`` with a constant scalar ``eps``,
+    ``s = Sqrt(...)``; every inner tensor read only inside the pattern. It is the
+    normalisation of ONNX's ``LayerNormalization`` (opset 17) as Paddle2ONNX and older
+    torch exports write it, so it is quantized as that one op: its input and its output.
+    """
+    if mean.op_type != "ReduceMean" or not mean.input or not _keeps_dims(mean):
+        return None
+    axes = _reduce_axes(mean, view.constant)
+    if axes is None or len(axes) != 1:
+        return None
+    x, mu = mean.input[0], mean.output[0]
+    sub = _only_reader(view, mu, "Sub")
+    if sub is None or list(sub.input) != [x, mu]:
+        return None
+    d = sub.output[0]
+    readers = view.readers(d)
+    if d in view.output_set or len(readers) != 2:
+        return None
+    by_op = {node.op_type: node for node in readers}
+    power, div = by_op.get("Pow"), by_op.get("Div")
+    if power is None or div is None or list(power.input[:1]) != [d]:
+        return None
+    exponent = view.constant(power.input[1]) if len(power.input) > 1 else None
+    if exponent is None or np.asarray(exponent).size != 1 or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
+        return None
+    variance = _only_reader(view, power.output[0], "ReduceMean")
+    if variance is None or not _keeps_dims(variance) or _reduce_axes(variance, view.constant) != axes:
+        return None
+    add = _only_reader(view, variance.output[0], "Add")
+    if add is None or variance.output[0] not in add.input:
+        return None
+    epsilon = [name for name in add.input if name != variance.output[0]]
+    eps_value = view.constant(epsilon[0]) if len(epsilon) == 1 else None
+    if eps_value is None or np.asarray(eps_value).size != 1:
+        return None
+    sqrt = _only_reader(view, add.output[0], "Sqrt")
+    if sqrt is None or _only_reader(view, sqrt.output[0], "Div") is not div or list(div.input) != [d, sqrt.output[0]]:
+        return None
+    nodes = (mean, sub, power, variance, add, sqrt, div)
+    inner = (mu, d, power.output[0], variance.output[0], add.output[0], sqrt.output[0])
+    return LayerNormPattern(nodes, inner, x, div.output[0], epsilon[0])
+
+
+def layer_norm_patterns(view: Any) -> list[LayerNormPattern]:
+    """Every :func:`decomposed_layer_norm` of the graph ``view`` shows, in graph order."""
+    found = (decomposed_layer_norm(view, node) for node in view.graph.node if node.op_type == "ReduceMean")
+    return [pattern for pattern in found if pattern is not None]

@@ -53,6 +53,7 @@ from ..ops import (
     QDQ_OPS,
     gated_activation,
     is_gate_partner,
+    layer_norm_patterns,
     is_value_preserving,
     numpy_container,
     output_bounds,
@@ -429,6 +430,15 @@ def mark(
         )
     m = _Marking(model, profile, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel,
                  grid_pads=grid_pads, image=inputs[0])
+    # A LayerNorm written out is the LayerNormalization op: no quantizer inside it (8-bit
+    # variances of near-constant tokens round to 0 and blow the division up).
+    inside_layer_norm: set[int] = set()
+    if profile.allows_op("LayerNormalization"):
+        for pattern in layer_norm_patterns(m.view):
+            m.fused_tensors.update(pattern.inner)
+            inside_layer_norm.update(id(node) for node in pattern.nodes[:-1])
+        if inside_layer_norm:
+            _LOG.info("%d decomposed LayerNorm pattern(s) quantized as one op each", len(inside_layer_norm) // 6)
     for proto in graph.node:
         label = m.view.label(proto)
         op = proto.op_type
@@ -438,6 +448,8 @@ def mark(
                 f"node {label} is a {op}: the model is already quantized",
                 "give onnxdgh the float model (before any quantization)",
             )
+        if id(proto) in inside_layer_norm:
+            continue  # its outputs stay inside the pattern; the final Div is marked below
         if not float_outs:
             continue  # shape/index arithmetic: nothing to quantize
         if proto.domain not in ("", "ai.onnx"):

@@ -31,7 +31,15 @@ import numpy as np
 import onnx
 
 from .. import graph as g
-from ..ops import INTEGER_TYPES, gated_activation, is_gate_partner, is_value_preserving, output_bounds, spec
+from ..ops import (
+    INTEGER_TYPES,
+    gated_activation,
+    is_gate_partner,
+    is_value_preserving,
+    layer_norm_patterns,
+    output_bounds,
+    spec,
+)
 from ..profile import Profile
 from ..quantization.float_weights import restore_quantized_weights
 from ..quantization.thresholds import grid
@@ -54,8 +62,9 @@ RULES: dict[str, str] = {
     "graph-output-not-dequantized": "every graph output is produced by DequantizeLinear",
     "float-input-not-dequantized": (
         "every float data input of every compute op comes from DequantizeLinear (except the second "
-        "op of a fused pattern, the Mul of a fused gated activation, and a range Clip that feeds only "
-        "QuantizeLinear)"
+        "op of a fused pattern, the Mul of a fused gated activation, a range Clip that feeds only "
+        "QuantizeLinear, and the inner tensors and epsilon of a decomposed LayerNorm -- ReduceMean, Sub, "
+        "Pow 2, ReduceMean, Add eps, Sqrt, Div -- where the profile allows LayerNormalization)"
     ),
     "qdq-pair-mismatch": "a DequantizeLinear reading a QuantizeLinear uses the same scale, zero point and type",
     "scale-not-power-of-two": "every Q/DQ scale is a constant, positive, exact power of two",
@@ -479,8 +488,21 @@ def _check_graph_outputs(q: QuantGraph, profile: Profile) -> list[Violation]:
     return found
 
 
+def _layer_norm_inside(q: QuantGraph, profile: Profile) -> dict[int, frozenset[str]]:
+    """For each node of a decomposed LayerNorm (when ``profile`` allows LayerNormalization):
+    the float tensors it may read without Q/DQ (the pattern's inner tensors and epsilon)."""
+    if not profile.allows_op("LayerNormalization"):
+        return {}
+    inside: dict[int, frozenset[str]] = {}
+    for pattern in layer_norm_patterns(q):
+        floats = frozenset((*pattern.inner, pattern.epsilon))
+        inside.update((id(node), floats) for node in pattern.nodes)
+    return inside
+
+
 def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
     found = []
+    layer_norm = _layer_norm_inside(q, profile)
     for node in q.graph.node:
         if node.op_type == "BatchNormalization":
             found.append(
@@ -505,7 +527,7 @@ def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
             continue
         # The range Clip before a QuantizeLinear is part of the quantizer (a narrower grid),
         # not a compute op the target must run.
-        if profile.allows_op(node.op_type) or q.is_range_clip(node):
+        if profile.allows_op(node.op_type) or q.is_range_clip(node) or id(node) in layer_norm:
             continue
         found.append(
             Violation(
@@ -520,11 +542,14 @@ def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
 
 def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
     found = []
+    layer_norm = _layer_norm_inside(q, profile)
     for node in q.graph.node:
         # A range Clip feeding only QuantizeLinear is part of the quantizer (a narrower grid).
         if node.op_type in _QDQ or node.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(node):
             continue
         for _index, name in _data_inputs(node):
+            if name in layer_norm.get(id(node), ()):
+                continue  # inside one LayerNorm op (the profile allows LayerNormalization)
             elem_type = q.elem_types.get(name)
             producer = q.producers.get(name)
             if producer is not None and producer.op_type == "DequantizeLinear":
