@@ -452,3 +452,85 @@ def test_value_preserving_op_on_a_constant_shares_the_constant_scale() -> None:
     # The constant is stored exactly on that grid, and nothing about it needs calibration.
     np.testing.assert_allclose(inits[constant_dq.input[0]] * 2.0**-8, offset, atol=2.0**-9)
     assert "offset4" not in result.report["statistics"]
+
+
+def test_decomposed_layer_norm_is_one_op_only_where_the_profile_allows_layer_normalization(tmp_path) -> None:
+    import dataclasses
+    import json
+
+    float_model = m_layernorm_decomposed()
+    x = images(32)
+    fused = quantize(load_model_proto(float_model), x, QuantizeConfig(), progress=False).model
+    without = dataclasses.replace(
+        GENERIC, name="no-layernorm", allowed_ops=tuple(op for op in GENERIC.allowed_ops if op != "LayerNormalization")
+    )
+    # The fused model reads the pattern's inner tensors in float: only a LayerNorm unit may.
+    rules = {(v.rule, v.tensor) for v in check_model(fused, without)}
+    assert {("float-input-not-dequantized", name) for name in ("mu", "d", "d2", "var", "sd", "eps")} <= rules
+    # Without that op, the pattern is ordinary ops: every inner tensor gets its own quantizer.
+    path = tmp_path / "no-layernorm.json"
+    path.write_text(json.dumps(without.to_dict()))
+    split = quantize(load_model_proto(float_model), x, QuantizeConfig(profile=str(path)), progress=False).model
+    assert structure_problems(split, FUSED) == []
+    assert [v.to_dict() for v in check_model(split, without)] == []
+    quantized = {node.input[0] for node in split.graph.node if node.op_type == "QuantizeLinear"}
+    assert {"mu", "d", "d2", "var", "ve", "sd"} <= quantized
+
+
+def test_decomposed_layer_norm_pattern_matches_only_that_dataflow() -> None:
+    from onnxdgh.graph import GraphView
+    from onnxdgh.ops import decomposed_layer_norm
+
+    model = m_layernorm_decomposed()
+    mean = next(n for n in model.graph.node if n.name == "ln_mean")
+    pattern = decomposed_layer_norm(GraphView(model), mean)
+    assert pattern is not None and pattern.inner == ("mu", "d", "d2", "var", "ve", "sd")
+    assert (pattern.data, pattern.output, pattern.epsilon) == ("t", "n", "eps")
+
+    def variant(edit: Callable[[onnx.ModelProto], None]) -> object:
+        changed = m_layernorm_decomposed()
+        edit(changed)
+        view = GraphView(changed)
+        return decomposed_layer_norm(view, next(n for n in changed.graph.node if n.name == "ln_mean"))
+
+    def cube(m: onnx.ModelProto) -> None:
+        two = next(i for i in m.graph.initializer if i.name == "two")
+        two.CopyFrom(onnx.numpy_helper.from_array(np.array(3.0, np.float32), "two"))
+
+    def leak(m: onnx.ModelProto) -> None:  # the variance also read outside the pattern
+        m.graph.node.append(N("Relu", ["var"], ["leak"], name="leak"))
+        m.graph.output.append(helper.make_tensor_value_info("leak", onnx.TensorProto.FLOAT, None))
+
+    def two_axes(m: onnx.ModelProto) -> None:
+        for n in m.graph.node:
+            if n.op_type == "ReduceMean":
+                del n.attribute[:]
+                n.attribute.append(helper.make_attribute("axes", [1, 2]))
+
+    assert variant(cube) is None
+    assert variant(leak) is None
+    assert variant(two_axes) is None
+
+
+def test_pow_with_a_computed_exponent_is_refused() -> None:
+    from onnxdgh.errors import QuantizationError
+
+    model = _with_conv(lambda h: ([N("Pow", [h, h], ["y"], name="pow_by_itself")], {}))
+    with pytest.raises(QuantizationError, match="pow_by_itself.*not a constant scalar"):
+        quantize(load_model_proto(model), images(8), QuantizeConfig(), progress=False)
+
+
+def test_pow_by_two_is_unsigned_and_pow_by_three_signed() -> None:
+    model = _with_conv(
+        lambda h: (
+            [N("Pow", [h, "two"], ["sq"], name="square"), N("Pow", [h, "three"], ["cube"], name="cube"),
+             N("Add", ["sq", "cube"], ["y"], name="add")],
+            {"two": np.array(2.0, np.float32), "three": np.array(3.0, np.float32)},
+        )
+    )
+    q = quantize(load_model_proto(model), images(16), QuantizeConfig(), progress=False).model
+    assert [v.to_dict() for v in check_model(q, GENERIC)] == []
+    kinds = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(q).graph.value_info}
+    assert types[kinds["sq"]] == onnx.TensorProto.UINT8
+    assert types[kinds["cube"]] == onnx.TensorProto.INT8
