@@ -2,7 +2,8 @@
 
 Contract: pure data (:data:`OPS`, one :class:`OpSpec` per op type) and lookups over it,
 plus two structural rules, the gated activation (:func:`is_gate_partner`,
-:func:`gated_activation`) and the decomposed LayerNorm (:func:`decomposed_layer_norm`). Marking, folding, shifting, equalizing, emitting and
+:func:`gated_activation`) and ops written out as several nodes that are quantized as the
+one op they compute (:func:`written_out_ops`: LayerNorm, HardSwish). Marking, folding, shifting, equalizing, emitting and
 validation read these records, so they cannot drift; adding an operator is one entry
 here and one marking policy (:mod:`onnxdgh.quantization.plan`).
 
@@ -58,9 +59,10 @@ __all__ = [
     "output_bounds",
     "gated_activation",
     "is_gate_partner",
-    "LayerNormPattern",
+    "WrittenOutOp",
     "decomposed_layer_norm",
-    "layer_norm_patterns",
+    "decomposed_hard_swish",
+    "written_out_ops",
 ]
 
 Layout = Literal["conv", "conv_transpose", "gemm", "matmul"]
@@ -301,21 +303,21 @@ def gated_activation(tensor: str, readers: Sequence[Any]) -> tuple[Any, Any] | N
 
 
 @dataclass(frozen=True)
-class LayerNormPattern:
-    """A LayerNorm written as ``ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div``.
+class WrittenOutOp:
+    """One op (``op``, e.g. ``LayerNormalization``) written out as several nodes.
 
-    ``nodes`` in that order; ``inner`` the six tensors that never leave the pattern (the
-    mean, the centred input, its square, the variance, variance + eps, the deviation);
-    ``data`` the normalised tensor ``x``, ``output`` the Div's output. ``epsilon`` is the
-    name of the constant added to the variance. The affine ``Mul(gamma)``/``Add(beta)``
-    that follows is left out: those are ordinary ops with their own quantizers.
+    ``nodes`` in dataflow order, the last one producing ``output``; ``inner`` the tensors
+    that never leave the pattern; ``data`` the op's input; ``parameters`` the constants
+    the nodes read (epsilon, 3 and 6 of HardSwish), which are the op's attributes, not
+    tensors to quantize. Quantized as the op: at ``data`` and ``output`` only.
     """
 
+    op: str
     nodes: tuple[Any, ...]
     inner: tuple[str, ...]
     data: str
     output: str
-    epsilon: str
+    parameters: tuple[str, ...]
 
 
 def _reduce_axes(node: Any, constant: Callable[[str], np.ndarray | None]) -> tuple[int, ...] | None:
@@ -339,8 +341,8 @@ def _only_reader(view: Any, tensor: str, op_type: str) -> Any:
     return None
 
 
-def decomposed_layer_norm(view: Any, mean: Any) -> LayerNormPattern | None:
-    """The :class:`LayerNormPattern` that starts at the ReduceMean node ``mean``, or None.
+def decomposed_layer_norm(view: Any, mean: Any) -> WrittenOutOp | None:
+    """The LayerNorm (:class:`WrittenOutOp`) that starts at the ReduceMean node ``mean``, or None.
 
     ``view`` is a :class:`~onnxdgh.graph.GraphView` (of the float or the quantized graph).
     Exactly this dataflow matches: ``mu = ReduceMean(x)``, ``d = Sub(x, mu)``, ``d`` read
@@ -349,6 +351,7 @@ def decomposed_layer_norm(view: Any, mean: Any) -> LayerNormPattern | None:
     ``s = Sqrt(...)``; every inner tensor read only inside the pattern. It is the
     normalisation of ONNX's ``LayerNormalization`` (opset 17) as Paddle2ONNX and older
     torch exports write it, so it is quantized as that one op: its input and its output.
+    The affine ``Mul(gamma)``/``Add(beta)`` that follows is left out: ordinary ops.
     """
     if mean.op_type != "ReduceMean" or not mean.input or not _keeps_dims(mean):
         return None
@@ -385,10 +388,69 @@ def decomposed_layer_norm(view: Any, mean: Any) -> LayerNormPattern | None:
         return None
     nodes = (mean, sub, power, variance, add, sqrt, div)
     inner = (mu, d, power.output[0], variance.output[0], add.output[0], sqrt.output[0])
-    return LayerNormPattern(nodes, inner, x, div.output[0], epsilon[0])
+    return WrittenOutOp("LayerNormalization", nodes, inner, x, div.output[0], (epsilon[0],))
 
 
-def layer_norm_patterns(view: Any) -> list[LayerNormPattern]:
-    """Every :func:`decomposed_layer_norm` of the graph ``view`` shows, in graph order."""
-    found = (decomposed_layer_norm(view, node) for node in view.graph.node if node.op_type == "ReduceMean")
+def _scalar(view: Any, name: str) -> float | None:
+    value = view.constant(name) if name else None
+    return None if value is None or np.asarray(value).size != 1 else float(np.asarray(value).reshape(-1)[0])
+
+
+def _other_input(node: Any, name: str) -> str | None:
+    others = [item for item in node.input if item != name]
+    return others[0] if len(node.input) == 2 and len(others) == 1 else None
+
+
+def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
+    """The HardSwish ``x * Clip(x + 3, 0, 6) / 6`` that starts at the Add node ``add``, or None.
+
+    Exactly: ``a = Add(x, 3)`` read only by ``c = Clip(a, 0, 6)``, ``c`` read only by
+    ``m = Mul(x, c)``, ``m`` read only by ``Div(m, 6)`` or ``Mul(m, 1/6)`` (the folded Div);
+    3, 0, 6 constants. Paddle2ONNX writes ``hardswish`` this way (opset < 14 has no
+    HardSwish op); it is ONNX's ``HardSwish`` (alpha 1/6, beta 1/2), so it is quantized as
+    that op: at ``x`` and the output, the 8-bit grids between would only add error.
+    """
+    if add.op_type != "Add" or len(add.input) != 2:
+        return None
+    for x in add.input:
+        three = _other_input(add, x)
+        if three is not None and _scalar(view, three) == 3.0 and view.constant(x) is None:
+            break
+    else:
+        return None
+    clip = _only_reader(view, add.output[0], "Clip")
+    if clip is None or clip.input[0] != add.output[0]:
+        return None
+    attrs = {a.name: a.f for a in clip.attribute}
+    low = _scalar(view, clip.input[1]) if len(clip.input) > 1 else attrs.get("min")
+    high = _scalar(view, clip.input[2]) if len(clip.input) > 2 else attrs.get("max")
+    if low != 0.0 or high != 6.0:
+        return None
+    mul = _only_reader(view, clip.output[0], "Mul")
+    if mul is None or sorted(mul.input) != sorted([x, clip.output[0]]):
+        return None
+    readers = view.readers(mul.output[0])
+    if len(readers) != 1 or mul.output[0] in view.output_set or readers[0].op_type not in ("Div", "Mul"):
+        return None
+    scale = readers[0]
+    divisor = _other_input(scale, mul.output[0])
+    value = _scalar(view, divisor) if divisor is not None else None
+    if value is None or (scale.op_type == "Div" and scale.input[0] != mul.output[0]):
+        return None
+    if not math.isclose(value if scale.op_type == "Div" else 1.0 / value if value else 0.0, 6.0, rel_tol=1e-6):
+        return None
+    nodes = (add, clip, mul, scale)
+    return WrittenOutOp("HardSwish", nodes, (add.output[0], clip.output[0], mul.output[0]), x, scale.output[0],
+                        (three, divisor))  # type: ignore[arg-type]
+
+
+def written_out_ops(view: Any) -> list[WrittenOutOp]:
+    """Every op of the graph ``view`` written out as several nodes (:func:`decomposed_layer_norm`,
+    :func:`decomposed_hard_swish`), in graph order of their first node."""
+    found = []
+    for node in view.graph.node:
+        if node.op_type == "ReduceMean":
+            found.append(decomposed_layer_norm(view, node))
+        elif node.op_type == "Add":
+            found.append(decomposed_hard_swish(view, node))
     return [pattern for pattern in found if pattern is not None]

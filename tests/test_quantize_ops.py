@@ -310,6 +310,21 @@ def m_gelu_tanh() -> onnx.ModelProto:
     )
 
 
+def m_hard_swish_decomposed() -> onnx.ModelProto:
+    # Paddle2ONNX's hardswish at opset < 14: x * Clip(x + 3, 0, 6) / 6.
+    return _with_conv(
+        lambda h: (
+            [
+                N("Add", [h, "three"], ["a"], name="hs_add"),
+                N("Clip", ["a", "zero", "six"], ["c"], name="hs_clip"),
+                N("Mul", [h, "c"], ["m"], name="hs_mul"),
+                N("Div", ["m", "six"], ["y"], name="hs_div"),
+            ],
+            {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)},
+        )
+    )
+
+
 def _attention(heads: str) -> Callable[[], onnx.ModelProto]:
     """Self-attention over the tokens, 2 heads of 4: one qkv projection cut into q, k, v
     by ``heads`` ("gather": Reshape/Transpose then Gather per head, as Paddle2ONNX writes
@@ -382,15 +397,19 @@ FAMILIES: dict[str, Callable[[], onnx.ModelProto]] = {
     "softmax": m_softmax,
     "layernorm_decomposed": m_layernorm_decomposed,
     "layernorm": m_layernorm,
+    "hard_swish_decomposed": m_hard_swish_decomposed,
     "gelu_erf": m_gelu_erf,
     "gelu_tanh": m_gelu_tanh,
     "attention_gather_heads": _attention("gather"),
     "attention_split_heads": _attention("split"),
 }
 
-# The decomposed LayerNorm is one op: its inner tensors and epsilon stay float; its input
-# and output (and everything else) are quantized.
-FLOAT_INSIDE = {"layernorm_decomposed": ("mu", "d", "d2", "var", "ve", "sd", "eps")}
+# A LayerNorm or HardSwish written out is one op: its inner tensors and constants stay
+# float; its input and output (and everything else) are quantized.
+FLOAT_INSIDE = {
+    "layernorm_decomposed": ("mu", "d", "d2", "var", "ve", "sd", "eps"),
+    "hard_swish_decomposed": ("a", "c", "m", "three", "six_reciprocal"),  # the Div by 6 is folded to a Mul
+}
 
 
 @pytest.mark.parametrize("threshold", ["mse", "noclip"])
@@ -485,7 +504,7 @@ def test_decomposed_layer_norm_pattern_matches_only_that_dataflow() -> None:
     mean = next(n for n in model.graph.node if n.name == "ln_mean")
     pattern = decomposed_layer_norm(GraphView(model), mean)
     assert pattern is not None and pattern.inner == ("mu", "d", "d2", "var", "ve", "sd")
-    assert (pattern.data, pattern.output, pattern.epsilon) == ("t", "n", "eps")
+    assert (pattern.op, pattern.data, pattern.output, pattern.parameters) == ("LayerNormalization", "t", "n", ("eps",))
 
     def variant(edit: Callable[[onnx.ModelProto], None]) -> object:
         changed = m_layernorm_decomposed()
@@ -534,3 +553,30 @@ def test_pow_by_two_is_unsigned_and_pow_by_three_signed() -> None:
     types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(q).graph.value_info}
     assert types[kinds["sq"]] == onnx.TensorProto.UINT8
     assert types[kinds["cube"]] == onnx.TensorProto.INT8
+
+
+def test_written_out_hard_swish_matches_only_x_clip_x_plus_3_over_6() -> None:
+    from onnxdgh.graph import GraphView
+    from onnxdgh.ops import decomposed_hard_swish
+
+    def match(edit: Callable[[onnx.ModelProto], None] | None = None) -> object:
+        model = m_hard_swish_decomposed()
+        if edit is not None:
+            edit(model)
+        return decomposed_hard_swish(GraphView(model), next(n for n in model.graph.node if n.name == "hs_add"))
+
+    def constant(name: str, value: float) -> Callable[[onnx.ModelProto], None]:
+        def edit(model: onnx.ModelProto) -> None:
+            init = next(i for i in model.graph.initializer if i.name == name)
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(value, np.float32), name))
+        return edit
+
+    def leak(model: onnx.ModelProto) -> None:  # the Clip output also read outside
+        model.graph.node.append(N("Relu", ["c"], ["leak"], name="leak"))
+        model.graph.output.append(helper.make_tensor_value_info("leak", onnx.TensorProto.FLOAT, None))
+
+    found = match()
+    assert found is not None and (found.op, found.inner, found.parameters) == ("HardSwish", ("a", "c", "m"), ("three", "six"))
+    assert match(constant("three", 2.0)) is None
+    assert match(constant("zero", -1.0)) is None
+    assert match(leak) is None

@@ -53,7 +53,7 @@ from ..ops import (
     QDQ_OPS,
     gated_activation,
     is_gate_partner,
-    layer_norm_patterns,
+    written_out_ops,
     is_value_preserving,
     numpy_container,
     output_bounds,
@@ -430,15 +430,18 @@ def mark(
         )
     m = _Marking(model, profile, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel,
                  grid_pads=grid_pads, image=inputs[0])
-    # A LayerNorm written out is the LayerNormalization op: no quantizer inside it (8-bit
-    # variances of near-constant tokens round to 0 and blow the division up).
-    inside_layer_norm: set[int] = set()
-    if profile.allows_op("LayerNormalization"):
-        for pattern in layer_norm_patterns(m.view):
+    # An op written out as several nodes (LayerNorm, HardSwish) is quantized as that op
+    # where the profile allows it: no quantizer inside (8-bit variances of near-constant
+    # tokens round to 0 and blow the division up), its constants are its attributes.
+    inside: set[int] = set()
+    parameters: dict[int, frozenset[str]] = {}
+    for pattern in written_out_ops(m.view):
+        if profile.allows_op(pattern.op):
             m.fused_tensors.update(pattern.inner)
-            inside_layer_norm.update(id(node) for node in pattern.nodes[:-1])
-        if inside_layer_norm:
-            _LOG.info("%d decomposed LayerNorm pattern(s) quantized as one op each", len(inside_layer_norm) // 6)
+            inside.update(id(node) for node in pattern.nodes[:-1])
+            parameters[id(pattern.nodes[-1])] = frozenset(pattern.parameters)
+            _LOG.debug("%s written out as %d nodes ending at %s: quantized as one op",
+                       pattern.op, len(pattern.nodes), m.view.label(pattern.nodes[-1]))
     for proto in graph.node:
         label = m.view.label(proto)
         op = proto.op_type
@@ -448,8 +451,8 @@ def mark(
                 f"node {label} is a {op}: the model is already quantized",
                 "give onnxdgh the float model (before any quantization)",
             )
-        if id(proto) in inside_layer_norm:
-            continue  # its outputs stay inside the pattern; the final Div is marked below
+        if id(proto) in inside:
+            continue  # its outputs stay inside the written-out op; the last node is marked below
         if not float_outs:
             continue  # shape/index arithmetic: nothing to quantize
         if proto.domain not in ("", "ai.onnx"):
@@ -475,6 +478,8 @@ def mark(
         for position, name in enumerate(proto.input):
             if not name or position in shape_inputs or name not in floats:
                 continue
+            if name in parameters.get(id(proto), ()):
+                continue  # an attribute of the written-out op, not a tensor
             if name in m.view.initializers:
                 constants.append((position, name))
             else:
