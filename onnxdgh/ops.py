@@ -406,7 +406,8 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
 
     Exactly: ``a = Add(x, 3)`` read only by ``c = Clip(a, 0, 6)``, ``c`` read only by
     ``m = Mul(x, c)``, ``m`` read only by ``Div(m, 6)`` or ``Mul(m, 1/6)`` (the folded Div);
-    3, 0, 6 constants. Paddle2ONNX writes ``hardswish`` this way (opset < 14 has no
+    3, 0, 6 constants; then, when they are the only readers, a ``Mul`` and an ``Add`` by
+    scalar constants (an affine of the activation's output, still a function of ``x``). Paddle2ONNX writes ``hardswish`` this way (opset < 14 has no
     HardSwish op); it is ONNX's ``HardSwish`` (alpha 1/6, beta 1/2), so it is quantized as
     that op: at ``x`` and the output, the 8-bit grids between would only add error.
     """
@@ -439,9 +440,19 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
         return None
     if not math.isclose(value if scale.op_type == "Div" else 1.0 / value if value else 0.0, 6.0, rel_tol=1e-6):
         return None
-    nodes = (add, clip, mul, scale)
-    return WrittenOutOp("HardSwish", nodes, (add.output[0], clip.output[0], mul.output[0]), x, scale.output[0],
-                        (three, divisor))  # type: ignore[arg-type]
+    nodes, inner, parameters = [add, clip, mul, scale], [add.output[0], clip.output[0], mul.output[0]], [three, divisor]
+    # PP-LCNetV3's learnable affine after the activation, s * hardswish(x) + b with scalars
+    # s, b: still one elementwise function of x (one lookup table on an 8-bit input), so it
+    # ends the op; a grid between would round hardswish's output twice more.
+    for op_type in ("Mul", "Add"):
+        follower = _only_reader(view, nodes[-1].output[0], op_type)
+        constant = _other_input(follower, nodes[-1].output[0]) if follower is not None else None
+        if constant is None or _scalar(view, constant) is None:
+            break
+        inner.append(nodes[-1].output[0])
+        nodes.append(follower)
+        parameters.append(constant)
+    return WrittenOutOp("HardSwish", tuple(nodes), tuple(inner), x, nodes[-1].output[0], tuple(parameters))
 
 
 def written_out_ops(view: Any) -> list[WrittenOutOp]:

@@ -318,9 +318,13 @@ def m_hard_swish_decomposed() -> onnx.ModelProto:
                 N("Add", [h, "three"], ["a"], name="hs_add"),
                 N("Clip", ["a", "zero", "six"], ["c"], name="hs_clip"),
                 N("Mul", [h, "c"], ["m"], name="hs_mul"),
-                N("Div", ["m", "six"], ["y"], name="hs_div"),
+                N("Div", ["m", "six"], ["hs"], name="hs_div"),
+                # PP-LCNetV3's learnable affine after the activation: part of the same function of h.
+                N("Mul", ["s", "hs"], ["hsm"], name="lab_scale"),
+                N("Add", ["hsm", "b"], ["y"], name="lab_shift"),
             ],
-            {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)},
+            {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32),
+             "s": np.array([0.7], np.float32), "b": np.array([-0.2], np.float32)},
         )
     )
 
@@ -408,7 +412,8 @@ FAMILIES: dict[str, Callable[[], onnx.ModelProto]] = {
 # float; its input and output (and everything else) are quantized.
 FLOAT_INSIDE = {
     "layernorm_decomposed": ("mu", "d", "d2", "var", "ve", "sd", "eps"),
-    "hard_swish_decomposed": ("a", "c", "m", "three", "six_reciprocal"),  # the Div by 6 is folded to a Mul
+    # The Div by 6 is folded to a Mul by six_reciprocal.
+    "hard_swish_decomposed": ("a", "c", "m", "hs", "hsm", "three", "six_reciprocal", "s", "b"),
 }
 
 
@@ -565,7 +570,7 @@ def test_written_out_hard_swish_matches_only_x_clip_x_plus_3_over_6() -> None:
             edit(model)
         return decomposed_hard_swish(GraphView(model), next(n for n in model.graph.node if n.name == "hs_add"))
 
-    def constant(name: str, value: float) -> Callable[[onnx.ModelProto], None]:
+    def constant(name: str, value: float | list[float]) -> Callable[[onnx.ModelProto], None]:
         def edit(model: onnx.ModelProto) -> None:
             init = next(i for i in model.graph.initializer if i.name == name)
             init.CopyFrom(onnx.numpy_helper.from_array(np.array(value, np.float32), name))
@@ -576,7 +581,9 @@ def test_written_out_hard_swish_matches_only_x_clip_x_plus_3_over_6() -> None:
         model.graph.output.append(helper.make_tensor_value_info("leak", onnx.TensorProto.FLOAT, None))
 
     found = match()
-    assert found is not None and (found.op, found.inner, found.parameters) == ("HardSwish", ("a", "c", "m"), ("three", "six"))
+    assert found is not None and found.op == "HardSwish" and found.output == "y"
+    assert (found.inner, found.parameters) == (("a", "c", "m", "hs", "hsm"), ("three", "six", "s", "b"))
+    assert match(constant("s", [0.5, 2.0])).output == "hs"  # a per-channel scale is no part of it
     assert match(constant("three", 2.0)) is None
     assert match(constant("zero", -1.0)) is None
     assert match(leak) is None
