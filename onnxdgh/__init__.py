@@ -26,6 +26,7 @@ _EXPORTS = {
     "InspectionReport": "onnxdgh.inspection",
     "inspect_model": "onnxdgh.inspection",
     "ValidationReport": "onnxdgh.validation",
+    "ValidateConfig": "onnxdgh.validation",
     "validate": "onnxdgh.validation",
     "GenerateConfig": "onnxdgh.generation",
     "GenerationResult": "onnxdgh.generation",
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .inspection import InspectionReport, inspect_model
     from .load import LoadedModel, load_model, load_model_proto
     from .quantization import QuantizeConfig, QuantizeResult, quantize
-    from .validation import ValidationReport, validate
+    from .validation import ValidateConfig, ValidationReport, validate
 
 
 def __getattr__(name: str) -> Any:

@@ -47,7 +47,10 @@ from .kernels import channel_affine
 from .load import REEXPORT_RECIPE, BatchNormInfo, LoadedModel, make_batch_dynamic
 from .runtime import make_session, run_batched, with_extra_outputs
 
-__all__ = ["BNLayer", "ProbeResult", "TorchModel", "to_torch", "fold_bn_taps", "STRETCH_THROUGH_OPS", "CHECK_RTOL"]
+__all__ = [
+    "BNLayer", "ProbeResult", "TorchModel", "to_torch", "fold_bn_taps", "STRETCH_THROUGH_OPS", "CHECK_RTOL",
+    "check_converters", "convert_graph", "quiet_onnx2torch",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ class TorchModel:
 
     def probe(self, images: torch.Tensor) -> ProbeResult:
         """Run a batch; return outputs, BN input tensors (``bn_layers`` order) and stretch tensors."""
-        with _quiet_onnx2torch():
+        with quiet_onnx2torch():
             return self._probe_batch(images)
 
     def _probe_batch(self, images: torch.Tensor) -> ProbeResult:
@@ -143,7 +146,7 @@ class TorchModel:
 
 
 @contextlib.contextmanager
-def _quiet_onnx2torch() -> Any:
+def quiet_onnx2torch() -> Any:
     """Silence onnx2torch's Slice deprecation warning (list indexing); the result is
     checked against onnxruntime at conversion, so the warning tells the user nothing."""
     with warnings.catch_warnings():
@@ -190,8 +193,8 @@ def to_torch(loaded: LoadedModel, *, device: str = "cpu", check: bool = True) ->
             batch_dynamic = False
         else:
             model = dynamic
-    _check_converters(model)
-    module = _convert(model)
+    check_converters(model)
+    module = convert_graph(model)
     module.eval()
     for param in module.parameters():
         param.requires_grad_(False)
@@ -223,7 +226,7 @@ def _opset_for(model: onnx.ModelProto, domain: str) -> int | None:
     return g.opset_version(model, domain)
 
 
-def _check_converters(model: onnx.ModelProto) -> None:
+def check_converters(model: onnx.ModelProto) -> None:
     """Refuse, naming the first such node, any op onnx2torch has no converter for."""
     from onnx2torch.node_converters import get_converter
 
@@ -245,7 +248,7 @@ def _check_converters(model: onnx.ModelProto) -> None:
             ) from exc
 
 
-def _convert(model: onnx.ModelProto) -> fx.GraphModule:
+def convert_graph(model: onnx.ModelProto) -> fx.GraphModule:
     from onnx2torch import convert
 
     try:
@@ -686,7 +689,7 @@ def _error(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
 
 def _run_plain(module: fx.GraphModule, images: np.ndarray, batch_dynamic: bool, n_outputs: int) -> list[np.ndarray]:
     def once(batch: np.ndarray) -> list[np.ndarray]:
-        with torch.no_grad(), _quiet_onnx2torch():
+        with torch.no_grad(), quiet_onnx2torch():
             result = module(torch.from_numpy(batch))
         values = list(result) if isinstance(result, (tuple, list)) else [result]
         return [np.asarray(v.detach().cpu().numpy()) for v in values]

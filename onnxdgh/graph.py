@@ -17,7 +17,7 @@ would be a new dependency for about a hundred lines of lookups.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -361,33 +361,52 @@ def set_node_input(node: onnx.NodeProto, index: int, name: str) -> None:
     node.input[index] = name
 
 
-def pruned_copy(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+def pruned_copy(
+    model: onnx.ModelProto, outputs: Sequence[str], inputs: Sequence[str] | None = None
+) -> onnx.ModelProto:
     """A copy of ``model`` whose graph outputs are ``outputs`` and that keeps only the nodes they need.
 
+    With ``inputs`` the copy is cut there: those tensors become float graph inputs (keeping
+    the shape inference knew: onnx2torch needs ranks) and the nodes before them are dropped.
     Output types are left for the runtime to infer; unused initializers are dropped.
     """
     producers = producer_map(model.graph)
+    stop = set(inputs or ())
     needed: set[int] = set()
-    stack = list(outputs)
+    stack = [name for name in outputs if name not in stop]
     while stack:
         node = producers.get(stack.pop())
         if node is None or id(node) in needed:
             continue
         needed.add(id(node))
-        stack.extend(name for name in node.input if name)
+        stack.extend(name for name in node.input if name and name not in stop)
     keep = [node for node in model.graph.node if id(node) in needed]
     used = {name for node in keep for name in node.input}
-    inits = {init.name for init in model.graph.initializer}
+    if inputs is None:
+        inits = {init.name for init in model.graph.initializer}
+        graph_inputs = [value for value in model.graph.input if value.name not in inits or value.name in used]
+    else:
+        graph_inputs = [_float_value_info(model.graph, name) for name in inputs]
     graph = helper.make_graph(
         keep,
         model.graph.name,
-        [value for value in model.graph.input if value.name not in inits or value.name in used],
+        graph_inputs,
         [onnx.ValueInfoProto(name=name) for name in outputs],
         initializer=[init for init in model.graph.initializer if init.name in used],
     )
     out = helper.make_model(graph, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
     return out
+
+
+def _float_value_info(graph: onnx.GraphProto, name: str) -> onnx.ValueInfoProto:
+    """Tensor ``name`` as a graph input: its known value info, else a float of unknown shape."""
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            copy = onnx.ValueInfoProto()
+            copy.CopyFrom(value)
+            return copy
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
 
 
 # Additions for the shift negative correction (new Add/Pad nodes, a Conv's padding moved out).

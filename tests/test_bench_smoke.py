@@ -166,6 +166,10 @@ def test_real_models_smoke(tmp_path: Path) -> None:
     assert "W8A8 no flags" in text and "W8A8 true --mean/--std" in text and "W8A8 real calibration" in text
     assert row.count("exit ") == 3, "every run states the exit code of onnxdgh quantize"
     assert "mean 0.3, std 0.35" in row, "the true normalisation is shown next to what the tool used"
+    # every run's own (held-out) figure stands next to the real-data figure and the floor
+    verdicts = [line for line in text.splitlines() if line.startswith("| tiny | ") and "held-out" in line]
+    assert len(verdicts) == 3 and all("| 15 |" in line for line in verdicts if "| 0 |" in line)
+    assert "Runs that exit 0 with a real-data SQNR below the floor: **" in text
     results = __import__("json").loads((tmp_path / "work" / "real_models.json").read_text())["results"]
     assert [run["label"].split(" (")[0] for run in results[0]["runs"]][-1] == "real calibration"
     assert all(run["measured"]["agreement"] is not None for run in results[0]["runs"] if run["exit_code"] in (0, 1))
@@ -236,13 +240,49 @@ def test_real_models_inputs_are_disjoint_and_in_range() -> None:
 
 def test_bn_free_smoke(tmp_path: Path) -> None:
     text = _section(_smoke("bench_bn_free.py", tmp_path), "bn-free")
-    for row in ("| noise |", "| procedural (no flags) |", "| dgh, no BN |", "| real |"):
+    for row in ("| noise |", "| procedural (no flags) |", "| dgh, no BN |", "| stretch + balance, from noise |",
+                "| actreg, from noise |", "| actreg (procedural start) |", "| real |"):
         assert row in text
     assert "W8A8" in text and "W4A8" in text
 
 
 def test_depthwise_smoke(tmp_path: Path) -> None:
-    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=("--variants", "nearest", "ksr", "cle", "ksr+bc")),
-                    "depthwise")
+    extra = ("--variants", "nearest", "ksr", "gptq", "cle", "ksr+bc",
+             "--mobilenet-calib-source", "real", "dgh", "--mobilenet-variants", "gptq", "ksr")
+    text = _section(_smoke("bench_depthwise.py", tmp_path, extra=extra), "depthwise")
     assert "| ksr |" in text and "--kernel-sum-rounding" in text and "logit SQNR dB" in text
-    assert "only the weights" in text and "| tiny1 | W8A8 |" in text
+    assert "only the weights" in text and "| tiny1 | W8A8 |" in text and "| GPTQ (" in text
+    assert "| real 128 | gptq |" in text and "--gptq-rounding" in text
+    assert "quantize_static`, MinMax" in text and "MobileNetV2 (torchvision" in text and "| real 512 | gptq |" in text
+    assert "| DGH | ksr |" in text
+
+
+def test_ocr_smoke(tmp_path: Path) -> None:
+    # Tiny in-process map and CTC nets: no rapidocr files needed (the real run names them when absent).
+    text = _section(_smoke("bench_ocr.py", tmp_path), "ocr")
+    assert "**Recogniser** (3 x 16 x 64)" in text and "**Detector** (3 x 32 x 32)" in text
+    assert text.count("| exit 0 |") == 4 and "--preprocess symmetric" in text and "| validate: IoU |" in text
+
+
+def test_ocr_metrics_and_rendering() -> None:
+    import bench_ocr
+
+    assert bench_ocr.char_agreement(["ab c", ""], ["abc", ""], strip_spaces=True) == 1.0
+    assert bench_ocr.char_agreement(["abcd"], ["abxd"]) == 0.75
+    chars = ["blank", "a", "b", " "]
+    assert bench_ocr.decode(np.eye(4)[[[1, 1, 0, 1, 3, 2, 2]]], chars) == ["aa b"]
+    iou, share = bench_ocr.map_iou(np.array([[0.9, 0.9, 0.1]]), np.array([[0.9, 0.2, 0.4]]))
+    assert iou == 1 / 3 and share == 2 / 3  # cut at 0.3: {0, 1} vs {0, 2}
+    fonts = bench_ocr.fonts()
+    lines, texts = bench_ocr.render_lines(3, 0, "abc123.,", fonts, width=320, height=48)
+    assert lines.shape == (3, 3, 48, 320) and len(texts) == 3 and -1.0 <= lines.min() and lines.max() <= 1.0
+    pages = bench_ocr.render_pages(2, 0, 64, "abc123", fonts)
+    assert pages.shape == (2, 3, 64, 64) and pages.min() >= -1.0 and pages.max() <= 1.0
+
+
+def test_ocr_needs_the_models(tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_ocr.py"), "--models", str(tmp_path), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "ch_PP-OCRv4_det_infer.onnx not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

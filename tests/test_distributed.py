@@ -28,8 +28,10 @@ from onnxdgh.convert import to_torch
 
 from .helpers_generate import consistent_model
 
-# 3 batches over 2 ranks: the second round has an idle rank.
-SETTINGS = dict(images=12, batch_size=4, iterations=5, checkpoint_every=2)
+# 3 batches over 2 ranks: the second round has an idle rank. Iterations 0-1 at 6 x 6, 2-4 at
+# full size (coarse_to_fine): the interrupted run below stops after the switch, so its
+# resume restores full-size canvases over coarse ones.
+SETTINGS = dict(images=12, batch_size=4, iterations=5, checkpoint_every=2, coarse_to_fine="0.5:0.4")
 WORLD = 2
 
 

@@ -391,3 +391,25 @@ def test_inference_follows_an_explicit_zero_pad_and_skips_dead_channels(tmp_path
     assert inference is not None and inference.equations == 8 - dead
     np.testing.assert_allclose(inference.mean, mean, atol=0.1 * std.max())
     np.testing.assert_allclose(inference.std, std, rtol=0.15)
+
+
+def _text_like(generator: torch.Generator, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """High-contrast grey pixels (paper 0.85, ink 0.15 on ~30 % of a smooth field, same in every channel)."""
+    field = _inputs(16, generator, smooth=True)[:, :1]
+    pixels = torch.where(field > 0.5, 0.15, 0.85).expand(-1, SHAPE[0], -1, -1)
+    return (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def test_high_contrast_symmetric_input_is_not_taken_for_imagenet(tmp_path: Path) -> None:
+    """Text-like input under (x - 0.5) / 0.5 has a spread midway between what photos would
+    have under `symmetric` and under `imagenet`; the fill ratio of the shared std decides
+    (the first rule, per-channel stds against photo statistics, snapped to `imagenet`)."""
+    path, _, std = _settled(tmp_path / "m.onnx", lambda gen: _text_like(gen, (0.5,) * 3, (0.5,) * 3))
+    inference = infer_input_distribution(load_model(path))
+    assert inference is not None and inference.convention == "symmetric"
+    assert inference.preset_scores["symmetric"] <= 1.0 < inference.preset_scores["imagenet"]
+    assert abs(np.log(inference.scale / float(np.exp(np.log(std).mean())))) < 0.3  # the shared std is the data's
+    assert resolve_normalization(_stripped(path)).detail == "symmetric"
+    reported = inference.to_dict()
+    assert set(reported["preset_scores"]) == set(PRESETS) and reported["preset_scores"]["unit"] > 1.0
+    assert reported["input_std_shared"] == pytest.approx(inference.scale, rel=1e-5)

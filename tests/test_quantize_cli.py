@@ -206,3 +206,14 @@ def test_calibration_file_of_the_wrong_size(tiny_model_path: Path, tmp_path: Pat
     _assert_error(_invoke("quantize", str(tiny_model_path), "-o", str(out), "--calib-data", str(wrong)),
                   2, "N x 3 x 12 x 12")
     assert not out.exists()
+
+
+def test_report_says_how_many_bn_layers_dgh_matched(tiny_model_path: Path, tmp_path: Path) -> None:
+    from onnxdgh.commands.generate import bn_targets
+
+    assert bn_targets({"bn_layers": 6}) == "; DGH matched 6 BN layer(s)"
+    assert bn_targets({}) == bn_targets({"bn_layers": 0}) == ""  # procedural/noise images match none
+    result = _invoke("quantize", str(tiny_model_path), "-o", str(tmp_path / "q.onnx"), "--images", "8",
+                     "--iterations", "2", "--batch-size", "8", "--preprocess", "imagenet", "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert "DGH matched 2 BN layer(s)" in result.stdout

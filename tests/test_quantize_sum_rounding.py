@@ -69,7 +69,7 @@ def test_quantize_stores_sum_preserving_weights_at_w8a8_and_helps_an_edge_filter
     model = _edge_model()
     path = _saved(model, tmp_path)
     x = images(16, (16, 8, 8), seed=2) + 2.0  # positive mean: the DC leak of nearest rounding shows
-    default = quantize(path, x, QuantizeConfig(), progress=False)
+    default = quantize(path, x, QuantizeConfig(gptq_rounding=False), progress=False)  # GPTQ: tests/test_quantize_gptq.py
     plain = quantize(path, x, QuantizeConfig(kernel_sum_rounding=False), progress=False)
     assert default.report["config"]["kernel_sum_rounding"] is True
     assert plain.report["config"]["kernel_sum_rounding"] is False
@@ -124,7 +124,8 @@ def test_cli_flags(tmp_path: Path) -> None:
     onnx.save(_edge_model(), str(path))
     calib = save_images_npz(tmp_path / "c.npz", images(8, (16, 8, 8), seed=2), {"source": "test"})
     out = tmp_path / "q.onnx"
-    ok = CliRunner().invoke(main, ["quantize", str(path), "-o", str(out), "--calib-data", str(calib), "--no-validate"])
+    ok = CliRunner().invoke(main, ["quantize", str(path), "-o", str(out), "--calib-data", str(calib), "--no-validate",
+                                   "--no-gptq-rounding"])
     assert ok.exit_code == 0 and "kernel-sum preserving" in ok.output, ok.output
     bad = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q4.onnx"), "--calib-data", str(calib),
                                     "--weight-bits", "4", "--kernel-sum-rounding"])

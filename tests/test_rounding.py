@@ -272,7 +272,7 @@ def test_block_mode_reconstructs_the_residual_block_jointly() -> None:
     (before,) = run(qdq, images, ["sum"])
     (after,) = run(optimized, images, ["sum"])
     assert _mse(after, reference) < _mse(before, reference)
-    # ... and the report's figures are those same errors (the torch interpreter of the
+    # ... and the report's figures are those same errors (the simulation of the
     # block agrees with onnxruntime).
     assert first["mse_nearest"] == pytest.approx(_mse(before, reference), rel=1e-3)
     assert first["mse_optimized"] == pytest.approx(_mse(after, reference), rel=1e-3)
@@ -281,7 +281,7 @@ def test_block_mode_reconstructs_the_residual_block_jointly() -> None:
 
 
 def test_block_with_an_unknown_op_falls_back_to_layers() -> None:
-    float_model = residual_model(branch_op="Erf")
+    float_model = residual_model(branch_op="ThresholdedRelu")  # onnxruntime runs it, onnx2torch does not
     images = _images((4, 8, 8))
     qdq = quantize_for_test(float_model, images, weight_bits=2)
     _, report = optimize_rounding(
@@ -289,7 +289,7 @@ def test_block_with_an_unknown_op_falls_back_to_layers() -> None:
     )
     assert len(report["block_fallbacks"]) == 1
     fallback = report["block_fallbacks"][0]
-    assert fallback["nodes"] == ["conv_a", "conv_b"] and "Erf" in fallback["reason"]
+    assert fallback["nodes"] == ["conv_a", "conv_b"] and "ThresholdedRelu" in fallback["reason"]
     assert [(row["unit"], row["nodes"]) for row in report["units"]][:2] == [("layer", ["conv_a"]), ("layer", ["conv_b"])]
 
 
@@ -378,20 +378,37 @@ def test_graph_helpers_used_by_rounding() -> None:
     np.testing.assert_array_equal(run(pruned, images)[0], images.reshape(4, -1))
 
 
-def test_gated_activations_are_emulated_whole() -> None:
-    """Conv -> Mul(x, G(x)) for both gates: one fused step, computed as onnxruntime does."""
-    from onnxdgh.quantization.rounding import _activation_fn, _fused_activation
+def test_gated_activation_is_reconstructed_whole() -> None:
+    """Conv -> Mul(x, Sigmoid(x)): the layer unit runs through the gate to the output
+    quantizer, and its simulation is onnxruntime's (the HardSigmoid gate, fused by the
+    real quantizer: tests/test_simulate.py)."""
+    from onnxdgh.quantization.rounding import _layer_unit
+    from onnxdgh.quantization.simulate import simulate
 
-    y = torch.linspace(-6, 6, 97, dtype=torch.float32)
-    for gate, attrs, expected in (
-        ("Sigmoid", {}, y * torch.sigmoid(y)),
-        ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}, y * torch.clamp(y / 6 + 0.5, 0, 1)),
-    ):
-        conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
-        gate_node = helper.make_node(gate, ["c"], ["g"], name="gate", **attrs)
-        mul = helper.make_node("Mul", ["g", "c"], ["y"], name="mul")
-        chain, quant = _fused_activation(conv, {"c": [gate_node, mul]})
-        assert [n.op_type for n in chain] == [gate, "Mul"] and quant is None
-        fn = _activation_fn(chain, {})
-        assert fn is not None
-        torch.testing.assert_close(fn(y), expected)
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["g"], name="gate"),
+        helper.make_node("Mul", ["c", "g"], ["logits"], name="mul"),
+    ]
+    inits = [_init("w", (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)), _init("b", np.zeros(4, np.float32))]
+    float_model = _model(nodes, inits, [3, 6, 6])
+    images = _images((3, 6, 6), n=16)
+    qdq = quantize_for_test(float_model, images, weight_bits=3)
+    layers, _ = weighted_layers(qdq, float_model)
+    unit = _layer_unit(qdq, layers[0], "activation", {"c", "g", "logits", "input"})
+    assert unit.target == "activation" and unit.output == "logits_prequant" and unit.float_name == "logits"
+    (x,) = run(qdq, images, ["input_dq"])
+    (reference,) = run(qdq, images, ["logits_prequant"])
+    sim = simulate(qdq, inputs=unit.inputs, outputs=[unit.output], check=[x])
+    np.testing.assert_allclose(sim.run([x])[0], reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["layer", "block"])
+def test_quantized_target_reconstructs_through_the_output_quantizer(mode: str) -> None:
+    float_model, qdq, images = _setup("conv")
+    config = RoundingConfig(weight_bits=2, iterations=30, mode=mode, target="quantized", learn_bias=False)
+    _, report = optimize_rounding(qdq, float_model, images, config, progress=False)
+    assert report["skipped"] == [] and report["block_fallbacks"] == []
+    # Every unit but the last (its output is the graph output, quantized too) ends at a DequantizeLinear.
+    assert {row["target"] for row in report["units"]} == {"quantized"}

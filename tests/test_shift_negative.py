@@ -21,6 +21,7 @@ from onnxdgh.fileio import save_images_npz
 from onnxdgh.load import load_model_proto
 from onnxdgh.profile import load_profile, profile_from_dict
 from onnxdgh.quantization import QuantizeConfig, quantize
+from onnxdgh.quantization.api import rounding_inputs
 from onnxdgh.quantization.calibrate import TensorStats
 from onnxdgh.quantization.rounding import RoundingConfig, optimize_rounding
 from onnxdgh.quantization.shift import Shift, apply_shifts
@@ -212,13 +213,15 @@ def test_result_carries_the_float_reference_of_a_shifted_graph() -> None:
     model = _silu_conv()
     result = _quantize(model, weight_bits=4)
     (item,) = result.report["shift_negative"]["shifted"]
-    assert result.input_shifts == {"conv2": item["shift"]}
-    assert result.float_model is not None and "Add" in op_counts(result.float_model)
+    float_model, input_shifts = rounding_inputs(result)
+    assert input_shifts == {"conv2": item["shift"]}
+    assert "Add" in op_counts(float_model)
+    assert not hasattr(result, "float_model") and "_rounding_inputs" not in repr(result)  # not in the public result
     x = images(8)
-    _close(run(result.float_model, x)[0], run(model, x)[0])
+    _close(run(float_model, x)[0], run(model, x)[0])
     config = RoundingConfig(weight_bits=4, iterations=20, seed=0, bias_correction=False)  # quantize's own settings
-    separate, report = optimize_rounding(result.model, result.float_model, images(48, seed=2) * 1.5, config,
-                                         progress=False, input_shifts=result.input_shifts)
+    separate, report = optimize_rounding(result.model, float_model, images(48, seed=2) * 1.5, config,
+                                         progress=False, input_shifts=input_shifts)
     inline = _quantize(model, weight_bits=4, optimize_rounding=True, rounding_iterations=20).model
     assert report["skipped"] == [] and report["block_fallbacks"] == []
     assert separate.graph.SerializeToString() == inline.graph.SerializeToString()

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from onnxdgh import QuantizeConfig, load_model, quantize, validate
+from onnxdgh import QuantizeConfig, ValidateConfig, load_model, quantize, validate
 from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
 from onnxdgh.fileio import save_images_npz
@@ -70,12 +70,12 @@ def test_seven_bit_weights_fit_the_avx2_pair_sum(tiny_model_path: Path) -> None:
         assert 2 * 255 * max(-int(values.min()), int(values.max())) <= 32767
     # The grid really is 7 bits wide, not narrower: some weight uses the top step.
     assert max(max(-int(v.min()), int(v.max())) for v in weights.values()) >= 32
-    report = validate(model, profile="ort-x86-avx2")
+    report = validate(model, config=ValidateConfig(profile="ort-x86-avx2"))
     assert report.violations == () and report.passed
 
 
 def test_avx2_profile_refuses_eight_bit_weights(tiny_model_path: Path) -> None:
-    report = validate(_quantized(tiny_model_path), profile="ort-x86-avx2")
+    report = validate(_quantized(tiny_model_path), config=ValidateConfig(profile="ort-x86-avx2"))
     assert not report.passed
     assert set(report.violation_counts) == {"weight-bits"}
     assert "at most 7-bit weights" in report.violations[0].message

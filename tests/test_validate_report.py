@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxdgh import load_model_proto, validate
+from onnxdgh import ValidateConfig, load_model_proto, validate
 from onnxdgh.errors import CalibrationDataError, InvalidInputError, ProfileError
 from onnxdgh.validation.checks import analyse
 from onnxdgh.validation.report import match_layers, sqnr_db
@@ -59,8 +59,8 @@ def test_layers_are_matched_by_structure_and_sorted_worst_first() -> None:
 
 
 def test_fewer_bits_means_lower_sqnr() -> None:
-    eight = validate(QUANT8, FLOAT, data=DATA, profile="pot-lowbit")
-    four = validate(QUANT4, FLOAT, data=DATA, profile="pot-lowbit")
+    eight = validate(QUANT8, FLOAT, ValidateConfig(profile="pot-lowbit"), data=DATA)
+    four = validate(QUANT4, FLOAT, ValidateConfig(profile="pot-lowbit"), data=DATA)
     assert eight.passed and four.passed
     assert four.outputs[0].sqnr_db < eight.outputs[0].sqnr_db - 6
     assert {layer.bits for layer in four.layers} == {4}
@@ -91,19 +91,19 @@ def test_labels_give_accuracies() -> None:
 
 def test_gates_turn_figures_into_pass_fail() -> None:
     base = validate(QUANT8, FLOAT, data=DATA).outputs[0].sqnr_db
-    ok = validate(QUANT8, FLOAT, data=DATA, min_sqnr=base - 1, min_agreement=0.5)
+    ok = validate(QUANT8, FLOAT, ValidateConfig(min_sqnr=base - 1, min_agreement=0.5), data=DATA)
     assert ok.passed and [g.passed for g in ok.gates] == [True, True]
-    low = validate(QUANT8, FLOAT, data=DATA, min_sqnr=base + 1)
+    low = validate(QUANT8, FLOAT, ValidateConfig(min_sqnr=base + 1), data=DATA)
     assert not low.passed and low.failed_gates[0].gate == "min-sqnr"
     assert low.failed_gates[0].value == pytest.approx(base)
-    strict = validate(QUANT4, FLOAT, data=DATA, profile="pot-lowbit", min_agreement=1.0)
+    strict = validate(QUANT4, FLOAT, ValidateConfig(profile="pot-lowbit", min_agreement=1.0), data=DATA)
     agreement = strict.outputs[0].top1_agreement
     assert strict.passed == (agreement == 1.0)
 
 
 def test_random_images_when_no_data_given() -> None:
-    first = validate(QUANT8, FLOAT, random_images=8, seed=3)
-    again = validate(QUANT8, FLOAT, random_images=8, seed=3)
+    first = validate(QUANT8, FLOAT, ValidateConfig(random_images=8, seed=3))
+    again = validate(QUANT8, FLOAT, ValidateConfig(random_images=8, seed=3))
     assert first.data is not None and first.data.source == "random" and first.data.count == 8
     assert first.outputs[0].sqnr_db == again.outputs[0].sqnr_db  # reproducible with a seed
 
@@ -112,7 +112,7 @@ def test_random_images_follow_metadata_normalisation() -> None:
     model = copy(FLOAT)
     for key, value in (("input_mean", "[0.5]"), ("input_std", "[0.25]")):
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    report = validate(QUANT8, model, random_images=4)
+    report = validate(QUANT8, model, ValidateConfig(random_images=4))
     assert report.data is not None and "mean/std" in report.data.description
 
 
@@ -131,7 +131,7 @@ def test_fixed_batch_models() -> None:
             dim.dim_value = 1
         return out
 
-    report = validate(fix(QUANT8), fix(FLOAT), data=DATA[:3], batch_size=8)
+    report = validate(fix(QUANT8), fix(FLOAT), ValidateConfig(batch_size=8), data=DATA[:3])
     assert report.passed and report.data is not None and report.data.count == 3
 
 
@@ -184,19 +184,21 @@ def test_sqnr_edge_cases() -> None:
     ],
 )
 def test_bad_input_raises(kwargs: dict, error: type, pattern: str) -> None:
+    data_keys = {"data", "labels"}
     with pytest.raises(error, match=pattern) as info:
-        validate(QUANT8, FLOAT, **kwargs)
+        config = ValidateConfig(**{k: v for k, v in kwargs.items() if k not in data_keys})
+        validate(QUANT8, FLOAT, config, **{k: v for k, v in kwargs.items() if k in data_keys})
     assert info.value.hint
 
 
 def test_gates_and_data_need_a_reference() -> None:
     with pytest.raises(InvalidInputError, match="reference"):
-        validate(QUANT8, min_sqnr=10)
+        validate(QUANT8, config=ValidateConfig(min_sqnr=10))
     with pytest.raises(InvalidInputError, match="labels were given without"):
         validate(QUANT8, FLOAT, labels=np.zeros(4, np.int64))
 
 
-def test_agreement_gate_needs_a_classifier_output() -> None:
+def test_agreement_gate_needs_an_output_with_a_metric() -> None:
     # Float model cut after the pooling: the output is N x 6 x 1 x 1 feature maps, not class scores.
     def cut(model: onnx.ModelProto, out_name: str) -> onnx.ModelProto:
         out = copy(model)
@@ -204,8 +206,8 @@ def test_agreement_gate_needs_a_classifier_output() -> None:
         out.graph.output.append(helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, ["batch", 6, 1, 1]))
         return out
 
-    with pytest.raises(InvalidInputError, match="classifier-like"):
-        validate(cut(QUANT8, "gap_out_dq"), cut(FLOAT, "gap_out"), data=DATA, min_agreement=0.9)
+    with pytest.raises(InvalidInputError, match="an output with an agreement metric"):
+        validate(cut(QUANT8, "gap_out_dq"), cut(FLOAT, "gap_out"), ValidateConfig(min_agreement=0.9), data=DATA)
 
 
 def test_mismatched_reference_is_refused() -> None:
@@ -221,7 +223,7 @@ def test_profile_defaults_to_the_one_recorded_by_quantize() -> None:
     recorded = validate(model)
     assert recorded.profile.name == "strict-pot-int8"
     assert "per-channel-weights" in recorded.violation_counts
-    assert validate(model, profile="generic-pot-int8").passed
+    assert validate(model, config=ValidateConfig(profile="generic-pot-int8")).passed
     unknown = copy(QUANT8)
     unknown.metadata_props.append(onnx.StringStringEntryProto(key="onnxdgh.profile", value="my-npu"))
     assert validate(unknown).profile.name == "generic-pot-int8"

@@ -17,6 +17,13 @@ defaults: rounding optimisation below 8 bits) with calibration images from
   ``--method auto`` picks the procedural fallback on a model without BN;
 - ``dgh, no BN``: ``onnxdgh generate --method dgh --allow-no-bn``: optimisation through the
   model without BN targets (ODSL + smoothing + crop/flip, from noise);
+- ``stretch + balance, from noise``: ODSL and DAFL's entropy/class-balance term on the
+  logits, smoothing + crop/flip, from noise (``generate_actreg`` with no activation term,
+  in process: no CLI method runs it);
+- ``actreg, from noise``: activation-range regularisation (every convolution's output
+  channels kept alive and bounded) + the two output terms, from noise (in process);
+- ``actreg (procedural start)``: ``onnxdgh generate --method actreg``: the same, starting
+  from the procedural images;
 - ``real``: training images drawn with the seed (the float model's own data);
 
 and the top-1 on the first ``--test-limit`` test images is reported against the float
@@ -59,7 +66,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--real-images", type=int, default=512, help="training images of the 'real' set (default 512)")
     parser.add_argument("--opt-images", type=int, default=64, help="images of the 'dgh, no BN' set (default 64)")
     parser.add_argument("--opt-iterations", type=int, default=200, help="iterations of the 'dgh, no BN' set (default 200)")
+    parser.add_argument("--act-iterations", type=int, default=100,
+                        help="iterations of the activation-range / stretch + balance sets (default 100)")
     parser.add_argument("--partial", type=int, default=0, help="also test copies keeping their last K BN layers (default 0: off)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rewrite the section from the stored results (bench-work/bn_free/results.json)")
     parser.add_argument("--skip-main", action="store_true",
                         help="keep the stored full-fold results (an earlier run's) and run only --partial")
     return parser.parse_args(argv)
@@ -130,12 +141,44 @@ def _sets(ctx: bl.Context, folded: Path, work: Path, pool: np.ndarray, args: arg
                             what="generate dgh --allow-no-bn", in_process=ctx.smoke)
     notes.append(f"'dgh, no BN': {args.opt_images} images x {args.opt_iterations} iterations, {result.wall_s:.0f} s")
     sets["dgh, no BN"] = opt
+    for name, start, weight in (("stretch + balance, from noise", "noise", 0.0), ("actreg, from noise", "noise", 1.0)):
+        path = work / f"{name.split(',')[0].replace(' + ', '_')}_{start}.npz"
+        seconds = _actreg_set(folded, path, ctx.seed, args.opt_images, args.act_iterations, start, weight)
+        notes.append(f"'{name}': {args.opt_images} images x {args.act_iterations} iterations, {seconds:.0f} s")
+        sets[name] = path
+    procedural_start = work / "actreg_procedural.npz"
+    result = bl.run_onnxdgh(["generate", str(folded), "-o", str(procedural_start), "--method", "actreg",
+                             "--images", str(args.opt_images), "--iterations", str(args.act_iterations),
+                             "--seed", str(ctx.seed)], what="generate --method actreg", in_process=ctx.smoke)
+    notes.append(f"'actreg (procedural start)': {args.opt_images} images x {args.act_iterations} iterations, "
+                 f"{result.wall_s:.0f} s")
+    sets["actreg (procedural start)"] = procedural_start
     rng = np.random.default_rng(ctx.seed)
     index = np.sort(rng.choice(pool.shape[0], size=min(args.real_images, pool.shape[0]), replace=False))
     real = work / "real.npz"
     save_images_npz(real, pool[index], {"source": "training images", "count": int(index.size), "seed": ctx.seed})
     sets["real"] = real
     return sets
+
+
+def _actreg_set(model: Path, out: Path, seed: int, images: int, iterations: int, start: str, weight: float) -> float:
+    """Write an activation-range (or, at ``weight`` 0, stretch + balance) set in process; its seconds."""
+    import time
+
+    from onnxdgh.fileio import save_images_npz
+    from onnxdgh.generation.activation import generate_actreg
+    from onnxdgh.generation.config import GenerateConfig
+    from onnxdgh.generation.core import resolve_normalization
+    from onnxdgh.load import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(model)
+    config = GenerateConfig(images=images, iterations=iterations, seed=seed, method="actreg")
+    array, report = generate_actreg(loaded, config, resolve_normalization(loaded, config), start=start,
+                                    activation_weight=weight)
+    save_images_npz(out, array, {"source": "generate_actreg", "start": start, "activation_weight": weight,
+                                 "penalised_channels": report["penalised_channels"]})
+    return time.perf_counter() - started
 
 
 def _partial(ctx: bl.Context, model: Path, work: Path, args: argparse.Namespace, test_x: np.ndarray,
@@ -183,7 +226,8 @@ def _main_part(ctx: bl.Context, model: Path, folded: Path, work: Path, args: arg
     for candidate, calib in sets.items():
         for weight, act in BITS:
             label = f"W{weight}A{act}"
-            out = work / f"q_{candidate.split()[0].strip(',')}_{label}.onnx"
+            stem = "_".join("".join(c for c in candidate if c.isalnum() or c == " ").split()[:3])
+            out = work / f"q_{stem}_{label}.onnx"
             cmd = ["quantize", str(folded), "-o", str(out), "--seed", str(ctx.seed)]
             if calib is not None:
                 cmd += ["--calib-data", str(calib)]
@@ -213,10 +257,10 @@ def run(argv: list[str] | None = None) -> int:
     command = bl.command_string()
     if ctx.smoke:
         models = [bl.tiny_classifier(ctx.work / "tiny.onnx", channels=1, size=(12, 12))]
-        args.opt_images, args.opt_iterations, args.real_images = 8, 2, 16
+        args.opt_images, args.opt_iterations, args.real_images, args.act_iterations = 8, 2, 16, 2
         args.partial = args.partial or 1
     else:
-        models = bl.sample_models(args.models)
+        models = [] if args.render_only else bl.sample_models(args.models)
     load_before = bl.load_average()
     stored_path = ctx.work / "results.json"
     results: dict[str, Any] = json.loads(stored_path.read_text()) if stored_path.exists() and not ctx.smoke else {}
@@ -246,7 +290,8 @@ def run(argv: list[str] | None = None) -> int:
         "[--weight-bits 4]` with the quantizer's defaults (power-of-two, rounding optimisation below 8 bits), except "
         "'procedural (no flags)': `onnxdgh quantize FOLDED -o Q [--weight-bits 4]`, which generates its own images "
         "(`--method auto` -> procedural, 256 images). 'noise': `generate --method noise` (256 images); "
-        f"'real': {args.real_images} training images. Cells: top-1 % (difference to the float model in points).",
+        f"'real': {args.real_images} training images. The optimised sets ('dgh, no BN', 'stretch + balance', 'actreg') "
+        "have 64 images (CPU time). Cells: top-1 % (difference to the float model in points).",
         "",
     ]
     body: list[str] = []

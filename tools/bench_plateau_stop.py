@@ -129,14 +129,9 @@ def run(argv: list[str] | None = None) -> int:
         "",
         bl.md_table(["model", "stop", "iterations run", "loop s", "whole-set BN loss (final images)",
                      *(f"{b} top-1 %" for b, _, _ in BITS), "float top-1 %"], rows),
-        *(["", f"**Measured under load** (1-min load average {load_before:.1f} -> {load_after:.1f} on 2 cores): "
-               "the loop times are inflated; the iteration counts and accuracies are not."]
-          if max(load_before, load_after) > 1.5 else []),
+        *bl.load_note(load_before, load_after, "the loop times are inflated; the iteration counts and accuracies are not."),
     ])
-    doc = bl.write_section(KEY, TITLE, body, info=info, command=bl.command_string(), load_before=load_before,
-                           load_after=load_after, doc=ctx.doc)
-    bl.log(f"wrote {doc}")
-    return 0
+    return bl.finish_section(ctx, KEY, TITLE, body, info=info, load_before=load_before, load_after=load_after)
 
 
 if __name__ == "__main__":

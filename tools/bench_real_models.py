@@ -101,7 +101,9 @@ SMOKE_GEN = (8, 2)
 # float, and 256 images at once took the benchmark out of memory on a shared 24 GiB machine.
 EVAL_BATCH = 32
 # Real-input set sizes: (calibration, evaluation); Fashion-MNIST evaluates on all 10,000.
-DATA_DEFAULTS: dict[str, tuple[int, int]] = {"fmnist": (512, 10000), "ocr_cls": (128, 400),
+# The OCR classifier is 99 % accurate: 400 inputs made one input 0.25 pt, too coarse for the
+# 0.5 pt target of issue 12, so it is evaluated on 2,000 (rendering and scoring take seconds).
+DATA_DEFAULTS: dict[str, tuple[int, int]] = {"fmnist": (512, 10000), "ocr_cls": (128, 2000),
                                              "efficientnet_lite0": (256, 400)}
 # Photos of the Debian wallpaper packages (the drawings and renders of those packages are left out).
 DEBIAN_PHOTOS = (
@@ -679,8 +681,10 @@ def _collect(run: Run, report_path: Path, validation_path: Path, stderr: str, in
         }
     if validation:
         outputs = validation.get("outputs") or [{}]
+        floors = [g.get("threshold") for g in validation.get("gates", []) if g.get("gate") == "min-sqnr"]
         run.validator = {"passed": validation.get("passed"), "data": validation.get("data"),
                          "sqnr_db": outputs[0].get("sqnr_db"), "agreement": outputs[0].get("top1_agreement"),
+                         "sqnr_floor": min(floors) if floors else None,
                          "violations": len(validation.get("violations", [])),
                          "extra": {k: v for k, v in validation.items() if k not in
                                    ("schema", "passed", "model", "reference", "profile", "violation_counts", "violations",
@@ -801,6 +805,24 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], gen_note: str) -
                 str(run.get("bias_clipped") if run.get("bias_clipped") is not None else "—"),
                 f"{run['wall_s']:.0f} s" + (" (reused)" if run.get("resumed") else ""),
             ])
+    verdict_rows, dishonest = [], 0
+    for res in results:
+        for run in res["runs"]:
+            v, m = run.get("validator") or {}, run.get("measured") or {}
+            floor, real = v.get("sqnr_floor"), m.get("sqnr_db")
+            below = floor is not None and real is not None and real < floor
+            dishonest += int(run["exit_code"] == 0 and below)
+            count = (v.get("data") or {}).get("count")
+            kind = "real" if not (run.get("generation") or {}).get("settings") else "synthetic"
+            verdict_rows.append([
+                res["model"], run["label"], str(run["exit_code"]),
+                "—" if v.get("sqnr_db") is None else f"{v['sqnr_db']:.1f} ({count} held-out {kind})",
+                _db(real), "—" if floor is None else f"{floor:g}",
+                "—" if floor is None or real is None else ("**yes: exit 0, real below the floor**"
+                                                         if run["exit_code"] == 0 and below else
+                                                         "no" if run["exit_code"] == 0 else
+                                                         ("yes (real data would pass)" if not below else "no")),
+            ])
     body = [
         bl.md_table(["model", "measure", "true normalisation", "normalisation used, no flags", "float"]
                     + [f"W8A8 {label}" for label in labels] + ["no flags − real (pt)"], summary_rows),
@@ -825,6 +847,17 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], gen_note: str) -
         "input range*: min .. max of the images it calibrated on (synthetic or real); *BN loss*: the whole-set "
         "BN-statistics loss before and after generation (a rise means the images diverged). Command time is the "
         "wall time of the whole `onnxdgh quantize` (generation, quantization, validation).",
+        "",
+        "The verdict against real data (target of issue 12: no run exits 0 with an output SQNR below its "
+        "profile's floor):",
+        "",
+        bl.md_table(["model", "run", "exit", "own check: output SQNR dB on held-out images", "real-data SQNR dB",
+                     "floor dB (profile)", "verdict wrong?"], verdict_rows),
+        "",
+        f"Runs that exit 0 with a real-data SQNR below the floor: **{dishonest}**. *Own check*: the figure the "
+        "command's validation judged (images held back from calibration, of the kind it calibrated on); *real-data "
+        "SQNR*: the same quantity on the real evaluation inputs above; *verdict wrong?*: exit 0 while real data are "
+        "below the floor (what the target forbids), or exit 1 while real data pass (a false alarm).",
         "",
         gen_note,
         "",

@@ -128,6 +128,7 @@ def run(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from onnxdgh.load import load_model
     from onnxdgh.quantization import QuantizeConfig, quantize
+    from onnxdgh.quantization.api import rounding_inputs
     from onnxdgh.quantization.rounding import RoundingConfig, optimize_rounding
 
     busy = bl.busy_processes()
@@ -171,8 +172,9 @@ def run(argv: list[str] | None = None) -> int:
                     # The quantized graph's own float reference: with the shift negative
                     # correction (A4 SiLU) it has the shift's Adds, and shifted layers learn
                     # on their unshifted input.
-                    optimized, report = optimize_rounding(result.model, result.float_model, images, config,
-                                                          progress=not args.quiet, input_shifts=result.input_shifts)
+                    float_model, input_shifts = rounding_inputs(result)
+                    optimized, report = optimize_rounding(result.model, float_model, images, config,
+                                                          progress=not args.quiet, input_shifts=input_shifts)
                     seconds = time.perf_counter() - started
                     acc = bl.top1(optimized.SerializeToString(), test_x, test_y)
                     bl.log(f"  {name}: {100 * acc:.2f}% in {seconds:.0f} s")

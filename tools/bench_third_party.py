@@ -138,15 +138,16 @@ def line_pieces(gray: np.ndarray, lines: list[tuple[int, int]], *, pad: int = 2)
     return pieces
 
 
-def paddle_cls_input(crop: np.ndarray) -> np.ndarray:
-    """PaddleOCR's ``resize_norm_img`` for the classifier: 3 x 48 x 192, (p/255 - 0.5)/0.5, zero padding."""
+def paddle_cls_input(crop: np.ndarray, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
+    """PaddleOCR's ``resize_norm_img`` for the classifier: 3 x ``height`` (48) x ``width`` (192),
+    (p/255 - 0.5)/0.5, zero padding (the recogniser's is the same at width 320: tools/bench_ocr.py)."""
     from PIL import Image
 
     h, w = crop.shape
-    resized_w = min(WIDTH, int(math.ceil(HEIGHT * w / h)))
-    image = np.asarray(Image.fromarray(crop).resize((resized_w, HEIGHT), Image.BILINEAR), dtype=np.float32)
+    resized_w = min(width, int(math.ceil(height * w / h)))
+    image = np.asarray(Image.fromarray(crop).resize((resized_w, height), Image.BILINEAR), dtype=np.float32)
     normed = (image / 255.0 - 0.5) / 0.5
-    out = np.zeros((3, HEIGHT, WIDTH), np.float32)
+    out = np.zeros((3, height, width), np.float32)
     out[:, :, :resized_w] = normed[None]
     return out
 

@@ -116,13 +116,14 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Measured:
-    """A child process's exit code, wall time (s), peak RSS (bytes), stdout and stderr."""
+    """A child process's exit code, wall time (s), peak RSS (bytes), stdout and stderr, CPU time (s, user + system)."""
 
     returncode: int
     wall_s: float
     max_rss_bytes: int
     stdout: str
     stderr: str
+    cpu_s: float = 0.0
 
 
 def optional_import(name: str, purpose: str) -> Any:
@@ -306,6 +307,26 @@ def write_section(
     return doc
 
 
+def load_note(load_before: float, load_after: float, unaffected: str) -> list[str]:
+    """The lines that say a run was measured under load (1-min load average above 1.5), else none.
+
+    ``unaffected`` says which figures load inflates and which it does not, e.g. "the wall
+    times are inflated; the CPU times and accuracies are not."
+    """
+    if max(load_before, load_after) <= 1.5:
+        return []
+    return ["", f"**Measured under load** (1-min load average {load_before:.1f} -> {load_after:.1f} on 2 cores): {unaffected}"]
+
+
+def finish_section(ctx: Any, key: str, title: str, body: str, *, info: dict[str, Any], load_before: float,
+                   load_after: float) -> int:
+    """Write the section ``key`` of the context's document with this invocation's command; exit code 0."""
+    doc = write_section(key, title, body, info=info, command=command_string(), load_before=load_before,
+                        load_after=load_after, doc=ctx.doc)
+    log(f"wrote {doc}")
+    return 0
+
+
 # ------------------------------------------------------------------------ processes
 
 
@@ -324,13 +345,13 @@ _RSS_WRAPPER = (
     "import json, resource, subprocess, sys\n"
     "code = subprocess.call(sys.argv[2:])\n"
     "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "open(sys.argv[1], 'w').write(json.dumps({'maxrss_kb': usage.ru_maxrss}))\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'maxrss_kb': usage.ru_maxrss, 'cpu_s': usage.ru_utime + usage.ru_stime}))\n"
     "sys.exit(code if code >= 0 else 128 - code)\n"
 )
 
 
 def run_measured(args: Sequence[str], *, timeout: float | None = None, cwd: Path | None = None) -> Measured:
-    """Run ``args`` as a child; return its exit code, wall time and peak RSS (the child's own tree)."""
+    """Run ``args`` as a child; return its exit code, wall time, peak RSS and CPU time (the child's own tree)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "rusage.json"
         out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
@@ -344,10 +365,10 @@ def run_measured(args: Sequence[str], *, timeout: float | None = None, cwd: Path
                 proc.kill()
                 returncode = proc.wait()
             wall = time.perf_counter() - start
-        rss_kb = json.loads(report.read_text())["maxrss_kb"] if report.exists() else 0
+        usage = json.loads(report.read_text()) if report.exists() else {}
         # ru_maxrss is in kilobytes on Linux.
-        return Measured(returncode, wall, int(rss_kb) * 1024, out_path.read_text("utf-8", "replace"),
-                        err_path.read_text("utf-8", "replace"))
+        return Measured(returncode, wall, int(usage.get("maxrss_kb", 0)) * 1024, out_path.read_text("utf-8", "replace"),
+                        err_path.read_text("utf-8", "replace"), float(usage.get("cpu_s", 0.0)))
 
 
 def run_onnxdgh(args: Sequence[str], *, what: str, quiet: bool = True, timeout: float | None = None,

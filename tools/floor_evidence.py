@@ -42,7 +42,7 @@ from onnxdgh.generation import GenerateConfig, generate  # noqa: E402
 from onnxdgh.load import load_model  # noqa: E402
 from onnxdgh.quantization import QuantizeConfig, quantize  # noqa: E402
 from onnxdgh.quantization.api import holdout_size  # noqa: E402
-from onnxdgh.validation import validate  # noqa: E402
+from onnxdgh.validation import ValidateConfig, validate  # noqa: E402
 
 MODELS = ("fmnist_resnet8", "fmnist_mobilenetv2", "fmnist_resnet8_silu")
 CONFIGS = {  # label -> (weight bits, act bits, profile)
@@ -83,8 +83,8 @@ def _figures(report: Any) -> dict[str, Any]:
 
 def _judge(model: onnx.ModelProto, loaded: Any, profile: str, held: np.ndarray, real: np.ndarray,
            labels: np.ndarray) -> dict[str, Any]:
-    on_held = _figures(validate(model, loaded, profile=profile, data=held))
-    on_real = _figures(validate(model, loaded, profile=profile, data=real, labels=labels))
+    on_held = _figures(validate(model, loaded, ValidateConfig(profile=profile), data=held))
+    on_real = _figures(validate(model, loaded, ValidateConfig(profile=profile), data=real, labels=labels))
     return {"held": on_held, "real": on_real}
 
 
@@ -151,7 +151,7 @@ def run(argv: list[str] | None = None) -> int:
                 if source == "dgh":
                     row["good"] = _judge(result.model, loaded, profile, result.holdout, real, labels)
                     row["x16"] = _judge(widen_input_scale(result.model, 16.0), loaded, profile, result.holdout, real, labels)
-                    row["random"] = {"held": _figures(validate(result.model, loaded, profile=profile))}
+                    row["random"] = {"held": _figures(validate(result.model, loaded, ValidateConfig(profile=profile)))}
                 else:
                     row["noise"] = _judge(result.model, loaded, profile, result.holdout, real, labels)
                 print(f"  {label} {source}: {time.perf_counter() - started:.0f} s", flush=True)

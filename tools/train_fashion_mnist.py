@@ -52,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_mnist  # noqa: E402  (sibling module, tools/ is not a package)
 
-ARCHES = ("resnet8", "mobilenetv2", "resnet8-silu")
+ARCHES = ("resnet8", "mobilenetv2", "resnet8-silu", "tv-mobilenetv2")
 NUM_CLASSES = len(fashion_mnist.CLASS_NAMES)
 CROP_PADDING = 2
 EXPORT_OPSET = 17
@@ -186,6 +186,22 @@ class MobileNetV2Small(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+TV_WIDTH = 0.5
+"""Width multiplier of the ``tv-mobilenetv2`` arch (torchvision's channel rounding to 8 applies)."""
+
+
+def torchvision_mobilenet_v2() -> nn.Module:
+    """torchvision's ``mobilenet_v2`` (width :data:`TV_WIDTH`, BN after every conv, ReLU6,
+    dropout head) for one-channel 28x28 input: the stem takes 1 channel with stride 1
+    (the usual small-image adaptation), so the resolutions run 28 -> 14 -> 7 -> 4 -> 2."""
+    from torchvision.models import mobilenet_v2
+
+    model = mobilenet_v2(width_mult=TV_WIDTH, num_classes=NUM_CLASSES)
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(1, stem.out_channels, 3, stride=1, padding=1, bias=False)
+    return model
+
+
 def build_model(arch: str) -> nn.Module:
     """Return a freshly initialised model for ``arch`` (one of ``ARCHES``)."""
     if arch == "resnet8":
@@ -194,6 +210,8 @@ def build_model(arch: str) -> nn.Module:
         return ResNet8(nn.SiLU)
     if arch == "mobilenetv2":
         return MobileNetV2Small()
+    if arch == "tv-mobilenetv2":
+        return torchvision_mobilenet_v2()
     raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHES)}")
 
 

@@ -18,6 +18,7 @@ import click
 from ..errors import EXIT_INTERRUPTED, InvalidInputError, OnnxDghError
 
 __all__ = [
+    "bn_targets",
     "echo_err",
     "exit_interrupted",
     "float_list",
@@ -131,3 +132,9 @@ def float_list(option: str, text: str | None) -> tuple[float, ...] | None:
     if not values:
         raise InvalidInputError(f"{option} {text!r} is not a comma-separated list of numbers", f"give e.g. {option} 0.5 or 0.485,0.456,0.406")
     return values
+
+
+def bn_targets(report: dict[str, Any]) -> str:
+    """'; DGH matched N BN layer(s)' for a generation report that matched BN statistics, else ''."""
+    count = report.get("bn_layers")
+    return f"; DGH matched {count} BN layer(s)" if count else ""

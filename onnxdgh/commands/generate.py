@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from .common import echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
+from .common import bn_targets, echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
 
 __all__ = ["generate_command"]
 
@@ -28,6 +28,7 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
     lines = [
         f"wrote {final.get('images', settings['images'])} images "
         f"({'x'.join(str(d) for d in report['input_shape'])}, method {report['method']}, seed {report['seed']}) to {output}"
+        + bn_targets(report)
     ]
     if "bns_loss" in final:
         start = final.get("bns_loss_initial")
@@ -39,6 +40,10 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
             f"output range per image {spread['mean']:.3g} (min {spread['min']:.3g}, max {spread['max']:.3g}); "
             f"values {final['output_min']:.3g} .. {final['output_max']:.3g}"
         )
+    stages = report.get("resolution_stages") or []
+    if len(stages) > 1:
+        lines.append("coarse to fine: " + ", then ".join(
+            f"{st['iterations'][1] - st['iterations'][0]} iterations at {st['size'][0]}x{st['size'][1]}" for st in stages))
     if report.get("stopped_on_plateau"):
         lines.append(f"stopped after {report['iterations_run']} of {settings['iterations']} iterations: "
                      f"the whole-set BN loss had not improved for {settings['plateau_stop']} (--plateau-stop)")
@@ -59,7 +64,8 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--method", default="auto", show_default=True,
               help="auto (dgh when the model has BN statistics, mixed when few layers do, else procedural), dgh, "
                    "bns (BN matching per batch), noise (Gaussian), procedural (data-free natural-image priors, for "
-                   "models without BN) or mixed (half dgh, half procedural).")
+                   "models without BN), mixed (half dgh, half procedural) or actreg (procedural images refined "
+                   "through the model by activation-range regularisation; no BN needed).")
 @click.option("--sas/--no-sas", default=None, help="Statistics aggregation over the whole set (default: on for dgh).")
 @click.option("--prep/--no-prep", default=None, help="Smoothing + flip + crop every step (default: on for dgh).")
 @click.option("--odsl/--no-odsl", default=None, help="Output distribution stretching loss (default: on for dgh).")
@@ -72,6 +78,10 @@ def summary(report: dict[str, Any], output: str) -> list[str]:
 @click.option("--plateau-stop", type=int, default=None, metavar="N",
               help="Stop early once the whole-set BN loss has not improved by 1% for N iterations "
                    "(default: run all --iterations).")
+@click.option("--coarse-to-fine", default=None, metavar="SCALE:UNTIL[,...]|auto|off",
+              help="Resolution schedule: optimise at SCALE x the input size until UNTIL x --iterations, then "
+                   "upsample (bilinear) and finish at full size, e.g. 0.5:0.75; auto: 0.5:0.75 when the model runs "
+                   "at half size, else full size (default: off, full size throughout).")
 @click.option("--factor", type=float, default=None, help="Plateau reduction factor (default 0.5).")
 @click.option("--min-lr", type=float, default=None, help="Plateau floor (default 1e-4).")
 @click.option("--crop-margin", type=int, default=None, help="Extra canvas pixels for random crops (default ~side/7).")

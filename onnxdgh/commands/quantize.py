@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .common import echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
+from .common import bn_targets, echo_err, float_list, input_shape_option, preflight, preprocess_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
 
 __all__ = ["quantize_command"]
@@ -36,11 +36,12 @@ def render(report: dict[str, Any], output: str) -> str:
         f"profile {report['profile']}, opset {report['opset']}"
         + (", weights stored as float on their grid" if config.get("weights_as_float") else ""),
         f"data      {report['calibration']['images']} images ({report['calibration']['source']})"
-        + (f", {report['holdout']['images']} more held back for validation" if "holdout" in report else ""),
+        + (f", {report['holdout']['images']} more held back for validation" if "holdout" in report else "")
+        + bn_targets(report.get("generation", {})),
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
-        f"rounding  {'AdaRound' if config['optimize_rounding'] else ('kernel-sum preserving' if config.get('kernel_sum_rounding') else 'nearest')}"
+        f"rounding  {'AdaRound' if config['optimize_rounding'] else ('GPTQ' if config.get('gptq_rounding') else ('kernel-sum preserving' if config.get('kernel_sum_rounding') else 'nearest'))}"
         f"{', bias correction' if config['bias_correction'] else ''}",
         f"time      quantize {timings['quantize_s']:.2f} s"
         + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
@@ -70,8 +71,9 @@ def render(report: dict[str, Any], output: str) -> str:
                    "on x86 without VNNI). Default: 8, or the widest the --profile allows.")
 @click.option("--act-bits", type=int, default=8, show_default=True,
               help="Activation bit width: 8 or 4 (every activation, the model input included).")
-@click.option("--threshold", default="mse", show_default=True, metavar="mse|noclip",
-              help="Power-of-two threshold rule: HPTQ's MSE search, or the no-clipping min/max.")
+@click.option("--threshold", default=None, metavar="mse|noclip",
+              help="Power-of-two threshold rule: HPTQ's MSE search, or the no-clipping min/max. Default: noclip "
+                   "for dense predictions (an output of rank > 2: detectors, maps) at 8-bit activations, else mse.")
 @click.option("--per-tensor-weights", is_flag=True, help="One weight scale per tensor instead of per channel.")
 @click.option("--profile", default=None, metavar="NAME|PATH",
               help="Target constraint profile (built-in name or .json); default by bits: "
@@ -98,16 +100,26 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--kernel-sum-rounding/--no-kernel-sum-rounding", "kernel_sum_rounding", default=None,
               help="Round each output channel's weights so their integer sum stays nearest the float sum "
                    "(keeps the gain of high-gain depthwise kernels; default: on for 8-bit weights without --optimize-rounding).")
+@click.option("--gptq-rounding/--no-gptq-rounding", "gptq_rounding", default=None,
+              help="Re-round the Conv/Gemm weights (scales fixed) so each layer's output error on the calibration "
+                   "images is smallest (GPTQ; default: on for 8-bit weights without --optimize-rounding, "
+                   "--bias-correction or a --kernel-sum-rounding choice).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DGH generation and of AdaRound.")
-@click.option("--images", type=int, default=None, help="Generation: number of images (default of `generate`).")
-@click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations.")
+@click.option("--images", type=int, default=None,
+              help="Generation: number of images (default by bit width: 64 at W8A8, else 256; docs/QUANTIZE.md).")
+@click.option("--iterations", type=int, default=None, help="Generation: optimisation iterations (default by bit width: 50 at W8A8, else 200).")
+@click.option("--coarse-to-fine", default=None, metavar="SCALE:UNTIL[,...]|auto|off",
+              help="Generation: resolution schedule, as `generate --coarse-to-fine` (default off).")
+@click.option("--plateau-stop", type=int, default=None, metavar="N",
+              help="Generation: stop once the whole-set BN loss has not improved by 1% for N iterations.")
 @click.option("--batch-size", type=int, default=None, help="Generation: images optimised together.")
 @click.option("--device", default=None, metavar="cpu|cuda",
               help="Generation: where DGH runs (default cpu); the rest of the quantization runs on the CPU.")
-@click.option("--method", default=None, metavar="auto|dgh|bns|noise|procedural|mixed",
+@click.option("--method", default=None, metavar="auto|dgh|bns|noise|procedural|mixed|actreg",
               help="Generation method: auto (default: dgh when the model has BN statistics, mixed when few layers "
                    "do, else procedural), dgh, bns (per-batch BN matching), noise (Gaussian), procedural (data-free "
-                   "natural-image priors) or mixed (half dgh, half procedural).")
+                   "natural-image priors), mixed (half dgh, half procedural) or actreg (procedural images refined "
+                   "through the model by activation-range regularisation).")
 @click.option("--mean", "mean_text", default=None,
               help="Generation: input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406 "
                    "(default: the model's metadata, else inferred from its first BN-ed layer; images are clamped "
@@ -148,9 +160,12 @@ def quantize_command(
     shift_negative: bool | None,
     equalize: bool | None,
     kernel_sum_rounding: bool | None,
+    gptq_rounding: bool | None,
     seed: int,
     images: int | None,
     iterations: int | None,
+    coarse_to_fine: str | None,
+    plateau_stop: int | None,
     batch_size: int | None,
     device: str | None,
     method: str | None,
@@ -183,13 +198,18 @@ def quantize_command(
     from ..fileio import atomic_write_bytes, atomic_write_json, check_images, check_output_paths, load_images_npz
     from ..load import load_model
     from ..quantization import QuantizeConfig, quantize
-    from ..quantization.api import default_profile_name, holdout_size
+    from ..quantization.api import default_profile_name, holdout_size, refuse_recurrent
 
     report_path: Path | None = None
+    validate_config = None
     if run_validation:
-        from ..validation.api import check_gates
+        from ..validation import ValidateConfig
 
-        check_gates(min_sqnr, min_agreement)  # before the model is written: a bad gate leaves no output
+        # Built before any work: a bad gate leaves no output behind.
+        validate_config = ValidateConfig(
+            profile=profile or default_profile_name(weight_bits or _default_weight_bits(profile), act_bits),
+            min_sqnr=min_sqnr, min_agreement=min_agreement, input_shape=input_shape,
+        )
         report_path = Path(validation_report) if validation_report else Path(output).with_suffix(".validation.json")
     check_output_paths(
         [("-o/--output", output), ("--json", json_out if json_out != "-" else None),
@@ -218,10 +238,13 @@ def quantize_command(
         shift_negative=shift_negative,
         equalize=equalize,
         kernel_sum_rounding=kernel_sum_rounding,
+        gptq_rounding=gptq_rounding,
     )
     generation = {
         "images": images,
         "iterations": iterations,
+        "coarse_to_fine": coarse_to_fine,
+        "plateau_stop": plateau_stop,
         "batch_size": batch_size,
         "device": device,
         "method": method,
@@ -240,10 +263,13 @@ def quantize_command(
         )
     if not calib_data:
         from ..generation import GenerateConfig
+        from ..generation.config import generation_defaults
 
-        generate_config = GenerateConfig(seed=seed, **given)
+        # the budget the benchmarks showed enough for this bit width; explicit options win
+        generate_config = GenerateConfig(seed=seed, **{**generation_defaults(weight_bits, act_bits), **given})
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
     loaded = load_model(model, input_shape=input_shape)
+    refuse_recurrent(loaded.model)  # before the normalisation check: no fix of it would help
     if generate_config is not None:
         preflight(loaded, generate_config, quiet)
     calibration = None
@@ -281,12 +307,9 @@ def quantize_command(
     validation = validate(
         output,  # the file as written: the report's sha256 is of what the user gets
         loaded,
-        profile=profile or default_profile_name(weight_bits, act_bits),
+        validate_config,  # type: ignore[arg-type]  # set whenever report_path is
         data=result.holdout,
         data_description=f"held-out {kind}, n={held} of {total}, not used for calibration",
-        min_sqnr=min_sqnr,
-        min_agreement=min_agreement,
-        input_shape=input_shape,
         progress=False,
     )
     atomic_write_json(report_path, validation.to_dict())
@@ -323,10 +346,12 @@ def _default_weight_bits(profile: str | None) -> int:
 
 def _figures(validation: Any) -> str:
     """' (<output> SQNR x dB, agreement y %, on <images>)' for each output."""
+    from ..validation.metrics import METRIC_NAMES
+
     parts = []
     for output in validation.outputs:
         parts.append(f"{output.name} SQNR {output.sqnr_db:.1f} dB")
-        if output.top1_agreement is not None:
-            parts.append(f"top-1 agreement {100 * output.top1_agreement:.2f} %")
+        if output.agreement is not None:
+            parts.append(f"{METRIC_NAMES[output.metric]} {100 * output.agreement:.2f} %")
     where = f", on {validation.data.description}" if validation.data else ""
     return (" (" + ", ".join(parts) + where + ")") if parts else ""

@@ -16,7 +16,8 @@ from .common import echo_err, input_shape_option, progress_enabled, run_command
 from ..errors import EXIT_CHECK_FAILED, EXIT_OK, CalibrationDataError, InvalidInputError
 from ..fileio import open_numpy, read_npz_array
 from ..profile import DEFAULT_PROFILE, builtin_profiles, load_profile
-from ..validation import ValidationReport, validate
+from ..validation import OutputMetrics, ValidateConfig, ValidationReport, validate
+from ..validation.metrics import DEFAULT_IOU_THRESHOLD, METRICS
 
 __all__ = ["validate_command", "render", "render_profiles", "load_labels"]
 
@@ -90,11 +91,12 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
         lines.append("")
         lines.append("Outputs")
         rows = [
-            [o.name, _db(o.sqnr_db), f"{o.cosine:.5f}", _pct(o.top1_agreement), _pct(o.float_accuracy),
+            [o.name, _db(o.sqnr_db), f"{o.cosine:.5f}", _metric(o), _pct(o.agreement), _pct(o.float_accuracy),
              _pct(o.quantized_accuracy), _db(o.runtime_sqnr_db)]
             for o in report.outputs
         ]
-        lines += _table(["OUTPUT", "SQNR dB", "COSINE", "TOP-1 AGREE", "FLOAT ACC", "QUANT ACC", "ORT-OPT SQNR"], rows)
+        lines += _table(["OUTPUT", "SQNR dB", "COSINE", "METRIC", "AGREEMENT", "FLOAT ACC", "QUANT ACC", "ORT-OPT SQNR"],
+                        rows)
     if report.layers:
         shown = report.layers[: max(0, top)]
         lines.append("")
@@ -120,7 +122,7 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
                 unit = " dB" if gate.value is not None and math.isfinite(gate.value) else ""
                 text = f"SQNR of {gate.output}: {_db(gate.value)}{unit} (needs >= {gate.threshold:g} dB, {source})"
             else:
-                text = f"top-1 agreement of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)}, {source})"
+                text = f"{gate.measure} of {gate.output}: {_pct(gate.value)} (needs >= {_pct(gate.threshold)}, {source})"
             lines.append(f"  {'pass' if gate.passed else 'FAIL'}  {text}")
         hints = dict.fromkeys(gate.hint for gate in checks if gate.hint and not gate.passed)
         lines += [f"  hint: {hint}" for hint in hints]
@@ -137,6 +139,15 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
             reasons.append(f"{len(report.failed_runtime_checks)} runtime check(s) failed")
         lines.append(f"verdict     FAIL ({', '.join(reasons)})")
     return "\n".join(lines)
+
+
+def _metric(output: OutputMetrics) -> str:
+    """The output's agreement metric as a table cell (``iou@0.3``, ``sequence (exact 80.00%)``)."""
+    if output.metric == "iou":
+        return f"iou@{output.iou_threshold:g}"
+    if output.metric == "sequence":
+        return f"sequence (exact {_pct(output.sequence_exact)})"
+    return output.metric or "-"
 
 
 def render_profiles() -> str:
@@ -165,7 +176,13 @@ def render_profiles() -> str:
 @click.option("--min-sqnr", type=float, default=None, metavar="DB",
               help="Fail when an output's SQNR is below DB (replaces the profile's floor).")
 @click.option("--min-agreement", type=float, default=None, metavar="FRAC",
-              help="Fail when a classifier output's top-1 agreement is below FRAC, 0..1 (replaces the profile's floor).")
+              help="Fail when an output's agreement (--metric) is below FRAC, 0..1 (replaces the profile's top-1 floor).")
+@click.option("--metric", type=click.Choice(METRICS), default="auto", show_default=True,
+              help="Agreement metric per output: top1 (N x K class scores: arg-max agreement), iou (N x 1 x H x W "
+                   "map: IoU of the maps cut at --iou-threshold), sequence (N x T x C: greedy CTC decoding, blank 0, "
+                   "1 - edit distance / length). auto picks by shape; iou only for maps whose float values lie in [0, 1].")
+@click.option("--iou-threshold", type=float, default=DEFAULT_IOU_THRESHOLD, show_default=True,
+              help="Where probability maps are cut for the iou metric (0.3 for DBNet text detectors).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the report as JSON to this file ('-' for stdout, instead of the table).")
 @click.option("--random-images", type=click.IntRange(min=1), default=64, show_default=True,
@@ -186,6 +203,8 @@ def validate_command(
     labels: str | None,
     min_sqnr: float | None,
     min_agreement: float | None,
+    metric: str,
+    iou_threshold: float,
     json_out: str | None,
     random_images: int,
     seed: int,
@@ -209,11 +228,21 @@ def validate_command(
         return EXIT_OK
     if model is None:
         raise click.UsageError("give the quantized MODEL to validate (or --list-profiles)")
+    config = ValidateConfig(
+        profile=load_profile(profile_name) if profile_name is not None else None,
+        min_sqnr=min_sqnr,
+        min_agreement=min_agreement,
+        metric=metric,
+        iou_threshold=iou_threshold,
+        random_images=random_images,
+        seed=seed,
+        batch_size=batch_size,
+        input_shape=input_shape,
+    )
     check_output_paths(
         [("--json", json_out if json_out != "-" else None)],
         inputs=[("MODEL", model), ("--reference", reference), ("--data", data), ("--labels", labels)],
     )
-    profile = load_profile(profile_name) if profile_name is not None else None
     images = None
     if data is not None:
         try:
@@ -223,20 +252,7 @@ def validate_command(
                                        "give --data an .npz with an 'images' array (float32, N x C x H x W)") from None
     label_array = load_labels(labels) if labels is not None else None
     quiet = bool((ctx.obj or {}).get("quiet"))
-    report = validate(
-        model,
-        reference,
-        profile=profile,
-        data=images,
-        labels=label_array,
-        min_sqnr=min_sqnr,
-        min_agreement=min_agreement,
-        random_images=random_images,
-        seed=seed,
-        batch_size=batch_size,
-        input_shape=input_shape,
-        progress=progress_enabled(ctx),
-    )
+    report = validate(model, reference, config, data=images, labels=label_array, progress=progress_enabled(ctx))
     text = json.dumps(report.to_dict(), indent=2)
     if json_out == "-":
         click.echo(text)

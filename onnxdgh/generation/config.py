@@ -16,9 +16,10 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..normalization import PRESETS
 
-__all__ = ["GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH"]
+__all__ = ["AUTO_SCHEDULE", "GenerateConfig", "METHODS", "OPTIMIZERS", "SCHEDULERS", "STATS_REFRESH",
+           "generation_defaults", "parse_schedule"]
 
-METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed")
+METHODS = ("auto", "dgh", "bns", "noise", "procedural", "mixed", "actreg")
 _NOT_OPTIMISED = ("noise", "procedural")
 OPTIMIZERS = ("radam", "adam")
 SCHEDULERS = ("plateau", "none")
@@ -49,8 +50,10 @@ class GenerateConfig:
             else ``"procedural"``; :func:`onnxdgh.generation.method.choose_method`), ``"dgh"``,
             ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
             family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
-            natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised) or
-            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN).
+            natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised),
+            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN)
+            or ``"actreg"`` (procedural images refined through the model by activation-range
+            regularisation, no BN needed: :mod:`onnxdgh.generation.activation`).
         sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
         prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
         odsl: output distribution stretching loss (Eq. 7-8); None = method default.
@@ -84,7 +87,17 @@ class GenerateConfig:
             (:mod:`onnxdgh.generation.distributed`); the images equal one process's.
         plateau_stop: stop before ``iterations`` once the whole-set BN loss (Eq. 4 over
             all images, after each iteration) has not fallen below (1 - 1%) of its best
-            for this many iterations; None = always run ``iterations``.
+            for this many iterations; None = always run ``iterations``. With
+            ``coarse_to_fine`` it counts in the full-size stage only.
+        coarse_to_fine: a resolution schedule ``((scale, until), ...)``: optimise at
+            ``scale`` x the input size until ``until`` x ``iterations``, then at the next
+            stage's scale, and at full size from the last ``until`` on; scales and ``until``
+            strictly increasing in (0, 1). The canvases are upsampled (bilinear) between
+            stages (:mod:`onnxdgh.generation.core`). A string ``"0.5:0.75"`` or
+            ``"0.25:0.3,0.5:0.6"`` is parsed (:func:`parse_schedule`); None, ``()`` or
+            ``"off"`` = full size throughout; ``"auto"`` = :data:`AUTO_SCHEDULE` when the
+            model runs at its smaller size, else full size with a warning (an explicit
+            schedule the model cannot run is an error).
     """
 
     images: int = _DEFAULT_IMAGES
@@ -156,8 +169,10 @@ class GenerateConfig:
     channels_last: bool = True
     distributed: bool = False
     plateau_stop: int | None = None
+    coarse_to_fine: tuple[tuple[float, float], ...] | str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "coarse_to_fine", parse_schedule(self.coarse_to_fine))
         _positive_int("--images", self.images)
         _positive_int("--iterations", self.iterations)
         _positive_int("--batch-size", self.batch_size)
@@ -217,6 +232,11 @@ class GenerateConfig:
                     f"--{name} has no effect with --method {self.method} (no optimisation runs)",
                     "drop the option, or use --method dgh / bns",
                 )
+        if self.method in _NOT_OPTIMISED and self.coarse_to_fine is not None:
+            raise InvalidInputError(
+                f"--coarse-to-fine has no effect with --method {self.method} (no optimisation runs)",
+                "drop the option, or use --method dgh / bns",
+            )
 
     @property
     def use_sas(self) -> bool:
@@ -226,12 +246,12 @@ class GenerateConfig:
     @property
     def use_prep(self) -> bool:
         """phi_prep every step (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
-        return self.method in ("dgh", "auto", "mixed") if self.prep is None else bool(self.prep)
+        return self.method in ("dgh", "auto", "mixed", "actreg") if self.prep is None else bool(self.prep)
 
     @property
     def use_odsl(self) -> bool:
         """Output distribution stretching loss (explicit value, else on for ``dgh``, ``auto`` and ``mixed``)."""
-        return self.method in ("dgh", "auto", "mixed") if self.odsl is None else bool(self.odsl)
+        return self.method in ("dgh", "auto", "mixed", "actreg") if self.odsl is None else bool(self.odsl)
 
     @property
     def effective_patience(self) -> int:
@@ -246,7 +266,80 @@ class GenerateConfig:
         for key in ("mean", "std"):
             if data[key] is not None:
                 data[key] = list(data[key])
+        if isinstance(data["coarse_to_fine"], tuple):
+            data["coarse_to_fine"] = [list(stage) for stage in data["coarse_to_fine"]]
         return data
+
+
+# What `onnxdgh quantize` generates when it makes its own images, by target bit width.
+# docs/BENCHMARKS.md "Generation budget by bit width" (top-1 on the 10,000 Fashion-MNIST
+# test images against today's generate defaults, 256 x 200 at full size): at W8A8 every
+# budget down to 64 images x 25 iterations stays within 0.1 point on fmnist_resnet8, with
+# or without coarse-to-fine; W4A8 (AdaRound) loses up to 0.6 point at 64 x 25 full size.
+# So W8A8 gets 64 x 50 (1/16 of the work of 256 x 200); lower bit widths keep generate's
+# defaults. No coarse-to-fine: on EfficientNet-Lite0 (224 px) the images optimised at
+# 112 px lose their BN match when upsampled (whole-set loss back at its start, "Default
+# `onnxdgh quantize` on a 224x224 classifier"), while at 28 px it carries over.
+_QUANTIZE_BUDGETS: dict[str, dict[str, Any]] = {
+    "W8A8": {"images": 64, "iterations": 50},
+}
+
+
+def generation_defaults(weight_bits: int, act_bits: int) -> dict[str, Any]:
+    """The generation settings ``onnxdgh quantize`` uses by default for a target bit width.
+
+    GenerateConfig keyword arguments (e.g. ``images``, ``iterations``, ``coarse_to_fine``);
+    an empty dict means :class:`GenerateConfig`'s own defaults. Settings the caller gives
+    explicitly win: ``GenerateConfig(**{**generation_defaults(w, a), **given})``.
+    """
+    key = "W8A8" if weight_bits >= 8 and act_bits >= 8 else "lower"
+    return dict(_QUANTIZE_BUDGETS.get(key, {}))
+
+
+_SCHEDULE_HINT = ("give SCALE:UNTIL pairs with both strictly increasing in (0, 1), e.g. --coarse-to-fine 0.5:0.75, "
+                  "or auto, or off")
+
+AUTO_SCHEDULE: tuple[tuple[float, float], ...] = ((0.5, 0.75),)
+"""The schedule ``coarse_to_fine="auto"`` runs: half the input size for the first 3/4 of the iterations."""
+
+
+def parse_schedule(value: object) -> tuple[tuple[float, float], ...] | str | None:
+    """A ``coarse_to_fine`` schedule as ``((scale, until), ...)``, ``"auto"``, or None for full size throughout.
+
+    Accepts None, a sequence of (scale, until) pairs, or the CLI's text ``"SCALE:UNTIL[,SCALE:UNTIL...]"``
+    (``"off"``/``"none"``/``""`` = None, ``"auto"`` kept as is).
+
+    Raises:
+        InvalidInputError: unparseable text, or scales/untils not strictly increasing in (0, 1).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "off", "none"):
+            return None
+        if text == "auto":
+            return "auto"
+        try:
+            pairs: list[tuple[float, float]] = []
+            for part in text.split(","):
+                scale, until = part.split(":")
+                pairs.append((float(scale), float(until)))
+        except ValueError:
+            raise InvalidInputError(f"--coarse-to-fine {value!r} is not a schedule", _SCHEDULE_HINT) from None
+        value = pairs
+    try:
+        stages = tuple((float(scale), float(until)) for scale, until in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"--coarse-to-fine {value!r} is not a schedule", _SCHEDULE_HINT) from None
+    if not stages:
+        return None
+    for column in (0, 1):
+        numbers = [stage[column] for stage in stages]
+        if not all(math.isfinite(v) and 0.0 < v < 1.0 for v in numbers) or any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise InvalidInputError(f"--coarse-to-fine {value!r}: scales and untils must rise strictly within (0, 1)",
+                                    _SCHEDULE_HINT)
+    return stages
 
 
 def _positive_int(option: str, value: object) -> None:

@@ -24,6 +24,17 @@ size keeps lambda's meaning independent of how many batches the set is cut into:
 BNS gradient on one image also scales with 1/|D| under SAS. Without SAS (per-batch
 scope) the scope is the batch and the divisor is its size.
 
+Coarse to fine (``coarse_to_fine``): the first stages optimise smaller canvases (the
+model runs on views of ``scale`` x the input size; BN statistics are per-channel means and
+variances over positions, defined at any size for a convolutional net), then every canvas
+is upsampled (bilinear), gets a new optimiser at the learning rate it had reached, and the
+SAS store is refilled at the new size before the run goes on. On the 28-px samples this
+reaches the full-size run's accuracy at less than half its loop time; on EfficientNet-Lite0
+(224 px) the images optimised at 112 px lost their BN match when upsampled (the whole-set
+loss went back to its start) and the full-size tail could not recover it in 13
+iterations, so the schedule is off by default (docs/BENCHMARKS.md, "generation-budget"
+and "quantize-224").
+
 Refreshing the stored moments after a step (``stats_refresh``): the paper re-runs the
 model on a fresh phi_prep view (Algorithm 1, lines 14-15); MCT stores the pre-step
 moments, which costs nothing. Measured on samples/fmnist_resnet8.onnx (128 images,
@@ -64,8 +75,9 @@ from ..progress import progress_bar
 from ..normalization import Normalization, describe
 from ..normalization import resolve_normalization as resolve_input_normalization
 from .checkpoint import load_checkpoint, rank_path, save_checkpoint
-from .config import GenerateConfig
+from .config import AUTO_SCHEDULE, GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
+from .activation import generate_actreg
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
 from .method import generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin, image_noise, view_draws
@@ -92,6 +104,8 @@ PLATEAU_TOLERANCE = 0.01
 
 # Methods that need no BN statistics (nothing to check, no optimisation through the model).
 _NO_BN_METHODS = ("noise", "procedural")
+# ... and those that need none but optimise through the model (activation.py's own loop).
+_NO_BN_TARGETS = (*_NO_BN_METHODS, "actreg")
 
 # Settings that do not change the images: a checkpoint stays valid when they change.
 _NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last", "distributed")
@@ -139,7 +153,7 @@ def resolve_normalization(loaded: LoadedModel, config: GenerateConfig) -> Normal
             :func:`onnxdgh.normalization.resolve_normalization`).
     """
     config = resolve_method(loaded, config)
-    if config.method not in _NO_BN_METHODS:
+    if config.method not in _NO_BN_TARGETS:
         _check_bn_targets(loaded, config)
     return resolve_input_normalization(loaded, mean=config.mean, std=config.std, preprocess=config.preprocess)
 
@@ -205,8 +219,13 @@ def generate(
         "normalization": norm.to_dict(),
     }
     shard = open_shard(config.device) if config.distributed else SINGLE
-    if config.method in _NO_BN_METHODS:  # nothing to split: every rank draws the same set, rank 0 writes it
+    if config.method in _NO_BN_TARGETS:  # nothing to split: every rank draws the same set, rank 0 writes it
         close_shard(shard)
+        if config.method == "actreg":
+            images, report["actreg"] = generate_actreg(loaded, config, norm)
+            report["final"] = {}
+            report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
+            return GenerationResult(images=images, report=report, rank=shard.rank)
         return replace(_noise(loaded, config, norm, report, started, load_s), rank=shard.rank)
 
     try:
@@ -321,14 +340,26 @@ class _Run:
         self.device = torch.device(config.device)
         channels, height, width = model.loaded.input_shape
         margin = config.crop_margin if config.crop_margin is not None else auto_margin(height, width)
-        self.prep = Preprocessor(
-            channels, height, width, margin=margin, sigma=config.smoothing_sigma, enabled=config.use_prep,
-            low=low, high=high, device=self.device,
-        )
+        schedule = AUTO_SCHEDULE if config.coarse_to_fine == "auto" else config.coarse_to_fine
+        self.stages = _stages(schedule, config.iterations, height, width, margin)  # type: ignore[arg-type]
+        self.stage = 0
+        self.layers = model.bn_layers
+        unfit = self._unfit_stage()
+        if unfit is not None:
+            what = (f"the model does not run at {unfit.height}x{unfit.width} (scale {unfit.scale:g} of "
+                    f"{height}x{width}); its graph fixes the input size")
+            if config.coarse_to_fine != "auto":
+                raise InvalidInputError(f"--coarse-to-fine: {what}", "drop --coarse-to-fine (or give --coarse-to-fine off)")
+            _LOG.warning("coarse-to-fine schedule skipped: %s; optimising at full size throughout", what)
+            self.stages = _stages(None, config.iterations, height, width, margin)
+        self.preps = [
+            Preprocessor(channels, stage.height, stage.width, margin=stage.margin, sigma=config.smoothing_sigma,
+                         enabled=config.use_prep, low=low, high=high, device=self.device)
+            for stage in self.stages
+        ]
         self.starts = list(range(0, config.images, config.batch_size))
         self.sizes = [min(config.batch_size, config.images - start) for start in self.starts]
         self.local = [batch for batch in range(len(self.sizes)) if shard.owns(batch)]
-        self.layers = model.bn_layers
         self.targets = [(layer.mean, layer.std) for layer in self.layers]
         # Eq. 6 constrains per-image statistics at the last BN layer: the deepest one (a
         # shortcut's BN may come later in the node list but sees shallower features). A BN
@@ -370,9 +401,55 @@ class _Run:
         self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
         self.history: list[float] = []
         self.initial_bns: float | None = None
+        # the divergence check's reference: the start, or the loss right after a resolution
+        # switch when that is higher (the upsampled images are a new start at the new size)
+        self.check_base: float | None = None
         self.position = (0, 0)  # next (iteration, batch) to run; batch is a round's first
         self.elapsed = 0.0
         self.last_step: dict[str, float] = {}
+
+    @property
+    def prep(self) -> Preprocessor:
+        """phi_prep of the current resolution stage."""
+        return self.preps[self.stage]
+
+    def _unfit_stage(self) -> _Stage | None:
+        """The first coarse stage the model cannot run (an input size its graph rejects, or BN layers lost), else None."""
+        channels = self.model.loaded.input_shape[0]
+        for stage in self.stages[:-1]:
+            try:
+                with torch.no_grad():
+                    probe = self.model.probe(torch.zeros((1, channels, stage.height, stage.width), device=self.device))
+                if len(probe.bn_inputs) == len(self.layers):
+                    continue
+            except Exception as exc:  # noqa: BLE001 - any failure of the converted graph at this size means the same
+                _LOG.debug("probe at %dx%d failed: %r", stage.height, stage.width, exc)
+            return stage
+        return None
+
+    def _advance_stage(self) -> None:
+        """Move to the next resolution stage: upsample every canvas, new optimisers, fresh SAS statistics.
+
+        Bilinear upsampling of the whole canvas keeps its field of view (the margins scale
+        with the side). Each batch's optimiser and scheduler restart on the new canvas at
+        the learning rate the batch had reached: a restart at the initial rate (16, in
+        pixel units) would throw the warm-started pixels back to the range's bounds.
+        The stored moments came from the smaller views; one forward pass at the new size
+        replaces them so the whole-set loss (Eq. 4-5) compares like with like.
+        """
+        self.stage += 1
+        shape = self.prep.canvas_shape
+        with torch.no_grad():
+            for batch, canvas in self.canvases.items():
+                lr = float(self.optimizers[batch].param_groups[0]["lr"])
+                fine = torch.nn.functional.interpolate(canvas.detach(), size=shape[1:], mode="bilinear", align_corners=False)
+                self.canvases[batch] = self.prep.clamp(fine).requires_grad_(True)
+                self.optimizers[batch] = self._optimizer(self.canvases[batch], lr)
+                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
+        self._fill_store()
+        switched = self._set_bns()
+        self._check(switched, f"after upsampling to {self.prep.height}x{self.prep.width}")
+        self.check_base = max(self.check_base or 0.0, switched)
 
     def _indices(self, batch: int) -> range:
         """Global indices of the images of ``batch``."""
@@ -394,10 +471,11 @@ class _Run:
             for canvas in self.canvases.values() if index is None else [self.canvases[index]]:
                 canvas.copy_(self.prep.clamp(canvas))
 
-    def _optimizer(self, canvas: torch.Tensor) -> torch.optim.Optimizer:
+    def _optimizer(self, canvas: torch.Tensor, lr: float | None = None) -> torch.optim.Optimizer:
+        lr = self.config.lr if lr is None else lr
         if self.config.optimizer == "radam":
-            return torch.optim.RAdam([canvas], lr=self.config.lr)
-        return torch.optim.Adam([canvas], lr=self.config.lr)
+            return torch.optim.RAdam([canvas], lr=lr)
+        return torch.optim.Adam([canvas], lr=lr)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
         if self.config.scheduler == "none":
@@ -427,12 +505,14 @@ class _Run:
             "world": self.shard.world,
             "iteration": self.position[0],
             "batch": self.position[1],
+            "stage": self.stage,
             "canvases": [self.canvases[batch].detach().cpu() for batch in self.local],
             "optimizers": [self.optimizers[batch].state_dict() for batch in self.local],
             "schedulers": [s.state_dict() if (s := self.schedulers[batch]) is not None else {} for batch in self.local],
             "stats": self._layer_stats(),
             "history": list(self.history),
             "initial_bns": self.initial_bns if self.initial_bns is not None else float("nan"),
+            "check_base": self.check_base if self.check_base is not None else float("nan"),
             "elapsed_s": self.elapsed,
         }
 
@@ -445,6 +525,16 @@ class _Run:
             )
         if len(state["canvases"]) != len(self.local):
             raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
+        stage = int(state.get("stage", 0))
+        if not 0 <= stage < len(self.stages):
+            raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
+        if stage != self.stage:  # interrupted after a resolution switch: the canvases of that size
+            self.stage = stage
+            for batch in self.local:
+                shape = (self.sizes[batch], *self.prep.canvas_shape)
+                self.canvases[batch] = torch.zeros(shape, device=self.device, requires_grad=True)
+                self.optimizers[batch] = self._optimizer(self.canvases[batch])
+                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
         with torch.no_grad():
             for batch, saved in zip(self.local, state["canvases"]):
                 canvas = self.canvases[batch]
@@ -466,6 +556,8 @@ class _Run:
         self.history = [float(v) for v in state["history"]]
         initial = float(state["initial_bns"])
         self.initial_bns = None if np.isnan(initial) else initial
+        base = float(state.get("check_base", initial))
+        self.check_base = None if np.isnan(base) else base
         self.position = (int(state["iteration"]), int(state["batch"]))
         self.elapsed = float(state["elapsed_s"])
 
@@ -565,7 +657,7 @@ class _Run:
                 "with `onnxdgh generate`, also try a lower --lr")
         if not math.isfinite(value):
             raise GenerationDivergedError(f"image generation diverged: the loss is {value} {where}", hint)
-        start = self.initial_bns
+        start = self.check_base
         if start is not None and start > 0 and value > DIVERGED_RISE * start:
             raise GenerationDivergedError(
                 f"image generation diverged: the whole-set BN loss rose from {start:.4g} to {value:.4g} {where}", hint
@@ -578,19 +670,26 @@ class _Run:
         iterations. The history is the same on every rank, so all ranks stop together.
         """
         window = self.config.plateau_stop
-        if window is None or len(self.history) <= window:
+        if window is None or self.stage < len(self.stages) - 1:
             return False
-        best_before = min(self.history[:-window])
-        return min(self.history[-window:]) > (1.0 - PLATEAU_TOLERANCE) * best_before
+        history = self.history[self.stages[-1].start:]  # history[i] is after iteration i; other sizes do not compare
+        if len(history) <= window:
+            return False
+        best_before = min(history[:-window])
+        return min(history[-window:]) > (1.0 - PLATEAU_TOLERANCE) * best_before
 
-    def _initial_pass(self) -> None:
+    def _fill_store(self) -> None:
+        """Store every batch's moments from one no-grad forward pass (view 0; Algorithm 1, lines 2-5)."""
         with torch.no_grad():
             for first in self._rounds():
                 batch = first + self.shard.rank
                 moments = self._moments(self._view(batch, 0))[1] if batch in self.canvases else None
                 for other, shared in self._share_round(first, moments).items():
                     self.store.store(other, shared)
-        self.initial_bns = self._set_bns()
+
+    def _initial_pass(self) -> None:
+        self._fill_store()
+        self.initial_bns = self.check_base = self._set_bns()
         self._check(self.initial_bns, "at the start (the model's outputs on the initial noise)")
 
     def _step(self, index: int, probe: Any, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> StepInfo:
@@ -676,6 +775,8 @@ class _Run:
         try:
             with _deferred_interrupt() as interrupted:
                 for iteration in range(self.position[0], config.iterations):
+                    while self.stages[self.stage].end <= iteration:
+                        self._advance_stage()
                     if self._plateaued():
                         stopped_at = iteration
                         if config.checkpoint:
@@ -720,6 +821,8 @@ class _Run:
             raise
         finally:
             bar.close()
+        while self.stage < len(self.stages) - 1:  # a schedule whose full-size stage never ran (resumed at the end)
+            self._advance_stage()
         self.elapsed += time.perf_counter() - run_started
         optimise_s = time.perf_counter() - loop_started
 
@@ -733,6 +836,10 @@ class _Run:
             "last_bn_layer": self.layers[self.last_bn].node_name if self.last_bn is not None else None,
             "odsl_delta": self.delta,
             "crop_margin": self.prep.margin,
+            "resolution_stages": [
+                {"scale": st.scale, "size": [st.height, st.width], "crop_margin": st.margin, "iterations": [st.start, st.end]}
+                for st in self.stages
+            ],
             "batches": n_batches,
             "processes": self.shard.world,
             "resumed_from": resumed_from,
@@ -773,6 +880,43 @@ class _Run:
                 if first + rank < len(self.sizes):
                     result.append(part[: self.sizes[first + rank]])
         return result
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One resolution stage: iterations ``start`` to ``end`` (exclusive) at ``height`` x ``width``."""
+
+    scale: float
+    start: int
+    end: int
+    height: int
+    width: int
+    margin: int
+
+
+def _stages(schedule: tuple[tuple[float, float], ...] | None, iterations: int, height: int, width: int,
+            margin: int) -> list[_Stage]:
+    """The resolution stages of a run: ``schedule``'s, then full size (stages of 0 iterations dropped).
+
+    A stage at ``scale`` optimises ``round(scale * side)``-pixel views on a canvas whose
+    crop margin scales the same way (at least 1 px when the full size has one), so the
+    random crops shift the image by the same fraction of its side at every stage. The
+    3x3 smoothing prior stays 3x3 on the smaller canvas: it damps pixel-to-pixel noise of
+    what is being optimised, and the bilinear upsampling adds no high frequencies.
+    Boundaries are ``floor(until * iterations)``: the full-size stage always runs at least
+    one iteration.
+    """
+    stages: list[_Stage] = []
+    start = 0
+    for scale, until in schedule or ():
+        end = int(math.floor(until * iterations))
+        if end > start:
+            side_margin = max(1, int(round(margin * scale))) if margin > 0 else 0
+            stages.append(_Stage(scale, start, end, max(1, int(round(height * scale))), max(1, int(round(width * scale))),
+                                 side_margin))
+            start = end
+    stages.append(_Stage(1.0, start, iterations, height, width, margin))
+    return stages
 
 
 def _thin(values: list[float], count: int) -> list[list[float]]:

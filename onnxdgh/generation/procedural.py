@@ -48,21 +48,22 @@ _MAX_LEAVES = 400
 _TEXTURE = 0.08  # std of a leaf's texture in pixel units
 
 
-def procedural_pixels(count: int, shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    """``count`` procedural images of ``shape`` (C, H, W), pixels in [0, 1], float32 N x C x H x W."""
+def procedural_pixels(count: int, shape: tuple[int, int, int], seed: int, first: int = 0) -> np.ndarray:
+    """Procedural images ``first .. first + count - 1`` of ``shape`` (C, H, W), pixels in [0, 1], float32 N x C x H x W."""
     channels, height, width = (int(v) for v in shape)
     out = np.empty((count, channels, height, width), dtype=np.float32)
     painters = {"pink": _pink_image, "leaves": _leaves_image, "objects": _objects_image}
-    for index in range(count):
+    for slot, index in enumerate(range(first, first + count)):
         rng = np.random.default_rng([int(seed), index])
         image = painters[KINDS[index % len(KINDS)]](rng, channels, height, width)
-        out[index] = np.clip(image, 0.0, 1.0)
+        out[slot] = np.clip(image, 0.0, 1.0)
     return out
 
 
-def procedural_images(count: int, shape: tuple[int, int, int], seed: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def procedural_images(count: int, shape: tuple[int, int, int], seed: int, mean: np.ndarray, std: np.ndarray,
+                      first: int = 0) -> np.ndarray:
     """Procedural images in the model's input space: ``(pixels - mean) / std`` per channel."""
-    pixels = procedural_pixels(count, shape, seed)
+    pixels = procedural_pixels(count, shape, seed, first)
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return ((pixels - m) / s).astype(np.float32)

@@ -24,11 +24,18 @@ Value-preserving ops get their own Q/DQ pair with their input's scale: the value
 already on that grid, and the graph stays in the canonical DQ -> op -> Q form that
 onnxruntime and accelerator toolchains fuse. All zero points are exactly 0 and all
 scales exact powers of two (the plan guarantees it; :func:`emit` writes them as given).
+
+:func:`apply_integers` is the second entry point, for steps that choose integers after
+``emit`` (the rounding optimisation, bias correction): it replaces the values of integer
+initializers and gives a node a new int32 bias in the convention above; scales, zero
+points and every other node stay as they were.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -37,7 +44,7 @@ from .. import graph as g
 from ..ops import INTEGER_TYPES, numpy_container
 from .plan import ActivationQuant, ParamQuant, ResolvedPlan
 
-__all__ = ["emit"]
+__all__ = ["NewBias", "apply_integers", "emit"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -148,4 +155,42 @@ def emit(model: onnx.ModelProto, resolved: ResolvedPlan) -> onnx.ModelProto:
         out = onnx.shape_inference.infer_shapes(out, strict_mode=False)
     except Exception as exc:  # shapes are a convenience for readers; the graph is complete without them
         _LOG.info("shape inference on the quantized model failed: %s", exc)
+    return out
+
+
+@dataclass(frozen=True)
+class NewBias:
+    """An int32 bias for a node that has none: ``values`` on grid ``scale`` (input x weight scale)."""
+
+    node: str
+    values: np.ndarray
+    scale: np.ndarray
+
+
+def apply_integers(
+    model: onnx.ModelProto, integers: Mapping[str, np.ndarray], new_biases: Sequence[NewBias] = ()
+) -> onnx.ModelProto:
+    """A copy of ``model`` with the integer initializers ``integers`` (name -> values, same
+    shape, stored in the initializer's own type) replaced and each of ``new_biases`` written
+    as ``B_quantized`` / ``B_scale`` / ``B_zero_point`` -> DequantizeLinear -> the node's
+    input 2 (``B`` = ``<node>_bias``).
+
+    Raises:
+        KeyError: an unknown initializer or node name (a caller's bug).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    for name, values in integers.items():
+        g.set_initializer_value(graph, name, np.asarray(values))
+    if new_biases:
+        taken = g.names_in_use(graph)
+        nodes = {node.name or node.output[0]: node for node in graph.node}
+        for bias in new_biases:
+            node = nodes[bias.node]
+            scale = np.asarray(bias.scale, np.float32)
+            item = ParamQuant(f"{bias.node}_bias", bias.node, 2, "bias", 32, 0 if scale.size > 1 else None,
+                              scale, np.asarray(bias.values).astype(np.int32), onnx.TensorProto.INT32)
+            g.set_node_input(node, 2, _emit_param(graph, item, taken, {}))
+        g.topological_sort(graph)
     return out

@@ -2,8 +2,9 @@
 
 Contract:
 * :func:`validate` takes a quantized QDQ model (path or ``ModelProto``), an optional
-  float reference (``LoadedModel``, ``ModelProto`` or path), a constraint profile and
-  optional images/labels and gates, and returns a frozen :class:`ValidationReport`.
+  float reference (``LoadedModel``, ``ModelProto`` or path), a :class:`ValidateConfig`
+  (profile, gates, metric, random images) and optional images/labels, and returns a
+  frozen :class:`ValidationReport`.
 * ``passed`` is True when there is no structural violation and every gate holds, and,
   with a reference, onnxruntime's optimised session (what ships) stays within
   :data:`RUNTIME_MIN_AGREEMENT` / :data:`RUNTIME_MIN_SQNR_DB` of the exact QDQ simulation
@@ -11,7 +12,9 @@ Contract:
   ``--weights-as-float`` models, which onnxruntime re-quantizes its own way). The gates are
   the profile's floors whenever a reference is given: ``min_output_sqnr_db`` on every
   output, and with ``data`` (not on random images) ``min_top1_agreement`` on every
-  classifier-like output; ``min_sqnr``/``min_agreement`` replace the matching floor.
+  classifier-like output; ``min_sqnr``/``min_agreement`` replace the matching floor
+  (``min_agreement`` gates every output's agreement metric: top-1, IoU of probability
+  maps or CTC sequence agreement, :mod:`onnxdgh.validation.metrics`).
 * A ``--weights-as-float`` model (:mod:`onnxdgh.quantization.float_weights`) is checked as the
   integer + DequantizeLinear model its grid record describes; a constant off its grid
   is a ``weight-off-grid`` violation. A failing model is *reported*, never raised; bad input (unreadable models,
@@ -43,12 +46,14 @@ from ..load import LoadedModel, load_model, load_model_proto
 from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
 from ..quantization.float_weights import WEIGHT_FORMAT_KEY
 from .checks import Violation, analyse, check_model
+from .metrics import DEFAULT_IOU_THRESHOLD, METRIC_NAMES, check_metric, check_threshold
 from .report import LayerMetrics, NumericReport, OutputMetrics, compare
 
 __all__ = [
     "GateResult",
     "DataInfo",
     "ValidationReport",
+    "ValidateConfig",
     "validate",
     "REPORT_SCHEMA",
     "PROFILE_METADATA_KEY",
@@ -62,7 +67,7 @@ _LOG = logging.getLogger(__name__)
 PROFILE_METADATA_KEY = "onnxdgh.profile"
 """``metadata_props`` key where ``onnxdgh quantize`` records the profile it built for."""
 
-REPORT_SCHEMA = "onnxdgh-validation-report/2"
+REPORT_SCHEMA = "onnxdgh-validation-report/3"
 """Identifier of the JSON report layout (bumped when fields change meaning)."""
 
 
@@ -81,6 +86,61 @@ RUNTIME_HINT = (
 
 
 @dataclass(frozen=True)
+class ValidateConfig:
+    """Validation settings; one ``onnxdgh validate`` option per field, validated on construction.
+
+    Attributes:
+        profile: a :class:`~onnxdgh.profile.Profile`, a built-in name or a profile JSON path
+            (``--profile``); None uses the built-in named in the model's ``onnxdgh.profile``
+            metadata (what ``onnxdgh quantize`` built it for), else ``generic-pot-int8``.
+        min_sqnr: gate: every output's SQNR (dB) must reach this (``--min-sqnr``); replaces
+            the profile's ``min_output_sqnr_db`` floor. None: the floor applies.
+        min_agreement: gate, 0..1: every output's agreement metric (top-1, IoU or sequence
+            agreement) must reach this (``--min-agreement``); replaces the profile's
+            ``min_top1_agreement`` floor, which applies to top-1 outputs only.
+        metric: ``auto``, ``top1``, ``iou`` or ``sequence`` (``--metric``): each output's
+            agreement metric, by the rule of :mod:`onnxdgh.validation.metrics`.
+        iou_threshold: where probability maps are cut for ``iou`` (``--iou-threshold``).
+        random_images: how many seeded random images to use without data (``--random-images``).
+        seed: their seed (``--seed``).
+        batch_size: images per onnxruntime run (``--batch-size``; a fixed batch dimension
+            overrides it).
+        input_shape: C x H x W pinning symbolic input dimensions of both models (``--input-shape``).
+    """
+
+    profile: Profile | str | os.PathLike[str] | None = None
+    min_sqnr: float | None = None
+    min_agreement: float | None = None
+    metric: str = "auto"
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
+    random_images: int = 64
+    seed: int = 0
+    batch_size: int = 32
+    input_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        min_sqnr, min_agreement = check_gates(self.min_sqnr, self.min_agreement)
+        object.__setattr__(self, "min_sqnr", min_sqnr)
+        object.__setattr__(self, "min_agreement", min_agreement)
+        object.__setattr__(self, "metric", check_metric(self.metric))
+        object.__setattr__(self, "iou_threshold", check_threshold(self.iou_threshold))
+        for name, low in (("random_images", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                option = "--" + name.replace("_", "-")
+                raise InvalidInputError(f"{option} {value!r} is not an integer >= {low}", f"give e.g. {option} {max(low, 8)}")
+        shape = self.input_shape
+        if shape is not None and (not isinstance(shape, tuple) or len(shape) != 3 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise InvalidInputError(f"--input-shape {shape!r} is not three positive integers", "give e.g. --input-shape 3x48x192")
+        if self.profile is not None and not isinstance(self.profile, (Profile, str, os.PathLike)):
+            raise InvalidInputError(f"profile {self.profile!r} is not a Profile, a name or a path",
+                                    "give a built-in name (onnxdgh validate --list-profiles) or a .json path")
+        if isinstance(self.profile, str) and not self.profile.strip():
+            raise InvalidInputError("--profile is empty", "give a built-in name or a .json path")
+
+
+@dataclass(frozen=True)
 class GateResult:
     """One ``--min-sqnr`` / ``--min-agreement`` comparison, or a ``runtime-*`` drift check, on one output."""
 
@@ -94,6 +154,13 @@ class GateResult:
     ``runtime`` (a ``runtime-*`` drift check)."""
     hint: str | None = None
     """What to do when the check fails (set for the ``runtime-*`` checks)."""
+    metric: str | None = None
+    """The agreement metric an ``*-agreement`` gate reads (``top1``, ``iou``, ``sequence``)."""
+
+    @property
+    def measure(self) -> str:
+        """What the gate compares: ``SQNR``, ``top-1 agreement``, ``IoU`` or ``sequence agreement``."""
+        return "SQNR" if self.gate.endswith("-sqnr") else METRIC_NAMES[self.metric or "top1"]
 
     def describe(self, profile: str) -> str:
         """One phrase: the figure, the threshold and where it comes from."""
@@ -104,13 +171,15 @@ class GateResult:
             value = "nan" if self.value is None else f"{self.value:.2f}"
             return f"output {self.output!r} has SQNR {value} dB, below {self.threshold:g} dB ({source})"
         value = "-" if self.value is None else f"{100 * self.value:.2f} %"
-        return f"output {self.output!r} has top-1 agreement {value}, below {100 * self.threshold:g} % ({source})"
+        return f"output {self.output!r} has {self.measure} {value}, below {100 * self.threshold:g} % ({source})"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (an infinite or NaN SQNR is null; ``hint`` only when set)."""
         value = self.value if self.value is None or math.isfinite(self.value) else None
         data: dict[str, object] = {"gate": self.gate, "output": self.output, "threshold": self.threshold,
                                    "value": value, "passed": self.passed, "origin": self.origin}
+        if self.metric is not None:
+            data["metric"] = self.metric
         if self.hint is not None:
             data["hint"] = self.hint
         return data
@@ -343,7 +412,7 @@ def _runtime_checks(numeric: NumericReport) -> list[GateResult]:
         if out.runtime_top1_agreement is not None:
             value = out.runtime_top1_agreement
             checks.append(GateResult("runtime-agreement", out.name, RUNTIME_MIN_AGREEMENT, value,
-                                     value >= RUNTIME_MIN_AGREEMENT, origin="runtime", hint=RUNTIME_HINT))
+                                     value >= RUNTIME_MIN_AGREEMENT, origin="runtime", hint=RUNTIME_HINT, metric="top1"))
         checks.append(GateResult("runtime-sqnr", out.name, RUNTIME_MIN_SQNR_DB, out.runtime_sqnr_db,
                                  out.runtime_sqnr_db >= RUNTIME_MIN_SQNR_DB, origin="runtime", hint=RUNTIME_HINT))
     return checks
@@ -355,47 +424,35 @@ def _runtime_checks(numeric: NumericReport) -> list[GateResult]:
 def validate(
     quantized: onnx.ModelProto | LoadedModel | str | os.PathLike[str],
     reference: LoadedModel | onnx.ModelProto | str | os.PathLike[str] | None = None,
+    config: ValidateConfig = ValidateConfig(),
     *,
-    profile: Profile | str | os.PathLike[str] | None = None,
     data: np.ndarray | None = None,
     labels: np.ndarray | None = None,
-    min_sqnr: float | None = None,
-    min_agreement: float | None = None,
-    random_images: int = 64,
-    seed: int = 0,
-    batch_size: int = 32,
-    input_shape: tuple[int, int, int] | None = None,
     progress: bool = False,
     data_description: str | None = None,
 ) -> ValidationReport:
-    """Check ``quantized`` against ``profile`` and, given a ``reference``, measure it against the float model.
+    """Check ``quantized`` against a profile and, given a ``reference``, measure it against the float model.
 
     Args:
         quantized: the QDQ model (path, ``ModelProto`` or ``LoadedModel``).
         reference: the float model it was made from; None skips the numerical report.
-        profile: a :class:`~onnxdgh.profile.Profile`, a built-in name or a profile JSON path;
-            None uses the built-in named in the model's ``onnxdgh.profile`` metadata (what
-            ``onnxdgh quantize`` built it for), else ``generic-pot-int8``.
+        config: profile, gates, agreement metric, random images, batch size, input shape
+            (:class:`ValidateConfig`).
         data: N x C x H x W float images preprocessed for the model (calibration or real);
-            None uses ``random_images`` seeded random images.
-        labels: N class indices for ``data``; adds float and quantized accuracy.
-        min_sqnr: gate: every output's SQNR (dB) must reach this; replaces the
-            profile's ``min_output_sqnr_db`` floor. None: the floor applies.
-        min_agreement: gate: every classifier-like output's top-1 agreement must reach
-            this (0..1); replaces the profile's ``min_top1_agreement``. None: the floor applies.
-        random_images, seed: how many random images to use without ``data``, and their seed.
-        batch_size: images per onnxruntime run (a fixed batch dimension overrides it).
-        input_shape: C x H x W pinning symbolic input dimensions of both models.
+            None uses ``config.random_images`` seeded random images.
+        labels: N class indices for ``data``; adds float and quantized accuracy (top-1 outputs).
         progress: show a progress bar on stderr.
         data_description: what ``data`` is, for the report (e.g. "51 held-out synthetic
             images"); default "N given images".
 
     Raises:
         OnnxDghError: unreadable models or profile, images or labels that do not fit,
-            or a gate without a reference to measure it.
+            a gate without a reference to measure it, or a metric no output fits.
     """
-    chosen = load_profile(profile) if profile is not None else None
-    min_sqnr, min_agreement = check_gates(min_sqnr, min_agreement)
+    if not isinstance(config, ValidateConfig):
+        raise InvalidInputError(f"config is a {type(config).__name__}", "pass an onnxdgh.validation.ValidateConfig")
+    chosen = load_profile(config.profile) if config.profile is not None else None
+    min_sqnr, min_agreement, input_shape = config.min_sqnr, config.min_agreement, config.input_shape
     if reference is None and (min_sqnr is not None or min_agreement is not None or data is not None or labels is not None):
         raise InvalidInputError(
             "images, labels and --min-sqnr/--min-agreement need the float reference model",
@@ -435,9 +492,7 @@ def validate(
                 "give the float model this quantized model was made from: onnxdgh validate MODEL --reference FLOAT.onnx",
             )
         if data is None:
-            if random_images < 1:
-                raise InvalidInputError(f"random image count {random_images} must be at least 1", "e.g. 64")
-            images, description = _random_images(loaded_ref, random_images, seed)
+            images, description = _random_images(loaded_ref, config.random_images, config.seed)
             data_info = DataInfo("random", images.shape[0], False, description)
         else:
             images = check_images(data, what="validation images", input_shape=loaded_ref.input_shape)
@@ -445,7 +500,7 @@ def validate(
                 "given", images.shape[0], labels is not None, data_description or f"{images.shape[0]} given images"
             )
         checked_labels = _check_labels(labels, images.shape[0]) if labels is not None else None
-        step = _batch_size(loaded_ref, loaded_q, batch_size)
+        step = _batch_size(loaded_ref, loaded_q, config.batch_size)
         numeric = compare(
             loaded_ref.model,
             loaded_q.model,
@@ -455,6 +510,8 @@ def validate(
             labels=checked_labels,
             batch_size=step,
             progress=progress,
+            metric=config.metric,
+            iou_threshold=config.iou_threshold,
         )
 
     gates: list[GateResult] = []
@@ -465,24 +522,27 @@ def validate(
             for out in numeric.outputs:
                 # NaN (a quantized output that is not a number) compares False: it fails.
                 gates.append(GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor, sqnr_origin))
-        classifiers = [out for out in numeric.outputs if out.classifier]
-        if min_agreement is not None and not classifiers:
+        measured = [out for out in numeric.outputs if out.metric is not None]
+        if min_agreement is not None and not measured:
             raise InvalidInputError(
-                "--min-agreement needs a classifier-like output (N x K scores), and this model has none",
+                "--min-agreement needs an output with an agreement metric (N x K class scores, an N x 1 x H x W "
+                "probability map or N x T x C sequence scores), and this model has none",
                 "gate on --min-sqnr instead",
             )
         # The agreement floor needs images the model was made for: on random images a good
         # W4A4 fmnist_resnet8 agrees on 39 % of the scores (84 % on held-out synthetic
         # images, 93 % on real ones; docs/VALIDATE.md, "Floors"). Its SQNR floor still holds there.
         profile_agreement = chosen.min_top1_agreement if data is not None else None
-        agree_floor, agree_origin = (
-            (min_agreement, "option") if min_agreement is not None else (profile_agreement, "profile")
+        # The profile's floor is a top-1 figure; IoU and sequence agreement are gated only on request.
+        agree_floor, agree_origin, gated = (
+            (min_agreement, "option", measured) if min_agreement is not None
+            else (profile_agreement, "profile", [out for out in measured if out.metric == "top1"])
         )
         if agree_floor is not None:
-            for out in classifiers:
-                value = out.top1_agreement
+            for out in gated:
+                value = out.agreement
                 gates.append(GateResult("min-agreement", out.name, agree_floor, value,
-                                        value is not None and value >= agree_floor, agree_origin))
+                                        value is not None and value >= agree_floor, agree_origin, metric=out.metric))
         if WEIGHT_FORMAT_KEY not in loaded_q.metadata:
             # A --weights-as-float model is for converters, not onnxruntime: its optimised session
             # re-quantizes the float weights its own way, so its gap says nothing about this CPU.

@@ -34,7 +34,7 @@ QUIET_DB = 40.0
 """Above 40 dB (8-bit quantization of a well-spread tensor gives ~40-50 dB) a drop is harmless."""
 _HINTS = {
     "weighted": "its weights' rounding: --optimize-rounding (reconstruction, also at W8A8; slow), "
-                "--kernel-sum-rounding (8-bit weights; the W8A8 default), --bias-correction (mean error), "
+                "--gptq-rounding (8-bit weights; the W8A8 default), --kernel-sum-rounding, --bias-correction (mean error), "
                 "--equalize (channel ranges between consecutive convolutions)",
     "other": "its output grid: --threshold (mse clips, noclip covers the range), more --act-bits, "
              "or calibration images closer to the real inputs",

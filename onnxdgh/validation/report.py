@@ -2,10 +2,12 @@
 
 Contract:
 * :func:`compare` runs both models on the same images, batch by batch, and returns
-  per-output metrics (SQNR, cosine similarity, top-1 agreement and accuracies for
-  classifier-like outputs, and the SQNR between onnxruntime's optimised and unoptimised
-  runs of the quantized graph) and per-layer SQNR between matching float and quantized
-  intermediate tensors, sorted worst first.
+  per-output metrics (SQNR, cosine similarity, the output's agreement metric -- top-1
+  agreement and accuracies for classifier-like outputs, IoU for probability maps,
+  sequence agreement for CTC recognisers (:mod:`~onnxdgh.validation.metrics`) -- and
+  the SQNR between onnxruntime's optimised and unoptimised runs of the quantized graph)
+  and per-layer SQNR between matching float and quantized intermediate tensors, sorted
+  worst first.
 * Memory is bounded by one batch: only running sums (and arg-max indices of
   classifier outputs) are kept across batches.
 * Matching is structural: a quantized activation's DequantizeLinear output is compared
@@ -17,7 +19,9 @@ Contract:
 Definitions (x float, y quantized, sums over all elements of all images):
   SQNR = 10 log10( sum x^2 / sum (x - y)^2 ) dB (infinite when y == x exactly);
   cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|);
-  top-1 agreement = share of images whose arg-max class is the same.
+  agreement = the output's task metric (:mod:`onnxdgh.validation.metrics`): top-1
+  agreement of class scores, IoU of thresholded probability maps, or greedy-CTC
+  sequence agreement; which one applies is chosen per output (``metric``).
 
 Each layer row also carries the SQNR of what its producer reads (``input_sqnr_db``) and
 the drop against it; :mod:`onnxdgh.validation.diagnose` names the first layer where the
@@ -45,6 +49,7 @@ from ..errors import CheckFailedError, InvalidInputError
 from ..runtime import make_session, with_extra_outputs
 from .checks import QuantGraph
 from .diagnose import diagnose, input_sqnr
+from .metrics import DEFAULT_IOU_THRESHOLD, IouAccumulator, SequenceAccumulator, fits
 
 __all__ = ["OutputMetrics", "LayerMetrics", "NumericReport", "compare", "match_layers", "sqnr_db"]
 
@@ -81,11 +86,27 @@ class OutputMetrics:
     runtime_top1_agreement: float | None = None
     """Share of images whose arg-max class the optimised run and the exact simulation agree on
     (classifier-like outputs only)."""
+    metric: str | None = None
+    """The agreement metric of this output (``top1``, ``iou``, ``sequence``) or None."""
+    iou: float | None = None
+    """Pooled IoU of the thresholded float and quantized maps (``iou`` outputs)."""
+    iou_threshold: float | None = None
+    """Where the maps were cut (``iou`` outputs)."""
+    sequence_agreement: float | None = None
+    """1 - edits / characters between the greedy-CTC decodings (``sequence`` outputs)."""
+    sequence_exact: float | None = None
+    """Share of images decoded to the identical sequence (``sequence`` outputs)."""
 
     @property
     def classifier(self) -> bool:
         """True for an N x K (K > 1) output, where top-1 agreement is meaningful."""
         return self.top1_agreement is not None
+
+    @property
+    def agreement(self) -> float | None:
+        """The value of this output's agreement metric (None without one)."""
+        return {"top1": self.top1_agreement, "iou": self.iou, "sequence": self.sequence_agreement}.get(
+            self.metric or "")
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (infinite SQNR is null with ``exact`` true)."""
@@ -101,6 +122,12 @@ class OutputMetrics:
             "runtime_sqnr_db": _json_db(self.runtime_sqnr_db),
             "runtime_exact": self.runtime_sqnr_db == math.inf,
             "runtime_top1_agreement": self.runtime_top1_agreement,
+            "metric": self.metric,
+            "agreement": self.agreement,
+            "iou": self.iou,
+            "iou_threshold": self.iou_threshold,
+            "sequence_agreement": self.sequence_agreement,
+            "sequence_exact": self.sequence_exact,
         }
 
 
@@ -254,11 +281,18 @@ def compare(
     labels: np.ndarray | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    metric: str = "auto",
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
 ) -> NumericReport:
     """Run both models on ``images`` and measure how far the quantized one strays.
 
     ``output_pairs`` maps float output names to quantized output names. ``batch_size``
-    must already respect a fixed batch dimension of either graph.
+    must already respect a fixed batch dimension of either graph. ``metric`` (one of
+    :data:`~onnxdgh.validation.metrics.METRICS`) chooses each output's agreement metric
+    by the rule of :mod:`onnxdgh.validation.metrics`; ``iou_threshold`` cuts probability maps.
+
+    Raises:
+        InvalidInputError: ``metric`` names a metric that no output's shape fits.
     """
     pairs, unmatched = match_layers(float_model, qgraph)
     float_outputs = [f for f, _ in output_pairs]
@@ -281,7 +315,8 @@ def compare(
     argmax_f: list[list[np.ndarray]] = [[] for _ in output_pairs]
     argmax_q: list[list[np.ndarray]] = [[] for _ in output_pairs]
     argmax_sim: list[list[np.ndarray]] = [[] for _ in output_pairs]
-    classifier = [True for _ in output_pairs]
+    kinds: list[str | None] | None = None  # each output's metric, from the first batch's shapes
+    task_acc: list[IouAccumulator | SequenceAccumulator | None] = [None for _ in output_pairs]
 
     steps = range(0, images.shape[0], batch_size)
     for start in progress_bar(steps, enabled=progress, desc="validate", unit="batch"):
@@ -289,16 +324,21 @@ def compare(
         f_values = dict(zip(f_fetch, _guard(lambda: float_session.run(f_fetch, {f_input: batch}), True)))
         q_values = dict(zip(q_fetch, _guard(lambda: sim_session.run(q_fetch, {q_input: batch}), False)))
         shipped = _guard(lambda: ship_session.run(quant_outputs, {q_input: batch}), False)
+        if kinds is None:
+            kinds = _choose_metrics(metric, [(q, f_values[f].shape) for f, q in output_pairs])
+            task_acc = [IouAccumulator(iou_threshold) if kind == "iou" else SequenceAccumulator() if kind == "sequence"
+                        else None for kind in kinds]
         for index, (f_name, q_name) in enumerate(output_pairs):
             x, y_sim, y = f_values[f_name], q_values[q_name], shipped[index]
             out_acc[index].add(x, y)
             runtime_acc[index].add(y_sim, y)
-            if x.ndim == 2 and x.shape[1] > 1:
+            if kinds[index] == "top1":
                 argmax_f[index].append(np.argmax(x, axis=1))
                 argmax_q[index].append(np.argmax(y, axis=1))
                 argmax_sim[index].append(np.argmax(y_sim, axis=1))
-            else:
-                classifier[index] = False
+            accumulator = task_acc[index]
+            if accumulator is not None:
+                accumulator.add(x, y)
         for index, pair in enumerate(pairs):
             x, y = f_values[pair.float_tensor], q_values[pair.quant_tensor]
             if x.shape != y.shape:
@@ -311,7 +351,19 @@ def compare(
     outputs = []
     for index, (f_name, q_name) in enumerate(output_pairs):
         agreement = f_acc = q_acc = runtime_agreement = None
-        if classifier[index] and argmax_f[index]:
+        kind = kinds[index] if kinds else None
+        task: dict[str, float | str | None] = {}
+        accumulator = task_acc[index]
+        if isinstance(accumulator, IouAccumulator):
+            if metric == "auto" and not accumulator.probability_map:
+                _LOG.info("output %s is N x 1 x H x W but its float values span %.3g..%.3g, not a probability map: "
+                          "no IoU (--metric iou measures it anyway)", q_name, accumulator.low, accumulator.high)
+                kind = None
+            else:
+                task = {"iou": accumulator.value, "iou_threshold": accumulator.threshold}
+        elif isinstance(accumulator, SequenceAccumulator):
+            task = {"sequence_agreement": accumulator.value, "sequence_exact": accumulator.exact_share}
+        if kind == "top1" and argmax_f[index]:
             top_f = np.concatenate(argmax_f[index])
             top_q = np.concatenate(argmax_q[index])
             agreement = float(np.mean(top_f == top_q))
@@ -321,7 +373,7 @@ def compare(
                 q_acc = float(np.mean(top_q == labels))
         outputs.append(
             OutputMetrics(q_name, out_acc[index].sqnr, out_acc[index].cosine, out_acc[index].max_abs, agreement,
-                          f_acc, q_acc, runtime_acc[index].sqnr, runtime_agreement)
+                          f_acc, q_acc, runtime_acc[index].sqnr, runtime_agreement, metric=kind, **task)  # type: ignore[arg-type]
         )
     layers = [
         LayerMetrics(pair.float_tensor, pair.quant_tensor, pair.node, pair.op_type, pair.bits,
@@ -335,3 +387,19 @@ def compare(
     unmatched_all = tuple(unmatched) + tuple(pairs[index].quant_tensor for index in sorted(skipped))
     return NumericReport(int(images.shape[0]), tuple(outputs), tuple(layers), unmatched_all,
                          diagnose(float_model, layers))
+
+
+def _choose_metrics(metric: str, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> list[str | None]:
+    """Each output's metric from its float shape (the rule of :mod:`onnxdgh.validation.metrics`);
+    ``iou`` under ``auto`` is still subject to the value-range check at the end."""
+    if metric == "auto":
+        return [next((kind for kind in ("top1", "sequence", "iou") if fits(kind, shape)), None) for _, shape in shapes]
+    chosen = [metric if fits(metric, shape) else None for _, shape in shapes]
+    if not any(chosen):
+        layouts = {"top1": "N x K class scores", "iou": "an N x 1 x H x W map", "sequence": "N x T x C step scores"}
+        found = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes)
+        raise InvalidInputError(
+            f"--metric {metric} reads {layouts[metric]}, and no output has that shape ({found})",
+            "use --metric auto, or the metric that fits the model's output",
+        )
+    return chosen

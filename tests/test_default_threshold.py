@@ -1,0 +1,68 @@
+"""``--threshold`` left open: MSE for classifiers, no clipping for dense predictions (issue 15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from onnxdgh.cli import main
+from onnxdgh.errors import InvalidInputError
+from onnxdgh.load import load_model
+from onnxdgh.quantization import QuantizeConfig, quantize
+from onnxdgh.quantization.api import default_threshold
+
+from .conftest import export_onnx
+
+
+class _DenseHead(nn.Module):
+    """Conv -> ReLU -> Conv: an N x 2 x H x W map, as a detector's or segmenter's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.fixture
+def dense_path(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return export_onnx(_DenseHead().eval(), (3, 8, 8), tmp_path / "dense.onnx", keep_bn=False)
+
+
+def _meta(model) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def test_default_threshold_by_output_rank(dense_path: Path, tiny_model_path: Path) -> None:
+    assert default_threshold(load_model(tiny_model_path), 8) == "mse"  # N x K logits
+    assert default_threshold(load_model(dense_path), 8) == "noclip"  # N x 2 x H x W map
+    assert default_threshold(load_model(dense_path), 4) == "mse"  # 4-bit grids need the clipping
+
+
+def test_quantize_resolves_an_open_threshold_and_keeps_an_explicit_one(dense_path: Path) -> None:
+    images = np.random.default_rng(0).uniform(-1, 1, size=(8, 3, 8, 8)).astype(np.float32)
+    assert QuantizeConfig().threshold is None
+    auto = quantize(str(dense_path), images, QuantizeConfig(), progress=False)
+    assert _meta(auto.model)["onnxdgh.threshold"] == "noclip"
+    assert auto.report["config"]["threshold"] == "noclip"
+    explicit = quantize(str(dense_path), images, QuantizeConfig(threshold="mse"), progress=False)
+    assert _meta(explicit.model)["onnxdgh.threshold"] == "mse"
+    with pytest.raises(InvalidInputError, match="--threshold 'max'"):
+        QuantizeConfig(threshold="max")  # type: ignore[arg-type]
+
+
+def test_cli_quantize_dense_model_without_threshold_uses_noclip(dense_path: Path, tmp_path: Path) -> None:
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(1).uniform(-1, 1, size=(8, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(dense_path), "-o", str(out), "--calib-data", str(data),
+                                       "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert "threshold noclip" in result.output
