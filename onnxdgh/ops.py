@@ -1,8 +1,9 @@
 """The op table: what each ONNX op means to the quantizer and the validator.
 
 Contract: pure data (:data:`OPS`, one :class:`OpSpec` per op type) and lookups over it,
-plus one structural rule, the gated activation (:func:`is_gate_partner`,
-:func:`gated_activation`). Marking, folding, shifting, equalizing, emitting and
+plus two structural rules, the gated activation (:func:`is_gate_partner`,
+:func:`gated_activation`) and ops written out as several nodes that are quantized as the
+one op they compute (:func:`written_out_ops`: LayerNorm, HardSwish). Marking, folding, shifting, equalizing, emitting and
 validation read these records, so they cannot drift; adding an operator is one entry
 here and one marking policy (:mod:`onnxdgh.quantization.plan`).
 
@@ -58,6 +59,10 @@ __all__ = [
     "output_bounds",
     "gated_activation",
     "is_gate_partner",
+    "WrittenOutOp",
+    "decomposed_layer_norm",
+    "decomposed_hard_swish",
+    "written_out_ops",
 ]
 
 Layout = Literal["conv", "conv_transpose", "gemm", "matmul"]
@@ -120,6 +125,16 @@ OPS: dict[str, OpSpec] = {
     "ReduceMean": OpSpec(shape_inputs=_idx(1)),
     "ReduceMax": OpSpec(),
     "Softmax": OpSpec(bounds=(0.0, 1.0)),
+    # Elementwise functions of one activation (a lookup table on an integer target); the
+    # pieces of a decomposed LayerNorm (ReduceMean, Sub, Pow by 2, Sqrt, Div) and of GELU
+    # (Erf form x * 0.5 * (1 + Erf(x / sqrt 2)); tanh form with Pow by 3 and Tanh).
+    # Pow's exponent is a parameter of the function, not a tensor to quantize; its
+    # bounds depend on it (:func:`output_bounds`).
+    "Pow": OpSpec(shape_inputs=_idx(1)),
+    "Sqrt": OpSpec(bounds=(0.0, _INF)),
+    "Erf": OpSpec(bounds=(-1.0, 1.0)),
+    # LayerNormalization (opset 17): scale and bias are per-tensor constants.
+    "LayerNormalization": OpSpec(),
     "Resize": OpSpec(shape_inputs=_idx(1, 2, 3)),
     "Concat": OpSpec(shared_scale=True),
     # Value-preserving ops (inherit their input's quantizer).
@@ -231,9 +246,16 @@ def output_bounds(
     """``(lo, hi)`` of the op's output whatever its input, or None when not bounded by the op.
 
     Clip: its ``min``/``max`` attributes (opset < 11) or constant inputs 1 and 2, infinite
-    where absent; None when a bound is computed. ``constant`` maps a tensor name to its
-    value (None when computed).
+    where absent; None when a bound is computed. Pow: ``[0, inf)`` for a constant even
+    integer exponent, else unbounded. ``constant`` maps a tensor name to its value (None
+    when computed).
     """
+    if op_type == "Pow":
+        exponent = constant(inputs[1]) if len(inputs) > 1 and inputs[1] else None
+        if exponent is None or np.asarray(exponent).size != 1:
+            return None
+        value = float(np.asarray(exponent).reshape(-1)[0])
+        return (0.0, _INF) if value == round(value) and int(value) % 2 == 0 else None
     if op_type != "Clip":
         return spec(op_type).bounds
     low, high = float(attributes.get("min", -_INF)), float(attributes.get("max", _INF))  # type: ignore[arg-type]
@@ -278,3 +300,168 @@ def gated_activation(tensor: str, readers: Sequence[Any]) -> tuple[Any, Any] | N
         if is_gate_partner(gate, mul) and gate.input[0] == tensor:
             return gate, mul
     return None
+
+
+@dataclass(frozen=True)
+class WrittenOutOp:
+    """One op (``op``, e.g. ``LayerNormalization``) written out as several nodes.
+
+    ``nodes`` in dataflow order, the last one producing ``output``; ``inner`` the tensors
+    that never leave the pattern; ``data`` the op's input; ``parameters`` the constants
+    the nodes read (epsilon, 3 and 6 of HardSwish), which are the op's attributes, not
+    tensors to quantize. Quantized as the op: at ``data`` and ``output`` only.
+    """
+
+    op: str
+    nodes: tuple[Any, ...]
+    inner: tuple[str, ...]
+    data: str
+    output: str
+    parameters: tuple[str, ...]
+
+
+def _reduce_axes(node: Any, constant: Callable[[str], np.ndarray | None]) -> tuple[int, ...] | None:
+    for attribute in node.attribute:
+        if attribute.name == "axes":
+            return tuple(attribute.ints)
+    if len(node.input) > 1 and node.input[1]:  # opset >= 18: axes is an input
+        value = constant(node.input[1])
+        return None if value is None else tuple(int(v) for v in np.asarray(value).reshape(-1))
+    return None
+
+
+def _keeps_dims(node: Any) -> bool:
+    return all(a.i == 1 for a in node.attribute if a.name == "keepdims")
+
+
+def _only_reader(view: Any, tensor: str, op_type: str) -> Any:
+    readers = view.readers(tensor)
+    if len(readers) == 1 and readers[0].op_type == op_type and tensor not in view.output_set:
+        return readers[0]
+    return None
+
+
+def decomposed_layer_norm(view: Any, mean: Any) -> WrittenOutOp | None:
+    """The LayerNorm (:class:`WrittenOutOp`) that starts at the ReduceMean node ``mean``, or None.
+
+    ``view`` is a :class:`~onnxdgh.graph.GraphView` (of the float or the quantized graph).
+    Exactly this dataflow matches: ``mu = ReduceMean(x)``, ``d = Sub(x, mu)``, ``d`` read
+    only by ``Pow(d, 2)`` and the final ``Div(d, s)``, ``v = ReduceMean(d^2)`` over the
+    same single axis (keepdims), ``Add(v, eps)`` with a constant scalar ``eps``,
+    ``s = Sqrt(...)``; every inner tensor read only inside the pattern. It is the
+    normalisation of ONNX's ``LayerNormalization`` (opset 17) as Paddle2ONNX and older
+    torch exports write it, so it is quantized as that one op: its input and its output.
+    The affine ``Mul(gamma)``/``Add(beta)`` that follows is left out: ordinary ops.
+    """
+    if mean.op_type != "ReduceMean" or not mean.input or not _keeps_dims(mean):
+        return None
+    axes = _reduce_axes(mean, view.constant)
+    if axes is None or len(axes) != 1:
+        return None
+    x, mu = mean.input[0], mean.output[0]
+    sub = _only_reader(view, mu, "Sub")
+    if sub is None or list(sub.input) != [x, mu]:
+        return None
+    d = sub.output[0]
+    readers = view.readers(d)
+    if d in view.output_set or len(readers) != 2:
+        return None
+    by_op = {node.op_type: node for node in readers}
+    power, div = by_op.get("Pow"), by_op.get("Div")
+    if power is None or div is None or list(power.input[:1]) != [d]:
+        return None
+    exponent = view.constant(power.input[1]) if len(power.input) > 1 else None
+    if exponent is None or np.asarray(exponent).size != 1 or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
+        return None
+    variance = _only_reader(view, power.output[0], "ReduceMean")
+    if variance is None or not _keeps_dims(variance) or _reduce_axes(variance, view.constant) != axes:
+        return None
+    add = _only_reader(view, variance.output[0], "Add")
+    if add is None or variance.output[0] not in add.input:
+        return None
+    epsilon = [name for name in add.input if name != variance.output[0]]
+    eps_value = view.constant(epsilon[0]) if len(epsilon) == 1 else None
+    if eps_value is None or np.asarray(eps_value).size != 1:
+        return None
+    sqrt = _only_reader(view, add.output[0], "Sqrt")
+    if sqrt is None or _only_reader(view, sqrt.output[0], "Div") is not div or list(div.input) != [d, sqrt.output[0]]:
+        return None
+    nodes = (mean, sub, power, variance, add, sqrt, div)
+    inner = (mu, d, power.output[0], variance.output[0], add.output[0], sqrt.output[0])
+    return WrittenOutOp("LayerNormalization", nodes, inner, x, div.output[0], (epsilon[0],))
+
+
+def _scalar(view: Any, name: str) -> float | None:
+    value = view.constant(name) if name else None
+    return None if value is None or np.asarray(value).size != 1 else float(np.asarray(value).reshape(-1)[0])
+
+
+def _other_input(node: Any, name: str) -> str | None:
+    others = [item for item in node.input if item != name]
+    return others[0] if len(node.input) == 2 and len(others) == 1 else None
+
+
+def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
+    """The HardSwish ``x * Clip(x + 3, 0, 6) / 6`` that starts at the Add node ``add``, or None.
+
+    Exactly: ``a = Add(x, 3)`` read only by ``c = Clip(a, 0, 6)``, ``c`` read only by
+    ``m = Mul(x, c)``, ``m`` read only by ``Div(m, 6)`` or ``Mul(m, 1/6)`` (the folded Div);
+    3, 0, 6 constants; then, when they are the only readers, a ``Mul`` and an ``Add`` by
+    scalar constants (an affine of the activation's output, still a function of ``x``). Paddle2ONNX writes ``hardswish`` this way (opset < 14 has no
+    HardSwish op); it is ONNX's ``HardSwish`` (alpha 1/6, beta 1/2), so it is quantized as
+    that op: at ``x`` and the output, the 8-bit grids between would only add error.
+    """
+    if add.op_type != "Add" or len(add.input) != 2:
+        return None
+    for x in add.input:
+        three = _other_input(add, x)
+        if three is not None and _scalar(view, three) == 3.0 and view.constant(x) is None:
+            break
+    else:
+        return None
+    clip = _only_reader(view, add.output[0], "Clip")
+    if clip is None or clip.input[0] != add.output[0]:
+        return None
+    attrs = {a.name: a.f for a in clip.attribute}
+    low = _scalar(view, clip.input[1]) if len(clip.input) > 1 else attrs.get("min")
+    high = _scalar(view, clip.input[2]) if len(clip.input) > 2 else attrs.get("max")
+    if low != 0.0 or high != 6.0:
+        return None
+    mul = _only_reader(view, clip.output[0], "Mul")
+    if mul is None or sorted(mul.input) != sorted([x, clip.output[0]]):
+        return None
+    readers = view.readers(mul.output[0])
+    if len(readers) != 1 or mul.output[0] in view.output_set or readers[0].op_type not in ("Div", "Mul"):
+        return None
+    scale = readers[0]
+    divisor = _other_input(scale, mul.output[0])
+    value = _scalar(view, divisor) if divisor is not None else None
+    if value is None or (scale.op_type == "Div" and scale.input[0] != mul.output[0]):
+        return None
+    if not math.isclose(value if scale.op_type == "Div" else 1.0 / value if value else 0.0, 6.0, rel_tol=1e-6):
+        return None
+    nodes, inner, parameters = [add, clip, mul, scale], [add.output[0], clip.output[0], mul.output[0]], [three, divisor]
+    # PP-LCNetV3's learnable affine after the activation, s * hardswish(x) + b with scalars
+    # s, b: still one elementwise function of x (one lookup table on an 8-bit input), so it
+    # ends the op; a grid between would round hardswish's output twice more.
+    for op_type in ("Mul", "Add"):
+        follower = _only_reader(view, nodes[-1].output[0], op_type)
+        constant = _other_input(follower, nodes[-1].output[0]) if follower is not None else None
+        if constant is None or _scalar(view, constant) is None:
+            break
+        inner.append(nodes[-1].output[0])
+        nodes.append(follower)
+        parameters.append(constant)
+    return WrittenOutOp("HardSwish", tuple(nodes), tuple(inner), x, nodes[-1].output[0], tuple(parameters))
+
+
+def written_out_ops(view: Any) -> list[WrittenOutOp]:
+    """Every op of the graph ``view`` written out as several nodes (:func:`decomposed_layer_norm`,
+    :func:`decomposed_hard_swish`), in graph order of their first node."""
+    found = []
+    for node in view.graph.node:
+        if node.op_type == "ReduceMean":
+            found.append(decomposed_layer_norm(view, node))
+        elif node.op_type == "Add":
+            found.append(decomposed_hard_swish(view, node))
+    return [pattern for pattern in found if pattern is not None]

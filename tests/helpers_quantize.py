@@ -100,11 +100,15 @@ def qdq_scale(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
     return value
 
 
-def structure_problems(model: onnx.ModelProto, fused: Iterable[tuple[str, str]] = ()) -> list[str]:
+def structure_problems(
+    model: onnx.ModelProto, fused: Iterable[tuple[str, str]] = (), float_inside: Iterable[str] = ()
+) -> list[str]:
     """Everything that breaks 'every tensor quantized, power-of-two, zero point 0' in ``model``.
 
-    ``fused``: (producer op, consumer op) pairs allowed to pass a float tensor directly.
+    ``fused``: (producer op, consumer op) pairs allowed to pass a float tensor directly;
+    ``float_inside``: tensor and initializer names allowed in float (inside one op).
     """
+    allowed_float = set(float_inside)
     graph = model.graph
     fused_pairs = set(fused)
     producers = {out: node for node in graph.node for out in node.output}
@@ -125,7 +129,7 @@ def structure_problems(model: onnx.ModelProto, fused: Iterable[tuple[str, str]] 
             continue
         shape_idx = SHAPE_INPUT_INDICES.get(node.op_type, frozenset())
         for index, name in enumerate(node.input):
-            if not name or index in shape_idx:
+            if not name or index in shape_idx or name in allowed_float:
                 continue
             if name in inits:
                 if inits[name].data_type == TensorProto.FLOAT:

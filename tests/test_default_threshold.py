@@ -46,6 +46,23 @@ def test_default_threshold_by_output_rank(dense_path: Path, tiny_model_path: Pat
     assert default_threshold(load_model(dense_path), 4) == "mse"  # 4-bit grids need the clipping
 
 
+class _SequenceScores(nn.Module):
+    """Conv -> per-column Softmax: N x steps x classes, a text recogniser's CTC scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=2).transpose(1, 2).softmax(dim=-1)
+
+
+def test_softmax_scores_of_any_rank_keep_mse(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = export_onnx(_SequenceScores().eval(), (3, 8, 8), tmp_path / "seq.onnx", keep_bn=False)
+    assert default_threshold(load_model(path), 8) == "mse"
+
+
 def test_quantize_resolves_an_open_threshold_and_keeps_an_explicit_one(dense_path: Path) -> None:
     images = np.random.default_rng(0).uniform(-1, 1, size=(8, 3, 8, 8)).astype(np.float32)
     assert QuantizeConfig().threshold is None

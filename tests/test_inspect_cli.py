@@ -86,23 +86,23 @@ def test_python_dash_m_entry_point(tiny_model_path: Path) -> None:
     assert "READY" in proc.stdout
 
 
-class _Squared(TinyConvBnRelu):
-    """The tiny classifier with x * x written as Pow, which onnx2torch converts but the quantizer has no rule for."""
+class _Sine(TinyConvBnRelu):
+    """The tiny classifier with a Sin on its scores, which onnx2torch converts but the quantizer has no rule for."""
 
     def forward(self, x):  # type: ignore[no-untyped-def]
-        return super().forward(x) ** 2
+        return super().forward(x).sin()
 
 
-def test_inspect_dry_runs_the_quantizer_pow_not_ready(tmp_path: Path) -> None:
-    path = export_onnx(settle_bn(_Squared(), (3, 12, 12)), (3, 12, 12), tmp_path / "pow.onnx")
+def test_inspect_dry_runs_the_quantizer_sin_not_ready(tmp_path: Path) -> None:
+    path = export_onnx(settle_bn(_Sine(), (3, 12, 12)), (3, 12, 12), tmp_path / "sin.onnx")
     result = CliRunner().invoke(main, ["inspect", str(path), "--json", "-"])
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["ready"] is False and report["unconvertible_ops"] == []
     assert report["quantizer"]["ok"] is False
-    pow_node = next(node for node in onnx.load(str(path)).graph.node if node.op_type == "Pow")
+    sin_node = next(node for node in onnx.load(str(path)).graph.node if node.op_type == "Sin")
     reason = next(r for r in report["reasons"] if "quantizer" in r)
-    assert "Pow" in reason and pow_node.name in reason
+    assert "Sin" in reason and sin_node.name in reason
     text = CliRunner().invoke(main, ["inspect", str(path)])
     assert text.exit_code == 1 and "NOT READY" in text.output and "dry run" in text.output
 

@@ -153,7 +153,7 @@ def test_missing_field(tmp_path: Path) -> None:
         ("allowed_ops", ["Conv", "conv"], "'conv', which is not an ONNX operator"),
         ("allowed_ops", ["Conv", "MyCustomOp"], "'MyCustomOp'"),
         ("fused_patterns", [["Conv"]], "fewer than two ops"),
-        ("fused_patterns", [["Conv", "Sqrt"]], "'Sqrt', which allowed_ops does not list"),
+        ("fused_patterns", [["Conv", "Sin"]], "'Sin', which allowed_ops does not list"),
         ("fused_patterns", [["Conv", "Rellu"]], "not an ONNX operator"),
         ("fused_patterns", ["Conv"], r"fused_patterns\[0\] must be a list"),
         ("shared_scale_ops", ["Concatenate"], "not an ONNX operator"),

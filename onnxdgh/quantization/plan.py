@@ -53,6 +53,7 @@ from ..ops import (
     QDQ_OPS,
     gated_activation,
     is_gate_partner,
+    written_out_ops,
     is_value_preserving,
     numpy_container,
     output_bounds,
@@ -343,6 +344,19 @@ def _mark_plain(m: _Marking, node: _Node) -> None:
         m.outputs(node)
 
 
+@_policy("Pow")
+def _mark_pow(m: _Marking, node: _Node) -> None:
+    """Pow by a constant scalar exponent: an elementwise function of its base (the square
+    of a decomposed LayerNorm, the cube of tanh-form GELU), marked like any plain op."""
+    exponent = m.view.input_constant(node.proto, 1)
+    if exponent is None or exponent.size != 1:
+        raise QuantizationError(
+            f"cannot quantize Pow node {node.label}: its exponent is not a constant scalar",
+            "export the power with a constant exponent (x ** 2), or as Mul(x, x)",
+        )
+    _mark_plain(m, node)
+
+
 @_policy(*(op for op, record in OPS.items() if record.weight is not None))
 def _mark_weighted(m: _Marking, node: _Node) -> None:
     """Conv, ConvTranspose, Gemm, MatMul: a constant weight per output channel (signed,
@@ -416,6 +430,18 @@ def mark(
         )
     m = _Marking(model, profile, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel,
                  grid_pads=grid_pads, image=inputs[0])
+    # An op written out as several nodes (LayerNorm, HardSwish) is quantized as that op
+    # where the profile allows it: no quantizer inside (8-bit variances of near-constant
+    # tokens round to 0 and blow the division up), its constants are its attributes.
+    inside: set[int] = set()
+    parameters: dict[int, frozenset[str]] = {}
+    for pattern in written_out_ops(m.view):
+        if profile.allows_op(pattern.op):
+            m.fused_tensors.update(pattern.inner)
+            inside.update(id(node) for node in pattern.nodes[:-1])
+            parameters[id(pattern.nodes[-1])] = frozenset(pattern.parameters)
+            _LOG.debug("%s written out as %d nodes ending at %s: quantized as one op",
+                       pattern.op, len(pattern.nodes), m.view.label(pattern.nodes[-1]))
     for proto in graph.node:
         label = m.view.label(proto)
         op = proto.op_type
@@ -425,6 +451,8 @@ def mark(
                 f"node {label} is a {op}: the model is already quantized",
                 "give onnxdgh the float model (before any quantization)",
             )
+        if id(proto) in inside:
+            continue  # its outputs stay inside the written-out op; the last node is marked below
         if not float_outs:
             continue  # shape/index arithmetic: nothing to quantize
         if proto.domain not in ("", "ai.onnx"):
@@ -450,6 +478,8 @@ def mark(
         for position, name in enumerate(proto.input):
             if not name or position in shape_inputs or name not in floats:
                 continue
+            if name in parameters.get(id(proto), ()):
+                continue  # an attribute of the written-out op, not a tensor
             if name in m.view.initializers:
                 constants.append((position, name))
             else:

@@ -31,7 +31,15 @@ import numpy as np
 import onnx
 
 from .. import graph as g
-from ..ops import INTEGER_TYPES, gated_activation, is_gate_partner, is_value_preserving, output_bounds, spec
+from ..ops import (
+    INTEGER_TYPES,
+    gated_activation,
+    is_gate_partner,
+    is_value_preserving,
+    written_out_ops,
+    output_bounds,
+    spec,
+)
 from ..profile import Profile
 from ..quantization.float_weights import restore_quantized_weights
 from ..quantization.thresholds import grid
@@ -54,8 +62,10 @@ RULES: dict[str, str] = {
     "graph-output-not-dequantized": "every graph output is produced by DequantizeLinear",
     "float-input-not-dequantized": (
         "every float data input of every compute op comes from DequantizeLinear (except the second "
-        "op of a fused pattern, the Mul of a fused gated activation, and a range Clip that feeds only "
-        "QuantizeLinear)"
+        "op of a fused pattern, the Mul of a fused gated activation, a range Clip that feeds only "
+        "QuantizeLinear, and the inner tensors and constants of an op written out as several nodes -- "
+        "LayerNorm as ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div; HardSwish as "
+        "x * Clip(x + 3, 0, 6) / 6 -- where the profile allows that op)"
     ),
     "qdq-pair-mismatch": "a DequantizeLinear reading a QuantizeLinear uses the same scale, zero point and type",
     "scale-not-power-of-two": "every Q/DQ scale is a constant, positive, exact power of two",
@@ -479,8 +489,20 @@ def _check_graph_outputs(q: QuantGraph, profile: Profile) -> list[Violation]:
     return found
 
 
+def _written_out_inside(q: QuantGraph, profile: Profile) -> dict[int, frozenset[str]]:
+    """For each node of an op written out as several nodes that ``profile`` allows (LayerNorm,
+    HardSwish): the float tensors it may read without Q/DQ (inner tensors and parameters)."""
+    inside: dict[int, frozenset[str]] = {}
+    for pattern in written_out_ops(q):
+        if profile.allows_op(pattern.op):
+            floats = frozenset((*pattern.inner, *pattern.parameters))
+            inside.update((id(node), floats) for node in pattern.nodes)
+    return inside
+
+
 def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
     found = []
+    written_out = _written_out_inside(q, profile)
     for node in q.graph.node:
         if node.op_type == "BatchNormalization":
             found.append(
@@ -505,7 +527,7 @@ def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
             continue
         # The range Clip before a QuantizeLinear is part of the quantizer (a narrower grid),
         # not a compute op the target must run.
-        if profile.allows_op(node.op_type) or q.is_range_clip(node):
+        if profile.allows_op(node.op_type) or q.is_range_clip(node) or id(node) in written_out:
             continue
         found.append(
             Violation(
@@ -520,11 +542,14 @@ def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
 
 def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
     found = []
+    written_out = _written_out_inside(q, profile)
     for node in q.graph.node:
         # A range Clip feeding only QuantizeLinear is part of the quantizer (a narrower grid).
         if node.op_type in _QDQ or node.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(node):
             continue
         for _index, name in _data_inputs(node):
+            if name in written_out.get(id(node), ()):
+                continue  # inside one op written out as several nodes, which the profile allows
             elem_type = q.elem_types.get(name)
             producer = q.producers.get(name)
             if producer is not None and producer.op_type == "DequantizeLinear":
