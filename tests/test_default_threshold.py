@@ -63,6 +63,23 @@ def test_softmax_scores_of_any_rank_keep_mse(tmp_path: Path) -> None:
     assert default_threshold(load_model(path), 8) == "mse"
 
 
+class _ProbabilityMap(nn.Module):
+    """Conv -> Sigmoid: an N x 1 x H x W probability map, as DBNet's text detector writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x))
+
+
+def test_a_sigmoid_probability_map_keeps_mse(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = export_onnx(_ProbabilityMap().eval(), (3, 8, 8), tmp_path / "map.onnx", keep_bn=False)
+    assert default_threshold(load_model(path), 8) == "mse"
+
+
 def test_quantize_resolves_an_open_threshold_and_keeps_an_explicit_one(dense_path: Path) -> None:
     images = np.random.default_rng(0).uniform(-1, 1, size=(8, 3, 8, 8)).astype(np.float32)
     assert QuantizeConfig().threshold is None
