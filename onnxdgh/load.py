@@ -145,12 +145,18 @@ class LoadedModel:
 
 
 def load_model(
-    path: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, input_shape: tuple[int, int, int] | None = None
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    keep_as_written: bool = False,
 ) -> LoadedModel:
     """Read, check and canonicalise the ONNX model at ``path`` (never modified).
 
     ``input_shape`` (C, H, W) pins symbolic input dimensions (many OCR and detection
     exports leave height and width open); it must agree with any fixed dimension.
+    ``keep_as_written`` also keeps the model before canonicalisation
+    (:attr:`LoadedModel.as_written`, what the validator's rules read); off by default, as
+    it holds a second copy of every weight.
 
     Raises:
         ModelLoadError: ``path`` is not a path (``str``, ``bytes`` or ``os.PathLike``), or
@@ -170,7 +176,7 @@ def load_model(
         raise ModelLoadError(f"model file {src} is empty", "re-export or re-download the model")
     model = _parse(data, src)
     _resolve_external_data(model, src.parent.resolve(), src)
-    return _finish(model, str(src), input_shape)
+    return _finish(model, str(src), input_shape, keep_as_written)
 
 
 def _model_path(path: object) -> Path:
@@ -192,9 +198,15 @@ def _model_path(path: object) -> Path:
 
 
 def load_model_proto(
-    model: onnx.ModelProto, source: str = "<memory>", *, input_shape: tuple[int, int, int] | None = None
+    model: onnx.ModelProto,
+    source: str = "<memory>",
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    keep_as_written: bool = False,
 ) -> LoadedModel:
-    """Check and canonicalise an in-memory model (a copy; ``model`` is not modified)."""
+    """Check and canonicalise an in-memory model (a copy; ``model`` is not modified).
+
+    ``input_shape`` and ``keep_as_written`` as for :func:`load_model`."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in _all_tensors(copy.graph):
@@ -203,7 +215,7 @@ def load_model_proto(
                 f"tensor {tensor.name} of {source} keeps its data in an external file",
                 "load the model from its file with onnxdgh.load_model(path)",
             )
-    return _finish(copy, source, input_shape)
+    return _finish(copy, source, input_shape, keep_as_written)
 
 
 def _parse(data: bytes, src: Path) -> onnx.ModelProto:
@@ -342,7 +354,9 @@ def _pin_input_shape(image: onnx.ValueInfoProto, shape: tuple[int, int, int], so
         dim.dim_value = int(value)
 
 
-def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, int] | None) -> LoadedModel:
+def _finish(
+    model: onnx.ModelProto, source: str, input_shape: tuple[int, int, int] | None, keep_as_written: bool = False
+) -> LoadedModel:
     opset = g.opset_version(model)
     if opset is None:
         raise ModelLoadError(f"{source} imports no default ONNX opset", "re-export the model with opset_version=17")
@@ -431,7 +445,7 @@ def _finish(model: onnx.ModelProto, source: str, input_shape: tuple[int, int, in
         bn_nodes=tuple(_batch_norms(canon)),
         metadata=metadata,
         canonicalisation=counts,
-        as_written=model,
+        as_written=model if keep_as_written else None,
     )
     _LOG.info(
         "loaded %s: input %s %s, opset %d, %d BN nodes (%d usable)",

@@ -387,3 +387,11 @@ def test_atomic_write_uses_normal_file_mode(tmp_path: Path) -> None:
     assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)
     assert out.read_bytes() == b"abc"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"], "temporary file left behind"
+
+
+def test_the_model_as_written_is_kept_only_when_asked(tiny_model_path: Path) -> None:
+    # A second copy of every weight: only the validator, which checks the file as written, asks.
+    assert load_model(tiny_model_path).as_written is None
+    kept = load_model(tiny_model_path, keep_as_written=True).as_written
+    assert kept is not None and kept == onnx.load(str(tiny_model_path))
+    assert load_model_proto(onnx.load(str(tiny_model_path)), keep_as_written=True).as_written is not None

@@ -293,14 +293,16 @@ class ValidationReport:
 
 
 def _load(
-    model: LoadedModel | onnx.ModelProto | str | os.PathLike[str], what: str, input_shape: tuple[int, int, int] | None
+    model: LoadedModel | onnx.ModelProto | str | os.PathLike[str], what: str, input_shape: tuple[int, int, int] | None,
+    shipped: bool = False,
 ) -> LoadedModel:
+    """``model`` loaded; ``shipped``: keep it as written too (the quantized model, whose file the rules check)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, onnx.ModelProto):
-        return load_model_proto(model, source=f"<{what} in memory>", input_shape=input_shape)
+        return load_model_proto(model, source=f"<{what} in memory>", input_shape=input_shape, keep_as_written=shipped)
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model, input_shape=input_shape)
+        return load_model(model, input_shape=input_shape, keep_as_written=shipped)
     raise InvalidInputError(
         f"the {what} model is a {type(model).__name__}",
         "pass a path, an onnx.ModelProto or an onnxdgh.LoadedModel",
@@ -460,7 +462,7 @@ def validate(
         )
     if labels is not None and data is None:
         raise InvalidInputError("labels were given without the images they label", "give the images too: onnxdgh validate MODEL --data images.npz --labels labels.npy")
-    loaded_q = _load(quantized, "quantized", input_shape)
+    loaded_q = _load(quantized, "quantized", input_shape, shipped=True)
     if chosen is None:
         chosen = load_profile(_profile_from_metadata(loaded_q))
     # The rules read the file as written: canonicalisation would remove an Identity or lift
