@@ -64,6 +64,28 @@ def _evaluation(ctx: bl.Context, model: Path, count: int) -> tuple[np.ndarray, s
     return evaluation, note.split("; ", 1)[1]
 
 
+def _throughput(model: Path, rows: list[dict[str, Any]], threads: int, smoke: bool) -> list[str]:
+    """The generation loop's rate against this machine's fp32 GEMM rate at the same thread count (issue 16)."""
+    import torch
+
+    from onnxdgh.convert import to_torch
+    from onnxdgh.load import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model)
+    fwd, bwd = bl.input_grad_flops(to_torch(loaded).module, loaded.input_shape)
+    gemm = bl.gemm_gflops(512 if smoke else 1024, 0.3 if smoke else 2.0)
+    lines = ["", f"Generation throughput against the fp32 GEMM rate (torch, 1024x1024, {threads} thread(s), measured now: "
+                 f"{gemm:.1f} GFLOP/s); work per image-iteration {(fwd + bwd) / 1e9:.2f} GFLOP (forward "
+                 f"{fwd / 1e9:.2f} + input-gradient backward {bwd / 1e9:.2f}, torch's FLOP counter):", ""]
+    for row in rows:
+        rate = row.get("image_it_s")
+        if rate:
+            lines.append(f"- `{row['options'] or '(defaults)'}`: {rate:.2f} image-iterations/s in the optimisation loop, "
+                         f"{100 * rate * (fwd + bwd) / (gemm * 1e9):.1f} % of the GEMM rate.")
+    return lines
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     ctx = bl.make_context(args, "quantize_224")
@@ -84,7 +106,8 @@ def run(argv: list[str] | None = None) -> int:
     reference = bl.predict(model, evaluation, batch_size=50)
     info = bl.machine_info()
     load_before = bl.load_average()
-    rows = []
+    rows: list[list[str]] = []
+    rows_raw: list[dict[str, Any]] = []
     for variant in variants:
         options = shlex.split(variant)
         name = "default" if not options else "-".join(o.lstrip("-").replace(":", "_").replace("/", "_") for o in options)
@@ -103,6 +126,7 @@ def run(argv: list[str] | None = None) -> int:
                 "options": variant, "wall_s": measured.wall_s, "cpu_s": measured.cpu_s,
                 "rss_mib": measured.max_rss_bytes / 2**20, "load": [load_start, bl.load_average()],
                 "generate_s": report.get("timings", {}).get("generate_s"), "settings": settings,
+                "image_it_s": report.get("generation", {}).get("timings", {}).get("image_iterations_per_s"),
                 "bns": [report.get("generation", {}).get("final", {}).get(k) for k in ("bns_loss_initial", "bns_loss")],
                 "validation": report.get("validation", {}).get("passed"),
                 **compare(reference, bl.predict(out, evaluation, batch_size=50)),
@@ -118,7 +142,9 @@ def run(argv: list[str] | None = None) -> int:
                      f"{row['rss_mib']:.0f}" if row["rss_mib"] else "-", f"{row['generate_s']:.0f} s" if row["generate_s"] else "-",
                      " -> ".join(f"{v:.3g}" for v in row.get("bns", []) if v is not None) or "-",
                      f"{100 * row['agreement']:.1f}", f"{100 * row['top5']:.1f}", f"{row['sqnr_db']:.2f}", verdict])
+        rows_raw.append(row)
     load_after = bl.load_average()
+    throughput = _throughput(model, rows_raw, args.threads, ctx.smoke)
     body = "\n".join([
         f"Model: `{model.name}` (input {'x'.join(map(str, load_model(model).input_shape))}). Every run: one child "
         f"process with `OMP_NUM_THREADS={args.threads}`; CPU time is the child's user + system time, which other "
@@ -129,6 +155,7 @@ def run(argv: list[str] | None = None) -> int:
         bl.md_table(["command", "generation (images x iterations)", "wall", "CPU time", "peak RSS MiB", "of which generate (wall)",
                      "whole-set BN loss (start -> final images)", "top-1 agreement %", "top-5 has float top-1 %",
                      "logit SQNR dB", f"target <= {TARGET_S / 60:.0f} min"], rows),
+        *throughput,
         *bl.load_note(load_before, load_after, "the wall times are inflated; the CPU times and accuracies are not."),
     ])
     return bl.finish_section(ctx, KEY, TITLE, body, info=info, load_before=load_before, load_after=load_after)
