@@ -54,6 +54,7 @@ __all__ = [
     "SHAPE_INPUT_INDICES",
     "ops_where",
     "is_value_preserving",
+    "output_channel_axis",
     "weight_axis",
     "output_channels",
     "output_bounds",
@@ -229,6 +230,12 @@ def weight_axis(op_type: str, attributes: dict[str, object], ndim: int) -> int |
     if layout == "gemm":
         return 0 if int(attributes.get("transB", 0)) else 1  # type: ignore[call-overload]
     return ndim - 1 if ndim >= 2 else None
+
+
+def output_channel_axis(op_type: str) -> int:
+    """Channel axis of a weighted op's *output* (where its bias adds): 1 for Conv and
+    ConvTranspose (N x C x ...), the last for Gemm and MatMul (... x N)."""
+    return 1 if spec(op_type).layout in ("conv", "conv_transpose") else -1
 
 
 def output_channels(op_type: str, attributes: dict[str, object], shape: Sequence[int]) -> int:

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxdgh import graph as g
-from onnxdgh.ops import OPS, output_bounds, output_channels, spec, weight_axis
+from onnxdgh.ops import OPS, output_bounds, output_channel_axis, output_channels, spec, weight_axis
 from onnxdgh.quantization.plan import POLICIES
 
 
@@ -28,6 +28,11 @@ from onnxdgh.quantization.plan import POLICIES
 def test_weight_layout(op: str, attrs: dict, shape: tuple, axis: int | None, channels: int) -> None:
     assert weight_axis(op, attrs, len(shape)) == axis
     assert output_channels(op, attrs, shape) == channels
+
+
+def test_output_channel_axis_of_weighted_ops() -> None:
+    # Where a bias adds: N x C x ... for convolutions, the last axis for Gemm and MatMul.
+    assert [output_channel_axis(op) for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")] == [1, 1, -1, -1]
 
 
 def test_output_bounds_of_fixed_and_clip_ops() -> None:

@@ -72,7 +72,7 @@ import torch
 from .. import graph as g
 from ..errors import InvalidInputError, QuantizationError
 from ..fileio import check_images
-from ..ops import WEIGHTED, is_value_preserving
+from ..ops import WEIGHTED, is_value_preserving, output_channel_axis, spec
 from ..progress import progress_bar
 from ..runtime import make_session, run_batched
 from .emit import NewBias, apply_integers
@@ -100,9 +100,6 @@ _MAX_BLOCK_LAYERS = 8
 # Ops fused behind a weighted node (activation, gate, range Clip) that a layer unit
 # follows to its output quantizer; more means it is not a fused activation.
 _MAX_FUSED_OPS = 6
-
-# The output axis a weighted node's bias input runs along (MatMul has no bias input).
-_BIAS_AXIS = {"Conv": 1, "ConvTranspose": 1, "Gemm": -1}
 
 # Images on which each unit's simulation is checked against onnxruntime.
 _CHECK_IMAGES = 8
@@ -756,7 +753,7 @@ def _input_scale(graph: onnx.GraphProto, tensor: str) -> float | None:
 def _new_bias(model: onnx.ModelProto, layer: _Layer, channels: int) -> NewBias | None:
     """A zero int32 bias in the emitter's convention (input scale x weight scale) for a
     node without one, or None when the node cannot take one (MatMul, unknown input scale)."""
-    if layer.node.op_type not in _BIAS_AXIS:
+    if spec(layer.node.op_type).bias is None:
         return None
     in_scale = _input_scale(model.graph, layer.node.input[0])
     producers = g.producer_map(model.graph)
@@ -779,7 +776,7 @@ def _bias_int(model: onnx.ModelProto, node_label: str) -> str | None:
 
 def _channel_delta(reference: np.ndarray, quantized: np.ndarray, op: str) -> np.ndarray:
     """Per output channel, the mean of (float - quantized) node output over everything else."""
-    axis = _BIAS_AXIS.get(op, -1) % quantized.ndim
+    axis = output_channel_axis(op) % quantized.ndim
     diff = np.moveaxis(reference.astype(np.float64) - quantized, axis, -1)
     return diff.reshape(-1, quantized.shape[axis]).mean(0)
 
@@ -820,11 +817,11 @@ def _optimise_unit(
     # Nodes without a bias get a zero one in the simulated copy when it may be learned or corrected.
     created: dict[str, NewBias] = {}
     if config.learn_bias or config.bias_correction:
-        missing = [layer for layer in unit.layers if layer.bias_int is None and layer.node.op_type in _BIAS_AXIS]
+        missing = [layer for layer in unit.layers if layer.bias_int is None and spec(layer.node.op_type).bias is not None]
         if missing:
             shapes = _run(model, images[:1], [layer.node.output[0] for layer in missing])
             for layer, out in zip(missing, shapes):
-                new = _new_bias(model, layer, out.shape[_BIAS_AXIS[layer.node.op_type]])
+                new = _new_bias(model, layer, out.shape[output_channel_axis(layer.node.op_type)])
                 if new is not None:
                     created[layer.label] = new
     simulated = apply_integers(model, {}, list(created.values())) if created else model
