@@ -223,18 +223,24 @@ def quantize_variant(model_path: Path, calib: np.ndarray, evaluation: np.ndarray
     return row
 
 
-def run_effnet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any], store: Path) -> str:
+def _effnet_inputs(args: argparse.Namespace, ctx: bl.Context, smoke_name: str) -> tuple[Path, np.ndarray, np.ndarray, str]:
+    """(model, calibration crops, evaluation crops, note) of the EfficientNet parts; a tiny model and random images
+    in [-1, 1] with ``--smoke`` (written to ``smoke_name`` in the work folder)."""
     if ctx.smoke:
-        model = bl.tiny_classifier(ctx.work / "tiny.onnx", channels=3, size=(16, 16), classes=10, mean=0.5, std=0.5)
+        model = bl.tiny_classifier(ctx.work / smoke_name, channels=3, size=(16, 16), classes=10, mean=0.5, std=0.5)
         rng = np.random.default_rng(ctx.seed)
         calib = rng.uniform(-1, 1, size=(16, 3, 16, 16)).astype(np.float32)
         evaluation = rng.uniform(-1, 1, size=(24, 3, 16, 16)).astype(np.float32)
-        note = "random images in [-1, 1] (smoke)"
-    else:
-        model = args.effnet
-        if not model.exists():
-            raise bl.BenchError(f"{model} not found: export it with tools/bench_real_models.py, or give --effnet")
-        calib, evaluation, note = _photo_sets(args.calib, args.eval, ctx.seed)
+        return model, calib, evaluation, "random images in [-1, 1] (smoke)"
+    model = args.effnet
+    if not model.exists():
+        raise bl.BenchError(f"{model} not found: export it with tools/bench_real_models.py, or give --effnet")
+    calib, evaluation, note = _photo_sets(args.calib, args.eval, ctx.seed)
+    return model, calib, evaluation, note
+
+
+def run_effnet(args: argparse.Namespace, ctx: bl.Context, results: dict[str, Any], store: Path) -> str:
+    model, calib, evaluation, note = _effnet_inputs(args, ctx, "tiny.onnx")
     reference = bl.predict(str(model), evaluation, batch_size=50)
     sources = {"real": (calib, f"real {args.calib}")}
     dgh_note = ""
@@ -394,16 +400,7 @@ def run_anchors(args: argparse.Namespace, ctx: bl.Context, results: dict[str, An
     """onnxruntime's static quantizer (and MCT's PTQ where it imports) on the effnet part's real crops."""
     import benchlib_mct
 
-    if ctx.smoke:
-        model = bl.tiny_classifier(ctx.work / "tiny_a.onnx", channels=3, size=(16, 16), classes=10, mean=0.5, std=0.5)
-        rng = np.random.default_rng(ctx.seed)
-        calib = rng.uniform(-1, 1, size=(16, 3, 16, 16)).astype(np.float32)
-        evaluation = rng.uniform(-1, 1, size=(24, 3, 16, 16)).astype(np.float32)
-    else:
-        model = args.effnet
-        if not model.exists():
-            raise bl.BenchError(f"{model} not found: export it with tools/bench_real_models.py, or give --effnet")
-        calib, evaluation, _ = _photo_sets(args.calib, args.eval, ctx.seed)
+    model, calib, evaluation, _ = _effnet_inputs(args, ctx, "tiny_a.onnx")
     reference = bl.predict(str(model), evaluation, batch_size=50)
     rows = []
     for method in args.ort_methods:
