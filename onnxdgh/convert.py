@@ -147,10 +147,12 @@ class TorchModel:
 
 @contextlib.contextmanager
 def quiet_onnx2torch() -> Any:
-    """Silence onnx2torch's Slice deprecation warning (list indexing); the result is
-    checked against onnxruntime at conversion, so the warning tells the user nothing."""
+    """Silence onnx2torch's Slice deprecation warning (list indexing) and its own warnings
+    (Resize's "results might differ"); the result is checked against onnxruntime at
+    conversion, so the warnings tell the user nothing."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+        warnings.filterwarnings("ignore", category=UserWarning, module="onnx2torch")
         yield
 
 

@@ -56,7 +56,14 @@ __all__ = [
 _LOG = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = (11, 21)
-"""Inclusive range of default-domain opsets accepted."""
+"""Inclusive range of default-domain opsets the pipeline works at."""
+
+CONVERTIBLE_OPSETS = (7, 10)
+"""Older opsets the loader converts to :data:`CONVERTED_OPSET` with ``onnx.version_converter``
+(Upsample becomes Resize, BatchNormalization loses its old attributes), checked against the
+original in onnxruntime."""
+
+CONVERTED_OPSET = 13
 
 REEXPORT_RECIPE = (
     "torch.onnx.export(model.eval(), example, 'model.onnx', dynamo=False, "
@@ -335,6 +342,53 @@ def _check_initializer_data(model: onnx.ModelProto, source: str) -> None:
             ) from exc
 
 
+def _converted(model: onnx.ModelProto, source: str, opset: int) -> onnx.ModelProto:
+    """``model`` at :data:`CONVERTED_OPSET`, metadata kept; refused as an old opset when it cannot be."""
+    try:
+        converted = onnx.version_converter.convert_version(model, CONVERTED_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors on a missing adapter
+        raise UnsupportedModelError(
+            f"{source} uses opset {opset} and onnx's version converter cannot bring it to opset "
+            f"{CONVERTED_OPSET}: {_one_line(str(exc)) or type(exc).__name__}",
+            f"re-export the model with opset_version={CONVERTED_OPSET} or later",
+        ) from exc
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(model.metadata_props)
+    _LOG.info("%s: converted from opset %d to %d", source, opset, CONVERTED_OPSET)
+    return converted
+
+
+def _check_conversion(
+    original: onnx.ModelProto,
+    converted: onnx.ModelProto,
+    source: str,
+    opset: int,
+    input_name: str,
+    batch_dim: int | str | None,
+    chw: tuple[int, int, int],
+) -> None:
+    """Refuse a version conversion that changed what the model computes (one random input, onnxruntime)."""
+    from .runtime import make_session  # onnxruntime is imported only when a model needs this
+
+    batch = batch_dim if isinstance(batch_dim, int) else 1
+    image = np.random.default_rng(0).uniform(-1.0, 1.0, (batch, *chw)).astype(np.float32)
+    try:
+        outputs = [make_session(model).run(None, {input_name: image}) for model in (original, converted)]
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors share no base class
+        raise UnsupportedModelError(
+            f"{source} uses opset {opset}; its conversion to opset {CONVERTED_OPSET} could not be checked in "
+            f"onnxruntime ({_one_line(str(exc)) or type(exc).__name__})",
+            f"re-export the model with opset_version={CONVERTED_OPSET} or later",
+        ) from exc
+    for before, after in zip(*outputs):
+        before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+        if before.shape != after.shape or not np.allclose(before, after, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(before).max(initial=0.0))):
+            raise UnsupportedModelError(
+                f"{source} uses opset {opset}; onnx's version converter changed its outputs on the way to opset {CONVERTED_OPSET}",
+                f"re-export the model with opset_version={CONVERTED_OPSET} or later",
+            )
+
+
 def _pin_input_shape(image: onnx.ValueInfoProto, shape: tuple[int, int, int], source: str) -> None:
     """Write ``shape`` into the symbolic C/H/W dims of ``image``; refuse a conflict."""
     if len(shape) != 3 or any(int(v) <= 0 for v in shape):
@@ -361,6 +415,14 @@ def _finish(
     if opset is None:
         raise ModelLoadError(f"{source} imports no default ONNX opset", "re-export the model with opset_version=17")
     low, high = SUPPORTED_OPSETS
+    converted_from = None
+    if CONVERTIBLE_OPSETS[0] <= opset < low and not keep_as_written:
+        # Exports older than opset 11 (Upsample, BN's old attributes) are converted the
+        # way the refusal's hint would tell the user to, and checked against the original
+        # in onnxruntime (_check_conversion) once the input shape is known.
+        original, converted_from = model, opset
+        model = _converted(model, source, opset)
+        opset = CONVERTED_OPSET
     if not low <= opset <= high:
         raise UnsupportedModelError(
             f"{source} uses opset {opset}; onnxdgh supports opsets {low} to {high}",
@@ -428,6 +490,9 @@ def _finish(
 
     canon, counts = canonicalise(model)
     _check_weights(canon, source)
+    if converted_from is not None:
+        _check_conversion(original, canon, source, converted_from, image.name, batch_dim, (chw[0], chw[1], chw[2]))
+        counts["opset_converted_from"] = converted_from
     try:
         canon = onnx.shape_inference.infer_shapes(canon, check_type=True, strict_mode=False, data_prop=True)
     except Exception as exc:  # shape inference failure on a checked model is unusual

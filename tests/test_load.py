@@ -139,11 +139,58 @@ def test_external_data_beside_model_loads(tmp_path: Path) -> None:
     np.testing.assert_allclose(ort_run(loaded.model, x)[0], ort_run(reference, x)[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("opset", [9, 22])
+@pytest.mark.parametrize("opset", [6, 22])
 def test_opset_out_of_range(tmp_path: Path, opset: int) -> None:
     model = _conv_bn_graph(constants=False, opset=opset)
+    if opset == 6:  # BatchNormalization-6 takes the old is_test attribute; the test is the opset
+        model.graph.node[1].attribute.append(helper.make_attribute("is_test", 1))
     code, out = _inspect(_save(model, tmp_path / "o.onnx"))
     assert code == 2 and f"uses opset {opset}" in out and "supports opsets 11 to 21" in out
+
+
+def _upsample_opset9() -> onnx.ModelProto:
+    """Conv -> BN -> Relu -> Upsample(x2, nearest) at opset 9: Upsample exists only before opset 10."""
+    model = _conv_bn_graph(constants=False, opset=9)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    model.graph.node[-1].output[0] = "r"
+    model.graph.node.append(helper.make_node("Upsample", ["r", "scales"], ["y"], mode="nearest", name="up"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12, 12]))
+    model.metadata_props.add(key="onnxdgh.mean", value="0.5")
+    return model
+
+
+def test_old_opset_is_converted_and_checked(tmp_path: Path) -> None:
+    """Opsets 7-10 are brought to 13 (Upsample -> Resize) and must compute what the file computes."""
+    model = _upsample_opset9()
+    path = _save(model, tmp_path / "up9.onnx")
+    before = path.read_bytes()
+    loaded = load_model(path)
+    assert loaded.opset == 13 and loaded.canonicalisation["opset_converted_from"] == 9
+    assert [n.op_type for n in loaded.model.graph.node].count("Resize") == 1
+    assert loaded.metadata == {"onnxdgh.mean": "0.5"}
+    x = RNG.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(loaded.model, x)[0], ort_run(model, x)[0], rtol=1e-5, atol=1e-5)
+    assert path.read_bytes() == before
+    code, out = _inspect(path)
+    assert "opset     13 (converted from 9)" in out
+
+
+def test_old_opset_conversion_that_changes_outputs_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxdgh.load as load_module
+
+    real = onnx.version_converter.convert_version
+
+    def wrong(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+        converted = real(model, version)
+        for tensor in converted.graph.initializer:
+            if tensor.name == "bias":  # a converter bug stands in: the BN bias shifts
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) + 1.0, "bias"))
+        return converted
+
+    monkeypatch.setattr(load_module.onnx.version_converter, "convert_version", wrong)
+    path = _save(_upsample_opset9(), tmp_path / "up9.onnx")
+    with pytest.raises(UnsupportedModelError, match="version converter changed its outputs"):
+        load_model(path)
 
 
 def test_two_inputs(tmp_path: Path) -> None:

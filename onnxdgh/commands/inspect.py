@@ -21,7 +21,8 @@ def _fmt_shape(shape: list[object]) -> str:
 
 def render(report: InspectionReport) -> str:
     """The report as terminal text."""
-    lines = [f"model     {report.source}", f"opset     {report.opset}"]
+    converted = report.canonicalisation.get("opset_converted_from")
+    lines = [f"model     {report.source}", f"opset     {report.opset}" + (f" (converted from {converted})" if converted else "")]
     for item in report.inputs:
         lines.append(f"input     {item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}")
     for item in report.outputs:
