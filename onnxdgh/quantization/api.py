@@ -61,7 +61,7 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-THRESHOLD_METHODS = ("mse", "noclip")
+THRESHOLD_METHODS = ("mse", "lp", "noclip")
 CALIBRATION_MEMORY_BYTES = 512 * 2**20
 """Budget for the activations one calibration run holds (every quantized tensor is exposed)."""
 WEIGHT_BITS = (8, 7, 4, 2)
@@ -173,7 +173,7 @@ class QuantizeConfig:
 
     weight_bits: int = 8
     act_bits: int = 8
-    threshold: Literal["mse", "noclip"] | None = None
+    threshold: Literal["mse", "lp", "noclip"] | None = None
     per_channel: bool = True
     profile: str | None = None
     int4_types: bool = False
@@ -199,7 +199,7 @@ class QuantizeConfig:
         if self.threshold is not None and self.threshold not in THRESHOLD_METHODS:
             raise InvalidInputError(
                 f"--threshold {self.threshold!r} is not one of {', '.join(THRESHOLD_METHODS)}",
-                "use --threshold mse (error-minimising) or --threshold noclip (min/max)",
+                "use --threshold mse (error-minimising), lp (error^3: clips less) or noclip (min/max)",
             )
         for name in ("per_channel", "int4_types", "weights_as_float"):
             if not isinstance(getattr(self, name), bool):
