@@ -7,6 +7,7 @@ import pytest
 
 from onnxdgh.quantization import thresholds as th
 from onnxdgh.quantization.calibrate import PowerOfTwoHistogram, TensorStats
+from onnxdgh.quantization.plan import activation_threshold
 
 from .helpers_quantize import is_pow2
 
@@ -149,6 +150,8 @@ def test_lp_search_lies_between_mse_and_noclip() -> None:
     assert _search(stats, 2.0) == 4.0
     assert _search(stats, th.LP_POWER) == 8.0
     assert float(th.noclip_threshold(stats.minimum, stats.maximum, 8, True)) == 16.0
+    # the activation rule of the plan by name (what `--threshold mse|lp|noclip` selects)
+    assert [activation_threshold(stats, 8, True, rule) for rule in ("mse", "lp", "noclip")] == [4.0, 8.0, 16.0]
 
 
 def test_lp_search_keeps_a_few_rare_large_values_that_mse_clips() -> None:
