@@ -454,8 +454,9 @@ def default_threshold(loaded: LoadedModel, act_bits: int) -> str:
     The ``lp`` search (error cubed) keeps them and still clips a lone outlier. Measured on
     ddddocr's common_det (YOLOX-style, W8A8, docs/BENCHMARKS.md 'bn-free-detector'): float
     boxes kept on 80 rendered pages / 60 scikit-image photos, calibrated on other rendered
-    pages, mse 85.7 / 73.8 %, lp 90.5 / 77.0 %, noclip 88.7 / 36.1 % (issue-15 report). On the classifiers the two rules are within noise of each other, MSE
-    ahead on real data (docs/BENCHMARKS.md 'third-party', 'accuracy'), so they keep it.
+    pages, mse 85.7 / 73.8 %, lp 90.5 / 77.0 %, noclip 88.7 / 36.1 % (issue-15 report).
+    On the classifiers mse and noclip are within noise of each other, MSE ahead on real
+    data (docs/BENCHMARKS.md 'third-party', 'accuracy'), so they keep it.
     An output written by Softmax is class scores whatever its rank (a text recogniser's
     N x steps x classes): mse. PP-OCRv4's recogniser, W8A8, DGH 64 x 60: 95.4 % of the
     characters read as float with mse, 66.9 % with noclip (issue-14 report, branch ops14).
