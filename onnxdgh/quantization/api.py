@@ -453,8 +453,10 @@ def default_threshold(loaded: LoadedModel, act_bits: int) -> str:
     often they occur, clips exactly those; no clipping at all coarsens every grid for them.
     The ``lp`` search (error cubed) keeps them and still clips a lone outlier. Measured on
     ddddocr's common_det (YOLOX-style, W8A8, docs/BENCHMARKS.md 'bn-free-detector'): float
-    boxes kept on 80 rendered pages / 60 scikit-image photos, calibrated on other rendered
-    pages, mse 85.7 / 73.8 %, lp 90.5 / 77.0 %, noclip 88.7 / 36.1 % (issue-15 report).
+    boxes kept on 80 rendered pages / 60 scikit-image photos with mse, lp, noclip:
+    procedural calibration 76.8 / 68.9 %, 89.3 / 70.5 %, 86.9 / 31.1 %; rendered pages as
+    calibration 78.7 / 65.6 %, 88.7 / 83.6 %, 89.3 / 32.8 % (no clipping ties on the pages
+    and loses two thirds of the photos' boxes).
     On the classifiers mse and noclip are within noise of each other, MSE ahead on real
     data (docs/BENCHMARKS.md 'third-party', 'accuracy'), so they keep it.
     An output written by Softmax is class scores whatever its rank (a text recogniser's
