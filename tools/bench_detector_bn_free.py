@@ -93,7 +93,8 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "text", "page", "c
 
 
 def letterbox(image: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """An RGB uint8 H x W x 3 image as ddddocr feeds it: resized into size x size, padded with 114; 3 x size x size BGR float32."""
+    """An RGB uint8 H x W x 3 image as ddddocr feeds it (resized into size x size, padded with 114):
+    3 x size x size BGR float32."""
     from PIL import Image
 
     ratio = min(size / image.shape[0], size / image.shape[1])
@@ -105,7 +106,8 @@ def letterbox(image: np.ndarray, size: int = SIZE) -> np.ndarray:
 
 
 def skimage_photos(count: int, seed: int, size: int = SIZE) -> np.ndarray:
-    """``count`` evaluation images: each :data:`SKIMAGE_PHOTOS` photo whole, then random square crops (35-80 % of the short side)."""
+    """``count`` evaluation images: each :data:`SKIMAGE_PHOTOS` photo whole, then random square crops
+    (35-80 % of the short side), letterboxed."""
     data = bl.optional_import("skimage.data", "the photo evaluation set")
     out = np.empty((count, 3, size, size), dtype=np.float32)
     for index in range(count):
@@ -204,13 +206,15 @@ def run(argv: list[str] | None = None) -> int:
 
     model = args.model
     work = ctx.work
-    sets = {"pages": render_pages(args.pages, seed=ctx.seed + 1000), "photos": skimage_photos(args.photos, ctx.seed + 2000)}
+    sets = {"pages": render_pages(args.pages, seed=ctx.seed + 1000),
+            "photos": skimage_photos(args.photos, ctx.seed + 2000)}
     reference = {}
     rows = [["float"]]
     for kind, images in sets.items():
         reference[kind], float_max = _detections(model, images)
         total = sum(len(b) for b in reference[kind])
-        bl.log(f"float: {total} boxes with objectness > {OBJECTNESS} on {len(images)} {kind} (max objectness {float_max:.3f})")
+        bl.log(f"float: {total} boxes with objectness > {OBJECTNESS} on {len(images)} {kind} "
+               f"(max objectness {float_max:.3f})")
         rows[0] += [str(total), "", f"{float_max:.3f}"]
     candidates: dict[str, list[str]] = {}
     for count in args.images:
@@ -255,8 +259,8 @@ def run(argv: list[str] | None = None) -> int:
         f"W8A8 with the quantizer's defaults but the `--threshold` each row names (the default for this model, "
         f"whose output is N x 3549 x 6, is {_default_rule(model)}). Evaluation: {args.pages} "
         f"rendered text pages (`render_pages`, seed {ctx.seed + 1000}) and {args.photos} scikit-image photos "
-        f"(`skimage_photos`, seed {ctx.seed + 2000}: the {len(SKIMAGE_PHOTOS)} bundled photos whole, then random crops, "
-        f"in ddddocr's letterbox); boxes with objectness > {OBJECTNESS} after "
+        f"(`skimage_photos`, seed {ctx.seed + 2000}: the {len(SKIMAGE_PHOTOS)} bundled photos whole, then random "
+        f"crops, in ddddocr's letterbox); boxes with objectness > {OBJECTNESS} after "
         f"ddddocr's decoding and NMS; 'matched' = float boxes with a quantized box at IoU >= {MATCH_IOU}. "
         "`quantize` holds back 20 % of a given set for its own validation, so a 32-image set calibrates on 26. "
         "'actreg': `generate --method actreg --preprocess raw255` (procedural images refined through the model, "
