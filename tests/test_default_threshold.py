@@ -1,4 +1,4 @@
-"""``--threshold`` left open: MSE for classifiers, no clipping for dense predictions (issue 15)."""
+"""``--threshold`` left open: MSE for classifiers, the Lp search for dense predictions (issue 15)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _meta(model) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 def test_default_threshold_by_output_rank(dense_path: Path, tiny_model_path: Path) -> None:
     assert default_threshold(load_model(tiny_model_path), 8) == "mse"  # N x K logits
-    assert default_threshold(load_model(dense_path), 8) == "noclip"  # N x 2 x H x W map
+    assert default_threshold(load_model(dense_path), 8) == "lp"  # N x 2 x H x W map
     assert default_threshold(load_model(dense_path), 4) == "mse"  # 4-bit grids need the clipping
 
 
@@ -84,19 +84,19 @@ def test_quantize_resolves_an_open_threshold_and_keeps_an_explicit_one(dense_pat
     images = np.random.default_rng(0).uniform(-1, 1, size=(8, 3, 8, 8)).astype(np.float32)
     assert QuantizeConfig().threshold is None
     auto = quantize(str(dense_path), images, QuantizeConfig(), progress=False)
-    assert _meta(auto.model)["onnxdgh.threshold"] == "noclip"
-    assert auto.report["config"]["threshold"] == "noclip"
+    assert _meta(auto.model)["onnxdgh.threshold"] == "lp"
+    assert auto.report["config"]["threshold"] == "lp"
     explicit = quantize(str(dense_path), images, QuantizeConfig(threshold="mse"), progress=False)
     assert _meta(explicit.model)["onnxdgh.threshold"] == "mse"
     with pytest.raises(InvalidInputError, match="--threshold 'max'"):
         QuantizeConfig(threshold="max")  # type: ignore[arg-type]
 
 
-def test_cli_quantize_dense_model_without_threshold_uses_noclip(dense_path: Path, tmp_path: Path) -> None:
+def test_cli_quantize_dense_model_without_threshold_uses_lp(dense_path: Path, tmp_path: Path) -> None:
     data = tmp_path / "calib.npy"
     np.save(data, np.random.default_rng(1).uniform(-1, 1, size=(8, 3, 8, 8)).astype(np.float32))
     out = tmp_path / "q.onnx"
     result = CliRunner().invoke(main, ["quantize", str(dense_path), "-o", str(out), "--calib-data", str(data),
                                        "--no-validate"])
     assert result.exit_code == 0, result.output
-    assert "threshold noclip" in result.output
+    assert "threshold lp" in result.output

@@ -7,6 +7,7 @@ import pytest
 
 from onnxdgh.quantization import thresholds as th
 from onnxdgh.quantization.calibrate import PowerOfTwoHistogram, TensorStats
+from onnxdgh.quantization.plan import activation_threshold
 
 from .helpers_quantize import is_pow2
 
@@ -133,3 +134,47 @@ def test_tensor_stats_track_min_max() -> None:
     stats.add(np.array([1.0, 2.0]))
     stats.add(np.array([-3.0, 0.5]))
     assert (stats.minimum, stats.maximum, stats.count, stats.abs_max) == (-3.0, 2.0, 4, 3.0)
+
+
+def _search(stats: TensorStats, power: float) -> float:
+    return th.histogram_mse_threshold(stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum,
+                                      8, True, power=power)
+
+
+def test_lp_search_lies_between_mse_and_noclip() -> None:
+    # 200,000 values in [-4, 4] and one at 9: MSE clips the lone value hard (4), no clipping
+    # doubles the step for it (16), the cube of the error keeps it within one step of 8.
+    values = np.concatenate([np.random.default_rng(5).uniform(-4, 4, size=200_000), [9.0]])
+    stats = TensorStats("t")
+    stats.add(values)
+    assert _search(stats, 2.0) == 4.0
+    assert _search(stats, th.LP_POWER) == 8.0
+    assert float(th.noclip_threshold(stats.minimum, stats.maximum, 8, True)) == 16.0
+    # the activation rule of the plan by name (what `--threshold mse|lp|noclip` selects)
+    assert [activation_threshold(stats, 8, True, rule) for rule in ("mse", "lp", "noclip")] == [4.0, 8.0, 16.0]
+
+
+def test_lp_search_keeps_a_few_rare_large_values_that_mse_clips() -> None:
+    # Five values at 9..10 among 100,000 in [-4, 4]: what a detector's strongest responses
+    # look like; MSE clips them at 8, lp does not.
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.uniform(-4, 4, size=100_000), rng.uniform(9, 10, size=5)])
+    stats = TensorStats("t")
+    stats.add(values)
+    assert _search(stats, 2.0) == 8.0
+    assert _search(stats, th.LP_POWER) == 16.0
+
+
+def test_power_two_is_the_mse_search() -> None:
+    values = np.random.default_rng(6).standard_t(3, size=20_000)
+    stats = TensorStats("t")
+    stats.add(values)
+    default = th.histogram_mse_threshold(stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum,
+                                         8, True)
+    assert _search(stats, 2.0) == default
+
+
+def test_lp_rule_searches_weights_by_mse() -> None:
+    channel = np.concatenate([np.random.default_rng(0).normal(0.0, 0.1, 999), [1.0]])[None, :]
+    assert th.weight_thresholds(channel, 0, 4, "lp").tolist() == th.weight_thresholds(channel, 0, 4, "mse").tolist() == [0.5]
+    assert th.weight_thresholds(channel, 0, 4, "noclip").tolist() == [2.0]

@@ -71,8 +71,9 @@ def render(report: dict[str, Any], output: str) -> str:
                    "on x86 without VNNI). Default: 8, or the widest the --profile allows.")
 @click.option("--act-bits", type=int, default=8, show_default=True,
               help="Activation bit width: 8 or 4 (every activation, the model input included).")
-@click.option("--threshold", default=None, metavar="mse|noclip",
-              help="Power-of-two threshold rule: HPTQ's MSE search, or the no-clipping min/max. Default: noclip "
+@click.option("--threshold", default=None, metavar="mse|lp|noclip",
+              help="Power-of-two threshold rule: HPTQ's MSE search, the same search on |error|^3 (lp: "
+                   "clips rare large values less), or the no-clipping min/max. Default: lp "
                    "for dense predictions (an output of rank > 2: detectors, maps) at 8-bit activations, else mse.")
 @click.option("--per-tensor-weights", is_flag=True, help="One weight scale per tensor instead of per channel.")
 @click.option("--profile", default=None, metavar="NAME|PATH",

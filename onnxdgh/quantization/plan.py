@@ -630,10 +630,11 @@ def _act_elem_type(bits: int, signed: bool, int4_types: bool) -> int:
 
 
 def activation_threshold(stats: TensorStats, bits: int, signed: bool, method: str) -> float:
-    """The power-of-two threshold ``method`` ("mse" or "noclip") gives one activation's statistics."""
-    if method == "mse":
+    """The power-of-two threshold ``method`` ("mse", "lp" or "noclip") gives one activation's statistics."""
+    if method in ("mse", "lp"):
         return th.histogram_mse_threshold(
-            stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum, bits, signed
+            stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum, bits, signed,
+            power=th.LP_POWER if method == "lp" else 2.0,
         )
     return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
 
