@@ -129,3 +129,33 @@ def test_few_bn_layers_get_mixed_images(tmp_path: Path) -> None:
     np.testing.assert_allclose(result.images[3:], procedural_images(2, (3, 12, 12), 0, mean, std), atol=1e-5)
     assert not np.allclose(result.images[:3], procedural_images(3, (3, 12, 12), 0, mean, std), atol=1e-3)
     assert expected_quality(loaded).startswith("generation: mixed")
+
+
+class FewerBn(nn.Module):
+    """Five convolutions, only the first with BN kept: BN coverage 1/5, below PROCEDURAL_BELOW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+        for _ in range(4):
+            layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_very_few_bn_layers_get_procedural_images(tmp_path: Path) -> None:
+    from onnxdgh.generation.method import MIXED_BELOW, PROCEDURAL_BELOW, bn_coverage
+
+    from .conftest import settle_bn
+
+    torch.manual_seed(0)
+    path = export_onnx(settle_bn(FewerBn(), (3, 12, 12)), (3, 12, 12), tmp_path / "fewer.onnx")
+    loaded = load_model(path)
+    assert len(loaded.usable_bn_nodes) == 1 and bn_coverage(loaded) == pytest.approx(0.2)
+    assert 0.2 < PROCEDURAL_BELOW < 1 / 3 < MIXED_BELOW  # FewBn (1/3) stays mixed
+    assert choose_method(loaded) == "procedural" and choose_method(loaded, "mixed") == "mixed"
+    config = resolve_method(loaded, GenerateConfig(images=4, iterations=2, batch_size=4, preprocess="imagenet"))
+    assert config.method == "procedural"
+    assert expected_quality(loaded).startswith("generation: procedural images (only 1 BN layer(s)")

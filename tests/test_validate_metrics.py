@@ -159,6 +159,36 @@ def test_sequence_agreement_of_a_forced_step_is_exact() -> None:
     assert "sequence agreement 60.00 %, below 61 %" in gate.describe(failed.profile.name)
 
 
+def test_on_given_images_a_map_is_judged_by_its_iou_not_its_sqnr() -> None:
+    # Sigmoid(x + 1) against Sigmoid(x): every value moved (SQNR ~10 dB, under the profile's
+    # 15 dB), yet cut at 0.3 both maps mark the same pixels.
+    good = validate(shifted_sigmoid(1.0), shifted_sigmoid(0.0), ValidateConfig(iou_threshold=0.3), data=_map_images())
+    assert good.outputs[0].sqnr_db < good.profile.min_output_sqnr_db
+    assert [(g.gate, g.metric, g.origin, g.passed) for g in good.gates] == [("min-agreement", "iou", "profile", True)]
+    # Cut at 0.5 the same map agrees on 12 of 18 pixels: under the floor, it fails.
+    bad = validate(shifted_sigmoid(1.0), shifted_sigmoid(0.0), data=_map_images())
+    (gate,) = bad.failed_gates
+    assert gate.gate == "min-agreement" and gate.value == pytest.approx(12 / 18)
+    assert gate.threshold == bad.profile.min_top1_agreement
+    # Random images carry no answer to agree on: the SQNR floor judges there; --min-sqnr always applies.
+    random = validate(shifted_sigmoid(1.0), shifted_sigmoid(0.0), ValidateConfig(iou_threshold=0.3))
+    assert [(g.gate, g.passed) for g in random.gates] == [("min-sqnr", False)]
+    asked = validate(shifted_sigmoid(1.0), shifted_sigmoid(0.0), ValidateConfig(iou_threshold=0.3, min_sqnr=12),
+                     data=_map_images())
+    assert [(g.gate, g.origin, g.passed) for g in asked.gates] == [("min-sqnr", "option", False),
+                                                                  ("min-agreement", "profile", True)]
+
+
+def test_on_given_images_step_scores_are_judged_by_their_sequence_agreement() -> None:
+    classes, steps = 4, 6
+    bias = np.zeros((steps, classes), np.float32)
+    bias[1, 2] = 10.0
+    rows = [[1, 1, 0, 3, 3, 0], [0, 0, 0, 0, 0, 0], [2, 2, 2, 2, 2, 2]]
+    report = validate(forced_steps(bias), forced_steps(np.zeros_like(bias)), data=one_hot(rows, classes))
+    assert [(g.gate, g.metric, g.passed) for g in report.gates] == [("min-agreement", "sequence", False)]
+    assert report.gates[0].value == pytest.approx(0.6)
+
+
 def test_a_named_metric_that_no_output_fits_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="--metric sequence reads N x T x C step scores") as info:
         validate(shifted_sigmoid(1.0), shifted_sigmoid(0.0), ValidateConfig(metric="sequence"), data=_map_images())
@@ -267,7 +297,8 @@ def test_quantized_nets_pass_with_their_metric(nets: dict[str, Path], tmp_path: 
     (output,) = report["outputs"]
     assert output["metric"] == metric and output["top1_agreement"] is None
     assert output["agreement"] == pytest.approx(_expected(metric, nets, name + "_q"))
-    assert [(g["gate"], g.get("metric")) for g in report["gates"]] == [("min-sqnr", None), ("min-agreement", metric)]
+    # --min-agreement judges these outputs; the profile's SQNR floor does not (a task metric reads them).
+    assert [(g["gate"], g.get("metric")) for g in report["gates"]] == [("min-agreement", metric)]
     assert metric in stdout and "AGREEMENT" in stdout
 
 

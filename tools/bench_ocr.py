@@ -33,10 +33,12 @@ Metrics (:mod:`onnxdgh.validation.metrics`, the ones ``onnxdgh validate --metric
   (default session: what ships); the same figure from ``onnxdgh validate --data PAGES
   --iou-threshold 0.3`` beside it.
 
-Calibration of the detector: ``dgh`` (``onnxdgh quantize`` with its defaults, generation
-size ``--gen IMAGESxITERATIONS`` when given) and ``real`` (rendered pages of another seed,
-``--calib-data``). The recogniser is quantized the same way; the section records the
-refusal when ``onnxdgh quantize`` refuses it. Writes the ``ocr`` section of docs/BENCHMARKS.md.
+Calibration: ``defaults`` (``onnxdgh quantize`` with its own defaults: ``--method auto`` and the
+W8A8 generation budget; ``--gen IMAGESxITERATIONS`` forces a size) and ``real`` (rendered lines
+or pages of another seed, ``--calib-data``). Each row also gives the images ``auto`` generated
+and ``quantize``'s own held-out verdict (its agreement metric on the 20 % of the calibration
+images it held back); the section records the refusal when ``onnxdgh quantize`` refuses a model.
+Writes the ``ocr`` section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -89,9 +91,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-pages", type=int, default=64, help="rendered pages of the 'real' calibration (default 64)")
     parser.add_argument("--det-size", type=int, default=320, help="detector input height = width (default 320)")
     parser.add_argument("--gen", default=None, metavar="IMAGESxITERATIONS",
-                        help="generation size of the dgh rows (default: onnxdgh quantize's own defaults)")
+                        help="generation size of the defaults rows (default: none given, onnxdgh quantize's own)")
     parser.add_argument("--det-quantized", type=Path, default=None,
-                        help="evaluate this already quantized detector as the dgh row instead of quantizing "
+                        help="evaluate this already quantized detector as the defaults row instead of quantizing "
                              "(its generation settings are read from its metadata)")
     return parser.parse_args(argv)
 
@@ -281,9 +283,13 @@ def _quantize(model: Path, out: Path, shape: str, extra: Sequence[str], what: st
         result = None  # written, but its own validation failed (exit 1): still measured
     report = json.loads(out.with_suffix(".report.json").read_text())
     generation = report.get("generation") or {}
+    verdict = json.loads(out.with_suffix(".validation.json").read_text())
+    held = verdict["outputs"][0]
     return {"command": command, "written": True, "exit": 0 if result is not None else 1,
             "bn_layers": generation.get("bn_layers"), "method": report["calibration"]["source"],
-            "seconds": report["timings"]["total_s"]}
+            "seconds": report["timings"]["total_s"], "held_out": {
+                "metric": held.get("metric"), "agreement": held.get("agreement"), "sqnr_db": held.get("sqnr_db"),
+                "images": verdict["data"]["count"], "passed": verdict["passed"]}}
 
 
 def _metadata_row(path: Path) -> dict:
@@ -346,7 +352,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     save_images_npz(rec_calib, render_lines(n_calib, ctx.seed + 3000, charset, font_list, width=rec_w, height=rec_h)[0],
                     {"source": "rendered text lines"})
     rec_rows = []
-    for name, extra in (("dgh", gen), ("real", ["--calib-data", str(rec_calib)])):
+    for name, extra in (("defaults", gen), ("real", ["--calib-data", str(rec_calib)])):
         out = ctx.work / f"rec_{name}.onnx"
         shape = f"3x{rec_h}x{rec_w}"
         row = _quantize(rec_model, out, shape, extra, f"quantize recogniser ({name})", ctx)
@@ -364,9 +370,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     det_calib = ctx.work / "det_calib.npz"
     save_images_npz(det_calib, render_pages(n_calib, ctx.seed, det_size, charset, font_list), {"source": "rendered pages"})
     det_rows = []
-    for name, extra in (("dgh", gen), ("real", ["--calib-data", str(det_calib)])):
+    for name, extra in (("defaults", gen), ("real", ["--calib-data", str(det_calib)])):
         out = ctx.work / f"det_{name}.onnx"
-        if name == "dgh" and args.det_quantized is not None:
+        if name == "defaults" and args.det_quantized is not None:
             out, row = args.det_quantized, _metadata_row(args.det_quantized)
         else:
             row = _quantize(det_model, out, f"3x{det_size}x{det_size}", extra, f"quantize detector ({name})", ctx)
@@ -393,6 +399,25 @@ def _validated(figures: dict | None) -> str:
     return f"{figures['iou']:.4f} (exit {figures['exit']}, SQNR {'-' if sqnr is None else f'{sqnr:.1f}'} dB)"
 
 
+def _images(row: dict) -> str:
+    """The calibration images: what ``--method auto`` generated (with the BN layers DGH matched), or the file."""
+    method = str(row.get("method") or "-")
+    if method.startswith("dgh:"):
+        bn = f", {row['bn_layers']} BN layers matched" if row.get("bn_layers") else ""
+        return f"generated: {method.split(':', 1)[1]}{bn}"
+    return "rendered" if method.startswith("file:") else method
+
+
+def _held_out(figures: dict | None) -> str:
+    if not figures or figures.get("agreement") is None:
+        return "-"
+    from onnxdgh.validation.metrics import METRIC_NAMES
+
+    verdict = "pass" if figures["passed"] else "fail"
+    return (f"{verdict}: {METRIC_NAMES[figures['metric']]} {figures['agreement']:.3f} "
+            f"(SQNR {figures['sqnr_db']:.1f} dB) on {figures['images']} images")
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
@@ -402,11 +427,11 @@ def _markdown(rec_rows: list, det_rows: list, *, float_gt: float, n_lines: int, 
     what = "tiny in-process models (smoke run)" if smoke else \
         f"`{DET_FILE}` and `{REC_FILE}` from `rapidocr-onnxruntime==1.4.4`"
     families = sorted({f.parent.name for f in font_list})
-    rec_table = [[name, f"`{row['command']}`", row.get("error") or f"exit {row['exit']}",
-                  str(row.get("bn_layers") or "-"), _pct(row.get("float_agreement")), _pct(row.get("truth"))]
+    rec_table = [[name, f"`{row['command']}`", row.get("error") or f"exit {row['exit']}", _images(row),
+                  _held_out(row.get("held_out")), _pct(row.get("float_agreement")), _pct(row.get("truth"))]
                  for name, row in rec_rows]
     det_table = [[name, f"`{row['command']}`", f"exit {row['exit']}" if row["written"] else row.get("error", ""),
-                  str(row.get("bn_layers") or "-"), f"{row['iou']:.4f}" if "iou" in row else "-",
+                  _images(row), _held_out(row.get("held_out")), f"{row['iou']:.4f}" if "iou" in row else "-",
                   _validated(row.get("validate"))]
                  for name, row in det_rows]
     share = next((row["float_text_share"] for _, row in det_rows if "float_text_share" in row), None)
@@ -416,14 +441,14 @@ def _markdown(rec_rows: list, det_rows: list, *, float_gt: float, n_lines: int, 
         f"**Recogniser** (3 x {rec_shape[0]} x {rec_shape[1]}): {n_lines} rendered text lines (seed +2000); the float model "
         f"reads {_pct(float_gt)} of their characters (greedy CTC, spaces ignored). 'real' calibration: {n_calib} other "
         "rendered lines.", "",
-        bl.md_table(["calibration", "command", "result", "BN layers matched", "chars agreeing with float",
-                     "chars agreeing with the text"], rec_table), "",
+        bl.md_table(["calibration", "command", "result", "images", "quantize's held-out verdict",
+                     "chars agreeing with float", "chars agreeing with the text"], rec_table), "",
         f"**Detector** (3 x {det_size} x {det_size}): {n_pages} rendered pages (seed +1000; the float map marks "
         f"{_pct(share)} of the pixels above {DB_THRESH}); IoU of the maps cut at {DB_THRESH}, quantized (onnxruntime's "
         f"default session) vs float; 'validate' = the IoU `onnxdgh validate --data PAGES --iou-threshold {DB_THRESH}` "
         f"reports. 'real' calibration: {n_calib} other rendered pages.", "",
-        bl.md_table(["calibration", "command", "result", "BN layers matched", f"IoU @ {DB_THRESH}", "validate: IoU"],
-                    det_table), "",
+        bl.md_table(["calibration", "command", "result", "images", "quantize's held-out verdict", f"IoU @ {DB_THRESH}",
+                     "validate: IoU"], det_table), "",
     ])
 
 

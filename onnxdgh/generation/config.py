@@ -46,8 +46,9 @@ class GenerateConfig:
         batch_size: images optimised together (memory grows with this, never with |D|).
         seed: seeds every random draw (initial noise, flips, crops).
         device: ``"cpu"`` or ``"cuda"``.
-        method: ``"auto"`` (default: ``"dgh"`` when the model has usable BN statistics,
-            else ``"procedural"``; :func:`onnxdgh.generation.method.choose_method`), ``"dgh"``,
+        method: ``"auto"`` (default: ``"dgh"`` when most convolutions have usable BN
+            statistics, ``"mixed"`` when some do, else ``"procedural"``;
+            :func:`onnxdgh.generation.method.choose_method`), ``"dgh"``,
             ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
             family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
             natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised),

@@ -34,6 +34,7 @@ from ..errors import InvalidInputError
 __all__ = [
     "METRICS",
     "METRIC_NAMES",
+    "TASK_METRICS",
     "DEFAULT_IOU_THRESHOLD",
     "fits",
     "ctc_greedy_decode",
@@ -48,6 +49,10 @@ METRICS = ("auto", "top1", "iou", "sequence")
 """The ``--metric`` choices."""
 METRIC_NAMES = {"top1": "top-1 agreement", "iou": "IoU", "sequence": "sequence agreement"}
 """How each metric is named in messages."""
+TASK_METRICS = frozenset({"iou", "sequence"})
+"""Metrics of outputs that are read through them alone (a map cut at a threshold, arg-max
+per step): on given images the validator's verdict on such an output is its agreement, not
+its SQNR (:func:`onnxdgh.validation.validate`)."""
 DEFAULT_IOU_THRESHOLD = 0.5
 """Where a probability map is cut for ``iou`` (``--iou-threshold``; DBNet detectors use 0.3)."""
 
