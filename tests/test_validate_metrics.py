@@ -322,3 +322,13 @@ def test_a_worse_map_fails_its_iou_gate(nets: dict[str, Path]) -> None:
 def test_bad_metric_options_exit_2(nets: dict[str, Path], args: list[str], pattern: str) -> None:
     code, _, stderr = run("validate", nets["seg_q"], "--reference", nets["seg"], "--data", nets["seg_data"], *args)
     assert code == 2 and pattern in stderr and "Traceback" not in stderr
+
+
+def test_quantize_points_a_failed_task_metric_on_synthetic_images_to_real_inputs(tmp_path: Path) -> None:
+    """A map judged on procedural images fails its gate with a hint to judge it on real inputs."""
+    model = tmp_path / "seg.onnx"
+    onnx.save(segmentation_net(), model)
+    code, _, stderr = run("quantize", model, "-o", tmp_path / "q.onnx", "--preprocess", "unit", "--images", 8,
+                          "--min-agreement", 1.0)
+    assert code == 1 and "has IoU" in stderr and "held-out synthetic images (procedural)" in stderr
+    assert "IoU on synthetic images is a weak verdict" in stderr and "--data IMAGES.npz" in stderr
