@@ -118,8 +118,9 @@ def expected_quality(loaded: LoadedModel) -> str:
                 "docs/BENCHMARKS.md 'ocr')")
     return ("generation: procedural images (no BN statistics to match; data-free natural-image priors). "
             "Measured: W8A8 within 0.3 point of float on BN-folded samples, W4A8 0.05-0.65 point below real-data "
-            "calibration; a BN-free detector kept 86% of its float boxes at W8A8 with the no-clipping thresholds "
-            "that dense outputs get by default (real data: 89.7%); docs/BENCHMARKS.md 'bn-free'")
+            "calibration; a BN-free detector kept 89% of its float boxes on rendered pages and 71% on photos at W8A8 "
+            "with the lp thresholds that dense outputs get by default (rendered-page calibration: 89% / 84%); "
+            "docs/BENCHMARKS.md 'bn-free', 'bn-free-detector'")
 
 
 def generate_mixed(loaded: LoadedModel, config: GenerateConfig, run: Any, **options: Any) -> GenerationResult:
