@@ -330,8 +330,8 @@ def quantize_command(
         # scores 11 % on its held-out procedural images, 96.6 % of the characters on rendered
         # lines); real inputs decide.
         echo_err(f"hint: {METRIC_NAMES[task_gates[0].metric]} on synthetic images is a weak verdict for this output; "
-                 f"judge the model on real inputs: `onnxdgh validate {output} --reference {model} --data IMAGES.npz`, "
-                 "or quantize with --calib-data real images")
+                 f"calibrate on real images with --calib-data, or judge the model on real inputs: "
+                 f"`onnxdgh validate {output} --reference {model} --data IMAGES.npz`")
     elif validation.failed_gates:
         data_fix = ("check that the --calib-data images are normalized as the model expects" if calib_data else
                     "more or better images (--images, --iterations, the input normalisation --preprocess or "
