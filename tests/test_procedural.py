@@ -159,3 +159,9 @@ def test_very_few_bn_layers_get_procedural_images(tmp_path: Path) -> None:
     config = resolve_method(loaded, GenerateConfig(images=4, iterations=2, batch_size=4, preprocess="imagenet"))
     assert config.method == "procedural"
     assert expected_quality(loaded).startswith("generation: procedural images (only 1 BN layer(s)")
+    # quantize's summary says why DGH did not run: how few BN layers there are.
+    result = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--preprocess", "imagenet",
+                                       "--images", "8", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert "(dgh:procedural)" in result.stdout
+    assert "1 BN layer(s) on 20 % of the convolutions, too few to steer DGH" in result.stdout

@@ -79,7 +79,7 @@ from .config import AUTO_SCHEDULE, GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
 from .activation import generate_actreg
 from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
-from .method import generate_mixed, resolve_method
+from .method import bn_coverage, generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin, image_noise, view_draws
 from .procedural import procedural_images
 
@@ -217,6 +217,9 @@ def generate(
         "input_name": loaded.input_name,
         "input_shape": [channels, height, width],
         "normalization": norm.to_dict(),
+        # What `auto` decided from: usable BN layers per convolution (generation.method).
+        "bn_available": len(loaded.usable_bn_nodes),
+        "bn_coverage": round(bn_coverage(loaded), 4),
     }
     shard = open_shard(config.device) if config.distributed else SINGLE
     if config.method in _NO_BN_TARGETS:  # nothing to split: every rank draws the same set, rank 0 writes it
