@@ -48,6 +48,7 @@ __all__ = [
     "load_model",
     "load_model_proto",
     "canonicalise",
+    "convert_opset",
     "make_batch_dynamic",
     "REEXPORT_RECIPE",
     "SHAPE_ARITHMETIC_OPS",
@@ -342,19 +343,17 @@ def _check_initializer_data(model: onnx.ModelProto, source: str) -> None:
             ) from exc
 
 
-def _converted(model: onnx.ModelProto, source: str, opset: int) -> onnx.ModelProto:
-    """``model`` at :data:`CONVERTED_OPSET`, metadata kept; refused as an old opset when it cannot be."""
+def convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.ModelProto:
+    """``model`` at opset ``version`` by ``onnx.version_converter`` (metadata kept), IR version
+    raised to what that opset needs; refused naming ``reason`` when an adapter is missing."""
     try:
-        converted = onnx.version_converter.convert_version(model, CONVERTED_OPSET)
-    except Exception as exc:  # the converter raises bare RuntimeErrors on a missing adapter
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as exc:  # the converter raises bare RuntimeErrors on unsupported adapters
         raise UnsupportedModelError(
-            f"{source} uses opset {opset} and onnx's version converter cannot bring it to opset "
-            f"{CONVERTED_OPSET}: {_one_line(str(exc)) or type(exc).__name__}",
-            f"re-export the model with opset_version={CONVERTED_OPSET} or later",
+            f"the model cannot be converted to opset {version} ({reason}): {_one_line(str(exc)) or type(exc).__name__}",
+            f"re-export the model at opset {version}",
         ) from exc
-    del converted.metadata_props[:]
-    converted.metadata_props.extend(model.metadata_props)
-    _LOG.info("%s: converted from opset %d to %d", source, opset, CONVERTED_OPSET)
+    converted.ir_version = max(converted.ir_version, 10 if version >= 21 else 7)
     return converted
 
 
@@ -382,7 +381,8 @@ def _check_conversion(
         ) from exc
     for before, after in zip(*outputs):
         before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
-        if before.shape != after.shape or not np.allclose(before, after, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(before).max(initial=0.0))):
+        atol = 1e-5 * max(1.0, np.abs(before).max(initial=0.0))
+        if before.shape != after.shape or not np.allclose(before, after, rtol=1e-4, atol=atol):
             raise UnsupportedModelError(
                 f"{source} uses opset {opset}; onnx's version converter changed its outputs on the way to opset {CONVERTED_OPSET}",
                 f"re-export the model with opset_version={CONVERTED_OPSET} or later",
@@ -421,7 +421,8 @@ def _finish(
         # way the refusal's hint would tell the user to, and checked against the original
         # in onnxruntime (_check_conversion) once the input shape is known.
         original, converted_from = model, opset
-        model = _converted(model, source, opset)
+        model = convert_opset(model, CONVERTED_OPSET, f"{source} uses opset {opset}, older than {low}")
+        _LOG.info("%s: converted from opset %d to %d", source, opset, CONVERTED_OPSET)
         opset = CONVERTED_OPSET
     if not low <= opset <= high:
         raise UnsupportedModelError(

@@ -30,7 +30,7 @@ from .. import __version__
 from .. import graph as g
 from ..errors import CalibrationDataError, InvalidInputError, ProfileError, QuantizationError, UnsupportedModelError
 from ..fileio import check_images
-from ..load import LoadedModel, canonicalise, load_model, make_batch_dynamic
+from ..load import LoadedModel, canonicalise, convert_opset, load_model, make_batch_dynamic
 from ..profile import Profile, load_profile
 from .calibrate import DEFAULT_BINS, collect_statistics
 from .emit import emit
@@ -492,15 +492,7 @@ def _convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.Mo
     ``Shape``, ``Flatten``, ``Softmax``, ``Reshape``); canonicalising folds them as the
     loader did for the exported ones.
     """
-    try:
-        converted = onnx.version_converter.convert_version(model, version)
-    except Exception as exc:  # the converter raises bare RuntimeErrors on unsupported adapters
-        raise UnsupportedModelError(
-            f"the model cannot be converted to opset {version} ({reason}): {str(exc).splitlines()[0] if str(exc) else exc}",
-            f"re-export the model at opset {version}",
-        ) from exc
-    converted.ir_version = max(converted.ir_version, 10 if version >= 21 else 7)
-    return canonicalise(converted)[0]
+    return canonicalise(convert_opset(model, version, reason))[0]
 
 
 def _input_bounds(loaded: LoadedModel, generate_config: GenerateConfig | None) -> tuple[np.ndarray, np.ndarray] | None:
