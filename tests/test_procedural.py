@@ -100,14 +100,16 @@ def test_quantize_folded_model_with_only_preprocess(folded_path: Path, tmp_path:
     assert not (tmp_path / "n.onnx").exists()
 
 
-class FewBn(nn.Module):
-    """Three convolutions, only the first with BN kept: BN coverage 1/3 (a partly folded export)."""
+class OneBn(nn.Module):
+    """``1 + plain`` convolutions, only the first with BN kept: BN coverage ``1 / (1 + plain)``
+    (a partly folded export)."""
 
-    def __init__(self) -> None:
+    def __init__(self, plain: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+        for _ in range(plain):
+            layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -117,7 +119,7 @@ def test_few_bn_layers_get_mixed_images(tmp_path: Path) -> None:
     from .conftest import settle_bn
 
     torch.manual_seed(0)
-    path = export_onnx(settle_bn(FewBn(), (3, 12, 12)), (3, 12, 12), tmp_path / "few.onnx")
+    path = export_onnx(settle_bn(OneBn(plain=2), (3, 12, 12)), (3, 12, 12), tmp_path / "few.onnx")
     loaded = load_model(path)
     assert len(loaded.usable_bn_nodes) == 1 and choose_method(loaded) == "mixed"
     config = GenerateConfig(images=5, iterations=2, batch_size=4, preprocess="imagenet")
@@ -131,30 +133,16 @@ def test_few_bn_layers_get_mixed_images(tmp_path: Path) -> None:
     assert expected_quality(loaded).startswith("generation: mixed")
 
 
-class FewerBn(nn.Module):
-    """Five convolutions, only the first with BN kept: BN coverage 1/5, below PROCEDURAL_BELOW."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
-        for _ in range(4):
-            layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
 def test_very_few_bn_layers_get_procedural_images(tmp_path: Path) -> None:
     from onnxdgh.generation.method import MIXED_BELOW, PROCEDURAL_BELOW, bn_coverage
 
     from .conftest import settle_bn
 
     torch.manual_seed(0)
-    path = export_onnx(settle_bn(FewerBn(), (3, 12, 12)), (3, 12, 12), tmp_path / "fewer.onnx")
+    path = export_onnx(settle_bn(OneBn(plain=4), (3, 12, 12)), (3, 12, 12), tmp_path / "fewer.onnx")
     loaded = load_model(path)
     assert len(loaded.usable_bn_nodes) == 1 and bn_coverage(loaded) == pytest.approx(0.2)
-    assert 0.2 < PROCEDURAL_BELOW < 1 / 3 < MIXED_BELOW  # FewBn (1/3) stays mixed
+    assert 0.2 < PROCEDURAL_BELOW < 1 / 3 < MIXED_BELOW  # OneBn(plain=2) (1/3) stays mixed
     assert choose_method(loaded) == "procedural" and choose_method(loaded, "mixed") == "mixed"
     config = resolve_method(loaded, GenerateConfig(images=4, iterations=2, batch_size=4, preprocess="imagenet"))
     assert config.method == "procedural"
