@@ -227,25 +227,19 @@ def load_model_proto(
 
 
 def _parse(data: bytes, src: Path) -> onnx.ModelProto:
+    hint = "give a complete .onnx file, e.g. re-export it with torch.onnx.export"
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError (a generic Exception subclass)
         raise ModelLoadError(
-            f"{src} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)",
-            "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
+            f"{src} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)", hint
         ) from exc
     if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
-        raise ModelLoadError(
-            f"{src} is not an ONNX model (no IR version or no graph nodes)",
-            "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
-        )
+        raise ModelLoadError(f"{src} is not an ONNX model (no IR version or no graph nodes)", hint)
     bad = _non_utf8_text(model)
     if bad is not None:
-        raise ModelLoadError(
-            f"{src} is damaged: the name {bad!r} is not UTF-8 text",
-            "give a complete .onnx file, e.g. re-export it with torch.onnx.export",
-        )
+        raise ModelLoadError(f"{src} is damaged: the name {bad!r} is not UTF-8 text", hint)
     return model
 
 
@@ -271,12 +265,8 @@ def _non_utf8_text(model: onnx.ModelProto) -> bytes | None:
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    tensors = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
-    return tensors
+    attrs = [attr for node in graph.node for attr in node.attribute]
+    return [*graph.initializer, *(attr.t for attr in attrs if attr.type == onnx.AttributeProto.TENSOR)]
 
 
 def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> None:
@@ -449,11 +439,11 @@ def _finish(
         )
     image = inputs[0]
     tensor_type = image.type.tensor_type
-    dims0 = list(tensor_type.shape.dim) if tensor_type.HasField("shape") else []
-    if dims0 and not (dims0[0].HasField("dim_value") and dims0[0].dim_value > 0):
+    dims = list(tensor_type.shape.dim) if tensor_type.HasField("shape") else []
+    if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
         # Some exporters write -1 or 0 for a dynamic batch; make it a proper symbol.
-        dims0[0].Clear()
-        dims0[0].dim_param = "batch"
+        dims[0].Clear()
+        dims[0].dim_param = "batch"
     if input_shape is not None:
         _pin_input_shape(image, input_shape, source)
     if not image.type.HasField("tensor_type") or tensor_type.elem_type not in _FLOAT_TYPES:
@@ -461,7 +451,6 @@ def _finish(
             f"input {image.name!r} of {source} is not a float tensor",
             "onnxdgh needs a float32 N x C x H x W image input; export without integer preprocessing",
         )
-    dims = list(tensor_type.shape.dim) if tensor_type.HasField("shape") else []
     if len(dims) != 4:
         raise UnsupportedModelError(
             f"input {image.name!r} of {source} has rank {len(dims)}; onnxdgh needs a 4-D N x C x H x W image",
@@ -480,14 +469,8 @@ def _finish(
             f"input {image.name!r} of {source} looks channels-last ({'x'.join(map(str, chw))}); onnxdgh needs NCHW",
             "export the model with a channels-first N x C x H x W input",
         )
-    batch = dims[0]
-    batch_dim: int | str | None
-    if batch.HasField("dim_value") and batch.dim_value > 0:
-        batch_dim = int(batch.dim_value)
-    elif batch.HasField("dim_param") and batch.dim_param:
-        batch_dim = batch.dim_param
-    else:
-        batch_dim = None
+    # the batch dimension is a positive size or (made above) a symbol
+    batch_dim = int(dims[0].dim_value) if dims[0].HasField("dim_value") else dims[0].dim_param
 
     canon, counts = canonicalise(model)
     _check_weights(canon, source)
@@ -513,15 +496,8 @@ def _finish(
         canonicalisation=counts,
         as_written=model if keep_as_written else None,
     )
-    _LOG.info(
-        "loaded %s: input %s %s, opset %d, %d BN nodes (%d usable)",
-        source,
-        image.name,
-        "x".join(map(str, chw)),
-        opset,
-        len(loaded.bn_nodes),
-        len(loaded.usable_bn_nodes),
-    )
+    _LOG.info("loaded %s: input %s %s, opset %d, %d BN nodes (%d usable)", source, image.name,
+              "x".join(map(str, chw)), opset, len(loaded.bn_nodes), len(loaded.usable_bn_nodes))
     return loaded
 
 
@@ -609,15 +585,9 @@ def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int
     counts["dead_nodes_removed"] = len(dead)
 
     used = {name for node in graph.node for name in node.input} | outputs | _subgraph_reads(graph)
-    keep_inits = [init for init in graph.initializer if init.name in used]
-    counts["unused_initializers_removed"] = len(graph.initializer) - len(keep_inits)
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits)
-    kept_inits = {init.name for init in keep_inits}
-    all_inits = {init.name for init in model.graph.initializer} | {node.output[0] for node in lifted}
-    keep_inputs = [value for value in graph.input if value.name not in all_inits or value.name in kept_inits]
-    del graph.input[:]
-    graph.input.extend(keep_inputs)
+    unused = [init.name for init in graph.initializer if init.name not in used]
+    g.remove_initializers(graph, unused)  # with their graph-input entries
+    counts["unused_initializers_removed"] = len(unused)
     names_alive = used | {name for node in graph.node for name in node.output}
     keep_vi = [vi for vi in graph.value_info if vi.name in names_alive]
     del graph.value_info[:]
@@ -657,15 +627,10 @@ def _known_shapes(graph: onnx.GraphProto) -> dict[str, Dims]:
         tensor_type = value.type.tensor_type
         if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
             continue
-        dims: list[int | str | None] = []
-        for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
-                dims.append(int(dim.dim_value))
-            elif dim.HasField("dim_param") and dim.dim_param:
-                dims.append(dim.dim_param)
-            else:
-                dims.append(None)
-        shapes.setdefault(value.name, tuple(dims))
+        shapes.setdefault(value.name, tuple(
+            int(dim.dim_value) if dim.HasField("dim_value") else (dim.dim_param or None)
+            for dim in tensor_type.shape.dim
+        ))
     return shapes
 
 
@@ -986,15 +951,11 @@ def make_batch_dynamic(loaded: LoadedModel) -> onnx.ModelProto | None:
                     inits[new_name] = g.add_initializer(graph, new_name, new.astype(np.int64))
                 node.input[1] = new_name
     try:
-        import onnxruntime as ort
+        from .runtime import make_session  # onnxruntime is imported only when a model needs this
 
-        rng = np.random.default_rng(0)
-        batch = rng.standard_normal((3, *loaded.input_shape)).astype(np.float32)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        dynamic = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        single = ort.InferenceSession(loaded.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        together = dynamic.run(None, {loaded.input_name: batch})
+        batch = np.random.default_rng(0).standard_normal((3, *loaded.input_shape)).astype(np.float32)
+        single = make_session(loaded.model)
+        together = make_session(model).run(None, {loaded.input_name: batch})
         alone = [single.run(None, {loaded.input_name: batch[i : i + 1]}) for i in range(3)]
         for index, result in enumerate(together):
             expected = np.concatenate([run[index] for run in alone], axis=0)
