@@ -44,7 +44,7 @@ from torch import fx
 from . import graph as g
 from .errors import ConversionError, UnsupportedModelError
 from .kernels import channel_affine
-from .load import REEXPORT_RECIPE, BatchNormInfo, LoadedModel, make_batch_dynamic
+from .load import REEXPORT_RECIPE, LoadedModel, attribute_summary, make_batch_dynamic
 from .runtime import make_session, run_batched, with_extra_outputs
 
 __all__ = [
@@ -122,20 +122,15 @@ class TorchModel:
     def probe(self, images: torch.Tensor) -> ProbeResult:
         """Run a batch; return outputs, BN input tensors (``bn_layers`` order) and stretch tensors."""
         with quiet_onnx2torch():
-            return self._probe_batch(images)
-
-    def _probe_batch(self, images: torch.Tensor) -> ProbeResult:
-        if self.batch_dynamic or images.shape[0] == 1:
-            return _split(self._probe(images), len(self.output_names), len(self.bn_layers))
-        # Fixed batch of 1 that could not be made dynamic: one image at a time. Statistics
-        # over the batch are unchanged because every tensor is concatenated along N.
-        parts = [_split(self._probe(images[i : i + 1]), len(self.output_names), len(self.bn_layers))
-                 for i in range(images.shape[0])]
-        return ProbeResult(
-            outputs=[torch.cat([p.outputs[j] for p in parts]) for j in range(len(self.output_names))],
-            bn_inputs=[torch.cat([p.bn_inputs[j] for p in parts]) for j in range(len(self.bn_layers))],
-            stretch=[torch.cat([p.stretch[j] for p in parts]) for j in range(len(self.stretch_names))],
-        )
+            if self.batch_dynamic or images.shape[0] == 1:
+                values = list(self._probe(images))
+            else:
+                # Fixed batch of 1 that could not be made dynamic: one image at a time. Statistics
+                # over the batch are unchanged because every tensor is concatenated along N.
+                parts = [self._probe(images[i : i + 1]) for i in range(images.shape[0])]
+                values = [torch.cat(column) for column in zip(*parts)]
+        n_out, n_bn = len(self.output_names), len(self.bn_layers)
+        return ProbeResult(values[:n_out], values[n_out : n_out + n_bn], values[n_out + n_bn :])
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run a batch; return ``(outputs, bn_inputs)`` in graph-output and ``bn_layers`` order."""
@@ -154,11 +149,6 @@ def quiet_onnx2torch() -> Any:
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
         warnings.filterwarnings("ignore", category=UserWarning, module="onnx2torch")
         yield
-
-
-def _split(values: Any, n_out: int, n_bn: int) -> ProbeResult:
-    values = list(values)
-    return ProbeResult(values[:n_out], values[n_out : n_out + n_bn], values[n_out + n_bn :])
 
 
 # ------------------------------------------------------------------------ conversion
@@ -197,13 +187,8 @@ def to_torch(loaded: LoadedModel, *, device: str = "cpu", check: bool = True) ->
             model = dynamic
     check_converters(model)
     module = convert_graph(model)
-    module.eval()
-    for param in module.parameters():
-        param.requires_grad_(False)
-
-    error = 0.0
-    if check:
-        error = _check_against_onnxruntime(module, model, loaded, batch_dynamic)
+    module.eval().requires_grad_(False)
+    error = _check_against_onnxruntime(module, model, loaded, batch_dynamic) if check else 0.0
     module = module.to(device)
 
     probe, bn_layers, stretch_names = _build_probe(module, model, loaded, device)
@@ -224,16 +209,12 @@ def to_torch(loaded: LoadedModel, *, device: str = "cpu", check: bool = True) ->
     )
 
 
-def _opset_for(model: onnx.ModelProto, domain: str) -> int | None:
-    return g.opset_version(model, domain)
-
-
 def check_converters(model: onnx.ModelProto) -> None:
     """Refuse, naming the first such node, any op onnx2torch has no converter for."""
     from onnx2torch.node_converters import get_converter
 
     for index, node in enumerate(model.graph.node):
-        version = _opset_for(model, node.domain)
+        version = g.opset_version(model, node.domain)
         name = g.node_label(node, index)
         if version is None:
             raise ConversionError(
@@ -257,23 +238,22 @@ def convert_graph(model: onnx.ModelProto) -> fx.GraphModule:
         return convert(model, attach_onnx_mapping=True)
     except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ValueError...
         culprit = _find_failing_node(model)
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if culprit is not None:
             node, reason = culprit
             raise ConversionError(
                 f"node {node.name!r} ({node.op_type}) cannot be converted to torch: {reason}",
-                f"re-export the model so that {node.op_type} uses supported attributes ({_attrs(node)})",
+                f"re-export the model so that {node.op_type} uses supported attributes "
+                f"({attribute_summary(node) or 'no attributes'})",
             ) from exc
         raise ConversionError(
-            f"onnx2torch cannot convert the model: {detail}",
+            f"onnx2torch cannot convert the model: {_first_line(exc)}",
             "re-export the model with opset 17 and standard ops",
         ) from exc
 
 
-def _attrs(node: onnx.NodeProto) -> str:
-    from .load import attribute_summary
-
-    return attribute_summary(node) or "no attributes"
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _find_failing_node(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str] | None:
@@ -289,12 +269,11 @@ def _find_failing_node(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str] | N
     for (_, node), proto in zip(graph.nodes.items(), inferred.graph.node):
         try:
             converter = get_converter(
-                domain=node.domain, operation_type=node.operation_type, version=_opset_for(inferred, node.domain) or 0
+                domain=node.domain, operation_type=node.operation_type, version=g.opset_version(inferred, node.domain) or 0
             )
             converter(node, graph)
         except Exception as exc:  # any converter failure names this node
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return proto, text
+            return proto, _first_line(exc)
     return None
 
 
@@ -310,16 +289,11 @@ def _output_index(module: fx.GraphModule) -> dict[str, tuple[fx.Node, int | None
         mapping = getattr(module.get_submodule(node.target), "onnx_mapping", None)
         if mapping is None:
             continue
-        outputs = [name for name in mapping.outputs]
+        outputs = list(mapping.outputs)
         for position, name in enumerate(outputs):
             if name:
                 index[name] = (node, position if len(outputs) > 1 else None)
     return index
-
-
-def _module_node_for(module: fx.GraphModule, onnx_output: str, index: dict[str, tuple[fx.Node, int | None]]) -> fx.Node | None:
-    entry = index.get(onnx_output)
-    return entry[0] if entry else None
 
 
 def _value_for(
@@ -348,7 +322,7 @@ def _build_probe(
     bn_sources: list[fx.Node] = []
     layers: list[BNLayer] = []
     for bn in usable:
-        bn_module_node = _module_node_for(module, bn.output_name, index)
+        bn_module_node = index.get(bn.output_name, (None,))[0]
         if bn_module_node is None or not bn_module_node.args or not isinstance(bn_module_node.args[0], fx.Node):
             raise ConversionError(
                 f"BatchNormalization node {bn.node_name!r} has no counterpart in the torch module",
@@ -362,7 +336,12 @@ def _build_probe(
                 "report this model; as a workaround re-export it with " + REEXPORT_RECIPE,
             )
         bn_sources.append(bn_module_node.args[0])
-        layers.append(_bn_layer(bn, model, device, depths))
+        rank = _tensor_rank(model, bn.input_name)
+        layers.append(BNLayer(
+            bn.node_name, bn.input_name, bn.channels, torch.as_tensor(bn.mean, dtype=torch.float32, device=device),
+            torch.as_tensor(bn.std, dtype=torch.float32, device=device), spatial=rank is None or rank > 2,
+            depth=depths.get(bn.output_name, 0),
+        ))
     bn_modules_in_torch = sum(
         1 for node in module.graph.nodes
         if node.op == "call_module" and _is_batch_norm(module.get_submodule(node.target))
@@ -378,10 +357,8 @@ def _build_probe(
     stretch_names: list[str] = []
     for name in loaded.output_names:
         producer = producers.get(name)
-        if producer is not None and producer.op_type in STRETCH_THROUGH_OPS and producer.input and producer.input[0]:
-            stretch_names.append(producer.input[0])
-        else:
-            stretch_names.append(name)
+        logits = producer.input[:1] if producer is not None and producer.op_type in STRETCH_THROUGH_OPS else []
+        stretch_names.append(logits[0] if logits and logits[0] else name)
 
     new_graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
@@ -392,8 +369,7 @@ def _build_probe(
     new_graph.output(tuple(outputs + bn_values + stretch))
     new_graph.lint()
     probe = fx.GraphModule(module, new_graph)
-    _frozen_affine_batch_norms(probe)
-    _transposed_input_grad_convs(probe)
+    _faster_probe_modules(probe)
     _fused_silu(probe)
     probe.eval()
     return probe, tuple(layers), tuple(stretch_names)
@@ -438,8 +414,9 @@ class _FrozenAffine(torch.nn.Module):
         return _AffineFunction.apply(x, self.scale, self.shift, self.zeros, self.ones)
 
 
-def _frozen_affine_batch_norms(probe: fx.GraphModule) -> None:
-    """Swap the probe's (not the shared module's) eval-mode ``nn.BatchNorm*d`` for :class:`_FrozenAffine`."""
+def _faster_probe_modules(probe: fx.GraphModule) -> None:
+    """Swap the probe's (not the shared module's) eval-mode ``nn.BatchNorm*d`` for
+    :class:`_FrozenAffine` and frozen zero-padded ``nn.Conv2d`` for :class:`_InputGradConv2d`."""
     for node in probe.graph.nodes:
         if node.op != "call_module":
             continue
@@ -447,6 +424,10 @@ def _frozen_affine_batch_norms(probe: fx.GraphModule) -> None:
         if type(target) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d) and target.affine \
                 and target.track_running_stats and target.running_var is not None:
             setattr(probe, node.target, _FrozenAffine(target))
+        elif type(target) is torch.nn.Conv2d and target.padding_mode == "zeros" \
+                and not isinstance(target.padding, str) and not target.weight.requires_grad \
+                and (target.bias is None or not target.bias.requires_grad):
+            setattr(probe, node.target, _InputGradConv2d(target))
 
 
 class _InputGradConvFunction(torch.autograd.Function):
@@ -493,18 +474,6 @@ class _InputGradConv2d(torch.nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return _InputGradConvFunction.apply(x, self.conv)
         return self.conv(x)
-
-
-def _transposed_input_grad_convs(probe: fx.GraphModule) -> None:
-    """Swap the probe's frozen zero-padded ``nn.Conv2d`` for :class:`_InputGradConv2d`."""
-    for node in probe.graph.nodes:
-        if node.op != "call_module":
-            continue
-        target = probe.get_submodule(node.target)
-        if type(target) is torch.nn.Conv2d and target.padding_mode == "zeros" \
-                and not isinstance(target.padding, str) and not target.weight.requires_grad \
-                and (target.bias is None or not target.bias.requires_grad):
-            setattr(probe, node.target, _InputGradConv2d(target))
 
 
 def _fused_silu(probe: fx.GraphModule) -> None:
@@ -599,8 +568,7 @@ def _fold_into_conv(probe: fx.GraphModule, source: Any) -> tuple[fx.Node, torch.
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
         fused.bias.copy_(bias * scale + shift)
-    fused.requires_grad_(False)
-    fused.eval()
+    fused.requires_grad_(False).eval()
     probe.add_submodule(source.target, _InputGradConv2d(fused))
     return bn_node, scale, shift
 
@@ -619,19 +587,6 @@ def _node_depths(model: onnx.ModelProto) -> dict[str, int]:
         for name in node.output:
             depth[name] = level
     return depth
-
-
-def _bn_layer(bn: BatchNormInfo, model: onnx.ModelProto, device: str, depths: dict[str, int]) -> BNLayer:
-    rank = _tensor_rank(model, bn.input_name)
-    return BNLayer(
-        node_name=bn.node_name,
-        input_name=bn.input_name,
-        channels=bn.channels,
-        mean=torch.as_tensor(bn.mean, dtype=torch.float32, device=device),
-        std=torch.as_tensor(bn.std, dtype=torch.float32, device=device),
-        spatial=rank is None or rank > 2,
-        depth=depths.get(bn.output_name, 0),
-    )
 
 
 def _tensor_rank(model: onnx.ModelProto, name: str) -> int | None:
@@ -658,7 +613,7 @@ def _check_against_onnxruntime(
     images = rng.standard_normal((_CHECK_IMAGES, *loaded.input_shape)).astype(np.float32)
     session = make_session(model, optimize=False)
     expected = run_batched(session, images, batch_size=_CHECK_IMAGES, fixed_batch=None if batch_dynamic else 1)
-    got = _run_plain(module, images, batch_dynamic, len(expected))
+    got = _run_plain(module, images, batch_dynamic)
     worst = 0.0
     for name, ref, out in zip(loaded.output_names, expected, got):
         if ref.shape != out.shape:
@@ -689,7 +644,7 @@ def _error(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     return diff, _CHECK_ATOL + CHECK_RTOL * scale
 
 
-def _run_plain(module: fx.GraphModule, images: np.ndarray, batch_dynamic: bool, n_outputs: int) -> list[np.ndarray]:
+def _run_plain(module: fx.GraphModule, images: np.ndarray, batch_dynamic: bool) -> list[np.ndarray]:
     def once(batch: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad(), quiet_onnx2torch():
             result = module(torch.from_numpy(batch))
@@ -699,7 +654,7 @@ def _run_plain(module: fx.GraphModule, images: np.ndarray, batch_dynamic: bool, 
     if batch_dynamic:
         return once(images)
     parts = [once(images[i : i + 1]) for i in range(images.shape[0])]
-    return [np.concatenate([p[j] for p in parts]) for j in range(n_outputs)]
+    return [np.concatenate(column) for column in zip(*parts)]
 
 
 def _localise_mismatch(module: fx.GraphModule, model: onnx.ModelProto, images: np.ndarray, batch_dynamic: bool) -> str:
@@ -715,22 +670,20 @@ def _localise_mismatch(module: fx.GraphModule, model: onnx.ModelProto, images: n
         values = [_value_for(new_graph, val_map, module, n, index, {}) for n in names]
         new_graph.output(tuple(values))
         probe = fx.GraphModule(module, new_graph)
-        got = _run_plain(probe, images, batch_dynamic, len(names))
+        got = _run_plain(probe, images, batch_dynamic)
         by_output = {name: node for node in model.graph.node for name in node.output}
         for name, out in zip(names, got):
             ref = expected[name]
             if ref.shape != out.shape:
+                detail = f": shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+            elif not np.issubdtype(ref.dtype, np.floating):
+                detail = "" if not np.array_equal(ref, out) else None
+            else:
+                error, tolerance = _error(ref, out)
+                detail = f": max difference {error:.3g}" if error > tolerance else None
+            if detail is not None:
                 node = by_output[name]
-                return f"; first difference at node {node.name!r} ({node.op_type}): shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-            if not np.issubdtype(ref.dtype, np.floating):
-                if not np.array_equal(ref, out):
-                    node = by_output[name]
-                    return f"; first difference at node {node.name!r} ({node.op_type})"
-                continue
-            error, tolerance = _error(ref, out)
-            if error > tolerance:
-                node = by_output[name]
-                return f"; first difference at node {node.name!r} ({node.op_type}): max difference {error:.3g}"
+                return f"; first difference at node {node.name!r} ({node.op_type}){detail}"
     except Exception as exc:  # localisation is best effort; the mismatch itself is already known
         _LOG.debug("could not localise the mismatch: %s", exc)
     return ""
