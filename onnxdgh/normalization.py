@@ -138,8 +138,7 @@ _SCALE_255_ABOVE = 1.5
 """Metadata values above this are on the 0-255 scale (a 0-1 mean or std never exceeds 1)."""
 
 _NATURAL_MEAN = np.array(PRESETS["imagenet"][0])
-_NATURAL_STD = np.array(PRESETS["imagenet"][1])
-"""Pixel statistics of natural photos (ImageNet's), pushed through each preset to predict its input moments."""
+"""Pixel mean of natural photos (ImageNet's), pushed through a preset to predict its input mean."""
 
 _FILL_CENTRE = 0.56
 """Typical fill ratio std / sqrt((hi - mean)(mean - lo)) of image data sets (module docstring)."""
@@ -389,13 +388,12 @@ def _axis_patterns(size: int, kernel: int, stride: int, begin: int, end: int, di
     return [(np.array(mask), count) for mask, count in counts.items()]
 
 
-def _conv_pads(attrs: Mapping[str, Any], size: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int],
+def _conv_pads(node: Any, size: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int],
                dilations: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    """(top, left, bottom, right) padding, resolving ``auto_pad``."""
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    """(top, left, bottom, right) padding of a Conv ``node``, resolving ``auto_pad``."""
+    auto = g.attribute(node, "auto_pad", "NOTSET")
     if auto in ("NOTSET", ""):
-        pads = list(attrs.get("pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
+        pads = list(g.attribute(node, "pads", [0, 0, 0, 0]))  # type: ignore[call-overload]
         return (pads[0], pads[1], pads[2], pads[3]) if len(pads) == 4 else None
     if auto == "VALID":
         return (0, 0, 0, 0)
@@ -479,9 +477,7 @@ def _first_layers(loaded: LoadedModel) -> list[_Layer]:
 
 def _zero_pad(node: Any, inits: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
     """(top, left, bottom, right) of a constant-zero Pad over H and W only, else None."""
-    attrs = g.node_attributes(node)
-    mode = attrs.get("mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else str(mode)) != "constant":
+    if g.attribute(node, "mode", "constant") != "constant":
         return None
     if len(node.input) > 1:  # opset >= 11: pads, constant_value, axes as inputs
         if node.input[1] not in inits or (len(node.input) > 3 and node.input[3]):
@@ -491,8 +487,8 @@ def _zero_pad(node: Any, inits: Mapping[str, Any]) -> tuple[int, int, int, int] 
             if node.input[2] not in inits or np.any(g.to_array(inits[node.input[2]]) != 0):
                 return None
     else:
-        pads = [int(v) for v in attrs.get("pads", [])]  # type: ignore[union-attr]
-        if float(attrs.get("value", 0.0)) != 0.0:  # type: ignore[arg-type]
+        pads = [int(v) for v in g.attribute(node, "pads", [])]  # type: ignore[attr-defined]
+        if g.attribute(node, "value", 0.0) != 0.0:
             return None
     if len(pads) != 8 or any(v < 0 for v in pads) or any(pads[i] for i in (0, 1, 4, 5)):
         return None
@@ -533,8 +529,7 @@ def _conv_layer(node: Any, inits: Mapping[str, Any], bn_of_input: Mapping[str, B
     weight = g.to_array(inits[node.input[1]]).astype(np.float64)
     if weight.ndim != 4:
         return None
-    attrs = g.node_attributes(node)
-    group = int(attrs.get("group", 1))  # type: ignore[arg-type]
+    group: int = g.attribute(node, "group", 1)  # type: ignore[assignment]
     c_out, per_group, kh, kw = weight.shape
     c_in = per_group * group
     if c_in != scale.shape[0] or c_out % group:
@@ -549,12 +544,12 @@ def _conv_layer(node: Any, inits: Mapping[str, Any], bn_of_input: Mapping[str, B
         if node.input[2] not in inits:
             return None
         bias = g.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
-    strides = tuple(attrs.get("strides", [1, 1]))  # type: ignore[arg-type]
-    dilations = tuple(attrs.get("dilations", [1, 1]))  # type: ignore[arg-type]
+    strides = tuple(g.attribute(node, "strides", [1, 1]))  # type: ignore[call-overload]
+    dilations = tuple(g.attribute(node, "dilations", [1, 1]))  # type: ignore[call-overload]
     if len(strides) != 2 or len(dilations) != 2:
         return None
     padded = (size[0] + extra[0] + extra[2], size[1] + extra[1] + extra[3])
-    own = _conv_pads(attrs, padded, (kh, kw), strides, dilations)  # type: ignore[arg-type]
+    own = _conv_pads(node, padded, (kh, kw), strides, dilations)  # type: ignore[arg-type]
     if own is None:
         return None
     pads = tuple(a + b for a, b in zip(own, extra))
@@ -599,9 +594,8 @@ def _variance_terms(layers: list[_Layer], mean: np.ndarray, rho: float) -> tuple
         means = np.stack([b + filt.sum(axis=2) @ mean for b, filt in zip(layer.biases, layer.filters)])
         overall = layer.shares @ means
         between = layer.shares @ (means - overall) ** 2  # border positions have other means
-        var = layer.var
         grams.append(gram)
-        targets.append(np.maximum(var - between, 1e-6 * var + 1e-30))
+        targets.append(np.maximum(layer.var - between, 1e-6 * layer.var + 1e-30))
     return np.concatenate(grams), np.concatenate(targets)
 
 
@@ -639,17 +633,6 @@ def _fit_std(gram: np.ndarray, target: np.ndarray, r: float) -> tuple[np.ndarray
     return s, float(np.sqrt(np.mean((np.log(model) - log_t) ** 2)))
 
 
-def _preset_moments(name: str, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Input moments natural photos would have under the preset ``name`` (None: preset does not fit the channels)."""
-    mean_t, std_t = PRESETS[name]
-    mean, std = _per_channel(mean_t, channels), _per_channel(std_t, channels)
-    if mean is None or std is None:
-        return None
-    natural_mean = _NATURAL_MEAN if channels == 3 else np.full(channels, _NATURAL_MEAN.mean())
-    natural_std = _NATURAL_STD if channels == 3 else np.full(channels, _NATURAL_STD.mean())
-    return (natural_mean - mean) / std, natural_std / std
-
-
 def _snap(mean: np.ndarray, scale: float, mean_seen: bool) -> tuple[str | None, dict[str, float]]:
     """The preset whose range the fitted ``(m, s)`` fills most typically, and every preset's score.
 
@@ -659,13 +642,14 @@ def _snap(mean: np.ndarray, scale: float, mean_seen: bool) -> tuple[str | None, 
     Returns (the best preset, or None when no score is <= 1; the scores by preset).
     """
     scores: dict[str, float] = {}
-    for name in PRESETS:
-        predicted = _preset_moments(name, mean.shape[0])
-        if predicted is None:
-            continue
-        preset_mean, preset_std = preset_normalization(name, mean.shape[0])
+    channels = mean.shape[0]
+    natural = _NATURAL_MEAN if channels == 3 else np.full(channels, _NATURAL_MEAN.mean())
+    for name, (given_mean, given_std) in PRESETS.items():
+        if len(given_mean) not in (1, channels) or len(given_std) not in (1, channels):
+            continue  # a per-channel preset for another channel count
+        preset_mean, preset_std = preset_normalization(name, channels)
         low, high = -preset_mean / preset_std, (1.0 - preset_mean) / preset_std
-        centre = mean if mean_seen else predicted[0]
+        centre = mean if mean_seen else (natural - preset_mean) / preset_std
         room = (high - centre) * (centre - low)
         if not np.all(room > 0):
             scores[name] = float("inf")
