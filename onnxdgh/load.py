@@ -652,9 +652,7 @@ def _shape_value(node: onnx.NodeProto, dims: Dims, batch: str | None, batch_valu
     concrete = [batch_value if (batch is not None and dim == batch) else int(dim) for dim in dims]  # type: ignore[arg-type]
     if node.op_type == "Size":
         return np.array(int(np.prod(concrete, dtype=np.int64)), np.int64)
-    attrs = g.node_attributes(node)
-    start = int(attrs.get("start", 0))  # type: ignore[arg-type]
-    end = attrs.get("end")
+    start, end = g.attribute(node, "start", 0), g.attribute(node, "end")
     # Python slicing clamps and wraps negative bounds exactly as Shape-15's start/end do.
     return np.array(concrete[start : None if end is None else int(end)], np.int64)  # type: ignore[arg-type]
 
@@ -808,7 +806,7 @@ def _fold_shape_round(model: onnx.ModelProto) -> int:
                 is_target = user.op_type == "Reshape" and [i for i, n in enumerate(user.input) if n == name] == [1]
                 target = None
                 if is_target and batch is not None:
-                    allowzero = bool(g.node_attributes(user).get("allowzero", 0))
+                    allowzero = bool(g.attribute(user, "allowzero", 0))
                     target = _batch_free_reshape_target(values, shapes.get(user.input[0]), batch, allowzero)
                 if target is None:
                     break
@@ -869,7 +867,7 @@ def _check_weights(model: onnx.ModelProto, source: str) -> None:
     for index, node in enumerate(model.graph.node):
         if node.op_type != "BatchNormalization" or len(node.input) < 5 or node.input[4] not in inits:
             continue
-        epsilon = float(g.node_attributes(node).get("epsilon", 1e-5))  # type: ignore[arg-type]
+        epsilon = g.attribute(node, "epsilon", 1e-5)
         var = g.to_array(inits[node.input[4]]).astype(np.float64).reshape(-1)
         if var.size and float(var.min()) + epsilon < 0:
             name = g.node_label(node, index)
@@ -891,8 +889,7 @@ def _batch_norms(model: onnx.ModelProto) -> list[BatchNormInfo]:
         if node.op_type != "BatchNormalization":
             continue
         name = g.node_label(node, index)
-        attrs = g.node_attributes(node)
-        epsilon = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
+        epsilon = g.attribute(node, "epsilon", 1e-5)
         missing = [role for role, tensor in zip(("scale", "bias", "mean", "var"), node.input[1:5]) if tensor not in inits]
         if missing:
             empty = np.zeros(0, np.float32)
@@ -903,7 +900,7 @@ def _batch_norms(model: onnx.ModelProto) -> list[BatchNormInfo]:
             continue
         scale, bias, mean, var = (g.to_array(inits[t]).astype(np.float32).reshape(-1) for t in node.input[1:5])
         problem = None
-        if int(attrs.get("training_mode", 0) or 0) != 0 or len([o for o in node.output if o]) > 1:  # type: ignore[arg-type]
+        if g.attribute(node, "training_mode", 0) != 0 or len([o for o in node.output if o]) > 1:
             problem = "node is in training mode"
         elif np.any(var < 0):  # within -epsilon (load refuses less): the BN computes, the target is no std
             problem = "negative running variance"
