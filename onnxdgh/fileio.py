@@ -14,6 +14,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -118,7 +119,7 @@ def check_output_paths(
                     f"{option} {out} and {other_option} {other} name the same file",
                     "give each output its own file",
                 )
-        parent = out.parent if str(out.parent) else Path(".")
+        parent = out.parent  # "." for a bare file name
         if not parent.is_dir():
             raise OutputPathError(f"folder {parent} of {option} {out} does not exist", f"create it first: mkdir -p {parent}")
         if not os.access(parent, os.W_OK):
@@ -137,10 +138,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             message names the path and the system's reason; nothing is left behind.
     """
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
     tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         # mkstemp creates the file 0600; give it the mode a plain open() would (0666 & ~umask).
         umask = os.umask(0)
         os.umask(umask)
@@ -152,10 +152,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         os.replace(tmp, out)
     except BaseException as exc:
         if tmp is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
         if isinstance(exc, OSError):
             reason = exc.strerror or type(exc).__name__
             raise OutputPathError(
@@ -200,12 +198,10 @@ _PICKLE_PROTOCOL = 0x80  # first byte of every pickle of protocol 2 and later
 def _npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from the header of the ``.npy`` stream at ``handle``; ValueError if malformed."""
     version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-    else:
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
         raise ValueError(f".npy format version {version[0]}.{version[1]} is not read")
+    shape, _, dtype = readers[version](handle)
     return tuple(int(d) for d in shape), dtype
 
 
@@ -295,7 +291,8 @@ def load_images_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str,
     if src.is_dir():
         raise CalibrationDataError(f"calibration path {src} is a folder", "give an .npz file made by `onnxdgh generate`")
     hint = "give an .npz file with an 'images' array (float32, N x C x H x W): numpy.savez(path, images=array)"
-    loaded = open_numpy(src, what=f"calibration file {src}", hint=hint)
+    what = f"calibration file {src}"
+    loaded = open_numpy(src, what=what, hint=hint)
     meta: dict[str, Any] = {}
     if isinstance(loaded, np.ndarray):
         images = loaded
@@ -303,24 +300,21 @@ def load_images_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str,
         with loaded:
             if "images" not in loaded.files:
                 raise CalibrationDataError(
-                    f"calibration file {src} has no 'images' array (it has: {', '.join(loaded.files) or 'nothing'})",
+                    f"{what} has no 'images' array (it has: {', '.join(loaded.files) or 'nothing'})",
                     "save the images under the key 'images': numpy.savez(path, images=array)",
                 )
-            what = f"calibration file {src}"
             images = read_npz_array(loaded, "images", what=what, hint=hint)
-            stored_meta = read_npz_array(loaded, "meta", what=what, hint=hint) if "meta" in loaded.files else None
-            if stored_meta is not None:
+            if "meta" in loaded.files:
+                meta_hint = "drop the 'meta' array or store json.dumps(...) of a dict in it"
                 try:
-                    meta = json.loads(str(stored_meta))
+                    meta = json.loads(str(read_npz_array(loaded, "meta", what=what, hint=hint)))
                 except json.JSONDecodeError as exc:
                     raise CalibrationDataError(
-                        f"calibration file {src}: its 'meta' entry is not valid JSON ({exc.msg} at character {exc.pos})",
-                        "drop the 'meta' array or store json.dumps(...) of a dict in it",
+                        f"{what}: its 'meta' entry is not valid JSON ({exc.msg} at character {exc.pos})", meta_hint
                     ) from exc
                 if not isinstance(meta, dict):
                     raise CalibrationDataError(
-                        f"calibration file {src}: its 'meta' entry is JSON {type(meta).__name__}, not an object",
-                        "drop the 'meta' array or store json.dumps(...) of a dict in it",
+                        f"{what}: its 'meta' entry is JSON {type(meta).__name__}, not an object", meta_hint
                     )
     return check_images(images, what=f"calibration images in {src}"), meta
 
