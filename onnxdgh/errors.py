@@ -56,9 +56,6 @@ class OnnxDghError(Exception):
         self.message = message
         self.hint = hint
 
-    def __str__(self) -> str:
-        return self.message
-
 
 class InvalidInputError(OnnxDghError):
     """A file, option or value given by the user cannot be used."""

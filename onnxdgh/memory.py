@@ -48,11 +48,11 @@ def format_bytes(count: int | float) -> str:
     value = float(count)
     if value < 1024:
         return f"{int(value)} bytes"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
-        if value < 1024 or unit == "PiB":
+        if value < 1024:
             return f"{value:,.1f} {unit}"
-    raise AssertionError("unreachable")
+    return f"{value / 1024:,.1f} PiB"
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,12 +75,10 @@ def machine_memory_bytes() -> int:
 
 def activation_bytes_per_image(model: onnx.ModelProto) -> int:
     """Bytes of every intermediate and output tensor for one image (known shapes only)."""
-    inits = {init.name for init in model.graph.initializer}
-    inputs = {value.name for value in model.graph.input}
+    seen = {init.name for init in model.graph.initializer} | {value.name for value in model.graph.input}
     total = 0
-    seen: set[str] = set()
-    for value in list(model.graph.value_info) + list(model.graph.output):
-        if value.name in seen or value.name in inits or value.name in inputs:
+    for value in [*model.graph.value_info, *model.graph.output]:
+        if value.name in seen:
             continue
         seen.add(value.name)
         tensor_type = value.type.tensor_type
@@ -160,8 +158,5 @@ def check_run_memory(loaded: LoadedModel, *, images: int, batch_size: int) -> Me
     """
     estimate = estimate_run_memory(loaded, images=images, batch_size=batch_size)
     if not estimate.fits:
-        raise ResourceError(
-            f"{loaded.source}: {estimate.describe()}",
-            memory_advice(loaded, estimate),
-        )
+        raise ResourceError(f"{loaded.source}: {estimate.describe()}", memory_advice(loaded, estimate))
     return estimate

@@ -105,12 +105,9 @@ def run_batched(
     chunks: list[list[np.ndarray]] = [[] for _ in names]
     for start in range(0, images.shape[0], step):
         batch = np.ascontiguousarray(images[start : start + step], dtype=np.float32)
-        if fixed_batch and batch.shape[0] != fixed_batch:
-            # A short last batch on a fixed-batch graph: run the images one by one.
-            results = [session.run(names, {input_name: batch[i : i + 1]}) for i in range(batch.shape[0])]
-            for index in range(len(names)):
-                chunks[index].append(np.concatenate([r[index] for r in results], axis=0))
-            continue
-        for index, value in enumerate(session.run(names, {input_name: batch})):
-            chunks[index].append(value)
+        # A short last batch on a fixed-batch graph: run the images one by one.
+        short = fixed_batch and batch.shape[0] != fixed_batch
+        for part in [batch[i : i + 1] for i in range(batch.shape[0])] if short else [batch]:
+            for index, value in enumerate(session.run(names, {input_name: part})):
+                chunks[index].append(value)
     return [np.concatenate(parts, axis=0) if parts else np.zeros(0, np.float32) for parts in chunks]
