@@ -269,7 +269,8 @@ def _find_failing_node(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str] | N
     for (_, node), proto in zip(graph.nodes.items(), inferred.graph.node):
         try:
             converter = get_converter(
-                domain=node.domain, operation_type=node.operation_type, version=g.opset_version(inferred, node.domain) or 0
+                domain=node.domain, operation_type=node.operation_type,
+                version=g.opset_version(inferred, node.domain) or 0,
             )
             converter(node, graph)
         except Exception as exc:  # any converter failure names this node
@@ -317,7 +318,8 @@ def _build_probe(
     placeholder_for = {loaded.input_name: placeholders[0]} if placeholders else {}
     producers = g.producer_map(model.graph)
 
-    usable = [bn for bn in loaded.bn_nodes if bn.usable]
+    usable = loaded.usable_bn_nodes
+    hint = "report this model; as a workaround re-export it with " + REEXPORT_RECIPE
     depths = _node_depths(model)
     bn_sources: list[fx.Node] = []
     layers: list[BNLayer] = []
@@ -326,21 +328,22 @@ def _build_probe(
         if bn_module_node is None or not bn_module_node.args or not isinstance(bn_module_node.args[0], fx.Node):
             raise ConversionError(
                 f"BatchNormalization node {bn.node_name!r} has no counterpart in the torch module",
-                "report this model; as a workaround re-export it with " + REEXPORT_RECIPE,
+                hint,
             )
         bn_module = module.get_submodule(bn_module_node.target)
-        kind = type(bn_module).__name__
         if not _is_batch_norm(bn_module):
             raise ConversionError(
-                f"BatchNormalization node {bn.node_name!r} became a torch {kind}, not a batch norm",
-                "report this model; as a workaround re-export it with " + REEXPORT_RECIPE,
+                f"BatchNormalization node {bn.node_name!r} became a torch "
+                f"{type(bn_module).__name__}, not a batch norm",
+                hint,
             )
         bn_sources.append(bn_module_node.args[0])
         rank = _tensor_rank(model, bn.input_name)
         layers.append(BNLayer(
-            bn.node_name, bn.input_name, bn.channels, torch.as_tensor(bn.mean, dtype=torch.float32, device=device),
-            torch.as_tensor(bn.std, dtype=torch.float32, device=device), spatial=rank is None or rank > 2,
-            depth=depths.get(bn.output_name, 0),
+            bn.node_name, bn.input_name, bn.channels,
+            torch.as_tensor(bn.mean, dtype=torch.float32, device=device),
+            torch.as_tensor(bn.std, dtype=torch.float32, device=device),
+            spatial=rank is None or rank > 2, depth=depths.get(bn.output_name, 0),
         ))
     bn_modules_in_torch = sum(
         1 for node in module.graph.nodes
@@ -351,13 +354,14 @@ def _build_probe(
         raise ConversionError(
             f"{loaded.source}: {bn_nodes_in_onnx} BatchNormalization nodes in ONNX but {bn_modules_in_torch} batch norms "
             f"in torch ({len(bn_sources)} of {len(usable)} usable BN inputs captured)",
-            "report this model; as a workaround re-export it with " + REEXPORT_RECIPE,
+            hint,
         )
 
     stretch_names: list[str] = []
     for name in loaded.output_names:
         producer = producers.get(name)
-        logits = producer.input[:1] if producer is not None and producer.op_type in STRETCH_THROUGH_OPS else []
+        through = producer is not None and producer.op_type in STRETCH_THROUGH_OPS
+        logits = producer.input[:1] if through else []  # type: ignore[union-attr]
         stretch_names.append(logits[0] if logits and logits[0] else name)
 
     new_graph = fx.Graph()
