@@ -198,7 +198,9 @@ _PICKLE_PROTOCOL = 0x80  # first byte of every pickle of protocol 2 and later
 def _npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from the header of the ``.npy`` stream at ``handle``; ValueError if malformed."""
     version = np.lib.format.read_magic(handle)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0
+    }
     if version not in readers:
         raise ValueError(f".npy format version {version[0]}.{version[1]} is not read")
     shape, _, dtype = readers[version](handle)
@@ -300,7 +302,8 @@ def load_images_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str,
         with loaded:
             if "images" not in loaded.files:
                 raise CalibrationDataError(
-                    f"{what} has no 'images' array (it has: {', '.join(loaded.files) or 'nothing'})",
+                    f"{what} has no 'images' array "
+                    f"(it has: {', '.join(loaded.files) or 'nothing'})",
                     "save the images under the key 'images': numpy.savez(path, images=array)",
                 )
             images = read_npz_array(loaded, "images", what=what, hint=hint)
@@ -310,11 +313,14 @@ def load_images_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str,
                     meta = json.loads(str(read_npz_array(loaded, "meta", what=what, hint=hint)))
                 except json.JSONDecodeError as exc:
                     raise CalibrationDataError(
-                        f"{what}: its 'meta' entry is not valid JSON ({exc.msg} at character {exc.pos})", meta_hint
+                        f"{what}: its 'meta' entry is not valid JSON "
+                        f"({exc.msg} at character {exc.pos})",
+                        meta_hint,
                     ) from exc
                 if not isinstance(meta, dict):
                     raise CalibrationDataError(
-                        f"{what}: its 'meta' entry is JSON {type(meta).__name__}, not an object", meta_hint
+                        f"{what}: its 'meta' entry is JSON {type(meta).__name__}, not an object",
+                        meta_hint,
                     )
     return check_images(images, what=f"calibration images in {src}"), meta
 

@@ -233,7 +233,8 @@ def _parse(data: bytes, src: Path) -> onnx.ModelProto:
         model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError (a generic Exception subclass)
         raise ModelLoadError(
-            f"{src} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)", hint
+            f"{src} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)",
+            hint,
         ) from exc
     if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelLoadError(f"{src} is not an ONNX model (no IR version or no graph nodes)", hint)
@@ -265,8 +266,8 @@ def _non_utf8_text(model: onnx.ModelProto) -> bytes | None:
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    attrs = [attr for node in graph.node for attr in node.attribute]
-    return [*graph.initializer, *(attr.t for attr in attrs if attr.type == onnx.AttributeProto.TENSOR)]
+    attrs = (attr for node in graph.node for attr in node.attribute)
+    return [*graph.initializer, *(a.t for a in attrs if a.type == onnx.AttributeProto.TENSOR)]
 
 
 def _resolve_external_data(model: onnx.ModelProto, base: Path, src: Path) -> None:
@@ -950,7 +951,8 @@ def make_batch_dynamic(loaded: LoadedModel) -> onnx.ModelProto | None:
     try:
         from .runtime import make_session  # onnxruntime is imported only when a model needs this
 
-        batch = np.random.default_rng(0).standard_normal((3, *loaded.input_shape)).astype(np.float32)
+        rng = np.random.default_rng(0)
+        batch = rng.standard_normal((3, *loaded.input_shape)).astype(np.float32)
         single = make_session(loaded.model)
         together = make_session(model).run(None, {loaded.input_name: batch})
         alone = [single.run(None, {loaded.input_name: batch[i : i + 1]}) for i in range(3)]

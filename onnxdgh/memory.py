@@ -75,9 +75,10 @@ def machine_memory_bytes() -> int:
 
 def activation_bytes_per_image(model: onnx.ModelProto) -> int:
     """Bytes of every intermediate and output tensor for one image (known shapes only)."""
-    seen = {init.name for init in model.graph.initializer} | {value.name for value in model.graph.input}
+    graph = model.graph
+    seen = {init.name for init in graph.initializer} | {value.name for value in graph.input}
     total = 0
-    for value in [*model.graph.value_info, *model.graph.output]:
+    for value in [*graph.value_info, *graph.output]:
         if value.name in seen:
             continue
         seen.add(value.name)
@@ -158,5 +159,6 @@ def check_run_memory(loaded: LoadedModel, *, images: int, batch_size: int) -> Me
     """
     estimate = estimate_run_memory(loaded, images=images, batch_size=batch_size)
     if not estimate.fits:
-        raise ResourceError(f"{loaded.source}: {estimate.describe()}", memory_advice(loaded, estimate))
+        advice = memory_advice(loaded, estimate)
+        raise ResourceError(f"{loaded.source}: {estimate.describe()}", advice)
     return estimate
