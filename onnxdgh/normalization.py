@@ -96,6 +96,7 @@ import itertools
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -380,11 +381,9 @@ DEAD_VARIANCE = 1e-6
 def _axis_patterns(size: int, kernel: int, stride: int, begin: int, end: int, dilation: int) -> list[tuple[np.ndarray, int]]:
     """Valid-tap masks along one axis and how many output positions have each."""
     outputs = (size + begin + end - dilation * (kernel - 1) - 1) // stride + 1
-    counts: dict[tuple[bool, ...], int] = {}
-    for out in range(max(0, outputs)):
-        start = out * stride - begin
-        mask = tuple(0 <= start + t * dilation < size for t in range(kernel))
-        counts[mask] = counts.get(mask, 0) + 1
+    starts = [out * stride - begin for out in range(max(0, outputs))]
+    taps = [t * dilation for t in range(kernel)]
+    counts = Counter(tuple(0 <= start + tap < size for tap in taps) for start in starts)
     return [(np.array(mask), count) for mask, count in counts.items()]
 
 
@@ -534,11 +533,10 @@ def _conv_layer(node: Any, inits: Mapping[str, Any], bn_of_input: Mapping[str, B
     c_in = per_group * group
     if c_in != scale.shape[0] or c_out % group:
         return None
-    full = np.zeros((c_out, c_in, kh, kw))
-    out_per_group = c_out // group
-    for index in range(group):
-        rows = slice(index * out_per_group, (index + 1) * out_per_group)
-        full[rows, index * per_group : (index + 1) * per_group] = weight[rows]
+    # the dense (c_out, c_in) weight: zero where an output and an input are in different groups
+    out_group, in_group = np.arange(c_out) // (c_out // group), np.arange(c_in) // per_group
+    same_group = out_group[:, None] == in_group[None, :]
+    full = np.where(same_group[:, :, None, None], np.tile(weight, (1, group, 1, 1)), 0.0)
     bias = np.zeros(c_out)
     if len(node.input) > 2 and node.input[2]:
         if node.input[2] not in inits:
@@ -599,10 +597,9 @@ def _variance_terms(layers: list[_Layer], mean: np.ndarray, rho: float) -> tuple
     return np.concatenate(grams), np.concatenate(targets)
 
 
-def _fit_std(gram: np.ndarray, target: np.ndarray, r: float) -> tuple[np.ndarray, float]:
+def _fit_std(coupling: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
     """Damped Gauss-Newton on log s for var_c = s^T (R o G_c) s; returns (s, RMS log residual)."""
-    channels = gram.shape[1]
-    coupling = gram * (r + (1.0 - r) * np.eye(channels))
+    channels = coupling.shape[1]
     total = coupling.sum(axis=(1, 2))
     good = total > 0
     if not good.any():
@@ -660,10 +657,9 @@ def _snap(mean: np.ndarray, scale: float, mean_seen: bool) -> tuple[str | None, 
     return (best if best is not None and scores[best] <= 1.0 else None), scores
 
 
-def _fit_scale(gram: np.ndarray, target: np.ndarray, r: float) -> tuple[float, float]:
+def _fit_scale(coupling: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     """One std for every channel: var_c = s^2 sum_kl R_kl G_ckl, least squares in log; (s, RMS log residual)."""
-    channels = gram.shape[1]
-    total = (gram * (r + (1.0 - r) * np.eye(channels))).sum(axis=(1, 2))
+    total = coupling.sum(axis=(1, 2))
     if not np.all(total > 0):
         return float("nan"), float("inf")
     log_ratio = np.log(target) - np.log(total)
@@ -689,10 +685,11 @@ def infer_input_distribution(loaded: LoadedModel) -> InputInference | None:
     for rho in _RHO_GRID:
         gram, target = _variance_terms(layers, mean, rho)
         for r in _R_GRID if channels > 1 else (0.0,):
-            std, residual = _fit_std(gram, target, r)
+            coupling = gram * (r + (1.0 - r) * np.eye(gram.shape[1]))  # R o G_c
+            std, residual = _fit_std(coupling, target)
             if np.all(np.isfinite(std)) and math.isfinite(residual):
                 fits.append((residual, r, rho, std))
-            scale, scale_residual = _fit_scale(gram, target, r)
+            scale, scale_residual = _fit_scale(coupling, target)
             if math.isfinite(scale) and math.isfinite(scale_residual):
                 shared.append((scale_residual, scale))
     nan = np.full(channels, np.nan)
