@@ -558,9 +558,7 @@ def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int
             producer = producers.get(src)
             if producer is None or src in outputs or src in graph_inputs:
                 continue
-            for index, name in enumerate(producer.output):
-                if name == src:
-                    producer.output[index] = dst
+            g.rename_output(graph, src, dst)
             g.replace_input_uses(graph, src, dst)
             producers[dst] = producer
         else:
@@ -580,7 +578,7 @@ def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int
         if any(name in needed for name in node.output):
             live.append(node)
             needed.update(name for name in node.input if name)
-    live_ids = {id(node) for node in live}
+    live_ids = {id(node) for node in live}  # live keeps the node objects, and so their ids, alive
     dead = [node for node in graph.node if id(node) not in live_ids]
     g.remove_nodes(graph, dead)
     counts["dead_nodes_removed"] = len(dead)
