@@ -295,11 +295,9 @@ def _per_channel(values: tuple[float, ...] | list[float], channels: int) -> np.n
 
 
 def _parse_json_floats(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+        value = json.loads(text)  # type: ignore[arg-type]
+    except (json.JSONDecodeError, TypeError):  # TypeError: None (the key is absent)
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [float(value)]
