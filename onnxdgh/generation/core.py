@@ -78,7 +78,7 @@ from .checkpoint import load_checkpoint, rank_path, save_checkpoint
 from .config import AUTO_SCHEDULE, GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
 from .activation import generate_actreg
-from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
+from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image, per_image_range
 from .method import bn_coverage, generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin, image_noise, view_draws
 from .procedural import procedural_images
@@ -204,10 +204,6 @@ def generate(
     norm = resolve_normalization(loaded, config)
     if norm.inference is not None:
         _LOG.info("%s", describe(norm))
-    channels, height, width = loaded.input_shape
-    low = torch.from_numpy(norm.low)
-    high = torch.from_numpy(norm.high)
-
     report: dict[str, Any] = {
         "model": loaded.source,
         "method": config.method,
@@ -215,7 +211,7 @@ def generate(
         "seed": config.seed,
         "settings": config.to_dict(),
         "input_name": loaded.input_name,
-        "input_shape": [channels, height, width],
+        "input_shape": list(loaded.input_shape),
         "normalization": norm.to_dict(),
         # What `auto` decided from: usable BN layers per convolution (generation.method).
         "bn_available": len(loaded.usable_bn_nodes),
@@ -235,7 +231,7 @@ def generate(
         convert_started = time.perf_counter()
         torch_model = to_torch(loaded, device=config.device)
         convert_s = time.perf_counter() - convert_started
-        run = _Run(torch_model, config, low, high, shard)
+        run = _Run(torch_model, config, torch.from_numpy(norm.low), torch.from_numpy(norm.high), shard)
         images, run_report = run.execute(progress=progress and shard.rank == 0, callback=callback,
                                          model_sha256=_model_sha256(loaded))
     finally:
@@ -388,19 +384,15 @@ class _Run:
         # concatenating layers changes nothing): the per-layer SAS and loss arithmetic on
         # small vectors ran ~20 tiny ops per layer per step, forward and backward.
         self.channels = [layer.channels for layer in self.layers]
-        self.flat_targets = (
-            [(torch.cat([t[0] for t in self.targets]), torch.cat([t[1] for t in self.targets]))] if self.layers else []
-        )
+        self.flat_targets = [tuple(torch.cat(part) for part in zip(*self.targets))] if self.layers else []
         # Folded BN layers (fold_bn_taps) expose their output y = a x + c; map the moments back.
-        taps = model.bn_taps or (None,) * len(self.layers)
-        self.taps = taps
-        if any(tap is not None for tap in taps):
-            self.tap_scale = torch.cat([tap[0] if tap is not None else torch.ones(layer.channels, device=self.device)
-                                        for tap, layer in zip(taps, self.layers)])
-            self.tap_shift = torch.cat([tap[1] if tap is not None else torch.zeros(layer.channels, device=self.device)
-                                        for tap, layer in zip(taps, self.layers)])
-        else:
-            self.tap_scale = self.tap_shift = None
+        self.taps = model.bn_taps or (None,) * len(self.layers)
+        self.tap_scale = self.tap_shift = None
+        if any(tap is not None for tap in self.taps):
+            pairs = [tap if tap is not None
+                     else (torch.ones(size, device=self.device), torch.zeros(size, device=self.device))
+                     for tap, size in zip(self.taps, self.channels)]
+            self.tap_scale, self.tap_shift = (torch.cat(part) for part in zip(*pairs))
         self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
         self.history: list[float] = []
         self.initial_bns: float | None = None
@@ -526,10 +518,8 @@ class _Run:
                 f"{state.get('world', 1)} processes, this is rank {self.shard.rank} of {self.shard.world}",
                 "resume with as many processes as the interrupted run, or delete the checkpoints",
             )
-        if len(state["canvases"]) != len(self.local):
-            raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
         stage = int(state.get("stage", 0))
-        if not 0 <= stage < len(self.stages):
+        if len(state["canvases"]) != len(self.local) or not 0 <= stage < len(self.stages):
             raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
         if stage != self.stage:  # interrupted after a resolution switch: the canvases of that size
             self.stage = stage
@@ -544,12 +534,10 @@ class _Run:
                 if canvas.shape != saved.shape:
                     raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
                 canvas.copy_(saved.to(self.device))
-        for batch, saved in zip(self.local, state["optimizers"]):
-            self.optimizers[batch].load_state_dict(saved)
-        for batch, saved in zip(self.local, state["schedulers"]):
-            sched = self.schedulers[batch]
-            if sched is not None:
-                sched.load_state_dict(saved)
+        for batch, optimizer, scheduler in zip(self.local, state["optimizers"], state["schedulers"]):
+            self.optimizers[batch].load_state_dict(optimizer)
+            if self.schedulers[batch] is not None:
+                self.schedulers[batch].load_state_dict(scheduler)
         stats = state["stats"]
         if self.layers:
             if len(stats["means"]) != len(self.layers):
@@ -703,8 +691,8 @@ class _Run:
         scoped = self.store.global_moments(index, moments) if config.use_sas else moments
         loss = bns_loss(scoped, self.flat_targets) if self.layers else torch.zeros((), device=self.device)
         bns_value = float(loss.detach())
-        flat = torch.cat([t.detach().reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
-        spread = float((flat.max(dim=1).values - flat.min(dim=1).values).mean())
+        low, high = per_image_range([t.detach() for t in probe.stretch])
+        spread = float((high - low).mean())
         if config.use_odsl and config.odsl_lambda > 0:
             last_input = probe.bn_inputs[self.last_bn] if self.last_bn is not None else None
             last_target = self.targets[self.last_bn] if self.last_bn is not None else None
@@ -924,12 +912,8 @@ def _stages(schedule: tuple[tuple[float, float], ...] | None, iterations: int, h
 
 def _thin(values: list[float], count: int) -> list[list[float]]:
     """Up to ``count`` (iteration, value) pairs, evenly spread, last included."""
-    if not values:
-        return []
     step = max(1, len(values) // count)
-    picked = list(range(step - 1, len(values), step))
-    if picked[-1] != len(values) - 1:
-        picked.append(len(values) - 1)
+    picked = sorted({*range(step - 1, len(values), step), len(values) - 1}) if values else []
     return [[index + 1, float(values[index])] for index in picked]
 
 
@@ -975,36 +959,29 @@ def evaluate_images(model: TorchModel | LoadedModel, images: np.ndarray, *, batc
     count = images.shape[0]
     store = StatsStore([min(batch_size, count - s) for s in range(0, count, batch_size)],
                        [layer.channels for layer in torch_model.bn_layers], device)
-    spreads: list[torch.Tensor] = []
-    lows: list[float] = []
-    highs: list[float] = []
-    out_lows: list[float] = []
-    out_highs: list[float] = []
+    ranges: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out_ranges: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for index, start in enumerate(range(0, count, batch_size)):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)).to(device)
             probe = torch_model.probe(batch)
             store.store(index, [batch_moments(x) for x in probe.bn_inputs])
-            flat = torch.cat([t.reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
-            spreads.append(flat.max(dim=1).values - flat.min(dim=1).values)
-            lows.append(float(flat.min()))
-            highs.append(float(flat.max()))
-            outs = torch.cat([t.reshape(t.shape[0], -1) for t in probe.outputs], dim=1)
-            out_lows.append(float(outs.min()))
-            out_highs.append(float(outs.max()))
+            ranges.append(per_image_range(probe.stretch))
+            out_ranges.append(per_image_range(probe.outputs))
         targets = [(layer.mean, layer.std) for layer in torch_model.bn_layers]
         moments = store.all_moments()
         per_layer = [float(bns_loss([m], [t])) for m, t in zip(moments, targets)]
-    spread = torch.cat(spreads)
+    lows, highs = (torch.cat(part) for part in zip(*ranges))
+    spread = highs - lows
     result: dict[str, Any] = {
         "images": int(count),
         "bns_loss": float(sum(per_layer)),
         "bns_loss_per_layer": {layer.node_name: value for layer, value in zip(torch_model.bn_layers, per_layer)},
         "output_range": {"mean": float(spread.mean()), "min": float(spread.min()), "max": float(spread.max())},
-        "output_min": min(lows),
-        "output_max": max(highs),
+        "output_min": float(lows.min()),
+        "output_max": float(highs.max()),
     }
     if tuple(torch_model.stretch_names) != tuple(torch_model.output_names):
-        result["graph_output_min"] = min(out_lows)
-        result["graph_output_max"] = max(out_highs)
+        result["graph_output_min"] = min(float(low.min()) for low, _ in out_ranges)
+        result["graph_output_max"] = max(float(high.max()) for _, high in out_ranges)
     return result
