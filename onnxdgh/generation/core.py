@@ -223,9 +223,10 @@ def generate(
         if config.method == "actreg":
             images, report["actreg"] = generate_actreg(loaded, config, norm)
             report["final"] = {}
-            report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
-            return GenerationResult(images=images, report=report, rank=shard.rank)
-        return replace(_noise(loaded, config, norm, report, started, load_s), rank=shard.rank)
+        else:
+            images = _noise(loaded, config, norm, report)
+        report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
+        return GenerationResult(images=images, report=report, rank=shard.rank)
 
     try:
         convert_started = time.perf_counter()
@@ -282,27 +283,26 @@ def _model_sha256(loaded: LoadedModel) -> str:
     return hashlib.sha256(loaded.model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization,
-           report: dict[str, Any], started: float, load_s: float) -> GenerationResult:
-    """The methods that run nothing through the model: Gaussian noise or procedural images."""
+def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization, report: dict[str, Any]) -> np.ndarray:
+    """The methods that run nothing through the model: Gaussian noise or procedural images.
+
+    Adds the clamped fraction and the evaluation (``final``) to ``report``.
+    """
     if config.method == "procedural":
         images = torch.from_numpy(procedural_images(config.images, loaded.input_shape, config.seed, norm.mean, norm.std))
     else:
         images = torch.randn((config.images, *loaded.input_shape), generator=torch.Generator().manual_seed(config.seed))
     lo, hi = torch.from_numpy(norm.low).view(1, -1, 1, 1), torch.from_numpy(norm.high).view(1, -1, 1, 1)
-    clamped = float(((images < lo) | (images > hi)).float().mean())
-    images = torch.maximum(torch.minimum(images, hi), lo)
-    array = images.numpy().astype(np.float32)
-    report["normalization"]["clamped_fraction"] = clamped
-    final: dict[str, Any] = {}
+    report["normalization"]["clamped_fraction"] = float(((images < lo) | (images > hi)).float().mean())
+    array = torch.maximum(torch.minimum(images, hi), lo).numpy().astype(np.float32)
+    report["final"] = {}
     if loaded.usable_bn_nodes:
         try:
-            final = evaluate_images(to_torch(loaded, device=config.device), array, batch_size=config.batch_size)
+            report["final"] = evaluate_images(to_torch(loaded, device=config.device), array,
+                                              batch_size=config.batch_size)
         except ConversionError as exc:
-            final = {"note": f"not evaluated: {exc.message}"}
-    report["final"] = final
-    report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
-    return GenerationResult(images=array, report=report)
+            report["final"] = {"note": f"not evaluated: {exc.message}"}
+    return array
 
 
 # ---------------------------------------------------------------------- the run
@@ -614,11 +614,8 @@ class _Run:
         width = sum(self.channels)
         mine = torch.cat([moments[0][0].detach(), moments[0][1].detach()]) if moments is not None else \
             torch.zeros(2 * width, device=self.device)
-        result = {}
-        for rank, part in enumerate(self.shard.gather(mine)):
-            if first + rank < len(self.sizes):
-                result[first + rank] = [(part[:width], part[width:])]
-        return result
+        return {first + rank: [(part[:width], part[width:])]
+                for rank, part in enumerate(self.shard.gather(mine)) if first + rank < len(self.sizes)}
 
     def _layer_stats(self) -> dict[str, list[torch.Tensor]]:
         """The stored statistics split per BN layer (the checkpoint format)."""
