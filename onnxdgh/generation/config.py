@@ -174,10 +174,9 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coarse_to_fine", parse_schedule(self.coarse_to_fine))
-        _positive_int("--images", self.images)
-        _positive_int("--iterations", self.iterations)
-        _positive_int("--batch-size", self.batch_size)
-        _positive_int("--checkpoint-every", self.checkpoint_every)
+        for option, count in (("--images", self.images), ("--iterations", self.iterations),
+                              ("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every)):
+            _positive_int(option, count)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"--seed {self.seed!r} is not an integer in [0, 2^63)", "give e.g. --seed 0")
         _choice("--method", self.method, METHODS)
@@ -201,10 +200,9 @@ class GenerateConfig:
         _finite("--smoothing-sigma", self.smoothing_sigma, minimum=0.0, strict=True)
         if not 0.0 < float(self.factor) < 1.0:
             raise InvalidInputError(f"--factor {self.factor} must lie strictly between 0 and 1", "the paper uses 0.5")
-        if self.patience is not None:
-            _positive_int("--patience", self.patience)
-        if self.plateau_stop is not None:
-            _positive_int("--plateau-stop", self.plateau_stop)
+        for option, count in (("--patience", self.patience), ("--plateau-stop", self.plateau_stop)):
+            if count is not None:
+                _positive_int(option, count)
         if self.crop_margin is not None:
             if not isinstance(self.crop_margin, int) or isinstance(self.crop_margin, bool) or self.crop_margin < 0:
                 raise InvalidInputError(f"--crop-margin {self.crop_margin!r} is not a non-negative integer", "give e.g. --crop-margin 4")
@@ -227,17 +225,12 @@ class GenerateConfig:
         if self.resume and not self.checkpoint:
             raise InvalidInputError("--resume needs --checkpoint PATH", "give the checkpoint file of the interrupted run")
 
-        for name in ("sas", "prep", "odsl"):
+        for name in ("sas", "prep", "odsl", "coarse_to_fine"):  # a parsed schedule is None or truthy
             if self.method in _NOT_OPTIMISED and getattr(self, name):
                 raise InvalidInputError(
-                    f"--{name} has no effect with --method {self.method} (no optimisation runs)",
+                    f"--{name.replace('_', '-')} has no effect with --method {self.method} (no optimisation runs)",
                     "drop the option, or use --method dgh / bns",
                 )
-        if self.method in _NOT_OPTIMISED and self.coarse_to_fine is not None:
-            raise InvalidInputError(
-                f"--coarse-to-fine has no effect with --method {self.method} (no optimisation runs)",
-                "drop the option, or use --method dgh / bns",
-            )
 
     @property
     def use_sas(self) -> bool:
