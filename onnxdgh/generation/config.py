@@ -274,11 +274,6 @@ class GenerateConfig:
 # defaults. No coarse-to-fine: on EfficientNet-Lite0 (224 px) the images optimised at
 # 112 px lose their BN match when upsampled (whole-set loss back at its start, "Default
 # `onnxdgh quantize` on a 224x224 classifier"), while at 28 px it carries over.
-_QUANTIZE_BUDGETS: dict[str, dict[str, Any]] = {
-    "W8A8": {"images": 64, "iterations": 50},
-}
-
-
 def generation_defaults(weight_bits: int, act_bits: int) -> dict[str, Any]:
     """The generation settings ``onnxdgh quantize`` uses by default for a target bit width.
 
@@ -286,8 +281,7 @@ def generation_defaults(weight_bits: int, act_bits: int) -> dict[str, Any]:
     an empty dict means :class:`GenerateConfig`'s own defaults. Settings the caller gives
     explicitly win: ``GenerateConfig(**{**generation_defaults(w, a), **given})``.
     """
-    key = "W8A8" if weight_bits >= 8 and act_bits >= 8 else "lower"
-    return dict(_QUANTIZE_BUDGETS.get(key, {}))
+    return {"images": 64, "iterations": 50} if weight_bits >= 8 and act_bits >= 8 else {}
 
 
 _SCHEDULE_HINT = ("give SCALE:UNTIL pairs with both strictly increasing in (0, 1), e.g. --coarse-to-fine 0.5:0.75, "
@@ -315,13 +309,10 @@ def parse_schedule(value: object) -> tuple[tuple[float, float], ...] | str | Non
         if text == "auto":
             return "auto"
         try:
-            pairs: list[tuple[float, float]] = []
-            for part in text.split(","):
-                scale, until = part.split(":")
-                pairs.append((float(scale), float(until)))
+            parts = [part.split(":") for part in text.split(",")]
+            value = [(float(scale), float(until)) for scale, until in parts]
         except ValueError:
             raise InvalidInputError(f"--coarse-to-fine {value!r} is not a schedule", _SCHEDULE_HINT) from None
-        value = pairs
     try:
         stages = tuple((float(scale), float(until)) for scale, until in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):

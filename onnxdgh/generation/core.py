@@ -609,8 +609,6 @@ class _Run:
         """The detached moments of every batch of the round starting at ``first`` (this rank's: ``moments``)."""
         if not self.layers:
             return {}
-        if self.shard.world == 1:
-            return {first: [(m.detach(), v.detach()) for m, v in moments]} if moments is not None else {}
         width = sum(self.channels)
         mine = torch.cat([moments[0][0].detach(), moments[0][1].detach()]) if moments is not None else \
             torch.zeros(2 * width, device=self.device)
@@ -733,9 +731,6 @@ class _Run:
         else:
             for other, values in shared.items():
                 self.store.store(other, values)
-        if self.shard.world == 1:
-            assert info is not None
-            return [info], interrupted
         row = [info.loss, info.bns_loss, info.output_range, info.lr, 1.0] if info is not None else [0.0] * 5
         rows = self.shard.agree([*row, float(interrupted)])
         infos = [
@@ -858,9 +853,6 @@ class _Run:
                 mine = self.prep.final_unclamped(self.canvases[batch].detach())
             else:
                 mine = torch.zeros((0, *self.model.loaded.input_shape), device=self.device)
-            if self.shard.world == 1:
-                result.append(mine)
-                continue
             # all_gather needs one shape on every rank: pad to a full batch
             padded = torch.zeros((self.config.batch_size, *self.model.loaded.input_shape), device=self.device)
             padded[: mine.shape[0]] = mine
