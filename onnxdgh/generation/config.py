@@ -46,15 +46,11 @@ class GenerateConfig:
         batch_size: images optimised together (memory grows with this, never with |D|).
         seed: seeds every random draw (initial noise, flips, crops).
         device: ``"cpu"`` or ``"cuda"``.
-        method: ``"auto"`` (default: ``"dgh"`` when most convolutions have usable BN
-            statistics, ``"mixed"`` when some do, else ``"procedural"``;
-            :func:`onnxdgh.generation.method.choose_method`), ``"dgh"``,
-            ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
-            family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
-            natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised),
-            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN)
-            or ``"actreg"`` (procedural images refined through the model by activation-range
-            regularisation, no BN needed: :mod:`onnxdgh.generation.activation`).
+        method: ``"auto"`` (:func:`onnxdgh.generation.method.choose_method`),
+            ``"dgh"``, ``"bns"`` (BN matching per batch, no prep, no ODSL: the
+            ZeroQ/DeepInversion family), ``"noise"`` (Gaussian N(0, 1) images),
+            ``"procedural"`` (:mod:`onnxdgh.generation.procedural`), ``"mixed"`` (half DGH,
+            half procedural) or ``"actreg"`` (:mod:`onnxdgh.generation.activation`).
         sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
         prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
         odsl: output distribution stretching loss (Eq. 7-8); None = method default.
@@ -90,15 +86,12 @@ class GenerateConfig:
             all images, after each iteration) has not fallen below (1 - 1%) of its best
             for this many iterations; None = always run ``iterations``. With
             ``coarse_to_fine`` it counts in the full-size stage only.
-        coarse_to_fine: a resolution schedule ``((scale, until), ...)``: optimise at
-            ``scale`` x the input size until ``until`` x ``iterations``, then at the next
-            stage's scale, and at full size from the last ``until`` on; scales and ``until``
-            strictly increasing in (0, 1). The canvases are upsampled (bilinear) between
-            stages (:mod:`onnxdgh.generation.core`). A string ``"0.5:0.75"`` or
-            ``"0.25:0.3,0.5:0.6"`` is parsed (:func:`parse_schedule`); None, ``()`` or
-            ``"off"`` = full size throughout; ``"auto"`` = :data:`AUTO_SCHEDULE` when the
-            model runs at its smaller size, else full size with a warning (an explicit
-            schedule the model cannot run is an error).
+        coarse_to_fine: a resolution schedule ``((scale, until), ...)`` or its text
+            (:func:`parse_schedule`): optimise at ``scale`` x the input size until ``until``
+            x ``iterations``, then at the next stage's scale, and at full size from the last
+            ``until`` on (:mod:`onnxdgh.generation.core`); None = full size throughout;
+            ``"auto"`` = :data:`AUTO_SCHEDULE` when the model runs at its smaller size, else
+            full size with a warning (an explicit schedule the model cannot run is an error).
     """
 
     images: int = _DEFAULT_IMAGES

@@ -24,16 +24,12 @@ size keeps lambda's meaning independent of how many batches the set is cut into:
 BNS gradient on one image also scales with 1/|D| under SAS. Without SAS (per-batch
 scope) the scope is the batch and the divisor is its size.
 
-Coarse to fine (``coarse_to_fine``): the first stages optimise smaller canvases (the
-model runs on views of ``scale`` x the input size; BN statistics are per-channel means and
-variances over positions, defined at any size for a convolutional net), then every canvas
-is upsampled (bilinear), gets a new optimiser at the learning rate it had reached, and the
-SAS store is refilled at the new size before the run goes on. On the 28-px samples this
-reaches the full-size run's accuracy at less than half its loop time; on EfficientNet-Lite0
-(224 px) the images optimised at 112 px lost their BN match when upsampled (the whole-set
-loss went back to its start) and the full-size tail could not recover it in 13
-iterations, so the schedule is off by default (docs/BENCHMARKS.md, "generation-budget"
-and "quantize-224").
+Coarse to fine (``coarse_to_fine``): the first stages optimise smaller canvases (BN
+statistics are per-channel moments over positions, defined at any size for a
+convolutional net), then every canvas is upsampled (bilinear), gets a new optimiser at the
+learning rate it had reached, and the SAS store is refilled at the new size. Off by
+default: it pays on 28-px inputs but not at 224 px (README "Generation time on a CPU";
+docs/BENCHMARKS.md, "generation-budget" and "quantize-224").
 
 Refreshing the stored moments after a step (``stats_refresh``): the paper re-runs the
 model on a fresh phi_prep view (Algorithm 1, lines 14-15); MCT stores the pre-step
