@@ -121,9 +121,7 @@ class GraphView:
 
     def input_constant(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
         """The value of input ``index`` of ``node`` when present and constant, else None."""
-        if index < len(node.input) and node.input[index]:
-            return self.constant(node.input[index])
-        return None
+        return self.constant(node.input[index]) if index < len(node.input) and node.input[index] else None
 
 
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -230,16 +228,14 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     pending = list(graph.node)
     ordered: list[onnx.NodeProto] = []
     while pending:
-        progressed = False
         rest: list[onnx.NodeProto] = []
         for node in pending:
             if all(name in available for name in node.input):
                 ordered.append(node)
                 available.update(node.output)
-                progressed = True
             else:
                 rest.append(node)
-        if not progressed:
+        if len(rest) == len(pending):
             missing = sorted({n for node in rest for n in node.input if n not in available})
             raise ValueError(f"graph cannot be ordered; unresolved tensors: {', '.join(missing[:5])}")
         pending = rest
@@ -392,10 +388,7 @@ def names_in_use(graph: onnx.GraphProto) -> set[str]:
     names = {init.name for init in graph.initializer}
     names |= {value.name for value in list(graph.input) + list(graph.output) + list(graph.value_info)}
     for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        if node.name:
-            names.add(node.name)
+        names.update(node.input, node.output, [node.name])
     names.discard("")
     return names
 

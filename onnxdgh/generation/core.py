@@ -98,10 +98,8 @@ DIVERGED_RISE = 4.0
 PLATEAU_TOLERANCE = 0.01
 """``plateau_stop``: an improvement of the whole-set BN loss smaller than this fraction of its best is none."""
 
-# Methods that need no BN statistics (nothing to check, no optimisation through the model).
-_NO_BN_METHODS = ("noise", "procedural")
-# ... and those that need none but optimise through the model (activation.py's own loop).
-_NO_BN_TARGETS = (*_NO_BN_METHODS, "actreg")
+# Methods that need no BN statistics: nothing optimised, or activation.py's own loop.
+_NO_BN_TARGETS = ("noise", "procedural", "actreg")
 
 # Settings that do not change the images: a checkpoint stays valid when they change.
 _NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last", "distributed")
