@@ -441,10 +441,5 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
 def written_out_ops(view: Any) -> list[WrittenOutOp]:
     """Every op of the graph ``view`` written out as several nodes (:func:`decomposed_layer_norm`,
     :func:`decomposed_hard_swish`), in graph order of their first node."""
-    found = []
-    for node in view.graph.node:
-        if node.op_type == "ReduceMean":
-            found.append(decomposed_layer_norm(view, node))
-        elif node.op_type == "Add":
-            found.append(decomposed_hard_swish(view, node))
+    found = (match(view, node) for node in view.graph.node for match in (decomposed_layer_norm, decomposed_hard_swish))
     return [pattern for pattern in found if pattern is not None]

@@ -367,13 +367,12 @@ class _Run:
             self.delta = 0.0
         # Each image's noise and view draws are keyed by its global index (prep.py), so
         # they do not depend on the batch order or on the rank that steps the image.
-        self.canvases = {
-            batch: image_noise(config.seed, self._indices(batch), self.prep.canvas_shape).to(self.device).requires_grad_(True)
-            for batch in self.local
-        }
+        self.canvases: dict[int, torch.Tensor] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.schedulers: dict[int, torch.optim.lr_scheduler.ReduceLROnPlateau | None] = {}
+        for batch in self.local:
+            self._start_batch(batch, image_noise(config.seed, self._indices(batch), self.prep.canvas_shape))
         self._project()
-        self.optimizers = {batch: self._optimizer(canvas) for batch, canvas in self.canvases.items()}
-        self.schedulers = {batch: self._scheduler(opt) for batch, opt in self.optimizers.items()}
         # All BN layers' channels as one vector (Eq. 4-5 are sums/maps over channels, so
         # concatenating layers changes nothing): the per-layer SAS and loss arithmetic on
         # small vectors ran ~20 tiny ops per layer per step, forward and backward.
@@ -432,9 +431,7 @@ class _Run:
             for batch, canvas in self.canvases.items():
                 lr = float(self.optimizers[batch].param_groups[0]["lr"])
                 fine = torch.nn.functional.interpolate(canvas.detach(), size=shape[1:], mode="bilinear", align_corners=False)
-                self.canvases[batch] = self.prep.clamp(fine).requires_grad_(True)
-                self.optimizers[batch] = self._optimizer(self.canvases[batch], lr)
-                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
+                self._start_batch(batch, self.prep.clamp(fine), lr)
         self._fill_store()
         switched = self._set_bns()
         self._check(switched, f"after upsampling to {self.prep.height}x{self.prep.width}")
@@ -460,19 +457,14 @@ class _Run:
             for canvas in self.canvases.values() if index is None else [self.canvases[index]]:
                 canvas.copy_(self.prep.clamp(canvas))
 
-    def _optimizer(self, canvas: torch.Tensor, lr: float | None = None) -> torch.optim.Optimizer:
-        lr = self.config.lr if lr is None else lr
-        if self.config.optimizer == "radam":
-            return torch.optim.RAdam([canvas], lr=lr)
-        return torch.optim.Adam([canvas], lr=lr)
-
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-        if self.config.scheduler == "none":
-            return None
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.config.factor, patience=self.config.effective_patience,
-            min_lr=self.config.min_lr,
-        )
+    def _start_batch(self, batch: int, canvas: torch.Tensor, lr: float | None = None) -> None:
+        """Optimise ``canvas`` as ``batch``'s images, with a new optimiser (at ``lr``, else the initial rate) and scheduler."""
+        config = self.config
+        canvas = self.canvases[batch] = canvas.to(self.device).requires_grad_(True)
+        optimizer_type = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
+        optimizer = self.optimizers[batch] = optimizer_type([canvas], lr=config.lr if lr is None else lr)
+        self.schedulers[batch] = None if config.scheduler == "none" else torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.factor, patience=config.effective_patience, min_lr=config.min_lr)
 
     # -- state ----------------------------------------------------------------
 
@@ -518,10 +510,7 @@ class _Run:
         if stage != self.stage:  # interrupted after a resolution switch: the canvases of that size
             self.stage = stage
             for batch in self.local:
-                shape = (self.sizes[batch], *self.prep.canvas_shape)
-                self.canvases[batch] = torch.zeros(shape, device=self.device, requires_grad=True)
-                self.optimizers[batch] = self._optimizer(self.canvases[batch])
-                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
+                self._start_batch(batch, torch.zeros((self.sizes[batch], *self.prep.canvas_shape)))
         with torch.no_grad():
             for batch, saved in zip(self.local, state["canvases"]):
                 canvas = self.canvases[batch]
