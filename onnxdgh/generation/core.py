@@ -469,10 +469,7 @@ class _Run:
     # -- state ----------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
-        settings = self.config.to_dict()
-        for key in _NON_SEMANTIC:
-            settings.pop(key, None)
-        return settings
+        return {key: value for key, value in self.config.to_dict().items() if key not in _NON_SEMANTIC}
 
     def _checkpoint_path(self) -> str:
         assert self.config.checkpoint is not None
@@ -664,7 +661,6 @@ class _Run:
     def _step(self, index: int, probe: Any, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> StepInfo:
         """Loss, backward and optimiser step of batch ``index`` from its forward pass (probe, moments)."""
         config = self.config
-        canvas = self.canvases[index]
         optimizer = self.optimizers[index]
         scoped = self.store.global_moments(index, moments) if config.use_sas else moments
         loss = bns_loss(scoped, self.flat_targets) if self.layers else torch.zeros((), device=self.device)
@@ -676,7 +672,7 @@ class _Run:
             last_target = self.targets[self.last_bn] if self.last_bn is not None else None
             last_tap = self.taps[self.last_bn] if self.last_bn is not None else None
             per_image = odsl_per_image(probe.stretch, last_input, last_target, self.delta, tap=last_tap)
-            scope = config.images if config.use_sas else canvas.shape[0]
+            scope = config.images if config.use_sas else self.sizes[index]
             loss = loss + config.odsl_lambda * per_image.sum() / scope
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
