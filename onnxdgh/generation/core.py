@@ -828,13 +828,11 @@ class _Run:
         result = []
         for first in self._rounds():
             batch = first + self.shard.rank
-            if batch in self.canvases:
-                mine = self.prep.final_unclamped(self.canvases[batch].detach())
-            else:
-                mine = torch.zeros((0, *self.model.loaded.input_shape), device=self.device)
             # all_gather needs one shape on every rank: pad to a full batch
             padded = torch.zeros((self.config.batch_size, *self.model.loaded.input_shape), device=self.device)
-            padded[: mine.shape[0]] = mine
+            if batch in self.canvases:
+                mine = self.prep.final_unclamped(self.canvases[batch].detach())
+                padded[: mine.shape[0]] = mine
             for rank, part in enumerate(self.shard.gather(padded)):
                 if first + rank < len(self.sizes):
                     result.append(part[: self.sizes[first + rank]])

@@ -76,8 +76,7 @@ class Shard:
 
     def agree(self, values: list[float]) -> list[list[float]]:
         """Every rank's list of numbers (same length on all), in rank order."""
-        parts = self.gather(torch.tensor(values, dtype=torch.float64))
-        return [part.tolist() for part in parts]
+        return [part.tolist() for part in self.gather(torch.tensor(values, dtype=torch.float64))]
 
 
 SINGLE = Shard()
