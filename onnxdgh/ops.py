@@ -21,7 +21,6 @@ Record fields (all default to "no"):
 * ``activation``: may fuse behind a weighted op into one hardware op;
 * ``gate``: the gate ``G`` of a gated activation ``Mul(x, G(x))`` (SiLU is
   ``Mul(x, Sigmoid(x))``, the form every exporter writes before opset 24's ``Swish``);
-* ``shared_scale``: one scale for all data inputs and the output (Concat);
 * ``shape_inputs``: inputs that carry shapes, indices or axes, never quantized;
 * ``sums_weights``: each output channel sums all of its weights against a constant
   input (a ConvTranspose with stride > 1 does not: each position sees some taps);
@@ -63,7 +62,6 @@ class OpSpec:
     preserves: bool = False
     activation: bool = False
     gate: bool = False
-    shared_scale: bool = False
     shape_inputs: frozenset[int] = frozenset()
     sums_weights: bool = False
     homogeneous: bool = False
@@ -118,7 +116,7 @@ OPS: dict[str, OpSpec] = {
     # LayerNormalization (opset 17): scale and bias are per-tensor constants.
     "LayerNormalization": OpSpec(),
     "Resize": OpSpec(shape_inputs=_idx(1, 2, 3)),
-    "Concat": OpSpec(shared_scale=True),
+    "Concat": OpSpec(),  # one scale for inputs and output: the profile's shared_scale_ops
     # Value-preserving ops (inherit their input's quantizer).
     "Reshape": OpSpec(preserves=True, shape_inputs=_idx(1), passes_shift=True),
     "Flatten": OpSpec(preserves=True, passes_shift=True),
