@@ -40,7 +40,6 @@ by tools/bench_bn_free.py.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -60,8 +59,6 @@ from .procedural import procedural_images
 
 __all__ = ["SPREAD", "ALIVE_Z", "STARTS", "activation_range_loss", "balance_loss", "preactivation_probe",
            "generate_actreg"]
-
-_LOG = logging.getLogger(__name__)
 
 SPREAD = 8.0
 """A channel's std may lie within this factor of its layer's median channel std, either way."""

@@ -31,13 +31,9 @@ optimisation is in docs/BENCHMARKS.md (``bn-free``, tools/bench_bn_free.py).
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 __all__ = ["KINDS", "procedural_pixels", "procedural_images"]
-
-_LOG = logging.getLogger(__name__)
 
 KINDS = ("pink", "leaves", "objects")
 """The image kinds, drawn in turn (image k is of kind ``KINDS[k % 3]``)."""
