@@ -726,9 +726,8 @@ class _Run:
 
         n_batches = len(self.sizes)
         rounds = list(self._rounds())
-        total = config.iterations * n_batches
-        done_before = self.position[0] * n_batches + self.position[1]
-        bar = progress_bar(total=total, initial=done_before, enabled=progress, desc="generate", unit="step")
+        bar = progress_bar(total=config.iterations * n_batches, initial=self.position[0] * n_batches + self.position[1],
+                           enabled=progress, desc="generate", unit="step")
         # Two clocks: run_started restarts at each checkpoint (self.elapsed adds up the run
         # over resumes); loop_started times this process's share, the rate's denominator.
         loop_started = run_started = time.perf_counter()
