@@ -17,42 +17,20 @@ would be a new dependency for about a hundred lines of lookups.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = [
-    "GraphView",
-    "node_label",
-    "attribute",
-    "constant_value",
-    "initializer_map",
-    "producer_map",
-    "consumer_map",
-    "graph_input_names",
-    "graph_output_names",
-    "node_attributes",
-    "opset_version",
-    "replace_input_uses",
-    "remove_nodes",
-    "add_initializer",
-    "unique_name",
-    "topological_sort",
-    "to_array",
-    "tensor_elem_types",
-    "add_node",
-    "add_typed_initializer",
-    "rename_output",
-    "remove_initializers",
-    "clear_value_info",
-    "set_initializer_value",
-    "set_node_input",
-    "pruned_copy",
-    "names_in_use",
-    "set_node_attribute",
-]
+__all__ = ["GraphView", "node_label", "attribute", "constant_value", "initializer_map",
+           "producer_map", "consumer_map", "graph_input_names", "graph_output_names",
+           "node_attributes", "opset_version", "replace_input_uses", "remove_nodes",
+           "add_initializer", "unique_name", "topological_sort", "to_array", "tensor_elem_types",
+           "add_node", "add_typed_initializer", "rename_output", "remove_initializers",
+           "clear_value_info", "set_initializer_value", "set_node_input", "pruned_copy",
+           "names_in_use", "set_node_attribute"]
 
 
 def node_label(node: onnx.NodeProto, index: int) -> str:
@@ -71,27 +49,23 @@ def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object
             value = helper.get_attribute_value(attr)
             if isinstance(value, bytes):
                 return value.decode()
-            if isinstance(default, bool) or default is None:
-                return value
-            if isinstance(default, (int, float)):
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
                 return type(default)(value)
             return value
     return default
 
 
+_CONSTANT_DTYPES = {"value_float": np.float32, "value_floats": np.float32,
+                    "value_int": np.int64, "value_ints": np.int64}
+
+
 def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a ``Constant`` node (None for sparse or string constants)."""
-    attrs = {attr.name: attr for attr in node.attribute}
-    if "value" in attrs:
-        return numpy_helper.to_array(attrs["value"].t)
-    if "value_float" in attrs:
-        return np.array(attrs["value_float"].f, dtype=np.float32)
-    if "value_floats" in attrs:
-        return np.array(list(attrs["value_floats"].floats), dtype=np.float32)
-    if "value_int" in attrs:
-        return np.array(attrs["value_int"].i, dtype=np.int64)
-    if "value_ints" in attrs:
-        return np.array(list(attrs["value_ints"].ints), dtype=np.int64)
+    for attr in node.attribute:  # the spec allows exactly one value attribute
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in _CONSTANT_DTYPES:
+            return np.array(helper.get_attribute_value(attr), dtype=_CONSTANT_DTYPES[attr.name])
     return None
 
 
@@ -147,9 +121,7 @@ class GraphView:
 
     def input_constant(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
         """The value of input ``index`` of ``node`` when present and constant, else None."""
-        if index < len(node.input) and node.input[index]:
-            return self.constant(node.input[index])
-        return None
+        return self.constant(node.input[index]) if index < len(node.input) and node.input[index] else None
 
 
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -218,9 +190,14 @@ def replace_input_uses(graph: onnx.GraphProto, old: str, new: str) -> int:
 def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> None:
     """Remove the given nodes (matched by identity) keeping the others' order."""
     doomed_ids = {id(node) for node in doomed}
-    keep = [node for node in graph.node if id(node) not in doomed_ids]
-    del graph.node[:]
-    graph.node.extend(keep)
+    _keep_only(graph.node, lambda node: id(node) not in doomed_ids)
+
+
+def _keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
+    """Drop the items of the repeated protobuf ``field`` that ``keep`` rejects, in place."""
+    kept = [item for item in field if keep(item)]
+    del field[:]
+    field.extend(kept)
 
 
 def add_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> onnx.TensorProto:
@@ -251,16 +228,14 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     pending = list(graph.node)
     ordered: list[onnx.NodeProto] = []
     while pending:
-        progressed = False
         rest: list[onnx.NodeProto] = []
         for node in pending:
             if all(name in available for name in node.input):
                 ordered.append(node)
                 available.update(node.output)
-                progressed = True
             else:
                 rest.append(node)
-        if not progressed:
+        if len(rest) == len(pending):
             missing = sorted({n for node in rest for n in node.input if n not in available})
             raise ValueError(f"graph cannot be ordered; unresolved tensors: {', '.join(missing[:5])}")
         pending = rest
@@ -313,12 +288,8 @@ def rename_output(graph: onnx.GraphProto, old: str, new: str) -> onnx.NodeProto:
 def remove_initializers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
     """Drop the named initializers (and their graph-input entries, as old IR versions list them)."""
     doomed = set(names)
-    keep = [init for init in graph.initializer if init.name not in doomed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    keep_inputs = [value for value in graph.input if value.name not in doomed]
-    del graph.input[:]
-    graph.input.extend(keep_inputs)
+    _keep_only(graph.initializer, lambda init: init.name not in doomed)
+    _keep_only(graph.input, lambda value: value.name not in doomed)
 
 
 def clear_value_info(graph: onnx.GraphProto) -> None:
@@ -417,17 +388,12 @@ def names_in_use(graph: onnx.GraphProto) -> set[str]:
     names = {init.name for init in graph.initializer}
     names |= {value.name for value in list(graph.input) + list(graph.output) + list(graph.value_info)}
     for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        if node.name:
-            names.add(node.name)
+        names.update(node.input, node.output, [node.name])
     names.discard("")
     return names
 
 
 def set_node_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
     """Set attribute ``name`` of ``node`` to ``value`` (replacing any existing one)."""
-    keep = [attr for attr in node.attribute if attr.name != name]
-    del node.attribute[:]
-    node.attribute.extend(keep)
+    _keep_only(node.attribute, lambda attr: attr.name != name)
     node.attribute.append(helper.make_attribute(name, value))

@@ -17,8 +17,6 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     eps > 0 would scale the result by ``1 / sqrt(1 + eps)``. ``zeros``/``ones``: cached
     mean/variance vectors (made here when absent).
     """
-    if zeros is None:
-        zeros = torch.zeros_like(scale)
-    if ones is None:
-        ones = torch.ones_like(scale)
+    zeros = torch.zeros_like(scale) if zeros is None else zeros
+    ones = torch.ones_like(scale) if ones is None else ones
     return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False)

@@ -21,7 +21,6 @@ Record fields (all default to "no"):
 * ``activation``: may fuse behind a weighted op into one hardware op;
 * ``gate``: the gate ``G`` of a gated activation ``Mul(x, G(x))`` (SiLU is
   ``Mul(x, Sigmoid(x))``, the form every exporter writes before opset 24's ``Swish``);
-* ``shared_scale``: one scale for all data inputs and the output (Concat);
 * ``shape_inputs``: inputs that carry shapes, indices or axes, never quantized;
 * ``sums_weights``: each output channel sums all of its weights against a constant
   input (a ConvTranspose with stride > 1 does not: each position sees some taps);
@@ -41,30 +40,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-__all__ = [
-    "OpSpec",
-    "OPS",
-    "spec",
-    "QDQ_OPS",
-    "INTEGER_TYPES",
-    "numpy_container",
-    "WEIGHTED",
-    "ACTIVATIONS",
-    "GATES",
-    "SHAPE_INPUT_INDICES",
-    "ops_where",
-    "is_value_preserving",
-    "output_channel_axis",
-    "weight_axis",
-    "output_channels",
-    "output_bounds",
-    "gated_activation",
-    "is_gate_partner",
-    "WrittenOutOp",
-    "decomposed_layer_norm",
-    "decomposed_hard_swish",
-    "written_out_ops",
-]
+__all__ = ["OpSpec", "OPS", "spec", "QDQ_OPS", "INTEGER_TYPES", "numpy_container", "WEIGHTED",
+           "ACTIVATIONS", "GATES", "SHAPE_INPUT_INDICES", "ops_where", "is_value_preserving",
+           "output_channel_axis", "weight_axis", "output_channels", "output_bounds",
+           "gated_activation", "is_gate_partner", "WrittenOutOp", "decomposed_layer_norm",
+           "decomposed_hard_swish", "written_out_ops"]
 
 Layout = Literal["conv", "conv_transpose", "gemm", "matmul"]
 Bounds = tuple[float, float]
@@ -82,7 +62,6 @@ class OpSpec:
     preserves: bool = False
     activation: bool = False
     gate: bool = False
-    shared_scale: bool = False
     shape_inputs: frozenset[int] = frozenset()
     sums_weights: bool = False
     homogeneous: bool = False
@@ -137,7 +116,7 @@ OPS: dict[str, OpSpec] = {
     # LayerNormalization (opset 17): scale and bias are per-tensor constants.
     "LayerNormalization": OpSpec(),
     "Resize": OpSpec(shape_inputs=_idx(1, 2, 3)),
-    "Concat": OpSpec(shared_scale=True),
+    "Concat": OpSpec(),  # one scale for inputs and output: the profile's shared_scale_ops
     # Value-preserving ops (inherit their input's quantizer).
     "Reshape": OpSpec(preserves=True, shape_inputs=_idx(1), passes_shift=True),
     "Flatten": OpSpec(preserves=True, passes_shift=True),
@@ -258,11 +237,8 @@ def output_bounds(
     when computed).
     """
     if op_type == "Pow":
-        exponent = constant(inputs[1]) if len(inputs) > 1 and inputs[1] else None
-        if exponent is None or np.asarray(exponent).size != 1:
-            return None
-        value = float(np.asarray(exponent).reshape(-1)[0])
-        return (0.0, _INF) if value == round(value) and int(value) % 2 == 0 else None
+        value = _scalar(constant, inputs[1]) if len(inputs) > 1 else None
+        return (0.0, _INF) if value is not None and value == round(value) and int(value) % 2 == 0 else None
     if op_type != "Clip":
         return spec(op_type).bounds
     low, high = float(attributes.get("min", -_INF)), float(attributes.get("max", _INF))  # type: ignore[arg-type]
@@ -377,8 +353,7 @@ def decomposed_layer_norm(view: Any, mean: Any) -> WrittenOutOp | None:
     power, div = by_op.get("Pow"), by_op.get("Div")
     if power is None or div is None or list(power.input[:1]) != [d]:
         return None
-    exponent = view.constant(power.input[1]) if len(power.input) > 1 else None
-    if exponent is None or np.asarray(exponent).size != 1 or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
+    if len(power.input) < 2 or _scalar(view.constant, power.input[1]) != 2.0:
         return None
     variance = _only_reader(view, power.output[0], "ReduceMean")
     if variance is None or not _keeps_dims(variance) or _reduce_axes(variance, view.constant) != axes:
@@ -387,8 +362,7 @@ def decomposed_layer_norm(view: Any, mean: Any) -> WrittenOutOp | None:
     if add is None or variance.output[0] not in add.input:
         return None
     epsilon = [name for name in add.input if name != variance.output[0]]
-    eps_value = view.constant(epsilon[0]) if len(epsilon) == 1 else None
-    if eps_value is None or np.asarray(eps_value).size != 1:
+    if len(epsilon) != 1 or _scalar(view.constant, epsilon[0]) is None:
         return None
     sqrt = _only_reader(view, add.output[0], "Sqrt")
     if sqrt is None or _only_reader(view, sqrt.output[0], "Div") is not div or list(div.input) != [d, sqrt.output[0]]:
@@ -398,8 +372,8 @@ def decomposed_layer_norm(view: Any, mean: Any) -> WrittenOutOp | None:
     return WrittenOutOp("LayerNormalization", nodes, inner, x, div.output[0], (epsilon[0],))
 
 
-def _scalar(view: Any, name: str) -> float | None:
-    value = view.constant(name) if name else None
+def _scalar(constant: Callable[[str], np.ndarray | None], name: str) -> float | None:
+    value = constant(name) if name else None
     return None if value is None or np.asarray(value).size != 1 else float(np.asarray(value).reshape(-1)[0])
 
 
@@ -422,7 +396,7 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
         return None
     for x in add.input:
         three = _other_input(add, x)
-        if three is not None and _scalar(view, three) == 3.0 and view.constant(x) is None:
+        if three is not None and _scalar(view.constant, three) == 3.0 and view.constant(x) is None:
             break
     else:
         return None
@@ -430,8 +404,8 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
     if clip is None or clip.input[0] != add.output[0]:
         return None
     attrs = {a.name: a.f for a in clip.attribute}
-    low = _scalar(view, clip.input[1]) if len(clip.input) > 1 else attrs.get("min")
-    high = _scalar(view, clip.input[2]) if len(clip.input) > 2 else attrs.get("max")
+    low = _scalar(view.constant, clip.input[1]) if len(clip.input) > 1 else attrs.get("min")
+    high = _scalar(view.constant, clip.input[2]) if len(clip.input) > 2 else attrs.get("max")
     if low != 0.0 or high != 6.0:
         return None
     mul = _only_reader(view, clip.output[0], "Mul")
@@ -442,7 +416,7 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
         return None
     scale = readers[0]
     divisor = _other_input(scale, mul.output[0])
-    value = _scalar(view, divisor) if divisor is not None else None
+    value = _scalar(view.constant, divisor) if divisor is not None else None
     if value is None or (scale.op_type == "Div" and scale.input[0] != mul.output[0]):
         return None
     if not math.isclose(value if scale.op_type == "Div" else 1.0 / value if value else 0.0, 6.0, rel_tol=1e-6):
@@ -454,7 +428,7 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
     for op_type in ("Mul", "Add"):
         follower = _only_reader(view, nodes[-1].output[0], op_type)
         constant = _other_input(follower, nodes[-1].output[0]) if follower is not None else None
-        if constant is None or _scalar(view, constant) is None:
+        if constant is None or _scalar(view.constant, constant) is None:
             break
         inner.append(nodes[-1].output[0])
         nodes.append(follower)
@@ -465,10 +439,5 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
 def written_out_ops(view: Any) -> list[WrittenOutOp]:
     """Every op of the graph ``view`` written out as several nodes (:func:`decomposed_layer_norm`,
     :func:`decomposed_hard_swish`), in graph order of their first node."""
-    found = []
-    for node in view.graph.node:
-        if node.op_type == "ReduceMean":
-            found.append(decomposed_layer_norm(view, node))
-        elif node.op_type == "Add":
-            found.append(decomposed_hard_swish(view, node))
+    found = (match(view, node) for node in view.graph.node for match in (decomposed_layer_norm, decomposed_hard_swish))
     return [pattern for pattern in found if pattern is not None]

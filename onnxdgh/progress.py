@@ -22,8 +22,7 @@ def progress_default(quiet: bool, requested: bool | None, stream: Any = None) ->
         return False
     if requested is not None:
         return requested
-    stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
+    isatty = getattr(sys.stderr if stream is None else stream, "isatty", None)
     return bool(isatty and isatty())
 
 

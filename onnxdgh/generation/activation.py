@@ -40,7 +40,6 @@ by tools/bench_bn_free.py.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -60,8 +59,6 @@ from .procedural import procedural_images
 
 __all__ = ["SPREAD", "ALIVE_Z", "STARTS", "activation_range_loss", "balance_loss", "preactivation_probe",
            "generate_actreg"]
-
-_LOG = logging.getLogger(__name__)
 
 SPREAD = 8.0
 """A channel's std may lie within this factor of its layer's median channel std, either way."""
@@ -200,8 +197,12 @@ def generate_actreg(
     batches = []
     for first in range(0, config.images, config.batch_size):
         indices = range(first, min(config.images, first + config.batch_size))
-        canvas = _start(start, config.seed, indices, prep.canvas_shape, norm).to(device)
-        canvas = prep.clamp(canvas).requires_grad_(True)
+        if start == "noise":
+            canvas = image_noise(config.seed, list(indices), prep.canvas_shape)
+        else:
+            canvas = torch.from_numpy(procedural_images(len(indices), prep.canvas_shape, config.seed, norm.mean,
+                                                        norm.std, first=indices.start))
+        canvas = prep.clamp(canvas.to(device)).requires_grad_(True)
         optimizer = torch.optim.Adam([canvas], lr=step)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.iterations))
         for iteration in range(config.iterations):
@@ -248,11 +249,3 @@ def generate_actreg(
         "optimise_s": round(time.perf_counter() - started, 3),
     }
     return images, report
-
-
-def _start(start: str, seed: int, indices: range, canvas: tuple[int, int, int], norm: Normalization) -> torch.Tensor:
-    """The initial canvases of the images ``indices``: procedural priors or N(0, 1) noise, input space."""
-    if start == "noise":
-        return image_noise(seed, list(indices), canvas)
-    pixels = procedural_images(len(indices), canvas, seed, norm.mean, norm.std, first=indices.start)
-    return torch.from_numpy(pixels)

@@ -46,15 +46,11 @@ class GenerateConfig:
         batch_size: images optimised together (memory grows with this, never with |D|).
         seed: seeds every random draw (initial noise, flips, crops).
         device: ``"cpu"`` or ``"cuda"``.
-        method: ``"auto"`` (default: ``"dgh"`` when most convolutions have usable BN
-            statistics, ``"mixed"`` when some do, else ``"procedural"``;
-            :func:`onnxdgh.generation.method.choose_method`), ``"dgh"``,
-            ``"bns"`` (BN matching per batch, no prep, no ODSL: the ZeroQ/DeepInversion
-            family), ``"noise"`` (Gaussian N(0, 1) images), ``"procedural"`` (data-free
-            natural-image priors, :mod:`onnxdgh.generation.procedural`; nothing optimised),
-            ``"mixed"`` (half DGH, half procedural: ``auto``'s choice when few layers have BN)
-            or ``"actreg"`` (procedural images refined through the model by activation-range
-            regularisation, no BN needed: :mod:`onnxdgh.generation.activation`).
+        method: ``"auto"`` (:func:`onnxdgh.generation.method.choose_method`),
+            ``"dgh"``, ``"bns"`` (BN matching per batch, no prep, no ODSL: the
+            ZeroQ/DeepInversion family), ``"noise"`` (Gaussian N(0, 1) images),
+            ``"procedural"`` (:mod:`onnxdgh.generation.procedural`), ``"mixed"`` (half DGH,
+            half procedural) or ``"actreg"`` (:mod:`onnxdgh.generation.activation`).
         sas: statistics aggregation over the whole image set (Eq. 4-5); None = method default.
         prep: phi_prep augmentation + smoothing every step (Section 5.2); None = method default.
         odsl: output distribution stretching loss (Eq. 7-8); None = method default.
@@ -90,15 +86,12 @@ class GenerateConfig:
             all images, after each iteration) has not fallen below (1 - 1%) of its best
             for this many iterations; None = always run ``iterations``. With
             ``coarse_to_fine`` it counts in the full-size stage only.
-        coarse_to_fine: a resolution schedule ``((scale, until), ...)``: optimise at
-            ``scale`` x the input size until ``until`` x ``iterations``, then at the next
-            stage's scale, and at full size from the last ``until`` on; scales and ``until``
-            strictly increasing in (0, 1). The canvases are upsampled (bilinear) between
-            stages (:mod:`onnxdgh.generation.core`). A string ``"0.5:0.75"`` or
-            ``"0.25:0.3,0.5:0.6"`` is parsed (:func:`parse_schedule`); None, ``()`` or
-            ``"off"`` = full size throughout; ``"auto"`` = :data:`AUTO_SCHEDULE` when the
-            model runs at its smaller size, else full size with a warning (an explicit
-            schedule the model cannot run is an error).
+        coarse_to_fine: a resolution schedule ``((scale, until), ...)`` or its text
+            (:func:`parse_schedule`): optimise at ``scale`` x the input size until ``until``
+            x ``iterations``, then at the next stage's scale, and at full size from the last
+            ``until`` on (:mod:`onnxdgh.generation.core`); None = full size throughout;
+            ``"auto"`` = :data:`AUTO_SCHEDULE` when the model runs at its smaller size, else
+            full size with a warning (an explicit schedule the model cannot run is an error).
     """
 
     images: int = _DEFAULT_IMAGES
@@ -174,10 +167,9 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coarse_to_fine", parse_schedule(self.coarse_to_fine))
-        _positive_int("--images", self.images)
-        _positive_int("--iterations", self.iterations)
-        _positive_int("--batch-size", self.batch_size)
-        _positive_int("--checkpoint-every", self.checkpoint_every)
+        for option, count in (("--images", self.images), ("--iterations", self.iterations),
+                              ("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every)):
+            _positive_int(option, count)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"--seed {self.seed!r} is not an integer in [0, 2^63)", "give e.g. --seed 0")
         _choice("--method", self.method, METHODS)
@@ -201,10 +193,9 @@ class GenerateConfig:
         _finite("--smoothing-sigma", self.smoothing_sigma, minimum=0.0, strict=True)
         if not 0.0 < float(self.factor) < 1.0:
             raise InvalidInputError(f"--factor {self.factor} must lie strictly between 0 and 1", "the paper uses 0.5")
-        if self.patience is not None:
-            _positive_int("--patience", self.patience)
-        if self.plateau_stop is not None:
-            _positive_int("--plateau-stop", self.plateau_stop)
+        for option, count in (("--patience", self.patience), ("--plateau-stop", self.plateau_stop)):
+            if count is not None:
+                _positive_int(option, count)
         if self.crop_margin is not None:
             if not isinstance(self.crop_margin, int) or isinstance(self.crop_margin, bool) or self.crop_margin < 0:
                 raise InvalidInputError(f"--crop-margin {self.crop_margin!r} is not a non-negative integer", "give e.g. --crop-margin 4")
@@ -227,17 +218,12 @@ class GenerateConfig:
         if self.resume and not self.checkpoint:
             raise InvalidInputError("--resume needs --checkpoint PATH", "give the checkpoint file of the interrupted run")
 
-        for name in ("sas", "prep", "odsl"):
+        for name in ("sas", "prep", "odsl", "coarse_to_fine"):  # a parsed schedule is None or truthy
             if self.method in _NOT_OPTIMISED and getattr(self, name):
                 raise InvalidInputError(
-                    f"--{name} has no effect with --method {self.method} (no optimisation runs)",
+                    f"--{name.replace('_', '-')} has no effect with --method {self.method} (no optimisation runs)",
                     "drop the option, or use --method dgh / bns",
                 )
-        if self.method in _NOT_OPTIMISED and self.coarse_to_fine is not None:
-            raise InvalidInputError(
-                f"--coarse-to-fine has no effect with --method {self.method} (no optimisation runs)",
-                "drop the option, or use --method dgh / bns",
-            )
 
     @property
     def use_sas(self) -> bool:
@@ -281,11 +267,6 @@ class GenerateConfig:
 # defaults. No coarse-to-fine: on EfficientNet-Lite0 (224 px) the images optimised at
 # 112 px lose their BN match when upsampled (whole-set loss back at its start, "Default
 # `onnxdgh quantize` on a 224x224 classifier"), while at 28 px it carries over.
-_QUANTIZE_BUDGETS: dict[str, dict[str, Any]] = {
-    "W8A8": {"images": 64, "iterations": 50},
-}
-
-
 def generation_defaults(weight_bits: int, act_bits: int) -> dict[str, Any]:
     """The generation settings ``onnxdgh quantize`` uses by default for a target bit width.
 
@@ -293,8 +274,7 @@ def generation_defaults(weight_bits: int, act_bits: int) -> dict[str, Any]:
     an empty dict means :class:`GenerateConfig`'s own defaults. Settings the caller gives
     explicitly win: ``GenerateConfig(**{**generation_defaults(w, a), **given})``.
     """
-    key = "W8A8" if weight_bits >= 8 and act_bits >= 8 else "lower"
-    return dict(_QUANTIZE_BUDGETS.get(key, {}))
+    return {"images": 64, "iterations": 50} if weight_bits >= 8 and act_bits >= 8 else {}
 
 
 _SCHEDULE_HINT = ("give SCALE:UNTIL pairs with both strictly increasing in (0, 1), e.g. --coarse-to-fine 0.5:0.75, "
@@ -322,13 +302,10 @@ def parse_schedule(value: object) -> tuple[tuple[float, float], ...] | str | Non
         if text == "auto":
             return "auto"
         try:
-            pairs: list[tuple[float, float]] = []
-            for part in text.split(","):
-                scale, until = part.split(":")
-                pairs.append((float(scale), float(until)))
+            parts = [part.split(":") for part in text.split(",")]
+            value = [(float(scale), float(until)) for scale, until in parts]
         except ValueError:
             raise InvalidInputError(f"--coarse-to-fine {value!r} is not a schedule", _SCHEDULE_HINT) from None
-        value = pairs
     try:
         stages = tuple((float(scale), float(until)) for scale, until in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):

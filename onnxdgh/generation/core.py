@@ -24,16 +24,12 @@ size keeps lambda's meaning independent of how many batches the set is cut into:
 BNS gradient on one image also scales with 1/|D| under SAS. Without SAS (per-batch
 scope) the scope is the batch and the divisor is its size.
 
-Coarse to fine (``coarse_to_fine``): the first stages optimise smaller canvases (the
-model runs on views of ``scale`` x the input size; BN statistics are per-channel means and
-variances over positions, defined at any size for a convolutional net), then every canvas
-is upsampled (bilinear), gets a new optimiser at the learning rate it had reached, and the
-SAS store is refilled at the new size before the run goes on. On the 28-px samples this
-reaches the full-size run's accuracy at less than half its loop time; on EfficientNet-Lite0
-(224 px) the images optimised at 112 px lost their BN match when upsampled (the whole-set
-loss went back to its start) and the full-size tail could not recover it in 13
-iterations, so the schedule is off by default (docs/BENCHMARKS.md, "generation-budget"
-and "quantize-224").
+Coarse to fine (``coarse_to_fine``): the first stages optimise smaller canvases (BN
+statistics are per-channel moments over positions, defined at any size for a
+convolutional net), then every canvas is upsampled (bilinear), gets a new optimiser at the
+learning rate it had reached, and the SAS store is refilled at the new size. Off by
+default: it pays on 28-px inputs but not at 224 px (README "Generation time on a CPU";
+docs/BENCHMARKS.md, "generation-budget" and "quantize-224").
 
 Refreshing the stored moments after a step (``stats_refresh``): the paper re-runs the
 model on a fresh phi_prep view (Algorithm 1, lines 14-15); MCT stores the pre-step
@@ -78,7 +74,7 @@ from .checkpoint import load_checkpoint, rank_path, save_checkpoint
 from .config import AUTO_SCHEDULE, GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
 from .activation import generate_actreg
-from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image
+from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image, per_image_range
 from .method import bn_coverage, generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin, image_noise, view_draws
 from .procedural import procedural_images
@@ -102,10 +98,8 @@ DIVERGED_RISE = 4.0
 PLATEAU_TOLERANCE = 0.01
 """``plateau_stop``: an improvement of the whole-set BN loss smaller than this fraction of its best is none."""
 
-# Methods that need no BN statistics (nothing to check, no optimisation through the model).
-_NO_BN_METHODS = ("noise", "procedural")
-# ... and those that need none but optimise through the model (activation.py's own loop).
-_NO_BN_TARGETS = (*_NO_BN_METHODS, "actreg")
+# Methods that need no BN statistics: nothing optimised, or activation.py's own loop.
+_NO_BN_TARGETS = ("noise", "procedural", "actreg")
 
 # Settings that do not change the images: a checkpoint stays valid when they change.
 _NON_SEMANTIC = ("checkpoint", "checkpoint_every", "resume", "device", "channels_last", "distributed")
@@ -204,10 +198,6 @@ def generate(
     norm = resolve_normalization(loaded, config)
     if norm.inference is not None:
         _LOG.info("%s", describe(norm))
-    channels, height, width = loaded.input_shape
-    low = torch.from_numpy(norm.low)
-    high = torch.from_numpy(norm.high)
-
     report: dict[str, Any] = {
         "model": loaded.source,
         "method": config.method,
@@ -215,7 +205,7 @@ def generate(
         "seed": config.seed,
         "settings": config.to_dict(),
         "input_name": loaded.input_name,
-        "input_shape": [channels, height, width],
+        "input_shape": list(loaded.input_shape),
         "normalization": norm.to_dict(),
         # What `auto` decided from: usable BN layers per convolution (generation.method).
         "bn_available": len(loaded.usable_bn_nodes),
@@ -227,15 +217,16 @@ def generate(
         if config.method == "actreg":
             images, report["actreg"] = generate_actreg(loaded, config, norm)
             report["final"] = {}
-            report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
-            return GenerationResult(images=images, report=report, rank=shard.rank)
-        return replace(_noise(loaded, config, norm, report, started, load_s), rank=shard.rank)
+        else:
+            images = _noise(loaded, config, norm, report)
+        report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
+        return GenerationResult(images=images, report=report, rank=shard.rank)
 
     try:
         convert_started = time.perf_counter()
         torch_model = to_torch(loaded, device=config.device)
         convert_s = time.perf_counter() - convert_started
-        run = _Run(torch_model, config, low, high, shard)
+        run = _Run(torch_model, config, torch.from_numpy(norm.low), torch.from_numpy(norm.high), shard)
         images, run_report = run.execute(progress=progress and shard.rank == 0, callback=callback,
                                          model_sha256=_model_sha256(loaded))
     finally:
@@ -286,27 +277,26 @@ def _model_sha256(loaded: LoadedModel) -> str:
     return hashlib.sha256(loaded.model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization,
-           report: dict[str, Any], started: float, load_s: float) -> GenerationResult:
-    """The methods that run nothing through the model: Gaussian noise or procedural images."""
+def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization, report: dict[str, Any]) -> np.ndarray:
+    """The methods that run nothing through the model: Gaussian noise or procedural images.
+
+    Adds the clamped fraction and the evaluation (``final``) to ``report``.
+    """
     if config.method == "procedural":
         images = torch.from_numpy(procedural_images(config.images, loaded.input_shape, config.seed, norm.mean, norm.std))
     else:
         images = torch.randn((config.images, *loaded.input_shape), generator=torch.Generator().manual_seed(config.seed))
     lo, hi = torch.from_numpy(norm.low).view(1, -1, 1, 1), torch.from_numpy(norm.high).view(1, -1, 1, 1)
-    clamped = float(((images < lo) | (images > hi)).float().mean())
-    images = torch.maximum(torch.minimum(images, hi), lo)
-    array = images.numpy().astype(np.float32)
-    report["normalization"]["clamped_fraction"] = clamped
-    final: dict[str, Any] = {}
+    report["normalization"]["clamped_fraction"] = float(((images < lo) | (images > hi)).float().mean())
+    array = torch.maximum(torch.minimum(images, hi), lo).numpy().astype(np.float32)
+    report["final"] = {}
     if loaded.usable_bn_nodes:
         try:
-            final = evaluate_images(to_torch(loaded, device=config.device), array, batch_size=config.batch_size)
+            report["final"] = evaluate_images(to_torch(loaded, device=config.device), array,
+                                              batch_size=config.batch_size)
         except ConversionError as exc:
-            final = {"note": f"not evaluated: {exc.message}"}
-    report["final"] = final
-    report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
-    return GenerationResult(images=array, report=report)
+            report["final"] = {"note": f"not evaluated: {exc.message}"}
+    return array
 
 
 # ---------------------------------------------------------------------- the run
@@ -377,30 +367,25 @@ class _Run:
             self.delta = 0.0
         # Each image's noise and view draws are keyed by its global index (prep.py), so
         # they do not depend on the batch order or on the rank that steps the image.
-        self.canvases = {
-            batch: image_noise(config.seed, self._indices(batch), self.prep.canvas_shape).to(self.device).requires_grad_(True)
-            for batch in self.local
-        }
+        self.canvases: dict[int, torch.Tensor] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.schedulers: dict[int, torch.optim.lr_scheduler.ReduceLROnPlateau | None] = {}
+        for batch in self.local:
+            self._start_batch(batch, image_noise(config.seed, self._indices(batch), self.prep.canvas_shape))
         self._project()
-        self.optimizers = {batch: self._optimizer(canvas) for batch, canvas in self.canvases.items()}
-        self.schedulers = {batch: self._scheduler(opt) for batch, opt in self.optimizers.items()}
         # All BN layers' channels as one vector (Eq. 4-5 are sums/maps over channels, so
         # concatenating layers changes nothing): the per-layer SAS and loss arithmetic on
         # small vectors ran ~20 tiny ops per layer per step, forward and backward.
         self.channels = [layer.channels for layer in self.layers]
-        self.flat_targets = (
-            [(torch.cat([t[0] for t in self.targets]), torch.cat([t[1] for t in self.targets]))] if self.layers else []
-        )
+        self.flat_targets = [tuple(torch.cat(part) for part in zip(*self.targets))] if self.layers else []
         # Folded BN layers (fold_bn_taps) expose their output y = a x + c; map the moments back.
-        taps = model.bn_taps or (None,) * len(self.layers)
-        self.taps = taps
-        if any(tap is not None for tap in taps):
-            self.tap_scale = torch.cat([tap[0] if tap is not None else torch.ones(layer.channels, device=self.device)
-                                        for tap, layer in zip(taps, self.layers)])
-            self.tap_shift = torch.cat([tap[1] if tap is not None else torch.zeros(layer.channels, device=self.device)
-                                        for tap, layer in zip(taps, self.layers)])
-        else:
-            self.tap_scale = self.tap_shift = None
+        self.taps = model.bn_taps or (None,) * len(self.layers)
+        self.tap_scale = self.tap_shift = None
+        if any(tap is not None for tap in self.taps):
+            pairs = [tap if tap is not None
+                     else (torch.ones(size, device=self.device), torch.zeros(size, device=self.device))
+                     for tap, size in zip(self.taps, self.channels)]
+            self.tap_scale, self.tap_shift = (torch.cat(part) for part in zip(*pairs))
         self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
         self.history: list[float] = []
         self.initial_bns: float | None = None
@@ -446,9 +431,7 @@ class _Run:
             for batch, canvas in self.canvases.items():
                 lr = float(self.optimizers[batch].param_groups[0]["lr"])
                 fine = torch.nn.functional.interpolate(canvas.detach(), size=shape[1:], mode="bilinear", align_corners=False)
-                self.canvases[batch] = self.prep.clamp(fine).requires_grad_(True)
-                self.optimizers[batch] = self._optimizer(self.canvases[batch], lr)
-                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
+                self._start_batch(batch, self.prep.clamp(fine), lr)
         self._fill_store()
         switched = self._set_bns()
         self._check(switched, f"after upsampling to {self.prep.height}x{self.prep.width}")
@@ -474,27 +457,19 @@ class _Run:
             for canvas in self.canvases.values() if index is None else [self.canvases[index]]:
                 canvas.copy_(self.prep.clamp(canvas))
 
-    def _optimizer(self, canvas: torch.Tensor, lr: float | None = None) -> torch.optim.Optimizer:
-        lr = self.config.lr if lr is None else lr
-        if self.config.optimizer == "radam":
-            return torch.optim.RAdam([canvas], lr=lr)
-        return torch.optim.Adam([canvas], lr=lr)
-
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-        if self.config.scheduler == "none":
-            return None
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.config.factor, patience=self.config.effective_patience,
-            min_lr=self.config.min_lr,
-        )
+    def _start_batch(self, batch: int, canvas: torch.Tensor, lr: float | None = None) -> None:
+        """Optimise ``canvas`` as ``batch``'s images, with a new optimiser (at ``lr``, else the initial rate) and scheduler."""
+        config = self.config
+        canvas = self.canvases[batch] = canvas.to(self.device).requires_grad_(True)
+        optimizer_type = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
+        optimizer = self.optimizers[batch] = optimizer_type([canvas], lr=config.lr if lr is None else lr)
+        self.schedulers[batch] = None if config.scheduler == "none" else torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.factor, patience=config.effective_patience, min_lr=config.min_lr)
 
     # -- state ----------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
-        settings = self.config.to_dict()
-        for key in _NON_SEMANTIC:
-            settings.pop(key, None)
-        return settings
+        return {key: value for key, value in self.config.to_dict().items() if key not in _NON_SEMANTIC}
 
     def _checkpoint_path(self) -> str:
         assert self.config.checkpoint is not None
@@ -526,30 +501,23 @@ class _Run:
                 f"{state.get('world', 1)} processes, this is rank {self.shard.rank} of {self.shard.world}",
                 "resume with as many processes as the interrupted run, or delete the checkpoints",
             )
-        if len(state["canvases"]) != len(self.local):
-            raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
         stage = int(state.get("stage", 0))
-        if not 0 <= stage < len(self.stages):
+        if len(state["canvases"]) != len(self.local) or not 0 <= stage < len(self.stages):
             raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
         if stage != self.stage:  # interrupted after a resolution switch: the canvases of that size
             self.stage = stage
             for batch in self.local:
-                shape = (self.sizes[batch], *self.prep.canvas_shape)
-                self.canvases[batch] = torch.zeros(shape, device=self.device, requires_grad=True)
-                self.optimizers[batch] = self._optimizer(self.canvases[batch])
-                self.schedulers[batch] = self._scheduler(self.optimizers[batch])
+                self._start_batch(batch, torch.zeros((self.sizes[batch], *self.prep.canvas_shape)))
         with torch.no_grad():
             for batch, saved in zip(self.local, state["canvases"]):
                 canvas = self.canvases[batch]
                 if canvas.shape != saved.shape:
                     raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
                 canvas.copy_(saved.to(self.device))
-        for batch, saved in zip(self.local, state["optimizers"]):
-            self.optimizers[batch].load_state_dict(saved)
-        for batch, saved in zip(self.local, state["schedulers"]):
-            sched = self.schedulers[batch]
-            if sched is not None:
-                sched.load_state_dict(saved)
+        for batch, optimizer, scheduler in zip(self.local, state["optimizers"], state["schedulers"]):
+            self.optimizers[batch].load_state_dict(optimizer)
+            if self.schedulers[batch] is not None:
+                self.schedulers[batch].load_state_dict(scheduler)
         stats = state["stats"]
         if self.layers:
             if len(stats["means"]) != len(self.layers):
@@ -621,16 +589,11 @@ class _Run:
         """The detached moments of every batch of the round starting at ``first`` (this rank's: ``moments``)."""
         if not self.layers:
             return {}
-        if self.shard.world == 1:
-            return {first: [(m.detach(), v.detach()) for m, v in moments]} if moments is not None else {}
         width = sum(self.channels)
         mine = torch.cat([moments[0][0].detach(), moments[0][1].detach()]) if moments is not None else \
             torch.zeros(2 * width, device=self.device)
-        result = {}
-        for rank, part in enumerate(self.shard.gather(mine)):
-            if first + rank < len(self.sizes):
-                result[first + rank] = [(part[:width], part[width:])]
-        return result
+        return {first + rank: [(part[:width], part[width:])]
+                for rank, part in enumerate(self.shard.gather(mine)) if first + rank < len(self.sizes)}
 
     def _layer_stats(self) -> dict[str, list[torch.Tensor]]:
         """The stored statistics split per BN layer (the checkpoint format)."""
@@ -698,19 +661,18 @@ class _Run:
     def _step(self, index: int, probe: Any, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> StepInfo:
         """Loss, backward and optimiser step of batch ``index`` from its forward pass (probe, moments)."""
         config = self.config
-        canvas = self.canvases[index]
         optimizer = self.optimizers[index]
         scoped = self.store.global_moments(index, moments) if config.use_sas else moments
         loss = bns_loss(scoped, self.flat_targets) if self.layers else torch.zeros((), device=self.device)
         bns_value = float(loss.detach())
-        flat = torch.cat([t.detach().reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
-        spread = float((flat.max(dim=1).values - flat.min(dim=1).values).mean())
+        low, high = per_image_range([t.detach() for t in probe.stretch])
+        spread = float((high - low).mean())
         if config.use_odsl and config.odsl_lambda > 0:
             last_input = probe.bn_inputs[self.last_bn] if self.last_bn is not None else None
             last_target = self.targets[self.last_bn] if self.last_bn is not None else None
             last_tap = self.taps[self.last_bn] if self.last_bn is not None else None
             per_image = odsl_per_image(probe.stretch, last_input, last_target, self.delta, tap=last_tap)
-            scope = config.images if config.use_sas else canvas.shape[0]
+            scope = config.images if config.use_sas else self.sizes[index]
             loss = loss + config.odsl_lambda * per_image.sum() / scope
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -748,9 +710,6 @@ class _Run:
         else:
             for other, values in shared.items():
                 self.store.store(other, values)
-        if self.shard.world == 1:
-            assert info is not None
-            return [info], interrupted
         row = [info.loss, info.bns_loss, info.output_range, info.lr, 1.0] if info is not None else [0.0] * 5
         rows = self.shard.agree([*row, float(interrupted)])
         infos = [
@@ -767,9 +726,8 @@ class _Run:
 
         n_batches = len(self.sizes)
         rounds = list(self._rounds())
-        total = config.iterations * n_batches
-        done_before = self.position[0] * n_batches + self.position[1]
-        bar = progress_bar(total=total, initial=done_before, enabled=progress, desc="generate", unit="step")
+        bar = progress_bar(total=config.iterations * n_batches, initial=self.position[0] * n_batches + self.position[1],
+                           enabled=progress, desc="generate", unit="step")
         # Two clocks: run_started restarts at each checkpoint (self.elapsed adds up the run
         # over resumes); loop_started times this process's share, the rate's denominator.
         loop_started = run_started = time.perf_counter()
@@ -869,16 +827,11 @@ class _Run:
         result = []
         for first in self._rounds():
             batch = first + self.shard.rank
-            if batch in self.canvases:
-                mine = self.prep.final_unclamped(self.canvases[batch].detach())
-            else:
-                mine = torch.zeros((0, *self.model.loaded.input_shape), device=self.device)
-            if self.shard.world == 1:
-                result.append(mine)
-                continue
             # all_gather needs one shape on every rank: pad to a full batch
             padded = torch.zeros((self.config.batch_size, *self.model.loaded.input_shape), device=self.device)
-            padded[: mine.shape[0]] = mine
+            if batch in self.canvases:
+                mine = self.prep.final_unclamped(self.canvases[batch].detach())
+                padded[: mine.shape[0]] = mine
             for rank, part in enumerate(self.shard.gather(padded)):
                 if first + rank < len(self.sizes):
                     result.append(part[: self.sizes[first + rank]])
@@ -924,12 +877,8 @@ def _stages(schedule: tuple[tuple[float, float], ...] | None, iterations: int, h
 
 def _thin(values: list[float], count: int) -> list[list[float]]:
     """Up to ``count`` (iteration, value) pairs, evenly spread, last included."""
-    if not values:
-        return []
     step = max(1, len(values) // count)
-    picked = list(range(step - 1, len(values), step))
-    if picked[-1] != len(values) - 1:
-        picked.append(len(values) - 1)
+    picked = sorted({*range(step - 1, len(values), step), len(values) - 1}) if values else []
     return [[index + 1, float(values[index])] for index in picked]
 
 
@@ -975,36 +924,29 @@ def evaluate_images(model: TorchModel | LoadedModel, images: np.ndarray, *, batc
     count = images.shape[0]
     store = StatsStore([min(batch_size, count - s) for s in range(0, count, batch_size)],
                        [layer.channels for layer in torch_model.bn_layers], device)
-    spreads: list[torch.Tensor] = []
-    lows: list[float] = []
-    highs: list[float] = []
-    out_lows: list[float] = []
-    out_highs: list[float] = []
+    ranges: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out_ranges: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for index, start in enumerate(range(0, count, batch_size)):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)).to(device)
             probe = torch_model.probe(batch)
             store.store(index, [batch_moments(x) for x in probe.bn_inputs])
-            flat = torch.cat([t.reshape(t.shape[0], -1) for t in probe.stretch], dim=1)
-            spreads.append(flat.max(dim=1).values - flat.min(dim=1).values)
-            lows.append(float(flat.min()))
-            highs.append(float(flat.max()))
-            outs = torch.cat([t.reshape(t.shape[0], -1) for t in probe.outputs], dim=1)
-            out_lows.append(float(outs.min()))
-            out_highs.append(float(outs.max()))
+            ranges.append(per_image_range(probe.stretch))
+            out_ranges.append(per_image_range(probe.outputs))
         targets = [(layer.mean, layer.std) for layer in torch_model.bn_layers]
         moments = store.all_moments()
         per_layer = [float(bns_loss([m], [t])) for m, t in zip(moments, targets)]
-    spread = torch.cat(spreads)
+    lows, highs = (torch.cat(part) for part in zip(*ranges))
+    spread = highs - lows
     result: dict[str, Any] = {
         "images": int(count),
         "bns_loss": float(sum(per_layer)),
         "bns_loss_per_layer": {layer.node_name: value for layer, value in zip(torch_model.bn_layers, per_layer)},
         "output_range": {"mean": float(spread.mean()), "min": float(spread.min()), "max": float(spread.max())},
-        "output_min": min(lows),
-        "output_max": max(highs),
+        "output_min": float(lows.min()),
+        "output_max": float(highs.max()),
     }
     if tuple(torch_model.stretch_names) != tuple(torch_model.output_names):
-        result["graph_output_min"] = min(out_lows)
-        result["graph_output_max"] = max(out_highs)
+        result["graph_output_min"] = min(float(low.min()) for low, _ in out_ranges)
+        result["graph_output_max"] = max(float(high.max()) for _, high in out_ranges)
     return result

@@ -76,8 +76,7 @@ class Shard:
 
     def agree(self, values: list[float]) -> list[list[float]]:
         """Every rank's list of numbers (same length on all), in rank order."""
-        parts = self.gather(torch.tensor(values, dtype=torch.float64))
-        return [part.tolist() for part in parts]
+        return [part.tolist() for part in self.gather(torch.tensor(values, dtype=torch.float64))]
 
 
 SINGLE = Shard()
@@ -96,9 +95,8 @@ def open_shard(device: str) -> Shard:
     if not dist.is_available():
         raise InvalidInputError("--distributed: this torch build has no torch.distributed", "install a standard torch wheel, or drop --distributed")
     if dist.is_initialized():
-        backend = dist.get_backend()
-        shard_device = "cuda" if backend == "nccl" else "cpu"
-        return Shard(rank=dist.get_rank(), world=dist.get_world_size(), device=shard_device)
+        return Shard(rank=dist.get_rank(), world=dist.get_world_size(),
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise InvalidInputError("--distributed needs the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR)", _LAUNCH_HINT)
     if device == "cuda":
@@ -109,12 +107,8 @@ def open_shard(device: str) -> Shard:
                 "start at most one process per GPU (torchrun --nproc_per_node), or use --device cpu",
             )
         torch.cuda.set_device(local_rank)  # "cuda" tensors of this rank go to its own GPU
-        dist.init_process_group("nccl", timeout=_TIMEOUT)
-        shard_device = "cuda"
-    else:
-        dist.init_process_group("gloo", timeout=_TIMEOUT)
-        shard_device = "cpu"
-    shard = Shard(rank=dist.get_rank(), world=dist.get_world_size(), device=shard_device, owned=True)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=_TIMEOUT)
+    shard = Shard(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owned=True)
     _LOG.info("distributed generation: rank %d of %d (%s)", shard.rank, shard.world, dist.get_backend())
     return shard
 

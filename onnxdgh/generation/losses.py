@@ -32,6 +32,7 @@ __all__ = [
     "batch_moments",
     "flat_batch_moments",
     "per_image_moments",
+    "per_image_range",
     "StatsStore",
     "bns_loss",
     "odsl_per_image",
@@ -131,11 +132,6 @@ class StatsStore:
         self.means = [torch.zeros(len(batch_sizes), c, device=device) for c in channels]
         self.vars = [torch.zeros(len(batch_sizes), c, device=device) for c in channels]
 
-    @property
-    def n_batches(self) -> int:
-        """Number of batches the image set is split into."""
-        return int(self.weights.shape[0])
-
     def store(self, batch: int, moments: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember batch ``batch``'s (mean, var) per layer, detached."""
         with torch.no_grad():
@@ -183,6 +179,12 @@ class StatsStore:
             target.copy_(source)
 
 
+def per_image_range(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (min, max) over ``tensors`` flattened and concatenated (Eq. 7's f_out range)."""
+    flat = torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+    return flat.min(dim=1).values, flat.max(dim=1).values
+
+
 def bns_loss(
     moments: Sequence[tuple[torch.Tensor, torch.Tensor]],
     targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -215,9 +217,8 @@ def odsl_per_image(
     them (a model with no usable BN) only the range term remains. ``tap``: see
     :func:`per_image_moments`.
     """
-    flat = torch.cat([t.reshape(t.shape[0], -1) for t in stretch], dim=1)
-    spread = flat.max(dim=1).values - flat.min(dim=1).values
-    loss = -(spread**2)
+    low, high = per_image_range(stretch)
+    loss = -((high - low) ** 2)
     if last_bn_input is not None and target is not None:
         mean_k, std_k = per_image_moments(last_bn_input, tap)
         target_mean, target_std = target

@@ -8,33 +8,24 @@ that method filled in, and :func:`expected_quality` is the one-line quality note
 - a model whose convolutions mostly have usable BN statistics (at least
   :data:`MIXED_BELOW` of them) runs ``dgh`` on the layers that have them;
 - a model where only some do (a partly folded export; at least :data:`PROCEDURAL_BELOW`)
-  runs ``mixed``: half the images by DGH on the BN layers it has, half procedural. On
-  samples/fmnist_resnet8.onnx keeping only its last 3 of 9 BN layers (2,000 test images,
-  W8A8 / W4A8 top-1; float 92.70, real data 92.70 / 92.65): DGH on the 3 layers
-  92.70 / 92.05, procedural 92.70 / 92.50, both sets together 92.75 / 92.70
-  (docs/BENCHMARKS.md ``bn-free``). Three BN layers alone constrain the images too little;
-  the procedural half supplies natural structure, the DGH half the model's own statistics;
-- a model where very few do (below :data:`PROCEDURAL_BELOW`: PP-OCRv4's DBNet detector keeps
-  3 BN layers for 62 convolutions, its recogniser 6 for 38) runs ``procedural``: there the
-  DGH half pulls the activation ranges away from real inputs. W8A8, rapidocr's normalisation,
-  64 images at quantize's default budget: the detector's maps cut at 0.3 agree with float at
-  IoU 0.932 calibrated on the mixed set, 0.931 on its 32 DGH images, 0.950 on its 32
-  procedural ones, 0.951 on 64 procedural images (80 of its 128 activation thresholds were
-  2-16x those of rendered pages with the mixed set; rendered pages 0.953); the recogniser reads
-  95.45 % of the characters as float with the mixed set, 97.05 % with procedural images
-  (rendered lines 94.34 %) (docs/BENCHMARKS.md ``ocr``);
+  runs ``mixed``: half the images by DGH on the BN layers it has, half procedural. A few BN
+  layers alone constrain the images too little; the procedural half supplies natural
+  structure, the DGH half the model's own statistics (samples/fmnist_resnet8.onnx keeping
+  3 of 9 BN layers: W4A8 92.70 mixed, 92.05 DGH, 92.50 procedural; docs/BENCHMARKS.md
+  ``bn-free``);
+- a model where very few do (below :data:`PROCEDURAL_BELOW`: PP-OCRv4's detector keeps 3
+  BN layers for 62 convolutions, its recogniser 6 for 38) runs ``procedural``: there the
+  DGH half drove 80 of the detector's 128 activation thresholds to 2-16x those of rendered
+  pages, and procedural images alone agreed better with float on both models
+  (docs/BENCHMARKS.md ``ocr``);
 - a model with none (BN folded into the convolutions at export, or never trained with BN)
   runs ``procedural``: the data-free natural-image priors of
-  :mod:`onnxdgh.generation.procedural`. It beat every candidate that optimises through the
-  model without BN targets (docs/BENCHMARKS.md ``bn-free``; samples/fmnist_resnet8.onnx BN
-  folded, 2,000 test images, W8A8 / W4A8 top-1, float 92.70, real data 92.90 / 92.50):
-  procedural 92.80 / 92.45; ``dgh --allow-no-bn`` (ODSL + smoothing + crop/flip) 92.60 /
-  92.25; ODSL + entropy/class balance from noise 91.85 / 88.95; activation-range
-  regularisation (``actreg``, :mod:`onnxdgh.generation.activation`) from noise 91.90 /
-  88.75 and from the procedural images 92.50 / 92.15; Gaussian noise 92.45 / 89.50.
-  Optimising from noise without BN targets finds patterns that drive the model but have
-  little of the structure its thresholds must cover; starting from the procedural images
-  and refining them gains nothing measurable, so nothing is optimised by default.
+  :mod:`onnxdgh.generation.procedural`. They beat every candidate that optimises through
+  the model without BN targets (``dgh --allow-no-bn``, ODSL + entropy/class balance,
+  ``actreg`` from noise or from the procedural images, Gaussian noise; docs/BENCHMARKS.md
+  ``bn-free``): optimising from noise without BN targets finds patterns that drive the
+  model but have little of the structure its thresholds must cover, and refining the
+  procedural images gains nothing measurable, so nothing is optimised by default.
 
 ``--allow-no-bn`` with ``auto`` on a model without BN statistics asks for DGH without BN
 terms explicitly, so it is honoured (``dgh``).

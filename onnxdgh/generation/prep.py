@@ -78,8 +78,7 @@ def auto_margin(height: int, width: int) -> int:
 
 def gaussian_kernel(sigma: float, size: int = 3) -> torch.Tensor:
     """A normalised ``size`` x ``size`` Gaussian kernel."""
-    half = (size - 1) / 2.0
-    coords = torch.arange(size, dtype=torch.float32) - half
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
     one_d = torch.exp(-(coords**2) / (2.0 * sigma * sigma))
     kernel = torch.outer(one_d, one_d)
     return kernel / kernel.sum()
@@ -185,8 +184,7 @@ class Preprocessor:
             x = canvas
             if self.enabled:
                 x = self.smooth(x)
-                top = self.margin // 2
-                left = self.margin // 2
+                top = left = self.margin // 2
                 x = x[:, :, top : top + self.height, left : left + self.width]
             return x
 

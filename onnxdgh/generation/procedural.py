@@ -31,13 +31,9 @@ optimisation is in docs/BENCHMARKS.md (``bn-free``, tools/bench_bn_free.py).
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 __all__ = ["KINDS", "procedural_pixels", "procedural_images"]
-
-_LOG = logging.getLogger(__name__)
 
 KINDS = ("pink", "leaves", "objects")
 """The image kinds, drawn in turn (image k is of kind ``KINDS[k % 3]``)."""
@@ -184,10 +180,7 @@ def _box_blur(image: np.ndarray, size: int) -> np.ndarray:
     width = 2 * size - 1
     out = np.pad(image, ((0, 0), (size - 1, size - 1), (size - 1, size - 1)), mode="edge")
     for axis in (1, 2):  # running sums: O(pixels) whatever the width (a 416-px image blurs by ~29)
-        total = np.cumsum(out, axis=axis)
-        zero = np.zeros_like(np.take(total, [0], axis=axis))
-        total = np.concatenate([zero, total], axis=axis)
-        length = total.shape[axis] - width
-        out = (np.take(total, np.arange(width, width + length), axis=axis)
-               - np.take(total, np.arange(0, length), axis=axis)) / width
+        total = np.moveaxis(np.cumsum(out, axis=axis), axis, -1)
+        total = np.concatenate([np.zeros_like(total[..., :1]), total], axis=-1)
+        out = np.moveaxis((total[..., width:] - total[..., :-width]) / width, -1, axis)
     return out
