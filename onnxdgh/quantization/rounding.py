@@ -61,6 +61,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -163,29 +164,24 @@ class RoundingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> InvalidInputError:
-            return InvalidInputError(f"rounding option {field}={getattr(self, field)!r}: {why}", "see RoundingConfig")
-
-        if not 2 <= self.weight_bits <= 8:
-            raise bad("weight_bits", "must be between 2 and 8")
-        if self.iterations < 0:
-            raise bad("iterations", "must be >= 0")
-        if self.batch_size < 1:
-            raise bad("batch_size", "must be >= 1")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise bad("lr", "must be a positive number")
-        if not self.bias_lr > 0 or not math.isfinite(self.bias_lr):
-            raise bad("bias_lr", "must be a positive number")
-        if not self.reg_weight >= 0 or not math.isfinite(self.reg_weight):
-            raise bad("reg_weight", "must be >= 0")
-        if not self.beta_start >= self.beta_end > 0:
-            raise bad("beta_start", "need beta_start >= beta_end > 0")
-        if not 0.0 <= self.warmup < 1.0:
-            raise bad("warmup", "must be in [0, 1)")
-        if self.mode not in ("layer", "block"):
-            raise bad("mode", "must be 'layer' or 'block'")
-        if self.target not in ("activation", "output", "quantized"):
-            raise bad("target", "must be 'activation', 'output' or 'quantized'")
+        finite = math.isfinite
+        checks = (
+            ("weight_bits", 2 <= self.weight_bits <= 8, "must be between 2 and 8"),
+            ("iterations", self.iterations >= 0, "must be >= 0"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("lr", self.lr > 0 and finite(self.lr), "must be a positive number"),
+            ("bias_lr", self.bias_lr > 0 and finite(self.bias_lr), "must be a positive number"),
+            ("reg_weight", self.reg_weight >= 0 and finite(self.reg_weight), "must be >= 0"),
+            ("beta_start", self.beta_start >= self.beta_end > 0, "need beta_start >= beta_end > 0"),
+            ("warmup", 0.0 <= self.warmup < 1.0, "must be in [0, 1)"),
+            ("mode", self.mode in ("layer", "block"), "must be 'layer' or 'block'"),
+            ("target", self.target in ("activation", "output", "quantized"),
+             "must be 'activation', 'output' or 'quantized'"),
+        )
+        for name, ok, why in checks:
+            if not ok:
+                problem = f"rounding option {name}={getattr(self, name)!r}: {why}"
+                raise InvalidInputError(problem, "see RoundingConfig")
 
     @property
     def qmin(self) -> int:
@@ -225,16 +221,13 @@ def _initializer_value(inits: Mapping[str, onnx.TensorProto], name: str) -> np.n
 
 def _dq_scale(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], shape: tuple[int, ...]) -> np.ndarray | None:
     """The scale of a DequantizeLinear of a constant, broadcast to ``shape`` along its ``axis``."""
-    scale = _initializer_value(inits, dq.input[1]) if len(dq.input) > 1 else None
+    scale = _initializer_value(inits, dq.input[1])
     if scale is None:
         return None
-    scale = np.asarray(scale, np.float32)
-    if scale.size == 1:
-        return np.full(shape, float(scale.reshape(-1)[0]), np.float32)
-    axis = int(g.node_attributes(dq).get("axis", 1)) % len(shape)  # type: ignore[call-overload]
     view = [1] * len(shape)
-    view[axis] = -1
-    return np.broadcast_to(scale.reshape(view), shape).astype(np.float32)
+    if scale.size > 1:
+        view[int(g.attribute(dq, "axis", 1)) % len(shape)] = -1  # type: ignore[call-overload]
+    return np.broadcast_to(scale.astype(np.float32).reshape(view), shape).astype(np.float32)
 
 
 def weighted_layers(
@@ -270,11 +263,7 @@ def weighted_layers(
 
     # How many nodes read each integer initializer: a shared weight cannot be optimised
     # for one consumer without hurting the other.
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name in inits:
-                readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in graph.node for name in node.input if name in inits)
 
     layers: list[_Layer] = []
     skipped: list[dict[str, str]] = []
@@ -292,7 +281,7 @@ def weighted_layers(
             skip("weight is not a DequantizeLinear of a constant")
             continue
         weight_int = dq.input[0]
-        if readers.get(weight_int, 0) != 1 or len(consumers.get(dq.output[0], [])) != 1:
+        if readers[weight_int] != 1 or len(consumers.get(dq.output[0], [])) != 1:
             skip(f"weight {weight_int!r} is shared by several nodes")
             continue
         q_weight = np.asarray(g.to_array(inits[weight_int]))
@@ -341,7 +330,7 @@ def weighted_layers(
                 skip("bias is not a DequantizeLinear of a constant")
                 continue
             bias_int = b_dq.input[0]
-            if readers.get(bias_int, 0) != 1 or b_dq.input[1] not in inits:
+            if readers[bias_int] != 1 or b_dq.input[1] not in inits:
                 skip(f"bias {bias_int!r} has no constant scale or is shared")
                 continue
         layers.append(
@@ -485,12 +474,10 @@ def _layer_unit(model: onnx.ModelProto, layer: _Layer, target: Target, float_nam
     inputs = tuple(dict.fromkeys(
         name for member in members for name in member.input if name and name not in produced and name not in constant
     ))
-    if not fused:
-        return _Unit("layer", (layer,), inputs, node.output[0], layer.float_output, None, "output")
-    pre_quant = quants[0].input[0]
-    start = _float_counterpart(model, pre_quant, float_names)
+    start = _float_counterpart(model, quants[0].input[0], float_names) if fused else None
     if start is None:
         return _Unit("layer", (layer,), inputs, node.output[0], layer.float_output, None, "output")
+    pre_quant = quants[0].input[0]
     tail = (start, pre_quant) if start != pre_quant else None
     label = "activation" if pre_quant != node.output[0] else "output"
     dqs = consumers.get(quants[0].output[0], [])
@@ -791,14 +778,6 @@ def _corrected(ints: np.ndarray, scale: np.ndarray, delta: np.ndarray) -> np.nda
 # ------------------------------------------------------------------------ one unit
 
 
-@dataclass
-class _Outcome:
-    """What one unit changes: integer initializers by name and new biases."""
-
-    integers: dict[str, np.ndarray]
-    new_biases: list[NewBias]
-
-
 def _optimise_unit(
     model: onnx.ModelProto,
     unit: _Unit,
@@ -806,8 +785,10 @@ def _optimise_unit(
     targets: _FloatTargets,
     config: RoundingConfig,
     index: int,
-) -> tuple[dict[str, Any], _Outcome]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[NewBias]]:
     """Learn the rounding (and biases) of the unit's layers jointly on its output.
+
+    Returns the report row and what changes: integer initializers by name and new biases.
 
     Raises:
         UnsupportedOpError: the unit holds an op onnx2torch cannot convert.
@@ -898,15 +879,16 @@ def _optimise_unit(
             outcomes.append("corrected")
         row["bias_correction"] = outcomes
     by_bias = {bias_names[label]: label for label in created}
-    result = _Outcome({}, [])
+    integers: dict[str, np.ndarray] = {}
+    new_biases: list[NewBias] = []
     for name in touched:
         ints = sim.constants[name].integers.numpy().astype(np.int64)
         if name in by_bias:
             new = created[by_bias[name]]
-            result.new_biases.append(NewBias(new.node, ints.astype(np.int32), new.scale))
+            new_biases.append(NewBias(new.node, ints.astype(np.int32), new.scale))
         else:
-            result.integers[name] = ints
-    return row, result
+            integers[name] = ints
+    return row, integers, new_biases
 
 
 # ------------------------------------------------------------------------ public API
@@ -953,17 +935,13 @@ def optimize_rounding(
     g.topological_sort(model.graph)
     layers, skipped = weighted_layers(model, float_model, input_shifts)
     float_names = {name for node in float_model.graph.node for name in node.output} | set(g.graph_input_names(float_model.graph))
-    units: list[_Unit] = []
-    for item in _blocks(model, layers, config.mode):
-        if isinstance(item, _Block):
-            units.append(_block_unit(model, item, config.target, float_names))
-        else:
-            units.append(_layer_unit(model, item, config.target, float_names))
-    wanted: list[str] = []
-    for unit in units:
-        wanted += [name for name in [unit.float_name] if name is not None]
-        wanted += [layer.float_output for layer in unit.layers]
-    targets = _FloatTargets(float_model, wanted, images)
+    units = [
+        _block_unit(model, item, config.target, float_names) if isinstance(item, _Block)
+        else _layer_unit(model, item, config.target, float_names)
+        for item in _blocks(model, layers, config.mode)
+    ]
+    wanted = [[unit.float_name] + [layer.float_output for layer in unit.layers] for unit in units]
+    targets = _FloatTargets(float_model, [n for ns in wanted for n in ns if n is not None], images)
     rows: list[dict[str, Any]] = []
     fallbacks: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -977,7 +955,7 @@ def optimize_rounding(
         names = [layer.label for layer in unit.layers]
         bar.set_postfix_str(f"{unit.kind} {names[0][-24:]}")
         try:
-            row, outcome = _optimise_unit(model, unit, images, targets, config, index)
+            row, integers, new_biases = _optimise_unit(model, unit, images, targets, config, index)
         except UnsupportedOpError as exc:
             if unit.kind == "block":
                 _LOG.info("rounding: block %s optimised layer by layer: %s", ",".join(names), exc)
@@ -991,7 +969,7 @@ def optimize_rounding(
             skipped.append({"node": names[0], "op": unit.layers[0].node.op_type, "reason": str(exc)})
             bar.update(1)
             continue
-        model = apply_integers(model, outcome.integers, outcome.new_biases)
+        model = apply_integers(model, integers, new_biases)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         _LOG.info(
             "rounding: %s %s: mse %.4g -> %.4g (%s kept, %.1f%% changed) in %.1fs",
@@ -1047,11 +1025,12 @@ def bias_correction(
     for layer in progress_bar(layers, enabled=progress, desc="bias correction", unit="layer"):
         (y_q,) = _run(model, images, [layer.node.output[0]])
         delta = _channel_delta(targets.get(layer.float_output), y_q, layer.node.op_type)
-        outcome = _apply_delta(model, layer, delta)
-        if outcome[1] is not None:
-            model = outcome[1]
-        rows.append({"node": layer.label, "op": layer.node.op_type, "mean_abs_shift": float(np.mean(np.abs(delta))), "outcome": outcome[0]})
-        _LOG.info("bias correction: %r: mean |shift| %.4g (%s)", layer.label, rows[-1]["mean_abs_shift"], outcome[0])
+        outcome, corrected = _apply_delta(model, layer, delta)
+        model = corrected if corrected is not None else model
+        shift = float(np.mean(np.abs(delta)))
+        rows.append({"node": layer.label, "op": layer.node.op_type, "mean_abs_shift": shift,
+                     "outcome": outcome})
+        _LOG.info("bias correction: %r: mean |shift| %.4g (%s)", layer.label, shift, outcome)
     return model, {"layers": rows, "skipped": skipped, "seconds": round(time.perf_counter() - started, 3)}
 
 
