@@ -26,17 +26,13 @@ Contract:
   report -- never silently changed. A learned rounding that reconstructs worse than
   nearest rounding on the calibration images is discarded.
 
-Units. Every unit is a part of the QDQ graph cut between tensors and run by the one
-fake-quant simulation (:mod:`onnxdgh.quantization.simulate`, onnx2torch plus fake
-quantizers, checked against onnxruntime before its gradients are used).
-``RoundingConfig.mode="layer"`` optimises each weighted node on its own output, through
-the ops fused behind it up to its output quantizer (AdaRound); ``"block"`` cuts the
-graph at quantized tensors that every path crosses (in a ResNet: the residual-stream
-tensors, so a unit is one residual block; in a plain chain: one layer) and learns the
-rounding of all nodes of a block jointly on the block's output, with the block's inner
-activation quantizers active as straight-through fake quantizers (BRECQ, Li et al. 2021,
-without its Fisher weighting). A block holding an op onnx2torch cannot convert falls
-back to its layers.
+Units (docs/ROUNDING.md). ``mode="layer"`` optimises each weighted node on its output
+passed through the ops fused behind it (AdaRound); ``"block"`` cuts the graph at quantized
+tensors that every path crosses (a residual block; in a plain chain one layer) and learns
+a block's rounding jointly, its inner activation quantizers active as straight-through
+fake quantizers (BRECQ, Li et al. 2021, without its Fisher weighting). Every unit runs in
+the one fake-quant simulation (:mod:`onnxdgh.quantization.simulate`); a block holding an
+op onnx2torch cannot convert falls back to its layers.
 
 Why the *current* quantized model: the input of unit u is taken from the QDQ model in
 which units < u already carry their optimised integers and every activation quantizer
@@ -112,12 +108,12 @@ Target = Literal["activation", "output", "quantized"]
 class RoundingConfig:
     """Settings of the rounding optimisation; validated on construction.
 
+    The defaults were chosen on measurements listed in docs/ROUNDING.md.
+
     Attributes:
         weight_bits: bit width of the stored weight integers (signed, ``[-2^(b-1), 2^(b-1)-1]``);
             the quantizer passes its own setting.
-        iterations: optimisation steps per unit (layer or block). fmnist_resnet8 W4A4,
-            layer mode, 512 real images: 200 -> 88.5 %, 500 -> 88.0 %, 1000 -> 88.5 %,
-            2000 -> 88.5 % (top-1; float 91.8 %); 300 costs ~30 s on 2 loaded cores.
+        iterations: optimisation steps per unit (layer or block).
         batch_size: calibration images per step.
         lr: Adam learning rate of the rounding variables V.
         reg_weight: lambda, weight of the rounding regulariser (AdaRound/BRECQ: 0.01).
@@ -129,22 +125,15 @@ class RoundingConfig:
             ``"quantized"`` the activation's output after its output quantizer (round with
             a straight-through gradient), compared with the float activation.
         mode: ``"layer"`` optimises each weighted node on its own output (AdaRound);
-            ``"block"`` (default) optimises the nodes of each block (the graph between two
-            quantized tensors that every path crosses, e.g. a residual block) jointly on
-            the block's output with the inner activation quantizers active (BRECQ). Blocks
-            with an op onnx2torch cannot convert fall back to layers. Measured on fmnist_resnet8
-            with 256 DGH images, 300 iterations, mean of seeds 0-2: W2A4 layer 58.3 %,
-            block 73.1 %; W4A4 layer 88.2 %, block 88.1 % (docs/ROUNDING.md).
+            ``"block"`` the nodes of each block jointly on the block's output (BRECQ).
         bias_correction: after each unit's rounding, shift each layer's int32 bias so its
             per-channel mean output matches the float model (creates a bias for
-            Conv/ConvTranspose/Gemm nodes without one). Off by default: measured on
-            fmnist_resnet8 with DGH images it costs 3 points at W2A4 in layer mode and 15
-            in block mode (it undoes what the rounding compensated) and gains nothing at W4A4.
+            Conv/ConvTranspose/Gemm nodes without one). Off by default: it undoes what
+            the rounding compensated.
         learn_bias: learn each unit's biases (float, then put on their int32 grid) jointly
             with the rounding, in the same reconstruction loss (adds a bias to
-            Conv/ConvTranspose/Gemm nodes without one). On by default: block mode with it,
-            same setting as above: W2A4 73.1 -> 76.2 %, W4A4 88.1 -> 89.1 %.
-        bias_lr: Adam learning rate of those biases (1e-3: W2A4 71.5 %, 1e-2: 77.5 %, seed 0).
+            Conv/ConvTranspose/Gemm nodes without one).
+        bias_lr: Adam learning rate of those biases.
         seed: seeds the batch sampling; same seed, same images -> same integers.
     """
 
@@ -370,25 +359,20 @@ class _Unit:
     target: str
 
 
-@dataclass(frozen=True)
-class _Block:
-    """A run of the QDQ graph between two quantized tensors that every path crosses.
+def _units(model: onnx.ModelProto, layers: list[_Layer], target: Target, mode: str,
+           float_names: set[str]) -> list[_Unit]:
+    """The optimisation units in graph order: blocks (``mode="block"``) and single layers.
 
-    ``input`` and ``output`` are activation DequantizeLinear outputs such that nothing
-    else computed before ``output`` is read after it: in a ResNet that is a residual
-    block (from one Add's quantized output to the next); in a plain chain, one layer.
+    A block runs between two activation DequantizeLinear outputs such that nothing else
+    computed before its output is read after it: in a ResNet a residual block (from one
+    Add's quantized output to the next); in a plain chain, one layer. Its unit ends at its
+    output quantizer's input (``target`` "quantized": at its output) and is compared with
+    the float block output.
     """
-
-    input: str
-    output: str
-    layers: tuple[_Layer, ...]
-
-
-def _blocks(model: onnx.ModelProto, layers: list[_Layer], mode: str) -> list[_Layer | _Block]:
-    """The optimisation units in graph order: blocks (``mode="block"``) and single layers."""
     if mode == "layer":
-        return list(layers)
+        return [_layer_unit(model, layer, target, float_names) for layer in layers]
     graph = model.graph
+    producers = g.producer_map(graph)
     constant = _constant_names(graph)
     data_nodes = [node for node in graph.node if not all(not n or n in constant for n in node.input)]
     last_use: dict[str, int] = {}
@@ -407,16 +391,22 @@ def _blocks(model: onnx.ModelProto, layers: list[_Layer], mode: str) -> list[_La
             cuts.append((index, node.output[0]))
     by_output = {layer.node.output[0]: layer for layer in layers}
     position = {node.output[0]: index for index, node in enumerate(data_nodes)}
-    units: list[tuple[int, _Layer | _Block]] = []
+    units: list[tuple[int, _Unit]] = []
     in_blocks: set[str] = set()
     for (start, first), (end, last) in zip(cuts, cuts[1:]):
         members = tuple(by_output[n.output[0]] for n in data_nodes[start + 1 : end + 1] if n.output[0] in by_output)
         if members and len(members) <= _MAX_BLOCK_LAYERS:
-            units.append((start, _Block(first, last, members)))
+            pre_quant = producers[producers[last].input[0]].input[0]
+            name = _float_counterpart(model, pre_quant, float_names)
+            name = None if name is None else _strip(name)
+            output = last if target == "quantized" else pre_quant
+            label = "quantized" if target == "quantized" else "block output"
+            units.append((start, _Unit("block", members, (first,), output, name, None, label)))
             in_blocks.update(layer.node.output[0] for layer in members)
     for layer in layers:
         if layer.node.output[0] not in in_blocks:
-            units.append((position.get(layer.node.output[0], 0), layer))
+            unit = _layer_unit(model, layer, target, float_names)
+            units.append((position.get(layer.node.output[0], 0), unit))
     units.sort(key=lambda item: item[0])
     return [unit for _, unit in units]
 
@@ -486,17 +476,6 @@ def _layer_unit(model: onnx.ModelProto, layer: _Layer, target: Target, float_nam
     return _Unit("layer", (layer,), inputs, pre_quant, _strip(start), tail, label)
 
 
-def _block_unit(model: onnx.ModelProto, block: _Block, target: Target, float_names: set[str]) -> _Unit:
-    """The unit of a block: from its input to its output quantizer's input (``target``
-    "quantized": to its output), compared with the float block output."""
-    producers = g.producer_map(model.graph)
-    quant = producers[producers[block.output].input[0]]
-    start = _float_counterpart(model, quant.input[0], float_names)
-    compare = block.output if target == "quantized" else quant.input[0]
-    label = "quantized" if target == "quantized" else "block output"
-    return _Unit("block", block.layers, (block.input,), compare, None if start is None else _strip(start), None, label)
-
-
 # ------------------------------------------------------------------------ torch side
 
 
@@ -518,11 +497,9 @@ class _Adam:
     several seconds on this machine for a handful of arithmetic lines.
     """
 
-    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.m = torch.zeros_like(param)
-        self.v = torch.zeros_like(param)
-        self.t = 0
+    def __init__(self, param: torch.Tensor, lr: float) -> None:
+        self.param, self.lr, self.t = param, lr, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -530,12 +507,12 @@ class _Adam:
         if grad is None:
             return
         self.t += 1
-        b1, b2 = self.betas
+        b1, b2 = 0.9, 0.999
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         m_hat = self.m / (1 - b1**self.t)
         v_hat = self.v / (1 - b2**self.t)
-        self.param.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
+        self.param.sub_(self.lr * m_hat / (v_hat.sqrt() + 1e-8))
         self.param.grad = None
 
 
@@ -829,19 +806,14 @@ def _optimise_unit(
     learned = [rounding.learned() for rounding in roundings]
     weight_of = {rounding.layer.label: ints for rounding, ints in zip(roundings, learned)}
     learned_biases = [bias.ints(weight_of[bias.layer.label]) for bias in biases]
-    for rounding, ints in zip(roundings, learned):
-        _load(rounding.constant, ints)
-    for bias, ints in zip(biases, learned_biases):
-        _load(bias.constant, ints)
+    for param, ints in zip([*roundings, *biases], [*learned, *learned_biases]):
+        _load(param.constant, ints)
     mse_learned = _mse(sim, feeds, target)
     # Too few iterations can leave the learned rounding worse than nearest on the very
     # images it was fitted to; then nearest is the honest choice.
     keep = config.iterations > 0 and mse_learned <= mse_nearest
-    if not keep:
-        for rounding in roundings:
-            _load(rounding.constant, rounding.stored)
-        for bias in biases:
-            _load(bias.constant, bias.stored)
+    for param in [] if keep else [*roundings, *biases]:
+        _load(param.constant, param.stored)
     changed = sum(int(np.sum(q != r.stored)) for q, r in zip(learned, roundings))
     total = sum(r.stored.size for r in roundings)
     row: dict[str, Any] = {
@@ -935,11 +907,7 @@ def optimize_rounding(
     g.topological_sort(model.graph)
     layers, skipped = weighted_layers(model, float_model, input_shifts)
     float_names = {name for node in float_model.graph.node for name in node.output} | set(g.graph_input_names(float_model.graph))
-    units = [
-        _block_unit(model, item, config.target, float_names) if isinstance(item, _Block)
-        else _layer_unit(model, item, config.target, float_names)
-        for item in _blocks(model, layers, config.mode)
-    ]
+    units = _units(model, layers, config.target, config.mode, float_names)
     wanted = [[unit.float_name] + [layer.float_output for layer in unit.layers] for unit in units]
     targets = _FloatTargets(float_model, [n for ns in wanted for n in ns if n is not None], images)
     rows: list[dict[str, Any]] = []
