@@ -35,11 +35,9 @@ with ``U_i > M`` keeps ``s_i = 1``. The report counts channels held back by this
 (``limited``). A Clip whose lower bound is neither 0 nor absent is not homogeneous: that
 pair is skipped.
 
-Skipped (reported with the reason): a layer output or an intermediate read by more than
-one node or that is a graph output (scaling it would change the other reader), any other
-op between the layers (Sigmoid, HardSwish, Add, ...: not homogeneous, or the channels
-mix), a weight or bias shared with another node, a second layer that is not a Conv with a
-constant weight.
+Skipped, with the reason in the report (docs/QUANTIZE.md lists them): a tensor between the
+layers with another reader or that is a graph output, any other op between them, a shared
+weight or bias, a second layer that is not a Conv with a constant weight.
 
 Power-of-two scales (``power_of_two=True``): ``s_i`` is rounded to the nearest power of
 two (upwards where the Clip rule sets a lower limit). A power-of-two weight scale per
@@ -51,7 +49,8 @@ tensor between the layers and the columns of a dense ``L2``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,7 +87,7 @@ class EqualizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"pairs": self.pairs, "skipped": self.skipped, "sweeps": self.sweeps, "power_of_two": self.power_of_two}
+        return asdict(self)
 
 
 @dataclass
@@ -97,7 +96,7 @@ class _Pair:
     second: onnx.NodeProto
     via: list[onnx.NodeProto]
     clip_bound: float | None
-    scales: np.ndarray | None = None
+    scales: np.ndarray  # the product of all sweeps' s
     limited: int = 0
 
 
@@ -212,16 +211,13 @@ def _intervals(graph: onnx.GraphProto, input_bounds: Interval | None) -> dict[st
 
 def _find_pairs(view: g.GraphView) -> tuple[list[_Pair], list[dict[str, str]]]:
     inits, outputs, _label = view.initializers, view.output_set, view.label
-    readers: dict[str, int] = {}
-    for node in view.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in view.graph.node for name in node.input)
     pairs: list[_Pair] = []
     skipped: list[dict[str, str]] = []
 
     def own_constant(node: onnx.NodeProto, index: int) -> bool:
         name = node.input[index] if len(node.input) > index else ""
-        return not name or (name in inits and readers.get(name, 0) == 1)
+        return not name or (name in inits and readers[name] == 1)
 
     for first in view.graph.node:
         if first.op_type != "Conv" or len(first.input) < 2 or first.input[1] not in inits:
@@ -268,7 +264,7 @@ def _find_pairs(view: g.GraphView) -> tuple[list[_Pair], list[dict[str, str]]]:
         if w2.shape[1] * group2 != out_ch or w2.shape[0] % group2:
             skipped.append({"node": label, "reason": f"{_label(second)} does not read its {out_ch} channels"})
             continue
-        pairs.append(_Pair(first, second, via, bound))
+        pairs.append(_Pair(first, second, via, bound, np.ones(out_ch)))
     return pairs, skipped
 
 
@@ -335,7 +331,6 @@ def equalize(
             for index in indices:
                 if len(node.input) > index and node.input[index]:
                     arrays.setdefault(node.input[index], g.to_array(inits[node.input[index]]).astype(np.float64))
-        pair.scales = np.ones(arrays[pair.first.input[1]].shape[0])
     # Depthwise -> pointwise pairs first (the paper's motivating case).
     pairs.sort(key=lambda p: 0 if int(g.attribute(p.first, "group", 1)) > 1 else 1)  # type: ignore[call-overload]
     needs_bounds = any(pair.clip_bound is not None for pair in pairs)
@@ -362,14 +357,13 @@ def equalize(
             arrays[w2_name] = columns.reshape(w2.shape)
             if upper is not None and needs_bounds:
                 bounds[pair.first.output[0]] = (bounds[pair.first.output[0]][0] / s, upper / s)
-            pair.scales = pair.scales * s  # type: ignore[operator]
+            pair.scales = pair.scales * s
             moved = max(moved, float(np.max(np.abs(np.log2(s)))))
         if moved < _CONVERGED:
             break
     for name, value in arrays.items():
         g.set_initializer_value(graph, name, value.astype(np.float32))
     for pair in pairs:
-        assert pair.scales is not None
         report.pairs.append({
             "first": view.label(pair.first),
             "second": view.label(pair.second),
