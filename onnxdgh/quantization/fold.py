@@ -105,23 +105,23 @@ class FoldReport:
         }
 
 
-def _replace_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+def _rewrite_constant(
+    graph: onnx.GraphProto, node: onnx.NodeProto, position: int, value: np.ndarray,
+    taken: set[str], readers: dict[str, int],
+) -> None:
+    """Make ``node``'s input ``position`` the constant ``value``; under a fresh name when
+    other nodes read the old one (they keep it)."""
+    name = node.input[position] if position < len(node.input) else ""
+    if not name:
+        name = g.unique_name(taken, f"{node.name or node.output[0]}_bias")
+        g.set_node_input(node, position, name)
+    elif readers.get(name, 0) > 1:
+        readers[name] -= 1
+        name = g.unique_name(taken, f"{name}_{node.name or node.output[0]}")
+        node.input[position] = name
+    readers[name] = 1
     g.remove_initializers(graph, [name])
     g.add_initializer(graph, name, value)
-
-
-def _writable_initializer(
-    graph: onnx.GraphProto, node: onnx.NodeProto, position: int, taken: set[str], readers: dict[str, int]
-) -> str:
-    """Name under which ``node``'s constant input may be rewritten without touching other readers."""
-    name = node.input[position]
-    if readers.get(name, 0) <= 1:
-        return name
-    fresh = g.unique_name(taken, f"{name}_{node.name or node.output[0]}")
-    node.input[position] = fresh
-    readers[name] -= 1
-    readers[fresh] = 1
-    return fresh
 
 
 def _bn_terms(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -178,17 +178,8 @@ def _fold_into(
         new_bias = s * (np.broadcast_to(bias, bias.shape) - mean) + beta if op == "Gemm" else s * (bias.reshape(-1) - mean) + beta
     else:
         new_bias = s * (-mean) + beta
-    weight_name = _writable_initializer(graph, producer, 1, taken, readers)
-    _replace_initializer(graph, weight_name, scaled.astype(np.float32))
-    if len(producer.input) > 2 and producer.input[2]:
-        bias_name = _writable_initializer(graph, producer, 2, taken, readers)
-    else:
-        bias_name = g.unique_name(taken, f"{producer.name or producer.output[0]}_bias")
-        while len(producer.input) < 3:
-            producer.input.append("")
-        producer.input[2] = bias_name
-        readers[bias_name] = 1
-    _replace_initializer(graph, bias_name, np.asarray(new_bias, np.float32))
+    _rewrite_constant(graph, producer, 1, scaled.astype(np.float32), taken, readers)
+    _rewrite_constant(graph, producer, 2, np.asarray(new_bias, np.float32), taken, readers)
     return True
 
 
@@ -273,9 +264,7 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
             and len(view.readers(source)) == 1
         )
         if foldable and producer is not None and _fold_into(graph, producer, s, mean, beta, taken, readers):
-            for index, name in enumerate(producer.output):
-                if name == source:
-                    producer.output[index] = node.output[0]
+            g.rename_output(graph, source, node.output[0])
             report.folded.append(label)
         else:
             _convert_bn(graph, node, label, s, mean, beta, taken)
@@ -367,9 +356,7 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
             s, beta = ones, -vector
         if not _fold_into(graph, producer, s, zeros, beta, taken, readers):
             continue
-        for index, name in enumerate(producer.output):
-            if name == source:
-                producer.output[index] = node.output[0]
+        g.rename_output(graph, source, node.output[0])
         producers[node.output[0]] = producer
         readers[constant] -= 1
         report.affine_folded.append(view.label(node))
@@ -395,15 +382,15 @@ def _normalise_gemm(graph: onnx.GraphProto, taken: set[str], readers: dict[str, 
         alpha, beta = g.attribute(node, "alpha", 1.0), g.attribute(node, "beta", 1.0)
         changed = False
         if alpha != 1.0 and len(node.input) > 1 and node.input[1] in inits:
-            name = _writable_initializer(graph, node, 1, taken, readers)
-            _replace_initializer(graph, name, (g.to_array(inits[node.input[1]]) * alpha).astype(np.float32))
+            scaled = (g.to_array(inits[node.input[1]]) * alpha).astype(np.float32)
+            _rewrite_constant(graph, node, 1, scaled, taken, readers)
             g.set_node_attribute(node, "alpha", 1.0)
             changed = True
         has_c = len(node.input) > 2 and bool(node.input[2])
         if beta != 1.0 and (not has_c or node.input[2] in inits):
             if has_c:
-                name = _writable_initializer(graph, node, 2, taken, readers)
-                _replace_initializer(graph, name, (g.to_array(g.initializer_map(graph)[name]) * beta).astype(np.float32))
+                c = g.to_array(g.initializer_map(graph)[node.input[2]])
+                _rewrite_constant(graph, node, 2, (c * beta).astype(np.float32), taken, readers)
             g.set_node_attribute(node, "beta", 1.0)
             changed = True
         count += int(changed)
