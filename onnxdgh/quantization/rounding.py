@@ -241,14 +241,9 @@ def weighted_layers(
     weight shape.
     """
     graph = qdq_model.graph
-    inits = g.initializer_map(graph)
-    producers = g.producer_map(graph)
-    consumers = g.consumer_map(graph)
-    f_graph = float_model.graph
-    f_inits = g.initializer_map(f_graph)
-    f_by_name = {node.name: node for node in f_graph.node if node.name}
-    f_by_output = g.producer_map(f_graph)
-    graph_outputs = set(g.graph_output_names(graph))
+    view, f_view = g.GraphView(graph), g.GraphView(float_model)
+    inits, producers, consumers = view.initializers, view.producers, view.consumers
+    f_by_name = {node.name: node for node in float_model.graph.node if node.name}
 
     # How many nodes read each integer initializer: a shared weight cannot be optimised
     # for one consumer without hurting the other.
@@ -287,14 +282,12 @@ def weighted_layers(
         # (a graph output Y is written as Y_prequant in the QDQ model).
         f_node = f_by_name.get(node.name) if node.name else None
         if f_node is None:
-            out = node.output[0]
-            if out.endswith("_prequant") and out[: -len("_prequant")] in graph_outputs:
-                out = out[: -len("_prequant")]
-            f_node = f_by_output.get(out)
+            out = _strip(node.output[0])
+            f_node = f_view.producers.get(out if out in view.output_set else node.output[0])
         if f_node is None or f_node.op_type != node.op_type or len(f_node.input) < 2:
             skip("no matching node in the float model")
             continue
-        f_weight = _initializer_value(f_inits, f_node.input[1])
+        f_weight = _initializer_value(f_view.initializers, f_node.input[1])
         if f_weight is None or f_weight.shape != q_weight.shape:
             skip("float model's weight is not a constant of the same shape (pass the BN-folded float model)")
             continue
@@ -644,13 +637,10 @@ def _fit(
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    inputs = g.graph_input_names(model.graph)
-    for value in model.graph.input:
-        if value.name == inputs[0]:
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-                return int(dims[0].dim_value)
-    return None
+    """The fixed batch size of the model's (first) input, None when it is dynamic."""
+    name = g.graph_input_names(model.graph)[0]
+    dims = next(value for value in model.graph.input if value.name == name).type.tensor_type.shape.dim
+    return int(dims[0].dim_value) if dims and dims[0].dim_value > 0 else None
 
 
 def _run(model: onnx.ModelProto, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
