@@ -45,16 +45,14 @@ with ``s`` the step of the threshold chosen on the *shifted* statistics (iterate
 the two agree), so ``c`` and the Pad value are exactly on the grid and the shifted
 minimum is >= 0.
 
-Criterion. An activation is shifted when (a) its producer is HardSwish, LeakyRelu,
-PRelu, Elu, Selu or a gated ``Mul(x, Sigmoid(x))`` / ``Mul(x, HardSigmoid(x))`` and the
-profile fuses that op with a following ``Add`` (the hardware adds ``c`` in its
-activation unit, before the output quantizer; MCT fuses the added node likewise) and
-allows unsigned activations; (b) its observed minimum is negative; (c) every reader
-absorbs the shift as above (Conv/Gemm with constant weights reading it as data input,
-pass-through ops leading to such, residual Adds with a Conv/Gemm partner); and (d) the shifted
-unsigned grid quantizes the calibration histogram with a lower squared error than the
-signed grid, each with its own HPTQ threshold. (d) is the "small against the maximum"
-test in the units that matter: a large negative part makes the shift cost range.
+Criterion (docs/QUANTIZE.md lists each case). An activation is shifted when (a) its
+producer is HardSwish, LeakyRelu, PRelu, Elu, Selu or a gated ``Mul(x, Sigmoid(x))`` /
+``Mul(x, HardSigmoid(x))`` that the profile fuses with a following ``Add`` (the hardware
+adds ``c`` before the output quantizer, as MCT fuses it) and the profile allows unsigned
+activations; (b) its observed minimum is negative; (c) every reader absorbs the shift as
+above; and (d) the shifted unsigned grid quantizes the calibration histogram with a lower
+squared error than the signed grid, each with its own HPTQ threshold (a large negative
+part makes the shift cost range).
 
 Exactness after quantization. :func:`apply_shifts` corrects the bias with the float
 weights; the quantized layer computes with the dequantized weights ``W_q``, so
@@ -502,12 +500,10 @@ def shifted_statistics(stats: Mapping[str, TensorStats], shifts: Sequence[Shift]
 
 
 def _dequantized(item: ParamQuant) -> np.ndarray:
-    values = np.asarray(item.values, np.float64)
-    scale = np.asarray(item.scale, np.float64)
-    if item.axis is None or scale.size == 1:
-        return values * scale.reshape(-1)[0]
+    values, scale = np.asarray(item.values, np.float64), np.asarray(item.scale, np.float64)
     shape = [1] * values.ndim
-    shape[item.axis] = -1
+    if item.axis is not None and scale.size > 1:
+        shape[item.axis] = -1
     return values * scale.reshape(shape)
 
 
