@@ -128,15 +128,10 @@ def _bn_terms(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple
     """``(s, mu, beta)`` of an inference-mode BN with constant parameters, else None."""
     if len(node.input) < 5 or any(name not in inits for name in node.input[1:5]):
         return None
-    if len([name for name in node.output if name]) != 1:
+    if len([name for name in node.output if name]) != 1 or g.attribute(node, "training_mode", 0):
         return None
-    attrs = g.node_attributes(node)
-    if int(attrs.get("training_mode", 0) or 0):  # type: ignore[arg-type]
-        return None
-    epsilon = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
     gamma, beta, mean, var = (g.to_array(inits[name]).astype(np.float64).reshape(-1) for name in node.input[1:5])
-    s = gamma / np.sqrt(var + epsilon)
-    return s, mean, beta
+    return gamma / np.sqrt(var + g.attribute(node, "epsilon", 1e-5)), mean, beta
 
 
 def _fold_into(
@@ -257,13 +252,9 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
         view = g.GraphView(graph)
         source = node.input[0]
         producer = view.producers.get(source)
-        foldable = (
-            producer is not None
-            and producer.op_type in _FOLD_TARGETS
-            and source not in outputs
-            and len(view.readers(source)) == 1
-        )
-        if foldable and producer is not None and _fold_into(graph, producer, s, mean, beta, taken, readers):
+        if (producer is not None and producer.op_type in _FOLD_TARGETS and source not in outputs
+                and len(view.readers(source)) == 1
+                and _fold_into(graph, producer, s, mean, beta, taken, readers)):
             g.rename_output(graph, source, node.output[0])
             report.folded.append(label)
         else:
@@ -325,18 +316,12 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
             continue
         inits = g.initializer_map(graph)
         constant_first = node.input[0] in inits
-        source = node.input[1] if constant_first else node.input[0]
-        constant = node.input[0] if constant_first else node.input[1]
+        first, second = node.input
+        source, constant = (second, first) if constant_first else (first, second)
         producer = producers.get(source)
-        if (
-            constant not in inits
-            or source in inits
-            or producer is None
-            or producer.op_type not in _FOLD_TARGETS
-            or source in outputs
-            or len(view.readers(source)) != 1
-            or len([name for name in node.output if name]) != 1
-        ):
+        if (constant not in inits or source in inits or source in outputs
+                or producer is None or producer.op_type not in _FOLD_TARGETS
+                or len(view.readers(source)) != 1 or len([out for out in node.output if out]) != 1):
             continue
         value = g.to_array(inits[constant])
         layer = _layer_shape(producer, inits)
