@@ -248,15 +248,11 @@ def gptq_rounding(
             continue
         value = g.to_array(inits[item.tensor]).astype(np.float64)
         rows = np.moveaxis(value, item.axis, 0)  # type: ignore[arg-type]
-        shape = rows.shape
-        rows = rows.reshape(shape[0], -1)
-        hessian = moments[item.node]
-        if hessian.shape[0] == 1:
-            per_row = hessian[0]
-        else:  # grouped: output channel o belongs to group o // (O / G)
-            per_row = np.repeat(hessian, shape[0] // hessian.shape[0], axis=0)
-        ints = gptq_integers(rows, item.scale.astype(np.float64), per_row, item.bits, damp=damp)
-        ints = np.moveaxis(ints.reshape(shape), 0, item.axis)  # type: ignore[arg-type]
+        h = moments[item.node]  # one per group: output channel o is in group o // (O / G)
+        per_row = h[0] if len(h) == 1 else np.repeat(h, len(rows) // len(h), axis=0)
+        scale = item.scale.astype(np.float64)
+        ints = gptq_integers(rows.reshape(len(rows), -1), scale, per_row, item.bits, damp=damp)
+        ints = np.moveaxis(ints.reshape(rows.shape), 0, item.axis)  # type: ignore[arg-type]
         changed += int(np.sum(ints != item.values))
         total += int(item.values.size)
         params.append(replace(item, values=ints.astype(item.values.dtype)))
