@@ -345,9 +345,8 @@ def equalize(
             w1_name, w2_name = pair.first.input[1], pair.second.input[1]
             b1_name = pair.first.input[2] if len(pair.first.input) > 2 and pair.first.input[2] else None
             group2 = int(g.attribute(pair.second, "group", 1))  # type: ignore[call-overload]
-            upper = None
-            if pair.clip_bound is not None and pair.first.output[0] in bounds:
-                upper = bounds[pair.first.output[0]][1]
+            mid = pair.first.output[0]
+            upper = bounds[mid][1] if pair.clip_bound is not None and mid in bounds else None
             w1, w2 = arrays[w1_name], arrays[w2_name]
             s, pair.limited = _scales(pair, w1, w2, group2, upper, power_of_two)
             arrays[w1_name] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
@@ -355,8 +354,8 @@ def equalize(
                 arrays[b1_name] = arrays[b1_name] / s.reshape(arrays[b1_name].shape)
             columns = _input_view(w2, group2) * s.reshape(group2, 1, -1, 1)
             arrays[w2_name] = columns.reshape(w2.shape)
-            if upper is not None and needs_bounds:
-                bounds[pair.first.output[0]] = (bounds[pair.first.output[0]][0] / s, upper / s)
+            if upper is not None:
+                bounds[mid] = (bounds[mid][0] / s, upper / s)
             pair.scales = pair.scales * s
             moved = max(moved, float(np.max(np.abs(np.log2(s)))))
         if moved < _CONVERGED:
