@@ -228,17 +228,12 @@ def weighted_layers(
 ) -> tuple[list[_Layer], list[dict[str, str]]]:
     """The weighted nodes of ``qdq_model`` that rounding can work on, in topological order.
 
-    ``max_mismatch``: the share of stored integers that may differ (by 1) from nearest
-    rounding of the float weight before the float model is judged not to match.
-
-    ``input_shifts``: node name -> the shift ``c`` its input carries (shift negative
-    correction: the input is ``x + c``, padded with ``c``, and the stored bias is
-    ``b - c * sum(W)``).
     Returns the layers and, for every weighted node left out, ``{"node", "op", "reason"}``.
     The structure is traced (weight input <- DequantizeLinear <- integer initializer)
-    rather than trusted from names; the weight's axis is the DequantizeLinear's. The float
-    counterpart is found by node name, then by output name, and must have the same op and
-    weight shape.
+    rather than trusted from names. The float counterpart is found by node name, then by
+    output name, and must have the same op and weight shape; at most a ``max_mismatch``
+    share of the stored integers may differ (by 1) from nearest rounding of its weight.
+    ``input_shifts``: node name -> the shift ``c`` its input carries (:func:`optimize_rounding`).
     """
     graph = qdq_model.graph
     view, f_view = g.GraphView(graph), g.GraphView(float_model)
@@ -879,11 +874,9 @@ def optimize_rounding(
             is kept or learned.
 
     Returns:
-        The optimised model and a report: per unit (block or layer) its nodes, the
-        reconstruction MSE with nearest and with learned rounding (on ``images``), the
-        fraction of integers changed, which rounding was kept, the bias correction
-        outcome and the seconds spent; plus skipped layers, blocks that fell back to
-        layers (with the reason) and the total time.
+        The optimised model and a report (its fields: docs/ROUNDING.md): per unit the
+        reconstruction MSE with nearest and with learned rounding, which was kept; the
+        skipped layers and the blocks that fell back to layers, with the reason.
 
     Raises:
         CalibrationDataError: ``images`` is empty or not finite.
