@@ -456,20 +456,19 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
         for label in item.consumers:
             node = node_named(label)
             source = node.input[0]  # shifted, or a pass-through op's output
-            if node.op_type == "Conv":
-                attrs = g.node_attributes(node)
-                conv_pads = [int(v) for v in attrs.get("pads", [])]  # type: ignore[attr-defined]
-                if any(conv_pads):
-                    half = len(conv_pads) // 2
-                    full = [0, 0, *conv_pads[:half], 0, 0, *conv_pads[half:]]
-                    pads_name = g.unique_name(taken, f"{label}_shift_pads")
-                    g.add_initializer(graph, pads_name, np.array(full, np.int64))
-                    padded = g.unique_name(taken, f"{shifted}_padded")
-                    pad_node = g.unique_name(taken, f"{label}_shift_pad")
-                    g.add_node(graph, "Pad", [source, pads_name, value_name], [padded], name=pad_node, mode="constant")
-                    source = padded
-                    g.set_node_attribute(node, "pads", [0] * len(conv_pads))
-                    pads.add(pad_node)
+            padding = [int(v) for v in g.attribute(node, "pads", [])]  # type: ignore[attr-defined]
+            if any(padding):  # a Conv's zero padding becomes a Pad with value c
+                half = len(padding) // 2
+                full = [0, 0, *padding[:half], 0, 0, *padding[half:]]
+                pads_name = g.unique_name(taken, f"{label}_shift_pads")
+                g.add_initializer(graph, pads_name, np.array(full, np.int64))
+                padded = g.unique_name(taken, f"{shifted}_padded")
+                pad_node = g.unique_name(taken, f"{label}_shift_pad")
+                pad_inputs = [source, pads_name, value_name]
+                g.add_node(graph, "Pad", pad_inputs, [padded], name=pad_node, mode="constant")
+                source = padded
+                g.set_node_attribute(node, "pads", [0] * len(padding))
+                pads.add(pad_node)
             weight = g.to_array(inits[node.input[1]]).astype(np.float64)
             delta = item.shift * channel_sums(node, weight)
             # delta runs along the last axis (Conv: the only one; Gemm: N), so a scalar or
