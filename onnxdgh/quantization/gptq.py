@@ -123,11 +123,10 @@ def input_moments(
     with torch.no_grad():
         for start in range(0, images.shape[0], _IMAGES_PER_RUN):
             batch = np.ascontiguousarray(images[start : start + _IMAGES_PER_RUN], np.float32)
-            values = {}
+            values = {input_name: batch}
             if session is not None:
                 outputs = run_batched(session, batch, batch_size=_IMAGES_PER_RUN, outputs=names, fixed_batch=fixed_batch)
-                values = dict(zip(names, outputs))
-            values[input_name] = batch
+                values.update(zip(names, outputs))
             for label, layer in layers.items():
                 x = torch.from_numpy(np.ascontiguousarray(values[layer.input], np.float32))
                 if layer.gemm:

@@ -653,13 +653,11 @@ class _FloatTargets:
 
     def __init__(self, float_model: onnx.ModelProto, names: Sequence[str], images: np.ndarray,
                  budget_bytes: int = 512 * 2**20) -> None:
-        self._model = float_model
+        self._model, self._images, self._budget = float_model, images, budget_bytes
         self._names = list(dict.fromkeys(names))
-        self._images = images
         self._cache: dict[str, np.ndarray] = {}
         probe = _run(float_model, images[:1], self._names) if self._names else []
         self._bytes = {name: value.nbytes * images.shape[0] for name, value in zip(self._names, probe)}
-        self._budget = budget_bytes
 
     def get(self, name: str) -> np.ndarray:
         """The float tensor ``name`` on all images (forgets the ones fetched before)."""
