@@ -325,12 +325,9 @@ def equalize(
     if not pairs:
         return out, report
     inits = g.initializer_map(graph)
-    arrays: dict[str, np.ndarray] = {}
-    for pair in pairs:
-        for node, indices in ((pair.first, (1, 2)), (pair.second, (1,))):
-            for index in indices:
-                if len(node.input) > index and node.input[index]:
-                    arrays.setdefault(node.input[index], g.to_array(inits[node.input[index]]).astype(np.float64))
+    # W1, b1 (if any) and W2 of every pair, as float64 while the sweeps rescale them.
+    names = [name for p in pairs for name in (*p.first.input[1:3], p.second.input[1]) if name]
+    arrays = {name: g.to_array(inits[name]).astype(np.float64) for name in names}
     # Depthwise -> pointwise pairs first (the paper's motivating case).
     pairs.sort(key=lambda p: 0 if int(g.attribute(p.first, "group", 1)) > 1 else 1)  # type: ignore[call-overload]
     needs_bounds = any(pair.clip_bound is not None for pair in pairs)
