@@ -757,14 +757,14 @@ def _optimise_unit(
     feeds_np = _run(model, images, unit.inputs)
     # Nodes without a bias get a zero one in the simulated copy when it may be learned or corrected.
     created: dict[str, NewBias] = {}
-    if config.learn_bias or config.bias_correction:
-        missing = [layer for layer in unit.layers if layer.bias_int is None and spec(layer.node.op_type).bias is not None]
-        if missing:
-            shapes = _run(model, images[:1], [layer.node.output[0] for layer in missing])
-            for layer, out in zip(missing, shapes):
-                new = _new_bias(model, layer, out.shape[output_channel_axis(layer.node.op_type)])
-                if new is not None:
-                    created[layer.label] = new
+    missing = [layer for layer in unit.layers
+               if layer.bias_int is None and spec(layer.node.op_type).bias is not None]
+    if missing and (config.learn_bias or config.bias_correction):
+        shapes = _run(model, images[:1], [layer.node.output[0] for layer in missing])
+        for layer, out in zip(missing, shapes):
+            new = _new_bias(model, layer, out.shape[output_channel_axis(layer.node.op_type)])
+            if new is not None:
+                created[layer.label] = new
     simulated = apply_integers(model, {}, list(created.values())) if created else model
     bias_names = {layer.label: _bias_int(simulated, layer.label) for layer in unit.layers}
     extra = [layer.node.output[0] for layer in unit.layers] if config.bias_correction else []
