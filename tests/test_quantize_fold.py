@@ -92,6 +92,23 @@ def test_gemm_bn_folds_with_alpha_beta(trans_b: int) -> None:
     _same_function(model, folded)
 
 
+def test_gemms_sharing_b_and_c_get_their_own_scaled_copies() -> None:
+    # Rewriting a shared B or C under a fresh name once read the fresh (absent) initializer.
+    nodes = [
+        N("Flatten", ["x"], ["f"], name="flat"),
+        N("Gemm", ["f", "w", "c"], ["g0"], name="gemm0", alpha=0.5, beta=2.0),
+        N("Gemm", ["f", "w", "c"], ["g1"], name="gemm1", alpha=0.5, beta=2.0),
+        N("Add", ["g0", "g1"], ["y"], name="add"),
+    ]
+    w = rng(7).standard_normal((192, 6)).astype(np.float32) * 0.1
+    model = make_model(nodes, {"w": w, "c": np.linspace(-0.5, 0.5, 6).astype(np.float32)})
+    folded, report = prepare(model)
+    assert report.gemm_normalised == 2
+    gemms = [node for node in folded.graph.node if node.op_type == "Gemm"]
+    assert gemms[0].input[1] != gemms[1].input[1] and gemms[0].input[2] != gemms[1].input[2]
+    _same_function(model, folded)
+
+
 def test_bn_with_nothing_to_fold_into_becomes_depthwise_conv() -> None:
     # BN after a residual Add (pre-activation style): no producer to fold into.
     nodes = [

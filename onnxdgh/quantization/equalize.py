@@ -35,11 +35,9 @@ with ``U_i > M`` keeps ``s_i = 1``. The report counts channels held back by this
 (``limited``). A Clip whose lower bound is neither 0 nor absent is not homogeneous: that
 pair is skipped.
 
-Skipped (reported with the reason): a layer output or an intermediate read by more than
-one node or that is a graph output (scaling it would change the other reader), any other
-op between the layers (Sigmoid, HardSwish, Add, ...: not homogeneous, or the channels
-mix), a weight or bias shared with another node, a second layer that is not a Conv with a
-constant weight.
+Skipped, with the reason in the report (docs/QUANTIZE.md lists them): a tensor between the
+layers with another reader or that is a graph output, any other op between them, a shared
+weight or bias, a second layer that is not a Conv with a constant weight.
 
 Power-of-two scales (``power_of_two=True``): ``s_i`` is rounded to the nearest power of
 two (upwards where the Clip rule sets a lower limit). A power-of-two weight scale per
@@ -51,7 +49,8 @@ tensor between the layers and the columns of a dense ``L2``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,7 +87,7 @@ class EqualizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"pairs": self.pairs, "skipped": self.skipped, "sweeps": self.sweeps, "power_of_two": self.power_of_two}
+        return asdict(self)
 
 
 @dataclass
@@ -97,7 +96,7 @@ class _Pair:
     second: onnx.NodeProto
     via: list[onnx.NodeProto]
     clip_bound: float | None
-    scales: np.ndarray | None = None
+    scales: np.ndarray  # the product of all sweeps' s
     limited: int = 0
 
 
@@ -212,16 +211,13 @@ def _intervals(graph: onnx.GraphProto, input_bounds: Interval | None) -> dict[st
 
 def _find_pairs(view: g.GraphView) -> tuple[list[_Pair], list[dict[str, str]]]:
     inits, outputs, _label = view.initializers, view.output_set, view.label
-    readers: dict[str, int] = {}
-    for node in view.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in view.graph.node for name in node.input)
     pairs: list[_Pair] = []
     skipped: list[dict[str, str]] = []
 
     def own_constant(node: onnx.NodeProto, index: int) -> bool:
         name = node.input[index] if len(node.input) > index else ""
-        return not name or (name in inits and readers.get(name, 0) == 1)
+        return not name or (name in inits and readers[name] == 1)
 
     for first in view.graph.node:
         if first.op_type != "Conv" or len(first.input) < 2 or first.input[1] not in inits:
@@ -268,7 +264,7 @@ def _find_pairs(view: g.GraphView) -> tuple[list[_Pair], list[dict[str, str]]]:
         if w2.shape[1] * group2 != out_ch or w2.shape[0] % group2:
             skipped.append({"node": label, "reason": f"{_label(second)} does not read its {out_ch} channels"})
             continue
-        pairs.append(_Pair(first, second, via, bound))
+        pairs.append(_Pair(first, second, via, bound, np.ones(out_ch)))
     return pairs, skipped
 
 
@@ -329,13 +325,9 @@ def equalize(
     if not pairs:
         return out, report
     inits = g.initializer_map(graph)
-    arrays: dict[str, np.ndarray] = {}
-    for pair in pairs:
-        for node, indices in ((pair.first, (1, 2)), (pair.second, (1,))):
-            for index in indices:
-                if len(node.input) > index and node.input[index]:
-                    arrays.setdefault(node.input[index], g.to_array(inits[node.input[index]]).astype(np.float64))
-        pair.scales = np.ones(arrays[pair.first.input[1]].shape[0])
+    # W1, b1 (if any) and W2 of every pair, as float64 while the sweeps rescale them.
+    names = [name for p in pairs for name in (*p.first.input[1:3], p.second.input[1]) if name]
+    arrays = {name: g.to_array(inits[name]).astype(np.float64) for name in names}
     # Depthwise -> pointwise pairs first (the paper's motivating case).
     pairs.sort(key=lambda p: 0 if int(g.attribute(p.first, "group", 1)) > 1 else 1)  # type: ignore[call-overload]
     needs_bounds = any(pair.clip_bound is not None for pair in pairs)
@@ -350,9 +342,8 @@ def equalize(
             w1_name, w2_name = pair.first.input[1], pair.second.input[1]
             b1_name = pair.first.input[2] if len(pair.first.input) > 2 and pair.first.input[2] else None
             group2 = int(g.attribute(pair.second, "group", 1))  # type: ignore[call-overload]
-            upper = None
-            if pair.clip_bound is not None and pair.first.output[0] in bounds:
-                upper = bounds[pair.first.output[0]][1]
+            mid = pair.first.output[0]
+            upper = bounds[mid][1] if pair.clip_bound is not None and mid in bounds else None
             w1, w2 = arrays[w1_name], arrays[w2_name]
             s, pair.limited = _scales(pair, w1, w2, group2, upper, power_of_two)
             arrays[w1_name] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
@@ -360,16 +351,15 @@ def equalize(
                 arrays[b1_name] = arrays[b1_name] / s.reshape(arrays[b1_name].shape)
             columns = _input_view(w2, group2) * s.reshape(group2, 1, -1, 1)
             arrays[w2_name] = columns.reshape(w2.shape)
-            if upper is not None and needs_bounds:
-                bounds[pair.first.output[0]] = (bounds[pair.first.output[0]][0] / s, upper / s)
-            pair.scales = pair.scales * s  # type: ignore[operator]
+            if upper is not None:
+                bounds[mid] = (bounds[mid][0] / s, upper / s)
+            pair.scales = pair.scales * s
             moved = max(moved, float(np.max(np.abs(np.log2(s)))))
         if moved < _CONVERGED:
             break
     for name, value in arrays.items():
         g.set_initializer_value(graph, name, value.astype(np.float32))
     for pair in pairs:
-        assert pair.scales is not None
         report.pairs.append({
             "first": view.label(pair.first),
             "second": view.label(pair.second),

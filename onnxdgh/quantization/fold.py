@@ -105,38 +105,33 @@ class FoldReport:
         }
 
 
-def _replace_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+def _rewrite_constant(
+    graph: onnx.GraphProto, node: onnx.NodeProto, position: int, value: np.ndarray,
+    taken: set[str], readers: dict[str, int],
+) -> None:
+    """Make ``node``'s input ``position`` the constant ``value``; under a fresh name when
+    other nodes read the old one (they keep it)."""
+    name = node.input[position] if position < len(node.input) else ""
+    if not name:
+        name = g.unique_name(taken, f"{node.name or node.output[0]}_bias")
+        g.set_node_input(node, position, name)
+    elif readers.get(name, 0) > 1:
+        readers[name] -= 1
+        name = g.unique_name(taken, f"{name}_{node.name or node.output[0]}")
+        node.input[position] = name
+    readers[name] = 1
     g.remove_initializers(graph, [name])
     g.add_initializer(graph, name, value)
-
-
-def _writable_initializer(
-    graph: onnx.GraphProto, node: onnx.NodeProto, position: int, taken: set[str], readers: dict[str, int]
-) -> str:
-    """Name under which ``node``'s constant input may be rewritten without touching other readers."""
-    name = node.input[position]
-    if readers.get(name, 0) <= 1:
-        return name
-    fresh = g.unique_name(taken, f"{name}_{node.name or node.output[0]}")
-    node.input[position] = fresh
-    readers[name] -= 1
-    readers[fresh] = 1
-    return fresh
 
 
 def _bn_terms(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(s, mu, beta)`` of an inference-mode BN with constant parameters, else None."""
     if len(node.input) < 5 or any(name not in inits for name in node.input[1:5]):
         return None
-    if len([name for name in node.output if name]) != 1:
+    if len([name for name in node.output if name]) != 1 or g.attribute(node, "training_mode", 0):
         return None
-    attrs = g.node_attributes(node)
-    if int(attrs.get("training_mode", 0) or 0):  # type: ignore[arg-type]
-        return None
-    epsilon = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
     gamma, beta, mean, var = (g.to_array(inits[name]).astype(np.float64).reshape(-1) for name in node.input[1:5])
-    s = gamma / np.sqrt(var + epsilon)
-    return s, mean, beta
+    return gamma / np.sqrt(var + g.attribute(node, "epsilon", 1e-5)), mean, beta
 
 
 def _fold_into(
@@ -178,17 +173,8 @@ def _fold_into(
         new_bias = s * (np.broadcast_to(bias, bias.shape) - mean) + beta if op == "Gemm" else s * (bias.reshape(-1) - mean) + beta
     else:
         new_bias = s * (-mean) + beta
-    weight_name = _writable_initializer(graph, producer, 1, taken, readers)
-    _replace_initializer(graph, weight_name, scaled.astype(np.float32))
-    if len(producer.input) > 2 and producer.input[2]:
-        bias_name = _writable_initializer(graph, producer, 2, taken, readers)
-    else:
-        bias_name = g.unique_name(taken, f"{producer.name or producer.output[0]}_bias")
-        while len(producer.input) < 3:
-            producer.input.append("")
-        producer.input[2] = bias_name
-        readers[bias_name] = 1
-    _replace_initializer(graph, bias_name, np.asarray(new_bias, np.float32))
+    _rewrite_constant(graph, producer, 1, scaled.astype(np.float32), taken, readers)
+    _rewrite_constant(graph, producer, 2, np.asarray(new_bias, np.float32), taken, readers)
     return True
 
 
@@ -266,16 +252,10 @@ def fold_batch_norms(model: onnx.ModelProto, report: FoldReport | None = None) -
         view = g.GraphView(graph)
         source = node.input[0]
         producer = view.producers.get(source)
-        foldable = (
-            producer is not None
-            and producer.op_type in _FOLD_TARGETS
-            and source not in outputs
-            and len(view.readers(source)) == 1
-        )
-        if foldable and producer is not None and _fold_into(graph, producer, s, mean, beta, taken, readers):
-            for index, name in enumerate(producer.output):
-                if name == source:
-                    producer.output[index] = node.output[0]
+        if (producer is not None and producer.op_type in _FOLD_TARGETS and source not in outputs
+                and len(view.readers(source)) == 1
+                and _fold_into(graph, producer, s, mean, beta, taken, readers)):
+            g.rename_output(graph, source, node.output[0])
             report.folded.append(label)
         else:
             _convert_bn(graph, node, label, s, mean, beta, taken)
@@ -336,18 +316,12 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
             continue
         inits = g.initializer_map(graph)
         constant_first = node.input[0] in inits
-        source = node.input[1] if constant_first else node.input[0]
-        constant = node.input[0] if constant_first else node.input[1]
+        first, second = node.input
+        source, constant = (second, first) if constant_first else (first, second)
         producer = producers.get(source)
-        if (
-            constant not in inits
-            or source in inits
-            or producer is None
-            or producer.op_type not in _FOLD_TARGETS
-            or source in outputs
-            or len(view.readers(source)) != 1
-            or len([name for name in node.output if name]) != 1
-        ):
+        if (constant not in inits or source in inits or source in outputs
+                or producer is None or producer.op_type not in _FOLD_TARGETS
+                or len(view.readers(source)) != 1 or len([out for out in node.output if out]) != 1):
             continue
         value = g.to_array(inits[constant])
         layer = _layer_shape(producer, inits)
@@ -367,9 +341,7 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
             s, beta = ones, -vector
         if not _fold_into(graph, producer, s, zeros, beta, taken, readers):
             continue
-        for index, name in enumerate(producer.output):
-            if name == source:
-                producer.output[index] = node.output[0]
+        g.rename_output(graph, source, node.output[0])
         producers[node.output[0]] = producer
         readers[constant] -= 1
         report.affine_folded.append(view.label(node))
@@ -395,15 +367,15 @@ def _normalise_gemm(graph: onnx.GraphProto, taken: set[str], readers: dict[str, 
         alpha, beta = g.attribute(node, "alpha", 1.0), g.attribute(node, "beta", 1.0)
         changed = False
         if alpha != 1.0 and len(node.input) > 1 and node.input[1] in inits:
-            name = _writable_initializer(graph, node, 1, taken, readers)
-            _replace_initializer(graph, name, (g.to_array(inits[node.input[1]]) * alpha).astype(np.float32))
+            scaled = (g.to_array(inits[node.input[1]]) * alpha).astype(np.float32)
+            _rewrite_constant(graph, node, 1, scaled, taken, readers)
             g.set_node_attribute(node, "alpha", 1.0)
             changed = True
         has_c = len(node.input) > 2 and bool(node.input[2])
         if beta != 1.0 and (not has_c or node.input[2] in inits):
             if has_c:
-                name = _writable_initializer(graph, node, 2, taken, readers)
-                _replace_initializer(graph, name, (g.to_array(g.initializer_map(graph)[name]) * beta).astype(np.float32))
+                c = g.to_array(g.initializer_map(graph)[node.input[2]])
+                _rewrite_constant(graph, node, 2, (c * beta).astype(np.float32), taken, readers)
             g.set_node_attribute(node, "beta", 1.0)
             changed = True
         count += int(changed)

@@ -68,31 +68,24 @@ class _Layer:
     """A Conv/Gemm node whose weight :func:`gptq_rounding` can re-round."""
 
     def __init__(self, node: onnx.NodeProto, weight: np.ndarray) -> None:
-        attrs = g.node_attributes(node)
-        self.node = node
-        self.input = node.input[0]
-        self.gemm = node.op_type == "Gemm"
-        self.group = 1 if self.gemm else int(attrs.get("group", 1))  # type: ignore[call-overload]
+        self.node, self.input, self.gemm = node, node.input[0], node.op_type == "Gemm"
+        self.group = 1 if self.gemm else g.attribute(node, "group", 1)
         self.kernel = tuple(weight.shape[2:])
-        self.strides = tuple(attrs.get("strides", [1, 1]))  # type: ignore[arg-type]
-        self.dilations = tuple(attrs.get("dilations", [1, 1]))  # type: ignore[arg-type]
-        self.pads = tuple(attrs.get("pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
-        self.columns = int(np.prod(weight.shape[1:])) if not self.gemm else 0
+        self.strides = tuple(g.attribute(node, "strides", [1, 1]))  # type: ignore[arg-type]
+        self.dilations = tuple(g.attribute(node, "dilations", [1, 1]))  # type: ignore[arg-type]
+        self.pads = tuple(g.attribute(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
 
 
 def _supported(node: onnx.NodeProto, weight: np.ndarray) -> str | None:
     """Why ``node`` cannot be treated, or None."""
-    attrs = g.node_attributes(node)
     if node.op_type == "Gemm":
-        if int(attrs.get("transA", 0)) or weight.ndim != 2:  # type: ignore[call-overload]
-            return "Gemm with transposed input"
-        return None
+        transposed = g.attribute(node, "transA", 0) or weight.ndim != 2
+        return "Gemm with transposed input" if transposed else None
     if node.op_type != "Conv":
         return f"{node.op_type} is not re-rounded"
     if weight.ndim != 4:
         return "only 2-D convolutions are re-rounded"
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if (auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)) not in ("NOTSET", "VALID"):
+    if g.attribute(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return "auto_pad SAME_* (pads not explicit)"
     return None
 
@@ -130,11 +123,10 @@ def input_moments(
     with torch.no_grad():
         for start in range(0, images.shape[0], _IMAGES_PER_RUN):
             batch = np.ascontiguousarray(images[start : start + _IMAGES_PER_RUN], np.float32)
-            values = {}
+            values = {input_name: batch}
             if session is not None:
                 outputs = run_batched(session, batch, batch_size=_IMAGES_PER_RUN, outputs=names, fixed_batch=fixed_batch)
-                values = dict(zip(names, outputs))
-            values[input_name] = batch
+                values.update(zip(names, outputs))
             for label, layer in layers.items():
                 x = torch.from_numpy(np.ascontiguousarray(values[layer.input], np.float32))
                 if layer.gemm:
@@ -194,10 +186,7 @@ def gptq_integers(
             err = (w[:, i] - q * step[:, 0]) / upper[:, i, i]
             err = np.where(dead_cols[:, i], 0.0, err)
             errors[:, i - begin] = err
-            if shared:
-                w[:, i + 1 : end] -= err[:, None] * upper[0, i, i + 1 : end][None, :]
-            else:
-                w[:, i + 1 : end] -= err[:, None] * upper[:, i, i + 1 : end]
+            w[:, i + 1 : end] -= err[:, None] * upper[:, i, i + 1 : end]  # a shared H broadcasts
         if end < k:
             if shared:
                 w[:, end:] -= errors @ upper[0, begin:end, end:]
@@ -239,10 +228,9 @@ def gptq_rounding(
             continue
         weight = g.to_array(inits[item.tensor])
         reason = _supported(node, weight) if item.axis is not None else "per-tensor weight"
-        if reason is None and node.op_type == "Gemm":
-            trans_b = int(g.node_attributes(node).get("transB", 0))  # type: ignore[call-overload]
-            if item.axis != (0 if trans_b else 1):
-                reason = "Gemm weight quantized along its input axis"
+        output_axis = 0 if g.attribute(node, "transB", 0) else 1
+        if reason is None and node.op_type == "Gemm" and item.axis != output_axis:
+            reason = "Gemm weight quantized along its input axis"
         if reason is not None:
             skipped.append({"node": item.node, "reason": reason})
             continue
@@ -259,15 +247,11 @@ def gptq_rounding(
             continue
         value = g.to_array(inits[item.tensor]).astype(np.float64)
         rows = np.moveaxis(value, item.axis, 0)  # type: ignore[arg-type]
-        shape = rows.shape
-        rows = rows.reshape(shape[0], -1)
-        hessian = moments[item.node]
-        if hessian.shape[0] == 1:
-            per_row = hessian[0]
-        else:  # grouped: output channel o belongs to group o // (O / G)
-            per_row = np.repeat(hessian, shape[0] // hessian.shape[0], axis=0)
-        ints = gptq_integers(rows, item.scale.astype(np.float64), per_row, item.bits, damp=damp)
-        ints = np.moveaxis(ints.reshape(shape), 0, item.axis)  # type: ignore[arg-type]
+        h = moments[item.node]  # one per group: output channel o is in group o // (O / G)
+        per_row = h[0] if len(h) == 1 else np.repeat(h, len(rows) // len(h), axis=0)
+        scale = item.scale.astype(np.float64)
+        ints = gptq_integers(rows.reshape(len(rows), -1), scale, per_row, item.bits, damp=damp)
+        ints = np.moveaxis(ints.reshape(rows.shape), 0, item.axis)  # type: ignore[arg-type]
         changed += int(np.sum(ints != item.values))
         total += int(item.values.size)
         params.append(replace(item, values=ints.astype(item.values.dtype)))

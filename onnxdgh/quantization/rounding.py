@@ -26,17 +26,13 @@ Contract:
   report -- never silently changed. A learned rounding that reconstructs worse than
   nearest rounding on the calibration images is discarded.
 
-Units. Every unit is a part of the QDQ graph cut between tensors and run by the one
-fake-quant simulation (:mod:`onnxdgh.quantization.simulate`, onnx2torch plus fake
-quantizers, checked against onnxruntime before its gradients are used).
-``RoundingConfig.mode="layer"`` optimises each weighted node on its own output, through
-the ops fused behind it up to its output quantizer (AdaRound); ``"block"`` cuts the
-graph at quantized tensors that every path crosses (in a ResNet: the residual-stream
-tensors, so a unit is one residual block; in a plain chain: one layer) and learns the
-rounding of all nodes of a block jointly on the block's output, with the block's inner
-activation quantizers active as straight-through fake quantizers (BRECQ, Li et al. 2021,
-without its Fisher weighting). A block holding an op onnx2torch cannot convert falls
-back to its layers.
+Units (docs/ROUNDING.md). ``mode="layer"`` optimises each weighted node on its output
+passed through the ops fused behind it (AdaRound); ``"block"`` cuts the graph at quantized
+tensors that every path crosses (a residual block; in a plain chain one layer) and learns
+a block's rounding jointly, its inner activation quantizers active as straight-through
+fake quantizers (BRECQ, Li et al. 2021, without its Fisher weighting). Every unit runs in
+the one fake-quant simulation (:mod:`onnxdgh.quantization.simulate`); a block holding an
+op onnx2torch cannot convert falls back to its layers.
 
 Why the *current* quantized model: the input of unit u is taken from the QDQ model in
 which units < u already carry their optimised integers and every activation quantizer
@@ -61,6 +57,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -111,12 +108,12 @@ Target = Literal["activation", "output", "quantized"]
 class RoundingConfig:
     """Settings of the rounding optimisation; validated on construction.
 
+    The defaults were chosen on measurements listed in docs/ROUNDING.md.
+
     Attributes:
         weight_bits: bit width of the stored weight integers (signed, ``[-2^(b-1), 2^(b-1)-1]``);
             the quantizer passes its own setting.
-        iterations: optimisation steps per unit (layer or block). fmnist_resnet8 W4A4,
-            layer mode, 512 real images: 200 -> 88.5 %, 500 -> 88.0 %, 1000 -> 88.5 %,
-            2000 -> 88.5 % (top-1; float 91.8 %); 300 costs ~30 s on 2 loaded cores.
+        iterations: optimisation steps per unit (layer or block).
         batch_size: calibration images per step.
         lr: Adam learning rate of the rounding variables V.
         reg_weight: lambda, weight of the rounding regulariser (AdaRound/BRECQ: 0.01).
@@ -128,22 +125,15 @@ class RoundingConfig:
             ``"quantized"`` the activation's output after its output quantizer (round with
             a straight-through gradient), compared with the float activation.
         mode: ``"layer"`` optimises each weighted node on its own output (AdaRound);
-            ``"block"`` (default) optimises the nodes of each block (the graph between two
-            quantized tensors that every path crosses, e.g. a residual block) jointly on
-            the block's output with the inner activation quantizers active (BRECQ). Blocks
-            with an op onnx2torch cannot convert fall back to layers. Measured on fmnist_resnet8
-            with 256 DGH images, 300 iterations, mean of seeds 0-2: W2A4 layer 58.3 %,
-            block 73.1 %; W4A4 layer 88.2 %, block 88.1 % (docs/ROUNDING.md).
+            ``"block"`` the nodes of each block jointly on the block's output (BRECQ).
         bias_correction: after each unit's rounding, shift each layer's int32 bias so its
             per-channel mean output matches the float model (creates a bias for
-            Conv/ConvTranspose/Gemm nodes without one). Off by default: measured on
-            fmnist_resnet8 with DGH images it costs 3 points at W2A4 in layer mode and 15
-            in block mode (it undoes what the rounding compensated) and gains nothing at W4A4.
+            Conv/ConvTranspose/Gemm nodes without one). Off by default: it undoes what
+            the rounding compensated.
         learn_bias: learn each unit's biases (float, then put on their int32 grid) jointly
             with the rounding, in the same reconstruction loss (adds a bias to
-            Conv/ConvTranspose/Gemm nodes without one). On by default: block mode with it,
-            same setting as above: W2A4 73.1 -> 76.2 %, W4A4 88.1 -> 89.1 %.
-        bias_lr: Adam learning rate of those biases (1e-3: W2A4 71.5 %, 1e-2: 77.5 %, seed 0).
+            Conv/ConvTranspose/Gemm nodes without one).
+        bias_lr: Adam learning rate of those biases.
         seed: seeds the batch sampling; same seed, same images -> same integers.
     """
 
@@ -163,29 +153,24 @@ class RoundingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> InvalidInputError:
-            return InvalidInputError(f"rounding option {field}={getattr(self, field)!r}: {why}", "see RoundingConfig")
-
-        if not 2 <= self.weight_bits <= 8:
-            raise bad("weight_bits", "must be between 2 and 8")
-        if self.iterations < 0:
-            raise bad("iterations", "must be >= 0")
-        if self.batch_size < 1:
-            raise bad("batch_size", "must be >= 1")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise bad("lr", "must be a positive number")
-        if not self.bias_lr > 0 or not math.isfinite(self.bias_lr):
-            raise bad("bias_lr", "must be a positive number")
-        if not self.reg_weight >= 0 or not math.isfinite(self.reg_weight):
-            raise bad("reg_weight", "must be >= 0")
-        if not self.beta_start >= self.beta_end > 0:
-            raise bad("beta_start", "need beta_start >= beta_end > 0")
-        if not 0.0 <= self.warmup < 1.0:
-            raise bad("warmup", "must be in [0, 1)")
-        if self.mode not in ("layer", "block"):
-            raise bad("mode", "must be 'layer' or 'block'")
-        if self.target not in ("activation", "output", "quantized"):
-            raise bad("target", "must be 'activation', 'output' or 'quantized'")
+        finite = math.isfinite
+        checks = (
+            ("weight_bits", 2 <= self.weight_bits <= 8, "must be between 2 and 8"),
+            ("iterations", self.iterations >= 0, "must be >= 0"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("lr", self.lr > 0 and finite(self.lr), "must be a positive number"),
+            ("bias_lr", self.bias_lr > 0 and finite(self.bias_lr), "must be a positive number"),
+            ("reg_weight", self.reg_weight >= 0 and finite(self.reg_weight), "must be >= 0"),
+            ("beta_start", self.beta_start >= self.beta_end > 0, "need beta_start >= beta_end > 0"),
+            ("warmup", 0.0 <= self.warmup < 1.0, "must be in [0, 1)"),
+            ("mode", self.mode in ("layer", "block"), "must be 'layer' or 'block'"),
+            ("target", self.target in ("activation", "output", "quantized"),
+             "must be 'activation', 'output' or 'quantized'"),
+        )
+        for name, ok, why in checks:
+            if not ok:
+                problem = f"rounding option {name}={getattr(self, name)!r}: {why}"
+                raise InvalidInputError(problem, "see RoundingConfig")
 
     @property
     def qmin(self) -> int:
@@ -225,16 +210,13 @@ def _initializer_value(inits: Mapping[str, onnx.TensorProto], name: str) -> np.n
 
 def _dq_scale(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], shape: tuple[int, ...]) -> np.ndarray | None:
     """The scale of a DequantizeLinear of a constant, broadcast to ``shape`` along its ``axis``."""
-    scale = _initializer_value(inits, dq.input[1]) if len(dq.input) > 1 else None
+    scale = _initializer_value(inits, dq.input[1])
     if scale is None:
         return None
-    scale = np.asarray(scale, np.float32)
-    if scale.size == 1:
-        return np.full(shape, float(scale.reshape(-1)[0]), np.float32)
-    axis = int(g.node_attributes(dq).get("axis", 1)) % len(shape)  # type: ignore[call-overload]
     view = [1] * len(shape)
-    view[axis] = -1
-    return np.broadcast_to(scale.reshape(view), shape).astype(np.float32)
+    if scale.size > 1:
+        view[int(g.attribute(dq, "axis", 1)) % len(shape)] = -1  # type: ignore[call-overload]
+    return np.broadcast_to(scale.astype(np.float32).reshape(view), shape).astype(np.float32)
 
 
 def weighted_layers(
@@ -246,35 +228,21 @@ def weighted_layers(
 ) -> tuple[list[_Layer], list[dict[str, str]]]:
     """The weighted nodes of ``qdq_model`` that rounding can work on, in topological order.
 
-    ``max_mismatch``: the share of stored integers that may differ (by 1) from nearest
-    rounding of the float weight before the float model is judged not to match.
-
-    ``input_shifts``: node name -> the shift ``c`` its input carries (shift negative
-    correction: the input is ``x + c``, padded with ``c``, and the stored bias is
-    ``b - c * sum(W)``).
     Returns the layers and, for every weighted node left out, ``{"node", "op", "reason"}``.
     The structure is traced (weight input <- DequantizeLinear <- integer initializer)
-    rather than trusted from names; the weight's axis is the DequantizeLinear's. The float
-    counterpart is found by node name, then by output name, and must have the same op and
-    weight shape.
+    rather than trusted from names. The float counterpart is found by node name, then by
+    output name, and must have the same op and weight shape; at most a ``max_mismatch``
+    share of the stored integers may differ (by 1) from nearest rounding of its weight.
+    ``input_shifts``: node name -> the shift ``c`` its input carries (:func:`optimize_rounding`).
     """
     graph = qdq_model.graph
-    inits = g.initializer_map(graph)
-    producers = g.producer_map(graph)
-    consumers = g.consumer_map(graph)
-    f_graph = float_model.graph
-    f_inits = g.initializer_map(f_graph)
-    f_by_name = {node.name: node for node in f_graph.node if node.name}
-    f_by_output = g.producer_map(f_graph)
-    graph_outputs = set(g.graph_output_names(graph))
+    view, f_view = g.GraphView(graph), g.GraphView(float_model)
+    inits, producers, consumers = view.initializers, view.producers, view.consumers
+    f_by_name = {node.name: node for node in float_model.graph.node if node.name}
 
     # How many nodes read each integer initializer: a shared weight cannot be optimised
     # for one consumer without hurting the other.
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name in inits:
-                readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in graph.node for name in node.input if name in inits)
 
     layers: list[_Layer] = []
     skipped: list[dict[str, str]] = []
@@ -292,7 +260,7 @@ def weighted_layers(
             skip("weight is not a DequantizeLinear of a constant")
             continue
         weight_int = dq.input[0]
-        if readers.get(weight_int, 0) != 1 or len(consumers.get(dq.output[0], [])) != 1:
+        if readers[weight_int] != 1 or len(consumers.get(dq.output[0], [])) != 1:
             skip(f"weight {weight_int!r} is shared by several nodes")
             continue
         q_weight = np.asarray(g.to_array(inits[weight_int]))
@@ -309,14 +277,12 @@ def weighted_layers(
         # (a graph output Y is written as Y_prequant in the QDQ model).
         f_node = f_by_name.get(node.name) if node.name else None
         if f_node is None:
-            out = node.output[0]
-            if out.endswith("_prequant") and out[: -len("_prequant")] in graph_outputs:
-                out = out[: -len("_prequant")]
-            f_node = f_by_output.get(out)
+            out = _strip(node.output[0])
+            f_node = f_view.producers.get(out if out in view.output_set else node.output[0])
         if f_node is None or f_node.op_type != node.op_type or len(f_node.input) < 2:
             skip("no matching node in the float model")
             continue
-        f_weight = _initializer_value(f_inits, f_node.input[1])
+        f_weight = _initializer_value(f_view.initializers, f_node.input[1])
         if f_weight is None or f_weight.shape != q_weight.shape:
             skip("float model's weight is not a constant of the same shape (pass the BN-folded float model)")
             continue
@@ -341,7 +307,7 @@ def weighted_layers(
                 skip("bias is not a DequantizeLinear of a constant")
                 continue
             bias_int = b_dq.input[0]
-            if readers.get(bias_int, 0) != 1 or b_dq.input[1] not in inits:
+            if readers[bias_int] != 1 or b_dq.input[1] not in inits:
                 skip(f"bias {bias_int!r} has no constant scale or is shared")
                 continue
         layers.append(
@@ -381,25 +347,20 @@ class _Unit:
     target: str
 
 
-@dataclass(frozen=True)
-class _Block:
-    """A run of the QDQ graph between two quantized tensors that every path crosses.
+def _units(model: onnx.ModelProto, layers: list[_Layer], target: Target, mode: str,
+           float_names: set[str]) -> list[_Unit]:
+    """The optimisation units in graph order: blocks (``mode="block"``) and single layers.
 
-    ``input`` and ``output`` are activation DequantizeLinear outputs such that nothing
-    else computed before ``output`` is read after it: in a ResNet that is a residual
-    block (from one Add's quantized output to the next); in a plain chain, one layer.
+    A block runs between two activation DequantizeLinear outputs such that nothing else
+    computed before its output is read after it: in a ResNet a residual block (from one
+    Add's quantized output to the next); in a plain chain, one layer. Its unit ends at its
+    output quantizer's input (``target`` "quantized": at its output) and is compared with
+    the float block output.
     """
-
-    input: str
-    output: str
-    layers: tuple[_Layer, ...]
-
-
-def _blocks(model: onnx.ModelProto, layers: list[_Layer], mode: str) -> list[_Layer | _Block]:
-    """The optimisation units in graph order: blocks (``mode="block"``) and single layers."""
     if mode == "layer":
-        return list(layers)
+        return [_layer_unit(model, layer, target, float_names) for layer in layers]
     graph = model.graph
+    producers = g.producer_map(graph)
     constant = _constant_names(graph)
     data_nodes = [node for node in graph.node if not all(not n or n in constant for n in node.input)]
     last_use: dict[str, int] = {}
@@ -418,16 +379,22 @@ def _blocks(model: onnx.ModelProto, layers: list[_Layer], mode: str) -> list[_La
             cuts.append((index, node.output[0]))
     by_output = {layer.node.output[0]: layer for layer in layers}
     position = {node.output[0]: index for index, node in enumerate(data_nodes)}
-    units: list[tuple[int, _Layer | _Block]] = []
+    units: list[tuple[int, _Unit]] = []
     in_blocks: set[str] = set()
     for (start, first), (end, last) in zip(cuts, cuts[1:]):
         members = tuple(by_output[n.output[0]] for n in data_nodes[start + 1 : end + 1] if n.output[0] in by_output)
         if members and len(members) <= _MAX_BLOCK_LAYERS:
-            units.append((start, _Block(first, last, members)))
+            pre_quant = producers[producers[last].input[0]].input[0]
+            name = _float_counterpart(model, pre_quant, float_names)
+            name = None if name is None else _strip(name)
+            output = last if target == "quantized" else pre_quant
+            label = "quantized" if target == "quantized" else "block output"
+            units.append((start, _Unit("block", members, (first,), output, name, None, label)))
             in_blocks.update(layer.node.output[0] for layer in members)
     for layer in layers:
         if layer.node.output[0] not in in_blocks:
-            units.append((position.get(layer.node.output[0], 0), layer))
+            unit = _layer_unit(model, layer, target, float_names)
+            units.append((position.get(layer.node.output[0], 0), unit))
     units.sort(key=lambda item: item[0])
     return [unit for _, unit in units]
 
@@ -485,29 +452,16 @@ def _layer_unit(model: onnx.ModelProto, layer: _Layer, target: Target, float_nam
     inputs = tuple(dict.fromkeys(
         name for member in members for name in member.input if name and name not in produced and name not in constant
     ))
-    if not fused:
-        return _Unit("layer", (layer,), inputs, node.output[0], layer.float_output, None, "output")
-    pre_quant = quants[0].input[0]
-    start = _float_counterpart(model, pre_quant, float_names)
+    start = _float_counterpart(model, quants[0].input[0], float_names) if fused else None
     if start is None:
         return _Unit("layer", (layer,), inputs, node.output[0], layer.float_output, None, "output")
+    pre_quant = quants[0].input[0]
     tail = (start, pre_quant) if start != pre_quant else None
     label = "activation" if pre_quant != node.output[0] else "output"
     dqs = consumers.get(quants[0].output[0], [])
     if target == "quantized" and dqs and dqs[0].op_type == "DequantizeLinear":
         return _Unit("layer", (layer,), inputs, dqs[0].output[0], _strip(start), tail, "quantized")
     return _Unit("layer", (layer,), inputs, pre_quant, _strip(start), tail, label)
-
-
-def _block_unit(model: onnx.ModelProto, block: _Block, target: Target, float_names: set[str]) -> _Unit:
-    """The unit of a block: from its input to its output quantizer's input (``target``
-    "quantized": to its output), compared with the float block output."""
-    producers = g.producer_map(model.graph)
-    quant = producers[producers[block.output].input[0]]
-    start = _float_counterpart(model, quant.input[0], float_names)
-    compare = block.output if target == "quantized" else quant.input[0]
-    label = "quantized" if target == "quantized" else "block output"
-    return _Unit("block", block.layers, (block.input,), compare, None if start is None else _strip(start), None, label)
 
 
 # ------------------------------------------------------------------------ torch side
@@ -531,11 +485,9 @@ class _Adam:
     several seconds on this machine for a handful of arithmetic lines.
     """
 
-    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.m = torch.zeros_like(param)
-        self.v = torch.zeros_like(param)
-        self.t = 0
+    def __init__(self, param: torch.Tensor, lr: float) -> None:
+        self.param, self.lr, self.t = param, lr, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -543,12 +495,12 @@ class _Adam:
         if grad is None:
             return
         self.t += 1
-        b1, b2 = self.betas
+        b1, b2 = 0.9, 0.999
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         m_hat = self.m / (1 - b1**self.t)
         v_hat = self.v / (1 - b2**self.t)
-        self.param.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
+        self.param.sub_(self.lr * m_hat / (v_hat.sqrt() + 1e-8))
         self.param.grad = None
 
 
@@ -680,13 +632,10 @@ def _fit(
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    inputs = g.graph_input_names(model.graph)
-    for value in model.graph.input:
-        if value.name == inputs[0]:
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-                return int(dims[0].dim_value)
-    return None
+    """The fixed batch size of the model's (first) input, None when it is dynamic."""
+    name = g.graph_input_names(model.graph)[0]
+    dims = next(value for value in model.graph.input if value.name == name).type.tensor_type.shape.dim
+    return int(dims[0].dim_value) if dims and dims[0].dim_value > 0 else None
 
 
 def _run(model: onnx.ModelProto, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
@@ -704,13 +653,11 @@ class _FloatTargets:
 
     def __init__(self, float_model: onnx.ModelProto, names: Sequence[str], images: np.ndarray,
                  budget_bytes: int = 512 * 2**20) -> None:
-        self._model = float_model
+        self._model, self._images, self._budget = float_model, images, budget_bytes
         self._names = list(dict.fromkeys(names))
-        self._images = images
         self._cache: dict[str, np.ndarray] = {}
         probe = _run(float_model, images[:1], self._names) if self._names else []
         self._bytes = {name: value.nbytes * images.shape[0] for name, value in zip(self._names, probe)}
-        self._budget = budget_bytes
 
     def get(self, name: str) -> np.ndarray:
         """The float tensor ``name`` on all images (forgets the ones fetched before)."""
@@ -791,14 +738,6 @@ def _corrected(ints: np.ndarray, scale: np.ndarray, delta: np.ndarray) -> np.nda
 # ------------------------------------------------------------------------ one unit
 
 
-@dataclass
-class _Outcome:
-    """What one unit changes: integer initializers by name and new biases."""
-
-    integers: dict[str, np.ndarray]
-    new_biases: list[NewBias]
-
-
 def _optimise_unit(
     model: onnx.ModelProto,
     unit: _Unit,
@@ -806,8 +745,10 @@ def _optimise_unit(
     targets: _FloatTargets,
     config: RoundingConfig,
     index: int,
-) -> tuple[dict[str, Any], _Outcome]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[NewBias]]:
     """Learn the rounding (and biases) of the unit's layers jointly on its output.
+
+    Returns the report row and what changes: integer initializers by name and new biases.
 
     Raises:
         UnsupportedOpError: the unit holds an op onnx2torch cannot convert.
@@ -816,14 +757,14 @@ def _optimise_unit(
     feeds_np = _run(model, images, unit.inputs)
     # Nodes without a bias get a zero one in the simulated copy when it may be learned or corrected.
     created: dict[str, NewBias] = {}
-    if config.learn_bias or config.bias_correction:
-        missing = [layer for layer in unit.layers if layer.bias_int is None and spec(layer.node.op_type).bias is not None]
-        if missing:
-            shapes = _run(model, images[:1], [layer.node.output[0] for layer in missing])
-            for layer, out in zip(missing, shapes):
-                new = _new_bias(model, layer, out.shape[output_channel_axis(layer.node.op_type)])
-                if new is not None:
-                    created[layer.label] = new
+    missing = [layer for layer in unit.layers
+               if layer.bias_int is None and spec(layer.node.op_type).bias is not None]
+    if missing and (config.learn_bias or config.bias_correction):
+        shapes = _run(model, images[:1], [layer.node.output[0] for layer in missing])
+        for layer, out in zip(missing, shapes):
+            new = _new_bias(model, layer, out.shape[output_channel_axis(layer.node.op_type)])
+            if new is not None:
+                created[layer.label] = new
     simulated = apply_integers(model, {}, list(created.values())) if created else model
     bias_names = {layer.label: _bias_int(simulated, layer.label) for layer in unit.layers}
     extra = [layer.node.output[0] for layer in unit.layers] if config.bias_correction else []
@@ -848,19 +789,14 @@ def _optimise_unit(
     learned = [rounding.learned() for rounding in roundings]
     weight_of = {rounding.layer.label: ints for rounding, ints in zip(roundings, learned)}
     learned_biases = [bias.ints(weight_of[bias.layer.label]) for bias in biases]
-    for rounding, ints in zip(roundings, learned):
-        _load(rounding.constant, ints)
-    for bias, ints in zip(biases, learned_biases):
-        _load(bias.constant, ints)
+    for param, ints in zip([*roundings, *biases], [*learned, *learned_biases]):
+        _load(param.constant, ints)
     mse_learned = _mse(sim, feeds, target)
     # Too few iterations can leave the learned rounding worse than nearest on the very
     # images it was fitted to; then nearest is the honest choice.
     keep = config.iterations > 0 and mse_learned <= mse_nearest
-    if not keep:
-        for rounding in roundings:
-            _load(rounding.constant, rounding.stored)
-        for bias in biases:
-            _load(bias.constant, bias.stored)
+    for param in [] if keep else [*roundings, *biases]:
+        _load(param.constant, param.stored)
     changed = sum(int(np.sum(q != r.stored)) for q, r in zip(learned, roundings))
     total = sum(r.stored.size for r in roundings)
     row: dict[str, Any] = {
@@ -898,15 +834,16 @@ def _optimise_unit(
             outcomes.append("corrected")
         row["bias_correction"] = outcomes
     by_bias = {bias_names[label]: label for label in created}
-    result = _Outcome({}, [])
+    integers: dict[str, np.ndarray] = {}
+    new_biases: list[NewBias] = []
     for name in touched:
         ints = sim.constants[name].integers.numpy().astype(np.int64)
         if name in by_bias:
             new = created[by_bias[name]]
-            result.new_biases.append(NewBias(new.node, ints.astype(np.int32), new.scale))
+            new_biases.append(NewBias(new.node, ints.astype(np.int32), new.scale))
         else:
-            result.integers[name] = ints
-    return row, result
+            integers[name] = ints
+    return row, integers, new_biases
 
 
 # ------------------------------------------------------------------------ public API
@@ -935,11 +872,9 @@ def optimize_rounding(
             is kept or learned.
 
     Returns:
-        The optimised model and a report: per unit (block or layer) its nodes, the
-        reconstruction MSE with nearest and with learned rounding (on ``images``), the
-        fraction of integers changed, which rounding was kept, the bias correction
-        outcome and the seconds spent; plus skipped layers, blocks that fell back to
-        layers (with the reason) and the total time.
+        The optimised model and a report (its fields: docs/ROUNDING.md): per unit the
+        reconstruction MSE with nearest and with learned rounding, which was kept; the
+        skipped layers and the blocks that fell back to layers, with the reason.
 
     Raises:
         CalibrationDataError: ``images`` is empty or not finite.
@@ -953,17 +888,9 @@ def optimize_rounding(
     g.topological_sort(model.graph)
     layers, skipped = weighted_layers(model, float_model, input_shifts)
     float_names = {name for node in float_model.graph.node for name in node.output} | set(g.graph_input_names(float_model.graph))
-    units: list[_Unit] = []
-    for item in _blocks(model, layers, config.mode):
-        if isinstance(item, _Block):
-            units.append(_block_unit(model, item, config.target, float_names))
-        else:
-            units.append(_layer_unit(model, item, config.target, float_names))
-    wanted: list[str] = []
-    for unit in units:
-        wanted += [name for name in [unit.float_name] if name is not None]
-        wanted += [layer.float_output for layer in unit.layers]
-    targets = _FloatTargets(float_model, wanted, images)
+    units = _units(model, layers, config.target, config.mode, float_names)
+    wanted = [[unit.float_name] + [layer.float_output for layer in unit.layers] for unit in units]
+    targets = _FloatTargets(float_model, [n for ns in wanted for n in ns if n is not None], images)
     rows: list[dict[str, Any]] = []
     fallbacks: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -977,7 +904,7 @@ def optimize_rounding(
         names = [layer.label for layer in unit.layers]
         bar.set_postfix_str(f"{unit.kind} {names[0][-24:]}")
         try:
-            row, outcome = _optimise_unit(model, unit, images, targets, config, index)
+            row, integers, new_biases = _optimise_unit(model, unit, images, targets, config, index)
         except UnsupportedOpError as exc:
             if unit.kind == "block":
                 _LOG.info("rounding: block %s optimised layer by layer: %s", ",".join(names), exc)
@@ -991,7 +918,7 @@ def optimize_rounding(
             skipped.append({"node": names[0], "op": unit.layers[0].node.op_type, "reason": str(exc)})
             bar.update(1)
             continue
-        model = apply_integers(model, outcome.integers, outcome.new_biases)
+        model = apply_integers(model, integers, new_biases)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         _LOG.info(
             "rounding: %s %s: mse %.4g -> %.4g (%s kept, %.1f%% changed) in %.1fs",
@@ -1047,11 +974,12 @@ def bias_correction(
     for layer in progress_bar(layers, enabled=progress, desc="bias correction", unit="layer"):
         (y_q,) = _run(model, images, [layer.node.output[0]])
         delta = _channel_delta(targets.get(layer.float_output), y_q, layer.node.op_type)
-        outcome = _apply_delta(model, layer, delta)
-        if outcome[1] is not None:
-            model = outcome[1]
-        rows.append({"node": layer.label, "op": layer.node.op_type, "mean_abs_shift": float(np.mean(np.abs(delta))), "outcome": outcome[0]})
-        _LOG.info("bias correction: %r: mean |shift| %.4g (%s)", layer.label, rows[-1]["mean_abs_shift"], outcome[0])
+        outcome, corrected = _apply_delta(model, layer, delta)
+        model = corrected if corrected is not None else model
+        shift = float(np.mean(np.abs(delta)))
+        rows.append({"node": layer.label, "op": layer.node.op_type, "mean_abs_shift": shift,
+                     "outcome": outcome})
+        _LOG.info("bias correction: %r: mean |shift| %.4g (%s)", layer.label, shift, outcome)
     return model, {"layers": rows, "skipped": skipped, "seconds": round(time.perf_counter() - started, 3)}
 
 

@@ -45,16 +45,14 @@ with ``s`` the step of the threshold chosen on the *shifted* statistics (iterate
 the two agree), so ``c`` and the Pad value are exactly on the grid and the shifted
 minimum is >= 0.
 
-Criterion. An activation is shifted when (a) its producer is HardSwish, LeakyRelu,
-PRelu, Elu, Selu or a gated ``Mul(x, Sigmoid(x))`` / ``Mul(x, HardSigmoid(x))`` and the
-profile fuses that op with a following ``Add`` (the hardware adds ``c`` in its
-activation unit, before the output quantizer; MCT fuses the added node likewise) and
-allows unsigned activations; (b) its observed minimum is negative; (c) every reader
-absorbs the shift as above (Conv/Gemm with constant weights reading it as data input,
-pass-through ops leading to such, residual Adds with a Conv/Gemm partner); and (d) the shifted
-unsigned grid quantizes the calibration histogram with a lower squared error than the
-signed grid, each with its own HPTQ threshold. (d) is the "small against the maximum"
-test in the units that matter: a large negative part makes the shift cost range.
+Criterion (docs/QUANTIZE.md lists each case). An activation is shifted when (a) its
+producer is HardSwish, LeakyRelu, PRelu, Elu, Selu or a gated ``Mul(x, Sigmoid(x))`` /
+``Mul(x, HardSigmoid(x))`` that the profile fuses with a following ``Add`` (the hardware
+adds ``c`` before the output quantizer, as MCT fuses it) and the profile allows unsigned
+activations; (b) its observed minimum is negative; (c) every reader absorbs the shift as
+above; and (d) the shifted unsigned grid quantizes the calibration histogram with a lower
+squared error than the signed grid, each with its own HPTQ threshold (a large negative
+part makes the shift cost range).
 
 Exactness after quantization. :func:`apply_shifts` corrects the bias with the float
 weights; the quantized layer computes with the dequantized weights ``W_q``, so
@@ -458,20 +456,19 @@ def apply_shifts(model: onnx.ModelProto, shifts: Sequence[Shift]) -> tuple[onnx.
         for label in item.consumers:
             node = node_named(label)
             source = node.input[0]  # shifted, or a pass-through op's output
-            if node.op_type == "Conv":
-                attrs = g.node_attributes(node)
-                conv_pads = [int(v) for v in attrs.get("pads", [])]  # type: ignore[attr-defined]
-                if any(conv_pads):
-                    half = len(conv_pads) // 2
-                    full = [0, 0, *conv_pads[:half], 0, 0, *conv_pads[half:]]
-                    pads_name = g.unique_name(taken, f"{label}_shift_pads")
-                    g.add_initializer(graph, pads_name, np.array(full, np.int64))
-                    padded = g.unique_name(taken, f"{shifted}_padded")
-                    pad_node = g.unique_name(taken, f"{label}_shift_pad")
-                    g.add_node(graph, "Pad", [source, pads_name, value_name], [padded], name=pad_node, mode="constant")
-                    source = padded
-                    g.set_node_attribute(node, "pads", [0] * len(conv_pads))
-                    pads.add(pad_node)
+            padding = [int(v) for v in g.attribute(node, "pads", [])]  # type: ignore[attr-defined]
+            if any(padding):  # a Conv's zero padding becomes a Pad with value c
+                half = len(padding) // 2
+                full = [0, 0, *padding[:half], 0, 0, *padding[half:]]
+                pads_name = g.unique_name(taken, f"{label}_shift_pads")
+                g.add_initializer(graph, pads_name, np.array(full, np.int64))
+                padded = g.unique_name(taken, f"{shifted}_padded")
+                pad_node = g.unique_name(taken, f"{label}_shift_pad")
+                pad_inputs = [source, pads_name, value_name]
+                g.add_node(graph, "Pad", pad_inputs, [padded], name=pad_node, mode="constant")
+                source = padded
+                g.set_node_attribute(node, "pads", [0] * len(padding))
+                pads.add(pad_node)
             weight = g.to_array(inits[node.input[1]]).astype(np.float64)
             delta = item.shift * channel_sums(node, weight)
             # delta runs along the last axis (Conv: the only one; Gemm: N), so a scalar or
@@ -502,12 +499,10 @@ def shifted_statistics(stats: Mapping[str, TensorStats], shifts: Sequence[Shift]
 
 
 def _dequantized(item: ParamQuant) -> np.ndarray:
-    values = np.asarray(item.values, np.float64)
-    scale = np.asarray(item.scale, np.float64)
-    if item.axis is None or scale.size == 1:
-        return values * scale.reshape(-1)[0]
+    values, scale = np.asarray(item.values, np.float64), np.asarray(item.scale, np.float64)
     shape = [1] * values.ndim
-    shape[item.axis] = -1
+    if item.axis is not None and scale.size > 1:
+        shape[item.axis] = -1
     return values * scale.reshape(shape)
 
 

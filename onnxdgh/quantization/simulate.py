@@ -36,6 +36,7 @@ import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -179,31 +180,21 @@ def _qdq_parameters(node: object, graph: object) -> tuple[np.ndarray, np.ndarray
     return scale, zero, int(attrs.get("axis", 1)), _INT_RANGES[elem_type]
 
 
-def _mapping(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> object:
-    from onnx2torch.utils.common import OnnxMapping
-
-    return OnnxMapping(inputs=inputs, outputs=outputs)
-
-
-def _convert_quantize(node: object, graph: object) -> object:
-    from onnx2torch.utils.common import OperationConverterResult
+def _convert_qdq(node: Any, graph: Any) -> object:
+    """onnx2torch converter of QuantizeLinear and DequantizeLinear (see the module contract)."""
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
     scale, zero, axis, bounds = _qdq_parameters(node, graph)
-    inputs = node.input_values  # type: ignore[attr-defined]
-    return OperationConverterResult(FakeQuantize(scale, zero, bounds, axis), _mapping((inputs[0],), node.output_values))  # type: ignore[attr-defined]
-
-
-def _convert_dequantize(node: object, graph: object) -> object:
-    from onnx2torch.utils.common import OperationConverterResult
-
-    scale, zero, axis, _ = _qdq_parameters(node, graph)
-    inputs = node.input_values  # type: ignore[attr-defined]
-    outputs = node.output_values  # type: ignore[attr-defined]
-    if inputs[0] in graph.initializers:  # type: ignore[attr-defined]
-        proto = graph.initializers[inputs[0]].proto  # type: ignore[attr-defined]
-        module: nn.Module = QuantizedConstant(inputs[0], g.to_array(proto).astype(np.int64), scale, zero, axis)
-        return OperationConverterResult(module, _mapping((), outputs))
-    return OperationConverterResult(Dequantize(scale, zero, axis), _mapping((inputs[0],), outputs))
+    source, inputs = node.input_values[0], (node.input_values[0],)
+    module: nn.Module
+    if node.operation_type == "QuantizeLinear":
+        module = FakeQuantize(scale, zero, bounds, axis)
+    elif source in graph.initializers:
+        integers = g.to_array(graph.initializers[source].proto).astype(np.int64)
+        module, inputs = QuantizedConstant(source, integers, scale, zero, axis), ()
+    else:
+        module = Dequantize(scale, zero, axis)
+    return OperationConverterResult(module, OnnxMapping(inputs=inputs, outputs=node.output_values))
 
 
 # Newer opsets of ops whose later versions only added element types: onnx2torch's converter
@@ -227,11 +218,11 @@ def _register_converters() -> None:
         except NotImplementedError:
             return True
 
-    for op, converter in (("QuantizeLinear", _convert_quantize), ("DequantizeLinear", _convert_dequantize)):
-        versions = {schema.since_version for schema in defs.get_all_schemas_with_history() if schema.name == op and not schema.domain}
-        for version in sorted(versions):
+    schemas = defs.get_all_schemas_with_history()
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        for version in sorted({s.since_version for s in schemas if s.name == op and not s.domain}):
             if missing(op, version):
-                add_converter(op, version)(converter)
+                add_converter(op, version)(_convert_qdq)
     for op, versions in _TYPE_ONLY_VERSIONS.items():
         for version in versions:
             if missing(op, version):
@@ -281,27 +272,24 @@ def _fold_baked(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
             dq = producers.get(node.input[index]) if index < len(node.input) and node.input[index] else None
             if dq is None or dq.op_type != "DequantizeLinear" or not all(n in inits for n in dq.input if n):
                 continue
-            if dq.output[0] not in folded:
-                folded[dq.output[0]] = dq
-    values = {name: np.zeros(g.to_array(inits[dq.input[0]]).shape, np.float32) for name, dq in folded.items()}
-    g.remove_nodes(model.graph, [dq for dq in folded.values()])
-    for name, value in values.items():
-        g.add_initializer(model.graph, name, value)  # placeholder value: the parametrisation supplies it
+            folded[dq.output[0]] = dq
+    g.remove_nodes(model.graph, folded.values())
+    for name, dq in folded.items():  # placeholder value: the parametrisation supplies it
+        g.add_initializer(model.graph, name, np.zeros(tuple(inits[dq.input[0]].dims), np.float32))
     return folded
 
 
 def _needs_explicit_pads(node: onnx.NodeProto) -> bool:
     """A Conv/ConvTranspose whose padding onnx2torch cannot express (auto_pad SAME_*;
     ConvTranspose with asymmetric pads or an output_shape)."""
-    attrs = g.node_attributes(node)
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    if auto.startswith("SAME"):
-        return node.op_type in ("Conv", "ConvTranspose")
-    if node.op_type != "ConvTranspose":
+    if node.op_type not in _BAKED_INPUTS:
         return False
-    pads = list(attrs.get("pads", []))  # type: ignore[call-overload]
-    return bool(attrs.get("output_shape")) or pads[: len(pads) // 2] != pads[len(pads) // 2 :]
+    if str(g.attribute(node, "auto_pad", "NOTSET")).startswith("SAME"):
+        return True
+    pads = list(g.attribute(node, "pads", []))  # type: ignore[call-overload]
+    asymmetric = pads[: len(pads) // 2] != pads[len(pads) // 2 :]
+    has_shape = bool(g.attribute(node, "output_shape"))
+    return node.op_type == "ConvTranspose" and (has_shape or asymmetric)
 
 
 def _explicit_pads(model: onnx.ModelProto) -> None:
@@ -322,16 +310,14 @@ def _explicit_pads(model: onnx.ModelProto) -> None:
         weight = g.initializer_map(graph).get(node.input[1])
         if not size or not all(size) or weight is None:
             raise NotImplementedError(f"{node.op_type} {node.name!r}: padding of an input of unknown size")
-        attrs = g.node_attributes(node)
         n = len(size)
         kernel = list(weight.dims[2:])
-        strides = list(attrs.get("strides", [1] * n))  # type: ignore[call-overload]
-        dilations = list(attrs.get("dilations", [1] * n))  # type: ignore[call-overload]
-        auto = attrs.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-        pads = list(attrs.get("pads", [0] * 2 * n))  # type: ignore[call-overload]
-        extra = list(attrs.get("output_padding", [0] * n))  # type: ignore[call-overload]
-        wanted = list(attrs.get("output_shape", []))[-n:]  # type: ignore[call-overload]
+        strides = list(g.attribute(node, "strides", [1] * n))  # type: ignore[call-overload]
+        dilations = list(g.attribute(node, "dilations", [1] * n))  # type: ignore[call-overload]
+        pads = list(g.attribute(node, "pads", [0] * 2 * n))  # type: ignore[call-overload]
+        extra = list(g.attribute(node, "output_padding", [0] * n))  # type: ignore[call-overload]
+        wanted = list(g.attribute(node, "output_shape", []))[-n:]  # type: ignore[call-overload]
+        auto = str(g.attribute(node, "auto_pad", "NOTSET"))
         begin, end = pads[:n], pads[n:]
         for i in range(n):
             full = strides[i] * (size[i] - 1) + (kernel[i] - 1) * dilations[i] + 1 + extra[i]
