@@ -167,9 +167,10 @@ class QParams:
         if info:
             return info[0]
         try:
-            return onnx.helper.tensor_dtype_to_string(self.elem_type).replace("TensorProto.", "").lower()
+            name = onnx.helper.tensor_dtype_to_string(self.elem_type)
         except (KeyError, ValueError):
             return f"type {self.elem_type}"
+        return name.replace("TensorProto.", "").lower()
 
 
 class QuantGraph(g.GraphView):
@@ -187,10 +188,10 @@ class QuantGraph(g.GraphView):
         self.elem_types = g.tensor_elem_types(typed.graph)
         self.quantizers: dict[int, QParams] = {}
         # Q first: the types of Q outputs are needed to type DQ inputs.
-        for op_type, read in (("QuantizeLinear", self._read_q), ("DequantizeLinear", self._read_dq)):
-            for node in self.graph.node:
-                if node.op_type == op_type and node.domain in _DEFAULT_DOMAINS:
-                    self.quantizers[id(node)] = read(node)
+        for op_type, read in (("QuantizeLinear", self._read_q),
+                              ("DequantizeLinear", self._read_dq)):
+            self.quantizers.update((id(node), read(node)) for node in self.graph.node
+                                   if node.op_type == op_type and node.domain in _DEFAULT_DOMAINS)
 
     # ------------------------------------------------------------ lookups
 
@@ -204,7 +205,7 @@ class QuantGraph(g.GraphView):
     def q_consumers(self, tensor: str) -> list[QParams]:
         """QuantizeLinear nodes reading ``tensor``."""
         found = (self.quantizers.get(id(node)) for node in self.readers(tensor))
-        return [params for params in found if params is not None and params.op_type == "QuantizeLinear"]
+        return [p for p in found if p is not None and p.op_type == "QuantizeLinear"]
 
     def is_range_clip(self, node: onnx.NodeProto) -> bool:
         """The quantizer's sub-8-bit range restriction: a ``Clip`` that feeds only QuantizeLinear
@@ -236,29 +237,31 @@ class QuantGraph(g.GraphView):
     def weight_bits_summary(self) -> dict[str, int]:
         """How many weight tensors store values needing each bit width (``{"8": 5, "4": 1}``)."""
         return _by_bits(
-            _value_bits(values, params.signed)
-            for params in self.quantizers.values()
-            if params.op_type == "DequantizeLinear" and params.role == "weight" and params.signed is not None
-            and (values := self.constant(params.input)) is not None
+            _value_bits(values, p.signed)
+            for p in self.quantizers.values()
+            if p.op_type == "DequantizeLinear" and p.role == "weight" and p.signed is not None
+            and (values := self.constant(p.input)) is not None
         )
 
     def activation_bits_summary(self) -> dict[str, int]:
         """How many activation quantizers use each effective bit width."""
         return _by_bits(
-            params.bits
-            for params in self.quantizers.values()
-            if params.op_type == "QuantizeLinear" and params.role == "activation" and params.bits is not None
+            p.bits
+            for p in self.quantizers.values()
+            if p.op_type == "QuantizeLinear" and p.role == "activation" and p.bits is not None
         )
 
     # ------------------------------------------------------------ reading Q/DQ
 
     def _read_q(self, node: onnx.NodeProto) -> QParams:
         scale = self.input_constant(node, 1)
-        if len(node.input) > 2 and node.input[2]:
-            elem_type: int | None = self.constant_type(node.input[2]) or self.elem_types.get(node.input[2])
+        zero_point = node.input[2] if len(node.input) > 2 else ""
+        if zero_point:
+            elem_type: int | None = (self.constant_type(zero_point)
+                                     or self.elem_types.get(zero_point))
         else:
             # Without a zero point the output type is output_dtype (opset 21) or uint8.
-            elem_type = int(g.attribute(node, "output_dtype", 0)) or _TP.UINT8  # type: ignore[call-overload]
+            elem_type = int(g.attribute(node, "output_dtype", 0)) or _TP.UINT8  # type: ignore
         _name, bits, signed = integer_type_info(elem_type) or (None, None, None)
         source, clip_name = node.input[0], None
         producer = self.producers.get(source)
@@ -423,24 +426,20 @@ def _check_graph_inputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
         for user in q.readers(name):
             if user.op_type == "QuantizeLinear" or user.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(user):
                 continue
-            yield Violation(
-                "graph-input-not-quantized", q.label(user), name,
-                f"graph input {name!r} is read by {user.op_type} {q.label(user)!r} instead of QuantizeLinear",
-            )
+            yield Violation("graph-input-not-quantized", q.label(user), name,
+                            f"graph input {name!r} is read by {user.op_type} {q.label(user)!r} "
+                            "instead of QuantizeLinear")
 
 
 def _check_graph_outputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     for name in q.outputs:
         producer = q.producers.get(name)
-        if producer is None:
-            yield Violation("graph-output-not-dequantized", None, name,
-                            f"graph output {name!r} is produced by no node (an input or constant), "
-                            "not by DequantizeLinear")
-        elif producer.op_type != "DequantizeLinear":
-            label = q.label(producer)
-            yield Violation("graph-output-not-dequantized", label, name,
-                            f"graph output {name!r} is produced by {producer.op_type} {label!r}, "
-                            "not by DequantizeLinear")
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            continue
+        label = q.label(producer) if producer is not None else None
+        what = f"{producer.op_type} {label!r}" if producer else "no node (an input or constant)"
+        yield Violation("graph-output-not-dequantized", label, name,
+                        f"graph output {name!r} is produced by {what}, not by DequantizeLinear")
 
 
 def _written_out_inside(q: QuantGraph, profile: Profile) -> dict[int, frozenset[str]]:
@@ -458,19 +457,22 @@ def _check_ops(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     written_out = _written_out_inside(q, profile)
     for node in q.graph.node:
         label, output = q.label(node), (node.output[0] if node.output else None)
-        if node.op_type == "BatchNormalization":
-            yield Violation("batchnorm-left", label, node.output[0],
-                            f"BatchNormalization {label!r} is still in the graph; fold it into the "
-                            "preceding Conv/Gemm")
-        elif node.domain not in _DEFAULT_DOMAINS:
-            yield Violation("op-not-allowed", label, output,
-                            f"{node.domain}.{node.op_type} {label!r} is a custom-domain op; profile "
-                            f"{profile.name} accepts standard ONNX ops only")
         # The range Clip before a QuantizeLinear is part of the quantizer (a narrower grid),
         # not a compute op the target must run.
-        elif not (profile.allows_op(node.op_type) or q.is_range_clip(node) or id(node) in written_out):
+        allowed = (profile.allows_op(node.op_type) or q.is_range_clip(node)
+                   or id(node) in written_out)
+        if node.op_type == "BatchNormalization":
+            yield Violation("batchnorm-left", label, node.output[0],
+                            f"BatchNormalization {label!r} is still in the graph; "
+                            "fold it into the preceding Conv/Gemm")
+        elif node.domain not in _DEFAULT_DOMAINS:
             yield Violation("op-not-allowed", label, output,
-                            f"{node.op_type} {label!r} is not in the allowed ops of profile {profile.name}")
+                            f"{node.domain}.{node.op_type} {label!r} is a custom-domain op; "
+                            f"profile {profile.name} accepts standard ONNX ops only")
+        elif not allowed:
+            yield Violation("op-not-allowed", label, output,
+                            f"{node.op_type} {label!r} is not in the allowed ops of profile "
+                            f"{profile.name}")
 
 
 def _check_float_inputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
@@ -479,38 +481,44 @@ def _check_float_inputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
         # A range Clip feeding only QuantizeLinear is part of the quantizer (a narrower grid).
         if node.op_type in _QDQ or node.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(node):
             continue
-        label = q.label(node)
         for name in _data_inputs(node):
-            if name in written_out.get(id(node), ()):
-                continue  # inside one op written out as several nodes, which the profile allows
-            producer = q.producers.get(name)
-            if producer is not None and producer.op_type == "DequantizeLinear":
-                continue
-            if producer is not None and producer.op_type == "QuantizeLinear":
-                yield Violation("float-input-not-dequantized", label, name,
-                                f"{node.op_type} {label!r} reads the integers {name!r} of QuantizeLinear "
-                                f"{q.label(producer)!r} directly; a QDQ graph feeds compute ops through "
-                                "DequantizeLinear")
-            elif q.elem_types.get(name, _TP.FLOAT) not in _FLOAT_TYPES:
-                continue  # integer indices, booleans: not quantized values
-            elif producer is None:
-                what = "graph input" if name in q.inputs else "float constant"
-                yield Violation("float-input-not-dequantized", label, name,
-                                f"{node.op_type} {label!r} reads {what} {name!r} in float, not through "
-                                "DequantizeLinear")
-            elif not profile.is_fused(producer.op_type, node.op_type):
-                if not _gated_mul_input(q, producer, node, name, profile):
-                    yield Violation("float-input-not-dequantized", label, name,
-                                    f"{node.op_type} {label!r} reads {name!r} from {producer.op_type} "
-                                    f"{q.label(producer)!r} without Q/DQ, and {producer.op_type}->"
-                                    f"{node.op_type} is no fused pattern of {profile.name}")
-            elif spec(producer.op_type).gate and node.op_type == "Mul" and not is_gate_partner(producer, node):
-                yield Violation("float-input-not-dequantized", label, name,
-                                f"Mul {label!r} reads {producer.op_type} {q.label(producer)!r} without Q/DQ, "
-                                f"but {producer.op_type}->Mul is fused only as a gated activation "
-                                f"Mul(x, {producer.op_type}(x))")
-            else:
-                yield from _fused_branch(q, producer, node, name, profile)
+            # inside one op written out as several nodes, which the profile allows
+            if name not in written_out.get(id(node), ()):
+                yield from _check_float_input(q, profile, node, name)
+
+
+def _check_float_input(
+    q: QuantGraph, profile: Profile, node: onnx.NodeProto, name: str
+) -> Iterator[Violation]:
+    producer = q.producers.get(name)
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return
+    label, op = q.label(node), node.op_type
+    if producer is not None and producer.op_type == "QuantizeLinear":
+        yield Violation("float-input-not-dequantized", label, name,
+                        f"{op} {label!r} reads the integers {name!r} of QuantizeLinear "
+                        f"{q.label(producer)!r} directly; a QDQ graph feeds compute ops through "
+                        "DequantizeLinear")
+    elif q.elem_types.get(name, _TP.FLOAT) not in _FLOAT_TYPES:
+        return  # integer indices, booleans: not quantized values
+    elif producer is None:
+        what = "graph input" if name in q.inputs else "float constant"
+        yield Violation("float-input-not-dequantized", label, name,
+                        f"{op} {label!r} reads {what} {name!r} in float, "
+                        "not through DequantizeLinear")
+    elif not profile.is_fused(producer.op_type, op):
+        if not _gated_mul_input(q, producer, node, name, profile):
+            yield Violation("float-input-not-dequantized", label, name,
+                            f"{op} {label!r} reads {name!r} from {producer.op_type} "
+                            f"{q.label(producer)!r} without Q/DQ, and {producer.op_type}->{op} "
+                            f"is no fused pattern of {profile.name}")
+    elif spec(producer.op_type).gate and op == "Mul" and not is_gate_partner(producer, node):
+        yield Violation("float-input-not-dequantized", label, name,
+                        f"Mul {label!r} reads {producer.op_type} {q.label(producer)!r} without "
+                        f"Q/DQ, but {producer.op_type}->Mul is fused only as a gated activation "
+                        f"Mul(x, {producer.op_type}(x))")
+    else:
+        yield from _fused_branch(q, producer, node, name, profile)
 
 
 def _gated_pair(q: QuantGraph, tensor: str, profile: Profile) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
@@ -538,11 +546,10 @@ def _fused_branch(
     if tensor in q.output_set:
         readers.append("the graph output")
     if readers:
-        yield Violation(
-            "fused-pattern-branch", q.label(producer), tensor,
-            f"{tensor!r} is inside the fused {producer.op_type}->{node.op_type} ({q.label(producer)!r} -> "
-            f"{q.label(node)!r}) but is also read by {', '.join(readers)}; fused hardware never exposes it",
-        )
+        yield Violation("fused-pattern-branch", q.label(producer), tensor,
+                        f"{tensor!r} is inside the fused {producer.op_type}->{node.op_type} "
+                        f"({q.label(producer)!r} -> {q.label(node)!r}) but is also read by "
+                        f"{', '.join(readers)}; fused hardware never exposes it")
 
 
 def _check_qdq_params(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
@@ -554,17 +561,20 @@ def _check_qdq_params(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
         # Scale and zero point: every Q and DQ.
         if params.scale is None:
             yield Violation("scale-not-power-of-two", name, tensor,
-                            f"{what} takes its scale from a computed tensor; the target needs a constant")
+                            f"{what} takes its scale from a computed tensor; "
+                            "the target needs a constant")
         elif profile.power_of_two_scales and not _is_power_of_two(params.scale):
             yield Violation("scale-not-power-of-two", name, tensor,
-                            f"{what} on {tensor!r} has scale {_fmt(params.scale)}, not an exact power of two")
+                            f"{what} on {tensor!r} has scale {_fmt(params.scale)}, "
+                            "not an exact power of two")
         if profile.zero_point_zero and len(node.input) > 2 and node.input[2]:
             if params.zero_point is None:
                 yield Violation("zero-point-not-zero", name, tensor,
                                 f"{what} takes its zero point from a computed tensor; it must be 0")
             elif np.any(np.asarray(params.zero_point).astype(np.int64) != 0):
                 yield Violation("zero-point-not-zero", name, tensor,
-                                f"{what} on {tensor!r} has zero point {_fmt(params.zero_point)}, not 0")
+                                f"{what} on {tensor!r} has zero point "
+                                f"{_fmt(params.zero_point)}, not 0")
         if params.op_type == "DequantizeLinear":
             yield from _check_pair(q, node, params)
             if params.role == "weight":
@@ -587,27 +597,29 @@ def _check_pair(q: QuantGraph, node: onnx.NodeProto, params: QParams) -> Iterato
         problems.append(f"zero point {_fmt(zp_dq)} vs {_fmt(zp_q)}")
     if problems:
         yield Violation("qdq-pair-mismatch", params.node, node.input[0],
-                        f"DequantizeLinear {params.node!r} does not undo QuantizeLinear {qp.node!r}: "
-                        f"{'; '.join(problems)}")
+                        f"DequantizeLinear {params.node!r} does not undo QuantizeLinear "
+                        f"{qp.node!r}: {'; '.join(problems)}")
 
 
 def _check_activation(params: QParams, profile: Profile) -> Iterator[Violation]:
     info = integer_type_info(params.elem_type)
     where = f"QuantizeLinear {params.node!r} on {params.input!r}"
+    allows = f"profile {profile.name} allows"
     if info is None or params.bits is None:
         yield Violation("activation-bits", params.node, params.input,
                         f"{where} produces {params.type_name}, not an integer type")
         return
     if params.bits not in profile.activation_bits:
-        how = f" (a range Clip {params.clip_node!r} narrows {info[0]})" if params.clip_node and params.bits < info[1] else ""
+        narrowed = params.clip_node and params.bits < info[1]
+        how = f" (a range Clip {params.clip_node!r} narrows {info[0]})" if narrowed else ""
         yield Violation("activation-bits", params.node, params.input,
                         f"{where} uses {params.bits} bits{how}; "
-                        f"profile {profile.name} allows {', '.join(map(str, profile.activation_bits))}")
+                        f"{allows} {', '.join(map(str, profile.activation_bits))}")
     signedness = "signed" if info[2] else "unsigned"
     if signedness not in profile.activation_signedness:
         yield Violation("activation-signedness", params.node, params.input,
                         f"{where} is {signedness} ({info[0]}); "
-                        f"profile {profile.name} allows {', '.join(profile.activation_signedness)} activations")
+                        f"{allows} {', '.join(profile.activation_signedness)} activations")
     if not params.per_tensor:
         yield Violation("per-channel-activations", params.node, params.input,
                         f"{where} has {params.scale.size} scales "  # type: ignore[union-attr]
@@ -616,7 +628,7 @@ def _check_activation(params: QParams, profile: Profile) -> Iterator[Violation]:
 
 def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> Iterator[Violation]:
     info = integer_type_info(params.elem_type)
-    what = f"weight {params.input!r}"
+    what, allows = f"weight {params.input!r}", f"profile {profile.name} allows"
     if info is None:
         yield Violation("weight-bits", params.node, params.input,
                         f"{what} is stored as {params.type_name}, not an integer type")
@@ -626,22 +638,23 @@ def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> Iterator[
     widest = profile.max_weight_bits
     if container_bits < 8 and container_bits not in profile.weight_bits:
         yield Violation("weight-bits", params.node, params.input,
-                        f"{what} is stored as {type_name}; profile {profile.name} allows "
-                        f"{', '.join(map(str, profile.weight_bits))}-bit weights")
+                        f"{what} is stored as {type_name}; "
+                        f"{allows} {', '.join(map(str, profile.weight_bits))}-bit weights")
     elif values is not None and (needed := _value_bits(values, signed)) > widest:
         flat = np.asarray(values).astype(np.int64)
         yield Violation("weight-bits", params.node, params.input,
                         f"{what} stores values {int(flat.min())}..{int(flat.max())} "
-                        f"({needed} bits); profile {profile.name} allows at most {widest}-bit weights")
+                        f"({needed} bits); {allows} at most {widest}-bit weights")
     signedness = "signed" if signed else "unsigned"
     if signedness not in profile.weight_signedness:
         yield Violation("weight-signedness", params.node, params.input,
-                        f"{what} is stored {signedness} ({type_name}); profile {profile.name} "
-                        f"allows {', '.join(profile.weight_signedness)} weights")
+                        f"{what} is stored {signedness} ({type_name}); "
+                        f"{allows} {', '.join(profile.weight_signedness)} weights")
     if not params.per_tensor and not profile.per_channel_weights:
         yield Violation("per-channel-weights", params.node, params.input,
-                        f"{what} has {params.scale.size} scales (per channel); "  # type: ignore[union-attr]
-                        f"profile {profile.name} allows per-tensor weight scales only")
+                        f"{what} has {params.scale.size} scales "  # type: ignore[union-attr]
+                        "(per channel); "
+                        f"{allows} per-tensor weight scales only")
 
 
 def _check_biases(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
@@ -662,7 +675,8 @@ def _check_biases(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
             flat = np.asarray(values).astype(np.int64)
             yield Violation("bias-bits", bias.node, bias.input,
                             f"bias {bias.input!r} of {q.label(node)!r} stores values "
-                            f"{int(flat.min())}..{int(flat.max())}, beyond {profile.bias_bits} bits")
+                            f"{int(flat.min())}..{int(flat.max())}, "
+                            f"beyond {profile.bias_bits} bits")
         x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[record.weight])  # type: ignore[index]
         if x_dq is None or w_dq is None or x_dq.scale is None or w_dq.scale is None or bias.scale is None:
             continue
@@ -689,18 +703,18 @@ def _check_shared_scales(q: QuantGraph, profile: Profile) -> Iterator[Violation]
         members = [(f"input {name!r}", dq.scale) for name in _data_inputs(node)
                    if (dq := q.dq_for(name)) is not None and dq.scale is not None]
         if with_output:
-            members += [(f"output quantizer {qp.node!r}", qp.scale) for qp in q.q_consumers(node.output[0])
-                        if qp.scale is not None]
+            members += [(f"output quantizer {qp.node!r}", qp.scale)
+                        for qp in q.q_consumers(node.output[0]) if qp.scale is not None]
         if len(members) < 2:
             continue
         first_label, first = members[0]
-        label, scale = next((member for member in members[1:] if not _same(first, member[1])), (None, None))
-        if label is not None:
+        odd = next((member for member in members[1:] if not _same(first, member[1])), None)
+        if odd is not None:
             scope = "all inputs and the output" if with_output else "all inputs"
             yield Violation("shared-scale", q.label(node), node.output[0],
-                            f"{node.op_type} {q.label(node)!r}: {label} has scale {_fmt(scale)} but "
-                            f"{first_label} has {_fmt(first)}; profile {profile.name} requires one scale "
-                            f"for {scope}")
+                            f"{node.op_type} {q.label(node)!r}: {odd[0]} has scale {_fmt(odd[1])} "
+                            f"but {first_label} has {_fmt(first)}; profile {profile.name} requires "
+                            f"one scale for {scope}")
 
 
 def _check_value_preserving(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
@@ -713,9 +727,9 @@ def _check_value_preserving(q: QuantGraph, profile: Profile) -> Iterator[Violati
         for qp in q.q_consumers(node.output[0]):
             if qp.scale is not None and not _same(qp.scale, source.scale):
                 yield Violation("value-preserving-scale", qp.node, node.output[0],
-                                f"{node.op_type} {q.label(node)!r} only moves values, but its output "
-                                f"quantizer {qp.node!r} has scale {_fmt(qp.scale)} while its input has "
-                                f"{_fmt(source.scale)}")
+                                f"{node.op_type} {q.label(node)!r} only moves values, but its "
+                                f"output quantizer {qp.node!r} has scale {_fmt(qp.scale)} "
+                                f"while its input has {_fmt(source.scale)}")
 
 
 def _check_pad_values(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
@@ -731,15 +745,16 @@ def _check_pad_values(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
         if source is None or source.scale is None or source.scale.size != 1 or source.bits is None:
             continue  # a float input is reported by float-input-not-dequantized
         fill = q.constant(node.input[2])
+        label = q.label(node)
         if fill is None:
-            yield Violation("pad-value-off-grid", q.label(node), node.input[2],
-                            f"Pad {q.label(node)!r} takes its fill value from a computed tensor; the "
-                            "target needs a constant on its input's grid")
+            yield Violation("pad-value-off-grid", label, node.input[2],
+                            f"Pad {label!r} takes its fill value from a computed tensor; "
+                            "the target needs a constant on its input's grid")
             continue
         scale = float(source.scale.reshape(-1)[0])
         steps = float(np.asarray(fill, np.float64).reshape(-1)[0]) / scale
         low, high, _ = grid(source.bits, bool(source.signed))
         if steps != round(steps) or not low <= steps <= high:
-            yield Violation("pad-value-off-grid", q.label(node), node.input[2],
-                            f"Pad {q.label(node)!r} fills with {_fmt(fill)}, which is not a whole number "
+            yield Violation("pad-value-off-grid", label, node.input[2],
+                            f"Pad {label!r} fills with {_fmt(fill)}, which is not a whole number "
                             f"of its input's steps ({_fmt(source.scale)}) within {low}..{high}")
