@@ -31,12 +31,13 @@ Contract:
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import logging
 import math
 import os
 from pathlib import Path
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -122,9 +123,8 @@ class ValidateConfig:
     input_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        min_sqnr, min_agreement = check_gates(self.min_sqnr, self.min_agreement)
-        object.__setattr__(self, "min_sqnr", min_sqnr)
-        object.__setattr__(self, "min_agreement", min_agreement)
+        object.__setattr__(self, "min_sqnr", _check_gate("--min-sqnr", self.min_sqnr, -1000.0, 1000.0))
+        object.__setattr__(self, "min_agreement", _check_gate("--min-agreement", self.min_agreement, 0.0, 1.0))
         object.__setattr__(self, "metric", check_metric(self.metric))
         object.__setattr__(self, "iou_threshold", check_threshold(self.iou_threshold))
         for name, low in (("random_images", 1), ("batch_size", 1), ("seed", 0)):
@@ -200,7 +200,7 @@ class DataInfo:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"source": self.source, "count": self.count, "labelled": self.labelled, "description": self.description}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -231,10 +231,7 @@ class ValidationReport:
     @property
     def violation_counts(self) -> dict[str, int]:
         """Violations per rule id."""
-        counts: dict[str, int] = {}
-        for violation in self.violations:
-            counts[violation.rule] = counts.get(violation.rule, 0) + 1
-        return counts
+        return dict(Counter(violation.rule for violation in self.violations))
 
     @property
     def failed_gates(self) -> tuple[GateResult, ...]:
@@ -312,27 +309,14 @@ def _load(
     )
 
 
-def check_gates(min_sqnr: float | None, min_agreement: float | None) -> tuple[float | None, float | None]:
-    """The ``--min-sqnr`` / ``--min-agreement`` gates as floats, or an :class:`InvalidInputError`.
-
-    ``quantize`` calls it before any work, so a bad gate never leaves a written model behind.
-    """
-    return _check_gate("--min-sqnr", min_sqnr, -1000.0, 1000.0), _check_gate("--min-agreement", min_agreement, 0.0, 1.0)
-
-
-def _sha256(model: object, loaded: LoadedModel) -> str:
+def _sha256(model: object) -> str:
     """sha256 of the file a model came from, else of its serialized bytes."""
-    if isinstance(model, (str, os.PathLike)):
-        path: Path | None = Path(model)
-    elif isinstance(model, LoadedModel) and Path(model.source).is_file():
-        path = Path(model.source)
-    else:
-        path = None
+    if isinstance(model, LoadedModel):
+        model = Path(model.source) if Path(model.source).is_file() else model.model
+    if isinstance(model, onnx.ModelProto):
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
     digest = hashlib.sha256()
-    if path is None:
-        digest.update((model if isinstance(model, onnx.ModelProto) else loaded.model).SerializeToString())
-        return digest.hexdigest()
-    with path.open("rb") as handle:
+    with open(model, "rb") as handle:  # type: ignore[call-overload]
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -473,14 +457,14 @@ def validate(
     shipped = loaded_q.as_written if loaded_q.as_written is not None else loaded_q.model
     qgraph = analyse(shipped)
     violations = tuple(check_model(shipped, chosen, qgraph=qgraph))
+    quantizers = qgraph.quantizers.values()
     stats = {
-        "quantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "QuantizeLinear"),
-        "dequantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "DequantizeLinear"),
+        "quantize_nodes": sum(p.op_type == "QuantizeLinear" for p in quantizers),
+        "dequantize_nodes": sum(p.op_type == "DequantizeLinear" for p in quantizers),
         "weights_by_bits": qgraph.weight_bits_summary(),
         "activations_by_bits": qgraph.activation_bits_summary(),
-        "per_channel_weights": sum(
-            1 for p in qgraph.quantizers.values() if p.op_type == "DequantizeLinear" and p.role == "weight" and not p.per_tensor
-        ),
+        "per_channel_weights": sum(p.op_type == "DequantizeLinear" and p.role == "weight" and not p.per_tensor
+                                   for p in quantizers),
     }
 
     numeric: NumericReport | None = None
@@ -498,22 +482,20 @@ def validate(
             )
         if data is None:
             images, description = _random_images(loaded_ref, config.random_images, config.seed)
-            data_info = DataInfo("random", images.shape[0], False, description)
         else:
             images = check_images(data, what="validation images", input_shape=loaded_ref.input_shape)
-            data_info = DataInfo(
-                "given", images.shape[0], labels is not None, data_description or f"{images.shape[0]} given images"
-            )
-        checked_labels = _check_labels(labels, images.shape[0]) if labels is not None else None
-        step = _batch_size(loaded_ref, loaded_q, config.batch_size)
+            description = data_description or f"{images.shape[0]} given images"
+        # labels come only with data (checked above)
+        data_info = DataInfo("given" if data is not None else "random", images.shape[0], labels is not None,
+                             description)
         numeric = compare(
             loaded_ref.model,
             loaded_q.model,
             images,
             output_pairs=_output_pairs(loaded_ref, loaded_q),
             qgraph=qgraph,
-            labels=checked_labels,
-            batch_size=step,
+            labels=_check_labels(labels, images.shape[0]) if labels is not None else None,
+            batch_size=_batch_size(loaded_ref, loaded_q, config.batch_size),
             progress=progress,
             metric=config.metric,
             iou_threshold=config.iou_threshold,
@@ -536,11 +518,9 @@ def validate(
         task_read = {out.name for out in measured if out.metric in TASK_METRICS} if agree_floor is not None else set()
         sqnr_floor, sqnr_origin = (min_sqnr, "option") if min_sqnr is not None else (chosen.min_output_sqnr_db, "profile")
         if sqnr_floor is not None:
-            for out in numeric.outputs:
-                if sqnr_origin == "profile" and out.name in task_read:
-                    continue
-                # NaN (a quantized output that is not a number) compares False: it fails.
-                gates.append(GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor, sqnr_origin))
+            # NaN (a quantized output that is not a number) compares False: it fails.
+            gates += [GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor, sqnr_origin)
+                      for out in numeric.outputs if sqnr_origin == "option" or out.name not in task_read]
         if min_agreement is not None and not measured:
             raise InvalidInputError(
                 "--min-agreement needs an output with an agreement metric (N x K class scores, an N x 1 x H x W "
@@ -552,10 +532,9 @@ def validate(
             else ("profile", [out for out in measured if out.metric == "top1" or out.name in task_read])
         )
         if agree_floor is not None:
-            for out in gated:
-                value = out.agreement
-                gates.append(GateResult("min-agreement", out.name, agree_floor, value,
-                                        value is not None and value >= agree_floor, agree_origin, metric=out.metric))
+            gates += [GateResult("min-agreement", out.name, agree_floor, out.agreement,
+                                 out.agreement is not None and out.agreement >= agree_floor, agree_origin,
+                                 metric=out.metric) for out in gated]
         if WEIGHT_FORMAT_KEY not in loaded_q.metadata:
             # A --weights-as-float model is for converters, not onnxruntime: its optimised session
             # re-quantizes the float weights its own way, so its gap says nothing about this CPU.
@@ -574,8 +553,8 @@ def validate(
         quantization=stats,
         passed=passed,
         runtime_checks=tuple(runtime_checks),
-        model_sha256=_sha256(quantized, loaded_q),
-        reference_sha256=_sha256(reference, loaded_ref) if loaded_ref is not None else None,
+        model_sha256=_sha256(quantized),
+        reference_sha256=_sha256(reference) if reference is not None else None,
         diagnosis=numeric.diagnosis if numeric else None,
     )
     _LOG.info(
