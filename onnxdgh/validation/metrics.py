@@ -26,6 +26,7 @@ logits with threshold 0); it is an error when no output has that shape.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -106,15 +107,15 @@ def edit_distance(a: Sequence[object], b: Sequence[object]) -> int:
     return previous[-1]
 
 
+@dataclass
 class IouAccumulator:
     """Pooled IoU of thresholded maps, batch by batch; also tracks whether the float maps stay in [0, 1]."""
 
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        self.intersection = 0
-        self.union = 0
-        self.low = np.inf
-        self.high = -np.inf
+    threshold: float
+    intersection: int = 0
+    union: int = 0
+    low: float = np.inf
+    high: float = -np.inf
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Count one batch (float maps ``reference``, quantized ``candidate``, same shape)."""
@@ -137,14 +138,14 @@ class IouAccumulator:
         return self.intersection / self.union if self.union else 1.0
 
 
+@dataclass
 class SequenceAccumulator:
     """Greedy-CTC character agreement and exact-sequence share, batch by batch."""
 
-    def __init__(self) -> None:
-        self.errors = 0
-        self.length = 0
-        self.exact = 0
-        self.count = 0
+    errors: int = 0
+    length: int = 0
+    exact: int = 0
+    count: int = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Count one batch of N x T x C scores (float ``reference``, quantized ``candidate``)."""
