@@ -2,26 +2,19 @@
 
 Contract:
 * :func:`validate` takes a quantized QDQ model (path or ``ModelProto``), an optional
-  float reference (``LoadedModel``, ``ModelProto`` or path), a :class:`ValidateConfig`
-  (profile, gates, metric, random images) and optional images/labels, and returns a
-  frozen :class:`ValidationReport`.
-* ``passed`` is True when there is no structural violation and every gate holds, and,
-  with a reference, onnxruntime's optimised session (what ships) stays within
-  :data:`RUNTIME_MIN_AGREEMENT` / :data:`RUNTIME_MIN_SQNR_DB` of the exact QDQ simulation
-  (the ``runtime-*`` checks; their hint names the option that fixes a drift; not for
-  ``--weights-as-float`` models, which onnxruntime re-quantizes its own way). The gates are
-  the profile's floors whenever a reference is given: ``min_output_sqnr_db`` on every
-  output, and with ``data`` (not on random images) ``min_top1_agreement`` on every
-  classifier-like output and, instead of the SQNR floor, on every output read through a
-  task metric (IoU of a probability map, CTC sequence agreement: :data:`TASK_METRICS`);
-  ``min_sqnr``/``min_agreement`` replace the matching floor
-  (``min_agreement`` gates every output's agreement metric: top-1, IoU of probability
-  maps or CTC sequence agreement, :mod:`onnxdgh.validation.metrics`).
-* A ``--weights-as-float`` model (:mod:`onnxdgh.quantization.float_weights`) is checked as the
-  integer + DequantizeLinear model its grid record describes; a constant off its grid
-  is a ``weight-off-grid`` violation. A failing model is *reported*, never raised; bad input (unreadable models,
-  images that do not fit, a gate that cannot apply) raises an
+  float reference, a :class:`ValidateConfig` and optional images/labels, and returns a
+  frozen :class:`ValidationReport`. A failing model is *reported*, never raised; bad input
+  (unreadable models, images that do not fit, a gate that cannot apply) raises an
   :class:`~onnxdgh.errors.OnnxDghError` subclass (exit code 2 in the CLI).
+* ``passed``: no structural violation, every gate holds and, with a reference,
+  onnxruntime's optimised session (what ships) stays within :data:`RUNTIME_MIN_AGREEMENT` /
+  :data:`RUNTIME_MIN_SQNR_DB` of the exact QDQ simulation (the ``runtime-*`` checks, whose
+  hint names the fix; not for ``--weights-as-float`` models, which onnxruntime re-quantizes
+  its own way). With a reference the gates are the profile's floors, or the
+  :class:`ValidateConfig` gates that replace them (docs/VALIDATE.md, "Floors").
+* A ``--weights-as-float`` model (:mod:`onnxdgh.quantization.float_weights`) is checked as
+  the integer + DequantizeLinear model its grid record describes; a constant off its grid
+  is a ``weight-off-grid`` violation.
 * Without ``data``, the numerical report runs on seeded random images: uniform pixels
   mapped through the model's ``input_mean``/``input_std`` metadata when present,
   standard normal values otherwise. The report says which, and records the sha256 of
@@ -423,14 +416,10 @@ def validate(
     """Check ``quantized`` against a profile and, given a ``reference``, measure it against the float model.
 
     Args:
-        quantized: the QDQ model (path, ``ModelProto`` or ``LoadedModel``).
-        reference: the float model it was made from; None skips the numerical report.
-        config: profile, gates, agreement metric, random images, batch size, input shape
-            (:class:`ValidateConfig`).
+        reference: the float model ``quantized`` was made from; None skips the numerical report.
         data: N x C x H x W float images preprocessed for the model (calibration or real);
             None uses ``config.random_images`` seeded random images.
         labels: N class indices for ``data``; adds float and quantized accuracy (top-1 outputs).
-        progress: show a progress bar on stderr.
         data_description: what ``data`` is, for the report (e.g. "51 held-out synthetic
             images"); default "N given images".
 
