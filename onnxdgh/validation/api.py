@@ -501,9 +501,7 @@ def validate(
         agree_floor = min_agreement if min_agreement is not None else profile_agreement
         # A probability map or a recogniser's per-step scores is read through its task metric,
         # which is then the verdict instead of the profile's SQNR floor: SQNR weighs every value
-        # alike (a map's background, 6625 class scores per step), not the cut or the arg-max that
-        # is read. PP-OCRv4, W8A8, held-out images: the detector 14.8 dB at IoU 0.953, the
-        # recogniser 12.8 dB at 98.9 % sequence agreement (docs/VALIDATE.md, "Task metrics").
+        # alike, not the cut or the arg-max that is read (docs/VALIDATE.md, "Task metrics").
         task_read = {out.name for out in measured if out.metric in TASK_METRICS} if agree_floor is not None else set()
         sqnr_floor, sqnr_origin = (min_sqnr, "option") if min_sqnr is not None else (chosen.min_output_sqnr_db, "profile")
         if sqnr_floor is not None:

@@ -2,12 +2,10 @@
 
 Contract:
 * :func:`compare` runs both models on the same images, batch by batch, and returns
-  per-output metrics (SQNR, cosine similarity, the output's agreement metric -- top-1
-  agreement and accuracies for classifier-like outputs, IoU for probability maps,
-  sequence agreement for CTC recognisers (:mod:`~onnxdgh.validation.metrics`) -- and
-  the SQNR between onnxruntime's optimised and unoptimised runs of the quantized graph)
-  and per-layer SQNR between matching float and quantized intermediate tensors, sorted
-  worst first.
+  per-output metrics (SQNR, cosine similarity, the output's agreement metric
+  (:mod:`~onnxdgh.validation.metrics`) and accuracies, the SQNR between onnxruntime's
+  optimised and unoptimised runs of the quantized graph) and per-layer SQNR between
+  matching float and quantized intermediate tensors, sorted worst first.
 * Memory is bounded by one batch: only running sums (and arg-max indices of
   classifier outputs) are kept across batches.
 * Matching is structural: a quantized activation's DequantizeLinear output is compared
@@ -18,10 +16,7 @@ Contract:
 
 Definitions (x float, y quantized, sums over all elements of all images):
   SQNR = 10 log10( sum x^2 / sum (x - y)^2 ) dB (infinite when y == x exactly);
-  cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|);
-  agreement = the output's task metric (:mod:`onnxdgh.validation.metrics`): top-1
-  agreement of class scores, IoU of thresholded probability maps, or greedy-CTC
-  sequence agreement; which one applies is chosen per output (``metric``).
+  cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|).
 
 Each layer row also carries the SQNR of what its producer reads (``input_sqnr_db``) and
 the drop against it; :mod:`onnxdgh.validation.diagnose` names the first layer where the
