@@ -242,13 +242,14 @@ def _check_floor(where: str, key: str, value: object, low: float, high: float, e
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not low <= value <= high:  # type: ignore[operator]
         raise ProfileError(
-            f"{where}: {key} must be null or a number between {low:g} and {high:g}, got {_shown(value, repr(value))}",
+            f"{where}: {key} must be null or a number between {low:g} and {high:g}, "
+            f"got {_shown(value, repr(value))}",
             f"fix {key!r} in the profile: {example}, or null for no floor",
         )
 
 
 def _shown(value: object, fallback: str) -> str:
-    """``value`` as JSON, as the profile file would spell it; ``fallback`` when it is no JSON value."""
+    """``value`` spelled as in a JSON file; ``fallback`` when it is no JSON value."""
     try:
         return json.dumps(value)
     except (TypeError, ValueError):

@@ -24,7 +24,8 @@ def render(report: InspectionReport) -> str:
     converted = report.canonicalisation.get("opset_converted_from")
     lines = [f"model     {report.source}", f"opset     {report.opset}" + (f" (converted from {converted})" if converted else "")]
     for kind, items in (("input", report.inputs), ("output", report.outputs)):
-        lines += [f"{kind:<10}{item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}" for item in items]
+        lines += [f"{kind:<10}{item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}"
+                  for item in items]
     lines.append(f"batch     {'fixed' if report.batch_fixed else 'dynamic'}")
     canon = report.canonicalisation
     if any(canon.values()):

@@ -17,8 +17,8 @@ from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
 
 __all__ = ["quantize_command"]
 
-_GENERATION_OPTIONS = ("images", "iterations", "coarse_to_fine", "plateau_stop", "batch_size", "device",
-                       "method", "mean", "std", "preprocess", "allow_no_bn")
+_GENERATION_OPTIONS = ("images", "iterations", "coarse_to_fine", "plateau_stop", "batch_size",
+                       "device", "method", "mean", "std", "preprocess", "allow_no_bn")
 """The options that steer only the image generation (``GenerateConfig`` fields), in --help order."""
 _ROUNDING = (("optimize_rounding", "AdaRound"), ("gptq_rounding", "GPTQ"),
              ("kernel_sum_rounding", "kernel-sum preserving"))
@@ -131,7 +131,8 @@ def render(report: dict[str, Any], output: str) -> str:
               help="Generation: input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406 "
                    "(default: the model's metadata, else inferred from its first BN-ed layer; images are clamped "
                    "to the valid pixel range).")
-@click.option("--std", default=None, help="Generation: input std per channel, e.g. 0.229,0.224,0.225.")
+@click.option("--std", default=None,
+              help="Generation: input std per channel, e.g. 0.229,0.224,0.225.")
 @preprocess_option
 @click.option("--allow-no-bn", is_flag=True, default=None,
               help="Generation: run DGH on a model without BN statistics (prep + ODSL only; as `generate`).")
@@ -182,12 +183,13 @@ def quantize_command(
     written), 2 invalid input or options, or an input normalisation that cannot be decided
     (nothing written), 130 interrupted.
     """
-    # The generation options (GenerateConfig fields); the rest of **options are QuantizeConfig fields.
-    generation = {key: options.pop(key) for key in _GENERATION_OPTIONS}
     from ..fileio import atomic_write_bytes, atomic_write_json, check_images, check_output_paths, load_images_npz
     from ..load import load_model
     from ..quantization import QuantizeConfig, quantize
     from ..quantization.api import default_profile_name, holdout_size, refuse_recurrent
+
+    # the generation options are GenerateConfig fields; the rest of **options QuantizeConfig's
+    generation = {key: options.pop(key) for key in _GENERATION_OPTIONS}
 
     report_path: Path | None = None
     validate_config = None
@@ -212,16 +214,18 @@ def quantize_command(
         )
     if weight_bits is None:
         weight_bits = _default_weight_bits(profile)
-    config = QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits, per_channel=not per_tensor_weights,
-                            profile=profile, seed=seed, **options)
-    generation.update(mean=float_list("--mean", generation["mean"]), std=float_list("--std", generation["std"]),
+    config = QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits,
+                            per_channel=not per_tensor_weights, profile=profile,
+                            seed=seed, **options)
+    generation.update(mean=float_list("--mean", generation["mean"]),
+                      std=float_list("--std", generation["std"]),
                       allow_no_bn=generation["allow_no_bn"] or None)
     given = {key: value for key, value in generation.items() if value is not None}
     generate_config = None
     if calib_data and given:
-        options = ", ".join("--" + key.replace("_", "-") for key in given)
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
         raise InvalidInputError(
-            f"{options} apply only when images are generated, but --calib-data was given",
+            f"{flags} apply only when images are generated, but --calib-data was given",
             "drop the generation options, or drop --calib-data to generate images",
         )
     if not calib_data:

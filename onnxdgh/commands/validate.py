@@ -51,7 +51,8 @@ def _pct(value: float | None) -> str:
 
 def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(map(len, column)) for column in zip(headers, *rows)]
-    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in [headers, *rows]]
 
 
 def render(report: ValidationReport, *, top: int = 10) -> str:
@@ -210,7 +211,8 @@ def validate_command(
     if model is None:
         raise click.UsageError("give the quantized MODEL to validate (or --list-profiles)")
     # the other options (--min-sqnr ... --input-shape) are ValidateConfig fields
-    config = ValidateConfig(profile=load_profile(profile_name) if profile_name is not None else None, **settings)
+    profile = load_profile(profile_name) if profile_name is not None else None
+    config = ValidateConfig(profile=profile, **settings)
     check_output_paths(
         [("--json", json_out if json_out != "-" else None)],
         inputs=[("MODEL", model), ("--reference", reference), ("--data", data), ("--labels", labels)],

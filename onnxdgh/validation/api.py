@@ -116,8 +116,9 @@ class ValidateConfig:
     input_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "min_sqnr", _check_gate("--min-sqnr", self.min_sqnr, -1000.0, 1000.0))
-        object.__setattr__(self, "min_agreement", _check_gate("--min-agreement", self.min_agreement, 0.0, 1.0))
+        for name, low, high in (("min_sqnr", -1000.0, 1000.0), ("min_agreement", 0.0, 1.0)):
+            option = "--" + name.replace("_", "-")
+            object.__setattr__(self, name, _check_gate(option, getattr(self, name), low, high))
         object.__setattr__(self, "metric", check_metric(self.metric))
         object.__setattr__(self, "iou_threshold", check_threshold(self.iou_threshold))
         for name, low in (("random_images", 1), ("batch_size", 1), ("seed", 0)):
@@ -452,8 +453,10 @@ def validate(
         "dequantize_nodes": sum(p.op_type == "DequantizeLinear" for p in quantizers),
         "weights_by_bits": qgraph.weight_bits_summary(),
         "activations_by_bits": qgraph.activation_bits_summary(),
-        "per_channel_weights": sum(p.op_type == "DequantizeLinear" and p.role == "weight" and not p.per_tensor
-                                   for p in quantizers),
+        "per_channel_weights": sum(
+            p.op_type == "DequantizeLinear" and p.role == "weight" and not p.per_tensor
+            for p in quantizers
+        ),
     }
 
     numeric: NumericReport | None = None
@@ -475,8 +478,8 @@ def validate(
             images = check_images(data, what="validation images", input_shape=loaded_ref.input_shape)
             description = data_description or f"{images.shape[0]} given images"
         # labels come only with data (checked above)
-        data_info = DataInfo("given" if data is not None else "random", images.shape[0], labels is not None,
-                             description)
+        source = "given" if data is not None else "random"
+        data_info = DataInfo(source, images.shape[0], labels is not None, description)
         numeric = compare(
             loaded_ref.model,
             loaded_q.model,
@@ -506,8 +509,11 @@ def validate(
         sqnr_floor, sqnr_origin = (min_sqnr, "option") if min_sqnr is not None else (chosen.min_output_sqnr_db, "profile")
         if sqnr_floor is not None:
             # NaN (a quantized output that is not a number) compares False: it fails.
-            gates += [GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor, sqnr_origin)
-                      for out in numeric.outputs if sqnr_origin == "option" or out.name not in task_read]
+            gates += [
+                GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor,
+                           sqnr_origin)
+                for out in numeric.outputs if sqnr_origin == "option" or out.name not in task_read
+            ]
         if min_agreement is not None and not measured:
             raise InvalidInputError(
                 "--min-agreement needs an output with an agreement metric (N x K class scores, an N x 1 x H x W "
@@ -520,8 +526,8 @@ def validate(
         )
         if agree_floor is not None:
             gates += [GateResult("min-agreement", out.name, agree_floor, out.agreement,
-                                 out.agreement is not None and out.agreement >= agree_floor, agree_origin,
-                                 metric=out.metric) for out in gated]
+                                 out.agreement is not None and out.agreement >= agree_floor,
+                                 agree_origin, metric=out.metric) for out in gated]
         if WEIGHT_FORMAT_KEY not in loaded_q.metadata:
             # A --weights-as-float model is for converters, not onnxruntime: its optimised session
             # re-quantizes the float weights its own way, so its gap says nothing about this CPU.

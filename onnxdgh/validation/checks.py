@@ -682,7 +682,8 @@ def _check_biases(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
             continue
         w_scale = np.asarray(w_dq.scale, np.float64).reshape(-1)
         actual = np.asarray(bias.scale, np.float64).reshape(-1)
-        if record.layout == "conv_transpose" and 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0:
+        grouped = 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0
+        if record.layout == "conv_transpose" and grouped:
             # ConvTranspose weights are (C_in, C_out/group, ...): per-channel scales along
             # axis 1 cover C_out/group channels and repeat for each group in the output.
             w_scale = np.tile(w_scale, actual.size // w_scale.size)

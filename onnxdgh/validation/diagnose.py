@@ -51,7 +51,8 @@ def _weighted_producer(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto
         seen.add(id(current))
         if current.op_type in WEIGHTED:
             return True
-        stack += [producers[name] for name in current.input if name and name not in compared and name in producers]
+        stack += [producers[name] for name in current.input
+                  if name and name not in compared and name in producers]
     return False
 
 
@@ -77,7 +78,8 @@ def input_sqnr(float_model: onnx.ModelProto, sqnr: dict[str, float]) -> dict[str
         return reads(node, seen)
 
     # a compared graph input itself has no producer: None
-    return {name: reads(node, set()) if (node := producers.get(name)) is not None else None for name in sqnr}
+    return {name: reads(node, set()) if (node := producers.get(name)) is not None else None
+            for name in sqnr}
 
 
 def diagnose(float_model: onnx.ModelProto, rows: Sequence[Any], *, top: int = 3) -> dict[str, Any] | None:

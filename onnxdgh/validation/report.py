@@ -332,7 +332,8 @@ def compare(
             if x.shape == y.shape:
                 layer_acc[index].add(x, y)
             elif index not in skipped:
-                _LOG.info("layer %s: float shape %s vs quantized %s; not compared", pair.float_tensor, x.shape, y.shape)
+                _LOG.info("layer %s: float shape %s vs quantized %s; not compared",
+                          pair.float_tensor, x.shape, y.shape)
                 skipped.add(index)
 
     outputs = []
