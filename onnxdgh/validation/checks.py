@@ -436,8 +436,10 @@ def _check_graph_outputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]
         producer = q.producers.get(name)
         if producer is not None and producer.op_type == "DequantizeLinear":
             continue
-        label = q.label(producer) if producer is not None else None
-        what = f"{producer.op_type} {label!r}" if producer else "no node (an input or constant)"
+        label, what = None, "no node (an input or constant)"
+        if producer is not None:
+            label = q.label(producer)
+            what = f"{producer.op_type} {label!r}"
         yield Violation("graph-output-not-dequantized", label, name,
                         f"graph output {name!r} is produced by {what}, not by DequantizeLinear")
 
