@@ -459,10 +459,6 @@ def _check_ops(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     written_out = _written_out_inside(q, profile)
     for node in q.graph.node:
         label, output = q.label(node), (node.output[0] if node.output else None)
-        # The range Clip before a QuantizeLinear is part of the quantizer (a narrower grid),
-        # not a compute op the target must run.
-        allowed = (profile.allows_op(node.op_type) or q.is_range_clip(node)
-                   or id(node) in written_out)
         if node.op_type == "BatchNormalization":
             yield Violation("batchnorm-left", label, node.output[0],
                             f"BatchNormalization {label!r} is still in the graph; "
@@ -471,7 +467,10 @@ def _check_ops(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
             yield Violation("op-not-allowed", label, output,
                             f"{node.domain}.{node.op_type} {label!r} is a custom-domain op; "
                             f"profile {profile.name} accepts standard ONNX ops only")
-        elif not allowed:
+        # The range Clip before a QuantizeLinear is part of the quantizer (a narrower grid),
+        # not a compute op the target must run.
+        elif not (profile.allows_op(node.op_type) or q.is_range_clip(node)
+                  or id(node) in written_out):
             yield Violation("op-not-allowed", label, output,
                             f"{node.op_type} {label!r} is not in the allowed ops of profile "
                             f"{profile.name}")
