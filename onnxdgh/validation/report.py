@@ -286,7 +286,6 @@ def compare(
         InvalidInputError: ``metric`` names a metric that no output's shape fits.
     """
     pairs, unmatched = match_layers(float_model, qgraph)
-    float_outputs = [f for f, _ in output_pairs]
     quant_outputs = [q for _, q in output_pairs]
     float_layer_names = list(dict.fromkeys(p.float_tensor for p in pairs))
     quant_layer_names = [p.quant_tensor for p in pairs]
@@ -294,8 +293,9 @@ def compare(
     float_session = _guard(lambda: make_session(with_extra_outputs(float_model, float_layer_names), optimize=False), True)
     sim_session = _guard(lambda: make_session(with_extra_outputs(quant_model, quant_layer_names), optimize=False), False)
     ship_session = _guard(lambda: make_session(quant_model, optimize=True), False)
-    f_fetch = float_outputs + [n for n in float_layer_names if n not in float_outputs]
-    q_fetch = quant_outputs + [n for n in quant_layer_names if n not in quant_outputs]
+    # the outputs first, then the layers that are not outputs (each tensor once)
+    f_fetch = list(dict.fromkeys([*(f for f, _ in output_pairs), *float_layer_names]))
+    q_fetch = list(dict.fromkeys([*quant_outputs, *quant_layer_names]))
     f_input = float_session.get_inputs()[0].name
     q_input = sim_session.get_inputs()[0].name
 
