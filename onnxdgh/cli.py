@@ -26,13 +26,8 @@ from .progress import progress_default
 __all__ = ["main"]
 
 
-_COMMANDS = {
-    "inspect": ("onnxdgh.commands.inspect", "inspect_command"),
-    "generate": ("onnxdgh.commands.generate", "generate_command"),
-    "quantize": ("onnxdgh.commands.quantize", "quantize_command"),
-    "validate": ("onnxdgh.commands.validate", "validate_command"),
-}
-"""Subcommand name -> (module, click command): imported on first use."""
+_COMMANDS = ("inspect", "generate", "quantize", "validate")
+"""Subcommands: ``onnxdgh.commands.NAME`` holds ``NAME_command``, imported on first use."""
 
 
 class _Cli(click.Group):
@@ -42,11 +37,10 @@ class _Cli(click.Group):
         return list(_COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = _COMMANDS.get(cmd_name)
-        if target is None:
+        if cmd_name not in _COMMANDS:
             return None
-        module = importlib.import_module(target[0])
-        return getattr(module, target[1])  # type: ignore[no-any-return]
+        module = importlib.import_module(f"onnxdgh.commands.{cmd_name}")
+        return getattr(module, f"{cmd_name}_command")  # type: ignore[no-any-return]
 
     # click turns a KeyboardInterrupt into "Aborted!" and exit 1; this layer promises 130.
     # make_context (parsing; --help imports the commands) and invoke (the command's own

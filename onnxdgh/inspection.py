@@ -17,11 +17,13 @@ image size is symbolic (not ready until ``--input-shape`` pins it).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import onnx
 
+from . import graph as g
 from .load import REEXPORT_RECIPE, LoadedModel
 from .memory import estimate_run_memory, memory_advice
 from .ops import WEIGHTED
@@ -58,22 +60,31 @@ class InspectionReport:
 
 
 def _shape(value: onnx.ValueInfoProto) -> list[int | str | None]:
-    dims: list[int | str | None] = []
-    if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
-                dims.append(int(dim.dim_value))
-            elif dim.dim_param:
-                dims.append(dim.dim_param)
-            else:
-                dims.append(None)
-    return dims
+    if not (value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")):
+        return []
+    return [int(dim.dim_value) if dim.HasField("dim_value") else dim.dim_param or None
+            for dim in value.type.tensor_type.shape.dim]
 
 
 def _dtype(value: onnx.ValueInfoProto) -> str:
     if value.type.HasField("tensor_type"):
         return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
     return "unknown"
+
+
+def _tensors(
+    values: Iterable[onnx.ValueInfoProto], skip: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """Name, shape and dtype of each of ``values`` not named in ``skip``."""
+    skipped = set(skip)
+    return [{"name": v.name, "shape": _shape(v), "dtype": _dtype(v)}
+            for v in values if v.name not in skipped]
+
+
+def _histogram(graph: onnx.GraphProto) -> dict[str, int]:
+    """Op type -> node count, most frequent first."""
+    counts = Counter(node.op_type for node in graph.node)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def unconvertible_ops(model: onnx.ModelProto, opset: int) -> list[dict[str, Any]]:
@@ -120,18 +131,8 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
     """Build the readiness report for ``loaded``; the quantizer's dry run uses ``profile``
     (built-in name or path; default ``generic-pot-int8``) at its widest bit widths."""
     graph = loaded.model.graph
-    inits = {init.name for init in graph.initializer}
-    histogram = Counter(node.op_type for node in graph.node)
-    bns = [
-        {
-            "node": bn.node_name,
-            "input": bn.input_name,
-            "channels": bn.channels,
-            "usable": bn.usable,
-            "problem": bn.problem,
-        }
-        for bn in loaded.bn_nodes
-    ]
+    bns = [{"node": bn.node_name, "input": bn.input_name, "channels": bn.channels,
+            "usable": bn.usable, "problem": bn.problem} for bn in loaded.bn_nodes]
     convs_with_bias = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 2 and n.input[2]]
     bn_folded = not loaded.bn_nodes and bool(convs_with_bias)
     missing = unconvertible_ops(loaded.model, loaded.opset)
@@ -167,18 +168,13 @@ def inspect_model(loaded: LoadedModel, *, profile: str | None = None) -> Inspect
         reasons.append(refusal)
         if fix:
             advice.append(fix)
-
-    inputs = [
-        {"name": v.name, "shape": _shape(v), "dtype": _dtype(v)} for v in graph.input if v.name not in inits
-    ]
-    outputs = [{"name": v.name, "shape": _shape(v), "dtype": _dtype(v)} for v in graph.output]
     return InspectionReport(
         source=loaded.source,
         opset=loaded.opset,
-        inputs=inputs,
-        outputs=outputs,
+        inputs=_tensors(graph.input, skip=(init.name for init in graph.initializer)),
+        outputs=_tensors(graph.output),
         batch_fixed=loaded.batch_fixed,
-        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        op_histogram=_histogram(graph),
         batch_norms=bns,
         bn_folded=bn_folded,
         unconvertible_ops=missing,
@@ -199,17 +195,14 @@ def symbolic_shape_report(path: str, problem: str) -> InspectionReport:
     (opset, inputs, outputs, ops) and asks for ``--input-shape``.
     """
     model = onnx.load(path, load_external_data=False)
-    inits = {init.name for init in model.graph.initializer}
-    opset = next((int(entry.version) for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
-    histogram = Counter(node.op_type for node in model.graph.node)
-    inputs = [{"name": v.name, "shape": _shape(v), "dtype": _dtype(v)} for v in model.graph.input if v.name not in inits]
+    graph = model.graph
     return InspectionReport(
         source=path,
-        opset=opset,
-        inputs=inputs,
-        outputs=[{"name": v.name, "shape": _shape(v), "dtype": _dtype(v)} for v in model.graph.output],
+        opset=g.opset_version(model) or 0,
+        inputs=_tensors(graph.input, skip=(init.name for init in graph.initializer)),
+        outputs=_tensors(graph.output),
         batch_fixed=False,
-        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        op_histogram=_histogram(graph),
         batch_norms=[],
         bn_folded=False,
         unconvertible_ops=[],

@@ -66,11 +66,6 @@ DEFAULT_PROFILE = "generic-pot-int8"
 _MIN_BITS, _MAX_BITS = 2, 16
 
 
-def _known_op(op_type: str) -> bool:
-    # Only the default ONNX domain: custom-domain ops are not portable to a target.
-    return bool(onnx.defs.has(op_type))
-
-
 @dataclass(frozen=True)
 class Profile:
     """What a target accepts; see the module docstring and ``docs/VALIDATE.md``.
@@ -109,10 +104,7 @@ class Profile:
     def __post_init__(self) -> None:
         # Python callers may pass lists; freeze them so the profile cannot change later.
         for spec in fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, list):
-                if spec.name == "fused_patterns":
-                    value = [tuple(item) if isinstance(item, list) else item for item in value]
+            if isinstance(value := getattr(self, spec.name), list):
                 object.__setattr__(self, spec.name, tuple(value))
         if isinstance(self.fused_patterns, tuple):
             object.__setattr__(
@@ -239,7 +231,7 @@ def _check_type(where: str, key: str, value: object, kind: type) -> None:
     if not ok:
         expected = {int: "an integer", str: "a string", bool: "true or false"}[kind]
         raise ProfileError(
-            f"{where}: {key} must be {expected}, got {json.dumps(value) if _jsonable(value) else repr(value)}",
+            f"{where}: {key} must be {expected}, got {_shown(value, repr(value))}",
             f"fix {key!r} in the profile (docs/VALIDATE.md lists every field)",
         )
 
@@ -249,25 +241,25 @@ def _check_floor(where: str, key: str, value: object, low: float, high: float, e
         return
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not low <= value <= high:  # type: ignore[operator]
-        shown = json.dumps(value) if _jsonable(value) else repr(value)
         raise ProfileError(
-            f"{where}: {key} must be null or a number between {low:g} and {high:g}, got {shown}",
+            f"{where}: {key} must be null or a number between {low:g} and {high:g}, "
+            f"got {_shown(value, repr(value))}",
             f"fix {key!r} in the profile: {example}, or null for no floor",
         )
 
 
-def _jsonable(value: object) -> bool:
+def _shown(value: object, fallback: str) -> str:
+    """``value`` spelled as in a JSON file; ``fallback`` when it is no JSON value."""
     try:
-        json.dumps(value)
+        return json.dumps(value)
     except (TypeError, ValueError):
-        return False
-    return True
+        return fallback
 
 
 def _check_tuple(where: str, key: str, value: object, kind: type, *, nonempty: bool) -> tuple[Any, ...]:
     if not isinstance(value, tuple):
         raise ProfileError(
-            f"{where}: {key} must be a list, got {json.dumps(value) if _jsonable(value) else type(value).__name__}",
+            f"{where}: {key} must be a list, got {_shown(value, type(value).__name__)}",
             f"write {key} as a JSON list",
         )
     if nonempty and not value:
@@ -280,7 +272,8 @@ def _check_tuple(where: str, key: str, value: object, kind: type, *, nonempty: b
 
 
 def _check_ops(where: str, key: str, ops: tuple[str, ...]) -> None:
-    unknown = [op for op in ops if not _known_op(op)]
+    # Only the default ONNX domain: custom-domain ops are not portable to a target.
+    unknown = [op for op in ops if not onnx.defs.has(op)]
     if unknown:
         raise ProfileError(
             f"{where}: {key} names {unknown[0]!r}, which is not an ONNX operator",

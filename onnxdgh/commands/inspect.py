@@ -23,10 +23,9 @@ def render(report: InspectionReport) -> str:
     """The report as terminal text."""
     converted = report.canonicalisation.get("opset_converted_from")
     lines = [f"model     {report.source}", f"opset     {report.opset}" + (f" (converted from {converted})" if converted else "")]
-    for item in report.inputs:
-        lines.append(f"input     {item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}")
-    for item in report.outputs:
-        lines.append(f"output    {item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}")
+    for kind, items in (("input", report.inputs), ("output", report.outputs)):
+        lines += [f"{kind:<10}{item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}"
+                  for item in items]
     lines.append(f"batch     {'fixed' if report.batch_fixed else 'dynamic'}")
     canon = report.canonicalisation
     if any(canon.values()):
@@ -47,26 +46,19 @@ def render(report: InspectionReport) -> str:
             lines.append(f"quantizer dry run for {dry['profile']}: refused")
     usable = sum(1 for bn in report.batch_norms if bn["usable"])
     lines.append(f"BN nodes  {len(report.batch_norms)} ({usable} with usable statistics)")
-    for bn in report.batch_norms:
-        if not bn["usable"]:
-            lines.append(f"          {bn['node']}: {bn['problem']}")
+    lines += [f"          {bn['node']}: {bn['problem']}"
+              for bn in report.batch_norms if not bn["usable"]]
     if report.bn_folded:
         lines.append("          BN looks folded away (Conv with bias, no BatchNormalization)")
-    if report.unconvertible_ops:
-        for item in report.unconvertible_ops:
-            lines.append(f"torch     cannot convert {item['op_type']} (opset {item['version']}): {', '.join(item['nodes'][:3])}")
-    lines.append(f"method    {report.generation}")
-    lines.append("")
-    if report.ready:
-        lines.append("verdict   READY for zero-shot quantization")
-        for tip in report.advice:
-            lines.append(f"  tip: {tip}")
-    else:
-        lines.append("verdict   NOT READY")
-        for reason in report.reasons:
-            lines.append(f"  - {reason}")
-        for tip in report.advice:
-            lines.append(f"  fix: {tip}")
+    for item in report.unconvertible_ops:
+        lines.append(f"torch     cannot convert {item['op_type']} (opset {item['version']}): "
+                     f"{', '.join(item['nodes'][:3])}")
+    lines += [f"method    {report.generation}", ""]
+    # a ready report has no reasons; its advice are tips, a refusal's advice are fixes
+    verdict = "READY for zero-shot quantization" if report.ready else "NOT READY"
+    lines.append(f"verdict   {verdict}")
+    lines += [f"  - {reason}" for reason in report.reasons]
+    lines += [f"  {'tip' if report.ready else 'fix'}: {tip}" for tip in report.advice]
     return "\n".join(lines)
 
 

@@ -17,6 +17,12 @@ from ..errors import EXIT_CHECK_FAILED, EXIT_OK, InvalidInputError
 
 __all__ = ["quantize_command"]
 
+_GENERATION_OPTIONS = ("images", "iterations", "coarse_to_fine", "plateau_stop", "batch_size",
+                       "device", "method", "mean", "std", "preprocess", "allow_no_bn")
+"""The options that steer only the image generation (``GenerateConfig`` fields), in --help order."""
+_ROUNDING = (("optimize_rounding", "AdaRound"), ("gptq_rounding", "GPTQ"),
+             ("kernel_sum_rounding", "kernel-sum preserving"))
+
 
 def _json_default(value: Any) -> Any:
     """numpy scalars and arrays in the report become plain JSON values."""
@@ -41,7 +47,7 @@ def render(report: dict[str, Any], output: str) -> str:
         f"quantized {counts['activations']} activations, {counts['weights']} weights, {counts['biases']} biases, "
         f"{counts['constants']} constants; {counts['fused_pairs']} fused pairs; "
         f"BN folded {report['fold']['bn_folded']}, rewritten {len(report['fold']['bn_converted'])}",
-        f"rounding  {'AdaRound' if config['optimize_rounding'] else ('GPTQ' if config.get('gptq_rounding') else ('kernel-sum preserving' if config.get('kernel_sum_rounding') else 'nearest'))}"
+        f"rounding  {next((name for key, name in _ROUNDING if config.get(key)), 'nearest')}"
         f"{', bias correction' if config['bias_correction'] else ''}",
         f"time      quantize {timings['quantize_s']:.2f} s"
         + (f", generate {timings['generate_s']:.1f} s" if "generate_s" in timings else "")
@@ -121,11 +127,12 @@ def render(report: dict[str, Any], output: str) -> str:
                    "do, else procedural), dgh, bns (per-batch BN matching), noise (Gaussian), procedural (data-free "
                    "natural-image priors), mixed (half dgh, half procedural) or actreg (procedural images refined "
                    "through the model by activation-range regularisation).")
-@click.option("--mean", "mean_text", default=None,
+@click.option("--mean", default=None,
               help="Generation: input mean per channel, pixels in [0,1], e.g. 0.485,0.456,0.406 "
                    "(default: the model's metadata, else inferred from its first BN-ed layer; images are clamped "
                    "to the valid pixel range).")
-@click.option("--std", "std_text", default=None, help="Generation: input std per channel, e.g. 0.229,0.224,0.225.")
+@click.option("--std", default=None,
+              help="Generation: input std per channel, e.g. 0.229,0.224,0.225.")
 @preprocess_option
 @click.option("--allow-no-bn", is_flag=True, default=None,
               help="Generation: run DGH on a model without BN statistics (prep + ODSL only; as `generate`).")
@@ -150,36 +157,16 @@ def quantize_command(
     calib_data: str | None,
     weight_bits: int | None,
     act_bits: int,
-    threshold: str,
     per_tensor_weights: bool,
     profile: str | None,
-    int4_types: bool,
-    weights_as_float: bool,
-    optimize_rounding: bool | None,
-    bias_correction: bool | None,
-    rounding_iterations: int,
-    shift_negative: bool | None,
-    equalize: bool | None,
-    kernel_sum_rounding: bool | None,
-    gptq_rounding: bool | None,
     seed: int,
-    images: int | None,
-    iterations: int | None,
-    coarse_to_fine: str | None,
-    plateau_stop: int | None,
-    batch_size: int | None,
-    device: str | None,
-    method: str | None,
-    mean_text: str | None,
-    std_text: str | None,
-    preprocess: str | None,
-    allow_no_bn: bool | None,
     input_shape: tuple[int, int, int] | None,
     json_out: str | None,
     run_validation: bool,
     validation_report: str | None,
     min_sqnr: float | None,
     min_agreement: float | None,
+    **options: Any,
 ) -> int:
     """Quantize MODEL fully to power-of-two QDQ and write it to OUTPUT.
 
@@ -200,6 +187,9 @@ def quantize_command(
     from ..load import load_model
     from ..quantization import QuantizeConfig, quantize
     from ..quantization.api import default_profile_name, holdout_size, refuse_recurrent
+
+    # the generation options are GenerateConfig fields; the rest of **options QuantizeConfig's
+    generation = {key: options.pop(key) for key in _GENERATION_OPTIONS}
 
     report_path: Path | None = None
     validate_config = None
@@ -224,42 +214,18 @@ def quantize_command(
         )
     if weight_bits is None:
         weight_bits = _default_weight_bits(profile)
-    config = QuantizeConfig(
-        weight_bits=weight_bits,
-        act_bits=act_bits,
-        threshold=threshold,  # type: ignore[arg-type]
-        per_channel=not per_tensor_weights,
-        profile=profile,
-        int4_types=int4_types,
-        weights_as_float=weights_as_float,
-        seed=seed,
-        optimize_rounding=optimize_rounding,
-        bias_correction=bias_correction,
-        rounding_iterations=rounding_iterations,
-        shift_negative=shift_negative,
-        equalize=equalize,
-        kernel_sum_rounding=kernel_sum_rounding,
-        gptq_rounding=gptq_rounding,
-    )
-    generation = {
-        "images": images,
-        "iterations": iterations,
-        "coarse_to_fine": coarse_to_fine,
-        "plateau_stop": plateau_stop,
-        "batch_size": batch_size,
-        "device": device,
-        "method": method,
-        "mean": float_list("--mean", mean_text),
-        "std": float_list("--std", std_text),
-        "preprocess": preprocess,
-        "allow_no_bn": allow_no_bn or None,
-    }
+    config = QuantizeConfig(weight_bits=weight_bits, act_bits=act_bits,
+                            per_channel=not per_tensor_weights, profile=profile,
+                            seed=seed, **options)
+    generation.update(mean=float_list("--mean", generation["mean"]),
+                      std=float_list("--std", generation["std"]),
+                      allow_no_bn=generation["allow_no_bn"] or None)
     given = {key: value for key, value in generation.items() if value is not None}
     generate_config = None
     if calib_data and given:
-        options = ", ".join("--" + key.replace("_", "-") for key in given)
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
         raise InvalidInputError(
-            f"{options} apply only when images are generated, but --calib-data was given",
+            f"{flags} apply only when images are generated, but --calib-data was given",
             "drop the generation options, or drop --calib-data to generate images",
         )
     if not calib_data:

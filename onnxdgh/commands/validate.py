@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -41,13 +42,7 @@ def load_labels(path: str) -> np.ndarray:
 
 
 def _db(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value == math.inf:
-        return "exact"
-    if value == -math.inf:
-        return "-inf"
-    return f"{value:.2f}"
+    return {None: "-", math.inf: "exact", -math.inf: "-inf"}.get(value) or f"{value:.2f}"
 
 
 def _pct(value: float | None) -> str:
@@ -55,11 +50,9 @@ def _pct(value: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    widths = [max([len(headers[i]), *(len(row[i]) for row in rows)]) for i in range(len(headers))]  # rows may be empty
-    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    for row in rows:
-        lines.append(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return lines
+    widths = [max(map(len, column)) for column in zip(headers, *rows)]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in [headers, *rows]]
 
 
 def render(report: ValidationReport, *, top: int = 10) -> str:
@@ -130,13 +123,9 @@ def render(report: ValidationReport, *, top: int = 10) -> str:
     if report.passed:
         lines.append("verdict     PASS")
     else:
-        reasons = []
-        if report.violations:
-            reasons.append(f"{len(report.violations)} violation(s)")
-        if report.failed_gates:
-            reasons.append(f"{len(report.failed_gates)} gate(s) failed")
-        if report.failed_runtime_checks:
-            reasons.append(f"{len(report.failed_runtime_checks)} runtime check(s) failed")
+        counts = ((report.violations, "violation(s)"), (report.failed_gates, "gate(s) failed"),
+                  (report.failed_runtime_checks, "runtime check(s) failed"))
+        reasons = [f"{len(items)} {what}" for items, what in counts if items]
         lines.append(f"verdict     FAIL ({', '.join(reasons)})")
     return "\n".join(lines)
 
@@ -201,17 +190,10 @@ def validate_command(
     profile_name: str | None,
     data: str | None,
     labels: str | None,
-    min_sqnr: float | None,
-    min_agreement: float | None,
-    metric: str,
-    iou_threshold: float,
     json_out: str | None,
-    random_images: int,
-    seed: int,
-    batch_size: int,
     top: int,
     list_profiles: bool,
-    input_shape: tuple[int, int, int] | None,
+    **settings: Any,
 ) -> int:
     """Check quantized MODEL against a constraint profile and compare it with its float --reference.
 
@@ -228,17 +210,9 @@ def validate_command(
         return EXIT_OK
     if model is None:
         raise click.UsageError("give the quantized MODEL to validate (or --list-profiles)")
-    config = ValidateConfig(
-        profile=load_profile(profile_name) if profile_name is not None else None,
-        min_sqnr=min_sqnr,
-        min_agreement=min_agreement,
-        metric=metric,
-        iou_threshold=iou_threshold,
-        random_images=random_images,
-        seed=seed,
-        batch_size=batch_size,
-        input_shape=input_shape,
-    )
+    # the other options (--min-sqnr ... --input-shape) are ValidateConfig fields
+    profile = load_profile(profile_name) if profile_name is not None else None
+    config = ValidateConfig(profile=profile, **settings)
     check_output_paths(
         [("--json", json_out if json_out != "-" else None)],
         inputs=[("MODEL", model), ("--reference", reference), ("--data", data), ("--labels", labels)],

@@ -2,26 +2,19 @@
 
 Contract:
 * :func:`validate` takes a quantized QDQ model (path or ``ModelProto``), an optional
-  float reference (``LoadedModel``, ``ModelProto`` or path), a :class:`ValidateConfig`
-  (profile, gates, metric, random images) and optional images/labels, and returns a
-  frozen :class:`ValidationReport`.
-* ``passed`` is True when there is no structural violation and every gate holds, and,
-  with a reference, onnxruntime's optimised session (what ships) stays within
-  :data:`RUNTIME_MIN_AGREEMENT` / :data:`RUNTIME_MIN_SQNR_DB` of the exact QDQ simulation
-  (the ``runtime-*`` checks; their hint names the option that fixes a drift; not for
-  ``--weights-as-float`` models, which onnxruntime re-quantizes its own way). The gates are
-  the profile's floors whenever a reference is given: ``min_output_sqnr_db`` on every
-  output, and with ``data`` (not on random images) ``min_top1_agreement`` on every
-  classifier-like output and, instead of the SQNR floor, on every output read through a
-  task metric (IoU of a probability map, CTC sequence agreement: :data:`TASK_METRICS`);
-  ``min_sqnr``/``min_agreement`` replace the matching floor
-  (``min_agreement`` gates every output's agreement metric: top-1, IoU of probability
-  maps or CTC sequence agreement, :mod:`onnxdgh.validation.metrics`).
-* A ``--weights-as-float`` model (:mod:`onnxdgh.quantization.float_weights`) is checked as the
-  integer + DequantizeLinear model its grid record describes; a constant off its grid
-  is a ``weight-off-grid`` violation. A failing model is *reported*, never raised; bad input (unreadable models,
-  images that do not fit, a gate that cannot apply) raises an
+  float reference, a :class:`ValidateConfig` and optional images/labels, and returns a
+  frozen :class:`ValidationReport`. A failing model is *reported*, never raised; bad input
+  (unreadable models, images that do not fit, a gate that cannot apply) raises an
   :class:`~onnxdgh.errors.OnnxDghError` subclass (exit code 2 in the CLI).
+* ``passed``: no structural violation, every gate holds and, with a reference,
+  onnxruntime's optimised session (what ships) stays within :data:`RUNTIME_MIN_AGREEMENT` /
+  :data:`RUNTIME_MIN_SQNR_DB` of the exact QDQ simulation (the ``runtime-*`` checks, whose
+  hint names the fix; not for ``--weights-as-float`` models, which onnxruntime re-quantizes
+  its own way). With a reference the gates are the profile's floors, or the
+  :class:`ValidateConfig` gates that replace them (docs/VALIDATE.md, "Floors").
+* A ``--weights-as-float`` model (:mod:`onnxdgh.quantization.float_weights`) is checked as
+  the integer + DequantizeLinear model its grid record describes; a constant off its grid
+  is a ``weight-off-grid`` violation.
 * Without ``data``, the numerical report runs on seeded random images: uniform pixels
   mapped through the model's ``input_mean``/``input_std`` metadata when present,
   standard normal values otherwise. The report says which, and records the sha256 of
@@ -31,12 +24,13 @@ Contract:
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import logging
 import math
 import os
 from pathlib import Path
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -122,9 +116,9 @@ class ValidateConfig:
     input_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        min_sqnr, min_agreement = check_gates(self.min_sqnr, self.min_agreement)
-        object.__setattr__(self, "min_sqnr", min_sqnr)
-        object.__setattr__(self, "min_agreement", min_agreement)
+        for name, low, high in (("min_sqnr", -1000.0, 1000.0), ("min_agreement", 0.0, 1.0)):
+            option = "--" + name.replace("_", "-")
+            object.__setattr__(self, name, _check_gate(option, getattr(self, name), low, high))
         object.__setattr__(self, "metric", check_metric(self.metric))
         object.__setattr__(self, "iou_threshold", check_threshold(self.iou_threshold))
         for name, low in (("random_images", 1), ("batch_size", 1), ("seed", 0)):
@@ -200,7 +194,7 @@ class DataInfo:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"source": self.source, "count": self.count, "labelled": self.labelled, "description": self.description}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -231,10 +225,7 @@ class ValidationReport:
     @property
     def violation_counts(self) -> dict[str, int]:
         """Violations per rule id."""
-        counts: dict[str, int] = {}
-        for violation in self.violations:
-            counts[violation.rule] = counts.get(violation.rule, 0) + 1
-        return counts
+        return dict(Counter(violation.rule for violation in self.violations))
 
     @property
     def failed_gates(self) -> tuple[GateResult, ...]:
@@ -312,27 +303,14 @@ def _load(
     )
 
 
-def check_gates(min_sqnr: float | None, min_agreement: float | None) -> tuple[float | None, float | None]:
-    """The ``--min-sqnr`` / ``--min-agreement`` gates as floats, or an :class:`InvalidInputError`.
-
-    ``quantize`` calls it before any work, so a bad gate never leaves a written model behind.
-    """
-    return _check_gate("--min-sqnr", min_sqnr, -1000.0, 1000.0), _check_gate("--min-agreement", min_agreement, 0.0, 1.0)
-
-
-def _sha256(model: object, loaded: LoadedModel) -> str:
+def _sha256(model: object) -> str:
     """sha256 of the file a model came from, else of its serialized bytes."""
-    if isinstance(model, (str, os.PathLike)):
-        path: Path | None = Path(model)
-    elif isinstance(model, LoadedModel) and Path(model.source).is_file():
-        path = Path(model.source)
-    else:
-        path = None
+    if isinstance(model, LoadedModel):
+        model = Path(model.source) if Path(model.source).is_file() else model.model
+    if isinstance(model, onnx.ModelProto):
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
     digest = hashlib.sha256()
-    if path is None:
-        digest.update((model if isinstance(model, onnx.ModelProto) else loaded.model).SerializeToString())
-        return digest.hexdigest()
-    with path.open("rb") as handle:
+    with open(model, "rb") as handle:  # type: ignore[call-overload]
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -439,14 +417,10 @@ def validate(
     """Check ``quantized`` against a profile and, given a ``reference``, measure it against the float model.
 
     Args:
-        quantized: the QDQ model (path, ``ModelProto`` or ``LoadedModel``).
-        reference: the float model it was made from; None skips the numerical report.
-        config: profile, gates, agreement metric, random images, batch size, input shape
-            (:class:`ValidateConfig`).
+        reference: the float model ``quantized`` was made from; None skips the numerical report.
         data: N x C x H x W float images preprocessed for the model (calibration or real);
             None uses ``config.random_images`` seeded random images.
         labels: N class indices for ``data``; adds float and quantized accuracy (top-1 outputs).
-        progress: show a progress bar on stderr.
         data_description: what ``data`` is, for the report (e.g. "51 held-out synthetic
             images"); default "N given images".
 
@@ -473,13 +447,15 @@ def validate(
     shipped = loaded_q.as_written if loaded_q.as_written is not None else loaded_q.model
     qgraph = analyse(shipped)
     violations = tuple(check_model(shipped, chosen, qgraph=qgraph))
+    quantizers = qgraph.quantizers.values()
     stats = {
-        "quantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "QuantizeLinear"),
-        "dequantize_nodes": sum(1 for p in qgraph.quantizers.values() if p.op_type == "DequantizeLinear"),
+        "quantize_nodes": sum(p.op_type == "QuantizeLinear" for p in quantizers),
+        "dequantize_nodes": sum(p.op_type == "DequantizeLinear" for p in quantizers),
         "weights_by_bits": qgraph.weight_bits_summary(),
         "activations_by_bits": qgraph.activation_bits_summary(),
         "per_channel_weights": sum(
-            1 for p in qgraph.quantizers.values() if p.op_type == "DequantizeLinear" and p.role == "weight" and not p.per_tensor
+            p.op_type == "DequantizeLinear" and p.role == "weight" and not p.per_tensor
+            for p in quantizers
         ),
     }
 
@@ -498,22 +474,20 @@ def validate(
             )
         if data is None:
             images, description = _random_images(loaded_ref, config.random_images, config.seed)
-            data_info = DataInfo("random", images.shape[0], False, description)
         else:
             images = check_images(data, what="validation images", input_shape=loaded_ref.input_shape)
-            data_info = DataInfo(
-                "given", images.shape[0], labels is not None, data_description or f"{images.shape[0]} given images"
-            )
-        checked_labels = _check_labels(labels, images.shape[0]) if labels is not None else None
-        step = _batch_size(loaded_ref, loaded_q, config.batch_size)
+            description = data_description or f"{images.shape[0]} given images"
+        # labels come only with data (checked above)
+        source = "given" if data is not None else "random"
+        data_info = DataInfo(source, images.shape[0], labels is not None, description)
         numeric = compare(
             loaded_ref.model,
             loaded_q.model,
             images,
             output_pairs=_output_pairs(loaded_ref, loaded_q),
             qgraph=qgraph,
-            labels=checked_labels,
-            batch_size=step,
+            labels=_check_labels(labels, images.shape[0]) if labels is not None else None,
+            batch_size=_batch_size(loaded_ref, loaded_q, config.batch_size),
             progress=progress,
             metric=config.metric,
             iou_threshold=config.iou_threshold,
@@ -530,17 +504,16 @@ def validate(
         agree_floor = min_agreement if min_agreement is not None else profile_agreement
         # A probability map or a recogniser's per-step scores is read through its task metric,
         # which is then the verdict instead of the profile's SQNR floor: SQNR weighs every value
-        # alike (a map's background, 6625 class scores per step), not the cut or the arg-max that
-        # is read. PP-OCRv4, W8A8, held-out images: the detector 14.8 dB at IoU 0.953, the
-        # recogniser 12.8 dB at 98.9 % sequence agreement (docs/VALIDATE.md, "Task metrics").
+        # alike, not the cut or the arg-max that is read (docs/VALIDATE.md, "Task metrics").
         task_read = {out.name for out in measured if out.metric in TASK_METRICS} if agree_floor is not None else set()
         sqnr_floor, sqnr_origin = (min_sqnr, "option") if min_sqnr is not None else (chosen.min_output_sqnr_db, "profile")
         if sqnr_floor is not None:
-            for out in numeric.outputs:
-                if sqnr_origin == "profile" and out.name in task_read:
-                    continue
-                # NaN (a quantized output that is not a number) compares False: it fails.
-                gates.append(GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor, sqnr_origin))
+            # NaN (a quantized output that is not a number) compares False: it fails.
+            gates += [
+                GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor,
+                           sqnr_origin)
+                for out in numeric.outputs if sqnr_origin == "option" or out.name not in task_read
+            ]
         if min_agreement is not None and not measured:
             raise InvalidInputError(
                 "--min-agreement needs an output with an agreement metric (N x K class scores, an N x 1 x H x W "
@@ -552,10 +525,9 @@ def validate(
             else ("profile", [out for out in measured if out.metric == "top1" or out.name in task_read])
         )
         if agree_floor is not None:
-            for out in gated:
-                value = out.agreement
-                gates.append(GateResult("min-agreement", out.name, agree_floor, value,
-                                        value is not None and value >= agree_floor, agree_origin, metric=out.metric))
+            gates += [GateResult("min-agreement", out.name, agree_floor, out.agreement,
+                                 out.agreement is not None and out.agreement >= agree_floor,
+                                 agree_origin, metric=out.metric) for out in gated]
         if WEIGHT_FORMAT_KEY not in loaded_q.metadata:
             # A --weights-as-float model is for converters, not onnxruntime: its optimised session
             # re-quantizes the float weights its own way, so its gap says nothing about this CPU.
@@ -574,8 +546,8 @@ def validate(
         quantization=stats,
         passed=passed,
         runtime_checks=tuple(runtime_checks),
-        model_sha256=_sha256(quantized, loaded_q),
-        reference_sha256=_sha256(reference, loaded_ref) if loaded_ref is not None else None,
+        model_sha256=_sha256(quantized),
+        reference_sha256=_sha256(reference) if reference is not None else None,
         diagnosis=numeric.diagnosis if numeric else None,
     )
     _LOG.info(

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -106,18 +107,12 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 _TP = onnx.TensorProto
+_FLOAT_TYPES = (_TP.FLOAT, _TP.FLOAT16, _TP.DOUBLE, _TP.BFLOAT16)
 
 
-def integer_type_info(elem_type: int) -> tuple[str, int, bool] | None:
+def integer_type_info(elem_type: int | None) -> tuple[str, int, bool] | None:
     """``(name, bits, signed)`` for an integer ONNX elem type a Q/DQ can carry, else None."""
-    return INTEGER_TYPES.get(elem_type)
-
-
-def _type_name(elem_type: int) -> str:
-    try:
-        return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
-    except (KeyError, ValueError):
-        return f"type {elem_type}"
+    return None if elem_type is None else INTEGER_TYPES.get(elem_type)
 
 
 @dataclass(frozen=True)
@@ -131,7 +126,7 @@ class Violation:
 
     def to_dict(self) -> dict[str, str | None]:
         """JSON-ready form."""
-        return {"rule": self.rule, "node": self.node, "tensor": self.tensor, "message": self.message}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -169,7 +164,13 @@ class QParams:
         if self.elem_type is None:
             return "unknown type"
         info = integer_type_info(self.elem_type)
-        return info[0] if info else _type_name(self.elem_type)
+        if info:
+            return info[0]
+        try:
+            name = onnx.helper.tensor_dtype_to_string(self.elem_type)
+        except (KeyError, ValueError):
+            return f"type {self.elem_type}"
+        return name.replace("TensorProto.", "").lower()
 
 
 class QuantGraph(g.GraphView):
@@ -177,18 +178,20 @@ class QuantGraph(g.GraphView):
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
-        graph = self.graph
         self.model = model
         self.opset = g.opset_version(model)
-        self.elem_types = _elem_types(model)
+        try:
+            typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception as exc:  # untypeable tensors are then treated as float (the strict choice)
+            _LOG.info("shape inference failed during validation: %s", exc)
+            typed = model
+        self.elem_types = g.tensor_elem_types(typed.graph)
         self.quantizers: dict[int, QParams] = {}
-        # Q/DQ first pass: types of Q outputs are needed to type DQ inputs.
-        for node in graph.node:
-            if node.op_type == "QuantizeLinear" and node.domain in _DEFAULT_DOMAINS:
-                self.quantizers[id(node)] = self._read_q(node)
-        for node in graph.node:
-            if node.op_type == "DequantizeLinear" and node.domain in _DEFAULT_DOMAINS:
-                self.quantizers[id(node)] = self._read_dq(node)
+        # Q first: the types of Q outputs are needed to type DQ inputs.
+        for op_type, read in (("QuantizeLinear", self._read_q),
+                              ("DequantizeLinear", self._read_dq)):
+            self.quantizers.update((id(node), read(node)) for node in self.graph.node
+                                   if node.op_type == op_type and node.domain in _DEFAULT_DOMAINS)
 
     # ------------------------------------------------------------ lookups
 
@@ -201,11 +204,8 @@ class QuantGraph(g.GraphView):
 
     def q_consumers(self, tensor: str) -> list[QParams]:
         """QuantizeLinear nodes reading ``tensor``."""
-        return [
-            self.quantizers[id(node)]
-            for node in self.consumers.get(tensor, [])
-            if node.op_type == "QuantizeLinear" and id(node) in self.quantizers
-        ]
+        found = (self.quantizers.get(id(node)) for node in self.readers(tensor))
+        return [p for p in found if p is not None and p.op_type == "QuantizeLinear"]
 
     def is_range_clip(self, node: onnx.NodeProto) -> bool:
         """The quantizer's sub-8-bit range restriction: a ``Clip`` that feeds only QuantizeLinear
@@ -213,16 +213,16 @@ class QuantGraph(g.GraphView):
 
         A Clip that merely happens to precede a quantizer (Relu6 = Clip(0, 6)) is a compute op.
         """
-        if node.op_type != "Clip" or node.output[0] in self.outputs:
+        if node.op_type != "Clip" or node.output[0] in self.output_set:
             return False
-        users = self.consumers.get(node.output[0], [])
-        if not users or any(user.op_type != "QuantizeLinear" for user in users):
-            return False
-        for user in users:
-            scale = self.constant(user.input[1]) if len(user.input) > 1 else None
-            if scale is None or scale.size != 1 or self._clip_bits(node, float(scale.reshape(-1)[0])) is None:
-                return False
-        return True
+        users = self.readers(node.output[0])
+        return bool(users) and all(
+            user.op_type == "QuantizeLinear"
+            and (scale := self.input_constant(user, 1)) is not None
+            and scale.size == 1
+            and self._clip_bits(node, float(scale.reshape(-1)[0])) is not None
+            for user in users
+        )
 
     def activation_dequantizers(self) -> list[QParams]:
         """DequantizeLinear nodes of computed tensors (their Q's input is not a constant), in graph order."""
@@ -236,50 +236,43 @@ class QuantGraph(g.GraphView):
 
     def weight_bits_summary(self) -> dict[str, int]:
         """How many weight tensors store values needing each bit width (``{"8": 5, "4": 1}``)."""
-        counts: dict[str, int] = {}
-        for params in self.quantizers.values():
-            if params.op_type == "DequantizeLinear" and params.role == "weight":
-                values = self.constant(params.input)
-                if values is None or params.signed is None:
-                    continue
-                bits = _value_bits(values, params.signed)
-                counts[str(bits)] = counts.get(str(bits), 0) + 1
-        return dict(sorted(counts.items(), key=lambda item: int(item[0])))
+        return _by_bits(
+            _value_bits(values, p.signed)
+            for p in self.quantizers.values()
+            if p.op_type == "DequantizeLinear" and p.role == "weight" and p.signed is not None
+            and (values := self.constant(p.input)) is not None
+        )
 
     def activation_bits_summary(self) -> dict[str, int]:
         """How many activation quantizers use each effective bit width."""
-        counts: dict[str, int] = {}
-        for params in self.quantizers.values():
-            if params.op_type == "QuantizeLinear" and params.role == "activation" and params.bits is not None:
-                counts[str(params.bits)] = counts.get(str(params.bits), 0) + 1
-        return dict(sorted(counts.items(), key=lambda item: int(item[0])))
+        return _by_bits(
+            p.bits
+            for p in self.quantizers.values()
+            if p.op_type == "QuantizeLinear" and p.role == "activation" and p.bits is not None
+        )
 
     # ------------------------------------------------------------ reading Q/DQ
 
     def _read_q(self, node: onnx.NodeProto) -> QParams:
-        scale, zero_point = self.input_constant(node, 1), self.input_constant(node, 2)
-        has_zp = len(node.input) > 2 and bool(node.input[2])
-        attrs = g.node_attributes(node)
-        if has_zp:
-            elem_type: int | None = self.constant_type(node.input[2]) or self.elem_types.get(node.input[2])
+        scale = self.input_constant(node, 1)
+        zero_point = node.input[2] if len(node.input) > 2 else ""
+        if zero_point:
+            elem_type: int | None = (self.constant_type(zero_point)
+                                     or self.elem_types.get(zero_point))
         else:
             # Without a zero point the output type is output_dtype (opset 21) or uint8.
-            elem_type = int(attrs.get("output_dtype", 0) or 0) or _TP.UINT8  # type: ignore[call-overload]
-        source = node.input[0]
-        role = "weight" if self.is_constant(source) else "activation"
-        info = integer_type_info(elem_type) if elem_type is not None else None
-        bits = info[1] if info else None
-        signed = info[2] if info else None
-        clip_name = None
+            elem_type = int(g.attribute(node, "output_dtype", 0)) or _TP.UINT8  # type: ignore
+        _name, bits, signed = integer_type_info(elem_type) or (None, None, None)
+        source, clip_name = node.input[0], None
         producer = self.producers.get(source)
         if producer is not None and self.is_range_clip(producer) and scale is not None and scale.size == 1:
             narrowed = self._clip_bits(producer, float(scale.reshape(-1)[0]))
             if narrowed is not None and bits is not None and narrowed < bits:
                 bits = narrowed
-            source = producer.input[0]
-            clip_name = self.label(producer)
-        return QParams(self.label(node), node.op_type, node.input[0], node.output[0], role, scale, zero_point,
-                       elem_type, bits, signed, source, clip_name)
+            source, clip_name = producer.input[0], self.label(producer)
+        role = "weight" if self.is_constant(node.input[0]) else "activation"
+        return QParams(self.label(node), node.op_type, node.input[0], node.output[0], role, scale,
+                       self.input_constant(node, 2), elem_type, bits, signed, source, clip_name)
 
     def _clip_bits(self, clip: onnx.NodeProto, scale: float) -> int | None:
         """The grid width a Clip before a Q restricts to: log2((hi - lo)/scale + 1), when exact."""
@@ -298,37 +291,31 @@ class QuantGraph(g.GraphView):
         return int(round(bits))
 
     def _read_dq(self, node: onnx.NodeProto) -> QParams:
-        scale, zero_point = self.input_constant(node, 1), self.input_constant(node, 2)
-        has_zp = len(node.input) > 2 and bool(node.input[2])
-        source_tensor = node.input[0]
-        constant_type = self.constant_type(source_tensor)
-        producer = self.producers.get(source_tensor)
+        tensor = node.input[0]
+        constant_type = self.constant_type(tensor)
+        producer = self.producers.get(tensor)
         q_params = self.quantizers.get(id(producer)) if producer is not None else None
+        zero_point = node.input[2] if len(node.input) > 2 else ""
         elem_type: int | None
         if constant_type is not None:
-            elem_type = constant_type
-        elif q_params is not None:
-            elem_type = q_params.elem_type
-        elif has_zp and self.is_constant(node.input[2]):
-            elem_type = self.constant_type(node.input[2])
-        else:
-            elem_type = self.elem_types.get(source_tensor)
-        if constant_type is not None:
+            elem_type, source = constant_type, tensor
             role = "bias" if self._feeds_bias(node.output[0]) else "weight"
-            source: str | None = source_tensor
         elif q_params is not None:
-            role = q_params.role
-            source = q_params.source
+            elem_type, role, source = q_params.elem_type, q_params.role, q_params.source
         else:
             role, source = "other", None
-        info = integer_type_info(elem_type) if elem_type is not None else None
+            if zero_point and self.is_constant(zero_point):
+                elem_type = self.constant_type(zero_point)
+            else:
+                elem_type = self.elem_types.get(tensor)
+        info = integer_type_info(elem_type)
         bits = q_params.bits if q_params is not None else (info[1] if info else None)
-        signed = info[2] if info else None
-        return QParams(self.label(node), node.op_type, source_tensor, node.output[0], role, scale, zero_point,
-                       elem_type, bits, signed, source, q_params.clip_node if q_params else None)
+        return QParams(self.label(node), node.op_type, tensor, node.output[0], role,
+                       self.input_constant(node, 1), self.input_constant(node, 2), elem_type, bits,
+                       info[2] if info else None, source, q_params.clip_node if q_params else None)
 
     def _feeds_bias(self, tensor: str) -> bool:
-        users = self.consumers.get(tensor, [])
+        users = self.readers(tensor)
         return bool(users) and all(
             (bias := spec(user.op_type).bias) is not None
             and len(user.input) > bias
@@ -336,17 +323,6 @@ class QuantGraph(g.GraphView):
             and tensor not in user.input[:bias]
             for user in users
         )
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of every tensor ONNX shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as exc:  # untypeable tensors are then treated as float (the strict choice)
-        _LOG.info("shape inference failed during validation: %s", exc)
-        inferred = model
-    graph = inferred.graph
-    return g.tensor_elem_types(graph)
 
 
 def analyse(model: onnx.ModelProto) -> QuantGraph:
@@ -359,6 +335,11 @@ def analyse(model: onnx.ModelProto) -> QuantGraph:
 
 
 # --------------------------------------------------------------------- helpers
+
+
+def _by_bits(widths: Iterable[int]) -> dict[str, int]:
+    counts = Counter(widths)
+    return {str(bits): counts[bits] for bits in sorted(counts)}
 
 
 def _is_power_of_two(values: np.ndarray) -> bool:
@@ -376,13 +357,8 @@ def _value_bits(values: np.ndarray, signed: bool) -> int:
         return 1
     low, high = int(flat.min()), int(flat.max())
     if not signed:
-        return max(1, int(high).bit_length())
-    needed = 1
-    if high > 0:
-        needed = max(needed, int(high).bit_length() + 1)
-    if low < 0:
-        needed = max(needed, int(-low - 1).bit_length() + 1)
-    return needed
+        return max(1, high.bit_length())
+    return 1 + max(max(high, 0).bit_length(), max(-low - 1, 0).bit_length())
 
 
 def _fmt(values: np.ndarray | None) -> str:
@@ -403,11 +379,9 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.allclose(a64, b64, rtol=1e-6, atol=0.0))
 
 
-def _data_inputs(node: onnx.NodeProto) -> Iterable[tuple[int, str]]:
+def _data_inputs(node: onnx.NodeProto) -> list[str]:
     skip = spec(node.op_type).shape_inputs
-    for index, name in enumerate(node.input):
-        if name and index not in skip:
-            yield index, name
+    return [name for index, name in enumerate(node.input) if name and index not in skip]
 
 
 # ---------------------------------------------------------------------- checks
@@ -440,53 +414,34 @@ def check_model(model: onnx.ModelProto, profile: Profile, *, qgraph: QuantGraph 
     return found
 
 
-def _check_opset(q: QuantGraph, profile: Profile) -> list[Violation]:
-    if q.opset is None or profile.opset_min <= q.opset <= profile.opset_max:
-        return []
-    return [
-        Violation(
-            "opset-range",
-            None,
-            None,
-            f"the model uses opset {q.opset}; profile {profile.name} accepts opsets "
-            f"{profile.opset_min} to {profile.opset_max}",
-        )
-    ]
+def _check_opset(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
+    if q.opset is not None and not profile.opset_min <= q.opset <= profile.opset_max:
+        yield Violation("opset-range", None, None,
+                        f"the model uses opset {q.opset}; profile {profile.name} accepts opsets "
+                        f"{profile.opset_min} to {profile.opset_max}")
 
 
-def _check_graph_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found = []
+def _check_graph_inputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     for name in q.inputs:
-        for user in q.consumers.get(name, []):
+        for user in q.readers(name):
             if user.op_type == "QuantizeLinear" or user.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(user):
                 continue
-            found.append(
-                Violation(
-                    "graph-input-not-quantized",
-                    q.label(user),
-                    name,
-                    f"graph input {name!r} is read by {user.op_type} {q.label(user)!r} instead of QuantizeLinear",
-                )
-            )
-    return found
+            yield Violation("graph-input-not-quantized", q.label(user), name,
+                            f"graph input {name!r} is read by {user.op_type} {q.label(user)!r} "
+                            "instead of QuantizeLinear")
 
 
-def _check_graph_outputs(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found = []
+def _check_graph_outputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     for name in q.outputs:
         producer = q.producers.get(name)
         if producer is not None and producer.op_type == "DequantizeLinear":
             continue
-        what = f"{producer.op_type} {q.label(producer)!r}" if producer is not None else "no node (an input or constant)"
-        found.append(
-            Violation(
-                "graph-output-not-dequantized",
-                q.label(producer) if producer is not None else None,
-                name,
-                f"graph output {name!r} is produced by {what}, not by DequantizeLinear",
-            )
-        )
-    return found
+        label, what = None, "no node (an input or constant)"
+        if producer is not None:
+            label = q.label(producer)
+            what = f"{producer.op_type} {label!r}"
+        yield Violation("graph-output-not-dequantized", label, name,
+                        f"graph output {name!r} is produced by {what}, not by DequantizeLinear")
 
 
 def _written_out_inside(q: QuantGraph, profile: Profile) -> dict[int, frozenset[str]]:
@@ -500,118 +455,77 @@ def _written_out_inside(q: QuantGraph, profile: Profile) -> dict[int, frozenset[
     return inside
 
 
-def _check_ops(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found = []
+def _check_ops(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     written_out = _written_out_inside(q, profile)
     for node in q.graph.node:
+        label, output = q.label(node), (node.output[0] if node.output else None)
         if node.op_type == "BatchNormalization":
-            found.append(
-                Violation(
-                    "batchnorm-left",
-                    q.label(node),
-                    node.output[0],
-                    f"BatchNormalization {q.label(node)!r} is still in the graph; fold it into the preceding Conv/Gemm",
-                )
-            )
-            continue
-        if node.domain not in _DEFAULT_DOMAINS:
-            found.append(
-                Violation(
-                    "op-not-allowed",
-                    q.label(node),
-                    node.output[0] if node.output else None,
-                    f"{node.domain}.{node.op_type} {q.label(node)!r} is a custom-domain op; profile {profile.name} "
-                    "accepts standard ONNX ops only",
-                )
-            )
-            continue
+            yield Violation("batchnorm-left", label, node.output[0],
+                            f"BatchNormalization {label!r} is still in the graph; "
+                            "fold it into the preceding Conv/Gemm")
+        elif node.domain not in _DEFAULT_DOMAINS:
+            yield Violation("op-not-allowed", label, output,
+                            f"{node.domain}.{node.op_type} {label!r} is a custom-domain op; "
+                            f"profile {profile.name} accepts standard ONNX ops only")
         # The range Clip before a QuantizeLinear is part of the quantizer (a narrower grid),
         # not a compute op the target must run.
-        if profile.allows_op(node.op_type) or q.is_range_clip(node) or id(node) in written_out:
-            continue
-        found.append(
-            Violation(
-                "op-not-allowed",
-                q.label(node),
-                node.output[0] if node.output else None,
-                f"{node.op_type} {q.label(node)!r} is not in the allowed ops of profile {profile.name}",
-            )
-        )
-    return found
+        elif not (profile.allows_op(node.op_type) or q.is_range_clip(node)
+                  or id(node) in written_out):
+            yield Violation("op-not-allowed", label, output,
+                            f"{node.op_type} {label!r} is not in the allowed ops of profile "
+                            f"{profile.name}")
 
 
-def _check_float_inputs(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found = []
+def _check_float_inputs(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     written_out = _written_out_inside(q, profile)
     for node in q.graph.node:
         # A range Clip feeding only QuantizeLinear is part of the quantizer (a narrower grid).
         if node.op_type in _QDQ or node.op_type in _SHAPE_ONLY_OPS or q.is_range_clip(node):
             continue
-        for _index, name in _data_inputs(node):
-            if name in written_out.get(id(node), ()):
-                continue  # inside one op written out as several nodes, which the profile allows
-            elem_type = q.elem_types.get(name)
-            producer = q.producers.get(name)
-            if producer is not None and producer.op_type == "DequantizeLinear":
-                continue
-            if producer is not None and producer.op_type == "QuantizeLinear":
-                found.append(
-                    Violation(
-                        "float-input-not-dequantized",
-                        q.label(node),
-                        name,
-                        f"{node.op_type} {q.label(node)!r} reads the integers {name!r} of QuantizeLinear "
-                        f"{q.label(producer)!r} directly; a QDQ graph feeds compute ops through DequantizeLinear",
-                    )
-                )
-                continue
-            if elem_type is not None and elem_type not in (_TP.FLOAT, _TP.FLOAT16, _TP.DOUBLE, _TP.BFLOAT16):
-                continue  # integer indices, booleans: not quantized values
-            if producer is None:
-                what = "graph input" if name in q.inputs else "float constant"
-                found.append(
-                    Violation(
-                        "float-input-not-dequantized",
-                        q.label(node),
-                        name,
-                        f"{node.op_type} {q.label(node)!r} reads {what} {name!r} in float, not through DequantizeLinear",
-                    )
-                )
-                continue
-            if profile.is_fused(producer.op_type, node.op_type):
-                if spec(producer.op_type).gate and node.op_type == "Mul" and not is_gate_partner(producer, node):
-                    found.append(
-                        Violation(
-                            "float-input-not-dequantized",
-                            q.label(node),
-                            name,
-                            f"Mul {q.label(node)!r} reads {producer.op_type} {q.label(producer)!r} without Q/DQ, but "
-                            f"{producer.op_type}->Mul is fused only as a gated activation Mul(x, {producer.op_type}(x))",
-                        )
-                    )
-                    continue
-                found.extend(_fused_branch(q, producer, node, name, profile))
-                continue
-            if _gated_mul_input(q, producer, node, name, profile):
-                continue
-            found.append(
-                Violation(
-                    "float-input-not-dequantized",
-                    q.label(node),
-                    name,
-                    f"{node.op_type} {q.label(node)!r} reads {name!r} from {producer.op_type} {q.label(producer)!r} "
-                    f"without Q/DQ, and {producer.op_type}->{node.op_type} is no fused pattern of {profile.name}",
-                )
-            )
-    return found
+        for name in _data_inputs(node):
+            # inside one op written out as several nodes, which the profile allows
+            if name not in written_out.get(id(node), ()):
+                yield from _check_float_input(q, profile, node, name)
+
+
+def _check_float_input(
+    q: QuantGraph, profile: Profile, node: onnx.NodeProto, name: str
+) -> Iterator[Violation]:
+    producer = q.producers.get(name)
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return
+    label, op = q.label(node), node.op_type
+    if producer is not None and producer.op_type == "QuantizeLinear":
+        yield Violation("float-input-not-dequantized", label, name,
+                        f"{op} {label!r} reads the integers {name!r} of QuantizeLinear "
+                        f"{q.label(producer)!r} directly; a QDQ graph feeds compute ops through "
+                        "DequantizeLinear")
+    elif q.elem_types.get(name, _TP.FLOAT) not in _FLOAT_TYPES:
+        return  # integer indices, booleans: not quantized values
+    elif producer is None:
+        what = "graph input" if name in q.inputs else "float constant"
+        yield Violation("float-input-not-dequantized", label, name,
+                        f"{op} {label!r} reads {what} {name!r} in float, "
+                        "not through DequantizeLinear")
+    elif not profile.is_fused(producer.op_type, op):
+        if not _gated_mul_input(q, producer, node, name, profile):
+            yield Violation("float-input-not-dequantized", label, name,
+                            f"{op} {label!r} reads {name!r} from {producer.op_type} "
+                            f"{q.label(producer)!r} without Q/DQ, and {producer.op_type}->{op} "
+                            f"is no fused pattern of {profile.name}")
+    elif spec(producer.op_type).gate and op == "Mul" and not is_gate_partner(producer, node):
+        yield Violation("float-input-not-dequantized", label, name,
+                        f"Mul {label!r} reads {producer.op_type} {q.label(producer)!r} without "
+                        f"Q/DQ, but {producer.op_type}->Mul is fused only as a gated activation "
+                        f"Mul(x, {producer.op_type}(x))")
+    else:
+        yield from _fused_branch(q, producer, node, name, profile)
 
 
 def _gated_pair(q: QuantGraph, tensor: str, profile: Profile) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
     """The (gate, Mul) of a gated activation on ``tensor`` that ``profile`` fuses, else None."""
-    pair = gated_activation(tensor, q.consumers.get(tensor, []))
-    if pair is None or not profile.is_fused(pair[0].op_type, "Mul"):
-        return None
-    return pair
+    pair = gated_activation(tensor, q.readers(tensor))
+    return pair if pair is not None and profile.is_fused(pair[0].op_type, "Mul") else None
 
 
 def _gated_mul_input(
@@ -625,77 +539,55 @@ def _gated_mul_input(
 
 def _fused_branch(
     q: QuantGraph, producer: onnx.NodeProto, node: onnx.NodeProto, tensor: str, profile: Profile
-) -> list[Violation]:
+) -> Iterator[Violation]:
     pair = _gated_pair(q, tensor, profile)
     partner = pair[1] if pair is not None and pair[0] is node else None  # the gate's Mul
-    others = [user for user in q.consumers.get(tensor, []) if user is not node and user is not partner]
-    if not others and tensor not in q.outputs:
-        return []
-    readers = ", ".join(f"{user.op_type} {q.label(user)!r}" for user in others)
-    if tensor in q.outputs:
-        readers = ", ".join(filter(None, [readers, "the graph output"]))
-    return [
-        Violation(
-            "fused-pattern-branch",
-            q.label(producer),
-            tensor,
-            f"{tensor!r} is inside the fused {producer.op_type}->{node.op_type} ({q.label(producer)!r} -> "
-            f"{q.label(node)!r}) but is also read by {readers}; fused hardware never exposes it",
-        )
-    ]
+    readers = [f"{user.op_type} {q.label(user)!r}" for user in q.readers(tensor)
+               if user is not node and user is not partner]
+    if tensor in q.output_set:
+        readers.append("the graph output")
+    if readers:
+        yield Violation("fused-pattern-branch", q.label(producer), tensor,
+                        f"{tensor!r} is inside the fused {producer.op_type}->{node.op_type} "
+                        f"({q.label(producer)!r} -> {q.label(node)!r}) but is also read by "
+                        f"{', '.join(readers)}; fused hardware never exposes it")
 
 
-def _check_qdq_params(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found: list[Violation] = []
+def _check_qdq_params(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     for node in q.graph.node:
         params = q.quantizers.get(id(node))
         if params is None:
             continue
-        name, tensor = params.node, params.input
+        name, tensor, what = params.node, params.input, f"{params.op_type} {params.node!r}"
         # Scale and zero point: every Q and DQ.
         if params.scale is None:
-            found.append(
-                Violation(
-                    "scale-not-power-of-two",
-                    name,
-                    tensor,
-                    f"{params.op_type} {name!r} takes its scale from a computed tensor; the target needs a constant",
-                )
-            )
+            yield Violation("scale-not-power-of-two", name, tensor,
+                            f"{what} takes its scale from a computed tensor; "
+                            "the target needs a constant")
         elif profile.power_of_two_scales and not _is_power_of_two(params.scale):
-            found.append(
-                Violation(
-                    "scale-not-power-of-two",
-                    name,
-                    tensor,
-                    f"{params.op_type} {name!r} on {tensor!r} has scale {_fmt(params.scale)}, not an exact power of two",
-                )
-            )
-        has_zp = len(node.input) > 2 and bool(node.input[2])
-        if profile.zero_point_zero and has_zp:
+            yield Violation("scale-not-power-of-two", name, tensor,
+                            f"{what} on {tensor!r} has scale {_fmt(params.scale)}, "
+                            "not an exact power of two")
+        if profile.zero_point_zero and len(node.input) > 2 and node.input[2]:
             if params.zero_point is None:
-                found.append(
-                    Violation("zero-point-not-zero", name, tensor,
-                              f"{params.op_type} {name!r} takes its zero point from a computed tensor; it must be 0")
-                )
+                yield Violation("zero-point-not-zero", name, tensor,
+                                f"{what} takes its zero point from a computed tensor; it must be 0")
             elif np.any(np.asarray(params.zero_point).astype(np.int64) != 0):
-                found.append(
-                    Violation("zero-point-not-zero", name, tensor,
-                              f"{params.op_type} {name!r} on {tensor!r} has zero point {_fmt(params.zero_point)}, not 0")
-                )
+                yield Violation("zero-point-not-zero", name, tensor,
+                                f"{what} on {tensor!r} has zero point "
+                                f"{_fmt(params.zero_point)}, not 0")
         if params.op_type == "DequantizeLinear":
-            found.extend(_check_pair(q, node, params))
+            yield from _check_pair(q, node, params)
             if params.role == "weight":
-                found.extend(_check_weight(q, params, profile))
+                yield from _check_weight(q, params, profile)
         elif params.role == "activation":
-            found.extend(_check_activation(params, profile))
-    return found
+            yield from _check_activation(params, profile)
 
 
-def _check_pair(q: QuantGraph, node: onnx.NodeProto, params: QParams) -> list[Violation]:
+def _check_pair(q: QuantGraph, node: onnx.NodeProto, params: QParams) -> Iterator[Violation]:
     producer = q.producers.get(node.input[0])
     if producer is None or producer.op_type != "QuantizeLinear" or id(producer) not in q.quantizers:
-        return []
+        return
     qp = q.quantizers[id(producer)]
     problems = []
     if not _same(qp.scale, params.scale):
@@ -704,95 +596,69 @@ def _check_pair(q: QuantGraph, node: onnx.NodeProto, params: QParams) -> list[Vi
     zp_dq = params.zero_point if params.zero_point is not None else np.zeros(1)
     if not _same(zp_q, zp_dq):
         problems.append(f"zero point {_fmt(zp_dq)} vs {_fmt(zp_q)}")
-    if not problems:
-        return []
-    return [
-        Violation(
-            "qdq-pair-mismatch",
-            params.node,
-            node.input[0],
-            f"DequantizeLinear {params.node!r} does not undo QuantizeLinear {qp.node!r}: {'; '.join(problems)}",
-        )
-    ]
+    if problems:
+        yield Violation("qdq-pair-mismatch", params.node, node.input[0],
+                        f"DequantizeLinear {params.node!r} does not undo QuantizeLinear "
+                        f"{qp.node!r}: {'; '.join(problems)}")
 
 
-def _check_activation(params: QParams, profile: Profile) -> list[Violation]:
-    found = []
-    info = integer_type_info(params.elem_type) if params.elem_type is not None else None
+def _check_activation(params: QParams, profile: Profile) -> Iterator[Violation]:
+    info = integer_type_info(params.elem_type)
+    where = f"QuantizeLinear {params.node!r} on {params.input!r}"
+    allows = f"profile {profile.name} allows"
     if info is None or params.bits is None:
-        found.append(
-            Violation("activation-bits", params.node, params.input,
-                      f"QuantizeLinear {params.node!r} on {params.input!r} produces {params.type_name}, "
-                      "not an integer type")
-        )
-        return found
+        yield Violation("activation-bits", params.node, params.input,
+                        f"{where} produces {params.type_name}, not an integer type")
+        return
     if params.bits not in profile.activation_bits:
-        how = f" (a range Clip {params.clip_node!r} narrows {info[0]})" if params.clip_node and params.bits < info[1] else ""
-        found.append(
-            Violation("activation-bits", params.node, params.input,
-                      f"QuantizeLinear {params.node!r} on {params.input!r} uses {params.bits} bits{how}; "
-                      f"profile {profile.name} allows {', '.join(map(str, profile.activation_bits))}")
-        )
+        narrowed = params.clip_node and params.bits < info[1]
+        how = f" (a range Clip {params.clip_node!r} narrows {info[0]})" if narrowed else ""
+        yield Violation("activation-bits", params.node, params.input,
+                        f"{where} uses {params.bits} bits{how}; "
+                        f"{allows} {', '.join(map(str, profile.activation_bits))}")
     signedness = "signed" if info[2] else "unsigned"
     if signedness not in profile.activation_signedness:
-        found.append(
-            Violation("activation-signedness", params.node, params.input,
-                      f"QuantizeLinear {params.node!r} on {params.input!r} is {signedness} ({info[0]}); "
-                      f"profile {profile.name} allows {', '.join(profile.activation_signedness)} activations")
-        )
+        yield Violation("activation-signedness", params.node, params.input,
+                        f"{where} is {signedness} ({info[0]}); "
+                        f"{allows} {', '.join(profile.activation_signedness)} activations")
     if not params.per_tensor:
-        found.append(
-            Violation("per-channel-activations", params.node, params.input,
-                      f"QuantizeLinear {params.node!r} on {params.input!r} has {params.scale.size} scales "  # type: ignore[union-attr]
-                      "(per channel); activations are quantized per tensor")
-        )
-    return found
+        yield Violation("per-channel-activations", params.node, params.input,
+                        f"{where} has {params.scale.size} scales "  # type: ignore[union-attr]
+                        "(per channel); activations are quantized per tensor")
 
 
-def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> list[Violation]:
-    found = []
-    info = integer_type_info(params.elem_type) if params.elem_type is not None else None
+def _check_weight(q: QuantGraph, params: QParams, profile: Profile) -> Iterator[Violation]:
+    info = integer_type_info(params.elem_type)
+    what, allows = f"weight {params.input!r}", f"profile {profile.name} allows"
     if info is None:
-        return [
-            Violation("weight-bits", params.node, params.input,
-                      f"weight {params.input!r} is stored as {params.type_name}, not an integer type")
-        ]
+        yield Violation("weight-bits", params.node, params.input,
+                        f"{what} is stored as {params.type_name}, not an integer type")
+        return
     type_name, container_bits, signed = info
     values = q.constant(params.input)
     widest = profile.max_weight_bits
     if container_bits < 8 and container_bits not in profile.weight_bits:
-        found.append(
-            Violation("weight-bits", params.node, params.input,
-                      f"weight {params.input!r} is stored as {type_name}; profile {profile.name} allows "
-                      f"{', '.join(map(str, profile.weight_bits))}-bit weights")
-        )
-    elif values is not None:
-        needed = _value_bits(values, signed)
-        if needed > widest:
-            flat = np.asarray(values).astype(np.int64)
-            found.append(
-                Violation("weight-bits", params.node, params.input,
-                          f"weight {params.input!r} stores values {int(flat.min())}..{int(flat.max())} "
-                          f"({needed} bits); profile {profile.name} allows at most {widest}-bit weights")
-            )
+        yield Violation("weight-bits", params.node, params.input,
+                        f"{what} is stored as {type_name}; "
+                        f"{allows} {', '.join(map(str, profile.weight_bits))}-bit weights")
+    elif values is not None and (needed := _value_bits(values, signed)) > widest:
+        flat = np.asarray(values).astype(np.int64)
+        yield Violation("weight-bits", params.node, params.input,
+                        f"{what} stores values {int(flat.min())}..{int(flat.max())} "
+                        f"({needed} bits); {allows} at most {widest}-bit weights")
     signedness = "signed" if signed else "unsigned"
     if signedness not in profile.weight_signedness:
-        found.append(
-            Violation("weight-signedness", params.node, params.input,
-                      f"weight {params.input!r} is stored {signedness} ({type_name}); profile {profile.name} "
-                      f"allows {', '.join(profile.weight_signedness)} weights")
-        )
+        yield Violation("weight-signedness", params.node, params.input,
+                        f"{what} is stored {signedness} ({type_name}); "
+                        f"{allows} {', '.join(profile.weight_signedness)} weights")
     if not params.per_tensor and not profile.per_channel_weights:
-        found.append(
-            Violation("per-channel-weights", params.node, params.input,
-                      f"weight {params.input!r} has {params.scale.size} scales (per channel); "  # type: ignore[union-attr]
-                      f"profile {profile.name} allows per-tensor weight scales only")
-        )
-    return found
+        yield Violation("per-channel-weights", params.node, params.input,
+                        f"{what} has {params.scale.size} scales "  # type: ignore[union-attr]
+                        "(per channel); "
+                        f"{allows} per-tensor weight scales only")
 
 
-def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found: list[Violation] = []
+def _check_biases(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     for node in q.graph.node:
         record = spec(node.op_type)
         if record.bias is None or len(node.input) <= record.bias or not node.input[record.bias]:
@@ -800,27 +666,25 @@ def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
         bias = q.dq_for(node.input[record.bias])
         if bias is None or bias.role != "bias":
             continue  # a float bias is reported by float-input-not-dequantized
-        info = integer_type_info(bias.elem_type) if bias.elem_type is not None else None
+        info = integer_type_info(bias.elem_type)
         values = q.constant(bias.input)
         if info is None or info[0] != "int32":
-            found.append(
-                Violation("bias-bits", bias.node, bias.input,
-                          f"bias {bias.input!r} of {node.op_type} {q.label(node)!r} is stored as {bias.type_name}; "
-                          "QDQ biases are int32")
-            )
+            yield Violation("bias-bits", bias.node, bias.input,
+                            f"bias {bias.input!r} of {node.op_type} {q.label(node)!r} is stored as "
+                            f"{bias.type_name}; QDQ biases are int32")
         elif values is not None and _value_bits(values, True) > profile.bias_bits:
             flat = np.asarray(values).astype(np.int64)
-            found.append(
-                Violation("bias-bits", bias.node, bias.input,
-                          f"bias {bias.input!r} of {q.label(node)!r} stores values {int(flat.min())}..{int(flat.max())}, "
-                          f"beyond {profile.bias_bits} bits")
-            )
+            yield Violation("bias-bits", bias.node, bias.input,
+                            f"bias {bias.input!r} of {q.label(node)!r} stores values "
+                            f"{int(flat.min())}..{int(flat.max())}, "
+                            f"beyond {profile.bias_bits} bits")
         x_dq, w_dq = q.dq_for(node.input[0]), q.dq_for(node.input[record.weight])  # type: ignore[index]
         if x_dq is None or w_dq is None or x_dq.scale is None or w_dq.scale is None or bias.scale is None:
             continue
         w_scale = np.asarray(w_dq.scale, np.float64).reshape(-1)
         actual = np.asarray(bias.scale, np.float64).reshape(-1)
-        if spec(node.op_type).layout == "conv_transpose" and 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0:
+        grouped = 1 < w_scale.size < actual.size and actual.size % w_scale.size == 0
+        if record.layout == "conv_transpose" and grouped:
             # ConvTranspose weights are (C_in, C_out/group, ...): per-channel scales along
             # axis 1 cover C_out/group channels and repeat for each group in the output.
             w_scale = np.tile(w_scale, actual.size // w_scale.size)
@@ -828,50 +692,34 @@ def _check_biases(q: QuantGraph, profile: Profile) -> list[Violation]:
         if actual.size == 1 and expected.size > 1:
             actual = np.broadcast_to(actual, expected.shape)
         if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-6, atol=0.0):
-            found.append(
-                Violation("bias-scale", bias.node, bias.input,
-                          f"bias {bias.input!r} of {node.op_type} {q.label(node)!r} has scale {_fmt(bias.scale)}; "
-                          f"input scale x weight scale is {_fmt(expected)}")
-            )
-    return found
+            yield Violation("bias-scale", bias.node, bias.input,
+                            f"bias {bias.input!r} of {node.op_type} {q.label(node)!r} has scale "
+                            f"{_fmt(bias.scale)}; input scale x weight scale is {_fmt(expected)}")
 
 
-def _input_scales(q: QuantGraph, node: onnx.NodeProto) -> list[tuple[str, np.ndarray]]:
-    scales = []
-    for _index, name in _data_inputs(node):
-        dq = q.dq_for(name)
-        if dq is not None and dq.scale is not None:
-            scales.append((name, dq.scale))
-    return scales
-
-
-def _check_shared_scales(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found = []
+def _check_shared_scales(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     for node in q.graph.node:
         with_output = node.op_type in profile.shared_scale_ops
         if not with_output and node.op_type not in profile.shared_input_scale_ops:
             continue
-        members = [(f"input {name!r}", scale) for name, scale in _input_scales(q, node)]
+        members = [(f"input {name!r}", dq.scale) for name in _data_inputs(node)
+                   if (dq := q.dq_for(name)) is not None and dq.scale is not None]
         if with_output:
-            members += [(f"output quantizer {qp.node!r}", qp.scale) for qp in q.q_consumers(node.output[0])
-                        if qp.scale is not None]
+            members += [(f"output quantizer {qp.node!r}", qp.scale)
+                        for qp in q.q_consumers(node.output[0]) if qp.scale is not None]
         if len(members) < 2:
             continue
         first_label, first = members[0]
-        for label, scale in members[1:]:
-            if not _same(first, scale):
-                scope = "all inputs and the output" if with_output else "all inputs"
-                found.append(
-                    Violation("shared-scale", q.label(node), node.output[0],
-                              f"{node.op_type} {q.label(node)!r}: {label} has scale {_fmt(scale)} but {first_label} "
-                              f"has {_fmt(first)}; profile {profile.name} requires one scale for {scope}")
-                )
-                break
-    return found
+        odd = next((member for member in members[1:] if not _same(first, member[1])), None)
+        if odd is not None:
+            scope = "all inputs and the output" if with_output else "all inputs"
+            yield Violation("shared-scale", q.label(node), node.output[0],
+                            f"{node.op_type} {q.label(node)!r}: {odd[0]} has scale {_fmt(odd[1])} "
+                            f"but {first_label} has {_fmt(first)}; profile {profile.name} requires "
+                            f"one scale for {scope}")
 
 
-def _check_value_preserving(q: QuantGraph, profile: Profile) -> list[Violation]:
-    found = []
+def _check_value_preserving(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     for node in q.graph.node:
         if not is_value_preserving(node.op_type, g.node_attributes(node)) or not node.input:
             continue
@@ -880,19 +728,16 @@ def _check_value_preserving(q: QuantGraph, profile: Profile) -> list[Violation]:
             continue
         for qp in q.q_consumers(node.output[0]):
             if qp.scale is not None and not _same(qp.scale, source.scale):
-                found.append(
-                    Violation("value-preserving-scale", qp.node, node.output[0],
-                              f"{node.op_type} {q.label(node)!r} only moves values, but its output quantizer "
-                              f"{qp.node!r} has scale {_fmt(qp.scale)} while its input has {_fmt(source.scale)}")
-                )
-    return found
+                yield Violation("value-preserving-scale", qp.node, node.output[0],
+                                f"{node.op_type} {q.label(node)!r} only moves values, but its "
+                                f"output quantizer {qp.node!r} has scale {_fmt(qp.scale)} "
+                                f"while its input has {_fmt(source.scale)}")
 
 
-def _check_pad_values(q: QuantGraph, profile: Profile) -> list[Violation]:
+def _check_pad_values(q: QuantGraph, profile: Profile) -> Iterator[Violation]:
     """A Pad's fill must be a grid value of its input, or the padded tensor is not on the
     grid its (value-preserving) quantizer claims; zero always is, the shift negative
     correction's fill ``c`` is by construction."""
-    found = []
     for node in q.graph.node:
         if node.op_type != "Pad" or not is_value_preserving("Pad", g.node_attributes(node)):
             continue
@@ -902,20 +747,16 @@ def _check_pad_values(q: QuantGraph, profile: Profile) -> list[Violation]:
         if source is None or source.scale is None or source.scale.size != 1 or source.bits is None:
             continue  # a float input is reported by float-input-not-dequantized
         fill = q.constant(node.input[2])
+        label = q.label(node)
         if fill is None:
-            found.append(
-                Violation("pad-value-off-grid", q.label(node), node.input[2],
-                          f"Pad {q.label(node)!r} takes its fill value from a computed tensor; the target needs a "
-                          "constant on its input's grid")
-            )
+            yield Violation("pad-value-off-grid", label, node.input[2],
+                            f"Pad {label!r} takes its fill value from a computed tensor; "
+                            "the target needs a constant on its input's grid")
             continue
         scale = float(source.scale.reshape(-1)[0])
         steps = float(np.asarray(fill, np.float64).reshape(-1)[0]) / scale
         low, high, _ = grid(source.bits, bool(source.signed))
         if steps != round(steps) or not low <= steps <= high:
-            found.append(
-                Violation("pad-value-off-grid", q.label(node), node.input[2],
-                          f"Pad {q.label(node)!r} fills with {_fmt(fill)}, which is not a whole number of its input's "
-                          f"steps ({_fmt(source.scale)}) within {low}..{high}")
-            )
-    return found
+            yield Violation("pad-value-off-grid", label, node.input[2],
+                            f"Pad {label!r} fills with {_fmt(fill)}, which is not a whole number "
+                            f"of its input's steps ({_fmt(source.scale)}) within {low}..{high}")

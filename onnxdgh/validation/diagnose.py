@@ -51,10 +51,8 @@ def _weighted_producer(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto
         seen.add(id(current))
         if current.op_type in WEIGHTED:
             return True
-        for name in current.input:
-            parent = producers.get(name)
-            if name and name not in compared and parent is not None:
-                stack.append(parent)
+        stack += [producers[name] for name in current.input
+                  if name and name not in compared and name in producers]
     return False
 
 
@@ -64,6 +62,12 @@ def input_sqnr(float_model: onnx.ModelProto, sqnr: dict[str, float]) -> dict[str
     producers = g.producer_map(graph)
     inits = {init.name for init in graph.initializer}
 
+    def reads(node: onnx.NodeProto, seen: set[str]) -> float | None:
+        """The lowest SQNR of the nearest compared tensors upstream of ``node``'s data inputs."""
+        known = [value for parent in node.input if parent and parent not in inits
+                 if (value := upstream(parent, seen)) is not None]
+        return min(known) if known else None
+
     def upstream(name: str, seen: set[str]) -> float | None:
         if name in sqnr:
             return sqnr[name]
@@ -71,20 +75,11 @@ def input_sqnr(float_model: onnx.ModelProto, sqnr: dict[str, float]) -> dict[str
         if node is None or name in seen:
             return None
         seen.add(name)
-        values = [upstream(parent, seen) for parent in node.input if parent and parent not in inits]
-        known = [value for value in values if value is not None]
-        return min(known) if known else None
+        return reads(node, seen)
 
-    result: dict[str, float | None] = {}
-    for name in sqnr:
-        node = producers.get(name)
-        if node is None:  # the graph input itself
-            result[name] = None
-            continue
-        values = [upstream(parent, set()) for parent in node.input if parent and parent not in inits]
-        known = [value for value in values if value is not None]
-        result[name] = min(known) if known else None
-    return result
+    # a compared graph input itself has no producer: None
+    return {name: reads(node, set()) if (node := producers.get(name)) is not None else None
+            for name in sqnr}
 
 
 def diagnose(float_model: onnx.ModelProto, rows: Sequence[Any], *, top: int = 3) -> dict[str, Any] | None:

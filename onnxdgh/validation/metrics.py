@@ -1,31 +1,24 @@
 """Task metrics: how often the quantized model gives the float model's *answer*, not just its numbers.
 
-SQNR says how close two tensors are; whether the answer changed depends on what the
-output means. One agreement metric is chosen per output (``--metric``):
+One agreement metric per output (``--metric``; the table and the evidence are in
+docs/VALIDATE.md, "Agreement metrics"):
 
-* ``top1``: an N x K output (K > 1), class scores. Share of images whose arg-max class
-  is the float model's.
-* ``iou``: an N x 1 x H x W output, a probability map (a segmentation mask, a DBNet
-  text map). Both maps are thresholded (``value > threshold``) and the pooled
-  intersection over union is reported: sum_i |F_i & Q_i| / sum_i |F_i | Q_i| over all
-  images (1.0 when both maps are empty everywhere).
-* ``sequence``: an N x T x C output (C > 1), per-step class scores of a CTC recogniser.
-  Each image is decoded greedily -- arg-max per step, repeats collapsed, the blank class 0
-  dropped -- and the agreement is
-  1 - sum_i edit(F_i, Q_i) / sum_i max(|F_i|, |Q_i|) (Levenshtein distance over the
-  decoded class sequences; 1.0 when every sequence is empty), with the share of images
-  whose decoded sequences are identical beside it.
+* ``top1``: N x K class scores (K > 1): share of images whose arg-max class is the float one.
+* ``iou``: an N x 1 x H x W probability map: both maps cut at ``value > threshold``, pooled
+  sum_i |F_i & Q_i| / sum_i |F_i | Q_i| (1.0 when both are empty everywhere).
+* ``sequence``: N x T x C (C > 1) CTC step scores, greedy-decoded (arg-max per step, repeats
+  collapsed, blank 0 dropped): 1 - sum_i edit(F_i, Q_i) / sum_i max(|F_i|, |Q_i|) (1.0 when
+  every sequence is empty), and the share of identical decodings.
 
-``auto`` (the default) picks by the float output's shape and values: N x K -> top1;
-N x T x C -> sequence; N x 1 x H x W whose float values all lie in [0, 1] (a sigmoid map)
--> iou; anything else has no agreement metric (its SQNR still counts). A metric named
-explicitly applies to every output of its shape (for ``iou`` whatever the value range, e.g.
-logits with threshold 0); it is an error when no output has that shape.
+``auto`` picks by the float output's shape (and, for ``iou``, float values all in [0, 1]);
+a metric named explicitly applies to every output of its shape, and no output of that
+shape is an error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -106,15 +99,15 @@ def edit_distance(a: Sequence[object], b: Sequence[object]) -> int:
     return previous[-1]
 
 
+@dataclass
 class IouAccumulator:
     """Pooled IoU of thresholded maps, batch by batch; also tracks whether the float maps stay in [0, 1]."""
 
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        self.intersection = 0
-        self.union = 0
-        self.low = np.inf
-        self.high = -np.inf
+    threshold: float
+    intersection: int = 0
+    union: int = 0
+    low: float = np.inf
+    high: float = -np.inf
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Count one batch (float maps ``reference``, quantized ``candidate``, same shape)."""
@@ -137,14 +130,14 @@ class IouAccumulator:
         return self.intersection / self.union if self.union else 1.0
 
 
+@dataclass
 class SequenceAccumulator:
     """Greedy-CTC character agreement and exact-sequence share, batch by batch."""
 
-    def __init__(self) -> None:
-        self.errors = 0
-        self.length = 0
-        self.exact = 0
-        self.count = 0
+    errors: int = 0
+    length: int = 0
+    exact: int = 0
+    count: int = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Count one batch of N x T x C scores (float ``reference``, quantized ``candidate``)."""

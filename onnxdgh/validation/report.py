@@ -2,12 +2,10 @@
 
 Contract:
 * :func:`compare` runs both models on the same images, batch by batch, and returns
-  per-output metrics (SQNR, cosine similarity, the output's agreement metric -- top-1
-  agreement and accuracies for classifier-like outputs, IoU for probability maps,
-  sequence agreement for CTC recognisers (:mod:`~onnxdgh.validation.metrics`) -- and
-  the SQNR between onnxruntime's optimised and unoptimised runs of the quantized graph)
-  and per-layer SQNR between matching float and quantized intermediate tensors, sorted
-  worst first.
+  per-output metrics (SQNR, cosine similarity, the output's agreement metric
+  (:mod:`~onnxdgh.validation.metrics`) and accuracies, the SQNR between onnxruntime's
+  optimised and unoptimised runs of the quantized graph) and per-layer SQNR between
+  matching float and quantized intermediate tensors, sorted worst first.
 * Memory is bounded by one batch: only running sums (and arg-max indices of
   classifier outputs) are kept across batches.
 * Matching is structural: a quantized activation's DequantizeLinear output is compared
@@ -18,10 +16,7 @@ Contract:
 
 Definitions (x float, y quantized, sums over all elements of all images):
   SQNR = 10 log10( sum x^2 / sum (x - y)^2 ) dB (infinite when y == x exactly);
-  cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|);
-  agreement = the output's task metric (:mod:`onnxdgh.validation.metrics`): top-1
-  agreement of class scores, IoU of thresholded probability maps, or greedy-CTC
-  sequence agreement; which one applies is chosen per output (``metric``).
+  cosine = mean over images of <x_i, y_i> / (|x_i| |y_i|).
 
 Each layer row also carries the SQNR of what its producer reads (``input_sqnr_db``) and
 the drop against it; :mod:`onnxdgh.validation.diagnose` names the first layer where the
@@ -96,11 +91,6 @@ class OutputMetrics:
     """1 - edits / characters between the greedy-CTC decodings (``sequence`` outputs)."""
     sequence_exact: float | None = None
     """Share of images decoded to the identical sequence (``sequence`` outputs)."""
-
-    @property
-    def classifier(self) -> bool:
-        """True for an N x K (K > 1) output, where top-1 agreement is meaningful."""
-        return self.top1_agreement is not None
 
     @property
     def agreement(self) -> float | None:
@@ -236,15 +226,15 @@ def _guard(action: Callable[[], _T], reference: bool) -> _T:
         ) from exc
 
 
+@dataclass
 class _Accumulator:
     """Running sums for SQNR, cosine and max error of one tensor pair."""
 
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
-        self.cosine_sum = 0.0
-        self.count = 0
-        self.max_abs = 0.0
+    signal: float = 0.0
+    noise: float = 0.0
+    cosine_sum: float = 0.0
+    count: int = 0
+    max_abs: float = 0.0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         x64 = np.asarray(x, np.float64).reshape(x.shape[0], -1)
@@ -254,10 +244,11 @@ class _Accumulator:
         self.noise += float(np.sum(diff * diff))
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
-        norms = np.linalg.norm(x64, axis=1) * np.linalg.norm(y64, axis=1)
+        x_norm, y_norm = np.linalg.norm(x64, axis=1), np.linalg.norm(y64, axis=1)
+        norms = x_norm * y_norm
         dots = np.sum(x64 * y64, axis=1)
         # Two all-zero vectors agree perfectly; one zero vector against a non-zero one does not.
-        both_zero = (np.linalg.norm(x64, axis=1) == 0) & (np.linalg.norm(y64, axis=1) == 0)
+        both_zero = (x_norm == 0) & (y_norm == 0)
         cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
         self.cosine_sum += float(np.sum(cos))
         self.count += x64.shape[0]
@@ -295,7 +286,6 @@ def compare(
         InvalidInputError: ``metric`` names a metric that no output's shape fits.
     """
     pairs, unmatched = match_layers(float_model, qgraph)
-    float_outputs = [f for f, _ in output_pairs]
     quant_outputs = [q for _, q in output_pairs]
     float_layer_names = list(dict.fromkeys(p.float_tensor for p in pairs))
     quant_layer_names = [p.quant_tensor for p in pairs]
@@ -303,8 +293,9 @@ def compare(
     float_session = _guard(lambda: make_session(with_extra_outputs(float_model, float_layer_names), optimize=False), True)
     sim_session = _guard(lambda: make_session(with_extra_outputs(quant_model, quant_layer_names), optimize=False), False)
     ship_session = _guard(lambda: make_session(quant_model, optimize=True), False)
-    f_fetch = float_outputs + [n for n in float_layer_names if n not in float_outputs]
-    q_fetch = quant_outputs + [n for n in quant_layer_names if n not in quant_outputs]
+    # the outputs first, then the layers that are not outputs (each tensor once)
+    f_fetch = list(dict.fromkeys([*(f for f, _ in output_pairs), *float_layer_names]))
+    q_fetch = list(dict.fromkeys([*quant_outputs, *quant_layer_names]))
     f_input = float_session.get_inputs()[0].name
     q_input = sim_session.get_inputs()[0].name
 
@@ -312,9 +303,8 @@ def compare(
     runtime_acc = [_Accumulator() for _ in output_pairs]
     layer_acc = [_Accumulator() for _ in pairs]
     skipped: set[int] = set()
-    argmax_f: list[list[np.ndarray]] = [[] for _ in output_pairs]
-    argmax_q: list[list[np.ndarray]] = [[] for _ in output_pairs]
-    argmax_sim: list[list[np.ndarray]] = [[] for _ in output_pairs]
+    # per top-1 output and batch: the arg-max classes of the float, shipped and simulated runs
+    argmax: list[list[tuple[np.ndarray, ...]]] = [[] for _ in output_pairs]
     kinds: list[str | None] | None = None  # each output's metric, from the first batch's shapes
     task_acc: list[IouAccumulator | SequenceAccumulator | None] = [None for _ in output_pairs]
 
@@ -333,20 +323,18 @@ def compare(
             out_acc[index].add(x, y)
             runtime_acc[index].add(y_sim, y)
             if kinds[index] == "top1":
-                argmax_f[index].append(np.argmax(x, axis=1))
-                argmax_q[index].append(np.argmax(y, axis=1))
-                argmax_sim[index].append(np.argmax(y_sim, axis=1))
+                argmax[index].append(tuple(np.argmax(v, axis=1) for v in (x, y, y_sim)))
             accumulator = task_acc[index]
             if accumulator is not None:
                 accumulator.add(x, y)
         for index, pair in enumerate(pairs):
             x, y = f_values[pair.float_tensor], q_values[pair.quant_tensor]
-            if x.shape != y.shape:
-                if index not in skipped:
-                    _LOG.info("layer %s: float shape %s vs quantized %s; not compared", pair.float_tensor, x.shape, y.shape)
+            if x.shape == y.shape:
+                layer_acc[index].add(x, y)
+            elif index not in skipped:
+                _LOG.info("layer %s: float shape %s vs quantized %s; not compared",
+                          pair.float_tensor, x.shape, y.shape)
                 skipped.add(index)
-                continue
-            layer_acc[index].add(x, y)
 
     outputs = []
     for index, (f_name, q_name) in enumerate(output_pairs):
@@ -363,11 +351,10 @@ def compare(
                 task = {"iou": accumulator.value, "iou_threshold": accumulator.threshold}
         elif isinstance(accumulator, SequenceAccumulator):
             task = {"sequence_agreement": accumulator.value, "sequence_exact": accumulator.exact_share}
-        if kind == "top1" and argmax_f[index]:
-            top_f = np.concatenate(argmax_f[index])
-            top_q = np.concatenate(argmax_q[index])
+        if kind == "top1" and argmax[index]:
+            top_f, top_q, top_sim = (np.concatenate(runs) for runs in zip(*argmax[index]))
             agreement = float(np.mean(top_f == top_q))
-            runtime_agreement = float(np.mean(np.concatenate(argmax_sim[index]) == top_q))
+            runtime_agreement = float(np.mean(top_sim == top_q))
             if labels is not None:
                 f_acc = float(np.mean(top_f == labels))
                 q_acc = float(np.mean(top_q == labels))
