@@ -38,7 +38,7 @@ from .equalize import equalize as equalize_layers
 from .equalize import input_bounds_from_normalization
 from .float_weights import store_weights_as_float
 from .fold import FoldReport, prepare
-from .plan import QuantPlan, mark, resolve
+from .plan import QuantPlan, default_threshold, mark, resolve
 from .shift import Shift, apply_shifts, choose_shifts, compensate, shifted_statistics, supports_shift
 
 if TYPE_CHECKING:  # the generator is imported lazily: it pulls in torch
@@ -54,7 +54,6 @@ __all__ = [
     "refuse_recurrent",
     "rounding_inputs",
     "THRESHOLD_METHODS",
-    "default_threshold",
     "HOLDOUT_FRACTION",
     "MIN_HOLDOUT_IMAGES",
 ]
@@ -103,7 +102,7 @@ class QuantizeConfig:
         threshold: ``"mse"`` (HPTQ's error-minimising power-of-two search), ``"lp"``
             (the same search on the cube of the error, :data:`~.thresholds.LP_POWER`),
             ``"noclip"`` (smallest power of two covering the observed range), or None:
-            :func:`default_threshold` of the model (``lp`` for dense predictions at
+            :func:`~.plan.default_threshold` of the model (``lp`` for dense predictions at
             8-bit activations, else ``mse``).
         per_channel: weights per output channel (``--per-tensor-weights`` sets False);
             a profile without per-channel weights forces per tensor.
@@ -438,41 +437,6 @@ def dry_run(loaded: LoadedModel, profile: Profile | str) -> QuantPlan:
     return _structure(loaded, chosen, **bits, per_channel=True, int4_types=False)[2]
 
 
-_SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
-"""Ops whose output is scores or probabilities at any rank: the MSE rule (``default_threshold``)."""
-
-
-def default_threshold(loaded: LoadedModel, act_bits: int) -> str:
-    """The threshold rule for ``threshold=None``: ``lp`` at 8-bit activations when a graph
-    output has rank > 2 (a dense prediction), else ``mse`` (a classifier's N x K scores, an
-    embedding, and every model below 8-bit activations, where MSE's clipping is what makes
-    4-bit grids usable: docs/QUANTIZE.md, W4A4 +12 to +16 points).
-
-    A dense prediction (a detector's anchors, a segmenter's map) answers with rare strong
-    responses among a mass of background, and the MSE search, which weighs values by how
-    often they occur, clips exactly those; no clipping at all coarsens every grid for them.
-    The ``lp`` search (error cubed) keeps them and still clips a lone outlier. Measured on
-    ddddocr's common_det (YOLOX-style, W8A8, docs/BENCHMARKS.md 'bn-free-detector'): float
-    boxes kept on 80 rendered pages / 60 scikit-image photos with mse, lp, noclip:
-    procedural calibration 76.8 / 68.9 %, 89.3 / 70.5 %, 86.9 / 31.1 %; rendered pages as
-    calibration 78.7 / 65.6 %, 88.7 / 83.6 %, 89.3 / 32.8 % (no clipping ties on the pages
-    and loses two thirds of the photos' boxes).
-    On the classifiers mse and noclip are within noise of each other, MSE ahead on real
-    data (docs/BENCHMARKS.md 'third-party', 'accuracy'), so they keep it.
-    An output written by Softmax is class scores whatever its rank (a text recogniser's
-    N x steps x classes): mse. PP-OCRv4's recogniser, W8A8, DGH 64 x 60: 95.4 % of the
-    characters read as float with mse, 66.9 % with noclip (issue-14 report, branch ops14).
-    So is a probability map written by Sigmoid/HardSigmoid (bounded, read at a cut such as
-    0.3, not at rare peaks): PP-OCRv4's DBNet detector, W8A8 calibrated on 32 rendered
-    pages, IoU of the maps cut at 0.3 on 20 other pages 0.955 with mse, 0.916 with noclip
-    (same report). ddddocr's detector writes its boxes through Concat/Transpose: lp.
-    """
-    scores = {name for name, node in g.producer_map(loaded.model.graph).items() if node.op_type in _SCORE_OPS}
-    ranks = [len(value.type.tensor_type.shape.dim) for value in loaded.model.graph.output
-             if value.type.tensor_type.HasField("shape") and value.name not in scores]
-    return "lp" if act_bits >= 8 and any(rank > 2 for rank in ranks) else "mse"
-
-
 def _check_float32(loaded: LoadedModel) -> None:
     if loaded.input_dtype != "float32":
         raise UnsupportedModelError(
@@ -567,7 +531,7 @@ def quantize(
     timings["load_s"] = time.perf_counter() - started
     _check_float32(loaded)
     if config.threshold is None:
-        config = replace(config, threshold=default_threshold(loaded, config.act_bits))  # type: ignore[arg-type]
+        config = replace(config, threshold=default_threshold(loaded.model, config.act_bits))  # type: ignore[arg-type]
     profile = _profile(config)
     if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
         raise InvalidInputError(f"holdout {holdout!r} is not a non-negative image count", "give e.g. holdout=8")

@@ -28,7 +28,9 @@ one place that writes Q/DQ nodes):
    per group (unsigned when every member is non-negative by its op -- Relu, Relu6, Sigmoid,
    HardSigmoid, Softmax -- or by observation), a power-of-two threshold per member
    (``thresholds``), the largest threshold in each group, integer weights and int32
-   biases. This is the one place where a weight scale is chosen (emit writes it, the
+   biases. Which threshold rule an activation follows is decided here too (the threshold
+   policy: :func:`default_threshold`, :func:`group_rule`). This is the one place where a
+   weight scale is chosen (emit writes it, the
    shift correction and the rounding optimisation read it): the HPTQ threshold per
    output channel, raised (still a power of two) where the channel's bias would not fit
    int32 at ``input scale x weight scale`` (:func:`~.thresholds.bias_fit_thresholds`),
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -49,33 +51,16 @@ import onnx
 from .. import graph as g
 from ..errors import QuantizationError
 from ..ops import (
-    OPS,
-    QDQ_OPS,
-    gated_activation,
-    is_gate_partner,
-    written_out_ops,
-    is_value_preserving,
-    numpy_container,
-    output_bounds,
-    output_channels,
-    spec,
-    weight_axis,
+    OPS, QDQ_OPS, gated_activation, is_gate_partner, is_value_preserving, numpy_container, output_bounds,
+    output_channels, spec, weight_axis, written_out_ops,
 )
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
 
 __all__ = [
-    "POLICIES",
-    "ActivationMark",
-    "ParamMark",
-    "QuantPlan",
-    "ActivationQuant",
-    "ParamQuant",
-    "ResolvedPlan",
-    "float_tensors",
-    "mark",
-    "resolve",
+    "POLICIES", "ActivationMark", "ParamMark", "QuantPlan", "ActivationQuant", "ParamQuant", "ResolvedPlan",
+    "OUTPUT_NOCLIP_BITS", "default_threshold", "group_rule", "float_tensors", "mark", "resolve",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -144,31 +129,22 @@ class QuantPlan:
         """Tensors whose calibration statistics are needed (graph input and ``own`` marks)."""
         return [name for name, item in self.activations.items() if item.source != "inherited"]
 
-    def group_index(self) -> dict[str, int]:
-        """The group number of each marked tensor."""
-        return {name: index for index, members in enumerate(self.groups) for name in members}
-
 
 class _UnionFind:
+    """Shared-scale groups: disjoint sets of tensor names."""
+
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
 
-    def add(self, name: str) -> None:
-        self.parent.setdefault(name, name)
-
     def find(self, name: str) -> str:
-        self.add(name)
-        root = name
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[name] != root:
-            self.parent[name], name = root, self.parent[name]
-        return root
+        self.parent.setdefault(name, name)
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]  # path halving
+            name = self.parent[name]
+        return name
 
     def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
+        self.parent[self.find(b)] = self.find(a)
 
     def groups(self, order: Sequence[str]) -> tuple[tuple[str, ...], ...]:
         by_root: dict[str, list[str]] = {}
@@ -205,13 +181,12 @@ def _non_negative(node: onnx.NodeProto, view: g.GraphView) -> bool:
 def _preserves_values(node: onnx.NodeProto, view: g.GraphView) -> bool:
     if not is_value_preserving(node.op_type, g.node_attributes(node)):
         return False
-    if node.op_type == "Pad":
-        fill = view.input_constant(node, 2)
-        if len(node.input) > 2 and node.input[2] and fill is None:
-            return False  # a computed pad value may fall off the grid
-        if fill is not None and np.any(fill != 0):
-            return False
-    return True
+    if node.op_type != "Pad":
+        return True
+    fill = view.input_constant(node, 2)
+    if fill is None:
+        return not (len(node.input) > 2 and node.input[2])  # a computed pad value may fall off the grid
+    return not np.any(fill != 0)
 
 
 @dataclass(frozen=True)
@@ -245,8 +220,7 @@ class _Marking:
         self.fused: list[tuple[str, str, str]] = []
         self.fused_tensors: set[str] = set()
         self.union = _UnionFind()
-        self.union.add(image)
-        self.shared_constants: list[tuple[str, int, str]] = []  # (node label, input index, partner activation)
+        self.shared_constants: dict[tuple[str, int], str] = {}  # (node label, input index) -> partner activation
 
     def shares_scale(self, op: str) -> bool:
         return op in self.profile.shared_scale_ops or op in self.profile.shared_input_scale_ops
@@ -255,7 +229,7 @@ class _Marking:
         """A constant input that is neither a weight nor a bias: per tensor at ``const_bits``."""
         self.params.append(ParamMark(name, node.label, node.op, position, "constant", self.const_bits, None))
         if self.shares_scale(node.op) and node.data:
-            self.shared_constants.append((node.label, position, node.data[0]))
+            self.shared_constants[(node.label, position)] = node.data[0]
 
     def fuses_output(self, node: _Node) -> bool:
         """Record ``node``'s single output as inside a fused pattern when the profile fuses
@@ -298,13 +272,12 @@ class _Marking:
         # share one scale, found from the constant itself (no statistics needed).
         moves_constant = not data and bool(node.constants) and _preserves_values(proto, self.view)
         if moves_constant:
-            self.shared_constants.extend((node.label, position, node.outputs[0]) for position, _name in node.constants)
+            self.shared_constants.update({(node.label, position): node.outputs[0] for position, _ in node.constants})
         unsigned = _non_negative(proto, self.view)
         for out in node.outputs:
             source: Source = "inherited" if inherits or moves_constant else "own"
             self.marks[out] = ActivationMark(out, source, node.label, op, unsigned)
             self.order.append(out)
-            self.union.add(out)
             if inherits:
                 self.union.union(data[0], out)
             if moves_constant:
@@ -492,12 +465,15 @@ def mark(
                 )
         policy(m, _Node(proto, label, op, float_outs, data, constants))
 
-    params = m.params
-    if m.shared_constants:
-        params = [_share(item, m.shared_constants) for item in params]
+    shared = m.shared_constants
+    params = tuple(
+        replace(item, scale_from=shared[(item.node, item.input_index)])
+        if item.role == "constant" and (item.node, item.input_index) in shared else item
+        for item in m.params
+    )
     return QuantPlan(
         activations=m.marks,
-        params=tuple(params),
+        params=params,
         groups=m.union.groups(m.order),
         fused=tuple(m.fused),
         graph_input=inputs[0],
@@ -509,15 +485,6 @@ def mark(
         allow_unsigned="unsigned" in profile.activation_signedness,
         bias_bits=profile.bias_bits,
     )
-
-
-def _share(item: ParamMark, shared: list[tuple[str, int, str]]) -> ParamMark:
-    for label, position, partner in shared:
-        if item.node == label and item.input_index == position and item.role == "constant":
-            return ParamMark(
-                item.tensor, item.node, item.op_type, item.input_index, "constant", item.bits, None, scale_from=partner
-            )
-    return item
 
 
 # ----------------------------------------------------------------------- resolve
@@ -580,25 +547,10 @@ class ResolvedPlan:
 
     def summary(self) -> dict[str, Any]:
         """Per-tensor thresholds, scales and bits (for the report)."""
-        acts = [
-            {
-                "tensor": item.tensor,
-                "bits": item.bits,
-                "signed": item.signed,
-                "threshold": item.threshold,
-                "scale": item.scale,
-                "group": item.group,
-                "source": item.source,
-            }
-            for item in self.activations.values()
-        ]
+        act_keys = ("tensor", "bits", "signed", "threshold", "scale", "group", "source")
         params = [
             {
-                "tensor": item.tensor,
-                "node": item.node,
-                "role": item.role,
-                "bits": item.bits,
-                "axis": item.axis,
+                **{key: getattr(item, key) for key in ("tensor", "node", "role", "bits", "axis")},
                 "per_channel": item.scale.size > 1,
                 "scale_min": float(item.scale.min()),
                 "scale_max": float(item.scale.max()),
@@ -608,7 +560,7 @@ class ResolvedPlan:
             for item in self.params
         ]
         return {
-            "activations": acts,
+            "activations": [{key: getattr(item, key) for key in act_keys} for item in self.activations.values()],
             "params": params,
             "fused": [{"producer": p, "consumer": c, "tensor": t} for p, c, t in self.fused],
         }
@@ -639,8 +591,38 @@ def activation_threshold(stats: TensorStats, bits: int, signed: bool, method: st
     return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
 
 
+# ------------------------------------------------------------ activation threshold policy
+# Which rule sets an activation's threshold (measurements: docs/QUANTIZE.md, "Thresholds"):
+# * ``--threshold`` left open (:func:`default_threshold`): ``lp`` at 8-bit activations when a
+#   graph output of rank > 2 is a dense prediction (a detector's anchors, a segmenter's map),
+#   whose answer is in rare strong responses among background: the MSE search, which weighs
+#   values by how often they occur, clips exactly those, and no clipping coarsens every grid
+#   for them. Otherwise ``mse``: a classifier's N x K scores, an embedding, an output written
+#   by one of :data:`_SCORE_OPS` at any rank (scores or a probability map, read at a cut, not
+#   at rare peaks), and every model below 8-bit activations, whose grids need MSE's clipping.
+# * Whatever the rule, a graph output (and its scale group) at >= :data:`OUTPUT_NOCLIP_BITS`
+#   takes ``noclip`` (:func:`group_rule`): its largest values are what is read from it (a
+#   classifier's top-1 logit), and synthetic images can put the MSE optimum below the real
+#   top logits (EfficientNet-Lite0, DGH: 8 instead of 16). At 4 bits no step can be spared.
+
 OUTPUT_NOCLIP_BITS = 8
-"""From this activation width on, graph outputs take the no-clipping threshold (see ``resolve``)."""
+"""From this activation width on, graph outputs take the no-clipping threshold."""
+_SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
+"""Ops whose output is scores or probabilities at any rank."""
+
+
+def default_threshold(model: onnx.ModelProto, act_bits: int) -> str:
+    """The threshold rule of ``model`` when ``--threshold`` is left open (the policy above)."""
+    scores = {name for name, node in g.producer_map(model.graph).items() if node.op_type in _SCORE_OPS}
+    dense = any(len(value.type.tensor_type.shape.dim) > 2 for value in model.graph.output
+                if value.type.tensor_type.HasField("shape") and value.name not in scores)
+    return "lp" if act_bits >= 8 and dense else "mse"
+
+
+def group_rule(method: str, bits: int, graph_output: bool) -> str:
+    """The rule of one activation scale group under ``method`` (the policy above)."""
+    return "noclip" if graph_output and bits >= OUTPUT_NOCLIP_BITS else method
+
 
 def resolve(
     plan: QuantPlan,
@@ -663,7 +645,6 @@ def resolve(
             divisor constant quantizes to zero.
     """
     inits = g.initializer_map(model.graph)
-    group_of = plan.group_index()
     constants_by_partner: dict[str, list[np.ndarray]] = {}
     for item in plan.params:
         if item.scale_from is not None:
@@ -684,10 +665,7 @@ def resolve(
         ) and all(float(np.min(value)) >= 0.0 for value in constants)
         signed = not (plan.allow_unsigned and non_negative)
         bits = plan.act_bits
-        # A graph output's largest values are what is read from it (a classifier's top-1 logit): at 8
-        # bits it is not clipped to the calibration images' MSE optimum, which synthetic images can put
-        # below the real top logits (EfficientNet-Lite0, DGH: 8 instead of 16; docs/BENCHMARKS.md, depthwise).
-        rule = "noclip" if bits >= OUTPUT_NOCLIP_BITS and any(name in plan.graph_outputs for name in members) else method
+        rule = group_rule(method, bits, any(name in plan.graph_outputs for name in members))
         candidates = [activation_threshold(stats[name], bits, signed, rule) for name in measured]
         candidates += [float(th.noclip_threshold(value.min(), value.max(), bits, signed)) for value in constants]
         threshold = max(candidates) if candidates else th.ZERO_RANGE_THRESHOLD
