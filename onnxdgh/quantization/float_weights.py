@@ -35,7 +35,7 @@ import onnx
 
 from .. import graph as g
 from ..ops import INTEGER_TYPES
-from .thresholds import grid
+from .thresholds import along, grid
 
 __all__ = [
     "WEIGHT_FORMAT_KEY",
@@ -69,14 +69,6 @@ class GridProblem:
     message: str
 
 
-def _broadcast_scale(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
-    if scale.size == 1 or axis is None:
-        return scale.reshape(())
-    shape = [1] * ndim
-    shape[axis] = scale.size
-    return scale.reshape(shape)
-
-
 def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every quantized constant stored as float32 on its grid.
 
@@ -108,7 +100,7 @@ def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
         if scale.size > 1:
             axis = g.attribute(node, "axis", 1) % values.ndim  # type: ignore[operator]
         # float32(q) * scale is what DequantizeLinear computes; the power-of-two scale is exact.
-        stored = values.astype(np.float32) * _broadcast_scale(scale, axis, values.ndim)
+        stored = values.astype(np.float32) * along(scale, axis, values.ndim)
         base = node.input[0][: -len("_quantized")] if node.input[0].endswith("_quantized") else node.input[0]
         name = g.unique_name(taken, base)
         g.add_initializer(graph, name, stored.astype(np.float32))
@@ -192,7 +184,7 @@ def restore_quantized_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
             problems.append(GridProblem(name, f"{name!r}: {scale.size} scales do not fit axis {axis} of shape "
                                               f"{list(values.shape)}"))
             continue
-        steps = values / _broadcast_scale(scale.astype(np.float64), axis, values.ndim)
+        steps = values / along(scale.astype(np.float64), axis, values.ndim)
         ints = np.clip(np.rint(steps), qmin, qmax)
         off = np.abs(steps - ints) > 0
         if off.any():

@@ -697,16 +697,11 @@ def resolve(
         if bias is not None:
             thresholds, raised = _fit_bias(thresholds, bias, g.to_array(inits[bias.tensor]), activations, item.bits)
         scale = th.scale_for(thresholds, item.bits, signed=True)
-        if item.axis is None:
-            ints = th.quantize_to_int(value, scale, item.bits, True)
-        elif sum_rounding and item.role == "weight" and spec(item.op_type).sums_weights:
-            shape = [1] * value.ndim
-            shape[item.axis] = -1
-            ints = th.quantize_preserving_sums(value, scale.reshape(shape), item.bits, item.axis)
+        steps = th.along(scale, item.axis, value.ndim)
+        if sum_rounding and item.axis is not None and item.role == "weight" and spec(item.op_type).sums_weights:
+            ints = th.quantize_preserving_sums(value, steps, item.bits, item.axis)
         else:
-            shape = [1] * value.ndim
-            shape[item.axis] = -1
-            ints = th.quantize_to_int(value, scale.reshape(shape), item.bits, True)
+            ints = th.quantize_to_int(value, steps, item.bits, True)
         if item.op_type == "Div" and item.input_index == 1 and np.any((ints == 0) & (value != 0)):
             raise QuantizationError(
                 f"divisor {item.tensor} of node {item.node} has entries that quantize to 0",
@@ -729,17 +724,12 @@ def resolve(
         scale = (input_scale * w_scale).astype(np.float32)  # product of powers of two: exact
         axis: int | None = None
         if scale.size > 1:
-            channels = scale.size
             if value.size == 1:
-                value = np.full((channels,), float(value.reshape(-1)[0]))
-            axis = int(np.argmax(np.array(value.shape) == channels)) if value.ndim > 1 else 0
-            shape = [1] * value.ndim
-            shape[axis] = -1
-            ratio = value / scale.astype(np.float64).reshape(shape)
+                value = np.full((scale.size,), float(value.reshape(-1)[0]))
+            axis = int(np.argmax(np.array(value.shape) == scale.size)) if value.ndim > 1 else 0
         else:
             scale = scale.reshape(())
-            ratio = value / np.float64(scale)
-        ints, clipped = round_bias(ratio, plan.bias_bits)
+        ints, clipped = round_bias(value / th.along(scale.astype(np.float64), axis, value.ndim), plan.bias_bits)
         if clipped:
             worst = float(np.max(np.abs(value)))
             why = (

@@ -32,32 +32,13 @@ Two threshold rules:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 __all__ = [
-    "WEIGHT_SEARCH_STEPS",
-    "ACTIVATION_SEARCH_STEPS",
-    "MIN_THRESHOLD",
-    "MAX_THRESHOLD",
-    "ZERO_RANGE_THRESHOLD",
-    "BIAS_HEADROOM_BITS",
-    "grid",
-    "scale_for",
-    "pow2_ceil",
-    "positive_stretch",
-    "noclip_threshold",
-    "fake_quantize",
-    "quantize_to_int",
-    "quantize_preserving_sums",
-    "search_candidates",
-    "weight_thresholds",
-    "bias_fit_thresholds",
-    "LP_POWER",
-    "histogram_mse_threshold",
-    "histogram_error",
-    "is_power_of_two",
+    "WEIGHT_SEARCH_STEPS", "ACTIVATION_SEARCH_STEPS", "MIN_THRESHOLD", "MAX_THRESHOLD", "ZERO_RANGE_THRESHOLD",
+    "BIAS_HEADROOM_BITS", "LP_POWER", "grid", "scale_for", "along", "pow2_ceil", "noclip_threshold",
+    "fake_quantize", "quantize_to_int", "quantize_preserving_sums", "search_candidates", "weight_thresholds",
+    "bias_fit_thresholds", "histogram_mse_threshold", "histogram_error",
 ]
 
 WEIGHT_SEARCH_STEPS = 10
@@ -91,26 +72,27 @@ def scale_for(threshold: float | np.ndarray, bits: int, signed: bool) -> np.ndar
     return (np.asarray(threshold, dtype=np.float64) / grid(bits, signed)[2]).astype(np.float32)
 
 
+def along(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """``values`` (one per slice along ``axis``) shaped to broadcast against an ``ndim``-d array;
+    a scalar when there is one value or no axis."""
+    values = np.asarray(values)
+    if values.size == 1 or axis is None:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
 def pow2_ceil(value: float | np.ndarray) -> np.ndarray:
     """Smallest power of two >= ``value`` (elementwise), clamped to the threshold range.
 
     ``value <= 0`` maps to :data:`ZERO_RANGE_THRESHOLD`.
     """
     arr = np.asarray(value, dtype=np.float64)
-    safe = np.where(arr > 0, arr, 1.0)
-    exponent = np.ceil(np.log2(safe))
-    # log2 of a float near a power of two can land one ulp off: fix up exactly.
-    candidate = np.exp2(exponent)
-    candidate = np.where(candidate < safe, candidate * 2.0, candidate)
-    candidate = np.where(candidate / 2.0 >= safe, candidate / 2.0, candidate)
-    out = np.clip(candidate, MIN_THRESHOLD, MAX_THRESHOLD)
+    # value = m 2^e with m in [0.5, 1): exact, unlike ceil(log2(value)) near a power of two.
+    mantissa, exponent = np.frexp(np.where(arr > 0, arr, 1.0))
+    out = np.clip(np.ldexp(1.0, exponent - (mantissa == 0.5)), MIN_THRESHOLD, MAX_THRESHOLD)
     return np.where(arr > 0, out, ZERO_RANGE_THRESHOLD)
-
-
-def positive_stretch(bits: int, signed: bool) -> float:
-    """Factor by which the positive maximum grows so it is not clipped by the last step."""
-    _, qmax, levels = grid(bits, signed)
-    return levels / qmax
 
 
 def noclip_threshold(
@@ -120,11 +102,11 @@ def noclip_threshold(
 
     For an unsigned grid the minimum is ignored (it must be >= 0; the caller decides).
     """
+    _, qmax, levels = grid(bits, signed)
+    # The positive maximum grows by levels / qmax so the grid's last step does not clip it.
+    stretched = np.maximum(np.asarray(maximum, np.float64), 0.0) * (levels / qmax)
     low = np.asarray(minimum, dtype=np.float64)
-    high = np.asarray(maximum, dtype=np.float64)
-    stretched = np.maximum(high, 0.0) * positive_stretch(bits, signed)
-    needed = np.maximum(-np.minimum(low, 0.0), stretched) if signed else stretched
-    return pow2_ceil(needed)
+    return pow2_ceil(np.maximum(-np.minimum(low, 0.0), stretched) if signed else stretched)
 
 
 def quantize_to_int(values: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool) -> np.ndarray:
@@ -203,13 +185,8 @@ def weight_thresholds(
         float64 array of shape ``(C,)`` (``axis`` given) or ``()`` (per tensor).
     """
     w = np.asarray(weights, dtype=np.float64)
-    if axis is None:
-        rows = w.reshape(1, -1)
-    else:
-        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    low = rows.min(axis=1)
-    high = rows.max(axis=1)
-    thresholds = noclip_threshold(low, high, bits, signed=True)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    thresholds = noclip_threshold(rows.min(axis=1), rows.max(axis=1), bits, signed=True)
     if method in ("mse", "lp"):
         candidates = search_candidates(thresholds, steps)  # (K+1, C)
         errors = np.empty(candidates.shape, dtype=np.float64)
@@ -291,10 +268,8 @@ def histogram_mse_threshold(
     noclip = float(noclip_threshold(minimum, maximum, bits, signed))
     if maximum == 0.0 and minimum == 0.0:
         return noclip
-    weights, centres = _bin_means(counts, sums)
     candidates = search_candidates(noclip, steps)
-    errors = np.array([_weighted_error(weights, centres, t, bits, signed, power) for t in candidates])
-    return float(candidates[int(np.argmin(errors))])
+    return float(candidates[int(np.argmin(_histogram_errors(counts, sums, candidates, bits, signed, power)))])
 
 
 def histogram_error(counts: np.ndarray, sums: np.ndarray, threshold: float, bits: int, signed: bool) -> float:
@@ -303,25 +278,17 @@ def histogram_error(counts: np.ndarray, sums: np.ndarray, threshold: float, bits
     The quantity :func:`histogram_mse_threshold` minimises, for comparing two grids
     (e.g. signed against shifted unsigned) on the same calibration values.
     """
-    return _weighted_error(*_bin_means(counts, sums), threshold, bits, signed)
+    return _histogram_errors(counts, sums, np.asarray([threshold]), bits, signed)[0]
 
 
-def _bin_means(counts: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(count, mean) of every non-empty histogram bin."""
+def _histogram_errors(
+    counts: np.ndarray, sums: np.ndarray, candidates: np.ndarray, bits: int, signed: bool, power: float = 2.0
+) -> list[float]:
+    """Count-weighted ``|error|^power`` of the non-empty bins' means at each candidate threshold."""
     nonempty = counts > 0
     weights = counts[nonempty].astype(np.float64)
-    return weights, sums[nonempty] / weights
+    centres = sums[nonempty] / weights
+    return [
+        float(np.dot(weights, np.abs(centres - fake_quantize(centres, t, bits, signed)) ** power)) for t in candidates
+    ]
 
-
-def _weighted_error(
-    weights: np.ndarray, centres: np.ndarray, threshold: float, bits: int, signed: bool, power: float = 2.0
-) -> float:
-    return float(np.dot(weights, np.abs(centres - fake_quantize(centres, threshold, bits, signed)) ** power))
-
-
-def is_power_of_two(value: float) -> bool:
-    """True when ``value`` is a positive exact power of two."""
-    if not value > 0 or not math.isfinite(value):
-        return False
-    mantissa, _ = math.frexp(value)
-    return mantissa == 0.5
