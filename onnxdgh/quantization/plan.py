@@ -237,26 +237,25 @@ class _Marking:
         out = node.outputs[0]
         if len(node.outputs) != 1 or out in self.view.output_set:
             return False
+        fused = self.profile.is_fused
         readers = self.view.readers(out)
+        pair = gated_activation(out, readers)
         if (
             len(readers) == 1
             and list(readers[0].input).count(out) == 1
-            and self.profile.is_fused(node.op, readers[0].op_type)
+            and fused(node.op, readers[0].op_type)
             and (not spec(node.op).gate or readers[0].op_type != "Mul" or is_gate_partner(node.proto, readers[0]))
         ):
-            self.fused_tensors.add(out)
-            self.fused.append((node.label, self.view.label(readers[0]), out))
-            return True
-        pair = gated_activation(out, readers)
-        if pair is not None and self.profile.is_fused(node.op, pair[0].op_type) and self.profile.is_fused(
-            pair[0].op_type, "Mul"
-        ):
+            reader = readers[0]
+        elif pair is not None and fused(node.op, pair[0].op_type) and fused(pair[0].op_type, "Mul"):
             # Conv -> SiLU as Sigmoid + Mul(x, Sigmoid(x)): x feeds both halves of one
             # activation, which the profile fuses behind the producer.
-            self.fused_tensors.add(out)
-            self.fused.append((node.label, self.view.label(pair[0]), out))
-            return True
-        return False
+            reader = pair[0]
+        else:
+            return False
+        self.fused_tensors.add(out)
+        self.fused.append((node.label, self.view.label(reader), out))
+        return True
 
     def outputs(self, node: _Node) -> None:
         """Mark ``node``'s float outputs: inherited from its data input when the values stay
@@ -445,18 +444,15 @@ def mark(
                 f"op {op} (node {label}) is not allowed by profile {profile.name!r}",
                 "choose a profile that allows it (--profile generic-pot-int8) or remove the op from the model",
             )
-        shape_inputs = spec(op).shape_inputs
-        data: list[str] = []
-        constants: list[tuple[int, str]] = []
-        for position, name in enumerate(proto.input):
-            if not name or position in shape_inputs or name not in floats:
-                continue
-            if name in parameters.get(id(proto), ()):
-                continue  # an attribute of the written-out op, not a tensor
-            if name in m.view.initializers:
-                constants.append((position, name))
-            else:
-                data.append(name)
+        # Float tensor inputs; a written-out op's parameters are its attributes, not tensors.
+        skipped = spec(op).shape_inputs
+        attributes = parameters.get(id(proto), frozenset())
+        tensors = [
+            (position, name) for position, name in enumerate(proto.input)
+            if name and position not in skipped and name in floats and name not in attributes
+        ]
+        constants = [(position, name) for position, name in tensors if name in m.view.initializers]
+        data = [name for _, name in tensors if name not in m.view.initializers]
         for name in data:
             if name not in m.marks and name not in m.fused_tensors:
                 raise QuantizationError(  # would be a float island; should not happen on a sorted graph
