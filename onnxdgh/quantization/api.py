@@ -118,14 +118,11 @@ class QuantizeConfig:
         optimize_rounding: choose the stored weight integers (and int32 biases) by
             AdaRound/BRECQ-style block reconstruction (``--optimize-rounding``,
             ``rounding.optimize_rounding``). None: on below 7-bit weights or 8-bit
-            activations (fmnist_resnet8, DGH images: W4A4 50.1 -> 89.1 %; at W8A8 and W7A8
-            nearest rounding is within 0.1 point of it).
+            activations (fmnist_resnet8 W4A4 50.1 -> 89.1 %; within 0.1 point at W8A8/W7A8).
         bias_correction: shift int32 biases so each layer's per-channel mean output
-            matches the float model (``--bias-correction``). None: off (after the rounding
-            optimisation, which learns the biases, it undoes that work; after kernel-sum
-            rounding it costs EfficientNet-Lite0 1.3 dB).
-        rounding_iterations: AdaRound steps per layer (1000 gained 0.1 point over 300 at
-            W4A4 for 2x the time).
+            matches the float model (``--bias-correction``). None: off (it undoes the
+            rounding optimisation's learned biases and costs 1.3 dB after kernel-sum rounding).
+        rounding_iterations: AdaRound steps per layer.
         kernel_sum_rounding: store each output channel's weight integers so that their sum
             is the nearest integer of the float sum (``--kernel-sum-rounding``,
             :func:`~.thresholds.quantize_preserving_sums`). None: on for 8-bit weights
@@ -135,8 +132,7 @@ class QuantizeConfig:
             (``--gptq-rounding``, :mod:`onnxdgh.quantization.gptq`). None: on for 8-bit
             weights when neither the rounding optimisation nor the bias correction runs
             (either together with it is an error) and ``kernel_sum_rounding`` is None (an
-            explicit kernel-sum or nearest choice is kept). EfficientNet-Lite0 W8A8, real
-            crops: 17.96 -> 21.25 dB logit SQNR over kernel-sum rounding.
+            explicit kernel-sum or nearest choice is kept).
         equalize: cross-layer equalization of consecutive convolutions (``--equalize``,
             :mod:`onnxdgh.quantization.equalize`). None: off (EfficientNet-Lite0 W8A8:
             -0.7 dB with kernel-sum rounding).
@@ -292,12 +288,9 @@ class QuantizeResult:
 
 
 def rounding_inputs(result: QuantizeResult) -> tuple[onnx.ModelProto, dict[str, float]]:
-    """(float model, input shifts) for a separate :func:`~onnxdgh.quantization.rounding.optimize_rounding`
-    run on ``result.model`` (a benchmark's use, tools/bench_rounding.py; not part of the public result).
-
-    The float model is the BN-folded model that ``result.model`` quantizes node for node (with
-    the shift negative correction's Adds when it ran); the shifts map a node name to the shift
-    ``c`` its input carries (``optimize_rounding``'s ``input_shifts``).
+    """(float model, input shifts) for a separate ``rounding.optimize_rounding`` run on
+    ``result.model`` (tools/bench_rounding.py): the BN-folded model that ``result.model``
+    quantizes node for node, and ``optimize_rounding``'s ``input_shifts``.
 
     Raises:
         InvalidInputError: ``result`` was not made by :func:`quantize`.
@@ -365,21 +358,21 @@ def _profile(config: QuantizeConfig) -> Profile:
 
 
 def _structure(
-    loaded: LoadedModel, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool, int4_types: bool,
-    equalize: bool = False, input_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+    loaded: LoadedModel, profile: Profile, config: QuantizeConfig,
+    input_bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport, QuantPlan, Any]:
-    """Opset upgrade, BN folding, cross-layer equalization (with ``equalize``, within the
-    model input's ``input_bounds`` when known) and marking: (folded float model, fold
-    report, plan, equalization report or None)."""
+    """Opset upgrade, BN folding, cross-layer equalization (when enabled, within the model
+    input's ``input_bounds`` when known) and marking: (folded float model, fold report,
+    plan, equalization report or None)."""
     refuse_recurrent(loaded.model)
     float_model = loaded.model
-    if int4_types and loaded.opset < 21:
+    if config.int4_types and loaded.opset < 21:
         float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
     elif loaded.opset < 13:
         float_model = _convert_opset(float_model, 13, "per-axis DequantizeLinear")
     folded, fold_report = prepare(float_model)
     equalize_report = None
-    if equalize:
+    if config.equalize_enabled:
         folded, equalize_report = equalize_layers(folded, input_bounds=input_bounds)
     opset = g.opset_version(folded) or loaded.opset
     if not profile.opset_min <= opset <= profile.opset_max:
@@ -387,28 +380,28 @@ def _structure(
             f"the model's opset {opset} is outside profile {profile.name!r}'s range {profile.opset_min}..{profile.opset_max}",
             f"re-export the model at an opset between {profile.opset_min} and {profile.opset_max}",
         )
-    plan = mark(folded, profile, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel)
+    plan = mark(folded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                per_channel=config.per_channel)
     return folded, fold_report, plan, equalize_report
 
 
 def dry_run(loaded: LoadedModel, profile: Profile | str) -> QuantPlan:
-    """What :func:`quantize` checks before any images exist, at ``profile``'s widest bit
-    widths, without calibrating: the same opset conversion, BN folding and marking.
-
-    Returns the plan (which tensors get which quantizer).
+    """The plan (which tensors get which quantizer) of ``loaded`` at ``profile``'s widest bit
+    widths: the checks :func:`quantize` makes before any images exist (opset conversion, BN
+    folding, marking), without calibrating.
 
     Raises:
         QuantizationError / ProfileError / UnsupportedModelError: what :func:`quantize`
-        would raise on ``loaded`` before generating or calibrating (an op it has no
-        rule for, an op the profile forbids, an opset outside the profile).
+        would raise on ``loaded`` before generating or calibrating.
     """
     chosen = load_profile(profile)
     _check_float32(loaded)
-    bits = {
-        "weight_bits": max((b for b in chosen.weight_bits if b in WEIGHT_BITS), default=max(WEIGHT_BITS)),
-        "act_bits": max((b for b in chosen.activation_bits if b in ACT_BITS), default=max(ACT_BITS)),
-    }
-    return _structure(loaded, chosen, **bits, per_channel=True, int4_types=False)[2]
+    config = QuantizeConfig(
+        weight_bits=max((b for b in chosen.weight_bits if b in WEIGHT_BITS),
+                        default=max(WEIGHT_BITS)),
+        act_bits=max((b for b in chosen.activation_bits if b in ACT_BITS), default=max(ACT_BITS)),
+    )
+    return _structure(loaded, chosen, config)[2]
 
 
 def _check_float32(loaded: LoadedModel) -> None:
@@ -483,17 +476,12 @@ def quantize(
     Args:
         model: an ``.onnx`` path or a :class:`LoadedModel`.
         calibration: float images N x C x H x W in the model's input space; ``None``
-            generates DGH images with ``generate_config`` (unless given: seeded with
-            ``config.seed``, the bit width's budget of
-            :func:`~onnxdgh.generation.config.generation_defaults`).
-        config: bit widths, threshold rule, granularity, profile.
-        generate_config: settings of the DGH generation (only when ``calibration`` is None).
-        progress: show progress bars (stderr).
+            generates DGH images with ``generate_config`` (default: seeded with
+            ``config.seed``, :func:`~onnxdgh.generation.config.generation_defaults`).
         calibration_source: how to describe the images in the metadata (e.g. a file name).
-        holdout: how many of the images (given or generated) to hold back, chosen at
-            random with ``config.seed``: thresholds, rounding and bias correction use
-            only the rest, and ``result.holdout`` carries them for an independent check
-            (:func:`holdout_size` is the ``onnxdgh quantize`` choice). 0 uses them all.
+        holdout: how many of the images to hold back, chosen at random with ``config.seed``:
+            nothing is chosen on them, and ``result.holdout`` carries them for an
+            independent check (:func:`holdout_size` is the CLI's choice). 0 uses them all.
 
     Raises:
         InvalidInputError / ProfileError / CalibrationDataError / QuantizationError /
@@ -524,13 +512,8 @@ def quantize(
 
     # Cheap structural work first: every error about the graph comes before generation.
     with _timed(timings, "fold_s"):
-        folded, fold_report, plan, equalize_report = _structure(
-            loaded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
-            per_channel=config.per_channel, int4_types=config.int4_types,
-            equalize=config.equalize_enabled,
-            input_bounds=(_input_bounds(loaded, generate_config) if config.equalize_enabled
-                          else None),
-        )
+        bounds = _input_bounds(loaded, generate_config) if config.equalize_enabled else None
+        folded, fold_report, plan, equalize_report = _structure(loaded, profile, config, bounds)
 
     generation_report: dict[str, Any] | None = None
     data_settings: dict[str, Any] = {}
