@@ -335,7 +335,7 @@ def _mark_weighted(m: _Marking, node: _Node) -> None:
     ``weight_bits``) and an int32 bias at ``input scale x weight scale``."""
     record, proto, op = spec(node.op), node.proto, node.op
     attrs = g.node_attributes(proto)
-    weight_array = m.view.input_constant(proto, record.weight) if record.weight is not None else None
+    weight_array = m.view.input_constant(proto, record.weight)
     for position, name in node.constants:
         value = g.to_array(m.view.initializers[name])
         if position == record.weight:
@@ -368,12 +368,7 @@ def _mark_weighted(m: _Marking, node: _Node) -> None:
 
 
 def mark(
-    model: onnx.ModelProto,
-    profile: Profile,
-    *,
-    weight_bits: int,
-    act_bits: int,
-    per_channel: bool,
+    model: onnx.ModelProto, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool,
     grid_pads: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """Mark every tensor of the BN-folded float ``model`` that needs a quantizer.
@@ -571,7 +566,8 @@ def round_bias(ratio: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
     return np.clip(ints, low, high).astype(np.int32), clipped
 
 
-def _act_elem_type(bits: int, signed: bool, int4_types: bool) -> int:
+def _elem_type(bits: int, signed: bool, int4_types: bool) -> int:
+    """The Q/DQ integer type of a ``bits``-wide grid (INT4/UINT4 only with ``int4_types``)."""
     if int4_types and bits <= 4:
         return onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
     return onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
@@ -621,13 +617,8 @@ def group_rule(method: str, bits: int, graph_output: bool) -> str:
 
 
 def resolve(
-    plan: QuantPlan,
-    stats: Mapping[str, TensorStats],
-    model: onnx.ModelProto,
-    *,
-    method: str,
-    int4_types: bool = False,
-    sum_rounding: bool = False,
+    plan: QuantPlan, stats: Mapping[str, TensorStats], model: onnx.ModelProto, *, method: str,
+    int4_types: bool = False, sum_rounding: bool = False,
 ) -> ResolvedPlan:
     """Choose every scale of ``plan`` from calibration ``stats`` and quantize the constants.
 
@@ -666,7 +657,7 @@ def resolve(
         candidates += [float(th.noclip_threshold(value.min(), value.max(), bits, signed)) for value in constants]
         threshold = max(candidates) if candidates else th.ZERO_RANGE_THRESHOLD
         scale = float(th.scale_for(threshold, bits, signed))
-        elem_type = _act_elem_type(bits, signed, int4_types)
+        elem_type = _elem_type(bits, signed, int4_types)
         for name in members:
             activations[name] = ActivationQuant(
                 name, bits, signed, threshold, scale, elem_type, number, plan.activations[name].source
@@ -703,7 +694,7 @@ def resolve(
                 f"divisor {item.tensor} of node {item.node} has entries that quantize to 0",
                 "rewrite the division as a multiplication by the reciprocal before export",
             )
-        elem_type = onnx.TensorProto.INT4 if (int4_types and item.bits <= 4) else onnx.TensorProto.INT8
+        elem_type = _elem_type(item.bits, True, int4_types)
         weight_scales[(item.node, item.tensor)] = scale
         resolved.append(
             ParamQuant(item.tensor, item.node, item.input_index, item.role, item.bits, item.axis,
@@ -748,11 +739,8 @@ def resolve(
 
 
 def _fit_bias(
-    thresholds: np.ndarray,
-    bias: ParamMark,
-    value: np.ndarray,
-    activations: Mapping[str, ActivationQuant],
-    weight_bits: int,
+    thresholds: np.ndarray, bias: ParamMark, value: np.ndarray,
+    activations: Mapping[str, ActivationQuant], weight_bits: int,
 ) -> tuple[np.ndarray, int]:
     """``thresholds`` of a weight raised where its layer's bias would not fit, and how many rose."""
     channels = bias.channels or value.size
