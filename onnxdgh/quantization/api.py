@@ -358,21 +358,22 @@ def _profile(config: QuantizeConfig) -> Profile:
 
 
 def _structure(
-    loaded: LoadedModel, profile: Profile, config: QuantizeConfig,
+    loaded: LoadedModel, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool,
+    int4_types: bool, equalize: bool = False,
     input_bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport, QuantPlan, Any]:
-    """Opset upgrade, BN folding, cross-layer equalization (when enabled, within the model
-    input's ``input_bounds`` when known) and marking: (folded float model, fold report,
-    plan, equalization report or None)."""
+    """Opset upgrade, BN folding, cross-layer equalization (with ``equalize``, within the
+    model input's ``input_bounds`` when known) and marking: (folded float model, fold
+    report, plan, equalization report or None)."""
     refuse_recurrent(loaded.model)
     float_model = loaded.model
-    if config.int4_types and loaded.opset < 21:
+    if int4_types and loaded.opset < 21:
         float_model = _convert_opset(float_model, 21, "INT4 Q/DQ types")
     elif loaded.opset < 13:
         float_model = _convert_opset(float_model, 13, "per-axis DequantizeLinear")
     folded, fold_report = prepare(float_model)
     equalize_report = None
-    if config.equalize_enabled:
+    if equalize:
         folded, equalize_report = equalize_layers(folded, input_bounds=input_bounds)
     opset = g.opset_version(folded) or loaded.opset
     if not profile.opset_min <= opset <= profile.opset_max:
@@ -380,8 +381,7 @@ def _structure(
             f"the model's opset {opset} is outside profile {profile.name!r}'s range {profile.opset_min}..{profile.opset_max}",
             f"re-export the model at an opset between {profile.opset_min} and {profile.opset_max}",
         )
-    plan = mark(folded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                per_channel=config.per_channel)
+    plan = mark(folded, profile, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel)
     return folded, fold_report, plan, equalize_report
 
 
@@ -396,12 +396,10 @@ def dry_run(loaded: LoadedModel, profile: Profile | str) -> QuantPlan:
     """
     chosen = load_profile(profile)
     _check_float32(loaded)
-    config = QuantizeConfig(
-        weight_bits=max((b for b in chosen.weight_bits if b in WEIGHT_BITS),
-                        default=max(WEIGHT_BITS)),
-        act_bits=max((b for b in chosen.activation_bits if b in ACT_BITS), default=max(ACT_BITS)),
-    )
-    return _structure(loaded, chosen, config)[2]
+    weight_bits = max((b for b in chosen.weight_bits if b in WEIGHT_BITS), default=max(WEIGHT_BITS))
+    act_bits = max((b for b in chosen.activation_bits if b in ACT_BITS), default=max(ACT_BITS))
+    return _structure(loaded, chosen, weight_bits=weight_bits, act_bits=act_bits, per_channel=True,
+                      int4_types=False)[2]
 
 
 def _check_float32(loaded: LoadedModel) -> None:
@@ -512,8 +510,12 @@ def quantize(
 
     # Cheap structural work first: every error about the graph comes before generation.
     with _timed(timings, "fold_s"):
-        bounds = _input_bounds(loaded, generate_config) if config.equalize_enabled else None
-        folded, fold_report, plan, equalize_report = _structure(loaded, profile, config, bounds)
+        folded, fold_report, plan, equalize_report = _structure(
+            loaded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
+            per_channel=config.per_channel, int4_types=config.int4_types,
+            equalize=config.equalize_enabled,
+            input_bounds=_input_bounds(loaded, generate_config) if config.equalize_enabled else None,
+        )
 
     generation_report: dict[str, Any] | None = None
     data_settings: dict[str, Any] = {}
