@@ -430,14 +430,14 @@ def _input_bounds(loaded: LoadedModel, generate_config: GenerateConfig | None) -
     The generation settings' ``mean``/``std`` win over the model's metadata, as in the generator.
     """
     if generate_config is not None and generate_config.mean is not None and generate_config.std is not None:
-        channels = loaded.input_shape[0]
-        mean = np.broadcast_to(np.asarray(generate_config.mean, np.float64), (channels,))
-        std = np.broadcast_to(np.asarray(generate_config.std, np.float64), (channels,))
-        return input_bounds_from_normalization(mean, std)
-    normalization = loaded.input_normalization()
-    if normalization is None:
-        return None
-    return input_bounds_from_normalization(normalization[0].astype(np.float64), normalization[1].astype(np.float64))
+        normalization = (generate_config.mean, generate_config.std)
+    else:
+        normalization = loaded.input_normalization()
+        if normalization is None:
+            return None
+    channels = loaded.input_shape[0]
+    mean, std = (np.broadcast_to(np.asarray(v, np.float64), (channels,)) for v in normalization)
+    return input_bounds_from_normalization(mean, std)
 
 
 def _calibration_chunk(model: onnx.ModelProto, tensors: list[str], requested: int) -> int:

@@ -163,16 +163,9 @@ class TensorStats:
 
 
 def collect_statistics(
-    model: onnx.ModelProto,
-    images: np.ndarray,
-    tensors: Sequence[str],
-    *,
-    input_name: str,
-    batch_size: int = 32,
-    fixed_batch: int | None = None,
-    bins: int = DEFAULT_BINS,
-    sample: int | None = SAMPLE_PER_CHUNK,
-    progress: bool = False,
+    model: onnx.ModelProto, images: np.ndarray, tensors: Sequence[str], *, input_name: str,
+    batch_size: int = 32, fixed_batch: int | None = None, bins: int = DEFAULT_BINS,
+    sample: int | None = SAMPLE_PER_CHUNK, progress: bool = False,
 ) -> dict[str, TensorStats]:
     """Run ``model`` on ``images`` and return :class:`TensorStats` for each of ``tensors``.
 
