@@ -14,7 +14,7 @@ from onnxdgh.cli import main
 from onnxdgh.errors import InvalidInputError
 from onnxdgh.load import load_model
 from onnxdgh.quantization import QuantizeConfig, quantize
-from onnxdgh.quantization.api import default_threshold
+from onnxdgh.quantization.plan import default_threshold
 
 from .conftest import export_onnx
 
@@ -41,9 +41,9 @@ def _meta(model) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def test_default_threshold_by_output_rank(dense_path: Path, tiny_model_path: Path) -> None:
-    assert default_threshold(load_model(tiny_model_path), 8) == "mse"  # N x K logits
-    assert default_threshold(load_model(dense_path), 8) == "lp"  # N x 2 x H x W map
-    assert default_threshold(load_model(dense_path), 4) == "mse"  # 4-bit grids need the clipping
+    assert default_threshold(load_model(tiny_model_path).model, 8) == "mse"  # N x K logits
+    assert default_threshold(load_model(dense_path).model, 8) == "lp"  # N x 2 x H x W map
+    assert default_threshold(load_model(dense_path).model, 4) == "mse"  # 4-bit grids need the clipping
 
 
 class _SequenceScores(nn.Module):
@@ -60,7 +60,7 @@ class _SequenceScores(nn.Module):
 def test_softmax_scores_of_any_rank_keep_mse(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = export_onnx(_SequenceScores().eval(), (3, 8, 8), tmp_path / "seq.onnx", keep_bn=False)
-    assert default_threshold(load_model(path), 8) == "mse"
+    assert default_threshold(load_model(path).model, 8) == "mse"
 
 
 class _ProbabilityMap(nn.Module):
@@ -77,7 +77,7 @@ class _ProbabilityMap(nn.Module):
 def test_a_sigmoid_probability_map_keeps_mse(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = export_onnx(_ProbabilityMap().eval(), (3, 8, 8), tmp_path / "map.onnx", keep_bn=False)
-    assert default_threshold(load_model(path), 8) == "mse"
+    assert default_threshold(load_model(path).model, 8) == "mse"
 
 
 def test_quantize_resolves_an_open_threshold_and_keeps_an_explicit_one(dense_path: Path) -> None:

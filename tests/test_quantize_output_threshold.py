@@ -34,8 +34,8 @@ def _thresholds(result: object) -> dict[str, float]:
 def test_output_is_not_clipped_at_8_bits_but_inner_tensors_keep_the_mse_rule(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(_model(), str(path))
-    # threshold="mse" named: a model whose output has rank > 2 defaults to noclip everywhere
-    # (api.default_threshold), and this test is about the output exception to the MSE rule.
+    # threshold="mse" named: a model whose output has rank > 2 defaults to lp
+    # (plan.default_threshold), and this test is about the output exception to the MSE rule.
     got = _thresholds(quantize(path, _images(), QuantizeConfig(threshold="mse"), progress=False))
     noclip = float(th.noclip_threshold(_images().min(), 9.0, 8, True))
     assert got["y"] == noclip == 16.0

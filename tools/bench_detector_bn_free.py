@@ -187,9 +187,9 @@ def _detections(model: Path, pages: np.ndarray) -> tuple[list[np.ndarray], float
 
 def _default_rule(model: Path) -> str:
     from onnxdgh.load import load_model
-    from onnxdgh.quantization.api import default_threshold
+    from onnxdgh.quantization.plan import default_threshold
 
-    return default_threshold(load_model(model), 8)
+    return default_threshold(load_model(model).model, 8)
 
 
 def run(argv: list[str] | None = None) -> int:

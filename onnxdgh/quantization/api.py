@@ -8,18 +8,22 @@ power-of-two scales) and whose ``report`` lists every threshold, bit width and t
 Every check that can fail on user input (options, profile, ops, calibration shape)
 runs before the long work (generation, calibration). The input model is never modified.
 
-Stages: ``fold.prepare`` -> (``equalize``) ``equalize.equalize`` -> ``plan.mark`` -> images -> ``calibrate.collect_statistics``
--> (below 8-bit activations) ``shift.choose_shifts`` / ``shift.apply_shifts`` and
-``plan.mark`` again on the shifted float model -> ``plan.resolve`` (+ ``shift.compensate``)
--> ``emit.emit`` -> (below 8 bits) ``rounding.optimize_rounding`` with bias correction,
-which only changes stored integers, never scales or structure.
+Stages: ``fold.prepare`` -> (``equalize``) ``equalize.equalize`` -> ``plan.mark`` -> images ->
+``calibrate.collect_statistics`` -> (below 8-bit activations) ``shift.choose_shifts`` /
+``shift.apply_shifts`` and ``plan.mark`` again on the shifted float model -> ``plan.resolve``
+(+ ``shift.compensate``) -> ``emit.emit`` -> (below 8 bits) ``rounding.optimize_rounding`` with
+bias correction, which only changes stored integers, never scales or structure.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,24 +42,15 @@ from .equalize import equalize as equalize_layers
 from .equalize import input_bounds_from_normalization
 from .float_weights import store_weights_as_float
 from .fold import FoldReport, prepare
-from .plan import QuantPlan, mark, resolve
+from .plan import QuantPlan, default_threshold, mark, resolve
 from .shift import Shift, apply_shifts, choose_shifts, compensate, shifted_statistics, supports_shift
 
 if TYPE_CHECKING:  # the generator is imported lazily: it pulls in torch
     from ..generation import GenerateConfig
 
 __all__ = [
-    "QuantizeConfig",
-    "QuantizeResult",
-    "quantize",
-    "default_profile_name",
-    "holdout_size",
-    "dry_run",
-    "refuse_recurrent",
-    "rounding_inputs",
-    "THRESHOLD_METHODS",
-    "default_threshold",
-    "HOLDOUT_FRACTION",
+    "QuantizeConfig", "QuantizeResult", "quantize", "default_profile_name", "holdout_size",
+    "dry_run", "refuse_recurrent", "rounding_inputs", "THRESHOLD_METHODS", "HOLDOUT_FRACTION",
     "MIN_HOLDOUT_IMAGES",
 ]
 
@@ -94,80 +89,59 @@ def refuse_recurrent(model: onnx.ModelProto) -> None:
 class QuantizeConfig:
     """Quantization settings; one CLI option per field, validated on construction.
 
+    The measurements behind each automatic choice are in docs/QUANTIZE.md (thresholds,
+    kernel-sum and GPTQ rounding, equalization, shift negative correction), docs/ROUNDING.md
+    and docs/BENCHMARKS.md.
+
     Attributes:
         weight_bits: 8, 7, 4 or 2 (``--weight-bits``); weights are signed, symmetric. 7 bits
             (integers in [-64, 63] in int8 containers, as onnxruntime's ``reduce_range``) is
             for x86 CPUs with AVX2 but without VNNI, whose u8 x s8 kernels saturate int16
-            pair sums at 8 bits (profile ``ort-x86-avx2``, docs/QUANTIZE.md).
+            pair sums at 8 bits (profile ``ort-x86-avx2``).
         act_bits: 8 or 4 (``--act-bits``); every activation, the model input included.
         threshold: ``"mse"`` (HPTQ's error-minimising power-of-two search), ``"lp"``
             (the same search on the cube of the error, :data:`~.thresholds.LP_POWER`),
             ``"noclip"`` (smallest power of two covering the observed range), or None:
-            :func:`default_threshold` of the model (``lp`` for dense predictions at
-            8-bit activations, else ``mse``).
+            :func:`~.plan.default_threshold` of the model.
         per_channel: weights per output channel (``--per-tensor-weights`` sets False);
             a profile without per-channel weights forces per tensor.
-        profile: built-in profile name or path (``--profile``); None picks by bits:
-            W8A8 generic-pot-int8, W4A8 pot-w4a8, anything lower pot-lowbit.
+        profile: built-in profile name or path (``--profile``); None:
+            :func:`default_profile_name` of the bit widths.
         int4_types: carry <= 4-bit values in INT4/UINT4 Q/DQ types (opset 21) instead of
             range-restricted int8/uint8 containers (``--int4-types``).
-        weights_as_float: store every quantized constant (weights, biases) as the float32
-            value its DequantizeLinear would produce, without that node, its grid recorded
-            in the metadata (``--weights-as-float``, :mod:`onnxdgh.quantization.float_weights`):
-            for converters that cannot read integer weights. Activations keep Q/DQ.
+        weights_as_float: store every quantized constant as the float32 value its
+            DequantizeLinear would produce, without that node (``--weights-as-float``,
+            :mod:`onnxdgh.quantization.float_weights`), for converters that cannot read
+            integer weights. Activations keep Q/DQ.
         seed: seeds the DGH generation when no calibration images are given, and the
             batch sampling of the rounding optimisation.
         optimize_rounding: choose the stored weight integers (and int32 biases) by
-            AdaRound/BRECQ-style block reconstruction on the quantized model
-            (``rounding.optimize_rounding``, defaults in ``RoundingConfig``) instead of
-            nearest rounding (``--optimize-rounding/--no-optimize-rounding``). None: on
-            whenever weights are below 7 bits or activations below 8 bits (fmnist_resnet8,
-            DGH images, docs/ROUNDING.md: W4A4 50.1 -> 89.1 %, W2A4 12.1 -> 77.5 %; W8A8
-            91.81 -> 91.82 % for 60 s more, so off there, and off for W7A8, whose nearest
-            rounding costs at most 0.1 points on the samples: docs/BENCHMARKS.md, "Runtimes").
+            AdaRound/BRECQ-style block reconstruction (``--optimize-rounding``,
+            ``rounding.optimize_rounding``). None: on below 7-bit weights or 8-bit
+            activations (fmnist_resnet8 W4A4 50.1 -> 89.1 %; within 0.1 point at W8A8/W7A8).
         bias_correction: shift int32 biases so each layer's per-channel mean output
-            matches the float model (``--bias-correction/--no-bias-correction``). None:
-            off. After the rounding optimisation (which learns the biases in its own
-            loss) it undoes that work: fmnist_resnet8 DGH W2A4 77.5 -> 58.0 %, W4A4
-            89.1 -> 88.8 % (docs/ROUNDING.md). At W8A8 on EfficientNet-Lite0 it adds 3 dB
-            to nearest rounding but costs 1.3 dB after kernel-sum rounding (the default), for
-            ~450 s instead of ~12 s (docs/BENCHMARKS.md, section depthwise).
-        rounding_iterations: AdaRound steps per layer (1000 gained 0.1 point over 300 at
-            W4A4 for 2x the time).
+            matches the float model (``--bias-correction``). None: off (it undoes the
+            rounding optimisation's learned biases and costs 1.3 dB after kernel-sum rounding).
+        rounding_iterations: AdaRound steps per layer.
         kernel_sum_rounding: store each output channel's weight integers so that their sum
-            is the nearest integer of the float sum (``--kernel-sum-rounding/
-            --no-kernel-sum-rounding``, :func:`~onnxdgh.quantization.thresholds.quantize_preserving_sums`):
-            a high-gain kernel whose taps cancel (BN-folded depthwise edge filters) keeps its
-            gain on smooth regions. None: on for 8-bit weights when the rounding optimisation is
-            off (it chooses the integers itself; both together are an error).
-            EfficientNet-Lite0 W8A8, real photos: logit SQNR 11.75 -> 17.96 dB, top-1
-            agreement 84.0 -> 93.5 % (docs/BENCHMARKS.md, section depthwise).
+            is the nearest integer of the float sum (``--kernel-sum-rounding``,
+            :func:`~.thresholds.quantize_preserving_sums`). None: on for 8-bit weights
+            when the rounding optimisation is off (both together are an error).
         gptq_rounding: re-round the per-channel weights of 2-D Conv and Gemm layers so that
-            each layer's output error on the calibration images is smallest, with the plan's
-            scales fixed (``--gptq-rounding/--no-gptq-rounding``, GPTQ,
-            :mod:`onnxdgh.quantization.gptq`; input moments from the first
-            :data:`~onnxdgh.quantization.gptq.DEFAULT_MAX_IMAGES` images). Layers it cannot
-            treat keep the kernel-sum or nearest integers. None: on for 8-bit weights when
-            neither the rounding optimisation nor the bias correction runs (both need their own
-            integers: either together with it is an error) and ``kernel_sum_rounding`` is None
-            (an explicit kernel-sum or nearest choice is kept). EfficientNet-Lite0 W8A8, real photo
-            crops: logit SQNR 17.96 -> 21.25 dB, top-1 agreement 93.5 -> 96.0 % over kernel-sum
-            rounding; DGH images 17.90 -> 20.66 dB; samples within 0.1 point (docs/BENCHMARKS.md,
-            section depthwise).
-        equalize: cross-layer equalization of consecutive convolutions before
-            quantization (``--equalize/--no-equalize``, :mod:`onnxdgh.quantization.equalize`;
-            the float function is unchanged, a ReLU6 keeps its bound). None: off
-            (EfficientNet-Lite0 W8A8: +0.2 dB alone, -0.7 dB with kernel-sum rounding;
-            docs/BENCHMARKS.md, section depthwise).
-        shift_negative: HPTQ's shift negative correction
-            (``--shift-negative/--no-shift-negative``, :mod:`onnxdgh.quantization.shift`): an
-            activation with a small negative tail (SiLU, HardSwish, ...) read only by
-            Conv/Gemm gets ``+ c`` and the unsigned grid, its consumers' biases and
-            padding absorb ``c``. Needs a profile that fuses the activation with ``Add``
-            (pot-lowbit does). None: on below 8-bit activations where the profile allows
-            it (measurements in docs/QUANTIZE.md, "Shift negative correction").
+            each layer's output error on the calibration images is smallest, scales fixed
+            (``--gptq-rounding``, :mod:`onnxdgh.quantization.gptq`). None: on for 8-bit
+            weights when neither the rounding optimisation nor the bias correction runs
+            (either together with it is an error) and ``kernel_sum_rounding`` is None (an
+            explicit kernel-sum or nearest choice is kept).
+        equalize: cross-layer equalization of consecutive convolutions (``--equalize``,
+            :mod:`onnxdgh.quantization.equalize`). None: off (EfficientNet-Lite0 W8A8:
+            -0.7 dB with kernel-sum rounding).
+        shift_negative: HPTQ's shift negative correction (``--shift-negative``,
+            :mod:`onnxdgh.quantization.shift`) of activations with a small negative tail
+            read only by Conv/Gemm. Needs a profile that fuses the activation with ``Add``.
+            None: on below 8-bit activations where the profile allows it.
         calibration_batch_size: images per onnxruntime run while collecting statistics
-            (lowered automatically so one run's exposed activations stay within
+            (lowered so one run's exposed activations stay within
             :data:`CALIBRATION_MEMORY_BYTES`).
         histogram_bins: bins of each activation histogram (a power of two).
     """
@@ -211,27 +185,26 @@ class QuantizeConfig:
                 raise InvalidInputError(
                     f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}", "pass a bool or None"
                 )
-        if self.kernel_sum_rounding and self.rounding_enabled:
-            raise InvalidInputError(
-                "--kernel-sum-rounding chooses the stored weight integers, and so does the rounding optimisation",
-                "add --no-optimize-rounding, or drop --kernel-sum-rounding",
-            )
-        if self.gptq_rounding and self.rounding_enabled:
-            raise InvalidInputError(
-                "--gptq-rounding chooses the stored weight integers, and so does the rounding optimisation",
-                "add --no-optimize-rounding, or drop --gptq-rounding",
-            )
+        for name in ("kernel_sum_rounding", "gptq_rounding"):
+            if getattr(self, name) and self.rounding_enabled:
+                option = "--" + name.replace("_", "-")
+                raise InvalidInputError(
+                    f"{option} chooses the stored weight integers, "
+                    "and so does the rounding optimisation",
+                    f"add --no-optimize-rounding, or drop {option}",
+                )
         if self.gptq_rounding and self.bias_correction:
             raise InvalidInputError(
                 "--bias-correction measures the error of nearest or kernel-sum rounding, not of --gptq-rounding "
                 "(whose objective already includes each channel's mean error)",
                 "drop one of --gptq-rounding and --bias-correction",
             )
-        if not isinstance(self.rounding_iterations, int) or isinstance(self.rounding_iterations, bool) or self.rounding_iterations < 1:
+        if not _is_int(self.rounding_iterations) or self.rounding_iterations < 1:
             raise InvalidInputError(
-                f"--rounding-iterations {self.rounding_iterations!r} is not a positive integer", "give e.g. --rounding-iterations 300"
+                f"--rounding-iterations {self.rounding_iterations!r} is not a positive integer",
+                "give e.g. --rounding-iterations 300",
             )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"--seed {self.seed!r} is not an integer in [0, 2^63)", "give e.g. --seed 0")
         if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size < 1:
             raise InvalidInputError(
@@ -245,30 +218,27 @@ class QuantizeConfig:
 
     @property
     def rounding_enabled(self) -> bool:
-        """Whether AdaRound runs (explicit setting, else on below 7-bit weights or 8-bit activations)."""
+        """Whether AdaRound runs."""
         if self.optimize_rounding is not None:
             return self.optimize_rounding
         return self.weight_bits < 7 or self.act_bits < 8
 
     @property
     def bias_correction_enabled(self) -> bool:
-        """Whether biases are corrected: only when asked (it hurts after the rounding optimisation)."""
+        """Whether biases are corrected."""
         return bool(self.bias_correction)
 
     @property
     def kernel_sum_rounding_enabled(self) -> bool:
-        """Whether weights are stored by kernel-sum-preserving rounding (explicit, else for 8-bit
-        weights when AdaRound is off: ``optimize_rounding=False`` below 8 bits stays nearest
-        rounding, the input ``rounding.optimize_rounding`` expects)."""
+        """Whether weights are stored by kernel-sum-preserving rounding (``optimize_rounding=False``
+        below 8 bits stays nearest rounding, the input ``rounding.optimize_rounding`` expects)."""
         if self.kernel_sum_rounding is not None:
             return self.kernel_sum_rounding
         return self.weight_bits == 8 and not self.rounding_enabled
 
     @property
     def gptq_enabled(self) -> bool:
-        """Whether GPTQ re-rounds the weights (explicit, else for 8-bit weights when neither the
-        rounding optimisation nor the bias correction runs and ``kernel_sum_rounding`` is left
-        automatic: asking for kernel-sum or, with False, nearest rounding means those integers)."""
+        """Whether GPTQ re-rounds the weights."""
         if self.gptq_rounding is not None:
             return self.gptq_rounding
         return (self.weight_bits == 8 and not self.rounding_enabled and not self.bias_correction_enabled
@@ -276,12 +246,11 @@ class QuantizeConfig:
 
     @property
     def equalize_enabled(self) -> bool:
-        """Whether cross-layer equalization runs (explicit setting, else off)."""
+        """Whether cross-layer equalization runs."""
         return bool(self.equalize)
 
     def shift_enabled(self, profile: Profile) -> bool:
-        """Whether the shift negative correction runs under ``profile`` (explicit setting,
-        else on below 8-bit activations when the profile can run it)."""
+        """Whether the shift negative correction runs under ``profile``."""
         if self.shift_negative is not None:
             return self.shift_negative
         return self.act_bits < 8 and supports_shift(profile)
@@ -289,13 +258,18 @@ class QuantizeConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (the automatic choices resolved, except ``shift_negative``,
         which depends on the profile: see :meth:`shift_enabled`)."""
-        data = asdict(self)
-        data["optimize_rounding"] = self.rounding_enabled
-        data["bias_correction"] = self.bias_correction_enabled
-        data["equalize"] = self.equalize_enabled
-        data["kernel_sum_rounding"] = self.kernel_sum_rounding_enabled
-        data["gptq_rounding"] = self.gptq_enabled
-        return data
+        return {
+            **asdict(self),
+            "optimize_rounding": self.rounding_enabled,
+            "bias_correction": self.bias_correction_enabled,
+            "equalize": self.equalize_enabled,
+            "kernel_sum_rounding": self.kernel_sum_rounding_enabled,
+            "gptq_rounding": self.gptq_enabled,
+        }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -314,12 +288,9 @@ class QuantizeResult:
 
 
 def rounding_inputs(result: QuantizeResult) -> tuple[onnx.ModelProto, dict[str, float]]:
-    """(float model, input shifts) for a separate :func:`~onnxdgh.quantization.rounding.optimize_rounding`
-    run on ``result.model`` (a benchmark's use, tools/bench_rounding.py; not part of the public result).
-
-    The float model is the BN-folded model that ``result.model`` quantizes node for node (with
-    the shift negative correction's Adds when it ran); the shifts map a node name to the shift
-    ``c`` its input carries (``optimize_rounding``'s ``input_shifts``).
+    """(float model, input shifts) for a separate ``rounding.optimize_rounding`` run on
+    ``result.model`` (tools/bench_rounding.py): the BN-folded model that ``result.model``
+    quantizes node for node, and ``optimize_rounding``'s ``input_shifts``.
 
     Raises:
         InvalidInputError: ``result`` was not made by :func:`quantize`.
@@ -356,13 +327,8 @@ def _split_holdout(images: np.ndarray, count: int, seed: int) -> tuple[np.ndarra
 
 def default_profile_name(weight_bits: int, act_bits: int) -> str:
     """The built-in profile that fits the bit widths (the ``--profile`` default)."""
-    if weight_bits == 8 and act_bits == 8:
-        return "generic-pot-int8"
-    if weight_bits == 4 and act_bits == 8:
-        return "pot-w4a8"
-    if weight_bits == 7 and act_bits == 8:
-        return "ort-x86-avx2"
-    return "pot-lowbit"
+    defaults = {(8, 8): "generic-pot-int8", (4, 8): "pot-w4a8", (7, 8): "ort-x86-avx2"}
+    return defaults.get((weight_bits, act_bits), "pot-lowbit")
 
 
 def _profile(config: QuantizeConfig) -> Profile:
@@ -392,8 +358,9 @@ def _profile(config: QuantizeConfig) -> Profile:
 
 
 def _structure(
-    loaded: LoadedModel, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool, int4_types: bool,
-    equalize: bool = False, input_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+    loaded: LoadedModel, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool,
+    int4_types: bool, equalize: bool = False,
+    input_bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport, QuantPlan, Any]:
     """Opset upgrade, BN folding, cross-layer equalization (with ``equalize``, within the
     model input's ``input_bounds`` when known) and marking: (folded float model, fold
@@ -419,58 +386,20 @@ def _structure(
 
 
 def dry_run(loaded: LoadedModel, profile: Profile | str) -> QuantPlan:
-    """What :func:`quantize` checks before any images exist, at ``profile``'s widest bit
-    widths, without calibrating: the same opset conversion, BN folding and marking.
-
-    Returns the plan (which tensors get which quantizer).
+    """The plan (which tensors get which quantizer) of ``loaded`` at ``profile``'s widest bit
+    widths: the checks :func:`quantize` makes before any images exist (opset conversion, BN
+    folding, marking), without calibrating.
 
     Raises:
         QuantizationError / ProfileError / UnsupportedModelError: what :func:`quantize`
-        would raise on ``loaded`` before generating or calibrating (an op it has no
-        rule for, an op the profile forbids, an opset outside the profile).
+        would raise on ``loaded`` before generating or calibrating.
     """
     chosen = load_profile(profile)
     _check_float32(loaded)
-    bits = {
-        "weight_bits": max((b for b in chosen.weight_bits if b in WEIGHT_BITS), default=max(WEIGHT_BITS)),
-        "act_bits": max((b for b in chosen.activation_bits if b in ACT_BITS), default=max(ACT_BITS)),
-    }
-    return _structure(loaded, chosen, **bits, per_channel=True, int4_types=False)[2]
-
-
-_SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
-"""Ops whose output is scores or probabilities at any rank: the MSE rule (``default_threshold``)."""
-
-
-def default_threshold(loaded: LoadedModel, act_bits: int) -> str:
-    """The threshold rule for ``threshold=None``: ``lp`` at 8-bit activations when a graph
-    output has rank > 2 (a dense prediction), else ``mse`` (a classifier's N x K scores, an
-    embedding, and every model below 8-bit activations, where MSE's clipping is what makes
-    4-bit grids usable: docs/QUANTIZE.md, W4A4 +12 to +16 points).
-
-    A dense prediction (a detector's anchors, a segmenter's map) answers with rare strong
-    responses among a mass of background, and the MSE search, which weighs values by how
-    often they occur, clips exactly those; no clipping at all coarsens every grid for them.
-    The ``lp`` search (error cubed) keeps them and still clips a lone outlier. Measured on
-    ddddocr's common_det (YOLOX-style, W8A8, docs/BENCHMARKS.md 'bn-free-detector'): float
-    boxes kept on 80 rendered pages / 60 scikit-image photos with mse, lp, noclip:
-    procedural calibration 76.8 / 68.9 %, 89.3 / 70.5 %, 86.9 / 31.1 %; rendered pages as
-    calibration 78.7 / 65.6 %, 88.7 / 83.6 %, 89.3 / 32.8 % (no clipping ties on the pages
-    and loses two thirds of the photos' boxes).
-    On the classifiers mse and noclip are within noise of each other, MSE ahead on real
-    data (docs/BENCHMARKS.md 'third-party', 'accuracy'), so they keep it.
-    An output written by Softmax is class scores whatever its rank (a text recogniser's
-    N x steps x classes): mse. PP-OCRv4's recogniser, W8A8, DGH 64 x 60: 95.4 % of the
-    characters read as float with mse, 66.9 % with noclip (issue-14 report, branch ops14).
-    So is a probability map written by Sigmoid/HardSigmoid (bounded, read at a cut such as
-    0.3, not at rare peaks): PP-OCRv4's DBNet detector, W8A8 calibrated on 32 rendered
-    pages, IoU of the maps cut at 0.3 on 20 other pages 0.955 with mse, 0.916 with noclip
-    (same report). ddddocr's detector writes its boxes through Concat/Transpose: lp.
-    """
-    scores = {name for name, node in g.producer_map(loaded.model.graph).items() if node.op_type in _SCORE_OPS}
-    ranks = [len(value.type.tensor_type.shape.dim) for value in loaded.model.graph.output
-             if value.type.tensor_type.HasField("shape") and value.name not in scores]
-    return "lp" if act_bits >= 8 and any(rank > 2 for rank in ranks) else "mse"
+    weight_bits = max((b for b in chosen.weight_bits if b in WEIGHT_BITS), default=max(WEIGHT_BITS))
+    act_bits = max((b for b in chosen.activation_bits if b in ACT_BITS), default=max(ACT_BITS))
+    return _structure(loaded, chosen, weight_bits=weight_bits, act_bits=act_bits, per_channel=True,
+                      int4_types=False)[2]
 
 
 def _check_float32(loaded: LoadedModel) -> None:
@@ -501,14 +430,14 @@ def _input_bounds(loaded: LoadedModel, generate_config: GenerateConfig | None) -
     The generation settings' ``mean``/``std`` win over the model's metadata, as in the generator.
     """
     if generate_config is not None and generate_config.mean is not None and generate_config.std is not None:
-        channels = loaded.input_shape[0]
-        mean = np.broadcast_to(np.asarray(generate_config.mean, np.float64), (channels,))
-        std = np.broadcast_to(np.asarray(generate_config.std, np.float64), (channels,))
-        return input_bounds_from_normalization(mean, std)
-    normalization = loaded.input_normalization()
-    if normalization is None:
-        return None
-    return input_bounds_from_normalization(normalization[0].astype(np.float64), normalization[1].astype(np.float64))
+        normalization = (generate_config.mean, generate_config.std)
+    else:
+        normalization = loaded.input_normalization()
+        if normalization is None:
+            return None
+    channels = loaded.input_shape[0]
+    mean, std = (np.broadcast_to(np.asarray(v, np.float64), (channels,)) for v in normalization)
+    return input_bounds_from_normalization(mean, std)
 
 
 def _calibration_chunk(model: onnx.ModelProto, tensors: list[str], requested: int) -> int:
@@ -545,17 +474,12 @@ def quantize(
     Args:
         model: an ``.onnx`` path or a :class:`LoadedModel`.
         calibration: float images N x C x H x W in the model's input space; ``None``
-            generates DGH images with ``generate_config`` (unless given: seeded with
-            ``config.seed``, the bit width's budget of
-            :func:`~onnxdgh.generation.config.generation_defaults`).
-        config: bit widths, threshold rule, granularity, profile.
-        generate_config: settings of the DGH generation (only when ``calibration`` is None).
-        progress: show progress bars (stderr).
+            generates DGH images with ``generate_config`` (default: seeded with
+            ``config.seed``, :func:`~onnxdgh.generation.config.generation_defaults`).
         calibration_source: how to describe the images in the metadata (e.g. a file name).
-        holdout: how many of the images (given or generated) to hold back, chosen at
-            random with ``config.seed``: thresholds, rounding and bias correction use
-            only the rest, and ``result.holdout`` carries them for an independent check
-            (:func:`holdout_size` is the ``onnxdgh quantize`` choice). 0 uses them all.
+        holdout: how many of the images to hold back, chosen at random with ``config.seed``:
+            nothing is chosen on them, and ``result.holdout`` carries them for an
+            independent check (:func:`holdout_size` is the CLI's choice). 0 uses them all.
 
     Raises:
         InvalidInputError / ProfileError / CalibrationDataError / QuantizationError /
@@ -563,11 +487,11 @@ def quantize(
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    timings["load_s"] = time.perf_counter() - started
+    with _timed(timings, "load_s"):
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
     _check_float32(loaded)
     if config.threshold is None:
-        config = replace(config, threshold=default_threshold(loaded, config.act_bits))  # type: ignore[arg-type]
+        config = replace(config, threshold=default_threshold(loaded.model, config.act_bits))  # type: ignore[arg-type]
     profile = _profile(config)
     if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
         raise InvalidInputError(f"holdout {holdout!r} is not a non-negative image count", "give e.g. holdout=8")
@@ -585,16 +509,16 @@ def quantize(
         )
 
     # Cheap structural work first: every error about the graph comes before generation.
-    step = time.perf_counter()
-    folded, fold_report, plan, equalize_report = _structure(
-        loaded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits, per_channel=config.per_channel,
-        int4_types=config.int4_types,
-        equalize=config.equalize_enabled,
-        input_bounds=_input_bounds(loaded, generate_config) if config.equalize_enabled else None,
-    )
-    timings["fold_s"] = time.perf_counter() - step
+    with _timed(timings, "fold_s"):
+        folded, fold_report, plan, equalize_report = _structure(
+            loaded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
+            per_channel=config.per_channel, int4_types=config.int4_types,
+            equalize=config.equalize_enabled,
+            input_bounds=_input_bounds(loaded, generate_config) if config.equalize_enabled else None,
+        )
 
     generation_report: dict[str, Any] | None = None
+    data_settings: dict[str, Any] = {}
     if calibration is None:
         from ..generation import GenerateConfig as _GenerateConfig
         from ..generation import generate
@@ -602,16 +526,14 @@ def quantize(
 
         gen_config = generate_config if generate_config is not None else _GenerateConfig(
             seed=config.seed, **generation_defaults(config.weight_bits, config.act_bits))
-        step = time.perf_counter()
-        result = generate(loaded, gen_config, progress=progress)
-        timings["generate_s"] = time.perf_counter() - step
+        with _timed(timings, "generate_s"):
+            result = generate(loaded, gen_config, progress=progress)
         calibration = _check_images(result.images, loaded)
         generation_report = result.report
         source = calibration_source or f"dgh:{result.report['method']}"  # "auto" resolved
-        data_settings: dict[str, Any] = {"generation": {**gen_config.to_dict(), "method": result.report["method"]}}
+        data_settings["generation"] = {**gen_config.to_dict(), "method": result.report["method"]}
     else:
         source = calibration_source or "array"
-        data_settings = {}
     held_out: np.ndarray | None = None
     holdout_report: dict[str, Any] | None = None
     if holdout:
@@ -624,115 +546,103 @@ def quantize(
         holdout_report = {"images": holdout, "indices": held_indices, "seed": config.seed}
         _LOG.info("holding %d of %d images back for validation", holdout, holdout + calibration.shape[0])
 
-    step = time.perf_counter()
-    calib_model = folded
-    fixed_batch: int | None = None
-    if loaded.batch_fixed:
-        dynamic = make_batch_dynamic(replace(loaded, model=folded))
-        if dynamic is not None:
-            calib_model = dynamic
-        else:
-            fixed_batch = int(loaded.batch_dim)  # type: ignore[arg-type]
-    batch_size = _calibration_chunk(folded, plan.stat_tensors(), config.calibration_batch_size)
-    try:
-        stats = collect_statistics(
-            calib_model,
-            calibration,
-            plan.stat_tensors(),
-            input_name=loaded.input_name,
-            batch_size=batch_size,
-            fixed_batch=fixed_batch,
-            bins=config.histogram_bins,
-            progress=progress,
-        )
-    except ValueError as exc:
-        raise CalibrationDataError(
-            f"tensor {exc} becomes NaN or infinite on the calibration images",
-            "check the images are normalized as the model expects",
-        ) from exc
-    timings["calibrate_s"] = time.perf_counter() - step
+    with _timed(timings, "calibrate_s"):
+        calib_model, fixed_batch = _batch_dynamic(loaded, folded)
+        batch_size = _calibration_chunk(folded, plan.stat_tensors(), config.calibration_batch_size)
+        try:
+            stats = collect_statistics(
+                calib_model, calibration, plan.stat_tensors(), input_name=loaded.input_name,
+                batch_size=batch_size, fixed_batch=fixed_batch, bins=config.histogram_bins,
+                progress=progress,
+            )
+        except ValueError as exc:
+            raise CalibrationDataError(
+                f"tensor {exc} becomes NaN or infinite on the calibration images",
+                "check the images are normalized as the model expects",
+            ) from exc
 
-    step = time.perf_counter()
     shift_report: dict[str, Any] | None = None
     shifts: list[Shift] = []
-    if config.shift_enabled(profile):
-        shifts, unshifted = choose_shifts(folded, plan, stats, profile, method=config.threshold)
-        if shifts:
-            # The shifted float model computes the same function; from here on it is
-            # *the* float model (rounding's targets included), so names and values agree.
-            folded, grid_pads = apply_shifts(folded, shifts)
-            plan = mark(
-                folded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                per_channel=config.per_channel, grid_pads=grid_pads,
-            )
-            stats = shifted_statistics(stats, shifts)
-        shift_report = {"shifted": [item.to_dict() for item in shifts], "left": unshifted}
-    resolved = resolve(plan, stats, folded, method=config.threshold, int4_types=config.int4_types,
-                       sum_rounding=config.kernel_sum_rounding_enabled)
-    timings["thresholds_s"] = time.perf_counter() - step
+    with _timed(timings, "thresholds_s"):
+        if config.shift_enabled(profile):
+            shifts, unshifted = choose_shifts(folded, plan, stats, profile, method=config.threshold)
+            if shifts:
+                # The shifted float model computes the same function; from here on it is
+                # *the* float model (rounding's targets included), so names and values agree.
+                folded, grid_pads = apply_shifts(folded, shifts)
+                plan = mark(
+                    folded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                    per_channel=config.per_channel, grid_pads=grid_pads,
+                )
+                stats = shifted_statistics(stats, shifts)
+            shift_report = {"shifted": [item.to_dict() for item in shifts], "left": unshifted}
+        resolved = resolve(
+            plan, stats, folded, method=config.threshold, int4_types=config.int4_types,
+            sum_rounding=config.kernel_sum_rounding_enabled,
+        )
     gptq_report: dict[str, Any] | None = None
     if config.gptq_enabled:
         from .gptq import gptq_rounding  # torch: imported when used
 
-        step = time.perf_counter()
-        # Before the shift compensation: it reads the stored integers (b - c sum(W_q)).
-        # The calibration's batch-dynamic copy, unless the shift correction changed the model since.
-        moments_model, moments_batch = (folded, fixed_batch) if shifts else (calib_model, fixed_batch)
-        if shifts and loaded.batch_fixed and fixed_batch is None:
-            moments_model = make_batch_dynamic(replace(loaded, model=folded)) or folded
-            moments_batch = None if moments_model is not folded else int(loaded.batch_dim)  # type: ignore[arg-type]
-        resolved, gptq_report = gptq_rounding(resolved, moments_model, calibration, input_name=loaded.input_name,
-                                              fixed_batch=moments_batch)
-        timings["gptq_s"] = time.perf_counter() - step
-    step = time.perf_counter()
+        with _timed(timings, "gptq_s"):
+            # Before the shift compensation: it reads the stored integers (b - c sum(W_q)). The
+            # calibration's batch-dynamic copy, unless the shift correction changed the model since.
+            if shifts and fixed_batch is None:
+                moments_model, moments_batch = _batch_dynamic(loaded, folded)
+            else:
+                moments_model, moments_batch = (folded if shifts else calib_model), fixed_batch
+            resolved, gptq_report = gptq_rounding(
+                resolved, moments_model, calibration, input_name=loaded.input_name,
+                fixed_batch=moments_batch,
+            )
     if shifts:
-        resolved = compensate(resolved, folded, shifts)
-    timings["thresholds_s"] += time.perf_counter() - step
+        with _timed(timings, "thresholds_s"):
+            resolved = compensate(resolved, folded, shifts)
 
-    step = time.perf_counter()
-    quantized = emit(folded, resolved)
-    timings["emit_s"] = time.perf_counter() - step
+    with _timed(timings, "emit_s"):
+        quantized = emit(folded, resolved)
 
     input_shifts = {label: item.shift for item in shifts for label in item.consumers}
     rounding_report: dict[str, Any] | None = None
     if config.rounding_enabled or config.bias_correction_enabled:
         from .rounding import RoundingConfig, bias_correction, optimize_rounding  # torch: imported when used
 
-        step = time.perf_counter()
-        if config.rounding_enabled:
-            settings = RoundingConfig(
-                weight_bits=config.weight_bits,
-                iterations=config.rounding_iterations,
-                bias_correction=config.bias_correction_enabled,
-                seed=config.seed,
-            )
-            quantized, rounding_report = optimize_rounding(
-                quantized, folded, calibration, settings, progress=progress,
-                input_shifts=input_shifts,
-            )
-        else:
-            quantized, rounding_report = bias_correction(quantized, folded, calibration, progress=progress,
-                                                         sum_rounded=config.kernel_sum_rounding_enabled)
-        timings["rounding_s"] = time.perf_counter() - step
+        with _timed(timings, "rounding_s"):
+            if config.rounding_enabled:
+                settings = RoundingConfig(
+                    weight_bits=config.weight_bits, iterations=config.rounding_iterations,
+                    bias_correction=config.bias_correction_enabled, seed=config.seed,
+                )
+                quantized, rounding_report = optimize_rounding(
+                    quantized, folded, calibration, settings, progress=progress,
+                    input_shifts=input_shifts,
+                )
+            else:
+                quantized, rounding_report = bias_correction(
+                    quantized, folded, calibration, progress=progress,
+                    sum_rounded=config.kernel_sum_rounding_enabled,
+                )
 
-    step = time.perf_counter()
-    _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0], data_settings, len(shifts), holdout)
-    if config.weights_as_float:
-        quantized = store_weights_as_float(quantized)
-    try:
-        onnx.checker.check_model(quantized)
-    except onnx.checker.ValidationError as exc:  # a bug, but say which model part
-        raise QuantizationError(
-            f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}",
-            "report this model to the onnxdgh developers",
-        ) from exc
-    timings["emit_s"] += time.perf_counter() - step
+    with _timed(timings, "emit_s"):
+        _write_metadata(quantized, loaded, config, profile, source, calibration.shape[0],
+                        data_settings, len(shifts), holdout)
+        if config.weights_as_float:
+            quantized = store_weights_as_float(quantized)
+        try:
+            onnx.checker.check_model(quantized)
+        except onnx.checker.ValidationError as exc:  # a bug, but say which model part
+            raise QuantizationError(
+                f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}",
+                "report this model to the onnxdgh developers",
+            ) from exc
     timings["quantize_s"] = sum(
         timings.get(k, 0.0) for k in ("fold_s", "calibrate_s", "thresholds_s", "gptq_s", "emit_s", "rounding_s")
     )
     timings["total_s"] = time.perf_counter() - started
 
     summary = resolved.summary()
+    params = summary["params"]
+    roles = Counter(p["role"] for p in params)
     report: dict[str, Any] = {
         "model": loaded.source,
         "tool_version": __version__,
@@ -743,29 +653,28 @@ def quantize(
         "fold": fold_report.to_dict(),
         "counts": {
             "activations": len(summary["activations"]),
-            "weights": sum(1 for p in summary["params"] if p["role"] == "weight"),
-            "biases": sum(1 for p in summary["params"] if p["role"] == "bias"),
-            "constants": sum(1 for p in summary["params"] if p["role"] == "constant"),
+            "weights": roles["weight"],
+            "biases": roles["bias"],
+            "constants": roles["constant"],
             "fused_pairs": len(summary["fused"]),
-            "bias_values_clipped": sum(p["clipped"] for p in summary["params"] if p["role"] == "bias"),
-            "weight_scales_raised_for_bias": sum(p["raised_for_bias"] for p in summary["params"] if p["role"] == "weight"),
+            "bias_values_clipped": sum(p["clipped"] for p in params if p["role"] == "bias"),
+            "weight_scales_raised_for_bias": sum(
+                p["raised_for_bias"] for p in params if p["role"] == "weight"
+            ),
         },
         "tensors": summary,
         "statistics": {name: item.to_dict() for name, item in stats.items()},
         "timings": {key: round(value, 4) for key, value in timings.items()},
     }
-    if holdout_report is not None:
-        report["holdout"] = holdout_report
-    if generation_report is not None:
-        report["generation"] = generation_report
-    if rounding_report is not None:
-        report["rounding"] = rounding_report
-    if shift_report is not None:
-        report["shift_negative"] = shift_report
-    if gptq_report is not None:
-        report["gptq"] = gptq_report
-    if equalize_report is not None:
-        report["equalize"] = equalize_report.to_dict()
+    sections = {
+        "holdout": holdout_report,
+        "generation": generation_report,
+        "rounding": rounding_report,
+        "shift_negative": shift_report,
+        "gptq": gptq_report,
+        "equalize": equalize_report.to_dict() if equalize_report is not None else None,
+    }
+    report.update({key: value for key, value in sections.items() if value is not None})
     _LOG.info(
         "quantized %s: %d activations, %d weights, %d biases, %d constants in %.2f s",
         loaded.source, report["counts"]["activations"], report["counts"]["weights"],
@@ -773,6 +682,27 @@ def quantize(
     )
     return QuantizeResult(model=quantized, report=report, calibration=calibration, holdout=held_out,
                           _rounding_inputs=(folded, input_shifts))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``timings[key]``."""
+    start = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _batch_dynamic(
+    loaded: LoadedModel, model: onnx.ModelProto
+) -> tuple[onnx.ModelProto, int | None]:
+    """(model to run on image chunks, its fixed batch size or None): a batch-dynamic copy of
+    ``model`` when ``loaded`` fixes the batch and the copy can be made."""
+    if not loaded.batch_fixed:
+        return model, None
+    dynamic = make_batch_dynamic(replace(loaded, model=model))
+    if dynamic is None:
+        return model, int(loaded.batch_dim)  # type: ignore[arg-type]
+    return dynamic, None
 
 
 def _write_metadata(
@@ -786,33 +716,31 @@ def _write_metadata(
     shifted: int,
     held_out: int,
 ) -> None:
-    import json
-
+    values: dict[str, object] = {
+        "version": __version__,
+        "quantizer": "hptq-pot-qdq",
+        "weight_bits": config.weight_bits,
+        "act_bits": config.act_bits,
+        "threshold": config.threshold,
+        "per_channel": config.per_channel and profile.per_channel_weights,
+        "int4_types": config.int4_types,
+        "weights_as_float": config.weights_as_float,
+        "optimize_rounding": config.rounding_enabled,
+        "bias_correction": config.bias_correction_enabled,
+        "shift_negative": shifted,
+        "equalize": config.equalize_enabled,
+        "kernel_sum_rounding": config.kernel_sum_rounding_enabled,
+        "gptq_rounding": config.gptq_enabled,
+        "profile": profile.name,
+        "seed": config.seed,
+        "calibration_source": source,
+        "calibration_images": images,
+        "holdout_images": held_out,
+        "source_model": loaded.source,
+    }
     entries = dict(loaded.metadata)  # the input model's own metadata (input_mean, class names...)
-    entries.update(
-        {
-            "onnxdgh.version": __version__,
-            "onnxdgh.quantizer": "hptq-pot-qdq",
-            "onnxdgh.weight_bits": str(config.weight_bits),
-            "onnxdgh.act_bits": str(config.act_bits),
-            "onnxdgh.threshold": config.threshold,
-            "onnxdgh.per_channel": str(config.per_channel and profile.per_channel_weights).lower(),
-            "onnxdgh.int4_types": str(config.int4_types).lower(),
-            "onnxdgh.weights_as_float": str(config.weights_as_float).lower(),
-            "onnxdgh.optimize_rounding": str(config.rounding_enabled).lower(),
-            "onnxdgh.bias_correction": str(config.bias_correction_enabled).lower(),
-            "onnxdgh.shift_negative": str(shifted),
-            "onnxdgh.equalize": str(config.equalize_enabled).lower(),
-            "onnxdgh.kernel_sum_rounding": str(config.kernel_sum_rounding_enabled).lower(),
-            "onnxdgh.gptq_rounding": str(config.gptq_enabled).lower(),
-            "onnxdgh.profile": profile.name,
-            "onnxdgh.seed": str(config.seed),
-            "onnxdgh.calibration_source": source,
-            "onnxdgh.calibration_images": str(images),
-            "onnxdgh.holdout_images": str(held_out),
-            "onnxdgh.source_model": loaded.source,
-        }
-    )
+    entries.update({f"onnxdgh.{key}": str(value).lower() if isinstance(value, bool) else str(value)
+                    for key, value in values.items()})
     if data_settings:
         entries["onnxdgh.generation"] = json.dumps(data_settings["generation"], sort_keys=True)
     onnx.helper.set_model_props(model, entries)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from ..progress import progress_bar
 
+from ..progress import progress_bar
 from ..runtime import make_session, run_batched, with_extra_outputs
 
 __all__ = ["PowerOfTwoHistogram", "TensorStats", "collect_statistics", "DEFAULT_BINS", "SAMPLE_PER_CHUNK"]
@@ -72,11 +72,6 @@ class PowerOfTwoHistogram:
             self.counts = np.zeros(self.bins, np.int64)
             self.sums = np.zeros(self.bins, np.float64)
 
-    @property
-    def edges(self) -> np.ndarray:
-        """Bin edges (``bins + 1`` values)."""
-        return np.linspace(-self.radius, self.radius, self.bins + 1)
-
     def _grow(self, radius: float) -> None:
         factor = int(round(radius / self.radius))
         old = np.arange(self.bins)
@@ -98,7 +93,7 @@ class PowerOfTwoHistogram:
         if flat.size == 0:
             return
         peak = float(max(-np.min(flat), np.max(flat)))
-        needed = _pow2_at_least(peak)
+        needed = _pow2_above(peak)
         if self.radius == 0.0:
             self.radius = needed
         elif needed > self.radius:
@@ -112,16 +107,10 @@ class PowerOfTwoHistogram:
         self.sums += np.bincount(index, weights=flat, minlength=self.bins)
 
 
-def _pow2_at_least(value: float) -> float:
+def _pow2_above(value: float) -> float:
     """Smallest power of two strictly above ``value`` (the histogram range is half-open)."""
-    if value <= 0.0:
-        return 2.0**-40
-    radius = 2.0 ** np.ceil(np.log2(value))
-    while radius <= value:
-        radius *= 2.0
-    while radius / 2.0 > value:
-        radius /= 2.0
-    return float(radius)
+    # value = m 2^e with m in [0.5, 1), exactly, so 2^e is the next power of two above it.
+    return float(np.ldexp(1.0, np.frexp(value)[1])) if value > 0.0 else 2.0**-40
 
 
 @dataclass
@@ -158,15 +147,10 @@ class TensorStats:
         Count, minimum, maximum and each bin's sum move exactly; each value stays in the
         bin of its unshifted value, which is all the MSE search reads (bin means and counts).
         """
-        histogram = PowerOfTwoHistogram(
-            self.histogram.bins,
-            self.histogram.radius,
-            self.histogram.counts.copy(),
-            self.histogram.sums + offset * self.histogram.counts,
-        )
-        return TensorStats(
-            name or self.name, self.count, self.minimum + offset, self.maximum + offset, histogram
-        )
+        counts, sums = self.histogram.counts, self.histogram.sums
+        histogram = replace(self.histogram, counts=counts.copy(), sums=sums + offset * counts)
+        return replace(self, name=name or self.name, minimum=self.minimum + offset,
+                       maximum=self.maximum + offset, histogram=histogram)
 
     @property
     def abs_max(self) -> float:
@@ -179,16 +163,9 @@ class TensorStats:
 
 
 def collect_statistics(
-    model: onnx.ModelProto,
-    images: np.ndarray,
-    tensors: Sequence[str],
-    *,
-    input_name: str,
-    batch_size: int = 32,
-    fixed_batch: int | None = None,
-    bins: int = DEFAULT_BINS,
-    sample: int | None = SAMPLE_PER_CHUNK,
-    progress: bool = False,
+    model: onnx.ModelProto, images: np.ndarray, tensors: Sequence[str], *, input_name: str,
+    batch_size: int = 32, fixed_batch: int | None = None, bins: int = DEFAULT_BINS,
+    sample: int | None = SAMPLE_PER_CHUNK, progress: bool = False,
 ) -> dict[str, TensorStats]:
     """Run ``model`` on ``images`` and return :class:`TensorStats` for each of ``tensors``.
 
@@ -199,12 +176,12 @@ def collect_statistics(
     stats = {name: TensorStats(name, histogram=PowerOfTwoHistogram(bins)) for name in tensors}
     fetched = [name for name in tensors if name != input_name]
     session = make_session(with_extra_outputs(model, fetched), optimize=True) if fetched else None
-    chunk = max(batch_size, fixed_batch or 1)
+    # A fixed-batch graph runs whole multiples of its batch.
+    chunk = max(batch_size, 1)
     if fixed_batch:
-        chunk = max(fixed_batch, (batch_size // fixed_batch) * fixed_batch)
+        chunk = max(fixed_batch, batch_size // fixed_batch * fixed_batch)
     starts = range(0, images.shape[0], chunk)
-    bar = progress_bar(starts, enabled=progress, desc="calibrating", unit="batch")
-    for start in bar:
+    for start in progress_bar(starts, enabled=progress, desc="calibrating", unit="batch"):
         part = images[start : start + chunk]
         if input_name in stats:
             stats[input_name].add(part, sample)

@@ -48,6 +48,7 @@ __all__ = ["NewBias", "apply_integers", "emit"]
 
 _LOG = logging.getLogger(__name__)
 
+
 def _add_integer(graph: onnx.GraphProto, name: str, values: np.ndarray, elem_type: int) -> None:
     if INTEGER_TYPES[elem_type][1] >= 8:
         g.add_initializer(graph, name, np.asarray(values).astype(numpy_container(elem_type)))
@@ -60,12 +61,13 @@ def _emit_param(
 ) -> str:
     """Write the integer initializer, scale, zero point and DQ node of one constant; return the DQ output."""
     # A constant shared by nodes that need different quantization gets a suffixed copy.
-    base = item.tensor if uses.get(item.tensor, 0) == 0 else g.unique_name(taken, f"{item.tensor}_{uses[item.tensor]}")
-    uses[item.tensor] = uses.get(item.tensor, 0) + 1
-    q_name = g.unique_name(taken, f"{base}_quantized")
-    s_name = g.unique_name(taken, f"{base}_scale")
-    z_name = g.unique_name(taken, f"{base}_zero_point")
-    dq_name = g.unique_name(taken, f"{base}_dq")
+    used = uses.get(item.tensor, 0)
+    base = g.unique_name(taken, f"{item.tensor}_{used}") if used else item.tensor
+    uses[item.tensor] = used + 1
+    q_name, s_name, z_name, dq_name = (
+        g.unique_name(taken, f"{base}_{suffix}")
+        for suffix in ("quantized", "scale", "zero_point", "dq")
+    )
     scale = np.asarray(item.scale, np.float32)
     per_axis = scale.size > 1
     if not per_axis:
@@ -82,40 +84,35 @@ def _emit_param(
 
 
 def _emit_activation(
-    graph: onnx.GraphProto, item: ActivationQuant, role: str, taken: set[str]
+    graph: onnx.GraphProto, item: ActivationQuant, output: bool, taken: set[str]
 ) -> None:
     tensor = item.tensor
-    if role == "output":
-        source = g.unique_name(taken, f"{tensor}_prequant")
+
+    def new(suffix: str) -> str:
+        return g.unique_name(taken, f"{tensor}_{suffix}")
+
+    if output:  # the graph output keeps its name (written by the DQ); internal readers read the DQ
+        source = new("prequant")
         g.rename_output(graph, tensor, source)
-        q_name = g.unique_name(taken, f"{tensor}_q")
-        dq_name = tensor  # graph output keeps its name; internal readers of it read the DQ
+        q_name, dq_name = new("q"), tensor
     else:
-        source = tensor
-        q_name = g.unique_name(taken, f"{tensor}_q")
-        dq_name = g.unique_name(taken, f"{tensor}_dq")
+        source, q_name, dq_name = tensor, new("q"), new("dq")
         g.replace_input_uses(graph, tensor, dq_name)
-    s_name = g.unique_name(taken, f"{tensor}_scale")
-    z_name = g.unique_name(taken, f"{tensor}_zero_point")
+    s_name, z_name = new("scale"), new("zero_point")
     g.add_initializer(graph, s_name, np.array(item.scale, np.float32))
     _add_integer(graph, z_name, np.zeros((), np.int64), item.elem_type)
     clip = item.clip_range
     if clip is not None:
-        lo_name = g.unique_name(taken, f"{tensor}_clip_min")
-        hi_name = g.unique_name(taken, f"{tensor}_clip_max")
+        lo_name, hi_name = new("clip_min"), new("clip_max")
         g.add_initializer(graph, lo_name, np.array(clip[0], np.float32))
         g.add_initializer(graph, hi_name, np.array(clip[1], np.float32))
-        clipped = g.unique_name(taken, f"{tensor}_clip")
-        g.add_node(graph, "Clip", [source, lo_name, hi_name], [clipped], name=g.unique_name(taken, f"{tensor}_Clip"))
+        clipped = new("clip")
+        g.add_node(graph, "Clip", [source, lo_name, hi_name], [clipped], name=new("Clip"))
         source = clipped
-    g.add_node(
-        graph, "QuantizeLinear", [source, s_name, z_name], [q_name],
-        name=g.unique_name(taken, f"{tensor}_QuantizeLinear"),
-    )
-    g.add_node(
-        graph, "DequantizeLinear", [q_name, s_name, z_name], [dq_name],
-        name=g.unique_name(taken, f"{tensor}_DequantizeLinear"),
-    )
+    g.add_node(graph, "QuantizeLinear", [source, s_name, z_name], [q_name],
+               name=new("QuantizeLinear"))
+    g.add_node(graph, "DequantizeLinear", [q_name, s_name, z_name], [dq_name],
+               name=new("DequantizeLinear"))
 
 
 def emit(model: onnx.ModelProto, resolved: ResolvedPlan) -> onnx.ModelProto:
@@ -139,15 +136,9 @@ def emit(model: onnx.ModelProto, resolved: ResolvedPlan) -> onnx.ModelProto:
     still_read = {name for node in graph.node for name in node.input}
     g.remove_initializers(graph, [name for name in replaced if name not in still_read])
 
-    outputs = set(resolved.graph_outputs)
     for tensor, item in resolved.activations.items():
-        if tensor == resolved.graph_input:
-            role = "input"
-        elif tensor in outputs:
-            role = "output"
-        else:
-            role = "internal"
-        _emit_activation(graph, item, role, taken)
+        output = tensor != resolved.graph_input and tensor in resolved.graph_outputs
+        _emit_activation(graph, item, output, taken)
 
     g.topological_sort(graph)
     g.clear_value_info(graph)

@@ -1,12 +1,10 @@
 """The ``--weights-as-float`` output flavour: constants as float values on their power-of-two grid.
 
 Some converters cannot read the integer-initializer -> DequantizeLinear weight path
-(onnx2tf mis-converts it; ALGORITHMS.md section 4, issue 18). For them the quantized
-model can carry every quantized constant (weights, biases, other constants) as the
-float32 value its DequantizeLinear would produce, ``(q - 0) * scale``, with the
-DequantizeLinear node removed; activations keep their Q/DQ pairs. The function is the
-same bit for bit: a DequantizeLinear of ``q`` yields ``float32(q) * scale``, and the stored
-value is that product (a power-of-two scale only shifts the exponent, so nothing rounds).
+(onnx2tf mis-converts it; ALGORITHMS.md section 4, issue 18). For them every quantized
+constant can be stored as the float32 value its DequantizeLinear would produce,
+``float32(q) * scale``, without that node; activations keep their Q/DQ pairs. The function
+is the same bit for bit (a power-of-two scale only shifts the exponent, so nothing rounds).
 
 Contract:
 * :func:`store_weights_as_float` rewrites every DequantizeLinear whose input is an
@@ -35,7 +33,7 @@ import onnx
 
 from .. import graph as g
 from ..ops import INTEGER_TYPES
-from .thresholds import grid
+from .thresholds import along, grid
 
 __all__ = [
     "WEIGHT_FORMAT_KEY",
@@ -69,14 +67,6 @@ class GridProblem:
     message: str
 
 
-def _broadcast_scale(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
-    if scale.size == 1 or axis is None:
-        return scale.reshape(())
-    shape = [1] * ndim
-    shape[axis] = scale.size
-    return scale.reshape(shape)
-
-
 def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every quantized constant stored as float32 on its grid.
 
@@ -89,7 +79,7 @@ def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = out.graph
     inits = g.initializer_map(graph)
     taken = g.names_in_use(graph)
-    grid: dict[str, dict[str, Any]] = {}
+    records: dict[str, dict[str, Any]] = {}
     doomed_nodes: list[onnx.NodeProto] = []
     released: set[str] = set()
     for node in list(graph.node):
@@ -108,16 +98,15 @@ def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
         if scale.size > 1:
             axis = g.attribute(node, "axis", 1) % values.ndim  # type: ignore[operator]
         # float32(q) * scale is what DequantizeLinear computes; the power-of-two scale is exact.
-        stored = values.astype(np.float32) * _broadcast_scale(scale, axis, values.ndim)
-        base = node.input[0][: -len("_quantized")] if node.input[0].endswith("_quantized") else node.input[0]
-        name = g.unique_name(taken, base)
+        stored = values.astype(np.float32) * along(scale, axis, values.ndim)
+        name = g.unique_name(taken, node.input[0].removesuffix("_quantized"))
         g.add_initializer(graph, name, stored.astype(np.float32))
         g.replace_input_uses(graph, node.output[0], name)
         doomed_nodes.append(node)
         released.update(part for part in node.input if part)
-        grid[name] = {
+        records[name] = {
             "type": _TYPE_NAMES[ints.data_type],
-            "scale": [float(value) for value in scale.reshape(-1)] if axis is not None else float(scale.reshape(-1)[0]),
+            "scale": scale.reshape(-1).tolist() if axis is not None else float(scale.reshape(())),
             "axis": axis,
         }
     g.remove_nodes(graph, doomed_nodes)
@@ -126,7 +115,7 @@ def store_weights_as_float(model: onnx.ModelProto) -> onnx.ModelProto:
     g.clear_value_info(graph)
     entries = {prop.key: prop.value for prop in out.metadata_props}
     entries[WEIGHT_FORMAT_KEY] = FLOAT_GRID
-    entries[WEIGHT_GRID_KEY] = json.dumps(grid, sort_keys=True)
+    entries[WEIGHT_GRID_KEY] = json.dumps(records, sort_keys=True)
     onnx.helper.set_model_props(out, entries)
     return out
 
@@ -192,7 +181,7 @@ def restore_quantized_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
             problems.append(GridProblem(name, f"{name!r}: {scale.size} scales do not fit axis {axis} of shape "
                                               f"{list(values.shape)}"))
             continue
-        steps = values / _broadcast_scale(scale.astype(np.float64), axis, values.ndim)
+        steps = values / along(scale.astype(np.float64), axis, values.ndim)
         ints = np.clip(np.rint(steps), qmin, qmax)
         off = np.abs(steps - ints) > 0
         if off.any():
@@ -202,9 +191,9 @@ def restore_quantized_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
                       f"of its scale: not a whole number of steps within {kind} [{qmin}, {qmax}]"))
         g.remove_initializers(graph, [name])
         g.add_typed_initializer(graph, name, ints.astype(np.int64), elem_type)
-        s_name = g.unique_name(taken, f"{name}_scale")
-        z_name = g.unique_name(taken, f"{name}_zero_point")
-        dq_name = g.unique_name(taken, f"{name}_dq")
+        s_name, z_name, dq_name = (
+            g.unique_name(taken, f"{name}_{suffix}") for suffix in ("scale", "zero_point", "dq")
+        )
         per_axis = scale.size > 1
         g.add_initializer(graph, s_name, scale if per_axis else scale.reshape(()))
         g.add_typed_initializer(graph, z_name, np.zeros(scale.shape if per_axis else (), np.int64), elem_type)

@@ -28,7 +28,9 @@ one place that writes Q/DQ nodes):
    per group (unsigned when every member is non-negative by its op -- Relu, Relu6, Sigmoid,
    HardSigmoid, Softmax -- or by observation), a power-of-two threshold per member
    (``thresholds``), the largest threshold in each group, integer weights and int32
-   biases. This is the one place where a weight scale is chosen (emit writes it, the
+   biases. Which threshold rule an activation follows is decided here too (the threshold
+   policy: :func:`default_threshold`, :func:`group_rule`). This is the one place where a
+   weight scale is chosen (emit writes it, the
    shift correction and the rounding optimisation read it): the HPTQ threshold per
    output channel, raised (still a power of two) where the channel's bias would not fit
    int32 at ``input scale x weight scale`` (:func:`~.thresholds.bias_fit_thresholds`),
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -49,33 +51,16 @@ import onnx
 from .. import graph as g
 from ..errors import QuantizationError
 from ..ops import (
-    OPS,
-    QDQ_OPS,
-    gated_activation,
-    is_gate_partner,
-    written_out_ops,
-    is_value_preserving,
-    numpy_container,
-    output_bounds,
-    output_channels,
-    spec,
-    weight_axis,
+    OPS, QDQ_OPS, gated_activation, is_gate_partner, is_value_preserving, numpy_container, output_bounds,
+    output_channels, spec, weight_axis, written_out_ops,
 )
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
 
 __all__ = [
-    "POLICIES",
-    "ActivationMark",
-    "ParamMark",
-    "QuantPlan",
-    "ActivationQuant",
-    "ParamQuant",
-    "ResolvedPlan",
-    "float_tensors",
-    "mark",
-    "resolve",
+    "POLICIES", "ActivationMark", "ParamMark", "QuantPlan", "ActivationQuant", "ParamQuant", "ResolvedPlan",
+    "OUTPUT_NOCLIP_BITS", "default_threshold", "group_rule", "float_tensors", "mark", "resolve",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -144,31 +129,22 @@ class QuantPlan:
         """Tensors whose calibration statistics are needed (graph input and ``own`` marks)."""
         return [name for name, item in self.activations.items() if item.source != "inherited"]
 
-    def group_index(self) -> dict[str, int]:
-        """The group number of each marked tensor."""
-        return {name: index for index, members in enumerate(self.groups) for name in members}
-
 
 class _UnionFind:
+    """Shared-scale groups: disjoint sets of tensor names."""
+
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
 
-    def add(self, name: str) -> None:
-        self.parent.setdefault(name, name)
-
     def find(self, name: str) -> str:
-        self.add(name)
-        root = name
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[name] != root:
-            self.parent[name], name = root, self.parent[name]
-        return root
+        self.parent.setdefault(name, name)
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]  # path halving
+            name = self.parent[name]
+        return name
 
     def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
+        self.parent[self.find(b)] = self.find(a)
 
     def groups(self, order: Sequence[str]) -> tuple[tuple[str, ...], ...]:
         by_root: dict[str, list[str]] = {}
@@ -205,13 +181,12 @@ def _non_negative(node: onnx.NodeProto, view: g.GraphView) -> bool:
 def _preserves_values(node: onnx.NodeProto, view: g.GraphView) -> bool:
     if not is_value_preserving(node.op_type, g.node_attributes(node)):
         return False
-    if node.op_type == "Pad":
-        fill = view.input_constant(node, 2)
-        if len(node.input) > 2 and node.input[2] and fill is None:
-            return False  # a computed pad value may fall off the grid
-        if fill is not None and np.any(fill != 0):
-            return False
-    return True
+    if node.op_type != "Pad":
+        return True
+    fill = view.input_constant(node, 2)
+    if fill is None:
+        return not (len(node.input) > 2 and node.input[2])  # a computed pad value may fall off the grid
+    return not np.any(fill != 0)
 
 
 @dataclass(frozen=True)
@@ -245,8 +220,7 @@ class _Marking:
         self.fused: list[tuple[str, str, str]] = []
         self.fused_tensors: set[str] = set()
         self.union = _UnionFind()
-        self.union.add(image)
-        self.shared_constants: list[tuple[str, int, str]] = []  # (node label, input index, partner activation)
+        self.shared_constants: dict[tuple[str, int], str] = {}  # (node label, input index) -> partner activation
 
     def shares_scale(self, op: str) -> bool:
         return op in self.profile.shared_scale_ops or op in self.profile.shared_input_scale_ops
@@ -255,7 +229,7 @@ class _Marking:
         """A constant input that is neither a weight nor a bias: per tensor at ``const_bits``."""
         self.params.append(ParamMark(name, node.label, node.op, position, "constant", self.const_bits, None))
         if self.shares_scale(node.op) and node.data:
-            self.shared_constants.append((node.label, position, node.data[0]))
+            self.shared_constants[(node.label, position)] = node.data[0]
 
     def fuses_output(self, node: _Node) -> bool:
         """Record ``node``'s single output as inside a fused pattern when the profile fuses
@@ -263,26 +237,25 @@ class _Marking:
         out = node.outputs[0]
         if len(node.outputs) != 1 or out in self.view.output_set:
             return False
+        fused = self.profile.is_fused
         readers = self.view.readers(out)
+        pair = gated_activation(out, readers)
         if (
             len(readers) == 1
             and list(readers[0].input).count(out) == 1
-            and self.profile.is_fused(node.op, readers[0].op_type)
+            and fused(node.op, readers[0].op_type)
             and (not spec(node.op).gate or readers[0].op_type != "Mul" or is_gate_partner(node.proto, readers[0]))
         ):
-            self.fused_tensors.add(out)
-            self.fused.append((node.label, self.view.label(readers[0]), out))
-            return True
-        pair = gated_activation(out, readers)
-        if pair is not None and self.profile.is_fused(node.op, pair[0].op_type) and self.profile.is_fused(
-            pair[0].op_type, "Mul"
-        ):
+            reader = readers[0]
+        elif pair is not None and fused(node.op, pair[0].op_type) and fused(pair[0].op_type, "Mul"):
             # Conv -> SiLU as Sigmoid + Mul(x, Sigmoid(x)): x feeds both halves of one
             # activation, which the profile fuses behind the producer.
-            self.fused_tensors.add(out)
-            self.fused.append((node.label, self.view.label(pair[0]), out))
-            return True
-        return False
+            reader = pair[0]
+        else:
+            return False
+        self.fused_tensors.add(out)
+        self.fused.append((node.label, self.view.label(reader), out))
+        return True
 
     def outputs(self, node: _Node) -> None:
         """Mark ``node``'s float outputs: inherited from its data input when the values stay
@@ -298,13 +271,12 @@ class _Marking:
         # share one scale, found from the constant itself (no statistics needed).
         moves_constant = not data and bool(node.constants) and _preserves_values(proto, self.view)
         if moves_constant:
-            self.shared_constants.extend((node.label, position, node.outputs[0]) for position, _name in node.constants)
+            self.shared_constants.update({(node.label, position): node.outputs[0] for position, _ in node.constants})
         unsigned = _non_negative(proto, self.view)
         for out in node.outputs:
             source: Source = "inherited" if inherits or moves_constant else "own"
             self.marks[out] = ActivationMark(out, source, node.label, op, unsigned)
             self.order.append(out)
-            self.union.add(out)
             if inherits:
                 self.union.union(data[0], out)
             if moves_constant:
@@ -363,7 +335,7 @@ def _mark_weighted(m: _Marking, node: _Node) -> None:
     ``weight_bits``) and an int32 bias at ``input scale x weight scale``."""
     record, proto, op = spec(node.op), node.proto, node.op
     attrs = g.node_attributes(proto)
-    weight_array = m.view.input_constant(proto, record.weight) if record.weight is not None else None
+    weight_array = m.view.input_constant(proto, record.weight)
     for position, name in node.constants:
         value = g.to_array(m.view.initializers[name])
         if position == record.weight:
@@ -396,12 +368,7 @@ def _mark_weighted(m: _Marking, node: _Node) -> None:
 
 
 def mark(
-    model: onnx.ModelProto,
-    profile: Profile,
-    *,
-    weight_bits: int,
-    act_bits: int,
-    per_channel: bool,
+    model: onnx.ModelProto, profile: Profile, *, weight_bits: int, act_bits: int, per_channel: bool,
     grid_pads: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """Mark every tensor of the BN-folded float ``model`` that needs a quantizer.
@@ -472,18 +439,15 @@ def mark(
                 f"op {op} (node {label}) is not allowed by profile {profile.name!r}",
                 "choose a profile that allows it (--profile generic-pot-int8) or remove the op from the model",
             )
-        shape_inputs = spec(op).shape_inputs
-        data: list[str] = []
-        constants: list[tuple[int, str]] = []
-        for position, name in enumerate(proto.input):
-            if not name or position in shape_inputs or name not in floats:
-                continue
-            if name in parameters.get(id(proto), ()):
-                continue  # an attribute of the written-out op, not a tensor
-            if name in m.view.initializers:
-                constants.append((position, name))
-            else:
-                data.append(name)
+        # Float tensor inputs; a written-out op's parameters are its attributes, not tensors.
+        skipped = spec(op).shape_inputs
+        attributes = parameters.get(id(proto), frozenset())
+        tensors = [
+            (position, name) for position, name in enumerate(proto.input)
+            if name and position not in skipped and name in floats and name not in attributes
+        ]
+        constants = [(position, name) for position, name in tensors if name in m.view.initializers]
+        data = [name for _, name in tensors if name not in m.view.initializers]
         for name in data:
             if name not in m.marks and name not in m.fused_tensors:
                 raise QuantizationError(  # would be a float island; should not happen on a sorted graph
@@ -492,12 +456,15 @@ def mark(
                 )
         policy(m, _Node(proto, label, op, float_outs, data, constants))
 
-    params = m.params
-    if m.shared_constants:
-        params = [_share(item, m.shared_constants) for item in params]
+    shared = m.shared_constants
+    params = tuple(
+        replace(item, scale_from=shared[(item.node, item.input_index)])
+        if item.role == "constant" and (item.node, item.input_index) in shared else item
+        for item in m.params
+    )
     return QuantPlan(
         activations=m.marks,
-        params=tuple(params),
+        params=params,
         groups=m.union.groups(m.order),
         fused=tuple(m.fused),
         graph_input=inputs[0],
@@ -509,15 +476,6 @@ def mark(
         allow_unsigned="unsigned" in profile.activation_signedness,
         bias_bits=profile.bias_bits,
     )
-
-
-def _share(item: ParamMark, shared: list[tuple[str, int, str]]) -> ParamMark:
-    for label, position, partner in shared:
-        if item.node == label and item.input_index == position and item.role == "constant":
-            return ParamMark(
-                item.tensor, item.node, item.op_type, item.input_index, "constant", item.bits, None, scale_from=partner
-            )
-    return item
 
 
 # ----------------------------------------------------------------------- resolve
@@ -580,25 +538,10 @@ class ResolvedPlan:
 
     def summary(self) -> dict[str, Any]:
         """Per-tensor thresholds, scales and bits (for the report)."""
-        acts = [
-            {
-                "tensor": item.tensor,
-                "bits": item.bits,
-                "signed": item.signed,
-                "threshold": item.threshold,
-                "scale": item.scale,
-                "group": item.group,
-                "source": item.source,
-            }
-            for item in self.activations.values()
-        ]
+        act_keys = ("tensor", "bits", "signed", "threshold", "scale", "group", "source")
         params = [
             {
-                "tensor": item.tensor,
-                "node": item.node,
-                "role": item.role,
-                "bits": item.bits,
-                "axis": item.axis,
+                **{key: getattr(item, key) for key in ("tensor", "node", "role", "bits", "axis")},
                 "per_channel": item.scale.size > 1,
                 "scale_min": float(item.scale.min()),
                 "scale_max": float(item.scale.max()),
@@ -608,7 +551,7 @@ class ResolvedPlan:
             for item in self.params
         ]
         return {
-            "activations": acts,
+            "activations": [{key: getattr(item, key) for key in act_keys} for item in self.activations.values()],
             "params": params,
             "fused": [{"producer": p, "consumer": c, "tensor": t} for p, c, t in self.fused],
         }
@@ -623,7 +566,8 @@ def round_bias(ratio: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
     return np.clip(ints, low, high).astype(np.int32), clipped
 
 
-def _act_elem_type(bits: int, signed: bool, int4_types: bool) -> int:
+def _elem_type(bits: int, signed: bool, int4_types: bool) -> int:
+    """The Q/DQ integer type of a ``bits``-wide grid (INT4/UINT4 only with ``int4_types``)."""
     if int4_types and bits <= 4:
         return onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
     return onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
@@ -639,17 +583,42 @@ def activation_threshold(stats: TensorStats, bits: int, signed: bool, method: st
     return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
 
 
+# ------------------------------------------------------------ activation threshold policy
+# Which rule sets an activation's threshold (measurements: docs/QUANTIZE.md, "Thresholds"):
+# * ``--threshold`` left open (:func:`default_threshold`): ``lp`` at 8-bit activations when a
+#   graph output of rank > 2 is a dense prediction (a detector's anchors, a segmenter's map),
+#   whose answer is in rare strong responses among background: the MSE search, which weighs
+#   values by how often they occur, clips exactly those, and no clipping coarsens every grid
+#   for them. Otherwise ``mse``: a classifier's N x K scores, an embedding, an output written
+#   by one of :data:`_SCORE_OPS` at any rank (scores or a probability map, read at a cut, not
+#   at rare peaks), and every model below 8-bit activations, whose grids need MSE's clipping.
+# * Whatever the rule, a graph output (and its scale group) at >= :data:`OUTPUT_NOCLIP_BITS`
+#   takes ``noclip`` (:func:`group_rule`): its largest values are what is read from it (a
+#   classifier's top-1 logit), and synthetic images can put the MSE optimum below the real
+#   top logits (EfficientNet-Lite0, DGH: 8 instead of 16). At 4 bits no step can be spared.
+
 OUTPUT_NOCLIP_BITS = 8
-"""From this activation width on, graph outputs take the no-clipping threshold (see ``resolve``)."""
+"""From this activation width on, graph outputs take the no-clipping threshold."""
+_SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
+"""Ops whose output is scores or probabilities at any rank."""
+
+
+def default_threshold(model: onnx.ModelProto, act_bits: int) -> str:
+    """The threshold rule of ``model`` when ``--threshold`` is left open (the policy above)."""
+    scores = {name for name, node in g.producer_map(model.graph).items() if node.op_type in _SCORE_OPS}
+    dense = any(len(value.type.tensor_type.shape.dim) > 2 for value in model.graph.output
+                if value.type.tensor_type.HasField("shape") and value.name not in scores)
+    return "lp" if act_bits >= 8 and dense else "mse"
+
+
+def group_rule(method: str, bits: int, graph_output: bool) -> str:
+    """The rule of one activation scale group under ``method`` (the policy above)."""
+    return "noclip" if graph_output and bits >= OUTPUT_NOCLIP_BITS else method
+
 
 def resolve(
-    plan: QuantPlan,
-    stats: Mapping[str, TensorStats],
-    model: onnx.ModelProto,
-    *,
-    method: str,
-    int4_types: bool = False,
-    sum_rounding: bool = False,
+    plan: QuantPlan, stats: Mapping[str, TensorStats], model: onnx.ModelProto, *, method: str,
+    int4_types: bool = False, sum_rounding: bool = False,
 ) -> ResolvedPlan:
     """Choose every scale of ``plan`` from calibration ``stats`` and quantize the constants.
 
@@ -663,7 +632,6 @@ def resolve(
             divisor constant quantizes to zero.
     """
     inits = g.initializer_map(model.graph)
-    group_of = plan.group_index()
     constants_by_partner: dict[str, list[np.ndarray]] = {}
     for item in plan.params:
         if item.scale_from is not None:
@@ -684,15 +652,12 @@ def resolve(
         ) and all(float(np.min(value)) >= 0.0 for value in constants)
         signed = not (plan.allow_unsigned and non_negative)
         bits = plan.act_bits
-        # A graph output's largest values are what is read from it (a classifier's top-1 logit): at 8
-        # bits it is not clipped to the calibration images' MSE optimum, which synthetic images can put
-        # below the real top logits (EfficientNet-Lite0, DGH: 8 instead of 16; docs/BENCHMARKS.md, depthwise).
-        rule = "noclip" if bits >= OUTPUT_NOCLIP_BITS and any(name in plan.graph_outputs for name in members) else method
+        rule = group_rule(method, bits, any(name in plan.graph_outputs for name in members))
         candidates = [activation_threshold(stats[name], bits, signed, rule) for name in measured]
         candidates += [float(th.noclip_threshold(value.min(), value.max(), bits, signed)) for value in constants]
         threshold = max(candidates) if candidates else th.ZERO_RANGE_THRESHOLD
         scale = float(th.scale_for(threshold, bits, signed))
-        elem_type = _act_elem_type(bits, signed, int4_types)
+        elem_type = _elem_type(bits, signed, int4_types)
         for name in members:
             activations[name] = ActivationQuant(
                 name, bits, signed, threshold, scale, elem_type, number, plan.activations[name].source
@@ -719,22 +684,17 @@ def resolve(
         if bias is not None:
             thresholds, raised = _fit_bias(thresholds, bias, g.to_array(inits[bias.tensor]), activations, item.bits)
         scale = th.scale_for(thresholds, item.bits, signed=True)
-        if item.axis is None:
-            ints = th.quantize_to_int(value, scale, item.bits, True)
-        elif sum_rounding and item.role == "weight" and spec(item.op_type).sums_weights:
-            shape = [1] * value.ndim
-            shape[item.axis] = -1
-            ints = th.quantize_preserving_sums(value, scale.reshape(shape), item.bits, item.axis)
+        steps = th.along(scale, item.axis, value.ndim)
+        if sum_rounding and item.axis is not None and item.role == "weight" and spec(item.op_type).sums_weights:
+            ints = th.quantize_preserving_sums(value, steps, item.bits, item.axis)
         else:
-            shape = [1] * value.ndim
-            shape[item.axis] = -1
-            ints = th.quantize_to_int(value, scale.reshape(shape), item.bits, True)
+            ints = th.quantize_to_int(value, steps, item.bits, True)
         if item.op_type == "Div" and item.input_index == 1 and np.any((ints == 0) & (value != 0)):
             raise QuantizationError(
                 f"divisor {item.tensor} of node {item.node} has entries that quantize to 0",
                 "rewrite the division as a multiplication by the reciprocal before export",
             )
-        elem_type = onnx.TensorProto.INT4 if (int4_types and item.bits <= 4) else onnx.TensorProto.INT8
+        elem_type = _elem_type(item.bits, True, int4_types)
         weight_scales[(item.node, item.tensor)] = scale
         resolved.append(
             ParamQuant(item.tensor, item.node, item.input_index, item.role, item.bits, item.axis,
@@ -751,17 +711,12 @@ def resolve(
         scale = (input_scale * w_scale).astype(np.float32)  # product of powers of two: exact
         axis: int | None = None
         if scale.size > 1:
-            channels = scale.size
             if value.size == 1:
-                value = np.full((channels,), float(value.reshape(-1)[0]))
-            axis = int(np.argmax(np.array(value.shape) == channels)) if value.ndim > 1 else 0
-            shape = [1] * value.ndim
-            shape[axis] = -1
-            ratio = value / scale.astype(np.float64).reshape(shape)
+                value = np.full((scale.size,), float(value.reshape(-1)[0]))
+            axis = int(np.argmax(np.array(value.shape) == scale.size)) if value.ndim > 1 else 0
         else:
             scale = scale.reshape(())
-            ratio = value / np.float64(scale)
-        ints, clipped = round_bias(ratio, plan.bias_bits)
+        ints, clipped = round_bias(value / th.along(scale.astype(np.float64), axis, value.ndim), plan.bias_bits)
         if clipped:
             worst = float(np.max(np.abs(value)))
             why = (
@@ -784,11 +739,8 @@ def resolve(
 
 
 def _fit_bias(
-    thresholds: np.ndarray,
-    bias: ParamMark,
-    value: np.ndarray,
-    activations: Mapping[str, ActivationQuant],
-    weight_bits: int,
+    thresholds: np.ndarray, bias: ParamMark, value: np.ndarray,
+    activations: Mapping[str, ActivationQuant], weight_bits: int,
 ) -> tuple[np.ndarray, int]:
     """``thresholds`` of a weight raised where its layer's bias would not fit, and how many rose."""
     channels = bias.channels or value.size

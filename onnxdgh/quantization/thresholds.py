@@ -10,54 +10,30 @@ Grids (ALGORITHMS.md §2; HPTQ, Habi et al. 2021, cited as [16] in the DGH paper
 * signed, ``b`` bits: integers ``[-2^(b-1), 2^(b-1) - 1]``, step ``t / 2^(b-1)``;
 * unsigned, ``b`` bits: integers ``[0, 2^b - 1]``, step ``t / 2^b``.
 
-Two threshold rules:
+Threshold rules (docs/QUANTIZE.md, "Grids and thresholds"):
 
-* **no clipping**: ``t = 2^ceil(log2 M)``. The largest positive grid value is one step
-  short of ``t`` (``t (2^(b-1) - 1) / 2^(b-1)`` signed, ``t (2^b - 1) / 2^b`` unsigned),
-  so, as MCT does for signed tensors, the positive maximum is stretched by
-  ``2^(b-1) / (2^(b-1) - 1)`` (unsigned: ``2^b / (2^b - 1)``) before taking the power of
-  two: ``M = max(-min, max * stretch)``. Nothing observed is then clipped.
-* **MSE search** (HPTQ's error-minimising threshold): candidates ``t0 / 2^i`` for
-  ``i = 0..K`` with ``t0 = 2 * t_noclip``; keep the candidate with the lowest mean
-  squared quantization error. Weights: per output channel over the exact values,
-  ``K = 10``; on equal error the smaller threshold (finer grid) wins, as a weight has no
-  unseen values. Activations: over a calibration histogram, ``K = 20``; on equal error the
-  larger threshold wins (less clipping of values the calibration set did not show).
-* **Lp search** (activations only): the same candidates, ranked by the count-weighted
-  ``|error|^p`` instead of the squared error (MCT's ``QuantizationErrorMethod.LP``, HPTQ's
-  implementation). ``p = 2`` is the MSE search; a larger ``p`` weighs the clipping of rare
-  large values more against the rounding of the frequent small ones, between MSE and no
-  clipping (:data:`LP_POWER`).
+* **no clipping**: ``t = 2^ceil(log2 M)``, ``M = max(-min, max * stretch)``: the largest
+  positive grid value is one step short of ``t``, so (as MCT does) the positive maximum is
+  stretched by ``levels / qmax`` first. Nothing observed is clipped.
+* **MSE search** (HPTQ's error-minimising threshold): candidates ``t0 / 2^i``, ``i = 0..K``,
+  ``t0 = 2 * t_noclip``, the lowest mean squared quantization error wins. Weights: per
+  output channel over the exact values, ``K = 10``, ties to the smaller threshold (a weight
+  has no unseen values). Activations: over a calibration histogram, ``K = 20``, ties to the
+  larger threshold (less clipping of values the calibration set did not show).
+* **Lp search** (activations only): the same candidates ranked by the count-weighted
+  ``|error|^p`` (MCT's ``QuantizationErrorMethod.LP``); a larger ``p`` than 2 weighs the
+  clipping of rare large values more, between MSE and no clipping (:data:`LP_POWER`).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 __all__ = [
-    "WEIGHT_SEARCH_STEPS",
-    "ACTIVATION_SEARCH_STEPS",
-    "MIN_THRESHOLD",
-    "MAX_THRESHOLD",
-    "ZERO_RANGE_THRESHOLD",
-    "BIAS_HEADROOM_BITS",
-    "grid",
-    "scale_for",
-    "pow2_ceil",
-    "positive_stretch",
-    "noclip_threshold",
-    "fake_quantize",
-    "quantize_to_int",
-    "quantize_preserving_sums",
-    "search_candidates",
-    "weight_thresholds",
-    "bias_fit_thresholds",
-    "LP_POWER",
-    "histogram_mse_threshold",
-    "histogram_error",
-    "is_power_of_two",
+    "WEIGHT_SEARCH_STEPS", "ACTIVATION_SEARCH_STEPS", "MIN_THRESHOLD", "MAX_THRESHOLD", "ZERO_RANGE_THRESHOLD",
+    "BIAS_HEADROOM_BITS", "LP_POWER", "grid", "scale_for", "along", "pow2_ceil", "noclip_threshold",
+    "fake_quantize", "quantize_to_int", "quantize_preserving_sums", "search_candidates", "weight_thresholds",
+    "bias_fit_thresholds", "histogram_mse_threshold", "histogram_error",
 ]
 
 WEIGHT_SEARCH_STEPS = 10
@@ -91,26 +67,27 @@ def scale_for(threshold: float | np.ndarray, bits: int, signed: bool) -> np.ndar
     return (np.asarray(threshold, dtype=np.float64) / grid(bits, signed)[2]).astype(np.float32)
 
 
+def along(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """``values`` (one per slice along ``axis``) shaped to broadcast against an ``ndim``-d array;
+    a scalar when there is one value or no axis."""
+    values = np.asarray(values)
+    if values.size == 1 or axis is None:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
 def pow2_ceil(value: float | np.ndarray) -> np.ndarray:
     """Smallest power of two >= ``value`` (elementwise), clamped to the threshold range.
 
     ``value <= 0`` maps to :data:`ZERO_RANGE_THRESHOLD`.
     """
     arr = np.asarray(value, dtype=np.float64)
-    safe = np.where(arr > 0, arr, 1.0)
-    exponent = np.ceil(np.log2(safe))
-    # log2 of a float near a power of two can land one ulp off: fix up exactly.
-    candidate = np.exp2(exponent)
-    candidate = np.where(candidate < safe, candidate * 2.0, candidate)
-    candidate = np.where(candidate / 2.0 >= safe, candidate / 2.0, candidate)
-    out = np.clip(candidate, MIN_THRESHOLD, MAX_THRESHOLD)
+    # value = m 2^e with m in [0.5, 1): exact, unlike ceil(log2(value)) near a power of two.
+    mantissa, exponent = np.frexp(np.where(arr > 0, arr, 1.0))
+    out = np.clip(np.ldexp(1.0, exponent - (mantissa == 0.5)), MIN_THRESHOLD, MAX_THRESHOLD)
     return np.where(arr > 0, out, ZERO_RANGE_THRESHOLD)
-
-
-def positive_stretch(bits: int, signed: bool) -> float:
-    """Factor by which the positive maximum grows so it is not clipped by the last step."""
-    _, qmax, levels = grid(bits, signed)
-    return levels / qmax
 
 
 def noclip_threshold(
@@ -120,11 +97,11 @@ def noclip_threshold(
 
     For an unsigned grid the minimum is ignored (it must be >= 0; the caller decides).
     """
+    _, qmax, levels = grid(bits, signed)
+    # The positive maximum grows by levels / qmax so the grid's last step does not clip it.
+    stretched = np.maximum(np.asarray(maximum, np.float64), 0.0) * (levels / qmax)
     low = np.asarray(minimum, dtype=np.float64)
-    high = np.asarray(maximum, dtype=np.float64)
-    stretched = np.maximum(high, 0.0) * positive_stretch(bits, signed)
-    needed = np.maximum(-np.minimum(low, 0.0), stretched) if signed else stretched
-    return pow2_ceil(needed)
+    return pow2_ceil(np.maximum(-np.minimum(low, 0.0), stretched) if signed else stretched)
 
 
 def quantize_to_int(values: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool) -> np.ndarray:
@@ -141,16 +118,10 @@ def quantize_preserving_sums(values: np.ndarray, scale: np.ndarray, bits: int, a
     """Signed integers like :func:`quantize_to_int`, except that in every slice along ``axis``
     (one output channel) the integers sum to the nearest integer of ``sum(values / scale)``.
 
-    Kernel-sum-preserving rounding: nearest rounding leaves each output channel ``o`` with
-    a gain error ``sum_k (q_k - v_k)`` towards a constant input (up to ``sqrt(K/12)`` steps
-    for ``K`` taps, random signs); a high-gain kernel whose taps nearly cancel (a BN-folded
-    depthwise edge filter, ``sum |w| >> |sum w|``) turns that into a large error on every
-    smooth image region, the same at every position, so no bias can absorb it where the
-    local mean varies. Rounding ``|n|`` of the entries with the largest residual
-    ``v - round(v)`` the other way (``n = rint(sum(v - round(v)))``, each moved by one step,
-    towards their float value's other neighbour) leaves the gain error within half a step
-    and changes no integer by more than 1. Entries at ``qmin``/``qmax`` are not moved
-    past the grid. ``scale`` broadcasts against ``values``.
+    Kernel-sum-preserving rounding (why: docs/QUANTIZE.md, "Kernel-sum-preserving
+    rounding"): the ``|n|`` entries with the largest residual ``v - round(v)``, ``n =
+    rint(sum(v - round(v)))``, are rounded the other way, so no integer moves by more than
+    one step and none past ``qmin``/``qmax``. ``scale`` broadcasts against ``values``.
     """
     qmin, qmax, _ = grid(bits, True)
     ratio = np.asarray(values, np.float64) / np.asarray(scale, np.float64)
@@ -184,32 +155,20 @@ def search_candidates(noclip: np.ndarray | float, steps: int) -> np.ndarray:
 
 
 def weight_thresholds(
-    weights: np.ndarray,
-    axis: int | None,
-    bits: int,
-    method: str,
-    *,
+    weights: np.ndarray, axis: int | None, bits: int, method: str, *,
     steps: int = WEIGHT_SEARCH_STEPS,
 ) -> np.ndarray:
-    """Signed power-of-two thresholds for ``weights``: one per slice along ``axis``, or one.
+    """Signed power-of-two thresholds for ``weights``: float64, one per slice along ``axis``
+    (shape ``(C,)``), or one (shape ``()``).
 
     ``method`` is ``"noclip"``, ``"mse"`` or ``"lp"`` (weights take the MSE search under the
     ``lp`` rule: every weight value is known, so there is no unseen outlier for a higher
-    power to protect). An all-zero channel is represented exactly by
-    any scale; it gets the largest threshold of its layer so that the bias scale derived
-    from it stays as large as the layer allows (this never costs weight precision).
-
-    Returns:
-        float64 array of shape ``(C,)`` (``axis`` given) or ``()`` (per tensor).
+    power to protect). An all-zero channel, exact at any scale, gets the largest threshold
+    of its layer so that the bias scale derived from it stays as large as the layer allows.
     """
     w = np.asarray(weights, dtype=np.float64)
-    if axis is None:
-        rows = w.reshape(1, -1)
-    else:
-        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    low = rows.min(axis=1)
-    high = rows.max(axis=1)
-    thresholds = noclip_threshold(low, high, bits, signed=True)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    thresholds = noclip_threshold(rows.min(axis=1), rows.max(axis=1), bits, signed=True)
     if method in ("mse", "lp"):
         candidates = search_candidates(thresholds, steps)  # (K+1, C)
         errors = np.empty(candidates.shape, dtype=np.float64)
@@ -245,22 +204,14 @@ def bias_fit_thresholds(
     weight scale ``s_w = t / 2^(weight_bits - 1)``. It fits, with
     :data:`BIAS_HEADROOM_BITS` to spare, when ``|b| <= 2^(bias_bits - 1 - headroom) s_in
     s_w``, i.e. ``t >= |b| 2^(weight_bits - 1) / (s_in 2^(bias_bits - 1 - headroom))``.
-    A channel whose weights are all tiny (a dead channel: BN running variance 0, its folded
-    weights ~0) gets a tiny MSE threshold, and its bias (``beta - s mu``) then needs more
-    than int32. Raising the threshold costs next to nothing on any channel: at the raised
-    scale ``|b| ~ 2^(bias_bits - 2) s_in s_w``, so a weight's rounding error (``<= s_w / 2``)
-    times an input integer (``<= 2^7`` steps of ``s_in`` at 8 bits) moves the output by at
-    most ``2^-24 |b|`` per tap, far below the step of any output grid that holds the bias.
+    This raises only dead channels' tiny MSE thresholds (docs/QUANTIZE.md, output graph,
+    "Weights"): at the raised scale a weight's rounding error moves the output by at most
+    ``2^-24 |b|`` per tap, far below the step of any output grid that holds the bias.
 
-    Args:
-        bias: float bias per output channel, shape ``(C,)``.
-        input_scale: the scale of the layer's data input.
-        slots: number of weight scales (1 per tensor, or ``C / r`` when the weight scales
-            repeat ``r`` times over the output channels, as in grouped ConvTranspose);
-            output channel ``o`` uses slot ``o % slots``.
-
-    Returns:
-        float64 thresholds of shape ``(slots,)``; 0 where any threshold will do (zero bias).
+    ``slots``: number of weight scales (1 per tensor, or ``C / r`` when the weight scales
+    repeat ``r`` times over the output channels, as in grouped ConvTranspose); output
+    channel ``o`` uses slot ``o % slots``. Returns float64 thresholds of shape
+    ``(slots,)``, 0 where any threshold will do (zero bias).
     """
     magnitude = np.abs(np.asarray(bias, np.float64)).reshape(-1)
     limit = 2.0 ** (bias_bits - 1 - BIAS_HEADROOM_BITS)
@@ -270,15 +221,8 @@ def bias_fit_thresholds(
 
 
 def histogram_mse_threshold(
-    counts: np.ndarray,
-    sums: np.ndarray,
-    minimum: float,
-    maximum: float,
-    bits: int,
-    signed: bool,
-    *,
-    steps: int = ACTIVATION_SEARCH_STEPS,
-    power: float = 2.0,
+    counts: np.ndarray, sums: np.ndarray, minimum: float, maximum: float, bits: int, signed: bool,
+    *, steps: int = ACTIVATION_SEARCH_STEPS, power: float = 2.0,
 ) -> float:
     """HPTQ's MSE threshold search for an activation, from a calibration histogram.
 
@@ -291,9 +235,8 @@ def histogram_mse_threshold(
     noclip = float(noclip_threshold(minimum, maximum, bits, signed))
     if maximum == 0.0 and minimum == 0.0:
         return noclip
-    weights, centres = _bin_means(counts, sums)
     candidates = search_candidates(noclip, steps)
-    errors = np.array([_weighted_error(weights, centres, t, bits, signed, power) for t in candidates])
+    errors = _histogram_errors(counts, sums, candidates, bits, signed, power)
     return float(candidates[int(np.argmin(errors))])
 
 
@@ -303,25 +246,17 @@ def histogram_error(counts: np.ndarray, sums: np.ndarray, threshold: float, bits
     The quantity :func:`histogram_mse_threshold` minimises, for comparing two grids
     (e.g. signed against shifted unsigned) on the same calibration values.
     """
-    return _weighted_error(*_bin_means(counts, sums), threshold, bits, signed)
+    return _histogram_errors(counts, sums, np.asarray([threshold]), bits, signed)[0]
 
 
-def _bin_means(counts: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(count, mean) of every non-empty histogram bin."""
+def _histogram_errors(
+    counts: np.ndarray, sums: np.ndarray, candidates: np.ndarray, bits: int, signed: bool, power: float = 2.0
+) -> list[float]:
+    """Count-weighted ``|error|^power`` of the non-empty bins' means at each candidate threshold."""
     nonempty = counts > 0
     weights = counts[nonempty].astype(np.float64)
-    return weights, sums[nonempty] / weights
+    centres = sums[nonempty] / weights
+    return [
+        float(np.dot(weights, np.abs(centres - fake_quantize(centres, t, bits, signed)) ** power)) for t in candidates
+    ]
 
-
-def _weighted_error(
-    weights: np.ndarray, centres: np.ndarray, threshold: float, bits: int, signed: bool, power: float = 2.0
-) -> float:
-    return float(np.dot(weights, np.abs(centres - fake_quantize(centres, threshold, bits, signed)) ** power))
-
-
-def is_power_of_two(value: float) -> bool:
-    """True when ``value`` is a positive exact power of two."""
-    if not value > 0 or not math.isfinite(value):
-        return False
-    mantissa, _ = math.frexp(value)
-    return mantissa == 0.5
