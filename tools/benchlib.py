@@ -372,12 +372,13 @@ def run_measured(args: Sequence[str], *, timeout: float | None = None, cwd: Path
 
 
 def run_onnxdgh(args: Sequence[str], *, what: str, quiet: bool = True, timeout: float | None = None,
-                in_process: bool = False) -> Measured:
+                in_process: bool = False, cwd: Path | None = None) -> Measured:
     """Run ``python -m onnxdgh [-q] ARGS``; raise :class:`BenchError` naming ``what`` on failure.
 
     ``in_process`` runs the same click command inside this interpreter (``--smoke`` modes:
     many short commands without paying for an interpreter start and the torch import
-    each time); its peak memory is then not measured (0).
+    each time); its peak memory is then not measured (0). ``cwd``: the source tree whose
+    ``onnxdgh`` runs (``python -m`` imports it from there; default: this process's folder).
     """
     cmd = [sys.executable, "-m", "onnxdgh", *(["-q"] if quiet else []), *args]
     if in_process:
@@ -392,7 +393,7 @@ def run_onnxdgh(args: Sequence[str], *, what: str, quiet: bool = True, timeout: 
             raise BenchError(f"{what} raised {type(invoked.exception).__name__}: {invoked.exception}\n  command: {shlex.join(cmd)}")
         result = Measured(invoked.exit_code, wall, 0, invoked.stdout, getattr(invoked, "stderr", "") or invoked.output)
     else:
-        result = run_measured(cmd, timeout=timeout)
+        result = run_measured(cmd, timeout=timeout, cwd=cwd)
     if result.returncode != 0:
         tail = " | ".join(line for line in result.stderr.strip().splitlines()[-4:])
         raise BenchError(f"{what} failed (exit {result.returncode}): {tail or 'no message'}\n  command: {shlex.join(cmd)}")
