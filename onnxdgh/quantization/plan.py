@@ -239,7 +239,6 @@ class _Marking:
             return False
         fused = self.profile.is_fused
         readers = self.view.readers(out)
-        pair = gated_activation(out, readers)
         if (
             len(readers) == 1
             and list(readers[0].input).count(out) == 1
@@ -247,7 +246,8 @@ class _Marking:
             and (not spec(node.op).gate or readers[0].op_type != "Mul" or is_gate_partner(node.proto, readers[0]))
         ):
             reader = readers[0]
-        elif pair is not None and fused(node.op, pair[0].op_type) and fused(pair[0].op_type, "Mul"):
+        elif ((pair := gated_activation(out, readers)) is not None
+              and fused(node.op, pair[0].op_type) and fused(pair[0].op_type, "Mul")):
             # Conv -> SiLU as Sigmoid + Mul(x, Sigmoid(x)): x feeds both halves of one
             # activation, which the profile fuses behind the producer.
             reader = pair[0]

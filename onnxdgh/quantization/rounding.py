@@ -452,10 +452,10 @@ def _layer_unit(model: onnx.ModelProto, layer: _Layer, target: Target, float_nam
     inputs = tuple(dict.fromkeys(
         name for member in members for name in member.input if name and name not in produced and name not in constant
     ))
-    start = _float_counterpart(model, quants[0].input[0], float_names) if fused else None
+    pre_quant = quants[0].input[0]
+    start = _float_counterpart(model, pre_quant, float_names) if fused else None
     if start is None:
         return _Unit("layer", (layer,), inputs, node.output[0], layer.float_output, None, "output")
-    pre_quant = quants[0].input[0]
     tail = (start, pre_quant) if start != pre_quant else None
     label = "activation" if pre_quant != node.output[0] else "output"
     dqs = consumers.get(quants[0].output[0], [])
@@ -795,8 +795,9 @@ def _optimise_unit(
     # Too few iterations can leave the learned rounding worse than nearest on the very
     # images it was fitted to; then nearest is the honest choice.
     keep = config.iterations > 0 and mse_learned <= mse_nearest
-    for param in [] if keep else [*roundings, *biases]:
-        _load(param.constant, param.stored)
+    if not keep:
+        for param in [*roundings, *biases]:
+            _load(param.constant, param.stored)
     changed = sum(int(np.sum(q != r.stored)) for q, r in zip(learned, roundings))
     total = sum(r.stored.size for r in roundings)
     row: dict[str, Any] = {
@@ -889,8 +890,9 @@ def optimize_rounding(
     layers, skipped = weighted_layers(model, float_model, input_shifts)
     float_names = {name for node in float_model.graph.node for name in node.output} | set(g.graph_input_names(float_model.graph))
     units = _units(model, layers, config.target, config.mode, float_names)
-    wanted = [[unit.float_name] + [layer.float_output for layer in unit.layers] for unit in units]
-    targets = _FloatTargets(float_model, [n for ns in wanted for n in ns if n is not None], images)
+    wanted = [name for unit in units
+              for name in (unit.float_name, *(layer.float_output for layer in unit.layers)) if name is not None]
+    targets = _FloatTargets(float_model, wanted, images)
     rows: list[dict[str, Any]] = []
     fallbacks: list[dict[str, Any]] = []
     started = time.perf_counter()

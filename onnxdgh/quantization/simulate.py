@@ -286,10 +286,10 @@ def _needs_explicit_pads(node: onnx.NodeProto) -> bool:
         return False
     if str(g.attribute(node, "auto_pad", "NOTSET")).startswith("SAME"):
         return True
+    if node.op_type != "ConvTranspose":
+        return False
     pads = list(g.attribute(node, "pads", []))  # type: ignore[call-overload]
-    asymmetric = pads[: len(pads) // 2] != pads[len(pads) // 2 :]
-    has_shape = bool(g.attribute(node, "output_shape"))
-    return node.op_type == "ConvTranspose" and (has_shape or asymmetric)
+    return bool(g.attribute(node, "output_shape")) or pads[: len(pads) // 2] != pads[len(pads) // 2 :]
 
 
 def _explicit_pads(model: onnx.ModelProto) -> None:
