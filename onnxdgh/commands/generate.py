@@ -21,9 +21,6 @@ from .common import bn_targets, echo_err, float_list, input_shape_option, prefli
 
 __all__ = ["generate_command"]
 
-_FLAGS = ("allow_no_bn", "resume", "distributed")
-
-
 def summary(report: dict[str, Any], output: str) -> list[str]:
     """Terminal lines summarising a generation report."""
     final = report.get("final", {})
@@ -129,9 +126,8 @@ def generate_command(ctx: click.Context, model: str, output: str, mean_text: str
         inputs=[("MODEL", model)],
     )
 
-    # unset options and flags not given leave GenerateConfig's defaults
-    given = {key: value for key, value in options.items()
-             if value is not None and (key not in _FLAGS or value)}
+    # unset options leave GenerateConfig's defaults (its flags default to False, as click's do)
+    given = {key: value for key, value in options.items() if value is not None}
     config = GenerateConfig(mean=float_list("--mean", mean_text), std=float_list("--std", std_text), **given)
     loaded = load_model(model, input_shape=input_shape)
     # Under torchrun every rank runs this command: only rank 0 (torchrun's RANK) talks.

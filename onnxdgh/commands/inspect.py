@@ -21,13 +21,14 @@ def _fmt_shape(shape: list[object]) -> str:
 
 def render(report: InspectionReport) -> str:
     """The report as terminal text."""
-    converted = report.canonicalisation.get("opset_converted_from")
-    lines = [f"model     {report.source}", f"opset     {report.opset}" + (f" (converted from {converted})" if converted else "")]
+    canon = report.canonicalisation
+    converted = canon.get("opset_converted_from")
+    lines = [f"model     {report.source}",
+             f"opset     {report.opset}" + (f" (converted from {converted})" if converted else "")]
     for kind, items in (("input", report.inputs), ("output", report.outputs)):
         lines += [f"{kind:<10}{item['name']}  {_fmt_shape(item['shape'])}  {item['dtype']}"
                   for item in items]
     lines.append(f"batch     {'fixed' if report.batch_fixed else 'dynamic'}")
-    canon = report.canonicalisation
     if any(canon.values()):
         lines.append(
             "canonical "

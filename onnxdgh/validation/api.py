@@ -24,13 +24,13 @@ Contract:
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import logging
 import math
 import os
-from pathlib import Path
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -505,14 +505,14 @@ def validate(
         # A probability map or a recogniser's per-step scores is read through its task metric,
         # which is then the verdict instead of the profile's SQNR floor: SQNR weighs every value
         # alike, not the cut or the arg-max that is read (docs/VALIDATE.md, "Task metrics").
-        task_read = {out.name for out in measured if out.metric in TASK_METRICS} if agree_floor is not None else set()
         sqnr_floor, sqnr_origin = (min_sqnr, "option") if min_sqnr is not None else (chosen.min_output_sqnr_db, "profile")
         if sqnr_floor is not None:
             # NaN (a quantized output that is not a number) compares False: it fails.
             gates += [
                 GateResult("min-sqnr", out.name, sqnr_floor, out.sqnr_db, out.sqnr_db >= sqnr_floor,
                            sqnr_origin)
-                for out in numeric.outputs if sqnr_origin == "option" or out.name not in task_read
+                for out in numeric.outputs
+                if sqnr_origin == "option" or agree_floor is None or out.metric not in TASK_METRICS
             ]
         if min_agreement is not None and not measured:
             raise InvalidInputError(
@@ -520,14 +520,12 @@ def validate(
                 "probability map or N x T x C sequence scores), and this model has none",
                 "gate on --min-sqnr instead",
             )
-        agree_origin, gated = (
-            ("option", measured) if min_agreement is not None
-            else ("profile", [out for out in measured if out.metric == "top1" or out.name in task_read])
-        )
+        # Every measured output (top1 or a task metric) is gated on agreement once a floor is set.
+        agree_origin = "option" if min_agreement is not None else "profile"
         if agree_floor is not None:
             gates += [GateResult("min-agreement", out.name, agree_floor, out.agreement,
                                  out.agreement is not None and out.agreement >= agree_floor,
-                                 agree_origin, metric=out.metric) for out in gated]
+                                 agree_origin, metric=out.metric) for out in measured]
         if WEIGHT_FORMAT_KEY not in loaded_q.metadata:
             # A --weights-as-float model is for converters, not onnxruntime: its optimised session
             # re-quantizes the float weights its own way, so its gap says nothing about this CPU.

@@ -178,7 +178,6 @@ class QuantGraph(g.GraphView):
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
-        self.model = model
         self.opset = g.opset_version(model)
         try:
             typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -261,7 +260,7 @@ class QuantGraph(g.GraphView):
                                      or self.elem_types.get(zero_point))
         else:
             # Without a zero point the output type is output_dtype (opset 21) or uint8.
-            elem_type = int(g.attribute(node, "output_dtype", 0)) or _TP.UINT8  # type: ignore
+            elem_type = int(g.attribute(node, "output_dtype", 0)) or _TP.UINT8  # type: ignore[call-overload]
         _name, bits, signed = integer_type_info(elem_type) or (None, None, None)
         source, clip_name = node.input[0], None
         producer = self.producers.get(source)
