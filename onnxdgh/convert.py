@@ -42,7 +42,7 @@ import torch
 from torch import fx
 
 from . import graph as g
-from .errors import ConversionError, UnsupportedModelError
+from .errors import ConversionError, UnsupportedModelError, exception_line
 from .kernels import channel_affine
 from .load import REEXPORT_RECIPE, LoadedModel, attribute_summary, make_batch_dynamic
 from .runtime import make_session, run_batched, with_extra_outputs
@@ -246,14 +246,9 @@ def convert_graph(model: onnx.ModelProto) -> fx.GraphModule:
                 f"({attribute_summary(node) or 'no attributes'})",
             ) from exc
         raise ConversionError(
-            f"onnx2torch cannot convert the model: {_first_line(exc)}",
+            f"onnx2torch cannot convert the model: {exception_line(exc)}",
             "re-export the model with opset 17 and standard ops",
         ) from exc
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _find_failing_node(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str] | None:
@@ -274,7 +269,7 @@ def _find_failing_node(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str] | N
             )
             converter(node, graph)
         except Exception as exc:  # any converter failure names this node
-            return proto, _first_line(exc)
+            return proto, exception_line(exc)
     return None
 
 
@@ -360,9 +355,11 @@ def _build_probe(
     stretch_names: list[str] = []
     for name in loaded.output_names:
         producer = producers.get(name)
-        through = producer is not None and producer.op_type in STRETCH_THROUGH_OPS
-        logits = producer.input[:1] if through else []  # type: ignore[union-attr]
-        stretch_names.append(logits[0] if logits and logits[0] else name)
+        if (producer is not None and producer.op_type in STRETCH_THROUGH_OPS
+                and producer.input and producer.input[0]):
+            stretch_names.append(producer.input[0])  # the logits under the Softmax/Sigmoid
+        else:
+            stretch_names.append(name)
 
     new_graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}

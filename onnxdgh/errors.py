@@ -28,6 +28,7 @@ __all__ = [
     "ResourceError",
     "CheckFailedError",
     "GenerationDivergedError",
+    "exception_line",
     "EXIT_OK",
     "EXIT_CHECK_FAILED",
     "EXIT_BAD_INPUT",
@@ -105,3 +106,10 @@ class CheckFailedError(OnnxDghError):
 
 class GenerationDivergedError(CheckFailedError):
     """Synthetic image generation diverged (non-finite or rising BN loss); no images are written."""
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """A third-party exception's message for an error line: its lines joined (the ONNX checker
+    spreads one node over several), cut at ``limit`` characters; its type name when empty."""
+    line = " ".join(str(exc).split()) or type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

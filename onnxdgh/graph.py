@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 __all__ = ["GraphView", "node_label", "attribute", "constant_value", "initializer_map",
            "producer_map", "consumer_map", "graph_input_names", "graph_output_names",
-           "node_attributes", "opset_version", "replace_input_uses", "remove_nodes",
+           "node_attributes", "opset_version", "replace_input_uses", "remove_nodes", "keep_only",
            "add_initializer", "unique_name", "topological_sort", "to_array", "tensor_elem_types",
            "add_node", "add_typed_initializer", "rename_output", "remove_initializers",
            "clear_value_info", "set_initializer_value", "set_node_input", "pruned_copy",
@@ -190,10 +190,10 @@ def replace_input_uses(graph: onnx.GraphProto, old: str, new: str) -> int:
 def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> None:
     """Remove the given nodes (matched by identity) keeping the others' order."""
     doomed_ids = {id(node) for node in doomed}
-    _keep_only(graph.node, lambda node: id(node) not in doomed_ids)
+    keep_only(graph.node, lambda node: id(node) not in doomed_ids)
 
 
-def _keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
+def keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
     """Drop the items of the repeated protobuf ``field`` that ``keep`` rejects, in place."""
     kept = [item for item in field if keep(item)]
     del field[:]
@@ -288,8 +288,8 @@ def rename_output(graph: onnx.GraphProto, old: str, new: str) -> onnx.NodeProto:
 def remove_initializers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
     """Drop the named initializers (and their graph-input entries, as old IR versions list them)."""
     doomed = set(names)
-    _keep_only(graph.initializer, lambda init: init.name not in doomed)
-    _keep_only(graph.input, lambda value: value.name not in doomed)
+    keep_only(graph.initializer, lambda init: init.name not in doomed)
+    keep_only(graph.input, lambda value: value.name not in doomed)
 
 
 def clear_value_info(graph: onnx.GraphProto) -> None:
@@ -395,5 +395,5 @@ def names_in_use(graph: onnx.GraphProto) -> set[str]:
 
 def set_node_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
     """Set attribute ``name`` of ``node`` to ``value`` (replacing any existing one)."""
-    _keep_only(node.attribute, lambda attr: attr.name != name)
+    keep_only(node.attribute, lambda attr: attr.name != name)
     node.attribute.append(helper.make_attribute(name, value))

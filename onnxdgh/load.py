@@ -38,7 +38,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from . import graph as g
-from .errors import ModelLoadError, SymbolicShapeError, UnsupportedModelError
+from .errors import ModelLoadError, SymbolicShapeError, UnsupportedModelError, exception_line
 from .normalization import metadata_normalization
 
 __all__ = [
@@ -59,8 +59,9 @@ _LOG = logging.getLogger(__name__)
 SUPPORTED_OPSETS = (11, 21)
 """Inclusive range of default-domain opsets the pipeline works at."""
 
-CONVERTIBLE_OPSETS = (7, 10)
-"""Older opsets the loader converts to :data:`CONVERTED_OPSET` with ``onnx.version_converter``
+OLDEST_CONVERTIBLE_OPSET = 7
+"""Opsets from this one up to below :data:`SUPPORTED_OPSETS` are converted to
+:data:`CONVERTED_OPSET` with ``onnx.version_converter``
 (Upsample becomes Resize, BatchNormalization loses its old attributes), checked against the
 original in onnxruntime."""
 
@@ -244,12 +245,6 @@ def _parse(data: bytes, src: Path) -> onnx.ModelProto:
     return model
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    """``text`` on one line (the checker spreads a node over several lines), cut at ``limit``."""
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _non_utf8_text(model: onnx.ModelProto) -> bytes | None:
     """The first name or metadata string that is not UTF-8, if any.
 
@@ -341,7 +336,7 @@ def convert_opset(model: onnx.ModelProto, version: int, reason: str) -> onnx.Mod
         converted = onnx.version_converter.convert_version(model, version)
     except Exception as exc:  # the converter raises bare RuntimeErrors on unsupported adapters
         raise UnsupportedModelError(
-            f"the model cannot be converted to opset {version} ({reason}): {_one_line(str(exc)) or type(exc).__name__}",
+            f"the model cannot be converted to opset {version} ({reason}): {exception_line(exc)}",
             f"re-export the model at opset {version}",
         ) from exc
     converted.ir_version = max(converted.ir_version, 10 if version >= 21 else 7)
@@ -367,7 +362,7 @@ def _check_conversion(
     except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors share no base class
         raise UnsupportedModelError(
             f"{source} uses opset {opset}; its conversion to opset {CONVERTED_OPSET} could not be checked in "
-            f"onnxruntime ({_one_line(str(exc)) or type(exc).__name__})",
+            f"onnxruntime ({exception_line(exc)})",
             f"re-export the model with opset_version={CONVERTED_OPSET} or later",
         ) from exc
     for before, after in zip(*outputs):
@@ -407,7 +402,7 @@ def _finish(
         raise ModelLoadError(f"{source} imports no default ONNX opset", "re-export the model with opset_version=17")
     low, high = SUPPORTED_OPSETS
     converted_from = None
-    if CONVERTIBLE_OPSETS[0] <= opset < low and not keep_as_written:
+    if OLDEST_CONVERTIBLE_OPSET <= opset < low and not keep_as_written:
         # Exports older than opset 11 (Upsample, BN's old attributes) are converted the
         # way the refusal's hint would tell the user to, and checked against the original
         # in onnxruntime (_check_conversion) once the input shape is known.
@@ -426,7 +421,7 @@ def _finish(
         # ValueError: the checker's C++ side meets an unknown tensor data type or a name
         # that is not UTF-8 (UnicodeDecodeError) -- a damaged file either way.
         raise ModelLoadError(
-            f"{source} fails the ONNX checker: {_one_line(str(exc)) or type(exc).__name__}",
+            f"{source} fails the ONNX checker: {exception_line(exc)}",
             "re-export the model; `python -c \"import onnx; onnx.checker.check_model('model.onnx', full_check=True)\"` shows the details",
         ) from exc
     _check_initializer_data(model, source)
@@ -588,9 +583,7 @@ def canonicalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int
     g.remove_initializers(graph, unused)  # with their graph-input entries
     counts["unused_initializers_removed"] = len(unused)
     names_alive = used | {name for node in graph.node for name in node.output}
-    keep_vi = [vi for vi in graph.value_info if vi.name in names_alive]
-    del graph.value_info[:]
-    graph.value_info.extend(keep_vi)
+    g.keep_only(graph.value_info, lambda value: value.name in names_alive)
     g.topological_sort(graph)
     return out, counts
 
@@ -934,7 +927,7 @@ def make_batch_dynamic(loaded: LoadedModel) -> onnx.ModelProto | None:
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
             dims[0].ClearField("dim_value")
             dims[0].dim_param = "batch"
-    del graph.value_info[:]
+    g.clear_value_info(graph)
     inits = g.initializer_map(graph)
     for node in graph.node:
         if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits:

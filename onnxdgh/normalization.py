@@ -640,7 +640,7 @@ def _snap(mean: np.ndarray, scale: float, mean_seen: bool) -> tuple[str | None, 
     channels = mean.shape[0]
     natural = _NATURAL_MEAN if channels == 3 else np.full(channels, _NATURAL_MEAN.mean())
     for name, (given_mean, given_std) in PRESETS.items():
-        if len(given_mean) not in (1, channels) or len(given_std) not in (1, channels):
+        if _per_channel(given_mean, channels) is None or _per_channel(given_std, channels) is None:
             continue  # a per-channel preset for another channel count
         preset_mean, preset_std = preset_normalization(name, channels)
         low, high = -preset_mean / preset_std, (1.0 - preset_mean) / preset_std

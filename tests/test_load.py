@@ -193,6 +193,35 @@ def test_old_opset_conversion_that_changes_outputs_is_refused(tmp_path: Path, mo
         load_model(path)
 
 
+def test_old_opset_without_converter_adapter_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxdgh.load as load_module
+
+    def missing_adapter(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+        raise RuntimeError("No Adapter For Upsample\n  from opset 9 to 10")
+
+    monkeypatch.setattr(load_module.onnx.version_converter, "convert_version", missing_adapter)
+    path = _save(_upsample_opset9(), tmp_path / "up9.onnx")
+    with pytest.raises(UnsupportedModelError, match="cannot be converted to opset 13") as caught:
+        load_model(path)
+    assert "No Adapter For Upsample from opset 9 to 10" in str(caught.value)  # its lines joined on one
+    code, out = _inspect(path)
+    assert code == 2 and "re-export the model at opset 13" in out
+
+
+def test_old_opset_conversion_that_onnxruntime_cannot_run_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxdgh.runtime as runtime_module
+
+    def broken(model: onnx.ModelProto, **kwargs: object) -> object:
+        raise RuntimeError("")  # an empty message: the error line names the type instead
+
+    monkeypatch.setattr(runtime_module, "make_session", broken)
+    path = _save(_upsample_opset9(), tmp_path / "up9.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"could not be checked in onnxruntime \(RuntimeError\)"):
+        load_model(path)
+
+
 def test_two_inputs(tmp_path: Path) -> None:
     code, out = _inspect(_save(_conv_bn_graph(constants=False, extra_input=True), tmp_path / "two.onnx"))
     assert code == 2 and "2 graph inputs" in out

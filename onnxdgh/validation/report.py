@@ -40,7 +40,7 @@ import onnx
 from ..progress import progress_bar
 
 from .. import graph as g
-from ..errors import CheckFailedError, InvalidInputError
+from ..errors import CheckFailedError, InvalidInputError, exception_line
 from ..runtime import make_session, with_extra_outputs
 from .checks import QuantGraph
 from .diagnose import diagnose, input_sqnr
@@ -214,7 +214,7 @@ def _guard(action: Callable[[], _T], reference: bool) -> _T:
     try:
         return action()
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        first = exception_line(exc, limit=400)
         if reference:
             raise InvalidInputError(
                 f"onnxruntime cannot run the reference model: {first}",
