@@ -121,7 +121,8 @@ class GraphView:
 
     def input_constant(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
         """The value of input ``index`` of ``node`` when present and constant, else None."""
-        return self.constant(node.input[index]) if index < len(node.input) and node.input[index] else None
+        return (self.constant(node.input[index])
+                if index < len(node.input) and node.input[index] else None)
 
 
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

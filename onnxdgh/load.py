@@ -352,16 +352,19 @@ def _check_conversion(
     batch_dim: int | str | None,
     chw: tuple[int, int, int],
 ) -> None:
-    """Refuse a version conversion that changed what the model computes (one random input, onnxruntime)."""
+    """Refuse a version conversion that changed what the model computes (one random input,
+    onnxruntime)."""
     from .runtime import make_session  # onnxruntime is imported only when a model needs this
 
     batch = batch_dim if isinstance(batch_dim, int) else 1
     image = np.random.default_rng(0).uniform(-1.0, 1.0, (batch, *chw)).astype(np.float32)
     try:
-        outputs = [make_session(model).run(None, {input_name: image}) for model in (original, converted)]
+        outputs = [make_session(model).run(None, {input_name: image})
+                   for model in (original, converted)]
     except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors share no base class
         raise UnsupportedModelError(
-            f"{source} uses opset {opset}; its conversion to opset {CONVERTED_OPSET} could not be checked in "
+            f"{source} uses opset {opset}; its conversion to opset {CONVERTED_OPSET} could not "
+            "be checked in "
             f"onnxruntime ({exception_line(exc)})",
             f"re-export the model with opset_version={CONVERTED_OPSET} or later",
         ) from exc
@@ -370,7 +373,8 @@ def _check_conversion(
         atol = 1e-5 * max(1.0, np.abs(before).max(initial=0.0))
         if before.shape != after.shape or not np.allclose(before, after, rtol=1e-4, atol=atol):
             raise UnsupportedModelError(
-                f"{source} uses opset {opset}; onnx's version converter changed its outputs on the way to opset {CONVERTED_OPSET}",
+                f"{source} uses opset {opset}; onnx's version converter changed its outputs on the "
+                f"way to opset {CONVERTED_OPSET}",
                 f"re-export the model with opset_version={CONVERTED_OPSET} or later",
             )
 
@@ -407,7 +411,8 @@ def _finish(
         # way the refusal's hint would tell the user to, and checked against the original
         # in onnxruntime (_check_conversion) once the input shape is known.
         original, converted_from = model, opset
-        model = convert_opset(model, CONVERTED_OPSET, f"{source} uses opset {opset}, older than {low}")
+        model = convert_opset(model, CONVERTED_OPSET,
+                              f"{source} uses opset {opset}, older than {low}")
         _LOG.info("%s: converted from opset %d to %d", source, opset, CONVERTED_OPSET)
         opset = CONVERTED_OPSET
     if not low <= opset <= high:
@@ -471,7 +476,8 @@ def _finish(
     canon, counts = canonicalise(model)
     _check_weights(canon, source)
     if converted_from is not None:
-        _check_conversion(original, canon, source, converted_from, image.name, batch_dim, (chw[0], chw[1], chw[2]))
+        _check_conversion(original, canon, source, converted_from, image.name, batch_dim,
+                          (chw[0], chw[1], chw[2]))
         counts["opset_converted_from"] = converted_from
     try:
         canon = onnx.shape_inference.infer_shapes(canon, check_type=True, strict_mode=False, data_prop=True)

@@ -238,7 +238,8 @@ def output_bounds(
     """
     if op_type == "Pow":
         value = _scalar(constant, inputs[1]) if len(inputs) > 1 else None
-        return (0.0, _INF) if value is not None and value == round(value) and int(value) % 2 == 0 else None
+        return ((0.0, _INF) if value is not None and value == round(value) and int(value) % 2 == 0
+                else None)
     if op_type != "Clip":
         return spec(op_type).bounds
     low, high = float(attributes.get("min", -_INF)), float(attributes.get("max", _INF))  # type: ignore[arg-type]
@@ -439,5 +440,6 @@ def decomposed_hard_swish(view: Any, add: Any) -> WrittenOutOp | None:
 def written_out_ops(view: Any) -> list[WrittenOutOp]:
     """Every op of the graph ``view`` written out as several nodes (:func:`decomposed_layer_norm`,
     :func:`decomposed_hard_swish`), in graph order of their first node."""
-    found = (match(view, node) for node in view.graph.node for match in (decomposed_layer_norm, decomposed_hard_swish))
+    found = (match(view, node) for node in view.graph.node
+             for match in (decomposed_layer_norm, decomposed_hard_swish))
     return [pattern for pattern in found if pattern is not None]

@@ -135,13 +135,15 @@ def float_list(option: str, text: str | None) -> tuple[float, ...] | None:
 
 
 def bn_targets(report: dict[str, Any]) -> str:
-    """'; DGH matched N BN layer(s)' for a generation report that matched BN statistics; for `auto` that
-    chose procedural images on a model with a few BN layers, how few; else ''."""
+    """'; DGH matched N BN layer(s)' for a generation report that matched BN statistics; for
+    `auto` that chose procedural images on a model with a few BN layers, how few; else ''."""
     count = report.get("bn_layers")
     if count:
         return f"; DGH matched {count} BN layer(s)"
     available = report.get("bn_available")
-    if available and report.get("method") == "procedural" and report.get("method_requested") == "auto":
+    if (available and report.get("method") == "procedural"
+            and report.get("method_requested") == "auto"):
         share = 100 * report.get("bn_coverage", 0.0)
-        return f"; {available} BN layer(s) on {share:.0f} % of the convolutions, too few to steer DGH"
+        return (f"; {available} BN layer(s) on {share:.0f} % of the convolutions, too few to "
+                "steer DGH")
     return ""

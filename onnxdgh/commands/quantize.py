@@ -78,7 +78,8 @@ def render(report: dict[str, Any], output: str) -> str:
 @click.option("--act-bits", type=int, default=8, show_default=True,
               help="Activation bit width: 8 or 4 (every activation, the model input included).")
 @click.option("--threshold", default=None, metavar="mse|lp|noclip",
-              help="Power-of-two threshold rule: HPTQ's MSE search, the same search on |error|^3 (lp: "
+              help="Power-of-two threshold rule: HPTQ's MSE search, the same search on "
+                   "|error|^3 (lp: "
                    "clips rare large values less), or the no-clipping min/max. Default: lp "
                    "for dense predictions (an output of rank > 2: detectors, maps) at 8-bit activations, else mse.")
 @click.option("--per-tensor-weights", is_flag=True, help="One weight scale per tensor instead of per channel.")
@@ -295,7 +296,8 @@ def quantize_command(
         # says little about real inputs (docs/BENCHMARKS.md 'ocr': PP-OCRv4's recogniser
         # scores 11 % on its held-out procedural images, 96.6 % of the characters on rendered
         # lines); real inputs decide.
-        echo_err(f"hint: {METRIC_NAMES[task_gates[0].metric]} on synthetic images is a weak verdict for this output; "
+        echo_err(f"hint: {METRIC_NAMES[task_gates[0].metric]} on synthetic images is a weak "
+                 "verdict for this output; "
                  f"calibrate on real images with --calib-data, or judge the model on real inputs: "
                  f"`onnxdgh validate {output} --reference {model} --data IMAGES.npz`")
     elif validation.failed_gates:

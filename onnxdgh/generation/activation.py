@@ -200,7 +200,8 @@ def generate_actreg(
         if start == "noise":
             canvas = image_noise(config.seed, list(indices), prep.canvas_shape)
         else:
-            canvas = torch.from_numpy(procedural_images(len(indices), prep.canvas_shape, config.seed, norm.mean,
+            canvas = torch.from_numpy(procedural_images(len(indices), prep.canvas_shape,
+                                                        config.seed, norm.mean,
                                                         norm.std, first=indices.start))
         canvas = prep.clamp(canvas.to(device)).requires_grad_(True)
         optimizer = torch.optim.Adam([canvas], lr=step)

@@ -168,7 +168,8 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "coarse_to_fine", parse_schedule(self.coarse_to_fine))
         for option, count in (("--images", self.images), ("--iterations", self.iterations),
-                              ("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every)):
+                              ("--batch-size", self.batch_size),
+                              ("--checkpoint-every", self.checkpoint_every)):
             _positive_int(option, count)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"--seed {self.seed!r} is not an integer in [0, 2^63)", "give e.g. --seed 0")
@@ -218,10 +219,12 @@ class GenerateConfig:
         if self.resume and not self.checkpoint:
             raise InvalidInputError("--resume needs --checkpoint PATH", "give the checkpoint file of the interrupted run")
 
-        for name in ("sas", "prep", "odsl", "coarse_to_fine"):  # a parsed schedule is None or truthy
+        # a parsed schedule is None or truthy
+        for name in ("sas", "prep", "odsl", "coarse_to_fine"):
             if self.method in _NOT_OPTIMISED and getattr(self, name):
                 raise InvalidInputError(
-                    f"--{name.replace('_', '-')} has no effect with --method {self.method} (no optimisation runs)",
+                    f"--{name.replace('_', '-')} has no effect with --method {self.method} "
+                    "(no optimisation runs)",
                     "drop the option, or use --method dgh / bns",
                 )
 

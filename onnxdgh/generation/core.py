@@ -74,7 +74,9 @@ from .checkpoint import load_checkpoint, rank_path, save_checkpoint
 from .config import AUTO_SCHEDULE, GenerateConfig
 from .distributed import SINGLE, Shard, close_shard, open_shard
 from .activation import generate_actreg
-from .losses import StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image, per_image_range
+from .losses import (
+    StatsStore, batch_moments, bns_loss, flat_batch_moments, odsl_per_image, per_image_range,
+)
 from .method import bn_coverage, generate_mixed, resolve_method
 from .prep import Preprocessor, auto_margin, image_noise, view_draws
 from .procedural import procedural_images
@@ -219,14 +221,16 @@ def generate(
             report["final"] = {}
         else:
             images = _noise(loaded, config, norm, report)
-        report["timings"] = {"load_s": round(load_s, 3), "total_s": round(time.perf_counter() - started, 3)}
+        report["timings"] = {"load_s": round(load_s, 3),
+                             "total_s": round(time.perf_counter() - started, 3)}
         return GenerationResult(images=images, report=report, rank=shard.rank)
 
     try:
         convert_started = time.perf_counter()
         torch_model = to_torch(loaded, device=config.device)
         convert_s = time.perf_counter() - convert_started
-        run = _Run(torch_model, config, torch.from_numpy(norm.low), torch.from_numpy(norm.high), shard)
+        run = _Run(torch_model, config, torch.from_numpy(norm.low), torch.from_numpy(norm.high),
+                   shard)
         images, run_report = run.execute(progress=progress and shard.rank == 0, callback=callback,
                                          model_sha256=_model_sha256(loaded))
     finally:
@@ -277,7 +281,9 @@ def _model_sha256(loaded: LoadedModel) -> str:
     return hashlib.sha256(loaded.model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization, report: dict[str, Any]) -> np.ndarray:
+def _noise(
+    loaded: LoadedModel, config: GenerateConfig, norm: Normalization, report: dict[str, Any]
+) -> np.ndarray:
     """The methods that run nothing through the model: Gaussian noise or procedural images.
 
     Adds the clamped fraction and the evaluation (``final``) to ``report``.
@@ -287,7 +293,8 @@ def _noise(loaded: LoadedModel, config: GenerateConfig, norm: Normalization, rep
     else:
         images = torch.randn((config.images, *loaded.input_shape), generator=torch.Generator().manual_seed(config.seed))
     lo, hi = torch.from_numpy(norm.low).view(1, -1, 1, 1), torch.from_numpy(norm.high).view(1, -1, 1, 1)
-    report["normalization"]["clamped_fraction"] = float(((images < lo) | (images > hi)).float().mean())
+    report["normalization"]["clamped_fraction"] = float(
+        ((images < lo) | (images > hi)).float().mean())
     array = torch.maximum(torch.minimum(images, hi), lo).numpy().astype(np.float32)
     report["final"] = {}
     if loaded.usable_bn_nodes:
@@ -371,19 +378,22 @@ class _Run:
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self.schedulers: dict[int, torch.optim.lr_scheduler.ReduceLROnPlateau | None] = {}
         for batch in self.local:
-            self._start_batch(batch, image_noise(config.seed, self._indices(batch), self.prep.canvas_shape))
+            self._start_batch(batch, image_noise(config.seed, self._indices(batch),
+                                                 self.prep.canvas_shape))
         self._project()
         # All BN layers' channels as one vector (Eq. 4-5 are sums/maps over channels, so
         # concatenating layers changes nothing): the per-layer SAS and loss arithmetic on
         # small vectors ran ~20 tiny ops per layer per step, forward and backward.
         self.channels = [layer.channels for layer in self.layers]
-        self.flat_targets = [tuple(torch.cat(part) for part in zip(*self.targets))] if self.layers else []
+        self.flat_targets = ([tuple(torch.cat(part) for part in zip(*self.targets))]
+                             if self.layers else [])
         # Folded BN layers (fold_bn_taps) expose their output y = a x + c; map the moments back.
         self.taps = model.bn_taps or (None,) * len(self.layers)
         self.tap_scale = self.tap_shift = None
         if any(tap is not None for tap in self.taps):
             pairs = [tap if tap is not None
-                     else (torch.ones(size, device=self.device), torch.zeros(size, device=self.device))
+                     else (torch.ones(size, device=self.device),
+                           torch.zeros(size, device=self.device))
                      for tap, size in zip(self.taps, self.channels)]
             self.tap_scale, self.tap_shift = (torch.cat(part) for part in zip(*pairs))
         self.store = StatsStore(self.sizes, [sum(self.channels)] if self.layers else [], self.device)
@@ -458,18 +468,23 @@ class _Run:
                 canvas.copy_(self.prep.clamp(canvas))
 
     def _start_batch(self, batch: int, canvas: torch.Tensor, lr: float | None = None) -> None:
-        """Optimise ``canvas`` as ``batch``'s images, with a new optimiser (at ``lr``, else the initial rate) and scheduler."""
+        """Optimise ``canvas`` as ``batch``'s images, with a new optimiser (at ``lr``, else the
+        initial rate) and scheduler."""
         config = self.config
         canvas = self.canvases[batch] = canvas.to(self.device).requires_grad_(True)
         optimizer_type = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
-        optimizer = self.optimizers[batch] = optimizer_type([canvas], lr=config.lr if lr is None else lr)
-        self.schedulers[batch] = None if config.scheduler == "none" else torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.factor, patience=config.effective_patience, min_lr=config.min_lr)
+        optimizer = self.optimizers[batch] = optimizer_type(
+            [canvas], lr=config.lr if lr is None else lr)
+        self.schedulers[batch] = (
+            None if config.scheduler == "none" else torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=config.factor, patience=config.effective_patience,
+                min_lr=config.min_lr))
 
     # -- state ----------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
-        return {key: value for key, value in self.config.to_dict().items() if key not in _NON_SEMANTIC}
+        return {key: value for key, value in self.config.to_dict().items()
+                if key not in _NON_SEMANTIC}
 
     def _checkpoint_path(self) -> str:
         assert self.config.checkpoint is not None
@@ -514,7 +529,8 @@ class _Run:
                 if canvas.shape != saved.shape:
                     raise InvalidInputError("checkpoint images do not match the settings", "delete the checkpoint")
                 canvas.copy_(saved.to(self.device))
-        for batch, optimizer, scheduler in zip(self.local, state["optimizers"], state["schedulers"]):
+        for batch, optimizer, scheduler in zip(self.local, state["optimizers"],
+                                               state["schedulers"]):
             self.optimizers[batch].load_state_dict(optimizer)
             if self.schedulers[batch] is not None:
                 self.schedulers[batch].load_state_dict(scheduler)
@@ -593,7 +609,8 @@ class _Run:
         mine = torch.cat([moments[0][0].detach(), moments[0][1].detach()]) if moments is not None else \
             torch.zeros(2 * width, device=self.device)
         return {first + rank: [(part[:width], part[width:])]
-                for rank, part in enumerate(self.shard.gather(mine)) if first + rank < len(self.sizes)}
+                for rank, part in enumerate(self.shard.gather(mine))
+                if first + rank < len(self.sizes)}
 
     def _layer_stats(self) -> dict[str, list[torch.Tensor]]:
         """The stored statistics split per BN layer (the checkpoint format)."""
@@ -726,7 +743,8 @@ class _Run:
 
         n_batches = len(self.sizes)
         rounds = list(self._rounds())
-        bar = progress_bar(total=config.iterations * n_batches, initial=self.position[0] * n_batches + self.position[1],
+        bar = progress_bar(total=config.iterations * n_batches,
+                           initial=self.position[0] * n_batches + self.position[1],
                            enabled=progress, desc="generate", unit="step")
         # Two clocks: run_started restarts at each checkpoint (self.elapsed adds up the run
         # over resumes); loop_started times this process's share, the rate's denominator.

@@ -49,7 +49,10 @@ if TYPE_CHECKING:
     from .config import GenerateConfig
     from .core import GenerationResult
 
-__all__ = ["MIXED_BELOW", "PROCEDURAL_BELOW", "choose_method", "resolve_method", "expected_quality", "bn_coverage", "generate_mixed"]
+__all__ = [
+    "MIXED_BELOW", "PROCEDURAL_BELOW", "choose_method", "resolve_method", "expected_quality",
+    "bn_coverage", "generate_mixed",
+]
 
 # Measured at the two ends only: samples with BN on every convolution (1.0) do best with
 # DGH (docs/BENCHMARKS.md accuracy sections), resnet8 keeping 3 of 9 (0.33) does best mixed.
@@ -104,13 +107,15 @@ def expected_quality(loaded: LoadedModel) -> str:
         return (f"generation: mixed: half dgh on the {usable} BN layer(s) with usable statistics, half procedural "
                 "images (few BN targets; measured close to real-data calibration, docs/BENCHMARKS.md 'bn-free')")
     if usable:
-        return (f"generation: procedural images (only {usable} BN layer(s) with usable statistics, too few to steer "
-                "DGH; data-free natural-image priors; measured closer to real-data calibration than mixed, "
+        return (f"generation: procedural images (only {usable} BN layer(s) with usable statistics, "
+                "too few to steer DGH; data-free natural-image priors; measured closer to "
+                "real-data calibration than mixed, "
                 "docs/BENCHMARKS.md 'ocr')")
     return ("generation: procedural images (no BN statistics to match; data-free natural-image priors). "
             "Measured: W8A8 within 0.3 point of float on BN-folded samples, W4A8 0.05-0.65 point below real-data "
-            "calibration; a BN-free detector kept 89% of its float boxes on rendered pages and 71% on photos at W8A8 "
-            "with the lp thresholds that dense outputs get by default (rendered-page calibration: 89% / 84%); "
+            "calibration; a BN-free detector kept 89% of its float boxes on rendered pages and 71% "
+            "on photos at W8A8 with the lp thresholds that dense outputs get by default "
+            "(rendered-page calibration: 89% / 84%); "
             "docs/BENCHMARKS.md 'bn-free', 'bn-free-detector'")
 
 

@@ -174,7 +174,8 @@ class QuantizeConfig:
         if self.threshold is not None and self.threshold not in THRESHOLD_METHODS:
             raise InvalidInputError(
                 f"--threshold {self.threshold!r} is not one of {', '.join(THRESHOLD_METHODS)}",
-                "use --threshold mse (error-minimising), lp (error^3: clips less) or noclip (min/max)",
+                "use --threshold mse (error-minimising), lp (error^3: clips less) or noclip "
+                "(min/max)",
             )
         for name in ("per_channel", "int4_types", "weights_as_float"):
             if not isinstance(getattr(self, name), bool):
@@ -491,7 +492,10 @@ def quantize(
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
     _check_float32(loaded)
     if config.threshold is None:
-        config = replace(config, threshold=default_threshold(loaded.model, config.act_bits))  # type: ignore[arg-type]
+        config = replace(
+            config,
+            threshold=default_threshold(loaded.model, config.act_bits),  # type: ignore[arg-type]
+        )
     profile = _profile(config)
     if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
         raise InvalidInputError(f"holdout {holdout!r} is not a non-negative image count", "give e.g. holdout=8")
@@ -514,7 +518,8 @@ def quantize(
             loaded, profile, weight_bits=config.weight_bits, act_bits=config.act_bits,
             per_channel=config.per_channel, int4_types=config.int4_types,
             equalize=config.equalize_enabled,
-            input_bounds=_input_bounds(loaded, generate_config) if config.equalize_enabled else None,
+            input_bounds=(_input_bounds(loaded, generate_config) if config.equalize_enabled
+                          else None),
         )
 
     generation_report: dict[str, Any] | None = None

@@ -321,7 +321,8 @@ def fold_affine_constants(model: onnx.ModelProto, report: FoldReport | None = No
         producer = producers.get(source)
         if (constant not in inits or source in inits or source in outputs
                 or producer is None or producer.op_type not in _FOLD_TARGETS
-                or len(view.readers(source)) != 1 or len([name for name in node.output if name]) != 1):
+                or len(view.readers(source)) != 1
+                or len([name for name in node.output if name]) != 1):
             continue
         value = g.to_array(inits[constant])
         layer = _layer_shape(producer, inits)

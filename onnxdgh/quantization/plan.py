@@ -51,15 +51,16 @@ import onnx
 from .. import graph as g
 from ..errors import QuantizationError
 from ..ops import (
-    OPS, QDQ_OPS, gated_activation, is_gate_partner, is_value_preserving, numpy_container, output_bounds,
-    output_channels, spec, weight_axis, written_out_ops,
+    OPS, QDQ_OPS, gated_activation, is_gate_partner, is_value_preserving, numpy_container,
+    output_bounds, output_channels, spec, weight_axis, written_out_ops,
 )
 from ..profile import Profile
 from . import thresholds as th
 from .calibrate import TensorStats
 
 __all__ = [
-    "POLICIES", "ActivationMark", "ParamMark", "QuantPlan", "ActivationQuant", "ParamQuant", "ResolvedPlan",
+    "POLICIES", "ActivationMark", "ParamMark", "QuantPlan", "ActivationQuant", "ParamQuant",
+    "ResolvedPlan",
     "OUTPUT_NOCLIP_BITS", "default_threshold", "group_rule", "float_tensors", "mark", "resolve",
 ]
 
@@ -185,7 +186,8 @@ def _preserves_values(node: onnx.NodeProto, view: g.GraphView) -> bool:
         return True
     fill = view.input_constant(node, 2)
     if fill is None:
-        return not (len(node.input) > 2 and node.input[2])  # a computed pad value may fall off the grid
+        # a computed pad value may fall off the grid
+        return not (len(node.input) > 2 and node.input[2])
     return not np.any(fill != 0)
 
 
@@ -220,7 +222,8 @@ class _Marking:
         self.fused: list[tuple[str, str, str]] = []
         self.fused_tensors: set[str] = set()
         self.union = _UnionFind()
-        self.shared_constants: dict[tuple[str, int], str] = {}  # (node label, input index) -> partner activation
+        # (node label, input index) -> partner activation
+        self.shared_constants: dict[tuple[str, int], str] = {}
 
     def shares_scale(self, op: str) -> bool:
         return op in self.profile.shared_scale_ops or op in self.profile.shared_input_scale_ops
@@ -271,7 +274,8 @@ class _Marking:
         # share one scale, found from the constant itself (no statistics needed).
         moves_constant = not data and bool(node.constants) and _preserves_values(proto, self.view)
         if moves_constant:
-            self.shared_constants.update({(node.label, position): node.outputs[0] for position, _ in node.constants})
+            self.shared_constants.update({(node.label, position): node.outputs[0]
+                                          for position, _ in node.constants})
         unsigned = _non_negative(proto, self.view)
         for out in node.outputs:
             source: Source = "inherited" if inherits or moves_constant else "own"
@@ -551,7 +555,8 @@ class ResolvedPlan:
             for item in self.params
         ]
         return {
-            "activations": [{key: getattr(item, key) for key in act_keys} for item in self.activations.values()],
+            "activations": [{key: getattr(item, key) for key in act_keys}
+                            for item in self.activations.values()],
             "params": params,
             "fused": [{"producer": p, "consumer": c, "tensor": t} for p, c, t in self.fused],
         }
@@ -574,10 +579,12 @@ def _elem_type(bits: int, signed: bool, int4_types: bool) -> int:
 
 
 def activation_threshold(stats: TensorStats, bits: int, signed: bool, method: str) -> float:
-    """The power-of-two threshold ``method`` ("mse", "lp" or "noclip") gives one activation's statistics."""
+    """The power-of-two threshold ``method`` ("mse", "lp" or "noclip") gives one activation's
+    statistics."""
     if method in ("mse", "lp"):
         return th.histogram_mse_threshold(
-            stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum, bits, signed,
+            stats.histogram.counts, stats.histogram.sums, stats.minimum, stats.maximum,
+            bits, signed,
             power=th.LP_POWER if method == "lp" else 2.0,
         )
     return float(th.noclip_threshold(stats.minimum, stats.maximum, bits, signed))
@@ -605,7 +612,8 @@ _SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
 
 def default_threshold(model: onnx.ModelProto, act_bits: int) -> str:
     """The threshold rule of ``model`` when ``--threshold`` is left open (the policy above)."""
-    scores = {name for name, node in g.producer_map(model.graph).items() if node.op_type in _SCORE_OPS}
+    scores = {name for name, node in g.producer_map(model.graph).items()
+              if node.op_type in _SCORE_OPS}
     dense = any(len(value.type.tensor_type.shape.dim) > 2 for value in model.graph.output
                 if value.type.tensor_type.HasField("shape") and value.name not in scores)
     return "lp" if act_bits >= 8 and dense else "mse"
@@ -685,7 +693,8 @@ def resolve(
             thresholds, raised = _fit_bias(thresholds, bias, g.to_array(inits[bias.tensor]), activations, item.bits)
         scale = th.scale_for(thresholds, item.bits, signed=True)
         steps = th.along(scale, item.axis, value.ndim)
-        if sum_rounding and item.axis is not None and item.role == "weight" and spec(item.op_type).sums_weights:
+        if (sum_rounding and item.axis is not None and item.role == "weight"
+                and spec(item.op_type).sums_weights):
             ints = th.quantize_preserving_sums(value, steps, item.bits, item.axis)
         else:
             ints = th.quantize_to_int(value, steps, item.bits, True)
@@ -716,7 +725,8 @@ def resolve(
             axis = int(np.argmax(np.array(value.shape) == scale.size)) if value.ndim > 1 else 0
         else:
             scale = scale.reshape(())
-        ints, clipped = round_bias(value / th.along(scale.astype(np.float64), axis, value.ndim), plan.bias_bits)
+        ints, clipped = round_bias(value / th.along(scale.astype(np.float64), axis, value.ndim),
+                                   plan.bias_bits)
         if clipped:
             worst = float(np.max(np.abs(value)))
             why = (

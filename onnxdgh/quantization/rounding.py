@@ -634,7 +634,8 @@ def _fit(
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
     """The fixed batch size of the model's (first) input, None when it is dynamic."""
     name = g.graph_input_names(model.graph)[0]
-    dims = next(value for value in model.graph.input if value.name == name).type.tensor_type.shape.dim
+    dims = next(value for value in model.graph.input
+                if value.name == name).type.tensor_type.shape.dim
     return int(dims[0].dim_value) if dims and dims[0].dim_value > 0 else None
 
 
@@ -891,7 +892,8 @@ def optimize_rounding(
     float_names = {name for node in float_model.graph.node for name in node.output} | set(g.graph_input_names(float_model.graph))
     units = _units(model, layers, config.target, config.mode, float_names)
     wanted = [name for unit in units
-              for name in (unit.float_name, *(layer.float_output for layer in unit.layers)) if name is not None]
+              for name in (unit.float_name, *(layer.float_output for layer in unit.layers))
+              if name is not None]
     targets = _FloatTargets(float_model, wanted, images)
     rows: list[dict[str, Any]] = []
     fallbacks: list[dict[str, Any]] = []

@@ -289,7 +289,8 @@ def _needs_explicit_pads(node: onnx.NodeProto) -> bool:
     if node.op_type != "ConvTranspose":
         return False
     pads = list(g.attribute(node, "pads", []))  # type: ignore[call-overload]
-    return bool(g.attribute(node, "output_shape")) or pads[: len(pads) // 2] != pads[len(pads) // 2 :]
+    return (bool(g.attribute(node, "output_shape"))
+            or pads[: len(pads) // 2] != pads[len(pads) // 2 :])
 
 
 def _explicit_pads(model: onnx.ModelProto) -> None:

@@ -30,9 +30,11 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "WEIGHT_SEARCH_STEPS", "ACTIVATION_SEARCH_STEPS", "MIN_THRESHOLD", "MAX_THRESHOLD", "ZERO_RANGE_THRESHOLD",
+    "WEIGHT_SEARCH_STEPS", "ACTIVATION_SEARCH_STEPS", "MIN_THRESHOLD", "MAX_THRESHOLD",
+    "ZERO_RANGE_THRESHOLD",
     "BIAS_HEADROOM_BITS", "LP_POWER", "grid", "scale_for", "along", "pow2_ceil", "noclip_threshold",
-    "fake_quantize", "quantize_to_int", "quantize_preserving_sums", "search_candidates", "weight_thresholds",
+    "fake_quantize", "quantize_to_int", "quantize_preserving_sums", "search_candidates",
+    "weight_thresholds",
     "bias_fit_thresholds", "histogram_mse_threshold", "histogram_error",
 ]
 
@@ -250,13 +252,15 @@ def histogram_error(counts: np.ndarray, sums: np.ndarray, threshold: float, bits
 
 
 def _histogram_errors(
-    counts: np.ndarray, sums: np.ndarray, candidates: np.ndarray, bits: int, signed: bool, power: float = 2.0
+    counts: np.ndarray, sums: np.ndarray, candidates: np.ndarray, bits: int, signed: bool,
+    power: float = 2.0
 ) -> list[float]:
     """Count-weighted ``|error|^power`` of the non-empty bins' means at each candidate threshold."""
     nonempty = counts > 0
     weights = counts[nonempty].astype(np.float64)
     centres = sums[nonempty] / weights
     return [
-        float(np.dot(weights, np.abs(centres - fake_quantize(centres, t, bits, signed)) ** power)) for t in candidates
+        float(np.dot(weights, np.abs(centres - fake_quantize(centres, t, bits, signed)) ** power))
+        for t in candidates
     ]
 

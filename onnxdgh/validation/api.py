@@ -42,7 +42,9 @@ from ..load import LoadedModel, load_model, load_model_proto
 from ..profile import DEFAULT_PROFILE, Profile, builtin_profile_names, load_profile
 from ..quantization.float_weights import WEIGHT_FORMAT_KEY
 from .checks import Violation, analyse, check_model
-from .metrics import DEFAULT_IOU_THRESHOLD, METRIC_NAMES, TASK_METRICS, check_metric, check_threshold
+from .metrics import (
+    DEFAULT_IOU_THRESHOLD, METRIC_NAMES, TASK_METRICS, check_metric, check_threshold,
+)
 from .report import LayerMetrics, NumericReport, OutputMetrics, compare
 
 __all__ = [

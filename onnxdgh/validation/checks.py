@@ -260,7 +260,8 @@ class QuantGraph(g.GraphView):
                                      or self.elem_types.get(zero_point))
         else:
             # Without a zero point the output type is output_dtype (opset 21) or uint8.
-            elem_type = int(g.attribute(node, "output_dtype", 0)) or _TP.UINT8  # type: ignore[call-overload]
+            elem_type = (int(g.attribute(node, "output_dtype", 0))  # type: ignore[call-overload]
+                         or _TP.UINT8)
         _name, bits, signed = integer_type_info(elem_type) or (None, None, None)
         source, clip_name = node.input[0], None
         producer = self.producers.get(source)
